@@ -1,0 +1,670 @@
+"""What the three backends share: the CLI, logging, run outputs, the model
+registry, weight files (download, reading, checking), datasets that are not
+framework-specific, and the few-shot sampler.
+
+A backend never re-implements anything that lives here.
+"""
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+
+import numpy as np
+
+import bit_hyperrule
+
+# --------------------------------------------------------------------------
+# Errors: bad input ends a command with one line and exit status 2.
+
+
+class BadInput(Exception):
+  """Something the user gave is wrong; the message says what to do."""
+
+
+def run_cli(main, *args, **kwargs):
+  """Runs `main`; a BadInput becomes one line on stderr and exit status 2."""
+  try:
+    return main(*args, **kwargs)
+  except BadInput as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+# --------------------------------------------------------------------------
+# Architectures and the model registry.
+
+BASE_URL = 'https://storage.googleapis.com/bit_models/'
+
+# ResNet depth -> units in each of the four blocks.
+DEPTHS = {
+    14: (1, 1, 1, 1),
+    26: (2, 2, 2, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+PUBLISHED_ARCHS = ('R50x1', 'R50x3', 'R101x1', 'R101x3', 'R152x2', 'R152x4')
+H5_ARCHS = ('R50x1', 'R50x3', 'R101x1', 'R101x3', 'R152x4')
+VTAB_ARCHS = ('R50x1', 'R101x1', 'R50x3', 'R101x3', 'R152x4')
+# VTAB-1k task -> number of classes.
+VTAB_TASKS = {
+    'caltech101': 102, 'diabetic_retinopathy': 5, 'dtd': 47,
+    'oxford_flowers102': 102, 'oxford_iiit_pet': 37, 'resisc45': 45,
+    'sun397': 397, 'cifar100': 100, 'eurosat': 10, 'patch_camelyon': 2,
+    'smallnorb-elevation': 9, 'svhn': 10, 'dsprites-orientation': 16,
+    'smallnorb-azimuth': 18, 'clevr-distance': 6, 'clevr-count': 8,
+    'dmlab': 6, 'kitti-distance': 4, 'dsprites-xpos': 16,
+}
+LABEL_FILES = {
+    1000: 'ilsvrc2012_wordnet_lemmas.txt',
+    21843: 'imagenet21k_wordnet_lemmas.txt',
+}
+LABEL_URLS = {f: BASE_URL + f for f in (
+    'ilsvrc2012_wordnet_lemmas.txt', 'imagenet21k_wordnet_ids.txt',
+    'imagenet21k_wordnet_lemmas.txt')}
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  units: tuple   # units in each of the four blocks
+  width: float   # width multiplier: the root has 64 * width channels
+
+  @property
+  def name(self):
+    depth = 3 * sum(self.units) + 2
+    return f'R{depth}x{self.width:g}'
+
+
+def parse_arch(name):
+  """'R50x1' -> Architecture((3, 4, 6, 3), 1)."""
+  m = re.fullmatch(r'R(\d+)x(\d+(?:\.\d+)?)', name)
+  if not m or int(m.group(1)) not in DEPTHS:
+    raise BadInput(f'unknown architecture {name!r}; use R<depth>x<width> with '
+                   f'depth in {sorted(DEPTHS)}, e.g. R50x1.')
+  width = float(m.group(2))
+  if (64 * width) % 32:
+    raise BadInput(f'width {width:g} gives {64 * width:g} root channels; '
+                   'GroupNorm needs a multiple of 32 (use 0.5, 1, 1.5, ...).')
+  return Architecture(DEPTHS[int(m.group(1))], width)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  name: str
+  arch: str          # e.g. 'R50x1'
+  head_size: int     # classes of the file's head
+  url: str = None    # where the .npz is published (None: ships with us)
+  h5_url: str = None
+  path: str = None   # a bundled file, relative to this repository
+
+  @property
+  def architecture(self):
+    return parse_arch(self.arch)
+
+  def filename(self, fmt='npz'):
+    url = self.h5_url if fmt == 'h5' else self.url
+    return os.path.basename(url) if url else os.path.basename(self.path)
+
+
+MODELS = {}
+
+
+def register(info):
+  MODELS[info.name] = info
+  return info
+
+
+def _register_published():
+  for arch in PUBLISHED_ARCHS:
+    for family, head in (('S', 1000), ('M', 21843)):
+      name = f'BiT-{family}-{arch}'
+      register(ModelInfo(name, arch, head, f'{BASE_URL}{name}.npz',
+                         f'{BASE_URL}{name}.h5' if arch in H5_ARCHS else None))
+    name = f'BiT-M-{arch}-ILSVRC2012'
+    register(ModelInfo(name, arch, 1000, f'{BASE_URL}{name}.npz'))
+  register(ModelInfo('BiT-M-R50x1-CIFAR10', 'R50x1', 10,
+                     f'{BASE_URL}BiT-M-R50x1-CIFAR10.npz'))
+  for arch in VTAB_ARCHS:
+    for run in range(3):
+      for task, classes in VTAB_TASKS.items():
+        name = f'BiT-M-{arch}-run{run}-{task}'
+        register(ModelInfo(name, arch, classes, f'{BASE_URL}vtab/{name}.npz'))
+  for arch, file, alias in (('R50x1', 'R50x1_224', 'BiT-M-R50x1-distilled-224'),
+                            ('R50x1', 'R50x1_160', 'BiT-M-R50x1-distilled-160'),
+                            ('R152x2', 'R152x2_T_224', 'BiT-M-R152x2-teacher-224'),
+                            ('R152x2', 'R152x2_T_384', 'BiT-M-R152x2-teacher-384')):
+    register(ModelInfo(alias, arch, 1000, f'{BASE_URL}distill/{file}.npz'))
+
+
+_register_published()
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def model_info(name):
+  if name not in MODELS:
+    close = [m for m in MODELS if name.lower() in m.lower()][:5]
+    hint = f' Did you mean {", ".join(close)}?' if close else ''
+    raise BadInput(f'unknown model {name!r}: give a registered name (see '
+                   f'--help) or a path to a .npz file.{hint}')
+  return MODELS[name]
+
+
+# --------------------------------------------------------------------------
+# Weight files: download, read, check.
+
+def download(url, dest, opener=urllib.request.urlopen, verify=None):
+  """Fetches `url` into `dest` atomically, with a progress bar.
+
+  The data goes to a temporary file beside `dest`, is checked by `verify`
+  (which raises on a bad file), and only then renamed to `dest`. Whatever
+  goes wrong, no partial file is left behind, so a new call starts afresh.
+  """
+  from tqdm import tqdm
+  folder = os.path.dirname(os.path.abspath(dest))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(dest)}.',
+                             suffix='.part')
+  try:
+    with os.fdopen(fd, 'wb') as f, opener(url) as response:
+      total = int(response.headers.get('Content-Length') or 0)
+      done = 0
+      with tqdm(total=total or None, unit='B', unit_scale=True,
+                desc=os.path.basename(dest), file=sys.stderr) as bar:
+        while chunk := response.read(1 << 20):
+          f.write(chunk)
+          done += len(chunk)
+          bar.update(len(chunk))
+      if total and done != total:
+        raise OSError(f'connection closed after {done} of {total} bytes')
+    if verify:
+      verify(tmp)
+    os.replace(tmp, dest)
+  except (urllib.error.URLError, OSError, BadInput) as e:
+    reason = getattr(e, 'reason', None) or e
+    raise BadInput(f'could not download {url} ({reason}); fetch it yourself '
+                   f'and put it at {os.path.abspath(dest)}') from e
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return dest
+
+
+def weights_path(model, pretrained_dir='.', fmt='npz', opener=None):
+  """The local file for `model` (a registered name or a file path).
+
+  A registered model missing from `pretrained_dir` is downloaded there.
+  """
+  if model.endswith(('.npz', '.h5')):
+    if not os.path.isfile(model):
+      raise BadInput(f'weights file {model} does not exist.')
+    return model
+  info = model_info(model)
+  if info.path:
+    return os.path.join(REPO_DIR, info.path)
+  url = info.h5_url if fmt == 'h5' else info.url
+  if url is None:
+    raise BadInput(f'{model} is not published as .{fmt}; use its .npz.')
+  dest = os.path.join(pretrained_dir, os.path.basename(url))
+  if not os.path.exists(dest):
+    verify = load_npz if fmt == 'npz' else None
+    download(url, dest, opener or urllib.request.urlopen, verify)
+  return dest
+
+
+def _canonical_key(key):
+  # Some published files number their convolutions: standardized_conv2d_3.
+  return re.sub(r'standardized_conv2d_\d+', 'standardized_conv2d', key)
+
+
+def load_npz(path):
+  """{published key: array} from a BiT .npz file; refuses unreadable files."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      weights = {_canonical_key(k): f[k] for k in f.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+    raise BadInput(f'{path} is not a readable .npz file ({e}); delete it and '
+                   'download or export it again.') from e
+  if not weights or not all(k.startswith('resnet/') for k in weights):
+    raise BadInput(f'{path} is not a BiT checkpoint: its keys do not start '
+                   'with "resnet/".')
+  return weights
+
+
+def save_npz(path, weights):
+  """Writes {key: array} atomically as an uncompressed .npz."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, suffix='.npz.part')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      np.savez(f, **weights)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def unit_name(block, unit):
+  return f'resnet/block{block}/unit{unit:02d}'
+
+
+def expected_shapes(arch, head_size=None):
+  """{published key: shape} of a checkpoint for `arch` (an Architecture).
+
+  With head_size None the head is left out (fine-tuning replaces it).
+  """
+  w = arch.width
+  root = int(64 * w)
+  shapes = {'resnet/root_block/standardized_conv2d/kernel': (7, 7, 3, root)}
+  cin = root
+  for b, units in enumerate(arch.units, start=1):
+    cmid = int(64 * w * 2 ** (b - 1))
+    cout = 4 * cmid
+    for u in range(1, units + 1):
+      p = unit_name(b, u)
+      shapes[f'{p}/a/group_norm/gamma'] = (cin,)
+      shapes[f'{p}/a/group_norm/beta'] = (cin,)
+      shapes[f'{p}/a/standardized_conv2d/kernel'] = (1, 1, cin, cmid)
+      for part in 'bc':
+        shapes[f'{p}/{part}/group_norm/gamma'] = (cmid,)
+        shapes[f'{p}/{part}/group_norm/beta'] = (cmid,)
+      shapes[f'{p}/b/standardized_conv2d/kernel'] = (3, 3, cmid, cmid)
+      shapes[f'{p}/c/standardized_conv2d/kernel'] = (1, 1, cmid, cout)
+      if u == 1:
+        shapes[f'{p}/a/proj/standardized_conv2d/kernel'] = (1, 1, cin, cout)
+      cin = cout
+  shapes['resnet/group_norm/gamma'] = (cin,)
+  shapes['resnet/group_norm/beta'] = (cin,)
+  if head_size is not None:
+    shapes['resnet/head/conv2d/kernel'] = (1, 1, cin, head_size)
+    shapes['resnet/head/conv2d/bias'] = (head_size,)
+  return shapes
+
+
+def check_weights(weights, arch, head_size=None, source='checkpoint'):
+  """Raises BadInput unless `weights` has every key `arch` needs, in shape."""
+  for key, shape in expected_shapes(arch, head_size).items():
+    if key not in weights:
+      raise BadInput(f'{source} has no {key} (needed by {arch.name}); it was '
+                     'made for another architecture or is damaged.')
+    if tuple(weights[key].shape) != shape:
+      raise BadInput(f'{source}: {key} has shape {tuple(weights[key].shape)} '
+                     f'but {arch.name} needs {shape}.')
+
+
+def infer_arch(weights):
+  """(Architecture, head_size or None) of a checkpoint, from its shapes."""
+  try:
+    root = weights['resnet/root_block/standardized_conv2d/kernel'].shape[-1]
+  except KeyError:
+    raise BadInput('checkpoint has no root_block: not a BiT ResNet.') from None
+  units = []
+  for b in range(1, 5):
+    n = 0
+    while f'{unit_name(b, n + 1)}/a/standardized_conv2d/kernel' in weights:
+      n += 1
+    units.append(n)
+  units = tuple(units)
+  if units not in DEPTHS.values():
+    raise BadInput(f'checkpoint has {units} units per block, which is no '
+                   'known ResNet depth.')
+  head = weights.get('resnet/head/conv2d/bias')
+  return Architecture(units, root / 64), (None if head is None else
+                                          int(head.shape[0]))
+
+
+# --------------------------------------------------------------------------
+# Command line.
+
+TORCH_OR_TFDS_DATASETS = ('cifar10', 'cifar100', 'oxford_iiit_pet',
+                          'oxford_flowers102', 'imagenet2012')
+
+
+def argparser(known_models=None):
+  """The CLI every `bit_*.train` shares (the original flags, then ours)."""
+  known_models = list(known_models or MODELS)
+  parser = argparse.ArgumentParser(
+      description='Fine-tune a BiT model with the BiT-HyperRule.',
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument('--name', required=True,
+                      help='Name of this run; outputs go to LOGDIR/NAME, and '
+                      'a run started again with the same name resumes.')
+  parser.add_argument('--model', default='BiT-M-R50x1',
+                      help='A registered model (e.g. ' +
+                      ', '.join(known_models[:4]) + ', ...; the full list is '
+                      'in the README) or a path to a .npz file.')
+  parser.add_argument('--logdir', required=True,
+                      help='Where the log, metrics and checkpoints go.')
+  parser.add_argument('--bit_pretrained_dir', default='.',
+                      help='Where pre-trained weights are looked for, and '
+                      'downloaded to when missing.')
+  parser.add_argument('--dataset', default='cifar10',
+                      choices=TORCH_OR_TFDS_DATASETS + ('imagefolder',) +
+                      tuple(ARRAY_DATASETS),
+                      help='Dataset to fine-tune on; imagefolder reads '
+                      'DATADIR/train/<class>/* and DATADIR/val (or test)/...')
+  parser.add_argument('--datadir', default=None,
+                      help='Dataset folder: the image folder, the ImageNet '
+                      'root, or where a downloadable dataset is stored.')
+  parser.add_argument('--tfds_manual_dir', default=None,
+                      help='TFDS manual_dir, for datasets TFDS cannot '
+                      'download itself (TF2 and JAX).')
+  parser.add_argument('--examples_per_class', type=int, default=None,
+                      help='Few-shot: draw this many training examples from '
+                      'each class.')
+  parser.add_argument('--examples_per_class_seed', type=int, default=0,
+                      help='Seed of the few-shot draw.')
+  parser.add_argument('--batch', type=int, default=512,
+                      help='Global batch size.')
+  parser.add_argument('--batch_split', type=int, default=1,
+                      help='Split each batch into this many micro-batches and '
+                      'accumulate their gradients (saves memory).')
+  parser.add_argument('--batch_eval', type=int, default=None,
+                      help='Evaluation batch size (default: BATCH / '
+                      'BATCH_SPLIT).')
+  parser.add_argument('--base_lr', type=float, default=0.003,
+                      help='Base learning rate of the HyperRule schedule.')
+  parser.add_argument('--eval_every', type=int, default=None,
+                      help='Evaluate every N steps (and always at the end).')
+  parser.add_argument('--workers', type=int, default=min(8, os.cpu_count()),
+                      help='Data-loading workers.')
+  parser.add_argument('--no-save', dest='save', action='store_false',
+                      help='Write no checkpoint.')
+  parser.add_argument('--total_steps', type=int, default=None,
+                      help='Stretch or compress the HyperRule schedule to this '
+                      'many steps, keeping its shape.')
+  parser.add_argument('--resize_size', type=int, default=None,
+                      help='Override the HyperRule resize resolution.')
+  parser.add_argument('--crop_size', type=int, default=None,
+                      help='Override the HyperRule crop resolution.')
+  parser.add_argument('--seed', type=int, default=0,
+                      help='Seed of every random choice of the run.')
+  parser.add_argument('--precision', default='fp32',
+                      choices=('fp32', 'bf16', 'fp16'),
+                      help='Compute precision.')
+  parser.add_argument('--skip_bad_images', action='store_true',
+                      help='Leave out unreadable images instead of stopping.')
+  return parser
+
+
+def check_args(args, devices=1):
+  """Refuses flag values that cannot work, before any long work starts."""
+  for flag in ('batch', 'batch_split', 'total_steps', 'resize_size',
+               'crop_size', 'eval_every', 'batch_eval', 'examples_per_class'):
+    value = getattr(args, flag, None)
+    if value is not None and value < 1:
+      raise BadInput(f'--{flag} must be a positive number, got {value}.')
+  if args.batch % (args.batch_split * devices):
+    raise BadInput(f'--batch {args.batch} is not divisible by --batch_split '
+                   f'{args.batch_split} times {devices} device(s); choose a '
+                   'multiple of their product.')
+  if args.dataset in ('imagefolder', 'imagenet2012') and not args.datadir:
+    raise BadInput(f'--dataset {args.dataset} needs --datadir.')
+  if args.datadir and args.dataset == 'imagefolder' and not os.path.isdir(
+      args.datadir):
+    raise BadInput(f'--datadir {args.datadir} is not a folder.')
+  if (args.resize_size and args.crop_size and
+      args.crop_size > args.resize_size):
+    raise BadInput(f'--crop_size {args.crop_size} is larger than '
+                   f'--resize_size {args.resize_size}.')
+  if not args.model.endswith(('.npz', '.h5')):
+    model_info(args.model)
+
+
+def resolution(args, original_hw):
+  """(resize, crop): the HyperRule's for images of `original_hw`, with the
+  --resize_size/--crop_size overrides."""
+  resize, crop = bit_hyperrule.get_resolution(original_hw)
+  if args.crop_size and not args.resize_size:
+    resize = max(args.crop_size, round(args.crop_size * resize / crop))
+  return args.resize_size or resize, args.crop_size or crop
+
+
+# --------------------------------------------------------------------------
+# Logging and run outputs under LOGDIR/NAME.
+
+def run_dir(args):
+  return os.path.join(args.logdir, args.name)
+
+
+def setup_logger(args):
+  """Logger to stderr and LOGDIR/NAME/train.log."""
+  os.makedirs(run_dir(args), exist_ok=True)
+  logger = logging.getLogger(f'bit.{args.name}')
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+  for h in list(logger.handlers):
+    logger.removeHandler(h)
+    h.close()
+  fmt = logging.Formatter('%(asctime)s %(levelname)s %(message)s',
+                          '%Y-%m-%d %H:%M:%S')
+  for h in (logging.StreamHandler(sys.stderr),
+            logging.FileHandler(os.path.join(run_dir(args), 'train.log'))):
+    h.setFormatter(fmt)
+    logger.addHandler(h)
+  return logger
+
+
+def write_json(path, obj):
+  """Writes `obj` as JSON atomically (temporary file, then rename)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, suffix='.json.part')
+  with os.fdopen(fd, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def _json_default(obj):
+  if isinstance(obj, np.generic):
+    return obj.item()
+  if isinstance(obj, (np.ndarray, tuple, set)):
+    return list(obj)
+  return str(obj)
+
+
+class Metrics:
+  """Appends one JSON object per line to LOGDIR/NAME/metrics.jsonl.
+
+  On resume, lines from steps after the checkpoint are dropped first, so the
+  file reads as one uninterrupted run.
+  """
+
+  def __init__(self, args, resume_step=0):
+    self.path = os.path.join(run_dir(args), 'metrics.jsonl')
+    kept = []
+    if resume_step and os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
+    self._file = open(self.path, 'w')
+    self._file.writelines(kept)
+    self._file.flush()
+
+  def write(self, step, split, **values):
+    record = {'step': int(step), 'split': split}
+    record.update({k: _json_default(v) if isinstance(v, np.generic) else v
+                   for k, v in values.items()})
+    self._file.write(json.dumps(record) + '\n')
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def versions(*modules):
+  out = {'python': platform.python_version(), 'numpy': np.__version__}
+  for m in modules:
+    out[m.__name__] = getattr(m, '__version__', '?')
+  return out
+
+
+class Progress:
+  """Training progress: a tqdm bar on a terminal, else a line every 10%.
+
+  Shows loss, lr, images/s and ETA either way.
+  """
+
+  def __init__(self, total_steps, start_step, logger):
+    from tqdm import tqdm
+    self.logger, self.total, self.step = logger, total_steps, start_step
+    self._t0, self._step0 = time.time(), start_step
+    self._tty = sys.stderr.isatty()
+    self._bar = tqdm(total=total_steps, initial=start_step, unit='step',
+                     file=sys.stderr, dynamic_ncols=True) if self._tty else None
+    self._every = max(1, total_steps // 10)
+
+  def update(self, step, images_per_sec, **values):
+    self.step = step
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix(img_s=f'{images_per_sec:.1f}',
+                            **{k: f'{v:.4g}' for k, v in values.items()})
+    elif step % self._every == 0 or step == self.total:
+      rate = (step - self._step0) / max(time.time() - self._t0, 1e-9)
+      eta = (self.total - step) / rate if rate else float('inf')
+      shown = ' '.join(f'{k}={v:.4g}' for k, v in values.items())
+      self.logger.info(f'step {step}/{self.total} {shown} '
+                       f'images/s={images_per_sec:.1f} ETA {eta:.0f}s')
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+
+
+# --------------------------------------------------------------------------
+# Few-shot sampling, shared so every backend draws the same subset.
+
+def fewshot_indices(labels, examples_per_class, seed):
+  """Sorted indices of `examples_per_class` examples from each class.
+
+  Classes are visited in sorted order and each draws without replacement
+  from a generator seeded with `seed`, so the same labels and seed give the
+  same subset in every backend.
+  """
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  chosen = []
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    if len(idx) < examples_per_class:
+      raise BadInput(f'class {c} has only {len(idx)} training examples; '
+                     f'--examples_per_class {examples_per_class} needs more.')
+    chosen.append(rng.choice(idx, examples_per_class, replace=False))
+  return np.sort(np.concatenate(chosen))
+
+
+# --------------------------------------------------------------------------
+# Image folders: every backend reads them the same way.
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif',
+                    '.tiff', '.webp')
+
+
+@dataclasses.dataclass
+class FileSplit:
+  paths: list
+  labels: np.ndarray
+
+
+def _scan_split(folder, classes=None):
+  found = sorted(d for d in os.listdir(folder)
+                 if os.path.isdir(os.path.join(folder, d)))
+  if classes is None:
+    classes = found
+  elif set(found) - set(classes):
+    raise BadInput(f'{folder} has classes that train/ lacks: '
+                   f'{sorted(set(found) - set(classes))}.')
+  paths, labels = [], []
+  for label, c in enumerate(classes):
+    d = os.path.join(folder, c)
+    files = sorted(f for f in os.listdir(d) if f.lower().endswith(
+        IMAGE_EXTENSIONS)) if os.path.isdir(d) else []
+    if not files and folder.endswith('train'):
+      raise BadInput(f'class folder {d} has no images; add some or remove it.')
+    paths += [os.path.join(d, f) for f in files]
+    labels += [label] * len(files)
+  return classes, FileSplit(paths, np.array(labels, dtype=np.int64))
+
+
+def scan_imagefolder(datadir):
+  """(classes, train split, evaluation split) of an image folder.
+
+  Classes are the sorted subfolders of train/; files are sorted by name.
+  The evaluation split is val/, or test/ where there is no val/.
+  """
+  train = os.path.join(datadir, 'train')
+  if not os.path.isdir(train):
+    raise BadInput(f'{datadir} has no train/ folder; expected '
+                   'train/<class>/* and val/<class>/*.')
+  evals = [os.path.join(datadir, s) for s in ('val', 'test')
+           if os.path.isdir(os.path.join(datadir, s))]
+  if not evals:
+    raise BadInput(f'{datadir} has no val/ or test/ folder to evaluate on.')
+  classes, train_split = _scan_split(train)
+  if len(classes) < 2:
+    raise BadInput(f'{train} has {len(classes)} class folder(s); need 2+.')
+  _, eval_split = _scan_split(evals[0], classes)
+  if not eval_split.paths:
+    raise BadInput(f'{evals[0]} has no images.')
+  return classes, train_split, eval_split
+
+
+def image_sizes(paths, limit=256):
+  """(height, width) of up to `limit` images spread over `paths`."""
+  from PIL import Image
+  step = max(1, len(paths) // limit)
+  sizes = []
+  for p in paths[::step][:limit]:
+    try:
+      with Image.open(p) as im:
+        sizes.append((im.height, im.width))
+    except OSError as e:
+      raise BadInput(f'cannot read image {p} ({e}).') from e
+  return sizes
+
+
+# --------------------------------------------------------------------------
+# Datasets that ship offline as arrays: uint8 images (N, H, W, 3) and labels.
+
+@dataclasses.dataclass
+class ArrayData:
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  val_images: np.ndarray
+  val_labels: np.ndarray
+  classes: list
+
+
+def _gray_to_rgb(images):
+  return np.repeat(images[..., None], 3, axis=-1)
+
+
+def load_digits():
+  """scikit-learn's handwritten digits (UCI): 8x8, 10 classes, 1797 images.
+
+  The first 1000 images train, the other 797 evaluate.
+  """
+  from sklearn.datasets import load_digits as sk_digits
+  d = sk_digits()
+  images = _gray_to_rgb(np.round(d.images * 255 / 16).astype(np.uint8))
+  labels = d.target.astype(np.int64)
+  return ArrayData(images[:1000], labels[:1000], images[1000:], labels[1000:],
+                   [str(i) for i in range(10)])
+
+
+ARRAY_DATASETS = {'digits': load_digits}
+
+
+def load_array_dataset(name):
+  return ARRAY_DATASETS[name]()

@@ -1,0 +1,30 @@
+"""Classify images with a BiT model: python -m bit_pytorch.predict IMAGES..."""
+import torch
+
+import bit_common
+from bit_pytorch import models
+
+
+def load_model(weights):
+  """(head size, logits function) of the model in `weights`, on all GPUs."""
+  model = models.create('weights', weights=weights).eval()
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  model = model.to(device)
+  if torch.cuda.device_count() > 1:
+    model = torch.nn.DataParallel(model)
+
+  @torch.inference_mode()
+  def logits_fn(images):  # float32 NHWC in [-1, 1]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
+    return model(x).float().cpu().numpy()
+
+  return int(weights['resnet/head/conv2d/bias'].shape[0]), logits_fn
+
+
+def main(args):
+  return bit_common.predict(args, load_model)
+
+
+if __name__ == '__main__':
+  bit_common.run_cli(
+      lambda: main(bit_common.predict_argparser('PyTorch').parse_args()))

@@ -664,7 +664,49 @@ def load_digits():
                    [str(i) for i in range(10)])
 
 
-ARRAY_DATASETS = {'digits': load_digits}
+FASHION_MNIST_DIR = os.environ.get('FASHION_MNIST_DIR',
+                                   '/usr/share/datasets/fashion-mnist')
+FASHION_MNIST_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
+                         'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
+
+
+def _read_idx(path):
+  """An IDX file (optionally gzipped) as a uint8 array."""
+  import gzip
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rb') as f:
+    data = f.read()
+  if len(data) < 4 or data[:3] != b'\x00\x00\x08':  # magic: 0, 0, uint8
+    raise BadInput(f'{path} is not an IDX file of bytes.')
+  ndim = data[3]
+  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big')
+                for i in range(ndim))
+  array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if array.size != int(np.prod(shape)):
+    raise BadInput(f'{path} is truncated: {array.size} values for {shape}.')
+  return array.reshape(shape)
+
+
+def load_fashion_mnist(folder=None):
+  """Zalando's Fashion-MNIST: 28x28 grey clothing photos, 10 classes,
+  60000 train / 10000 test, read from the IDX files that Debian's
+  dataset-fashion-mnist package installs (or $FASHION_MNIST_DIR)."""
+  folder = folder or FASHION_MNIST_DIR
+  def read(stem):
+    for name in (f'{stem}.gz', stem):
+      if os.path.exists(os.path.join(folder, name)):
+        return _read_idx(os.path.join(folder, name))
+    raise BadInput(f'Fashion-MNIST is not in {folder} (no {stem}.gz); install '
+                   'it with "apt-get install dataset-fashion-mnist" or set '
+                   'FASHION_MNIST_DIR to a folder with its IDX files.')
+  return ArrayData(_gray_to_rgb(read('train-images-idx3-ubyte')),
+                   read('train-labels-idx1-ubyte').astype(np.int64),
+                   _gray_to_rgb(read('t10k-images-idx3-ubyte')),
+                   read('t10k-labels-idx1-ubyte').astype(np.int64),
+                   list(FASHION_MNIST_CLASSES))
+
+
+ARRAY_DATASETS = {'digits': load_digits, 'fashion_mnist': load_fashion_mnist}
 
 
 def load_array_dataset(name):

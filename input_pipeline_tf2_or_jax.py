@@ -1,0 +1,426 @@
+"""The tf.data input pipeline shared by `bit_tf2` and `bit_jax`.
+
+API (stable; both backends rely on it):
+
+  data = get_data(args)
+      Resolves `--dataset` (TFDS names, `imagefolder`, the offline arrays of
+      `bit_common.ARRAY_DATASETS`), checks it (bad input raises
+      `bit_common.BadInput` before any long work) and draws the few-shot
+      subset. `data` has `train_size` (after few-shot), `eval_size`,
+      `num_classes`, `classes` (names, or None), `original_hw` (median
+      (height, width) of the training images), `eval_split` and `describe()`
+      (a dict for config.json).
+
+  train_batches(data, batch, resize, crop, seed, start_step=0,
+                mixup_alpha=0.0, process_index=0, process_count=1)
+      An endless `tf.data.Dataset`; its k-th element is the batch of training
+      step `start_step + k`: {'image': float32 [b, crop, crop, 3] in [-1, 1],
+      'label': float32 [b, num_classes] one-hot (mixed when mixup is on)},
+      b = batch / process_count (this process's share of the global batch).
+      Everything random (order, crop, flip, mixup) is a function of `seed`
+      and the step, so the stream from step k is the same whether the run
+      started at 0 or resumed at k, and whatever the number of processes.
+
+  eval_batches(data, batch, crop, process_index=0, process_count=1)
+      A finite `tf.data.Dataset` that covers this process's share of the
+      evaluation split once: {'image': float32 [b, crop, crop, 3],
+      'label': int64 [b], 'mask': bool [b]}; every batch has b = batch /
+      process_count rows, the last one padded with rows whose mask is False.
+
+Pre-processing is the HyperRule's: train images are resized to (resize,
+resize), randomly cropped to (crop, crop) and flipped left-right with
+probability 1/2; evaluation images are resized to (crop, crop). Mixup, when
+on, draws one lambda ~ Beta(alpha, alpha) per batch and mixes the batch with
+itself reversed, as published.
+"""
+import dataclasses
+import os
+import statistics
+
+import numpy as np
+import tensorflow as tf
+
+import bit_common
+
+# A TFDS training split larger than this is streamed (shuffle buffer) rather
+# than held in memory as encoded images for random access.
+IN_MEMORY_BYTES = 4 << 30
+SHUFFLE_BUFFER = 20_000
+# Tags that keep the random streams of one seed apart.
+_ORDER, _AUG, _MIXUP = 1, 2, 3
+# Extensions tf.io.decode_image reads; other files go through PIL.
+_TF_DECODABLE = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+
+
+@dataclasses.dataclass
+class Source:
+  """One split: `n` examples and how to get example i as uint8 [h, w, 3].
+
+  `table` holds per example either the encoded image bytes, the file path
+  (`paths` True), or nothing when `images` is a uint8 array; `records` is a
+  TFDS dataset of {'image': encoded, 'label'} for splits too large to hold.
+  """
+  n: int
+  labels: np.ndarray = None           # int64 [n]; None for a streamed split
+  images: np.ndarray = None           # uint8 [n, h, w, 3]
+  table: np.ndarray = None            # object [n] of bytes or str
+  paths: bool = False
+  use_pil: bool = False
+  records: tf.data.Dataset = None
+
+  @property
+  def random_access(self):
+    return self.records is None
+
+  def subset(self, idx):
+    return dataclasses.replace(
+        self, n=len(idx), labels=self.labels[idx],
+        images=None if self.images is None else self.images[idx],
+        table=None if self.table is None else self.table[idx])
+
+  def loader(self):
+    """A tf function: index -> (uint8 image [h, w, 3], int64 label)."""
+    labels = tf.constant(self.labels)
+    if self.images is not None:
+      images = tf.constant(self.images)
+      return lambda i: (tf.gather(images, i), tf.gather(labels, i))
+    table = tf.constant(self.table.astype(bytes) if self.paths else
+                        list(self.table))
+    read = tf.io.read_file if self.paths else tf.identity
+    decode = _decode_pil if self.use_pil else _decode_tf
+    return lambda i: (decode(read(tf.gather(table, i))), tf.gather(labels, i))
+
+
+def _decode_tf(encoded):
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  return tf.ensure_shape(image, [None, None, 3])
+
+
+def _decode_pil(encoded):
+  def decode(data):
+    import io
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as im:
+      return np.asarray(im.convert('RGB'))
+  image = tf.numpy_function(decode, [encoded], tf.uint8, stateful=False)
+  return tf.ensure_shape(image, [None, None, 3])
+
+
+@dataclasses.dataclass
+class Data:
+  name: str
+  train: Source
+  eval: Source
+  num_classes: int
+  classes: list
+  original_hw: tuple
+  eval_split: str
+  full_train_size: int
+  workers: int = None
+
+  @property
+  def train_size(self):
+    return self.train.n
+
+  @property
+  def eval_size(self):
+    return self.eval.n
+
+  def describe(self):
+    return {'dataset': self.name, 'train_size': self.train_size,
+            'full_train_size': self.full_train_size,
+            'eval_size': self.eval_size, 'eval_split': self.eval_split,
+            'num_classes': self.num_classes, 'original_hw': self.original_hw}
+
+
+# --------------------------------------------------------------------------
+# Resolving --dataset.
+
+def get_data(args, logger=None):
+  """The dataset of `args`, checked, with its few-shot subset drawn."""
+  if args.dataset == 'imagefolder':
+    data = _imagefolder(args, logger)
+  elif args.dataset in bit_common.ARRAY_DATASETS:
+    data = _arrays(args.dataset)
+  elif args.dataset in bit_common.TORCH_OR_TFDS_DATASETS:
+    data = _tfds(args, logger)
+  else:
+    raise bit_common.BadInput(f'unknown dataset {args.dataset!r}.')
+  data.workers = getattr(args, 'workers', None)
+  if args.examples_per_class:
+    if not data.train.random_access:
+      raise AssertionError('few-shot sources are always held in memory')
+    idx = bit_common.fewshot_indices(data.train.labels,
+                                     args.examples_per_class,
+                                     args.examples_per_class_seed)
+    data.train = data.train.subset(idx)
+  return data
+
+
+def _median_hw(sizes):
+  return (statistics.median(s[0] for s in sizes),
+          statistics.median(s[1] for s in sizes))
+
+
+def _arrays(name):
+  d = bit_common.load_array_dataset(name)
+  train = Source(len(d.train_labels), np.asarray(d.train_labels, np.int64),
+                 images=d.train_images)
+  val = Source(len(d.val_labels), np.asarray(d.val_labels, np.int64),
+               images=d.val_images)
+  return Data(name, train, val, len(d.classes), list(d.classes),
+              tuple(d.train_images.shape[1:3]), 'val', train.n)
+
+
+def _imagefolder(args, logger):
+  classes, train, val = bit_common.scan_imagefolder(args.datadir)
+  if getattr(args, 'skip_bad_images', False):
+    train, val = (_readable(s, logger) for s in (train, val))
+  sources = []
+  for split in (train, val):
+    use_pil = not all(p.lower().endswith(_TF_DECODABLE) for p in split.paths)
+    sources.append(Source(len(split.paths), split.labels,
+                          table=np.array(split.paths, dtype=object),
+                          paths=True, use_pil=use_pil))
+  eval_split = os.path.basename(os.path.dirname(os.path.dirname(
+      val.paths[0])))
+  hw = _median_hw(bit_common.image_sizes(train.paths))
+  return Data('imagefolder', sources[0], sources[1], len(classes), classes,
+              hw, eval_split, sources[0].n)
+
+
+def _readable(split, logger):
+  """The split without the files PIL cannot read (--skip_bad_images)."""
+  from PIL import Image
+  keep = []
+  for i, p in enumerate(split.paths):
+    try:
+      with Image.open(p) as im:
+        im.verify()
+      keep.append(i)
+    except Exception as e:  # PIL raises many kinds on corrupt files.
+      if logger:
+        logger.warning(f'skipping unreadable image {p} ({e})')
+  if not keep:
+    raise bit_common.BadInput(f'no readable image among {len(split.paths)}.')
+  return bit_common.FileSplit([split.paths[i] for i in keep],
+                              split.labels[keep])
+
+
+def _tfds(args, logger):
+  import tensorflow_datasets as tfds
+  builder = tfds.builder(args.dataset, data_dir=args.datadir)
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=args.tfds_manual_dir))
+  except (AssertionError, OSError, tfds.core.download.DownloadError) as e:
+    raise bit_common.BadInput(
+        f'TFDS could not prepare {args.dataset} ({str(e).splitlines()[0]}); '
+        'check --datadir, or give --tfds_manual_dir for datasets that must be '
+        'downloaded by hand.') from e
+  info = builder.info
+  splits = info.splits
+  eval_split = 'validation' if 'validation' in splits else 'test'
+  num_classes = info.features['label'].num_classes
+  classes = info.features['label'].names
+
+  def records(split):
+    return builder.as_dataset(
+        split=split, shuffle_files=False,
+        decoders={'image': tfds.decode.SkipDecoding()})
+
+  def held(split):
+    encoded, labels = [], []
+    for batch in records(split).batch(1024).as_numpy_iterator():
+      encoded += list(batch['image'])
+      labels.append(batch['label'])
+    return Source(len(encoded), np.concatenate(labels).astype(np.int64),
+                  table=np.array(encoded, dtype=object))
+
+  def source(split, random_access):
+    if random_access:
+      return held(split)
+    return Source(splits[split].num_examples,
+                  records=records(split).map(
+                      lambda r: {'image': r['image'], 'label': r['label']}))
+
+  small = splits['train'].num_bytes <= IN_MEMORY_BYTES
+  if logger:
+    logger.info(f'reading {args.dataset} from TFDS ({builder.data_dir})')
+  train = source('train', small or bool(args.examples_per_class))
+  evaluation = source(eval_split, splits[eval_split].num_bytes <=
+                      IN_MEMORY_BYTES)
+  shape = info.features['image'].shape
+  if shape[0] and shape[1]:
+    hw = tuple(shape[:2])
+  else:
+    sample = records('train').take(256).map(
+        lambda r: tf.shape(_decode_tf(r['image']))[:2])
+    hw = _median_hw(list(sample.as_numpy_iterator()))
+  return Data(args.dataset, train, evaluation, num_classes, classes, hw,
+              eval_split, splits['train'].num_examples)
+
+
+# --------------------------------------------------------------------------
+# Batches.
+
+def _options(data):
+  options = tf.data.Options()
+  options.deterministic = True
+  if data.workers:
+    options.threading.private_threadpool_size = data.workers
+  return options
+
+
+def _to_unit_range(image):
+  return (tf.cast(image, tf.float32) - 127.5) / 127.5
+
+
+def _resize(image, size):
+  image = tf.image.resize(image, (size, size), antialias=True)
+  return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def _augment(image, resize, crop, seed):
+  """Resize, random crop, random flip; `seed` is a stateless seed [2]."""
+  image = _resize(image, resize)
+  crop_seed, flip_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 2))
+  image = tf.image.stateless_random_crop(image, (crop, crop, 3), crop_seed)
+  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  return _to_unit_range(image)
+
+
+def _step_indices(data, batch, seed):
+  """A numpy function: step -> (positions, example indices) of its batch.
+
+  Epoch e visits the training set in the order of a permutation drawn from
+  (seed, e); a training set smaller than the batch is drawn from with
+  replacement, per step.
+  """
+  n = data.train_size
+  cache = {}
+
+  def permutation(epoch):
+    if epoch not in cache:
+      if len(cache) > 2:
+        cache.pop(min(cache))
+      cache[epoch] = np.random.default_rng(
+          [seed, _ORDER, epoch]).permutation(n)
+    return cache[epoch]
+
+  def indices(step):
+    pos = np.arange(step * batch, (step + 1) * batch, dtype=np.int64)
+    if n < batch:
+      idx = np.random.default_rng([seed, _ORDER, step]).integers(0, n, batch)
+    else:
+      idx = np.empty(batch, np.int64)
+      for epoch in np.unique(pos // n):
+        sel = pos // n == epoch
+        idx[sel] = permutation(int(epoch))[pos[sel] % n]
+    return pos, idx.astype(np.int64)
+
+  return indices
+
+
+def train_batches(data, batch, resize, crop, seed, start_step=0,
+                  mixup_alpha=0.0, process_index=0, process_count=1):
+  """Endless training batches from step `start_step` on (see module doc)."""
+  if batch % process_count:
+    raise bit_common.BadInput(f'--batch {batch} is not divisible by the '
+                              f'{process_count} processes.')
+  local = batch // process_count
+  lo = process_index * local
+  src = data.train
+  if src.random_access:
+    indices = _step_indices(data, batch, seed)
+    load = src.loader()
+
+    def step_examples(step):
+      pos, idx = tf.numpy_function(indices, [step], (tf.int64, tf.int64),
+                                   stateful=False)
+      pos = tf.ensure_shape(pos, [batch])[lo:lo + local]
+      idx = tf.ensure_shape(idx, [batch])[lo:lo + local]
+      return tf.data.Dataset.from_tensor_slices((pos, idx))
+
+    examples = tf.data.Dataset.counter(start_step).flat_map(step_examples)
+    examples = examples.map(lambda pos, i: (pos, *load(i)),
+                            num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    examples = _streamed(src, batch, seed, start_step).filter(
+        lambda pos, r: (pos % batch) // local == process_index)
+    examples = examples.map(
+        lambda pos, r: (pos, _decode_tf(r['image']), r['label']),
+        num_parallel_calls=tf.data.AUTOTUNE)
+
+  def preprocess(pos, image, label):
+    aug_seed = tf.stack([tf.constant(seed * 8 + _AUG, tf.int64), pos])
+    return (pos, _augment(image, resize, crop, aug_seed),
+            tf.one_hot(label, data.num_classes, dtype=tf.float32))
+
+  ds = examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local, drop_remainder=True)
+
+  def finish(pos, images, labels):
+    if mixup_alpha:
+      step = pos[0] // batch
+      images, labels = mixup(images, labels, mixup_alpha,
+                             tf.stack([tf.constant(seed * 8 + _MIXUP,
+                                                   tf.int64), step]))
+    return {'image': images, 'label': labels}
+
+  ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(data))
+
+
+def _streamed(src, batch, seed, start_step):
+  """(position, record) of a split too large to hold, from `start_step`:
+  epoch e is the split through a shuffle buffer seeded by (seed, e)."""
+  start = start_step * batch
+  first_epoch = start // src.n
+
+  def epoch(e):
+    return src.records.shuffle(SHUFFLE_BUFFER, seed=seed * 1_000_003 + e,
+                               reshuffle_each_iteration=False)
+
+  records = tf.data.Dataset.counter(first_epoch).flat_map(epoch)
+  records = records.skip(start - first_epoch * src.n)
+  return tf.data.Dataset.zip(tf.data.Dataset.counter(start), records)
+
+
+def mixup(images, labels, alpha, seed):
+  """Mixes the batch with itself reversed, with one lambda ~ Beta(alpha,
+  alpha) for the whole batch; `seed` is a stateless seed [2]."""
+  g = tf.random.stateless_gamma([2], seed, alpha=alpha)
+  lam = g[0] / (g[0] + g[1])
+  return (lam * images + (1 - lam) * images[::-1],
+          lam * labels + (1 - lam) * labels[::-1])
+
+
+def eval_batches(data, batch, crop, process_index=0, process_count=1):
+  """Every evaluation example once, in order, padded batches with a mask."""
+  if batch % process_count:
+    raise bit_common.BadInput(f'evaluation batch {batch} is not divisible by '
+                              f'the {process_count} processes.')
+  local = batch // process_count
+  src = data.eval
+  mine = len(range(process_index, src.n, process_count))
+  # Every process runs the same number of batches, padded to the longest.
+  longest = len(range(0, src.n, process_count))
+  padded = -(-longest // local) * local
+  if src.random_access:
+    load = src.loader()
+    ds = tf.data.Dataset.range(process_index, src.n, process_count).map(
+        load, num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    ds = src.records.shard(process_count, process_index).map(
+        lambda r: (_decode_tf(r['image']), r['label']),
+        num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(lambda image, label: {
+      'image': _to_unit_range(_resize(image, crop)), 'label': label,
+      'mask': tf.constant(True)}, num_parallel_calls=tf.data.AUTOTUNE)
+  pad = tf.data.Dataset.from_tensors({
+      'image': tf.zeros((crop, crop, 3), tf.float32),
+      'label': tf.constant(0, tf.int64), 'mask': tf.constant(False)})
+  ds = ds.concatenate(pad.repeat(padded - mine)).batch(local)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(data))

@@ -293,8 +293,16 @@ def expected_shapes(arch, head_size=None):
 
 
 def check_weights(weights, arch, head_size=None, source='checkpoint'):
-  """Raises BadInput unless `weights` has every key `arch` needs, in shape."""
-  for key, shape in expected_shapes(arch, head_size).items():
+  """Raises BadInput unless `weights` has exactly the keys `arch` needs, in
+  shape (head keys aside when head_size is None)."""
+  expected = expected_shapes(arch, head_size)
+  extra = sorted(k for k in weights if k not in expected and
+                 not (head_size is None and k.startswith('resnet/head/')))
+  if extra:
+    raise BadInput(f'{source} has {extra[0]}, which {arch.name} does not '
+                   f'have ({len(extra)} such keys); it was made for another '
+                   'architecture.')
+  for key, shape in expected.items():
     if key not in weights:
       raise BadInput(f'{source} has no {key} (needed by {arch.name}); it was '
                      'made for another architecture or is damaged.')

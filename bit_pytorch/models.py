@@ -182,6 +182,12 @@ def th2tf(tensor):
   return (t.permute(2, 3, 1, 0) if t.ndim == 4 else t).contiguous().numpy()
 
 
+def th2tf_shape(tensor):
+  """Shape `tensor` has in the published layout."""
+  shape = tuple(tensor.shape)
+  return shape[2:] + shape[1::-1] if len(shape) == 4 else shape
+
+
 def _constructor(info):
   arch = info.architecture
   return functools.partial(_build, arch.units, arch.width, info.head_size)

@@ -1,0 +1,69 @@
+"""Fixtures every test may use: synthetic BiT checkpoints and image folders.
+
+Nothing here touches the network.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+import bit_common  # noqa: E402
+
+
+def synthetic_weights(arch='R14x0.5', head_size=10, seed=0):
+  """{published key: array} for `arch`, drawn at random from its layout.
+
+  Made from the published key table alone (bit_common.expected_shapes), not
+  from any backend's model, so it checks the loaders independently.
+  """
+  rng = np.random.default_rng(seed)
+  weights = {}
+  for key, shape in bit_common.expected_shapes(
+      bit_common.parse_arch(arch), head_size).items():
+    if key.endswith('gamma'):
+      value = 1 + 0.1 * rng.standard_normal(shape)
+    elif key.endswith(('beta', 'bias')):
+      value = 0.1 * rng.standard_normal(shape)
+    else:
+      value = rng.standard_normal(shape) * (0.05 if 'head' in key else 1)
+    weights[key] = value.astype(np.float32)
+  return weights
+
+
+@pytest.fixture
+def make_npz(tmp_path):
+  """make_npz(arch, head_size, seed, name) -> path of a synthetic .npz."""
+  def make(arch='R14x0.5', head_size=10, seed=0, name=None):
+    path = tmp_path / (name or f'{arch}-{head_size}-{seed}.npz')
+    np.savez(path, **synthetic_weights(arch, head_size, seed))
+    return str(path)
+  return make
+
+
+def write_imagefolder(root, classes=('cat', 'dog', 'owl'), train=8, val=4,
+                      size=(40, 48), seed=0, split_names=('train', 'val')):
+  """A folder root/{train,val}/<class>/*.png whose classes are learnable:
+  each class has its own colour, with noise. Returns root."""
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  colours = rng.integers(0, 256, (len(classes), 3))
+  for split, n in zip(split_names, (train, val)):
+    for c, name in enumerate(classes):
+      d = os.path.join(root, split, name)
+      os.makedirs(d, exist_ok=True)
+      for i in range(n):
+        noise = rng.integers(-40, 41, (*size, 3))
+        img = np.clip(colours[c] + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(d, f'{i:03d}.png'))
+  return str(root)
+
+
+@pytest.fixture
+def imagefolder(tmp_path):
+  return write_imagefolder(tmp_path / 'images')

@@ -1,0 +1,297 @@
+"""bit_common: registry, downloads, checkpoint checks, CLI, few-shot, folders."""
+import functools
+import http.server
+import io
+import os
+import threading
+import urllib.error
+
+import numpy as np
+import pytest
+
+import bit_common
+from conftest import synthetic_weights, write_imagefolder
+
+
+# ---------------------------------------------------------------- registry
+
+def test_registry_covers_every_published_family():
+  names = set(bit_common.MODELS)
+  for arch in ('R50x1', 'R50x3', 'R101x1', 'R101x3', 'R152x2', 'R152x4'):
+    assert {f'BiT-S-{arch}', f'BiT-M-{arch}', f'BiT-M-{arch}-ILSVRC2012'} <= names
+  assert 'BiT-M-R50x1-CIFAR10' in names
+  vtab = [n for n in names if '-run' in n]
+  assert len(vtab) == 5 * 3 * 19
+  assert 'BiT-M-R152x4-run2-dsprites-xpos' in names
+  assert {'BiT-M-R50x1-distilled-224', 'BiT-M-R50x1-distilled-160',
+          'BiT-M-R152x2-teacher-224', 'BiT-M-R152x2-teacher-384'} <= names
+
+
+@pytest.mark.parametrize('name, url, arch, head', [
+    ('BiT-M-R50x1', 'bit_models/BiT-M-R50x1.npz', (3, 4, 6, 3), 21843),
+    ('BiT-S-R101x3', 'bit_models/BiT-S-R101x3.npz', (3, 4, 23, 3), 1000),
+    ('BiT-M-R152x4-ILSVRC2012', 'bit_models/BiT-M-R152x4-ILSVRC2012.npz',
+     (3, 8, 36, 3), 1000),
+    ('BiT-M-R50x3-run1-dtd', 'bit_models/vtab/BiT-M-R50x3-run1-dtd.npz',
+     (3, 4, 6, 3), 47),
+    ('BiT-M-R50x1-distilled-160', 'bit_models/distill/R50x1_160.npz',
+     (3, 4, 6, 3), 1000),
+    ('BiT-M-R152x2-teacher-384', 'bit_models/distill/R152x2_T_384.npz',
+     (3, 8, 36, 3), 1000),
+])
+def test_registry_entries(name, url, arch, head):
+  info = bit_common.model_info(name)
+  assert info.url == 'https://storage.googleapis.com/' + url
+  assert info.architecture.units == arch
+  assert info.head_size == head
+
+
+def test_every_registered_model_resolves():
+  for info in bit_common.MODELS.values():
+    assert info.url or info.path
+    arch = info.architecture
+    assert arch.name == info.arch
+    assert info.head_size > 0
+
+
+def test_h5_only_where_published():
+  assert bit_common.MODELS['BiT-S-R50x1'].h5_url.endswith('BiT-S-R50x1.h5')
+  assert bit_common.MODELS['BiT-M-R152x4'].h5_url.endswith('BiT-M-R152x4.h5')
+  assert bit_common.MODELS['BiT-M-R152x2'].h5_url is None
+  with pytest.raises(bit_common.BadInput, match='not published as .h5'):
+    bit_common.weights_path('BiT-M-R152x2', '.', fmt='h5')
+
+
+def test_unknown_names_are_refused_with_a_hint():
+  with pytest.raises(bit_common.BadInput, match='Did you mean'):
+    bit_common.model_info('r50x1')
+  with pytest.raises(bit_common.BadInput, match='unknown architecture'):
+    bit_common.parse_arch('R51x1')
+  with pytest.raises(bit_common.BadInput, match='GroupNorm'):
+    bit_common.parse_arch('R50x0.25')
+
+
+# ---------------------------------------------------------------- downloads
+
+class FakeResponse(io.BytesIO):
+  def __init__(self, data, length=None, fail_after=None):
+    super().__init__(data)
+    self.headers = {'Content-Length': str(len(data) if length is None else length)}
+    self._fail_after = fail_after
+
+  def read(self, n=-1):
+    if self._fail_after is not None and self.tell() >= self._fail_after:
+      raise ConnectionResetError('connection reset by peer')
+    return super().read(n if self._fail_after is None else
+                        min(n, self._fail_after - self.tell()) or 1)
+
+
+def npz_bytes(arch='R14x0.5'):
+  buf = io.BytesIO()
+  np.savez(buf, **synthetic_weights(arch))
+  return buf.getvalue()
+
+
+def test_download_writes_the_file_atomically(tmp_path):
+  data = npz_bytes()
+  dest = tmp_path / 'w' / 'BiT-M-R50x1.npz'
+  seen = []
+  bit_common.download('http://x/BiT-M-R50x1.npz', str(dest),
+                      opener=lambda url: (seen.append(url), FakeResponse(data))[1],
+                      verify=bit_common.load_npz)
+  assert seen == ['http://x/BiT-M-R50x1.npz']
+  assert dest.read_bytes() == data
+  assert os.listdir(dest.parent) == ['BiT-M-R50x1.npz']
+
+
+@pytest.mark.parametrize('response', [
+    lambda d: FakeResponse(d, fail_after=len(d) // 2),   # connection reset
+    lambda d: FakeResponse(d[:len(d) // 2], length=len(d)),  # short body
+    lambda d: FakeResponse(d[:len(d) // 2], length=0),   # no length, bad zip
+])
+def test_interrupted_download_leaves_nothing(tmp_path, response):
+  data = npz_bytes()
+  dest = tmp_path / 'model.npz'
+  with pytest.raises(bit_common.BadInput, match='fetch it yourself'):
+    bit_common.download('http://x/model.npz', str(dest),
+                        opener=lambda url: response(data),
+                        verify=bit_common.load_npz)
+  assert os.listdir(tmp_path) == []
+  # Restartable: the next attempt starts afresh and succeeds.
+  bit_common.download('http://x/model.npz', str(dest),
+                      opener=lambda url: FakeResponse(data),
+                      verify=bit_common.load_npz)
+  assert dest.read_bytes() == data
+
+
+def test_offline_error_names_the_file_and_where_to_put_it(tmp_path):
+  def offline(url):
+    raise urllib.error.URLError('Name or service not known')
+  with pytest.raises(bit_common.BadInput) as e:
+    bit_common.weights_path('BiT-S-R50x1', str(tmp_path), opener=offline)
+  msg = str(e.value)
+  assert 'https://storage.googleapis.com/bit_models/BiT-S-R50x1.npz' in msg
+  assert str(tmp_path / 'BiT-S-R50x1.npz') in msg
+  assert os.listdir(tmp_path) == []
+
+
+def test_weights_path_downloads_from_a_local_server(tmp_path, monkeypatch):
+  served = tmp_path / 'served' / 'bit_models'
+  served.mkdir(parents=True)
+  (served / 'BiT-M-R50x1.npz').write_bytes(npz_bytes())
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                              directory=str(tmp_path / 'served'))
+  handler.log_message = lambda *a: None
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    base = f'http://127.0.0.1:{server.server_port}/bit_models/'
+    info = bit_common.MODELS['BiT-M-R50x1']
+    monkeypatch.setitem(bit_common.MODELS, 'BiT-M-R50x1', bit_common.ModelInfo(
+        info.name, info.arch, info.head_size, base + 'BiT-M-R50x1.npz'))
+    path = bit_common.weights_path('BiT-M-R50x1', str(tmp_path / 'cache'))
+    assert path == str(tmp_path / 'cache' / 'BiT-M-R50x1.npz')
+    assert bit_common.load_npz(path).keys() == synthetic_weights().keys()
+    # Present now: no second download (the server is gone).
+    server.shutdown()
+    assert bit_common.weights_path('BiT-M-R50x1', str(tmp_path / 'cache')) == path
+  finally:
+    server.server_close()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_load_npz_refuses_truncated_and_foreign_files(tmp_path, make_npz):
+  good = make_npz()
+  truncated = tmp_path / 'truncated.npz'
+  truncated.write_bytes(open(good, 'rb').read()[:2000])
+  with pytest.raises(bit_common.BadInput, match='not a readable .npz'):
+    bit_common.load_npz(str(truncated))
+  foreign = tmp_path / 'foreign.npz'
+  np.savez(foreign, w=np.zeros(3))
+  with pytest.raises(bit_common.BadInput, match='not a BiT checkpoint'):
+    bit_common.load_npz(str(foreign))
+
+
+def test_numbered_conv_names_are_accepted(tmp_path):
+  w = synthetic_weights()
+  renamed = {k.replace('standardized_conv2d', f'standardized_conv2d_{i}'): v
+             for i, (k, v) in enumerate(w.items())}
+  np.savez(tmp_path / 'n.npz', **renamed)
+  assert bit_common.load_npz(str(tmp_path / 'n.npz')).keys() == w.keys()
+
+
+def test_infer_arch_and_check_weights():
+  w = synthetic_weights('R26x1', head_size=7)
+  arch, head = bit_common.infer_arch(w)
+  assert (arch.units, arch.width, head, arch.name) == ((2, 2, 2, 2), 1, 7, 'R26x1')
+  bit_common.check_weights(w, arch, 7)
+  with pytest.raises(bit_common.BadInput, match=
+                     r'kernel has shape \(7, 7, 3, 64\) but R26x0.5 needs \(7, 7, 3, 32\)'):
+    bit_common.check_weights(w, bit_common.parse_arch('R26x0.5'))
+  del w['resnet/group_norm/beta']
+  with pytest.raises(bit_common.BadInput, match='has no resnet/group_norm/beta'):
+    bit_common.check_weights(w, arch)
+
+
+def test_expected_shapes_follow_the_published_table():
+  shapes = bit_common.expected_shapes(bit_common.parse_arch('R50x1'), 21843)
+  assert shapes['resnet/root_block/standardized_conv2d/kernel'] == (7, 7, 3, 64)
+  assert shapes['resnet/block1/unit01/a/proj/standardized_conv2d/kernel'] == (1, 1, 64, 256)
+  assert shapes['resnet/block2/unit01/b/standardized_conv2d/kernel'] == (3, 3, 128, 128)
+  assert shapes['resnet/block3/unit06/c/standardized_conv2d/kernel'] == (1, 1, 256, 1024)
+  assert shapes['resnet/block4/unit03/a/group_norm/gamma'] == (2048,)
+  assert shapes['resnet/head/conv2d/kernel'] == (1, 1, 2048, 21843)
+  assert 'resnet/block1/unit02/a/proj/standardized_conv2d/kernel' not in shapes
+  assert sum(k.endswith('kernel') for k in shapes) == 1 + 16 * 3 + 4 + 1
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_original_flags_keep_their_names_and_defaults():
+  args = bit_common.argparser().parse_args(['--name', 'n', '--logdir', 'l'])
+  assert (args.model, args.bit_pretrained_dir, args.dataset) == ('BiT-M-R50x1', '.', 'cifar10')
+  assert (args.batch, args.batch_split, args.base_lr) == (512, 1, 0.003)
+  assert (args.examples_per_class, args.examples_per_class_seed) == (None, 0)
+  assert args.save is True
+  assert (args.precision, args.seed, args.total_steps) == ('fp32', 0, None)
+  args = bit_common.argparser().parse_args(
+      ['--name', 'n', '--logdir', 'l', '--no-save', '--tfds_manual_dir', 'm'])
+  assert args.save is False and args.tfds_manual_dir == 'm'
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--batch', '10', '--batch_split', '4'], 'not divisible'),
+    (['--batch', '0'], 'positive'),
+    (['--dataset', 'imagefolder'], 'needs --datadir'),
+    (['--dataset', 'imagefolder', '--datadir', '/does/not/exist'], 'not a folder'),
+    (['--resize_size', '32', '--crop_size', '64'], 'larger than'),
+    (['--model', 'BiT-X-R50x1'], 'unknown model'),
+])
+def test_check_args_refuses(flags, message):
+  args = bit_common.argparser().parse_args(['--name', 'n', '--logdir', 'l'] + flags)
+  with pytest.raises(bit_common.BadInput, match=message):
+    bit_common.check_args(args)
+
+
+def test_batch_must_divide_over_devices():
+  args = bit_common.argparser().parse_args(
+      ['--name', 'n', '--logdir', 'l', '--batch', '12', '--batch_split', '2'])
+  bit_common.check_args(args, devices=3)
+  with pytest.raises(bit_common.BadInput, match='4 device'):
+    bit_common.check_args(args, devices=4)
+
+
+def test_resolution_overrides():
+  p = bit_common.argparser()
+  base = ['--name', 'n', '--logdir', 'l']
+  assert bit_common.resolution(p.parse_args(base), (32, 32)) == (160, 128)
+  assert bit_common.resolution(p.parse_args(base + ['--crop_size', '64']), (32, 32)) == (80, 64)
+  assert bit_common.resolution(
+      p.parse_args(base + ['--resize_size', '40', '--crop_size', '32']), (500, 500)) == (40, 32)
+
+
+# ---------------------------------------------------------------- few-shot
+
+def test_fewshot_is_reproducible_balanced_and_seeded():
+  labels = np.random.default_rng(1).integers(0, 5, 1000)
+  a = bit_common.fewshot_indices(labels, 5, seed=3)
+  b = bit_common.fewshot_indices(labels, 5, seed=3)
+  c = bit_common.fewshot_indices(labels, 5, seed=4)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  assert len(set(a)) == 25 and list(a) == sorted(a)
+  assert np.bincount(labels[a]).tolist() == [5] * 5
+  with pytest.raises(bit_common.BadInput, match='class 0 has only'):
+    bit_common.fewshot_indices(np.array([0, 1, 1]), 2, seed=0)
+
+
+# ---------------------------------------------------------------- folders
+
+def test_scan_imagefolder_sorted_and_checked(tmp_path):
+  root = write_imagefolder(tmp_path / 'f', classes=('b', 'a', 'c'), train=3, val=2)
+  classes, train, val = bit_common.scan_imagefolder(root)
+  assert classes == ['a', 'b', 'c']
+  assert train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+  assert train.paths[0].endswith(os.path.join('train', 'a', '000.png'))
+  assert len(val.paths) == 6
+  assert bit_common.image_sizes(train.paths) == [(40, 48)] * 9
+  os.makedirs(tmp_path / 'f' / 'train' / 'empty')
+  with pytest.raises(bit_common.BadInput, match='empty has no images'):
+    bit_common.scan_imagefolder(root)
+
+
+def test_scan_imagefolder_uses_test_when_no_val(tmp_path):
+  root = write_imagefolder(tmp_path / 'f', split_names=('train', 'test'))
+  _, _, held_out = bit_common.scan_imagefolder(root)
+  assert all(os.sep + 'test' + os.sep in p for p in held_out.paths)
+  with pytest.raises(bit_common.BadInput, match='no train/'):
+    bit_common.scan_imagefolder(str(tmp_path))
+
+
+def test_digits_ships_offline():
+  d = bit_common.load_array_dataset('digits')
+  assert d.train_images.shape == (1000, 8, 8, 3) and d.train_images.dtype == np.uint8
+  assert d.val_images.shape == (797, 8, 8, 3)
+  assert d.train_images.max() == 255 and len(d.classes) == 10
+  assert set(d.train_labels) == set(range(10))

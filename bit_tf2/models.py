@@ -1,0 +1,292 @@
+"""BiT ResNet-v2 in Keras 3: pre-activation bottlenecks, GroupNorm and
+weight-standardised convolutions. Variable paths mirror the published names
+(`resnet/block1/unit01/a/group_norm/gamma`, ...), so loading and exporting
+the published `.npz` (and reading the published Keras-2 `.h5`) is a matter
+of matching names."""
+import os
+import re
+
+import h5py
+import numpy as np
+import keras
+from keras import layers, ops
+
+import bit_common
+
+GN_GROUPS = 32
+GN_EPS = 1e-5
+WS_EPS = 1e-10
+
+
+class StandardizedConv2D(layers.Layer):
+  """Bias-free convolution whose HWIO kernel is standardised (zero mean,
+  unit population variance over H, W, I) per output channel on every call.
+
+  `padding` is an explicit symmetric zero padding, as in the PyTorch model
+  (TF's 'same' pads strided convolutions asymmetrically).
+  """
+
+  def __init__(self, filters, kernel_size, strides=1, padding=0,
+               name='standardized_conv2d', **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.filters, self.kernel_size = filters, kernel_size
+    self.strides, self.padding = strides, padding
+
+  def build(self, input_shape):
+    k = self.kernel_size
+    # Standardised in float32 whatever the compute precision: autocast off.
+    self.kernel = self.add_weight(
+        name='kernel', shape=(k, k, input_shape[-1], self.filters),
+        initializer='he_normal', autocast=False)
+
+  def call(self, x):
+    mean, var = ops.moments(self.kernel, axes=(0, 1, 2), keepdims=True)
+    w = (self.kernel - mean) / ops.sqrt(var + WS_EPS)
+    w = ops.cast(w, self.compute_dtype)
+    p = self.padding
+    if p and self.strides == 1 and 2 * p == self.kernel_size - 1:
+      padding = 'same'  # the same numbers, without a padding op
+    else:
+      padding = 'valid'
+      if p:
+        x = ops.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    return ops.conv(x, w, strides=self.strides, padding=padding)
+
+
+def group_norm(dtype):
+  return layers.GroupNormalization(GN_GROUPS, epsilon=GN_EPS,
+                                   name='group_norm', dtype=dtype)
+
+
+class Scope(layers.Layer):
+  """Puts one layer under a name, e.g. proj/standardized_conv2d/kernel."""
+
+  def __init__(self, layer, name, **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.layer = layer
+
+  def call(self, x):
+    return self.layer(x)
+
+
+class PreActConv(layers.Layer):
+  """GroupNorm, ReLU, then a standardised convolution: part a, b or c of a
+  unit. Part a also holds the unit's projection, which reads the same
+  normalised input; `call` then returns (out, projected residual)."""
+
+  def __init__(self, filters, kernel_size, strides=1, proj=None, **kwargs):
+    super().__init__(**kwargs)
+    dtype = self.dtype_policy
+    self.group_norm = group_norm(dtype)
+    self.conv = StandardizedConv2D(filters, kernel_size, strides,
+                                   kernel_size // 2, dtype=dtype)
+    self.proj = None
+    if proj:
+      self.proj = Scope(StandardizedConv2D(proj[0], 1, proj[1], dtype=dtype),
+                        'proj', dtype=dtype)
+
+  def call(self, x):
+    x = ops.relu(self.group_norm(x))
+    if self.proj is None:
+      return self.conv(x)
+    return self.conv(x), self.proj(x)
+
+
+class PreActBottleneck(layers.Layer):
+  """Pre-activation bottleneck (ResNet-v2); the 3x3 convolution carries the
+  stride, and a 1x1 projection serves the residual on a block's first unit."""
+
+  def __init__(self, cout, cmid, stride=1, proj=False, **kwargs):
+    super().__init__(**kwargs)
+    dtype = self.dtype_policy
+    self.a = PreActConv(cmid, 1, proj=(cout, stride) if proj else None,
+                        name='a', dtype=dtype)
+    self.b = PreActConv(cmid, 3, stride, name='b', dtype=dtype)
+    self.c = PreActConv(cout, 1, name='c', dtype=dtype)
+
+  def call(self, x):
+    if self.a.proj is None:
+      out, residual = self.a(x), x
+    else:
+      out, residual = self.a(x)
+    return self.c(self.b(out)) + residual
+
+
+class ResNetV2(keras.Model):
+  """BiT ResNet-v2 with `block_units` units per block and width factor
+  `width_factor`. Takes RGB images in [-1, 1], NHWC; returns float32 logits.
+
+  `dtype` is a Keras dtype policy ('float32', 'mixed_bfloat16',
+  'mixed_float16'); variables stay float32.
+  """
+
+  def __init__(self, block_units, width_factor, head_size=21843,
+               zero_head=False, dtype=None):
+    super().__init__(name='resnet', dtype=dtype)
+    self.architecture = bit_common.Architecture(tuple(block_units),
+                                                width_factor)
+    self.head_size, self.zero_head = head_size, zero_head
+    dtype = self.dtype_policy
+    root = int(64 * width_factor)
+    self.root_block = Scope(StandardizedConv2D(root, 7, 2, 3, dtype=dtype),
+                            'root_block', dtype=dtype)
+    self.pad = layers.ZeroPadding2D(1, dtype=dtype)
+    self.pool = layers.MaxPooling2D(3, 2, padding='valid', dtype=dtype)
+    self.blocks = []
+    for b, units in enumerate(block_units, start=1):
+      cmid = int(64 * width_factor * 2 ** (b - 1))
+      self.blocks.append(keras.Sequential([
+          PreActBottleneck(4 * cmid, cmid, 1 if b == 1 or u > 1 else 2,
+                           proj=u == 1, name=f'unit{u:02d}', dtype=dtype)
+          for u in range(1, units + 1)], name=f'block{b}'))
+    self.group_norm = group_norm(dtype)
+    init = 'zeros' if zero_head else 'glorot_uniform'
+    self.head = Scope(layers.Conv2D(head_size, 1, name='conv2d',
+                                    kernel_initializer=init,
+                                    dtype=dtype), 'head', dtype=dtype)
+    self(np.zeros((1, 32, 32, 3), np.float32))  # creates the variables
+
+  def features(self, x):
+    """Pre-logits: the pooled, normalised representation (N, 1, 1, C)."""
+    x = self.pool(self.pad(self.root_block(x)))
+    for block in self.blocks:
+      x = block(x)
+    x = ops.relu(self.group_norm(x))
+    return ops.mean(x, axis=(1, 2), keepdims=True)
+
+  def call(self, x):
+    return ops.cast(self.head(self.features(x))[:, 0, 0], 'float32')
+
+  def published_variables(self, with_head=True):
+    """{published key: variable}; the paths are the published names."""
+    out = {v.path: v for v in self.weights}
+    if not with_head:
+      out = {k: v for k, v in out.items() if not k.startswith('resnet/head/')}
+    return out
+
+  def load_from(self, weights):
+    """Loads published weights ({key: array}); strict.
+
+    The head is kept (zero or random) when the model was built with
+    `zero_head=True`, and loaded otherwise. A missing key or a wrong shape
+    raises bit_common.BadInput naming the key and both shapes.
+    """
+    with_head = not self.zero_head
+    bit_common.check_weights(weights, self.architecture,
+                             self.head_size if with_head else None)
+    for key, v in self.published_variables(with_head).items():
+      v.assign(np.asarray(weights[key], np.float32))
+
+  def export_weights(self):
+    """{published key: numpy array}: the inverse of `load_from`."""
+    return {k: np.asarray(v.numpy(), np.float32)
+            for k, v in self.published_variables().items()}
+
+  def save_npz(self, path):
+    return bit_common.save_npz(path, self.export_weights())
+
+  def export_saved_model(self, path):
+    """A SavedModel for serving: `serve(images)` takes float32 NHWC images
+    of any size in [-1, 1] and returns float32 logits."""
+    archive = keras.export.ExportArchive()
+    archive.track(self)
+    archive.add_endpoint(
+        'serve', self.call,
+        [keras.InputSpec(shape=(None, None, None, 3), dtype='float32')])
+    archive.write_out(path, verbose=False)
+    return path
+
+
+# --------------------------------------------------------------------------
+# Published Keras-2 .h5 files, read by variable name.
+
+# Where a Keras-2 variable name ends, e.g. the tail of
+# 'block1/resnet/block1/unit01/a/group_norm/gamma:0'.
+_H5_VARIABLE = re.compile(
+    r'(root_block/standardized_conv2d(?:_\d+)?/kernel'
+    r'|block\d+/unit\d+/[abc]/(?:proj/)?(?:group_norm/(?:gamma|beta)'
+    r'|standardized_conv2d(?:_\d+)?/kernel)'
+    r'|group_norm/(?:gamma|beta)'
+    r'|head/(?:dense|conv2d)/(?:kernel|bias))(?::\d+)?$')
+
+
+def load_h5(path):
+  """{published key: array} from a BiT Keras-2 `.h5` weights file.
+
+  Every dataset is matched by the ending of its name, so the file's group
+  layout and layer order do not matter; a Dense head (C, K) becomes the
+  published 1x1 convolution (1, 1, C, K). Refuses unknown datasets.
+  """
+  weights = {}
+
+  def visit(name, obj):
+    if not isinstance(obj, h5py.Dataset) or name.startswith(
+        'optimizer_weights'):
+      return
+    m = _H5_VARIABLE.search(name)
+    if not m:
+      raise bit_common.BadInput(f'{path}: dataset {name} is no BiT ResNet '
+                                'variable; is this a BiT .h5 file?')
+    key = bit_common._canonical_key('resnet/' + m.group(1).split(':')[0])
+    array = obj[()]
+    if key == 'resnet/head/dense/kernel':
+      key, array = 'resnet/head/conv2d/kernel', array[None, None]
+    key = key.replace('head/dense/', 'head/conv2d/')
+    if key in weights:
+      raise bit_common.BadInput(f'{path}: {key} appears twice (again as '
+                                f'{name}).')
+    weights[key] = array
+
+  try:
+    with h5py.File(path, 'r') as f:
+      f.visititems(visit)
+  except OSError as e:
+    raise bit_common.BadInput(f'{path} is not a readable .h5 file ({e}); '
+                              'delete it and download it again.') from e
+  if not weights:
+    raise bit_common.BadInput(f'{path} holds no BiT weights.')
+  return weights
+
+
+def load_weights(path):
+  """{published key: array} from a `.npz` or `.h5` file."""
+  return load_h5(path) if path.endswith('.h5') else bit_common.load_npz(path)
+
+
+def weights_file(model, pretrained_dir='.'):
+  """The weights file for `model` (a registered name or a file path).
+
+  A registered model already in `pretrained_dir` as `.npz` or `.h5` is read
+  from there; a missing one is downloaded as `.npz` (published for every
+  model, and shared with the other backends).
+  """
+  info = bit_common.MODELS.get(model)
+  if info is not None and info.h5_url and not info.path:
+    npz = os.path.join(pretrained_dir, info.filename('npz'))
+    h5 = os.path.join(pretrained_dir, info.filename('h5'))
+    if os.path.exists(h5) and not os.path.exists(npz):
+      return h5
+  return bit_common.weights_path(model, pretrained_dir, 'npz')
+
+
+def create(model, head_size=None, zero_head=False, weights=None, dtype=None):
+  """A ResNetV2 for a registered name, an architecture ('R50x1') or a
+  weights dict (its architecture read from its shapes).
+
+  `weights`, when given, is loaded (strictly); `head_size` defaults to the
+  file's (or registry's) head.
+  """
+  if weights is not None:
+    arch, default_head = bit_common.infer_arch(weights)
+  elif model in bit_common.MODELS:
+    info = bit_common.MODELS[model]
+    arch, default_head = info.architecture, info.head_size
+  else:
+    arch, default_head = bit_common.parse_arch(model), None
+  head = head_size or default_head
+  if head is None:
+    raise bit_common.BadInput(f'{model}: the head size is unknown; give one.')
+  net = ResNetV2(arch.units, arch.width, head, zero_head, dtype)
+  if weights is not None:
+    net.load_from(weights)
+  return net

@@ -1,0 +1,248 @@
+"""BiT ResNet-v2 in Flax (linen): pre-activation bottlenecks, GroupNorm and
+weight-standardised convolutions, loading from and exporting to the published
+`.npz` layout.
+
+The parameter tree mirrors the published keys: `resnet/block1/unit01/a/
+standardized_conv2d/kernel` is `params['block1']['unit01']['a']
+['standardized_conv2d']['kernel']`, so loading and exporting only add or
+strip the `resnet/` prefix.
+"""
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bit_common
+
+GN_GROUPS = 32
+GN_EPS = 1e-5
+WS_EPS = 1e-10
+
+
+class StdConv(nn.Module):
+  """Convolution whose HWIO kernel is standardised (zero mean, unit
+  population variance over H, W, I) per output channel on every call."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param('kernel', nn.initializers.he_normal(),
+                        (k, k, x.shape[-1], self.features))
+    mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
+    var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
+    kernel = (kernel - mean) / jnp.sqrt(var + WS_EPS)
+    return jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        (self.stride, self.stride), [(self.padding, self.padding)] * 2,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm with 32 groups and the published parameter names
+  (gamma, beta); statistics in float32."""
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    gamma = self.param('gamma', nn.initializers.ones, (c,))
+    beta = self.param('beta', nn.initializers.zeros, (c,))
+    g = x.astype(jnp.float32).reshape(*x.shape[:-1], GN_GROUPS, c // GN_GROUPS)
+    axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
+    mean = jnp.mean(g, axis=axes, keepdims=True)
+    var = jnp.var(g, axis=axes, keepdims=True)
+    g = (g - mean) / jnp.sqrt(var + GN_EPS)
+    return (g.reshape(x.shape) * gamma + beta).astype(self.dtype)
+
+
+class Proj(nn.Module):
+  """The residual's 1x1 projection, named as published (proj/
+  standardized_conv2d)."""
+  features: int
+  stride: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return StdConv(self.features, 1, self.stride, dtype=self.dtype,
+                   name='standardized_conv2d')(x)
+
+
+class PreAct(nn.Module):
+  """One part (a, b or c) of a unit: GroupNorm, ReLU, convolution (3x3 ones
+  carry `stride`). Part a also projects the residual, with `stride`, when
+  `proj` (its output channels) is set, from the same activation."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  proj: int = 0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.relu(GroupNorm(self.dtype, name='group_norm')(x))
+    residual = (Proj(self.proj, self.stride, self.dtype, name='proj')(y)
+                if self.proj else None)
+    out = StdConv(self.features, self.kernel_size,
+                  1 if self.kernel_size == 1 else self.stride,
+                  self.kernel_size // 2, self.dtype,
+                  name='standardized_conv2d')(y)
+    return out, residual
+
+
+class Unit(nn.Module):
+  """Pre-activation bottleneck; the 3x3 convolution carries the stride."""
+  cmid: int
+  cout: int
+  stride: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    proj = self.cout if (self.stride != 1 or x.shape[-1] != self.cout) else 0
+    out, residual = PreAct(self.cmid, 1, self.stride, proj, self.dtype,
+                           name='a')(x)
+    out, _ = PreAct(self.cmid, 3, self.stride, dtype=self.dtype, name='b')(out)
+    out, _ = PreAct(self.cout, 1, dtype=self.dtype, name='c')(out)
+    return out + (x if residual is None else residual)
+
+
+class Root(nn.Module):
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = StdConv(self.features, 7, 2, 3, self.dtype,
+                name='standardized_conv2d')(x)
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+
+
+class Head(nn.Module):
+  num_classes: int
+  zero_init: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    init = (nn.initializers.zeros if self.zero_init else
+            nn.initializers.lecun_normal())
+    return nn.Conv(self.num_classes, (1, 1), kernel_init=init,
+                   name='conv2d')(x)
+
+
+class ResNetV2(nn.Module):
+  """BiT ResNet-v2 of `architecture` (a bit_common.Architecture). Takes RGB
+  images in [-1, 1], NHWC; returns float32 logits (N, num_classes), or the
+  pre-logits (N, C) with `pre_logits=True`."""
+  architecture: bit_common.Architecture
+  num_classes: int
+  zero_head: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, pre_logits=False):
+    wf = self.architecture.width
+    x = Root(int(64 * wf), self.dtype, name='root_block')(x)
+    for b, units in enumerate(self.architecture.units, start=1):
+      cmid = int(64 * wf * 2 ** (b - 1))
+      for u in range(1, units + 1):
+        x = Unit(cmid, 4 * cmid, (1 if b == 1 else 2) if u == 1 else 1,
+                 self.dtype, name=f'block{b}_unit{u:02d}')(x)
+    x = nn.relu(GroupNorm(self.dtype, name='group_norm')(x))
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+    if pre_logits:
+      return x[:, 0, 0]
+    x = Head(self.num_classes, self.zero_head, name='head')(x)
+    return x[:, 0, 0]
+
+  def init_params(self, rng=None, resolution=32):
+    """Fresh float32 parameters (the head zero when zero_head)."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    x = jnp.zeros((1, resolution, resolution, 3), jnp.float32)
+    return jax.jit(self.init)(rng, x)['params']
+
+  def abstract_params(self):
+    """The parameter tree's shapes and dtypes, computed without work."""
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    return jax.eval_shape(self.init, jax.random.PRNGKey(0), x)['params']
+
+
+# --------------------------------------------------------------------------
+# Published layout. Flax module names cannot hold '/', so a unit is one
+# module named block{b}_unit{NN}; everything below it is named as published.
+
+def _published_key(path):
+  return 'resnet/' + '/'.join(path).replace('_unit', '/unit')
+
+
+def export(params):
+  """{published key: float32 numpy array} of a parameter tree."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  return {_published_key(path): np.asarray(v, np.float32)
+          for path, v in flat.items()}
+
+
+def load(model, weights, params=None):
+  """Parameters of `model` from published `weights` ({key: array}); strict.
+
+  With `params` given (e.g. from init_params), keys the file does not fill
+  (the head when model.zero_head) keep their values there; otherwise every
+  key must be in the file. A missing key or wrong shape raises
+  bit_common.BadInput naming the key and both shapes.
+  """
+  fresh_head = model.zero_head and params is not None
+  bit_common.check_weights(weights, model.architecture,
+                           None if fresh_head else model.num_classes)
+  abstract = flax.traverse_util.flatten_dict(model.abstract_params())
+  own = flax.traverse_util.flatten_dict(params) if params is not None else {}
+  flat = {}
+  for path in abstract:
+    key = _published_key(path)
+    if fresh_head and path[0] == 'head':
+      flat[path] = own[path]
+    else:
+      flat[path] = jnp.asarray(weights[key], jnp.float32)
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def save_npz(path, params):
+  return bit_common.save_npz(path, export(params))
+
+
+def create(model, head_size=None, zero_head=False, weights=None,
+           dtype=jnp.float32, rng=None):
+  """(ResNetV2, params) for a registered name, an architecture ('R50x1') or
+  a weights dict (its architecture read from its shapes), like
+  bit_pytorch.models.create.
+
+  `weights`, when given, is loaded strictly; with zero_head the head is new
+  (zeros, `head_size` classes), else it comes from the file. Without weights
+  the parameters are freshly initialised from `rng`.
+  """
+  if weights is not None:
+    arch, default_head = bit_common.infer_arch(weights)
+  elif model in bit_common.MODELS:
+    info = bit_common.MODELS[model]
+    arch, default_head = info.architecture, info.head_size
+  else:
+    arch, default_head = bit_common.parse_arch(model), None
+  head = head_size or default_head
+  if head is None:
+    raise bit_common.BadInput(f'{model}: the head size is unknown; give one.')
+  net = ResNetV2(arch, head, zero_head, dtype)
+  if weights is None:
+    return net, net.init_params(rng)
+  params = None
+  if zero_head:
+    params = flax.traverse_util.unflatten_dict({
+        path: jnp.zeros(v.shape, v.dtype) for path, v in
+        flax.traverse_util.flatten_dict(net.abstract_params()).items()
+        if path[0] == 'head'})
+  return net, load(net, weights, params)

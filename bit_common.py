@@ -838,3 +838,34 @@ def predict(args, load_model, logger=None):
     shown = ', '.join(f'{names[c] if names else c} ({p[c]:.1%})' for c in top)
     print(f'{path}: {shown}')
   return logits
+
+
+# --------------------------------------------------------------------------
+# Stopping cleanly: SIGINT/SIGTERM ask a training loop to stop at the next
+# step (where it writes its checkpoint) instead of killing it.
+
+class StopSignals:
+  """Context manager; `signum` is the first SIGINT/SIGTERM received, or None.
+
+  Handlers are only installed from the main thread (elsewhere it is inert).
+  """
+
+  def __init__(self):
+    self.signum, self._old = None, {}
+
+  def __enter__(self):
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGINT, signal.SIGTERM):
+        self._old[s] = signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    import signal
+    for s, old in self._old.items():
+      signal.signal(s, old)

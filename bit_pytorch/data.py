@@ -1,0 +1,278 @@
+"""Data for the PyTorch backend: where the images come from (image folders,
+torchvision's datasets, offline arrays), the HyperRule pre-processing, and
+the order in which training examples are drawn.
+
+Every random choice about the data (the order, the crops, the flips) is a
+function of (--seed, step, position in the global batch), so a resumed run,
+and a run over any number of processes, sees exactly the same batches.
+"""
+import concurrent.futures
+import dataclasses
+import os
+import statistics
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import bit_common
+import bit_hyperrule
+
+
+@dataclasses.dataclass
+class Source:
+  """Examples of one split: `load(i)` gives image i as a PIL RGB image."""
+  labels: np.ndarray
+  paths: list = None          # image files, or
+  images: np.ndarray = None   # uint8 (N, H, W, 3)
+
+  def __len__(self):
+    return len(self.labels)
+
+  def name(self, i):
+    return self.paths[i] if self.paths is not None else f'image {i}'
+
+  def load(self, i):
+    if self.images is not None:
+      return Image.fromarray(self.images[i])
+    try:
+      with Image.open(self.paths[i]) as im:
+        return im.convert('RGB')
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+      raise BadImage(self.paths[i], e) from e
+
+  def subset(self, indices):
+    return Source(self.labels[indices],
+                  None if self.paths is None else [self.paths[i] for i in indices],
+                  None if self.images is None else self.images[indices])
+
+
+class BadImage(bit_common.BadInput):
+
+  def __init__(self, path, error):
+    super().__init__(f'cannot read image {path} ({error}); delete or replace '
+                     'it, or pass --skip_bad_images to leave such files out.')
+    self.path = path
+
+
+@dataclasses.dataclass
+class Data:
+  classes: list
+  train: Source
+  val: Source
+  original_hw: tuple   # typical (height, width) of the images
+
+
+def load(args, logger):
+  """The dataset named by --dataset, as Data; raises BadInput on bad data."""
+  if args.dataset in bit_common.ARRAY_DATASETS:
+    d = bit_common.load_array_dataset(args.dataset)
+    return Data(list(d.classes), Source(d.train_labels, images=d.train_images),
+                Source(d.val_labels, images=d.val_images),
+                d.train_images.shape[1:3])
+  if args.dataset in ('imagefolder', 'imagenet2012'):
+    classes, train, val = bit_common.scan_imagefolder(args.datadir)
+    train = _check_files(Source(train.labels, train.paths), args, logger)
+    val = _check_files(Source(val.labels, val.paths), args, logger)
+    sizes = bit_common.image_sizes(train.paths)
+    # The median height and width, as get_resolution_from_image_sizes takes.
+    hw = tuple(statistics.median(s[k] for s in sizes) for k in (0, 1))
+    return Data(classes, train, val, hw)
+  return _torchvision(args)
+
+
+def _header_ok(path):
+  try:
+    with Image.open(path) as im:
+      im.size  # pylint: disable=pointless-statement
+    return None
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    return e
+
+
+def _check_files(source, args, logger):
+  """Opens every file (header only, in parallel): an unreadable one stops
+  the run, or is left out with --skip_bad_images."""
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    errors = list(pool.map(_header_ok, source.paths, chunksize=64))
+  bad = [i for i, e in enumerate(errors) if e is not None]
+  if bad and not args.skip_bad_images:
+    raise BadImage(source.paths[bad[0]], errors[bad[0]])
+  for i in bad:
+    logger.warning(f'leaving out unreadable image {source.paths[i]} '
+                   f'({errors[i]})')
+  if not bad:
+    return source
+  return source.subset(np.setdiff1d(np.arange(len(source)), bad))
+
+
+def _torchvision(args):
+  """cifar10/100, oxford_iiit_pet, oxford_flowers102 via torchvision,
+  downloaded into --datadir when missing."""
+  from torchvision import datasets
+  root = args.datadir or os.path.join('data', args.dataset)
+  try:
+    if args.dataset in ('cifar10', 'cifar100'):
+      cls = datasets.CIFAR10 if args.dataset == 'cifar10' else datasets.CIFAR100
+      train, val = (cls(root, train=t, download=True) for t in (True, False))
+      return Data(list(train.classes),
+                  Source(np.asarray(train.targets), images=train.data),
+                  Source(np.asarray(val.targets), images=val.data),
+                  train.data.shape[1:3])
+    if args.dataset == 'oxford_iiit_pet':
+      train, val = (datasets.OxfordIIITPet(root, split=s, download=True)
+                    for s in ('trainval', 'test'))
+      files = [(d._images, d._labels) for d in (train, val)]  # pylint: disable=protected-access
+    else:  # oxford_flowers102: train and val together train, as in the paper.
+      parts = [datasets.Flowers102(root, split=s, download=True)
+               for s in ('train', 'val', 'test')]
+      files = [(parts[0]._image_files + parts[1]._image_files,  # pylint: disable=protected-access
+                parts[0]._labels + parts[1]._labels),  # pylint: disable=protected-access
+               (parts[2]._image_files, parts[2]._labels)]  # pylint: disable=protected-access
+      train = parts[0]
+  except (OSError, RuntimeError) as e:
+    raise bit_common.BadInput(f'could not get {args.dataset} into {root} ({e}); '
+                              'check the network or --datadir.') from e
+  (tp, tl), (vp, vl) = files
+  return Data(list(train.classes),
+              Source(np.asarray(tl), [str(p) for p in tp]),
+              Source(np.asarray(vl), [str(p) for p in vp]),
+              bit_hyperrule.KNOWN_DATASET_RESOLUTIONS[args.dataset])
+
+
+def fewshot(source, args):
+  """The --examples_per_class subset, drawn by the shared sampler."""
+  if not args.examples_per_class:
+    return source
+  return source.subset(bit_common.fewshot_indices(
+      source.labels, args.examples_per_class, args.examples_per_class_seed))
+
+
+# --------------------------------------------------------------------------
+# Pre-processing. Workers return uint8 CHW tensors; scaling to [-1, 1]
+# happens on the device, so less data crosses to it.
+
+def _to_tensor(img):
+  return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class TrainSet(torch.utils.data.Dataset):
+  """Resize to (resize, resize), random crop to crop, random flip.
+
+  Indexed by (index, seed, step, position): the crop and flip follow from
+  the last three, so they do not depend on workers or processes.
+  """
+
+  def __init__(self, source, resize, crop, skip_bad_images=False, logger=None):
+    self.source, self.resize, self.crop = source, resize, crop
+    self.skip, self.logger = skip_bad_images, logger
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, key):
+    i, seed, step, pos = key
+    img, i = _load(self.source, i, self.skip)
+    img = img.resize((self.resize, self.resize), Image.BILINEAR)
+    rng = np.random.default_rng([seed, step, pos])
+    top, left = rng.integers(0, self.resize - self.crop + 1, size=2)
+    img = img.crop((left, top, left + self.crop, top + self.crop))
+    if rng.random() < 0.5:
+      img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return _to_tensor(img), int(self.source.labels[i])
+
+
+class EvalSet(torch.utils.data.Dataset):
+  """Resize to (crop, crop)."""
+
+  def __init__(self, source, crop, skip_bad_images=False):
+    self.source, self.crop, self.skip = source, crop, skip_bad_images
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    img, i = _load(self.source, i, self.skip)
+    img = img.resize((self.crop, self.crop), Image.BILINEAR)
+    return _to_tensor(img), int(self.source.labels[i])
+
+
+def _load(source, i, skip):
+  """(image, index): with `skip`, an image that fails to decode (the header
+  check passed) is replaced by the next readable one."""
+  for attempt in range(len(source)):
+    j = (i + attempt) % len(source)
+    try:
+      return source.load(j), j
+    except BadImage as e:
+      if not skip:
+        raise
+      print(f'warning: {e}', file=sys.stderr, flush=True)
+  raise bit_common.BadInput('no readable image left in the dataset.')
+
+
+def normalize(images, device, channels_last=False):
+  """uint8 NCHW -> float in [-1, 1] on `device`."""
+  x = images.to(device, non_blocking=True).float().sub_(127.5).div_(127.5)
+  return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# --------------------------------------------------------------------------
+# The order of training examples.
+
+class TrainBatches(torch.utils.data.Sampler):
+  """This process's micro-batches, from `start_step` to `total_steps`.
+
+  The global batch at step s holds positions s*B ... s*B+B-1 of an endless
+  stream of per-epoch permutations (each seeded by (seed, epoch)); when the
+  data is smaller than one batch, it is B draws with replacement seeded by
+  (seed, step), as in the paper's few-shot runs. Process `rank` of `world`
+  takes its contiguous share of the global batch and cuts it into `split`
+  micro-batches, so any (world, split) pair sees the same global batch.
+  """
+
+  def __init__(self, n, batch, seed, start_step, total_steps, rank=0, world=1,
+               split=1):
+    self.n, self.batch, self.seed = n, batch, seed
+    self.start, self.total = start_step, total_steps
+    self.rank, self.world, self.split = rank, world, split
+    self._epoch, self._perm = None, None
+
+  def __len__(self):
+    return (self.total - self.start) * self.split
+
+  def global_batch(self, step):
+    if self.n < self.batch:
+      return np.random.default_rng([self.seed, step]).integers(
+          0, self.n, self.batch)
+    pos = np.arange(step * self.batch, (step + 1) * self.batch)
+    out = np.empty(self.batch, np.int64)
+    for epoch in np.unique(pos // self.n):
+      sel = pos // self.n == epoch
+      out[sel] = self._permutation(int(epoch))[pos[sel] % self.n]
+    return out
+
+  def _permutation(self, epoch):
+    if epoch != self._epoch:
+      self._epoch = epoch
+      self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+    return self._perm
+
+  def __iter__(self):
+    per_rank = self.batch // self.world
+    micro = per_rank // self.split
+    for step in range(self.start, self.total):
+      idx = self.global_batch(step)
+      for m in range(self.split):
+        lo = self.rank * per_rank + m * micro
+        yield [(int(idx[p]), self.seed, step, p) for p in range(lo, lo + micro)]
+
+
+def mixup_partner(n, device):
+  """Mixup partners inside a micro-batch of n: pairs (0,1), (2,3), ... swap
+  places (an odd last one keeps itself). The batch order is random, so
+  these are random pairs, and with even micro-batches they are the same
+  pairs however the global batch is split."""
+  idx = torch.arange(n, device=device) ^ 1
+  return torch.where(idx < n, idx, idx - 1)

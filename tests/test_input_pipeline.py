@@ -1,0 +1,134 @@
+"""The shared tf.data pipeline (input_pipeline_tf2_or_jax): datasets,
+few-shot subsets, augmentation, mixup, evaluation coverage, resumption."""
+import argparse
+
+import numpy as np
+import pytest
+
+import bit_common
+
+tf = pytest.importorskip('tensorflow')
+import input_pipeline_tf2_or_jax as ip  # noqa: E402
+
+
+def _args(**kw):
+  argv = ['--name', 'x', '--logdir', '/tmp/unused']
+  for k, v in kw.items():
+    argv += [f'--{k}', str(v)]
+  return bit_common.argparser().parse_args(argv)
+
+
+def _first(ds):
+  return next(ds.as_numpy_iterator())
+
+
+def _array_data(train_images, labels, val_images=None, val_labels=None):
+  train = ip.Source(len(labels), np.asarray(labels, np.int64),
+                    images=train_images)
+  if val_images is None:
+    val_images, val_labels = train_images, labels
+  val = ip.Source(len(val_labels), np.asarray(val_labels, np.int64),
+                  images=val_images)
+  n = int(max(labels)) + 1
+  return ip.Data('test', train, val, n, None, train_images.shape[1:3], 'val',
+                 train.n)
+
+
+def test_imagefolder_and_fewshot_match_pytorch(imagefolder):
+  bit_data = pytest.importorskip('bit_pytorch.data')
+  args = _args(dataset='imagefolder', datadir=imagefolder,
+               examples_per_class=3, examples_per_class_seed=5)
+  data = ip.get_data(args)
+  ref = bit_data.fewshot(bit_data.load(args, None).train, args)
+  assert data.train_size == 9 and data.num_classes == 3
+  assert list(data.train.table) == list(ref.paths)
+  np.testing.assert_array_equal(data.train.labels, ref.labels)
+  assert data.original_hw == (40, 48) and data.eval_size == 12
+  # Another seed draws another subset.
+  other = ip.get_data(_args(dataset='imagefolder', datadir=imagefolder,
+                            examples_per_class=3, examples_per_class_seed=6))
+  assert list(other.train.table) != list(data.train.table)
+
+
+def test_fewshot_asks_too_many(imagefolder):
+  with pytest.raises(bit_common.BadInput, match='only 8'):
+    ip.get_data(_args(dataset='imagefolder', datadir=imagefolder,
+                      examples_per_class=9))
+
+
+def test_eval_covers_every_example_in_order_and_is_exact():
+  data = ip.get_data(_args(dataset='digits'))
+  batches = list(ip.eval_batches(data, 100, 8).as_numpy_iterator())
+  assert all(len(b['mask']) == 100 for b in batches)
+  mask = np.concatenate([b['mask'] for b in batches])
+  assert mask.sum() == data.eval_size == 797 and mask[:797].all()
+  labels = np.concatenate([b['label'] for b in batches])[mask]
+  np.testing.assert_array_equal(labels, data.eval.labels)
+  # Images already at the crop size pass unchanged, scaled to [-1, 1].
+  images = np.concatenate([b['image'] for b in batches])[mask]
+  expected = (data.eval.images.astype(np.float32) - 127.5) / 127.5
+  np.testing.assert_allclose(images, expected, atol=1e-6)
+  # Split over 3 processes, every example is seen once.
+  parts = [list(ip.eval_batches(data, 99, 8, p, 3).as_numpy_iterator())
+           for p in range(3)]
+  assert len({len(p) for p in parts}) == 1
+  seen = sum(int(b['mask'].sum()) for p in parts for b in p)
+  assert seen == 797
+
+
+def test_flips_are_random_and_crops_in_range():
+  image = np.zeros((1, 8, 8, 3), np.uint8)
+  image[:, :, 4:] = 255                  # dark left half, bright right half
+  data = _array_data(image, [0])
+  batch = _first(ip.train_batches(data, 64, 8, 8, seed=0))
+  left_dark = batch['image'][:, :, :4].mean((1, 2, 3)) < 0
+  assert 0 < left_dark.sum() < 64        # some flipped, some not
+  assert batch['image'].min() >= -1 and batch['image'].max() <= 1
+  np.testing.assert_array_equal(batch['label'], np.ones((64, 1)))
+  crops = _first(ip.train_batches(data, 8, 16, 8, seed=0))['image']
+  assert crops.shape == (8, 8, 8, 3)
+
+
+def test_stream_resumes_at_any_step_and_splits_over_processes():
+  data = ip.get_data(_args(dataset='digits'))
+  it = ip.train_batches(data, 24, 10, 8, seed=3).as_numpy_iterator()
+  # 1000 examples, 24 a batch: step 41 crosses the first epoch boundary.
+  steps = [next(it) for _ in range(43)]
+  resumed = _first(ip.train_batches(data, 24, 10, 8, seed=3, start_step=41))
+  np.testing.assert_array_equal(resumed['image'], steps[41]['image'])
+  halves = [_first(ip.train_batches(data, 24, 10, 8, seed=3, start_step=41,
+                                    process_index=p, process_count=2))
+            for p in range(2)]
+  np.testing.assert_array_equal(
+      np.concatenate([h['image'] for h in halves]), steps[41]['image'])
+  # One epoch visits every example once.
+  labels = np.concatenate([s['label'] for s in steps[:42]])[:1000]
+  np.testing.assert_array_equal(labels.sum(0),
+                                np.bincount(data.train.labels))
+  other = _first(ip.train_batches(data, 24, 10, 8, seed=4))
+  assert not np.array_equal(other['image'], steps[0]['image'])
+
+
+def test_mixup_per_batch_with_reversed_batch():
+  data = ip.get_data(_args(dataset='digits'))
+  plain = _first(ip.train_batches(data, 16, 10, 8, seed=1, start_step=5))
+  mixed = _first(ip.train_batches(data, 16, 10, 8, seed=1, start_step=5,
+                                  mixup_alpha=0.5))
+  y, x = plain['label'], plain['image']
+  # One lambda for the whole batch: find it from one row's labels.
+  row = np.flatnonzero(y.argmax(1) != y[::-1].argmax(1))[0]
+  lam = mixed['label'][row, y[row].argmax()]
+  assert 0 < lam < 1
+  np.testing.assert_allclose(mixed['label'], lam * y + (1 - lam) * y[::-1],
+                             atol=1e-6)
+  np.testing.assert_allclose(mixed['image'], lam * x + (1 - lam) * x[::-1],
+                             atol=1e-5)
+
+
+def test_subset_smaller_than_batch_draws_with_replacement():
+  images = np.arange(6, dtype=np.uint8)[:, None, None, None] * np.ones(
+      (1, 4, 4, 3), np.uint8) * 40
+  data = _array_data(images, [0, 1, 2, 0, 1, 2])
+  batch = _first(ip.train_batches(data, 16, 4, 4, seed=0))
+  values = np.unique(np.round(batch['image'][:, 0, 0, 0] * 127.5 + 127.5))
+  assert len(batch['image']) == 16 and set(values) <= set(range(0, 201, 40))

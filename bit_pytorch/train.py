@@ -14,12 +14,12 @@ runs one fine-tuning and returns the final evaluation.
 """
 import argparse
 import contextlib
+import itertools
 import logging
 import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -109,27 +109,6 @@ def _local_first(fn, *args):
   return result
 
 
-class _Signals:
-  """Turns SIGINT/SIGTERM into a request to stop at the next step."""
-
-  def __init__(self):
-    self.signum, self._old = None, {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for s in (signal.SIGINT, signal.SIGTERM):
-        self._old[s] = signal.signal(s, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signum = signum
-
-  def __exit__(self, *exc):
-    for s, old in self._old.items():
-      signal.signal(s, old)
-
-
 def _ignore_sigint(worker_id):
   del worker_id  # Data workers leave Ctrl-C to the main process.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -163,12 +142,8 @@ def _train(args, rank, device):
   net = models.create(args.model, head_size=len(data.classes), zero_head=True,
                       weights=bit_common.load_npz(path))
   cuda = device.type == 'cuda'
-  channels_last = cuda
-  net = net.to(device, memory_format=torch.channels_last if channels_last
-               else torch.preserve_format)
-  opt = torch.optim.SGD(net.parameters(), lr=args.base_lr, momentum=0.9)
-  scaler = torch.amp.GradScaler(device.type,
-                                enabled=args.precision == 'fp16')
+  net, channels_last = to_device(net, device)
+  opt, scaler = optimizer(net, args.base_lr, args.precision)
 
   run = dict(model=args.model, dataset=args.dataset, classes=data.classes,
              dataset_size=n_train, batch=args.batch, schedule=schedule,
@@ -210,8 +185,7 @@ def _train(args, rank, device):
       batch_size=eval_batch, **loader_kw)
 
   metrics = bit_common.Metrics(args, step) if rank == 0 else None
-  autocast = torch.autocast(device.type, DTYPES[args.precision],
-                            enabled=args.precision != 'fp32')
+  autocast = autocast_for(device, args.precision)
 
   def evaluate():
     result = _evaluate(fast, val_loader, device, channels_last, autocast)
@@ -227,7 +201,7 @@ def _train(args, rank, device):
   progress = bit_common.Progress(total, step, logger) if rank == 0 else None
   result = None
   batches = _data_errors_named(iter(train_loader))
-  with _Signals() as signals:
+  with bit_common.StopSignals() as signals:
     t0 = time.time()
     while step < total and not _agree_to_stop(signals, device):
       lr = bit_hyperrule.get_lr(step, n_train, args.base_lr, args.total_steps)
@@ -235,27 +209,11 @@ def _train(args, rank, device):
         g['lr'] = lr
       lam = (float(np.random.default_rng([args.seed, step, 1]).beta(
           mixup, mixup)) if mixup else None)
-      loss = 0.0
-      for m in range(args.batch_split):
-        x, y = next(batches)
-        x = bit_data.normalize(x, device, channels_last)
-        y = y.to(device, non_blocking=True)
-        sync = world == 1 or m == args.batch_split - 1
-        with contextlib.nullcontext() if sync else model.no_sync():
-          if lam is not None:
-            partner = bit_data.mixup_partner(len(y), device)
-            x = lam * x + (1 - lam) * x[partner]
-          with autocast:
-            logits = model(x)
-          micro_loss = F.cross_entropy(logits.float(), y)
-          if lam is not None:
-            micro_loss = (lam * micro_loss + (1 - lam) *
-                          F.cross_entropy(logits.float(), y[partner]))
-          scaler.scale(micro_loss / args.batch_split).backward()
-        loss += micro_loss.detach() / args.batch_split
-      scaler.step(opt)
-      scaler.update()
-      opt.zero_grad(set_to_none=True)
+      micro = ((bit_data.normalize(x, device, channels_last),
+                y.to(device, non_blocking=True))
+               for x, y in itertools.islice(batches, args.batch_split))
+      loss = train_step(model, opt, scaler, micro, args.batch_split,
+                        autocast, lam)
       step += 1
       loss = _mean_over_processes(loss, device)
       t1 = time.time()
@@ -290,6 +248,58 @@ def _train(args, rank, device):
                                        'results.json'), results)
     logger.info(f'done: top-1 {result["top1"]:.2%} after {step} steps.')
   return dict(result, step=step)
+
+
+# --------------------------------------------------------------------------
+# The pieces of a training step (the benchmark times the same ones).
+
+def to_device(net, device):
+  """(net on `device`, whether inputs go channels-last): channels-last
+  where it is faster, which is on GPUs."""
+  channels_last = device.type == 'cuda'
+  fmt = torch.channels_last if channels_last else torch.preserve_format
+  return net.to(device, memory_format=fmt), channels_last
+
+
+def optimizer(net, lr, precision):
+  """(SGD with momentum 0.9 and no weight decay, grad scaler for fp16)."""
+  device = next(net.parameters()).device
+  return (torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9),
+          torch.amp.GradScaler(device.type, enabled=precision == 'fp16'))
+
+
+def autocast_for(device, precision):
+  return torch.autocast(device.type, DTYPES[precision],
+                        enabled=precision != 'fp32')
+
+
+def train_step(model, opt, scaler, micro_batches, n_micro, autocast,
+               lam=None):
+  """One update from `n_micro` micro-batches (x, y) on the device, their
+  gradients accumulated (under DDP, synchronised on the last one only), so
+  it equals one update on the whole batch. With `lam`, each micro-batch is
+  mixed up with its partners (bit_data.mixup_partner). Returns the loss
+  averaged over the batch (a tensor)."""
+  ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+  loss = 0.0
+  for m, (x, y) in enumerate(micro_batches):
+    last = m == n_micro - 1
+    with model.no_sync() if ddp and not last else contextlib.nullcontext():
+      if lam is not None:
+        partner = bit_data.mixup_partner(len(y), x.device)
+        x = lam * x + (1 - lam) * x[partner]
+      with autocast:
+        logits = model(x).float()
+      micro_loss = F.cross_entropy(logits, y)
+      if lam is not None:
+        micro_loss = (lam * micro_loss +
+                      (1 - lam) * F.cross_entropy(logits, y[partner]))
+      scaler.scale(micro_loss / n_micro).backward()
+    loss += micro_loss.detach() / n_micro
+  scaler.step(opt)
+  scaler.update()
+  opt.zero_grad(set_to_none=True)
+  return loss
 
 
 def _agree_to_stop(signals, device):

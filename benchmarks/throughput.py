@@ -1,0 +1,123 @@
+"""Training-step and evaluation throughput of each backend, against timm.
+
+  python benchmarks/throughput.py --arch R50x1 --resolution 128 --batch 32 \\
+      --frameworks pytorch --precisions fp32,bf16 --repeat 3
+
+Every measurement runs in its own subprocess (one framework per process, so
+none slows another), in rounds: each round measures timm's
+resnetv2_50x1_bit-style peer (`timm`, always fp32) and then every chosen
+framework and precision. Each result is printed with its ratio to the timm
+fp32 figure of the same round; the summary gives medians over the rounds.
+The machine is not assumed to be quiet: repeat, and read the spread.
+
+A framework is a module `benchmarks/bench_<name>.py` with
+`measure(arch, resolution, batch, precision, steps, warmup) -> dict` holding
+at least `train_img_s` and `eval_img_s`; register it in FRAMEWORKS.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Framework name -> module in this folder.
+FRAMEWORKS = {
+    'timm': 'bench_timm',
+    'pytorch': 'bench_pytorch',
+}
+PEER = 'timm'
+KEYS = ('train_img_s', 'eval_img_s')
+
+
+def measure_in_subprocess(framework, args, precision):
+  """Runs bench_<framework>.measure(...) in a fresh Python; returns its dict."""
+  code = ('import json, sys; sys.path[:0] = [{here!r}, {repo!r}]; '
+          'import {module} as m; print("RESULT " + json.dumps(m.measure('
+          '{arch!r}, {res}, {batch}, {precision!r}, {steps}, {warmup})))'
+          ).format(here=HERE, repo=os.path.dirname(HERE),
+                   module=FRAMEWORKS[framework], arch=args.arch,
+                   res=args.resolution, batch=args.batch, precision=precision,
+                   steps=args.steps, warmup=args.warmup)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, env=env, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+  if proc.returncode or not lines:
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['?']
+    return {'error': tail[0]}
+  return json.loads(lines[-1][len('RESULT '):])
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--arch', default='R50x1')
+  parser.add_argument('--resolution', type=int, default=128)
+  parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument('--frameworks', default='pytorch',
+                      help='comma-separated, from: ' + ', '.join(FRAMEWORKS))
+  parser.add_argument('--precisions', default='fp32,bf16')
+  parser.add_argument('--steps', type=int, default=10,
+                      help='timed steps per measurement')
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--repeat', type=int, default=3,
+                      help='rounds (each measures the timm peer again)')
+  parser.add_argument('--json', default=None, help='also write results here')
+  args = parser.parse_args(argv)
+  frameworks = [f for f in args.frameworks.split(',') if f]
+  unknown = set(frameworks) - set(FRAMEWORKS)
+  if unknown:
+    parser.error(f'unknown framework(s) {sorted(unknown)}; known: '
+                 f'{", ".join(FRAMEWORKS)}')
+  runs = [(PEER, 'fp32')] + [(f, p) for f in frameworks if f != PEER
+                             for p in args.precisions.split(',')]
+  print(f'{args.arch} at {args.resolution} px, batch {args.batch}, '
+        f'{args.steps} timed steps after {args.warmup}; ratios are to '
+        f'{PEER} fp32 in the same round.', flush=True)
+  table = {run: [] for run in runs}
+  for r in range(args.repeat):
+    peer = None
+    for fw, prec in runs:
+      res = measure_in_subprocess(fw, args, prec)
+      peer = res if (fw, prec) == (PEER, 'fp32') else peer
+      table[(fw, prec)].append(res)
+      print(f'round {r + 1}: {fw:>8} {prec:<5} ' + _describe(res, peer),
+            flush=True)
+  print('median over rounds:')
+  summary = []
+  for (fw, prec), results in table.items():
+    good = [x for x in results if 'error' not in x]
+    row = {'framework': fw, 'precision': prec, 'rounds': len(good)}
+    for k in KEYS:
+      if good:
+        row[k] = statistics.median(x[k] for x in good)
+        ratios = [x[k] / p[k] for x, p in zip(results, table[(PEER, 'fp32')])
+                  if 'error' not in x and 'error' not in p]
+        row[k + '_ratio'] = statistics.median(ratios) if ratios else None
+    summary.append(row)
+    print(f'  {fw:>8} {prec:<5} ' + (' '.join(
+        f'{k}={row[k]:.1f}' + (f' (x{row[k + "_ratio"]:.2f})'
+                               if row[k + '_ratio'] else '') for k in KEYS)
+        if good else 'failed'), flush=True)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'args': vars(args), 'summary': summary,
+                 'rounds': {f'{fw}/{p}': v for (fw, p), v in table.items()}},
+                f, indent=2)
+  return summary
+
+
+def _describe(res, peer):
+  if 'error' in res:
+    return f'failed: {res["error"]}'
+  out = []
+  for k in KEYS:
+    ratio = (f' (x{res[k] / peer[k]:.2f})'
+             if peer and 'error' not in peer else '')
+    out.append(f'{k}={res[k]:.1f}{ratio}')
+  return ' '.join(out)
+
+
+if __name__ == '__main__':
+  main()

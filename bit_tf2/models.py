@@ -58,7 +58,18 @@ def group_norm(dtype):
                                    name='group_norm', dtype=dtype)
 
 
-class Scope(layers.Layer):
+class Container(layers.Layer):
+  """A layer made of layers, which create their variables on first call.
+
+  (Keras would otherwise build a container by tracing it symbolically
+  first, which costs seconds for a deep ResNet.)
+  """
+
+  def build(self, input_shape):
+    del input_shape
+
+
+class Scope(Container):
   """Puts one layer under a name, e.g. proj/standardized_conv2d/kernel."""
 
   def __init__(self, layer, name, **kwargs):
@@ -69,7 +80,7 @@ class Scope(layers.Layer):
     return self.layer(x)
 
 
-class PreActConv(layers.Layer):
+class PreActConv(Container):
   """GroupNorm, ReLU, then a standardised convolution: part a, b or c of a
   unit. Part a also holds the unit's projection, which reads the same
   normalised input; `call` then returns (out, projected residual)."""
@@ -92,7 +103,7 @@ class PreActConv(layers.Layer):
     return self.conv(x), self.proj(x)
 
 
-class PreActBottleneck(layers.Layer):
+class PreActBottleneck(Container):
   """Pre-activation bottleneck (ResNet-v2); the 3x3 convolution carries the
   stride, and a 1x1 projection serves the residual on a block's first unit."""
 
@@ -110,6 +121,19 @@ class PreActBottleneck(layers.Layer):
     else:
       out, residual = self.a(x)
     return self.c(self.b(out)) + residual
+
+
+class Block(Container):
+  """Units applied in turn (a Sequential without the functional tracing)."""
+
+  def __init__(self, units, **kwargs):
+    super().__init__(**kwargs)
+    self.units = units
+
+  def call(self, x):
+    for unit in self.units:
+      x = unit(x)
+    return x
 
 
 class ResNetV2(keras.Model):
@@ -135,16 +159,19 @@ class ResNetV2(keras.Model):
     self.blocks = []
     for b, units in enumerate(block_units, start=1):
       cmid = int(64 * width_factor * 2 ** (b - 1))
-      self.blocks.append(keras.Sequential([
+      self.blocks.append(Block([
           PreActBottleneck(4 * cmid, cmid, 1 if b == 1 or u > 1 else 2,
                            proj=u == 1, name=f'unit{u:02d}', dtype=dtype)
-          for u in range(1, units + 1)], name=f'block{b}'))
+          for u in range(1, units + 1)], name=f'block{b}', dtype=dtype))
     self.group_norm = group_norm(dtype)
     init = 'zeros' if zero_head else 'glorot_uniform'
     self.head = Scope(layers.Conv2D(head_size, 1, name='conv2d',
                                     kernel_initializer=init,
                                     dtype=dtype), 'head', dtype=dtype)
     self(np.zeros((1, 32, 32, 3), np.float32))  # creates the variables
+
+  def build(self, input_shape):
+    del input_shape  # the layers create their variables on first call
 
   def features(self, x):
     """Pre-logits: the pooled, normalised representation (N, 1, 1, C)."""

@@ -1,0 +1,159 @@
+"""bit_tf2.models: published names, .npz and Keras-2 .h5 loading, strictness,
+export, and logits equal to the PyTorch model's on the same weights."""
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import bit_common
+from bit_pytorch import models as torch_models
+from bit_tf2 import models
+from conftest import synthetic_weights
+
+
+def write_keras2_h5(path, weights, numbered=True):
+  """`weights` as the original TF2 code's Keras-2 `save_weights` wrote them:
+  one group per top-level layer of the model named `resnet` (`root_block`,
+  `block1`..`block4`, `group_norm`, `head/dense`), each dataset at its full
+  variable name with ':0', and the head a Dense layer with a 2-D kernel.
+  With `numbered`, unit convolutions are named `standardized_conv2d_N`, as
+  in some published files."""
+  groups = {}
+  count = 0
+  for key, value in weights.items():
+    layer = key.split('/')[1]
+    name = key
+    if layer == 'head':
+      layer, name = 'head/dense', key.replace('/conv2d/', '/dense/')
+      value = value[0, 0] if value.ndim == 4 else value
+    elif numbered and layer.startswith('block') and 'conv2d' in key:
+      count += 1
+      name = key.replace('standardized_conv2d', f'standardized_conv2d_{count}')
+    groups.setdefault(layer, []).append((name + ':0', value))
+  with h5py.File(path, 'w') as f:
+    f.attrs['backend'] = b'tensorflow'
+    f.attrs['keras_version'] = b'2.4.0'
+    f.attrs['layer_names'] = [g.encode() for g in groups]
+    for layer, variables in groups.items():
+      group = f.create_group(layer)
+      group.attrs['weight_names'] = [n.encode() for n, _ in variables]
+      for name, value in variables:
+        group.create_dataset(name, data=value)
+  return str(path)
+
+
+def tf2_logits(weights, images):
+  return np.asarray(models.create('weights', weights=weights)(images))
+
+
+def test_variable_paths_are_the_published_names():
+  arch = bit_common.parse_arch('R26x0.5')
+  net = models.create('R26x0.5', head_size=7)
+  shapes = {v.path: tuple(v.shape) for v in net.weights}
+  assert shapes == bit_common.expected_shapes(arch, 7)
+
+
+def test_h5_in_keras2_layout_and_npz_load_the_same(tmp_path, make_npz):
+  npz = make_npz('R14x0.5', 10)
+  h5 = write_keras2_h5(tmp_path / 'w.h5', bit_common.load_npz(npz))
+  from_npz, from_h5 = models.load_weights(npz), models.load_weights(h5)
+  assert sorted(from_h5) == sorted(from_npz)
+  for key in from_npz:
+    np.testing.assert_array_equal(from_h5[key], from_npz[key], err_msg=key)
+  a = models.create('weights', weights=from_npz).export_weights()
+  b = models.create('weights', weights=from_h5).export_weights()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize('head_size', [1000, 21843])
+def test_bit_s_and_bit_m_shaped_h5_files_load(tmp_path, head_size):
+  weights = synthetic_weights('R14x0.5', head_size)
+  h5 = write_keras2_h5(tmp_path / f'{head_size}.h5', weights, numbered=False)
+  net = models.create('weights', weights=models.load_weights(h5))
+  assert net.head_size == head_size
+  np.testing.assert_array_equal(
+      net.export_weights()['resnet/head/conv2d/bias'],
+      weights['resnet/head/conv2d/bias'])
+
+
+@pytest.mark.parametrize('arch,size', [('R14x0.5', 64), ('R26x0.5', 48)])
+def test_logits_equal_pytorch(arch, size):
+  weights = synthetic_weights(arch, 10, seed=1)
+  images = np.random.default_rng(0).uniform(
+      -1, 1, (3, size, size, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = torch_models.create('weights', weights=weights)(
+        torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+  got = tf2_logits(weights, images)
+  scale = np.abs(expected).max()
+  assert scale > 0.1  # the comparison is not between near-zero outputs
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * scale)
+
+
+def test_wrong_shape_and_missing_key_are_named(tmp_path):
+  weights = synthetic_weights('R14x0.5', 10)
+  bad = dict(weights)
+  bad['resnet/head/conv2d/kernel'] = bad['resnet/head/conv2d/kernel'][:, :, :5]
+  h5 = write_keras2_h5(tmp_path / 'bad.h5', bad)
+  with pytest.raises(bit_common.BadInput, match='head/conv2d/kernel.*shape'):
+    models.create('R14x0.5', head_size=10, weights=models.load_weights(h5))
+  missing = dict(weights)
+  del missing['resnet/block2/unit01/b/group_norm/beta']
+  with pytest.raises(bit_common.BadInput,
+                     match='no resnet/block2/unit01/b/group_norm/beta'):
+    models.create('R14x0.5', weights=missing)
+
+
+def test_h5_with_foreign_datasets_is_refused(tmp_path):
+  path = tmp_path / 'other.h5'
+  with h5py.File(path, 'w') as f:
+    f.create_dataset('dense_1/dense_1/kernel:0', data=np.zeros((2, 2)))
+  with pytest.raises(bit_common.BadInput, match='dense_1/kernel.*no BiT'):
+    models.load_h5(str(path))
+
+
+def test_zero_head_fine_tuning_keeps_the_body(make_npz):
+  weights = bit_common.load_npz(make_npz('R14x0.5', 1000))
+  net = models.create('R14x0.5', head_size=5, zero_head=True, weights=weights)
+  out = net.export_weights()
+  assert out['resnet/head/conv2d/kernel'].shape == (1, 1, 1024, 5)
+  assert not out['resnet/head/conv2d/kernel'].any()
+  np.testing.assert_array_equal(out['resnet/group_norm/gamma'],
+                                weights['resnet/group_norm/gamma'])
+
+
+def test_export_npz_round_trip_and_saved_model(tmp_path, make_npz):
+  import tensorflow as tf
+  weights = bit_common.load_npz(make_npz('R14x0.5', 10))
+  net = models.create('weights', weights=weights)
+  exported = bit_common.load_npz(net.save_npz(str(tmp_path / 'out.npz')))
+  assert sorted(exported) == sorted(weights)
+  for key in weights:
+    np.testing.assert_array_equal(exported[key], weights[key], err_msg=key)
+  images = np.random.default_rng(0).uniform(
+      -1, 1, (2, 40, 40, 3)).astype(np.float32)
+  served = tf.saved_model.load(net.export_saved_model(str(tmp_path / 'sm')))
+  np.testing.assert_allclose(served.serve(images).numpy(), net(images),
+                             rtol=0, atol=1e-4)
+
+
+def test_bf16_policy_keeps_float32_variables_and_is_close():
+  weights = synthetic_weights('R14x0.5', 10, seed=2)
+  images = np.random.default_rng(1).uniform(
+      -1, 1, (2, 32, 32, 3)).astype(np.float32)
+  net = models.create('weights', weights=weights, dtype='mixed_bfloat16')
+  assert all(v.dtype == 'float32' for v in net.weights)
+  out = np.asarray(net(images))
+  assert out.dtype == np.float32
+  reference = tf2_logits(weights, images)
+  assert np.abs(out - reference).max() < 0.05 * np.abs(reference).max()
+
+
+def test_weights_file_prefers_a_local_file(tmp_path, make_npz):
+  info = bit_common.MODELS['BiT-S-R50x1']
+  h5 = tmp_path / info.filename('h5')
+  h5.write_bytes(b'')
+  assert models.weights_file('BiT-S-R50x1', str(tmp_path)) == str(h5)
+  npz = make_npz(name=info.filename('npz'))
+  assert models.weights_file('BiT-S-R50x1', str(tmp_path)) == npz

@@ -1,0 +1,84 @@
+"""bit_jax.models: same logits as PyTorch, exact published-layout round
+trip, strict loading."""
+import numpy as np
+import pytest
+
+import bit_common
+from conftest import synthetic_weights
+
+jnp = pytest.importorskip('jax.numpy')
+from bit_jax import models  # noqa: E402
+
+
+@pytest.mark.parametrize('arch', ['R14x0.5', 'R26x1'])
+def test_logits_equal_pytorch(arch):
+  torch = pytest.importorskip('torch')
+  from bit_pytorch import models as torch_models
+  weights = synthetic_weights(arch, head_size=7, seed=1)
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 48, 48, 3)).astype(
+      np.float32)
+  net = torch_models.create(arch, weights=weights).eval()
+  with torch.no_grad():
+    expected = net(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+  model, params = models.create(arch, weights=weights)
+  logits = np.asarray(model.apply({'params': params}, images))
+  assert logits.shape == (2, 7)
+  np.testing.assert_allclose(logits, expected, rtol=1e-4,
+                             atol=1e-4 * np.abs(expected).max())
+
+
+def test_export_import_round_trip_is_exact(tmp_path):
+  weights = synthetic_weights('R26x0.5', head_size=5, seed=2)
+  model, params = models.create('R26x0.5', weights=weights)
+  exported = models.export(params)
+  assert set(exported) == set(weights)
+  for k in weights:
+    assert exported[k].dtype == np.float32
+    np.testing.assert_array_equal(exported[k], weights[k])
+  path = models.save_npz(str(tmp_path / 'm.npz'), params)
+  again = bit_common.load_npz(path)
+  assert all(np.array_equal(again[k], weights[k]) for k in weights)
+
+
+def test_fine_tuning_head_is_zero_and_sized():
+  weights = synthetic_weights('R14x0.5', head_size=10)
+  model, params = models.create('x', head_size=3, zero_head=True,
+                                weights=weights)
+  head = models.export(params)
+  assert head['resnet/head/conv2d/kernel'].shape == (1, 1, 1024, 3)
+  assert not head['resnet/head/conv2d/kernel'].any()
+  assert not head['resnet/head/conv2d/bias'].any()
+  np.testing.assert_array_equal(
+      head['resnet/block4/unit01/c/standardized_conv2d/kernel'],
+      weights['resnet/block4/unit01/c/standardized_conv2d/kernel'])
+  logits = model.apply({'params': params}, jnp.zeros((1, 32, 32, 3)))
+  assert logits.shape == (1, 3) and not np.asarray(logits).any()
+
+
+def test_strict_loading_names_the_key():
+  weights = synthetic_weights('R14x0.5', head_size=10)
+  missing = dict(weights)
+  del missing['resnet/block2/unit01/b/group_norm/beta']
+  model = models.ResNetV2(bit_common.parse_arch('R14x0.5'), 10,
+                          zero_head=False)
+  with pytest.raises(bit_common.BadInput,
+                     match='block2/unit01/b/group_norm/beta'):
+    models.load(model, missing)
+  wrong = dict(weights)
+  wrong['resnet/group_norm/gamma'] = np.ones(3, np.float32)
+  with pytest.raises(bit_common.BadInput, match=r'group_norm/gamma.*\(3,\)'):
+    models.load(model, wrong)
+  with pytest.raises(bit_common.BadInput, match='head'):
+    models.create('x', head_size=4, weights=weights)   # file head has 10
+
+
+def test_bf16_close_to_fp32():
+  weights = synthetic_weights('R14x0.5', head_size=4, seed=3)
+  images = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype(
+      np.float32)
+  m32, p = models.create('x', weights=weights)
+  m16, _ = models.create('x', weights=weights, dtype=jnp.bfloat16)
+  a = np.asarray(m32.apply({'params': p}, images))
+  b = np.asarray(m16.apply({'params': p}, images))
+  assert b.dtype == np.float32
+  np.testing.assert_allclose(b, a, atol=0.1 * np.abs(a).max())

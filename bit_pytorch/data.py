@@ -40,7 +40,7 @@ class Source:
       with Image.open(self.paths[i]) as im:
         return im.convert('RGB')
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-      raise BadImage(self.paths[i], e) from e
+      raise BadImage.of(self.paths[i], e) from e
 
   def subset(self, indices):
     return Source(self.labels[indices],
@@ -49,11 +49,12 @@ class Source:
 
 
 class BadImage(bit_common.BadInput):
+  """An image file that cannot be read."""
 
-  def __init__(self, path, error):
-    super().__init__(f'cannot read image {path} ({error}); delete or replace '
-                     'it, or pass --skip_bad_images to leave such files out.')
-    self.path = path
+  @classmethod
+  def of(cls, path, error):
+    return cls(f'cannot read image {path} ({error}); delete or replace it, '
+               'or pass --skip_bad_images to leave such files out.')
 
 
 @dataclasses.dataclass
@@ -98,7 +99,7 @@ def _check_files(source, args, logger):
     errors = list(pool.map(_header_ok, source.paths, chunksize=64))
   bad = [i for i, e in enumerate(errors) if e is not None]
   if bad and not args.skip_bad_images:
-    raise BadImage(source.paths[bad[0]], errors[bad[0]])
+    raise BadImage.of(source.paths[bad[0]], errors[bad[0]])
   for i in bad:
     logger.warning(f'leaving out unreadable image {source.paths[i]} '
                    f'({errors[i]})')

@@ -23,10 +23,18 @@ STEPS = 12
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp('jax_train')
+  # Runs of the same model share compiled steps through JAX's cache.
+  import jax
+  saved = {k: getattr(jax.config, k) for k in (
+      'jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')}
+  jax.config.update('jax_compilation_cache_dir', str(root / 'xla_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   npz = root / 'R14.npz'
   np.savez(npz, **synthetic_weights('R14x0.5', head_size=10))
   folder = write_imagefolder(root / 'images', train=8, val=6, size=(32, 32))
-  return root, str(npz), folder
+  yield root, str(npz), folder
+  for k, v in saved.items():
+    jax.config.update(k, v)
 
 
 def _argv(setup, name, *extra):
@@ -112,7 +120,8 @@ def test_resume_after_sigterm_equals_uninterrupted_run(setup, reference,
 
 def test_four_devices_equal_one(setup, reference):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+             PYTHONPATH=REPO, JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=str(setup[0] / 'xla_cache'))
   proc = subprocess.run(
       [sys.executable, '-m', 'bit_jax.train', *_argv(setup, 'dev4',
                                                      '--eval_every', '6')],

@@ -65,8 +65,12 @@ class Data:
   original_hw: tuple   # typical (height, width) of the images
 
 
-def load(args, logger):
-  """The dataset named by --dataset, as Data; raises BadInput on bad data."""
+def load(args, logger, check_train=True):
+  """The dataset named by --dataset, as Data; raises BadInput on bad data.
+
+  Image files are checked (headers read) before use; `check_train=False`
+  checks only the validation files.
+  """
   if args.dataset in bit_common.ARRAY_DATASETS:
     d = bit_common.load_array_dataset(args.dataset)
     return Data(list(d.classes), Source(d.train_labels, images=d.train_images),
@@ -74,7 +78,9 @@ def load(args, logger):
                 d.train_images.shape[1:3])
   if args.dataset in ('imagefolder', 'imagenet2012'):
     classes, train, val = bit_common.scan_imagefolder(args.datadir)
-    train = _check_files(Source(train.labels, train.paths), args, logger)
+    train = Source(train.labels, train.paths)
+    if check_train:
+      train = _check_files(train, args, logger)
     val = _check_files(Source(val.labels, val.paths), args, logger)
     sizes = bit_common.image_sizes(train.paths)
     # The median height and width, as get_resolution_from_image_sizes takes.

@@ -145,7 +145,8 @@ def _train(args, rank, device):
   net, channels_last = to_device(net, device)
   opt, scaler = optimizer(net, args.base_lr, args.precision)
 
-  run = dict(model=args.model, dataset=args.dataset, classes=data.classes,
+  run = dict(model=args.model, arch=net.architecture.name,
+             dataset=args.dataset, classes=data.classes,
              dataset_size=n_train, batch=args.batch, schedule=schedule,
              resolution=[resize, crop], seed=args.seed,
              examples_per_class=args.examples_per_class,
@@ -187,8 +188,8 @@ def _train(args, rank, device):
   metrics = bit_common.Metrics(args, step) if rank == 0 else None
   autocast = autocast_for(device, args.precision)
 
-  def evaluate():
-    result = _evaluate(fast, val_loader, device, channels_last, autocast)
+  def evaluate_and_save():
+    result = evaluate(fast, val_loader, device, channels_last, autocast)
     logger.info(f'step {step}: validation loss {result["loss"]:.4f}, '
                 f'top-1 {result["top1"]:.2%}, top-5 {result["top5"]:.2%} '
                 f'({result["n"]} examples)')
@@ -223,7 +224,7 @@ def _train(args, rank, device):
         metrics.write(step, 'train', loss=loss, lr=lr, images_per_sec=speed)
         progress.update(step, speed, loss=loss, lr=lr)
       if args.eval_every and step % args.eval_every == 0 or step == total:
-        result = evaluate()
+        result = evaluate_and_save()
         t0 = time.time()
     if step < total:
       if rank == 0 and args.save:
@@ -235,7 +236,7 @@ def _train(args, rank, device):
   if progress:
     progress.close()
   if result is None:  # Resumed after the last step: evaluate once more.
-    result = evaluate()
+    result = evaluate_and_save()
   if rank == 0:
     metrics.close()
     results = dict(result, step=step, split='val', name=args.name,
@@ -331,8 +332,9 @@ def _data_errors_named(batches):
 
 
 @torch.no_grad()
-def _evaluate(model, loader, device, channels_last, autocast):
-  """Loss, top-1, top-5 over every example (summed over processes)."""
+def evaluate(model, loader, device, channels_last, autocast):
+  """Loss, top-1, top-5 over every example of `loader` (uint8 images,
+  labels), summed over processes."""
   model.eval()
   sums = torch.zeros(4, dtype=torch.float64, device=device)
   for x, y in _data_errors_named(iter(loader)):

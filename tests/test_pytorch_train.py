@@ -277,3 +277,23 @@ def test_array_dataset_and_fewshot_run(npz, tmp_path):
   assert not (tmp_path / 'digits' / train.CHECKPOINT).exists()
   config = json.loads((tmp_path / 'digits' / 'config.json').read_text())
   assert config['dataset_size'] == 20 and len(config['classes']) == 10
+
+
+def test_validate_checkpoint_and_npz_agree_with_training(folder, npz,
+                                                         tmp_path):
+  from bit_pytorch import validate
+  result = run_main(flags(folder, npz, tmp_path, 'v', '--batch', '8',
+                          '--total_steps', '3', '--base_lr', '0.3'))
+  for ckpt in (train.CHECKPOINT, 'model.npz'):
+    args = validate.argparser().parse_args([
+        '--ckpt_path', str(tmp_path / 'v' / ckpt), '--dataset', 'imagefolder',
+        '--datadir', folder, '--crop_size', '32', '--workers', '0',
+        '--batch_eval', '4'])
+    got = validate.main(args)
+    assert got['n'] == result['n'] == 15
+    assert got['top1'] == result['top1']
+    assert got['loss'] == pytest.approx(result['loss'], rel=1e-5)
+  proc = run_cli(['--ckpt_path', npz, '--dataset', 'imagefolder',
+                  '--datadir', folder], launcher=(
+                      sys.executable, '-m', 'bit_pytorch.validate'))
+  assert proc.returncode == 2 and '10-class head' in proc.stderr

@@ -26,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FRAMEWORKS = {
     'timm': 'bench_timm',
     'pytorch': 'bench_pytorch',
+    'jax': 'bench_jax',
 }
 PEER = 'timm'
 KEYS = ('train_img_s', 'eval_img_s')

@@ -82,3 +82,28 @@ def test_bf16_close_to_fp32():
   b = np.asarray(m16.apply({'params': p}, images))
   assert b.dtype == np.float32
   np.testing.assert_allclose(b, a, atol=0.1 * np.abs(a).max())
+
+
+def test_predict_matches_pytorch(tmp_path, make_npz, capsys):
+  torch = pytest.importorskip('torch')
+  from bit_jax import predict
+  from bit_pytorch import models as torch_models
+  from conftest import write_imagefolder
+  path = make_npz('R14x0.5', head_size=3)
+  folder = write_imagefolder(tmp_path / 'f', classes=('x', 'y'), train=2,
+                             val=0)
+  labels = tmp_path / 'labels.txt'
+  labels.write_text('zero\none\ntwo\n')
+  args = bit_common.predict_argparser('JAX').parse_args(
+      [folder, '--model', path, '--labels', str(labels), '--top_k', '2',
+       '--resolution', '32', '--batch', '3'])
+  logits = predict.main(args)
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 4 and all(l.count('%') == 2 for l in lines)
+  files = bit_common.list_images([folder])
+  batch = bit_common.to_model_input(np.stack(
+      [bit_common.load_image(f, 32) for f in files]))
+  net = torch_models.create('x', weights=bit_common.load_npz(path)).eval()
+  with torch.no_grad():
+    expected = net(torch.from_numpy(batch).permute(0, 3, 1, 2)).numpy()
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)

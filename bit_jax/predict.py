@@ -1,0 +1,25 @@
+"""Classify images with a BiT model: python -m bit_jax.predict IMAGES..."""
+import jax
+
+import bit_common
+from bit_jax import models
+
+
+def load_model(weights):
+  """(head size, logits function) of the model in `weights`, jitted."""
+  model, params = models.create('weights', weights=weights)
+  apply = jax.jit(model.apply)
+
+  def logits_fn(images):  # float32 NHWC in [-1, 1]
+    return jax.device_get(apply({'params': params}, images))
+
+  return int(weights['resnet/head/conv2d/bias'].shape[0]), logits_fn
+
+
+def main(args):
+  return bit_common.predict(args, load_model)
+
+
+if __name__ == '__main__':
+  bit_common.run_cli(
+      lambda: main(bit_common.predict_argparser('JAX').parse_args()))

@@ -812,13 +812,17 @@ def label_names(args, head_size, logger=None):
   return names
 
 
-def predict(args, load_model, logger=None):
+def predict(args, load_model, logger=None, read_weights=None):
   """The predict CLI's work, given the backend's `load_model(weights)` that
-  returns (head_size, logits_fn: float32 NHWC batch -> numpy logits)."""
+  returns (head_size, logits_fn: float32 NHWC batch -> numpy logits), and
+  optionally its `read_weights(model, pretrained_dir)` -> {key: array}
+  (default: the .npz)."""
   if args.top_k < 1 or args.batch < 1:
     raise BadInput('--top_k and --batch must be positive.')
   paths = list_images(args.inputs)
-  weights = load_npz(weights_path(args.model, args.bit_pretrained_dir))
+  read_weights = read_weights or (lambda model, folder: load_npz(
+      weights_path(model, folder)))
+  weights = read_weights(args.model, args.bit_pretrained_dir)
   head_size, logits_fn = load_model(weights)
   names = label_names(args, head_size, logger)
   size = args.resolution or bit_hyperrule.get_resolution_from_image_sizes(

@@ -157,3 +157,53 @@ def test_weights_file_prefers_a_local_file(tmp_path, make_npz):
   assert models.weights_file('BiT-S-R50x1', str(tmp_path)) == str(h5)
   npz = make_npz(name=info.filename('npz'))
   assert models.weights_file('BiT-S-R50x1', str(tmp_path)) == npz
+
+
+def run_predict(*args, cwd):
+  import os
+  import subprocess
+  import sys
+  from conftest import REPO
+  return subprocess.run([sys.executable, '-m', 'bit_tf2.predict', *args],
+                        cwd=cwd, env=dict(os.environ, PYTHONPATH=REPO),
+                        capture_output=True, text=True, check=False)
+
+
+def test_predict_reads_h5_and_gives_pytorch_logits(tmp_path):
+  from conftest import write_imagefolder
+  weights = synthetic_weights('R14x0.5', 3)
+  h5 = write_keras2_h5(tmp_path / 'w.h5', weights)
+  folder = write_imagefolder(tmp_path / 'f', classes=('x', 'y'), train=2,
+                             val=0)
+  (tmp_path / 'labels.txt').write_text('zero\none\ntwo\n')
+  out = run_predict(folder, '--model', h5, '--labels', 'labels.txt',
+                    '--top_k', '2', '--resolution', '32',
+                    '--save_logits', 'logits.npy', cwd=tmp_path)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.strip().splitlines()
+  files = bit_common.list_images([folder])
+  assert [l.split(': ')[0] for l in lines] == files
+  batch = bit_common.to_model_input(np.stack(
+      [bit_common.load_image(f, 32) for f in files]))
+  with torch.no_grad():
+    expected = torch_models.create('w', weights=weights)(
+        torch.from_numpy(batch).permute(0, 3, 1, 2)).numpy()
+  np.testing.assert_allclose(np.load(tmp_path / 'logits.npy'), expected,
+                             rtol=0, atol=1e-4 * np.abs(expected).max())
+  top = ['zero', 'one', 'two'][int(np.argmax(expected[0]))]
+  assert lines[0].split(': ')[1].startswith(top + ' (')
+
+
+def test_predict_refuses_a_truncated_h5(tmp_path):
+  from conftest import write_imagefolder
+  h5 = write_keras2_h5(tmp_path / 'w.h5', synthetic_weights('R14x0.5', 3))
+  data = open(h5, 'rb').read()
+  open(h5, 'wb').write(data[:len(data) // 3])
+  folder = write_imagefolder(tmp_path / 'f', classes=('x', 'y'), train=1,
+                             val=0)
+  out = run_predict(folder, '--model', h5, cwd=tmp_path)
+  assert out.returncode == 2, out.stderr[-2000:]
+  # TensorFlow's C++ start-up lines may precede it; the error is one line.
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and 'not a readable .h5' in last
+  assert 'Traceback' not in out.stderr

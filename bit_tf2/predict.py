@@ -1,0 +1,34 @@
+"""Classify images with a BiT model: python -m bit_tf2.predict IMAGES...
+
+Reads `.npz` and the published Keras-2 `.h5` files (--model may be a path
+to either)."""
+import tensorflow as tf
+
+import bit_common
+from bit_tf2 import models
+
+
+def read_weights(model, pretrained_dir):
+  return models.load_weights(models.weights_file(model, pretrained_dir))
+
+
+def load_model(weights):
+  """(head size, logits function) of the model in `weights`."""
+  model = models.create('weights', weights=weights)
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3],
+                                              tf.float32)],
+               jit_compile=bool(tf.config.list_logical_devices('GPU')))
+  def logits(images):  # float32 NHWC in [-1, 1]
+    return model(images, training=False)
+
+  return model.head_size, lambda images: logits(images).numpy()
+
+
+def main(args):
+  return bit_common.predict(args, load_model, read_weights=read_weights)
+
+
+if __name__ == '__main__':
+  bit_common.run_cli(
+      lambda: main(bit_common.predict_argparser('TF2').parse_args()))

@@ -27,6 +27,7 @@ FRAMEWORKS = {
     'timm': 'bench_timm',
     'pytorch': 'bench_pytorch',
     'jax': 'bench_jax',
+    'tf2': 'bench_tf2',
 }
 PEER = 'timm'
 KEYS = ('train_img_s', 'eval_img_s')

@@ -262,7 +262,7 @@ def main(args):
                 mixup=mixup, dataset_size=n_train, classes=classes,
                 data=data.describe(), devices=replicas,
                 strategy=type(strategy).__name__,
-                device_kind=_device_kind(strategy), xla=xla,
+                device_kind=device_kind(strategy), xla=xla,
                 resumed_from_step=step,
                 versions=bit_common.versions(tf, keras))
   if chief:
@@ -271,7 +271,7 @@ def main(args):
   logger.info(f'{args.dataset}: {n_train} training, {data.eval_size} '
               f'{data.eval_split} examples, {data.num_classes} classes; '
               f'resolution {resize}->{crop}, {total} steps, mixup {mixup}, '
-              f'{replicas} {_device_kind(strategy)} replica(s) '
+              f'{replicas} {device_kind(strategy)} replica(s) '
               f'({type(strategy).__name__}), {args.precision}'
               f'{", XLA" if xla else ""}')
 
@@ -354,7 +354,8 @@ def main(args):
   return dict(result, step=step)
 
 
-def _device_kind(strategy):
+def device_kind(strategy):
+  """CPU, GPU or TPU: the kind of the strategy's first device."""
   devices = strategy.extended.worker_devices
   return tf.DeviceSpec.from_string(devices[0]).device_type or 'CPU'
 

@@ -1,0 +1,50 @@
+"""bit_tf2's throughput: the training step of bit_tf2.train (SGD, batch
+distributed over all local devices by its strategy, XLA on accelerators,
+Keras mixed precision) and the evaluation step, on random data (the data
+pipeline is not timed)."""
+import time
+
+import numpy as np
+import tensorflow as tf
+
+
+def measure(arch, resolution, batch, precision, steps, warmup):
+  from bit_tf2 import models, train
+  strategy = train.make_strategy()
+  with strategy.scope():
+    model = models.create(arch, head_size=1000,
+                          dtype=train.POLICIES[precision])
+    optimizer, lr = train.make_optimizer(precision)
+    optimizer.build(model.trainable_variables)
+  xla = train.uses_xla(strategy)
+  train_step, eval_step = train.make_steps(strategy, model, optimizer, lr,
+                                           batch, 1, xla)
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 1000, batch)
+  data = {'image': rng.uniform(-1, 1, (batch, resolution, resolution, 3))
+                      .astype(np.float32),
+          'label': np.eye(1000, dtype=np.float32)[labels]}
+  eval_data = {'image': data['image'], 'label': labels,
+               'mask': np.ones(batch, bool)}
+
+  def repeated(batch_dict):
+    return iter(train.distribute(strategy, lambda pid, nproc: (
+        tf.data.Dataset.from_tensors(batch_dict).repeat())))
+
+  train_batches, eval_batches = repeated(data), repeated(eval_data)
+  rate = tf.constant(0.003, tf.float32)
+
+  def timed(fn):
+    for _ in range(warmup):
+      fn()
+    t = time.perf_counter()
+    for _ in range(steps):
+      fn()
+    return batch * steps / (time.perf_counter() - t)
+
+  train_img_s = timed(lambda: float(train_step(next(train_batches), rate)))
+  eval_img_s = timed(lambda: eval_step(next(eval_batches)).numpy())
+  return dict(train_img_s=train_img_s, eval_img_s=eval_img_s,
+              device=train.device_kind(strategy),
+              devices=strategy.num_replicas_in_sync, xla=xla,
+              tensorflow=tf.__version__)

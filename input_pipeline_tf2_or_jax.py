@@ -225,9 +225,11 @@ def _tfds(args, logger):
   classes = info.features['label'].names
 
   def records(split):
+    """{'image': encoded bytes, 'label'} of `split`, in its stored order."""
     return builder.as_dataset(
         split=split, shuffle_files=False,
-        decoders={'image': tfds.decode.SkipDecoding()})
+        decoders={'image': tfds.decode.SkipDecoding()}).map(
+            lambda r: {'image': r['image'], 'label': r['label']})
 
   def held(split):
     encoded, labels = [], []
@@ -240,9 +242,7 @@ def _tfds(args, logger):
   def source(split, random_access):
     if random_access:
       return held(split)
-    return Source(splits[split].num_examples,
-                  records=records(split).map(
-                      lambda r: {'image': r['image'], 'label': r['label']}))
+    return Source(splits[split].num_examples, records=records(split))
 
   small = splits['train'].num_bytes <= IN_MEMORY_BYTES
   if logger:

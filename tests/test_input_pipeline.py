@@ -132,3 +132,59 @@ def test_subset_smaller_than_batch_draws_with_replacement():
   batch = _first(ip.train_batches(data, 16, 4, 4, seed=0))
   values = np.unique(np.round(batch['image'][:, 0, 0, 0] * 127.5 + 127.5))
   assert len(batch['image']) == 16 and set(values) <= set(range(0, 201, 40))
+
+
+def test_tfds_path_on_a_local_builder(tmp_path, monkeypatch):
+  """The TFDS code path (prepare, labels of the whole split, few-shot,
+  sizes from the images, validation split) on a tiny offline builder."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+
+  class Tiny(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({  # noqa: E501
+          'image': tfds.features.Image(shape=(None, None, 3)),
+          'label': tfds.features.ClassLabel(names=['a', 'b']),
+          'extra': tfds.features.Image(shape=(None, None, 1))}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(30, 0),
+              'validation': self._generate_examples(7, 1)}
+
+    def _generate_examples(self, n, seed):
+      rng = np.random.default_rng(seed)
+      for i in range(n):
+        h = 20 + i % 3          # images of varied sizes
+        yield i, {'image': rng.integers(0, 255, (h, 24, 3), dtype=np.uint8),
+                  'label': i % 2,
+                  'extra': np.zeros((h + 1, 5, 1), np.uint8)}
+
+  monkeypatch.setattr(tfds, 'builder',
+                      lambda name, data_dir=None: Tiny(data_dir=str(tmp_path)))
+  data = ip.get_data(_args(dataset='cifar10', examples_per_class=4,
+                           examples_per_class_seed=2))
+  assert data.eval_split == 'validation' and data.eval_size == 7
+  assert data.full_train_size == 30 and data.train_size == 8
+  assert data.classes == ['a', 'b'] and data.original_hw == (21, 24)
+  # The subset is the shared sampler's, over the whole split's labels.
+  stored = Tiny(data_dir=str(tmp_path)).as_dataset('train', shuffle_files=False)
+  all_labels = np.array([r['label'] for r in stored.as_numpy_iterator()])
+  idx = bit_common.fewshot_indices(all_labels, 4, 2)
+  np.testing.assert_array_equal(data.train.labels, all_labels[idx])
+  batch = _first(ip.train_batches(data, 8, 24, 16, seed=0))
+  assert batch['image'].shape == (8, 16, 16, 3)
+  evals = list(ip.eval_batches(data, 4, 16).as_numpy_iterator())
+  assert sum(int(b['mask'].sum()) for b in evals) == 7
+  # A split too large to hold streams through a shuffle buffer instead.
+  monkeypatch.setattr(ip, 'IN_MEMORY_BYTES', 0)
+  data = ip.get_data(_args(dataset='cifar10'))
+  assert not data.train.random_access and data.train_size == 30
+  labels = [b['label'].argmax(1) for b in
+            ip.train_batches(data, 10, 24, 16, seed=0).take(3)
+            .as_numpy_iterator()]
+  np.testing.assert_array_equal(np.bincount(np.concatenate(labels)), [15, 15])
+  resumed = _first(ip.train_batches(data, 10, 24, 16, seed=0, start_step=2))
+  np.testing.assert_array_equal(resumed['label'].argmax(1), labels[2])
+  evals = list(ip.eval_batches(data, 4, 16).as_numpy_iterator())
+  assert sum(int(b['mask'].sum()) for b in evals) == 7

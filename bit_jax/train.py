@@ -259,8 +259,10 @@ def main(args):
   if lead:
     metrics.close()
     if args.save:
+      # Replicated: this process's first copy is the whole array.
       models.save_npz(os.path.join(bit_common.run_dir(args), EXPORT),
-                      jax.device_get(state['params']))
+                      jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
+                                   state['params']))
     results = dict(result, step=step, split='val', name=args.name,
                    model=args.model, dataset=args.dataset,
                    dataset_size=n_train,

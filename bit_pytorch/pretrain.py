@@ -37,6 +37,8 @@ class Recipe:
   resize_size: int = 256         # train: resize (crop_flip) then crop
   crop_size: int = 224           # eval: resize to the crop size
   augment: str = 'inception_crop'  # inception_crop | crop_flip | none
+  crop_scale: list = dataclasses.field(default_factory=lambda: [0.08, 1.0])
+  downsample: list = None        # [min, max]: first shrink to a random size
   base_lr: float = 0.03          # lr for 256 images; scaled by batch / 256
   momentum: float = 0.9          # SGD momentum
   warmup_steps: int = 0          # linear warm-up from 0
@@ -45,6 +47,7 @@ class Recipe:
   weight_decay: float = 1e-4     # L2 on convolution kernels only
   loss: str = 'softmax'          # softmax | sigmoid (per-class, summed)
   label_smoothing: float = 0.0
+  head_bias: float = 0.0         # initial head bias (-10 suits sigmoid, many classes)
   eval_every: int = None         # steps; default: once per epoch
   batch_eval: int = None         # default: batch
 
@@ -150,12 +153,17 @@ def transforms(recipe, train):
   if not train or recipe.augment == 'none':
     steps = [v2.Resize((crop, crop), antialias=True)]
   elif recipe.augment == 'inception_crop':
-    steps = [v2.RandomResizedCrop(crop, antialias=True),
+    steps = [v2.RandomResizedCrop(crop, scale=tuple(recipe.crop_scale),
+                                  antialias=True),
              v2.RandomHorizontalFlip()]
   else:
     steps = [v2.Resize((recipe.resize_size, recipe.resize_size),
                        antialias=True),
              v2.RandomCrop(crop), v2.RandomHorizontalFlip()]
+  if train and recipe.downsample:
+    steps.insert(0, v2.RandomChoice([
+        v2.Resize((s, s), antialias=True)
+        for s in range(recipe.downsample[0], recipe.downsample[1] + 1)]))
   return v2.Compose(steps + [v2.ToDtype(torch.float32),
                              v2.Normalize([127.5] * 3, [127.5] * 3)])
 
@@ -291,6 +299,9 @@ def argparser():
   parser.add_argument('--seed', type=int, default=0,
                       help='Seed of initialisation, data order and '
                       'augmentation.')
+  parser.add_argument('--batch_split', type=int, default=1,
+                      help='Split each batch into this many micro-batches and '
+                      'accumulate their gradients (saves memory).')
   parser.add_argument('--workers', type=int, default=min(8, os.cpu_count()),
                       help='Data-loading worker processes.')
   parser.add_argument('--precision', default='fp32', choices=('fp32', 'bf16'),
@@ -310,6 +321,9 @@ def save_checkpoint(path, model, optim, step):
 
 def main(args):
   recipe = load_recipe(args.recipe, args.overrides, args.datadir)
+  if args.batch_split < 1 or recipe.batch % args.batch_split:
+    raise bit_common.BadInput(f'batch {recipe.batch} is not divisible by '
+                              f'--batch_split {args.batch_split}.')
   export = args.export or os.path.join(bit_common.run_dir(args), 'model.npz')
   logger = bit_common.setup_logger(args)
   logger.info(f'recipe {args.recipe}: {recipe}')
@@ -320,6 +334,7 @@ def main(args):
   sched = schedule(recipe, len(train_set))
   arch = bit_common.parse_arch(recipe.model)
   model = models.ResNetV2(arch.units, arch.width, classes, zero_head=True)
+  torch.nn.init.constant_(model.head.conv.bias, recipe.head_bias)
   optim = optimizer(model, recipe)
 
   ckpt_path = os.path.join(bit_common.run_dir(args), CHECKPOINT)
@@ -374,18 +389,20 @@ def main(args):
     for group in optim.param_groups:
       group['lr'] = lr
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    with autocast():
-      value = loss(model(x).float(), y)
-    if not torch.isfinite(value):
-      raise RuntimeError(f'loss is {float(value)} at step {step}; lower '
-                         'base_lr or lengthen warmup_steps.')
     optim.zero_grad(set_to_none=True)
-    value.backward()
+    value = 0.0
+    for xs, ys in zip(x.chunk(args.batch_split), y.chunk(args.batch_split)):
+      with autocast():
+        part = loss(model(xs).float(), ys) * (len(ys) / len(y))
+      part.backward()
+      value += part.item()
+    if not np.isfinite(value):
+      raise RuntimeError(f'loss is {value} at step {step}; lower base_lr or '
+                         'lengthen warmup_steps.')
     optim.step()
     step += 1
     seen += len(y)
     rate = seen / max(time.time() - t0, 1e-9)
-    value = value.item()
     metrics.write(step, 'train', loss=value, lr=lr, images_per_sec=rate)
     progress.update(step, rate, loss=value, lr=lr)
     if step % eval_every == 0 and step < sched.total_steps:

@@ -1,0 +1,221 @@
+"""bit_pytorch.pretrain: recipes, schedule, data order, a tiny upstream run,
+its .npz export, resume; the Fashion-MNIST reader."""
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import bit_common
+from bit_pytorch import models, pretrain
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(model='R14x0.5', dataset='digits', batch=8, steps=3,
+            resize_size=20, crop_size=16, augment='crop_flip', base_lr=0.1,
+            warmup_steps=1, decay_at=[2], eval_every=2, batch_eval=400)
+
+
+def write_recipe(folder, **values):
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, 'recipe.yaml')
+  with open(path, 'w') as f:
+    yaml.safe_dump({**TINY, **values}, f)
+  return path
+
+
+def run(tmp_path, name='up', extra=(), **values):
+  args = pretrain.argparser().parse_args(
+      ['--recipe', write_recipe(str(tmp_path), **values), '--name', name,
+       '--logdir', str(tmp_path / 'runs'), '--workers', '0', *extra])
+  return pretrain.main(args), tmp_path / 'runs' / name
+
+
+# ---------------------------------------------------------------- recipes
+
+@pytest.mark.parametrize('recipe', ['bit_s_r50x1.yaml', 'bit_m_r50x1.yaml',
+                                    'bit_small_fashion_mnist.yaml'])
+def test_shipped_recipes_parse(recipe):
+  r = pretrain.load_recipe(os.path.join(REPO, 'recipes', recipe),
+                           datadir='/data')
+  assert bit_common.parse_arch(r.model)
+  assert r.epochs and r.decay_at == sorted(r.decay_at)
+
+
+def test_paper_schedule_in_steps():
+  r = pretrain.load_recipe(os.path.join(REPO, 'recipes', 'bit_s_r50x1.yaml'),
+                           datadir='/data')
+  s = pretrain.schedule(r, 1_281_167)
+  assert s.peak_lr == pytest.approx(0.03 * 4096 / 256)
+  assert s.total_steps == round(90 * 1_281_167 / 4096)
+  assert s.decay_steps == [round(e * 1_281_167 / 4096) for e in (30, 60, 80)]
+  assert s.lr(0) == 0 and s.lr(2500) == pytest.approx(s.peak_lr / 2)
+  assert s.lr(s.decay_steps[0] - 1) == pytest.approx(s.peak_lr)
+  assert s.lr(s.decay_steps[0]) == pytest.approx(s.peak_lr / 10)
+  assert s.lr(s.decay_steps[2]) == pytest.approx(s.peak_lr / 1000)
+
+
+@pytest.mark.parametrize('values, message', [
+    (dict(epochs=2), 'exactly one of epochs and steps'),
+    (dict(steps=None), 'exactly one of epochs and steps'),
+    (dict(loss='hinge'), 'loss must be one of'),
+    (dict(batch='big'), 'batch must be a int'),
+    (dict(crop_size=40), 'larger than resize_size'),
+    (dict(dataset='mnist'), 'dataset must be one of'),
+    (dict(dataset='imagefolder'), 'needs --datadir'),
+    (dict(model='R18x1'), 'unknown architecture'),
+    (dict(colour=True), "unknown key(s) ['colour']"),
+])
+def test_bad_recipe_is_one_line_and_status_2(tmp_path, capsys, values,
+                                             message):
+  args = pretrain.argparser().parse_args(
+      ['--recipe', write_recipe(str(tmp_path), **values), '--name', 'x',
+       '--logdir', str(tmp_path / 'runs')])
+  with pytest.raises(SystemExit) as e:
+    bit_common.run_cli(pretrain.main, args)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert message in err and '\n' not in err
+  assert not (tmp_path / 'runs').exists()  # refused before any output
+
+
+def test_set_overrides_recipe_values(tmp_path):
+  r = pretrain.load_recipe(write_recipe(str(tmp_path)),
+                           ['steps=7', 'decay_at=[3, 5]', 'loss=sigmoid'])
+  assert (r.steps, r.decay_at, r.loss) == (7, [3, 5], 'sigmoid')
+
+
+# ---------------------------------------------------------------- data order
+
+def test_batches_cover_each_epoch_and_resume_exactly():
+  full = list(pretrain.StepBatches(10, 4, seed=3, start=0, total=10))
+  assert all(len(b) == 4 for b in full)
+  flat = np.concatenate(full)
+  assert sorted(flat[:10]) == list(range(10))    # epoch 0: each index once
+  assert sorted(flat[10:20]) == list(range(10))  # epoch 1 too
+  assert not np.array_equal(flat[:10], flat[10:20])
+  assert list(pretrain.StepBatches(10, 4, 3, start=6, total=10)) == full[6:]
+
+
+# ---------------------------------------------------------------- losses
+
+def test_sigmoid_loss_sums_classes_and_smooths_targets():
+  r = pretrain.Recipe(model='R14x0.5', dataset='digits', batch=2, steps=1,
+                      loss='sigmoid', label_smoothing=0.2)
+  logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.0, -3.0]])
+  labels = torch.tensor([0, 2])
+  targets = np.full((2, 3), 0.2 / 3)
+  targets[0, 0] = targets[1, 2] = 0.8 + 0.2 / 3
+  x = logits.numpy()
+  expected = np.mean(np.sum(np.logaddexp(0, x) - targets * x, axis=1))
+  got = pretrain.loss_fn(r, 3)(logits, labels)
+  assert float(got) == pytest.approx(expected, rel=1e-6)
+
+
+# ---------------------------------------------------------------- a run
+
+def test_tiny_run_writes_outputs_and_exports_exact_npz(tmp_path):
+  result, out = run(tmp_path)
+  for f in ('train.log', 'config.json', 'metrics.jsonl', 'results.json',
+            'model.npz', pretrain.CHECKPOINT):
+    assert (out / f).exists(), f
+  lines = [json.loads(l) for l in open(out / 'metrics.jsonl')]
+  train = [l for l in lines if l['split'] == 'train']
+  val = [l for l in lines if l['split'] == 'val']
+  assert [l['step'] for l in train] == [1, 2, 3]
+  assert [l['lr'] for l in train] == pytest.approx([0, 0.1 * 8 / 256,
+                                                    0.1 * 8 / 2560])
+  assert [l['step'] for l in val] == [2, 3] and val[-1]['n'] == 797
+  results = json.load(open(out / 'results.json'))
+  assert results['top1'] == result['top1'] == val[-1]['top1']
+  config = json.load(open(out / 'config.json'))
+  assert config['recipe']['model'] == 'R14x0.5'
+  assert config['schedule']['total_steps'] == 3 and config['classes'] == 10
+
+  # The export is the checkpoint's weights, in published layout, exactly.
+  weights = bit_common.load_npz(str(out / 'model.npz'))
+  bit_common.check_weights(weights, bit_common.parse_arch('R14x0.5'), 10)
+  trained = models.create('R14x0.5', head_size=10)
+  trained.load_state_dict(torch.load(out / pretrain.CHECKPOINT,
+                                     weights_only=True)['model'])
+  reloaded = models.create('file', weights=weights)
+  for key, value in trained.export().items():
+    np.testing.assert_array_equal(weights[key], value)
+  x = torch.randn(4, 3, 16, 16)
+  with torch.no_grad():
+    assert torch.equal(trained.eval()(x), reloaded.eval()(x))
+  assert weights['resnet/head/conv2d/kernel'].any()  # the head was trained
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+  values = dict(augment='none', warmup_steps=0, decay_at=[], eval_every=2)
+  run(tmp_path / 'a', steps=4, **values)
+  run(tmp_path / 'b', steps=2, **values)
+  _, out = run(tmp_path / 'b', steps=4, **values)  # same name: resumes
+  a = bit_common.load_npz(str(tmp_path / 'a' / 'runs' / 'up' / 'model.npz'))
+  b = bit_common.load_npz(str(out / 'model.npz'))
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  steps = [json.loads(l)['step'] for l in open(out / 'metrics.jsonl')
+           if json.loads(l)['split'] == 'train']
+  assert steps == [1, 2, 3, 4]
+  assert 'resuming from' in open(out / 'train.log').read()
+
+
+def test_batch_split_gives_the_same_update(tmp_path):
+  values = dict(augment='none', steps=1, warmup_steps=0, decay_at=[])
+  run(tmp_path / 'a', **values)
+  _, out = run(tmp_path / 'b', extra=['--batch_split', '4'], **values)
+  a = bit_common.load_npz(str(tmp_path / 'a' / 'runs' / 'up' / 'model.npz'))
+  b = bit_common.load_npz(str(out / 'model.npz'))
+  for key in a:
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6,
+                               err_msg=key)
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+def write_idx(path, array):
+  header = bytes([0, 0, 8, array.ndim]) + b''.join(
+      int(n).to_bytes(4, 'big') for n in array.shape)
+  with gzip.open(path, 'wb') as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_idx_files(tmp_path):
+  rng = np.random.default_rng(0)
+  train = rng.integers(0, 256, (6, 28, 28))
+  test = rng.integers(0, 256, (4, 28, 28))
+  for stem, array in (('train-images-idx3-ubyte', train),
+                      ('train-labels-idx1-ubyte', np.arange(6) % 10),
+                      ('t10k-images-idx3-ubyte', test),
+                      ('t10k-labels-idx1-ubyte', np.array([9, 0, 1, 2]))):
+    write_idx(tmp_path / f'{stem}.gz', array)
+  d = bit_common.load_fashion_mnist(str(tmp_path))
+  assert d.train_images.shape == (6, 28, 28, 3)
+  np.testing.assert_array_equal(d.train_images[..., 1], train)
+  np.testing.assert_array_equal(d.val_labels, [9, 0, 1, 2])
+  assert d.classes[9] == 'Ankle boot'
+
+
+def test_fashion_mnist_missing_or_corrupt_says_what_to_do(tmp_path):
+  with pytest.raises(bit_common.BadInput, match='apt-get install dataset-'):
+    bit_common.load_fashion_mnist(str(tmp_path))
+  for stem in ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
+               't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'):
+    with gzip.open(tmp_path / f'{stem}.gz', 'wb') as f:
+      f.write(b'not an idx file')
+  with pytest.raises(bit_common.BadInput, match='not an IDX file'):
+    bit_common.load_fashion_mnist(str(tmp_path))
+
+
+@pytest.mark.skipif(not os.path.isdir(bit_common.FASHION_MNIST_DIR),
+                    reason='Debian package dataset-fashion-mnist not '
+                    'installed (make pretrain installs it)')
+def test_installed_fashion_mnist_is_the_real_one():
+  d = bit_common.load_array_dataset('fashion_mnist')
+  assert d.train_images.shape == (60000, 28, 28, 3)
+  assert d.val_images.shape == (10000, 28, 28, 3)
+  assert np.bincount(d.train_labels).tolist() == [6000] * 10

@@ -174,15 +174,15 @@ class ResNetV2(keras.Model):
     del input_shape  # the layers create their variables on first call
 
   def features(self, x):
-    """Pre-logits: the pooled, normalised representation (N, 1, 1, C)."""
+    """Pre-logits: the pooled, normalised representation (N, C)."""
     x = self.pool(self.pad(self.root_block(x)))
     for block in self.blocks:
       x = block(x)
-    x = ops.relu(self.group_norm(x))
-    return ops.mean(x, axis=(1, 2), keepdims=True)
+    return ops.mean(ops.relu(self.group_norm(x)), axis=(1, 2))
 
   def call(self, x):
-    return ops.cast(self.head(self.features(x))[:, 0, 0], 'float32')
+    logits = self.head(self.features(x)[:, None, None])  # a 1x1 convolution
+    return ops.cast(logits[:, 0, 0], 'float32')
 
   def published_variables(self, with_head=True):
     """{published key: variable}; the paths are the published names."""

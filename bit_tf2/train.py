@@ -3,7 +3,8 @@
   python -m bit_tf2.train --name cifar10_run --model BiT-M-R50x1 \\
       --logdir /tmp/bit_logs --dataset cifar10
 
-Devices: TPUStrategy where a TPU is present (TPU_NAME set, or a TPU VM),
+Devices: TPUStrategy where a TPU is present (TPU_NAME names it, or a TPU VM
+shows /dev/accel*; on newer TPU VMs set TPU_NAME=local),
 MultiWorkerMirroredStrategy when TF_CONFIG names several workers (start the
 same command on each), else MirroredStrategy over every local GPU (or every
 logical CPU device). The same global batch gives the same update on any
@@ -66,7 +67,6 @@ def _with_tf2_defaults(args):
 def make_strategy():
   """The tf.distribute strategy for this machine (see the module doc)."""
   tpu = os.environ.get('TPU_NAME') or ('local' if glob.glob('/dev/accel*')
-                                       or glob.glob('/dev/vfio/[0-9]*')
                                        else None)
   if tpu:
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)

@@ -17,10 +17,12 @@ In-process use: `main(args)` with `args = argparser().parse_args([...])` (or
 runs one fine-tuning and returns the final evaluation.
 """
 import argparse
+import atexit
 import glob
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 
@@ -305,6 +307,7 @@ def main(args):
     return result
 
   progress = bit_common.Progress(total, step, logger) if chief else None
+  stop_requested = _stop_vote(strategy)
   result = None
   batches = _named_errors(iter(distribute(
       strategy, lambda pid, nproc: input_pipeline.train_batches(
@@ -312,7 +315,7 @@ def main(args):
           nproc))))
   with bit_common.StopSignals() as signals:
     t0 = time.time()
-    while step < total and not _agree_to_stop(strategy, signals):
+    while step < total and not stop_requested(signals):
       rate = bit_hyperrule.get_lr(step, n_train, args.base_lr,
                                   args.total_steps)
       loss = float(train_step(next(batches), tf.constant(rate, tf.float32)))
@@ -360,13 +363,19 @@ def device_kind(strategy):
   return tf.DeviceSpec.from_string(devices[0]).device_type or 'CPU'
 
 
-def _agree_to_stop(strategy, signals):
-  """Whether any worker was asked to stop (all stop at the same step)."""
-  stop = signals.signum is not None
+def _stop_vote(strategy):
+  """vote(signals) -> whether any worker was asked to stop, so that all
+  stop at the same step."""
   if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-    return stop
-  flags = strategy.run(lambda: tf.constant(float(stop)))
-  return bool(strategy.reduce(tf.distribute.ReduceOp.SUM, flags, axis=None))
+    return lambda signals: signals.signum is not None
+
+  @tf.function
+  def anyone(stop):
+    flags = strategy.run(lambda s: s, args=(stop,))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, flags, axis=None) > 0
+
+  return lambda signals: bool(anyone(tf.constant(float(
+      signals.signum is not None))))
 
 
 def _named_errors(batches):
@@ -393,6 +402,7 @@ def _checkpoints(args, checkpoint, chief):
   directory = os.path.join(bit_common.run_dir(args), CHECKPOINTS)
   if not chief:  # Every worker must save; only the chief's copy is kept.
     directory = tempfile.mkdtemp(prefix='bit_tf2_worker_')
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
   return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=1)
 
 

@@ -21,9 +21,11 @@ class StdConv2d(nn.Conv2d):
   output channel on every call."""
 
   def forward(self, x):
-    var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True,
-                               unbiased=False)
-    w = (self.weight - mean) / torch.sqrt(var + WS_EPS)
+    # (w - mean) / sqrt(var + eps) per output channel, as one fused op
+    # (batch norm over a batch of one), faster than four separate ones.
+    w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None,
+                     None, training=True, momentum=0.,
+                     eps=WS_EPS).reshape_as(self.weight)
     return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation,
                     self.groups)
 

@@ -39,6 +39,7 @@ class Recipe:
   augment: str = 'inception_crop'  # inception_crop | crop_flip | none
   crop_scale: list = dataclasses.field(default_factory=lambda: [0.08, 1.0])
   downsample: list = None        # [min, max]: first shrink to a random size
+  rotations: int = 1             # 4: label = class x quarter-turn of the image
   base_lr: float = 0.03          # lr for 256 images; scaled by batch / 256
   momentum: float = 0.9          # SGD momentum
   warmup_steps: int = 0          # linear warm-up from 0
@@ -168,15 +169,39 @@ def transforms(recipe, train):
                              v2.Normalize([127.5] * 3, [127.5] * 3)])
 
 
+class RotationLabels(torch.utils.data.Dataset):
+  """Turns each image by r quarter-turns and labels it class * k + r: k
+  times more upstream classes, which must tell orientation apart (r is
+  random in training, i % k in evaluation)."""
+
+  def __init__(self, dataset, k, train):
+    self.dataset, self.k, self.train = dataset, k, train
+
+  def __len__(self):
+    return len(self.dataset)
+
+  def __getitem__(self, i):
+    image, label = self.dataset[i]
+    r = int(torch.randint(self.k, ())) if self.train else i % self.k
+    return torch.rot90(image, r, dims=(1, 2)), label * self.k + r
+
+
 def datasets(recipe):
   """(train dataset, eval dataset, class count)."""
   train_tf, eval_tf = transforms(recipe, True), transforms(recipe, False)
   if recipe.dataset in bit_common.ARRAY_DATASETS:
     d = bit_common.load_array_dataset(recipe.dataset)
-    return (ArrayImages(d.train_images, d.train_labels, train_tf),
-            ArrayImages(d.val_images, d.val_labels, eval_tf), len(d.classes))
-  classes, train, val = bit_common.scan_imagefolder(recipe.datadir)
-  return FileImages(train, train_tf), FileImages(val, eval_tf), len(classes)
+    train = ArrayImages(d.train_images, d.train_labels, train_tf)
+    val = ArrayImages(d.val_images, d.val_labels, eval_tf)
+    classes = len(d.classes)
+  else:
+    names, train, val = bit_common.scan_imagefolder(recipe.datadir)
+    train, val = FileImages(train, train_tf), FileImages(val, eval_tf)
+    classes = len(names)
+  if recipe.rotations > 1:
+    train = RotationLabels(train, recipe.rotations, True)
+    val = RotationLabels(val, recipe.rotations, False)
+  return train, val, classes * recipe.rotations
 
 
 class StepBatches(torch.utils.data.Sampler):

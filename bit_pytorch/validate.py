@@ -107,5 +107,9 @@ def main(args):
   return result
 
 
+def cli(argv=None):
+  bit_common.run_cli(lambda: main(argparser().parse_args(argv)))
+
+
 if __name__ == '__main__':
-  bit_common.run_cli(lambda: main(argparser().parse_args()))
+  cli()

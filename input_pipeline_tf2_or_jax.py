@@ -397,6 +397,18 @@ def mixup(images, labels, alpha, seed):
           lam * labels + (1 - lam) * labels[::-1])
 
 
+def named_errors(batches):
+  """Yields from `batches` (an iterator over this module's datasets); an
+  unreadable image ends the run with one line (bit_common.BadInput) instead
+  of a TensorFlow traceback."""
+  try:
+    yield from batches
+  except tf.errors.OpError as e:
+    raise bit_common.BadInput(
+        f'cannot read an image ({e.message.strip().splitlines()[-1]}); fix '
+        'or remove it, or pass --skip_bad_images.') from None
+
+
 def eval_batches(data, batch, crop, process_index=0, process_count=1):
   """Every evaluation example once, in order, padded batches with a mask."""
   if batch % process_count:

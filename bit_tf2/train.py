@@ -33,6 +33,7 @@ from keras import ops
 
 import bit_common
 import bit_hyperrule
+import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import models
 
 CHECKPOINTS = 'checkpoints'
@@ -222,7 +223,6 @@ def distribute(strategy, make_dataset):
 
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
-  import input_pipeline_tf2_or_jax as input_pipeline
   args = _with_tf2_defaults(args)
   strategy = make_strategy()
   replicas = strategy.num_replicas_in_sync
@@ -293,7 +293,7 @@ def main(args):
 
   def evaluate():
     sums = np.zeros(4)
-    for batch in _named_errors(iter(eval_data)):
+    for batch in input_pipeline.named_errors(iter(eval_data)):
       sums += np.asarray(eval_step(batch), np.float64)
     loss, top1, top5, n = sums
     result = dict(loss=loss / n, top1=top1 / n, top5=top5 / n, n=int(n))
@@ -309,7 +309,7 @@ def main(args):
   progress = bit_common.Progress(total, step, logger) if chief else None
   stop_requested = _stop_vote(strategy)
   result = None
-  batches = _named_errors(iter(distribute(
+  batches = input_pipeline.named_errors(iter(distribute(
       strategy, lambda pid, nproc: input_pipeline.train_batches(
           data, args.batch, resize, crop, args.seed, step, mixup, pid,
           nproc))))
@@ -376,16 +376,6 @@ def _stop_vote(strategy):
 
   return lambda signals: bool(anyone(tf.constant(float(
       signals.signum is not None))))
-
-
-def _named_errors(batches):
-  """Yields from `batches`; an unreadable image ends the run with one line."""
-  try:
-    yield from batches
-  except tf.errors.OpError as e:
-    raise bit_common.BadInput(
-        f'cannot read an image ({e.message.strip().splitlines()[-1]}); fix '
-        'or remove it, or pass --skip_bad_images.') from None
 
 
 # --------------------------------------------------------------------------

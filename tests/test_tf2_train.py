@@ -156,3 +156,22 @@ def test_resuming_with_other_settings_is_refused(setup, reference):
   del reference  # the run it would resume
   with pytest.raises(bit_common.BadInput, match='base_lr: 0.05 there, 0.1'):
     _run(setup, 'reference', '--base_lr', '0.1')
+
+
+def test_truncated_image_stops_with_one_line_unless_skipped(setup, tmp_path):
+  root, _, npz = setup
+  folder = write_imagefolder(tmp_path / 'images', train=4, val=2)
+  path = os.path.join(folder, 'val', 'cat', '000.png')
+  with open(path, 'rb') as f:
+    head = f.read(100)  # the header reads; the pixels do not
+  with open(path, 'wb') as f:
+    f.write(head)
+  flags = ['--logdir', str(tmp_path / 'runs'), '--model', npz, '--dataset',
+           'imagefolder', '--datadir', folder, *TINY[:6], '--batch', '4',
+           '--total_steps', '1']
+  with pytest.raises(bit_common.BadInput, match='--skip_bad_images') as e:
+    train.main(train.argparser().parse_args(['--name', 'trunc', *flags]))
+  assert '\n' not in str(e.value)
+  result = train.main(train.argparser().parse_args(
+      ['--name', 'skip', *flags, '--skip_bad_images']))
+  assert result['n'] == 5 and result['step'] == 1

@@ -263,9 +263,10 @@ def to_device(net, device):
 
 
 def optimizer(net, lr, precision):
-  """(SGD with momentum 0.9 and no weight decay, grad scaler for fp16)."""
+  """(SGD with momentum 0.9 and no weight decay, in one fused kernel;
+  grad scaler for fp16)."""
   device = next(net.parameters()).device
-  return (torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9),
+  return (torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, fused=True),
           torch.amp.GradScaler(device.type, enabled=precision == 'fp16'))
 
 

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 import bit_common
-import bit_hyperrule
 
 
 @dataclasses.dataclass
@@ -82,11 +81,14 @@ def load(args, logger, check_train=True):
     if check_train:
       train = _check_files(train, args, logger)
     val = _check_files(Source(val.labels, val.paths), args, logger)
-    sizes = bit_common.image_sizes(train.paths)
-    # The median height and width, as get_resolution_from_image_sizes takes.
-    hw = tuple(statistics.median(s[k] for s in sizes) for k in (0, 1))
-    return Data(classes, train, val, hw)
+    return Data(classes, train, val, _typical_hw(train.paths))
   return _torchvision(args)
+
+
+def _typical_hw(paths):
+  """The median height and width, as get_resolution_from_image_sizes."""
+  sizes = bit_common.image_sizes(paths)
+  return tuple(statistics.median(s[k] for s in sizes) for k in (0, 1))
 
 
 def _header_ok(path):
@@ -127,25 +129,23 @@ def _torchvision(args):
                   Source(np.asarray(train.targets), images=train.data),
                   Source(np.asarray(val.targets), images=val.data),
                   train.data.shape[1:3])
+    # As the TFDS backends: train on the dataset's train split, evaluate on
+    # its validation split where it has one, else on its test split.
     if args.dataset == 'oxford_iiit_pet':
       train, val = (datasets.OxfordIIITPet(root, split=s, download=True)
                     for s in ('trainval', 'test'))
       files = [(d._images, d._labels) for d in (train, val)]  # pylint: disable=protected-access
-    else:  # oxford_flowers102: train and val together train, as in the paper.
-      parts = [datasets.Flowers102(root, split=s, download=True)
-               for s in ('train', 'val', 'test')]
-      files = [(parts[0]._image_files + parts[1]._image_files,  # pylint: disable=protected-access
-                parts[0]._labels + parts[1]._labels),  # pylint: disable=protected-access
-               (parts[2]._image_files, parts[2]._labels)]  # pylint: disable=protected-access
-      train = parts[0]
+    else:  # oxford_flowers102
+      train, val = (datasets.Flowers102(root, split=s, download=True)
+                    for s in ('train', 'val'))
+      files = [(d._image_files, d._labels) for d in (train, val)]  # pylint: disable=protected-access
   except (OSError, RuntimeError) as e:
     raise bit_common.BadInput(f'could not get {args.dataset} into {root} ({e}); '
                               'check the network or --datadir.') from e
   (tp, tl), (vp, vl) = files
-  return Data(list(train.classes),
-              Source(np.asarray(tl), [str(p) for p in tp]),
-              Source(np.asarray(vl), [str(p) for p in vp]),
-              bit_hyperrule.KNOWN_DATASET_RESOLUTIONS[args.dataset])
+  tp = [str(p) for p in tp]
+  return Data(list(train.classes), Source(np.asarray(tl), tp),
+              Source(np.asarray(vl), [str(p) for p in vp]), _typical_hw(tp))
 
 
 def fewshot(source, args):

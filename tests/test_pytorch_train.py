@@ -306,3 +306,48 @@ def test_validate_checkpoint_and_npz_agree_with_training(folder, npz,
     validate.cli(['--ckpt_path', npz, '--dataset', 'imagefolder',
                   '--datadir', folder])
   assert e.value.code == 2 and '10-class head' in capsys.readouterr().err
+
+
+def test_torchvision_datasets_are_wrapped_from_their_data(monkeypatch,
+                                                          tmp_path):
+  """cifar10 and oxford_iiit_pet through stand-ins for torchvision's classes
+  (no download): classes, sizes and splits come from the data."""
+  from torchvision import datasets
+  folder = write_imagefolder(tmp_path / 'pets', train=3, val=2,
+                             size=(120, 100))
+  files = {s: bit_common.scan_imagefolder(folder)[1 if s == 'trainval' else 2]
+           for s in ('trainval', 'test')}
+  calls = []
+
+  class FakeCifar:
+    classes = ['a', 'b']
+
+    def __init__(self, root, train, download):
+      calls.append((root, train, download))
+      n = 6 if train else 4
+      self.data = np.zeros((n, 32, 32, 3), np.uint8)
+      self.targets = [i % 2 for i in range(n)]
+
+  class FakePets:
+    classes = ['cat', 'dog', 'owl']
+
+    def __init__(self, root, split, download):
+      calls.append((root, split, download))
+      self._images, self._labels = files[split].paths, list(
+          files[split].labels)
+
+  monkeypatch.setattr(datasets, 'CIFAR10', FakeCifar)
+  monkeypatch.setattr(datasets, 'OxfordIIITPet', FakePets)
+  args = types.SimpleNamespace(dataset='cifar10', datadir=str(tmp_path),
+                               skip_bad_images=False)
+  cifar = bit_data.load(args, None)
+  assert cifar.classes == ['a', 'b'] and cifar.original_hw == (32, 32)
+  assert len(cifar.train) == 6 and len(cifar.val) == 4
+  args.dataset = 'oxford_iiit_pet'
+  pets = bit_data.load(args, None)
+  assert len(pets.train) == 9 and len(pets.val) == 6
+  assert pets.original_hw == (120, 100)
+  assert pets.train.load(0).size == (100, 120)
+  assert calls == [(str(tmp_path), True, True), (str(tmp_path), False, True),
+                   (str(tmp_path), 'trainval', True),
+                   (str(tmp_path), 'test', True)]

@@ -154,6 +154,13 @@ def _train(args, rank, device):
              base_lr=args.base_lr)
   ckpt = os.path.join(bit_common.run_dir(args), CHECKPOINT)
   step = _resume(ckpt, run, net, opt, scaler, logger) if args.save else 0
+  if world > 1:
+    steps = [None] * world
+    dist.all_gather_object(steps, step)
+    if len(set(steps)) > 1:
+      raise bit_common.BadInput(
+          f'the processes found checkpoints at different steps {steps}: put '
+          '--logdir on a file system every node shares.')
 
   config = dict(vars(args), resolution=[resize, crop], schedule=schedule,
                 mixup=mixup, dataset_size=n_train, classes=data.classes,

@@ -276,11 +276,12 @@ def test_resuming_with_other_settings_is_refused(folder, npz, tmp_path):
 
 
 def test_array_dataset_and_fewshot_run(npz, tmp_path):
-  result = run_main(['--name', 'digits', '--logdir', str(tmp_path),
-                     '--model', npz, '--dataset', 'digits',
-                     '--examples_per_class', '2', '--batch', '32',
-                     '--total_steps', '2', '--no-save', *TINY,
-                     '--resize_size', '20', '--crop_size', '16'])
+  # The shared parser's args work too (PyTorch-only flags take defaults).
+  result = train.main(bit_common.argparser().parse_args([
+      '--name', 'digits', '--logdir', str(tmp_path), '--model', npz,
+      '--dataset', 'digits', '--examples_per_class', '2', '--batch', '32',
+      '--total_steps', '2', '--no-save', *TINY, '--resize_size', '20',
+      '--crop_size', '16']))
   assert result['n'] == 797
   assert not (tmp_path / 'digits' / 'model.npz').exists()
   assert not (tmp_path / 'digits' / train.CHECKPOINT).exists()

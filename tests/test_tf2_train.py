@@ -175,3 +175,18 @@ def test_truncated_image_stops_with_one_line_unless_skipped(setup, tmp_path):
   result = train.main(train.argparser().parse_args(
       ['--name', 'skip', *flags, '--skip_bad_images']))
   assert result['n'] == 5 and result['step'] == 1
+
+
+def test_fp16_with_loss_scaling_learns_and_exports_a_saved_model(setup):
+  import tensorflow as tf
+  result = _run(setup, 'fp16', '--precision', 'fp16', '--export_saved_model')
+  assert result['top1'] >= 0.8, result
+  run = setup[0] / 'runs' / 'fp16'
+  weights = _weights(setup, 'fp16')
+  assert all(v.dtype == np.float32 and np.isfinite(v).all()
+             for v in weights.values())
+  served = tf.saved_model.load(str(run / 'saved_model'))
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3))
+  logits = served.serve(images.astype(np.float32)).numpy()
+  assert logits.shape == (2, 3) and logits.dtype == np.float32
+  assert np.isfinite(logits).all()

@@ -1,9 +1,24 @@
 """bit_pytorch's throughput: the training step of bit_pytorch.train (SGD,
 autocast, its memory format) and evaluation forward passes, on random data
-(the data pipeline is not timed)."""
+(the data pipeline is not timed). Each step is timed alone and the median
+step counts, so a burst of other work on a shared machine weighs little.
+
+  python benchmarks/bench_pytorch.py --arch R50x1 --resolution 128 --batch 16
+
+runs the interleaved comparison instead: ours (fp32, bf16) and timm's fp32
+peer in one process, one step of each in turn, and prints the median of the
+per-round ratios; on a machine shared with other work this is steadier than
+measurements taken minutes apart.
+"""
+import argparse
+import os
+import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def measure(arch, resolution, batch, precision, steps, warmup):
@@ -12,9 +27,9 @@ def measure(arch, resolution, batch, precision, steps, warmup):
                     precision, steps, warmup)
 
 
-def time_model(net, resolution, batch, precision, steps, warmup,
-               channels_last=None):
-  """{train_img_s, eval_img_s, device, threads} for `net` (1000 classes)."""
+def steps_for(net, resolution, batch, precision, channels_last=None):
+  """(train_step, eval_step, device): callables that run one training step
+  (as bit_pytorch.train does) or one evaluation forward pass of `net`."""
   from bit_pytorch import train
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   net, auto_cl = train.to_device(net, device)
@@ -28,30 +43,81 @@ def time_model(net, resolution, batch, precision, steps, warmup,
   x = x.to(device).contiguous(memory_format=fmt)
   y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
 
-  def sync():
-    if device.type == 'cuda':
-      torch.cuda.synchronize()
-
-  def timed(fn):
-    for _ in range(warmup):
-      fn()
-    sync()
-    t = time.perf_counter()
-    for _ in range(steps):
-      fn()
-    sync()
-    return batch * steps / (time.perf_counter() - t)
-
-  train_img_s = timed(lambda: train.train_step(net, opt, scaler, [(x, y)], 1,
-                                               autocast).item())
-  net.eval()
+  def train_step():
+    net.train()
+    train.train_step(net, opt, scaler, [(x, y)], 1, autocast).item()
 
   @torch.no_grad()
-  def evaluate():
+  def eval_step():
+    net.eval()
     with autocast:
       net(x).float().argmax(1).sum().item()
 
-  eval_img_s = timed(evaluate)
-  return dict(train_img_s=train_img_s, eval_img_s=eval_img_s,
-              device=str(device), threads=torch.get_num_threads(),
+  return train_step, eval_step, device
+
+
+def _timed(fn, device):
+  if device.type == 'cuda':
+    torch.cuda.synchronize()
+  t = time.perf_counter()
+  fn()
+  if device.type == 'cuda':
+    torch.cuda.synchronize()
+  return time.perf_counter() - t
+
+
+def time_model(net, resolution, batch, precision, steps, warmup,
+               channels_last=None):
+  """{train_img_s, eval_img_s, device, threads} for `net` (1000 classes)."""
+  train_step, eval_step, device = steps_for(net, resolution, batch, precision,
+                                            channels_last)
+  out = {}
+  for key, fn in (('train_img_s', train_step), ('eval_img_s', eval_step)):
+    for _ in range(warmup):
+      fn()
+    out[key] = batch / statistics.median(_timed(fn, device)
+                                         for _ in range(steps))
+  return dict(out, device=str(device), threads=torch.get_num_threads(),
               torch=torch.__version__)
+
+
+def interleaved(arch, resolution, batch, rounds, warmup=2):
+  """Ours (fp32, bf16) against timm fp32, one step of each in turn."""
+  import bench_timm
+  from bit_pytorch import models
+  contenders = {
+      'timm fp32': steps_for(bench_timm.create(arch), resolution, batch,
+                             'fp32', channels_last=False),
+      'pytorch fp32': steps_for(models.create(arch, head_size=1000),
+                                resolution, batch, 'fp32'),
+      'pytorch bf16': steps_for(models.create(arch, head_size=1000),
+                                resolution, batch, 'bf16'),
+  }
+  times = {(name, kind): [] for name in contenders for kind in (0, 1)}
+  for r in range(warmup + rounds):
+    for name, (train_step, eval_step, device) in contenders.items():
+      for kind, fn in enumerate((train_step, eval_step)):
+        t = _timed(fn, device)
+        if r >= warmup:
+          times[(name, kind)].append(t)
+  print(f'{arch} at {resolution} px, batch {batch}, {rounds} interleaved '
+        f'rounds, {torch.get_num_threads()} threads; ratio = median over '
+        'rounds of (timm fp32 time / time)')
+  for kind, label in enumerate(('train', 'eval')):
+    peer = times[('timm fp32', kind)]
+    for name in contenders:
+      own = times[(name, kind)]
+      ratios = [p / t for p, t in zip(peer, own)]
+      print(f'  {label:5} {name:>12}: {batch / statistics.median(own):7.1f} '
+            f'img/s  x{statistics.median(ratios):.2f} (rounds: '
+            f'{min(ratios):.2f}..{max(ratios):.2f})')
+
+
+if __name__ == '__main__':
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--arch', default='R50x1')
+  parser.add_argument('--resolution', type=int, default=128)
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--rounds', type=int, default=8)
+  a = parser.parse_args()
+  interleaved(a.arch, a.resolution, a.batch, a.rounds)

@@ -2,21 +2,25 @@
 and width), trained and evaluated the way bench_pytorch runs ours (SGD step
 on cross-entropy; forward without gradients), in timm's default memory
 format."""
+import functools
+
 import bench_pytorch
 
 
-def measure(arch, resolution, batch, precision, steps, warmup):
-  import functools
+def create(arch):
   import timm
   from timm.models import resnetv2
   import bit_common
   a = bit_common.parse_arch(arch)
   if a == bit_common.parse_arch('R50x1'):
-    net = timm.create_model('resnetv2_50x1_bit', num_classes=1000)
-  else:  # The same construction as timm's *_bit models, at other sizes.
-    net = resnetv2.ResNetV2(
-        list(a.units), num_classes=1000, width_factor=a.width,
-        stem_type='fixed',
-        conv_layer=functools.partial(resnetv2.StdConv2d, eps=1e-8))
-  return bench_pytorch.time_model(net, resolution, batch, precision, steps,
-                                  warmup, channels_last=False)
+    return timm.create_model('resnetv2_50x1_bit', num_classes=1000)
+  # The same construction as timm's *_bit models, at other sizes.
+  return resnetv2.ResNetV2(
+      list(a.units), num_classes=1000, width_factor=a.width,
+      stem_type='fixed',
+      conv_layer=functools.partial(resnetv2.StdConv2d, eps=1e-8))
+
+
+def measure(arch, resolution, batch, precision, steps, warmup):
+  return bench_pytorch.time_model(create(arch), resolution, batch, precision,
+                                  steps, warmup, channels_last=False)

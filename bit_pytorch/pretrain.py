@@ -22,6 +22,7 @@ import yaml
 from torchvision.transforms import v2
 
 import bit_common
+from bit_pytorch import data as bit_data
 from bit_pytorch import models
 
 
@@ -29,7 +30,7 @@ from bit_pytorch import models
 class Recipe:
   """What a pre-training run does; every field can be set in the YAML file."""
   model: str                     # architecture, e.g. R50x1
-  dataset: str                   # imagenet2012, imagefolder or an array dataset
+  dataset: str                   # imagenet2012, imagefolder, cifar10, digits, ...
   batch: int                     # global batch size
   datadir: str = None            # for imagenet2012 / imagefolder
   epochs: float = None           # length, in epochs ...
@@ -75,7 +76,8 @@ class Recipe:
       if getattr(self, name) not in allowed:
         raise bit_common.BadInput(f'recipe: {name} must be one of {allowed}, '
                                   f'got {getattr(self, name)!r}.')
-    datasets = ('imagenet2012', 'imagefolder') + tuple(bit_common.ARRAY_DATASETS)
+    datasets = (bit_common.TORCH_OR_TFDS_DATASETS + ('imagefolder',) +
+                tuple(bit_common.ARRAY_DATASETS))
     if self.dataset not in datasets:
       raise bit_common.BadInput(f'recipe: dataset must be one of {datasets}, '
                                 f'got {self.dataset!r}.')
@@ -119,33 +121,18 @@ def load_recipe(path, overrides=(), datadir=None):
 # --------------------------------------------------------------------------
 # Data.
 
-class ArrayImages(torch.utils.data.Dataset):
-  """uint8 NHWC images and labels from bit_common.ARRAY_DATASETS."""
+class Examples(torch.utils.data.Dataset):
+  """A split (bit_pytorch.data.Source) as uint8 CHW tensors, transformed."""
 
-  def __init__(self, images, labels, transform):
-    self.images, self.labels, self.transform = images, labels, transform
-
-  def __len__(self):
-    return len(self.labels)
-
-  def __getitem__(self, i):
-    image = torch.from_numpy(self.images[i]).permute(2, 0, 1)
-    return self.transform(image), int(self.labels[i])
-
-
-class FileImages(torch.utils.data.Dataset):
-  """Image files (a bit_common.FileSplit), read as RGB."""
-
-  def __init__(self, split, transform):
-    self.split, self.transform = split, transform
+  def __init__(self, source, transform):
+    self.source, self.transform = source, transform
 
   def __len__(self):
-    return len(self.split.labels)
+    return len(self.source)
 
   def __getitem__(self, i):
-    image = torchvision.io.decode_image(self.split.paths[i],
-                                        torchvision.io.ImageReadMode.RGB)
-    return self.transform(image), int(self.split.labels[i])
+    image = v2.functional.pil_to_tensor(self.source.load(i))
+    return self.transform(image), int(self.source.labels[i])
 
 
 def transforms(recipe, train):
@@ -186,18 +173,15 @@ class RotationLabels(torch.utils.data.Dataset):
     return torch.rot90(image, r, dims=(1, 2)), label * self.k + r
 
 
-def datasets(recipe):
-  """(train dataset, eval dataset, class count)."""
-  train_tf, eval_tf = transforms(recipe, True), transforms(recipe, False)
-  if recipe.dataset in bit_common.ARRAY_DATASETS:
-    d = bit_common.load_array_dataset(recipe.dataset)
-    train = ArrayImages(d.train_images, d.train_labels, train_tf)
-    val = ArrayImages(d.val_images, d.val_labels, eval_tf)
-    classes = len(d.classes)
-  else:
-    names, train, val = bit_common.scan_imagefolder(recipe.datadir)
-    train, val = FileImages(train, train_tf), FileImages(val, eval_tf)
-    classes = len(names)
+def datasets(recipe, logger):
+  """(train dataset, eval dataset, class count), read as fine-tuning reads
+  them (bit_pytorch.data.load: unreadable images are refused up front)."""
+  data = bit_data.load(argparse.Namespace(
+      dataset=recipe.dataset, datadir=recipe.datadir, skip_bad_images=False),
+                       logger)
+  train = Examples(data.train, transforms(recipe, True))
+  val = Examples(data.val, transforms(recipe, False))
+  classes = len(data.classes)
   if recipe.rotations > 1:
     train = RotationLabels(train, recipe.rotations, True)
     val = RotationLabels(val, recipe.rotations, False)
@@ -355,7 +339,7 @@ def main(args):
 
   torch.manual_seed(args.seed)
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-  train_set, eval_set, classes = datasets(recipe)
+  train_set, eval_set, classes = datasets(recipe, logger)
   sched = schedule(recipe, len(train_set))
   arch = bit_common.parse_arch(recipe.model)
   model = models.ResNetV2(arch.units, arch.width, classes, zero_head=True)

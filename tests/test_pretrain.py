@@ -149,6 +149,25 @@ def test_tiny_run_writes_outputs_and_exports_exact_npz(tmp_path):
   assert weights['resnet/head/conv2d/kernel'].any()  # the head was trained
 
 
+def test_image_folder_with_rotation_labels(tmp_path, imagefolder):
+  result, out = run(tmp_path, steps=2, dataset='imagefolder', batch=6,
+                    datadir=imagefolder, augment='inception_crop',
+                    downsample=[8, 12], rotations=4, decay_at=[])
+  assert result['n'] == 12  # val/: 3 classes x 4 images
+  weights = bit_common.load_npz(str(out / 'model.npz'))
+  assert weights['resnet/head/conv2d/bias'].shape == (12,)  # 3 classes x 4
+
+
+def test_rotation_labels_turn_the_image():
+  image = torch.arange(2 * 3 * 3).reshape(2, 3, 3)
+  base = [(image, 2)] * 8
+  val = pretrain.RotationLabels(base, 4, train=False)
+  for i in range(8):
+    turned, label = val[i]
+    assert label == 2 * 4 + i % 4
+    assert torch.equal(turned, torch.rot90(image, i % 4, dims=(1, 2)))
+
+
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
   values = dict(augment='none', warmup_steps=0, decay_at=[], eval_every=2)
   run(tmp_path / 'a', steps=4, **values)

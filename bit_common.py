@@ -317,6 +317,22 @@ def check_weights(weights, arch, head_size=None, source='checkpoint'):
                      f'but {arch.name} needs {shape}.')
 
 
+def model_arch(model, head_size=None, weights=None):
+  """(Architecture, head size) for a registered name, an architecture name
+  ('R50x1') or a weights dict (read from its shapes); `head_size` wins over
+  the file's or the registry's head."""
+  if weights is not None:
+    arch, default_head = infer_arch(weights)
+  elif model in MODELS:
+    arch, default_head = MODELS[model].architecture, MODELS[model].head_size
+  else:
+    arch, default_head = parse_arch(model), None
+  head = head_size or default_head
+  if head is None:
+    raise BadInput(f'{model}: the head size is unknown; give one.')
+  return arch, head
+
+
 def infer_arch(weights):
   """(Architecture, head_size or None) of a checkpoint, from its shapes."""
   try:
@@ -434,6 +450,18 @@ def check_args(args, devices=1):
                    f'--resize_size {args.resize_size}.')
   if not args.model.endswith(('.npz', '.h5')):
     model_info(args.model)
+
+
+def backend_argparser(add_flags):
+  """The shared parser plus a backend's own flags (`add_flags(parser)`)."""
+  return add_flags(argparser())
+
+
+def with_backend_defaults(args, add_flags):
+  """`args` from the shared parser, completed with the defaults of the
+  backend's own flags (for in-process use)."""
+  defaults = add_flags(argparse.ArgumentParser()).parse_args([])
+  return argparse.Namespace(**{**vars(defaults), **vars(args)})
 
 
 def resolution(args, original_hw):
@@ -555,6 +583,88 @@ class Progress:
   def close(self):
     if self._bar is not None:
       self._bar.close()
+
+
+# --------------------------------------------------------------------------
+# A fine-tuning run: what every trainer does the same way.
+
+def run_settings(args, classes, dataset_size, schedule, resize, crop):
+  """What a resumed run must share with the checkpoint it resumes."""
+  return dict(model=args.model, dataset=args.dataset, classes=classes,
+              dataset_size=dataset_size, batch=args.batch,
+              schedule=list(schedule), resolution=[resize, crop],
+              seed=args.seed, examples_per_class=args.examples_per_class,
+              examples_per_class_seed=args.examples_per_class_seed,
+              base_lr=args.base_lr)
+
+
+def check_same_run(saved, run, where):
+  """Refuses to resume from `where` when its settings differ from `run`."""
+  differ = [k for k in run if saved.get(k) != run[k]]
+  if differ:
+    raise BadInput(
+        f'{where} belongs to a run with other settings ('
+        + ', '.join(f'{k}: {saved.get(k)!r} there, {run[k]!r} now'
+                    for k in differ)[:500]
+        + '); choose another --name or delete that folder.')
+
+
+def log_validation(logger, step, result):
+  logger.info(f'step {step}: validation loss {result["loss"]:.4f}, '
+              f'top-1 {result["top1"]:.2%}, top-5 {result["top5"]:.2%} '
+              f'({result["n"]} examples)')
+
+
+def fine_tune_loop(args, step, n_train, train_step, evaluate, save, logger,
+                   metrics, stop_vote=lambda stop: stop):
+  """Runs the HyperRule schedule from `step` to its end; returns
+  (final evaluation, step).
+
+  `train_step(step, lr)` does the update of `step` and returns its loss; `evaluate(step)`
+  evaluates (and checkpoints) at `step`; `save(step)` checkpoints when
+  SIGINT/SIGTERM stops the run early, which then exits with 128 + signal.
+  `metrics` is None on all but the lead process. `stop_vote(stop)` tells
+  whether any process was asked to stop, so that all stop together.
+  """
+  import signal
+  total = bit_hyperrule.get_schedule(n_train, args.total_steps)[-1]
+  progress = Progress(total, step, logger) if metrics else None
+  result = None
+  with StopSignals() as signals:
+    t0 = time.time()
+    while step < total and not stop_vote(signals.signum is not None):
+      lr = bit_hyperrule.get_lr(step, n_train, args.base_lr, args.total_steps)
+      loss = train_step(step, lr)
+      step += 1
+      t1 = time.time()
+      speed = args.batch / max(t1 - t0, 1e-9)
+      t0 = t1
+      if metrics:
+        metrics.write(step, 'train', loss=loss, lr=lr, images_per_sec=speed)
+        progress.update(step, speed, loss=loss, lr=lr)
+      if args.eval_every and step % args.eval_every == 0 or step == total:
+        result = evaluate(step)
+        t0 = time.time()
+    if step < total:
+      save(step)
+      logger.info(f'stopped by signal at step {step}/{total}'
+                  + ('; run again with the same --name to resume.'
+                     if args.save else '.'))
+      raise SystemExit(128 + (signals.signum or signal.SIGTERM))
+  if progress:
+    progress.close()
+  if result is None:  # Resumed after the last step: evaluate once more.
+    result = evaluate(step)
+  return result, step
+
+
+def write_results(args, result, step, n_train, logger):
+  """results.json, the last file a run writes."""
+  write_json(os.path.join(run_dir(args), 'results.json'), dict(
+      result, step=step, split='val', name=args.name, model=args.model,
+      dataset=args.dataset, dataset_size=n_train,
+      examples_per_class=args.examples_per_class))
+  logger.info(f'done: top-1 {result["top1"]:.2%} after {step} steps.')
 
 
 # --------------------------------------------------------------------------

@@ -226,16 +226,7 @@ def create(model, head_size=None, zero_head=False, weights=None,
   (zeros, `head_size` classes), else it comes from the file. Without weights
   the parameters are freshly initialised from `rng`.
   """
-  if weights is not None:
-    arch, default_head = bit_common.infer_arch(weights)
-  elif model in bit_common.MODELS:
-    info = bit_common.MODELS[model]
-    arch, default_head = info.architecture, info.head_size
-  else:
-    arch, default_head = bit_common.parse_arch(model), None
-  head = head_size or default_head
-  if head is None:
-    raise bit_common.BadInput(f'{model}: the head size is unknown; give one.')
+  arch, head = bit_common.model_arch(model, head_size, weights)
   net = ResNetV2(arch, head, zero_head, dtype)
   if weights is None:
     return net, net.init_params(rng)

@@ -14,11 +14,8 @@ In-process use: `main(args)` with `args = argparser().parse_args([...])` (or
 `bit_common.argparser()`'s) runs one fine-tuning and returns the final
 evaluation.
 """
-import argparse
 import logging
 import os
-import sys
-import time
 
 import flax
 import jax
@@ -35,10 +32,6 @@ from bit_jax import models
 CHECKPOINTS = 'checkpoints'
 EXPORT = 'model.npz'
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
-# Settings a resumed run must share with the checkpoint it resumes.
-RESUME_KEYS = ('model', 'dataset', 'classes', 'dataset_size', 'batch',
-               'schedule', 'resolution', 'seed', 'examples_per_class',
-               'examples_per_class_seed', 'base_lr')
 
 
 def add_jax_flags(parser):
@@ -51,12 +44,7 @@ def add_jax_flags(parser):
 
 
 def argparser():
-  return add_jax_flags(bit_common.argparser())
-
-
-def _with_jax_defaults(args):
-  defaults = add_jax_flags(argparse.ArgumentParser()).parse_args([])
-  return argparse.Namespace(**{**vars(defaults), **vars(args)})
+  return bit_common.backend_argparser(add_jax_flags)
 
 
 # --------------------------------------------------------------------------
@@ -128,7 +116,7 @@ def optimizer():
 
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
-  args = _with_jax_defaults(args)
+  args = bit_common.with_backend_defaults(args, add_jax_flags)
   if args.precision == 'fp16':
     raise bit_common.BadInput(
         '--precision fp16 is not supported by the JAX backend (it has no '
@@ -149,7 +137,6 @@ def main(args):
   n_train = data.train_size
   resize, crop = bit_common.resolution(args, data.original_hw)
   schedule = bit_hyperrule.get_schedule(n_train, args.total_steps)
-  total = schedule[-1]
   mixup = bit_hyperrule.get_mixup(n_train)
   weights = bit_common.load_npz(bit_common.weights_path(
       args.model, args.bit_pretrained_dir))
@@ -165,12 +152,8 @@ def main(args):
                          replicated)
 
   classes = list(data.classes) if data.classes else data.num_classes
-  run = dict(model=args.model, dataset=args.dataset, classes=classes,
-             dataset_size=n_train, batch=args.batch, schedule=schedule,
-             resolution=[resize, crop], seed=args.seed,
-             examples_per_class=args.examples_per_class,
-             examples_per_class_seed=args.examples_per_class_seed,
-             base_lr=args.base_lr)
+  run = bit_common.run_settings(args, classes, n_train, schedule, resize,
+                                crop)
   manager = _checkpoints(args) if args.save else None
   step, state = _resume(manager, run, state, logger) if manager else (0, state)
 
@@ -185,7 +168,8 @@ def main(args):
                                        'config.json'), config)
   logger.info(f'{args.dataset}: {n_train} training, {data.eval_size} '
               f'{data.eval_split} examples, {data.num_classes} classes; '
-              f'resolution {resize}->{crop}, {total} steps, mixup {mixup}, '
+              f'resolution {resize}->{crop}, {schedule[-1]} steps, '
+              f'mixup {mixup}, '
               f'{len(devices)} {devices[0].platform} device(s), '
               f'{args.precision}')
 
@@ -199,61 +183,44 @@ def main(args):
     return {k: jax.make_array_from_process_local_data(sharded, v)
             for k, v in batch.items()}
 
-  def evaluate():
+  def evaluate(step):
     sums = np.zeros(4)
-    for batch in _named_errors(input_pipeline.eval_batches(
+    for batch in input_pipeline.named_errors(input_pipeline.eval_batches(
         data, eval_batch, crop, pid, nproc).as_numpy_iterator()):
       b = to_global(batch)
       sums += np.asarray(eval_step(state['params'], b['image'], b['label'],
                                    b['mask']), np.float64)
     loss, top1, top5, n = sums
     result = dict(loss=loss / n, top1=top1 / n, top5=top5 / n, n=int(n))
-    logger.info(f'step {step}: validation loss {result["loss"]:.4f}, '
-                f'top-1 {result["top1"]:.2%}, top-5 {result["top5"]:.2%} '
-                f'({result["n"]} examples)')
+    bit_common.log_validation(logger, step, result)
     if lead:
       metrics.write(step, 'val', **result)
     if manager:
       _save(manager, step, state, run)
     return result
 
-  progress = bit_common.Progress(total, step, logger) if lead else None
-  result = None
-  batches = _named_errors(input_pipeline.train_batches(
+  batches = input_pipeline.named_errors(input_pipeline.train_batches(
       data, args.batch, resize, crop, args.seed, step, mixup, pid,
       nproc).as_numpy_iterator())
-  with bit_common.StopSignals() as signals:
-    t0 = time.time()
-    while step < total and not _agree_to_stop(signals):
-      lr = bit_hyperrule.get_lr(step, n_train, args.base_lr, args.total_steps)
-      b = to_global(next(batches))
-      params, opt_state, loss = train_step(
-          state['params'], state['opt_state'], b['image'], b['label'],
-          jnp.float32(lr))
-      state = {'params': params, 'opt_state': opt_state}
-      loss = float(loss)
-      step += 1
-      t1 = time.time()
-      speed = args.batch / max(t1 - t0, 1e-9)
-      t0 = t1
-      if lead:
-        metrics.write(step, 'train', loss=loss, lr=lr, images_per_sec=speed)
-        progress.update(step, speed, loss=loss, lr=lr)
-      if args.eval_every and step % args.eval_every == 0 or step == total:
-        result = evaluate()
-        t0 = time.time()
-    if step < total:
-      if manager:
-        _save(manager, step, state, run)
-        manager.wait_until_finished()
-      logger.info(f'stopped by signal at step {step}/{total}'
-                  + ('; run again with the same --name to resume.'
-                     if args.save else '.'))
-      raise SystemExit(128 + signals.signum)
-  if progress:
-    progress.close()
-  if result is None:  # Resumed after the last step: evaluate once more.
-    result = evaluate()
+
+  def train_one(step, lr):
+    del step  # The pipeline yields the batch of each step in turn.
+    nonlocal state
+    b = to_global(next(batches))
+    params, opt_state, loss = train_step(
+        state['params'], state['opt_state'], b['image'], b['label'],
+        jnp.float32(lr))
+    state = {'params': params, 'opt_state': opt_state}
+    return float(loss)
+
+  def save(step):
+    if manager:
+      _save(manager, step, state, run)
+      manager.wait_until_finished()
+
+  result, step = bit_common.fine_tune_loop(
+      args, step, n_train, train_one, evaluate, save, logger, metrics,
+      _agree_to_stop)
   if manager:
     manager.wait_until_finished()
   if lead:
@@ -263,34 +230,16 @@ def main(args):
       models.save_npz(os.path.join(bit_common.run_dir(args), EXPORT),
                       jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
                                    state['params']))
-    results = dict(result, step=step, split='val', name=args.name,
-                   model=args.model, dataset=args.dataset,
-                   dataset_size=n_train,
-                   examples_per_class=args.examples_per_class)
-    bit_common.write_json(os.path.join(bit_common.run_dir(args),
-                                       'results.json'), results)
-    logger.info(f'done: top-1 {result["top1"]:.2%} after {step} steps.')
+    bit_common.write_results(args, result, step, n_train, logger)
   return dict(result, step=step)
 
 
-def _agree_to_stop(signals):
+def _agree_to_stop(stop):
   """Whether any process was asked to stop (all stop at the same step)."""
-  stop = signals.signum is not None
   if jax.process_count() == 1:
     return stop
   from jax.experimental import multihost_utils
   return bool(np.any(multihost_utils.process_allgather(np.array(stop))))
-
-
-def _named_errors(batches):
-  """Yields from `batches`; an unreadable image ends the run with one line."""
-  import tensorflow as tf
-  try:
-    yield from batches
-  except tf.errors.OpError as e:
-    raise bit_common.BadInput(
-        f'cannot read an image ({e.message.strip().splitlines()[-1]}); fix '
-        'or remove it, or pass --skip_bad_images.') from None
 
 
 # --------------------------------------------------------------------------
@@ -323,14 +272,8 @@ def _resume(manager, run, state, logger):
     raise bit_common.BadInput(
         f'cannot read checkpoint {manager.directory}/{step} ({e}); delete it '
         'to start the run afresh.') from e
-  saved = dict(saved, schedule=list(saved['schedule']))
-  differ = [k for k in RESUME_KEYS if saved.get(k) != run[k]]
-  if differ:
-    raise bit_common.BadInput(
-        f'{manager.directory} belongs to a run with other settings ('
-        + ', '.join(f'{k}: {saved.get(k)!r} there, {run[k]!r} now'
-                    for k in differ)[:500]
-        + '); choose another --name or delete that folder.')
+  bit_common.check_same_run(dict(saved, schedule=list(saved['schedule'])),
+                            run, manager.directory)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   state = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract)))['state']

@@ -210,17 +210,7 @@ def create(model, head_size=None, zero_head=False, weights=None):
   `weights`, when given, is loaded (strictly); `head_size` defaults to the
   file's (or registry's) head.
   """
-  if weights is not None:
-    arch, file_head = bit_common.infer_arch(weights)
-    default_head = file_head
-  elif model in bit_common.MODELS:
-    info = bit_common.MODELS[model]
-    arch, default_head = info.architecture, info.head_size
-  else:
-    arch, default_head = bit_common.parse_arch(model), None
-  head = head_size or default_head
-  if head is None:
-    raise bit_common.BadInput(f'{model}: the head size is unknown; give one.')
+  arch, head = bit_common.model_arch(model, head_size, weights)
   net = ResNetV2(arch.units, arch.width, head, zero_head)
   if weights is not None:
     net.load_from(weights)

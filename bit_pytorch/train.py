@@ -12,7 +12,6 @@ In-process use: `main(args)` with `args = argparser().parse_args([...])` (or
 `bit_common.argparser()`'s: the PyTorch-only flags then take their defaults)
 runs one fine-tuning and returns the final evaluation.
 """
-import argparse
 import contextlib
 import itertools
 import logging
@@ -20,7 +19,6 @@ import os
 import signal
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -36,10 +34,6 @@ from bit_pytorch import models
 CHECKPOINT = 'bit.pth.tar'
 EXPORT = 'model.npz'
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-# Settings a resumed run must share with the checkpoint it resumes.
-RESUME_KEYS = ('model', 'dataset', 'classes', 'dataset_size', 'batch',
-               'schedule', 'resolution', 'seed', 'examples_per_class',
-               'examples_per_class_seed', 'base_lr')
 
 
 def add_torch_flags(parser):
@@ -51,12 +45,7 @@ def add_torch_flags(parser):
 
 
 def argparser():
-  return add_torch_flags(bit_common.argparser(models.KNOWN_MODELS))
-
-
-def _with_torch_defaults(args):
-  defaults = add_torch_flags(argparse.ArgumentParser()).parse_args([])
-  return argparse.Namespace(**{**vars(defaults), **vars(args)})
+  return bit_common.backend_argparser(add_torch_flags)
 
 
 # --------------------------------------------------------------------------
@@ -119,7 +108,7 @@ def _ignore_sigint(worker_id):
 
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
-  args = _with_torch_defaults(args)
+  args = bit_common.with_backend_defaults(args, add_torch_flags)
   bit_common.check_args(args, _world_size())
   with _process_group() as (rank, device):
     return _train(args, rank, device)
@@ -145,13 +134,9 @@ def _train(args, rank, device):
   net, channels_last = to_device(net, device)
   opt, scaler = optimizer(net, args.base_lr, args.precision)
 
-  run = dict(model=args.model, arch=net.architecture.name,
-             dataset=args.dataset, classes=data.classes,
-             dataset_size=n_train, batch=args.batch, schedule=schedule,
-             resolution=[resize, crop], seed=args.seed,
-             examples_per_class=args.examples_per_class,
-             examples_per_class_seed=args.examples_per_class_seed,
-             base_lr=args.base_lr)
+  run = dict(bit_common.run_settings(args, data.classes, n_train, schedule,
+                                     resize, crop),
+             arch=net.architecture.name)  # For validate.
   ckpt = os.path.join(bit_common.run_dir(args), CHECKPOINT)
   step = _resume(ckpt, run, net, opt, scaler, logger) if args.save else 0
   if world > 1:
@@ -195,66 +180,40 @@ def _train(args, rank, device):
   metrics = bit_common.Metrics(args, step) if rank == 0 else None
   autocast = autocast_for(device, args.precision)
 
-  def evaluate_and_save():
+  def save(step):
+    if rank == 0 and args.save:
+      _save(ckpt, net, opt, scaler, step, run)
+
+  def evaluate_and_save(step):
     result = evaluate(fast, val_loader, device, channels_last, autocast)
-    logger.info(f'step {step}: validation loss {result["loss"]:.4f}, '
-                f'top-1 {result["top1"]:.2%}, top-5 {result["top5"]:.2%} '
-                f'({result["n"]} examples)')
+    bit_common.log_validation(logger, step, result)
     if rank == 0:
       metrics.write(step, 'val', **result)
-      if args.save:
-        _save(ckpt, net, opt, scaler, step, run)
+    save(step)
     return result
 
-  progress = bit_common.Progress(total, step, logger) if rank == 0 else None
-  result = None
   batches = _data_errors_named(iter(train_loader))
-  with bit_common.StopSignals() as signals:
-    t0 = time.time()
-    while step < total and not _agree_to_stop(signals, device):
-      lr = bit_hyperrule.get_lr(step, n_train, args.base_lr, args.total_steps)
-      for g in opt.param_groups:
-        g['lr'] = lr
-      lam = (float(np.random.default_rng([args.seed, step, 1]).beta(
-          mixup, mixup)) if mixup else None)
-      micro = ((bit_data.normalize(x, device, channels_last),
-                y.to(device, non_blocking=True))
-               for x, y in itertools.islice(batches, args.batch_split))
-      loss = train_step(model, opt, scaler, micro, args.batch_split,
-                        autocast, lam)
-      step += 1
-      loss = _mean_over_processes(loss, device)
-      t1 = time.time()
-      speed = args.batch / max(t1 - t0, 1e-9)
-      t0 = t1
-      if rank == 0:
-        metrics.write(step, 'train', loss=loss, lr=lr, images_per_sec=speed)
-        progress.update(step, speed, loss=loss, lr=lr)
-      if args.eval_every and step % args.eval_every == 0 or step == total:
-        result = evaluate_and_save()
-        t0 = time.time()
-    if step < total:
-      if rank == 0 and args.save:
-        _save(ckpt, net, opt, scaler, step, run)
-      logger.info(f'stopped by signal at step {step}/{total}'
-                  + ('; run again with the same --name to resume.'
-                     if args.save else '.'))
-      raise SystemExit(128 + (signals.signum or signal.SIGTERM))
-  if progress:
-    progress.close()
-  if result is None:  # Resumed after the last step: evaluate once more.
-    result = evaluate_and_save()
+
+  def train_one(step, lr):
+    for g in opt.param_groups:
+      g['lr'] = lr
+    lam = (float(np.random.default_rng([args.seed, step, 1]).beta(
+        mixup, mixup)) if mixup else None)
+    micro = ((bit_data.normalize(x, device, channels_last),
+              y.to(device, non_blocking=True))
+             for x, y in itertools.islice(batches, args.batch_split))
+    loss = train_step(model, opt, scaler, micro, args.batch_split, autocast,
+                      lam)
+    return _mean_over_processes(loss, device)
+
+  result, step = bit_common.fine_tune_loop(
+      args, step, n_train, train_one, evaluate_and_save, save, logger,
+      metrics, lambda stop: _agree_to_stop(stop, device))
   if rank == 0:
     metrics.close()
-    results = dict(result, step=step, split='val', name=args.name,
-                   model=args.model, dataset=args.dataset,
-                   dataset_size=n_train,
-                   examples_per_class=args.examples_per_class)
     if args.save:
       net.save_npz(os.path.join(bit_common.run_dir(args), EXPORT))
-    bit_common.write_json(os.path.join(bit_common.run_dir(args),
-                                       'results.json'), results)
-    logger.info(f'done: top-1 {result["top1"]:.2%} after {step} steps.')
+    bit_common.write_results(args, result, step, n_train, logger)
   return dict(result, step=step)
 
 
@@ -311,9 +270,8 @@ def train_step(model, opt, scaler, micro_batches, n_micro, autocast,
   return loss
 
 
-def _agree_to_stop(signals, device):
+def _agree_to_stop(stop, device):
   """Whether any process was asked to stop (all stop at the same step)."""
-  stop = signals.signum is not None
   if _world_size() == 1:
     return stop
   flag = torch.tensor([float(stop)], device=device)
@@ -388,13 +346,7 @@ def _resume(path, run, net, opt, scaler, logger):
   except Exception as e:  # pylint: disable=broad-except
     raise bit_common.BadInput(f'cannot read checkpoint {path} ({e}); delete '
                               'it to start the run afresh.') from e
-  differ = [k for k in RESUME_KEYS if state['run'].get(k) != run[k]]
-  if differ:
-    raise bit_common.BadInput(
-        f'{path} belongs to a run with other settings ('
-        + ', '.join(f'{k}: {state["run"].get(k)!r} there, {run[k]!r} now'
-                    for k in differ)[:500]
-        + '); choose another --name or delete that folder.')
+  bit_common.check_same_run(state['run'], run, path)
   net.load_state_dict(state['model'])
   opt.load_state_dict(state['optimizer'])
   scaler.load_state_dict(state['scaler'])

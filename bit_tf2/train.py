@@ -16,7 +16,6 @@ In-process use: `main(args)` with `args = argparser().parse_args([...])` (or
 `bit_common.argparser()`'s: the TF2-only flags then take their defaults)
 runs one fine-tuning and returns the final evaluation.
 """
-import argparse
 import atexit
 import glob
 import json
@@ -24,7 +23,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 
 import keras
 import numpy as np
@@ -41,10 +39,6 @@ EXPORT = 'model.npz'
 SAVED_MODEL = 'saved_model'
 POLICIES = {'fp32': 'float32', 'bf16': 'mixed_bfloat16',
             'fp16': 'mixed_float16'}
-# Settings a resumed run must share with the checkpoint it resumes.
-RESUME_KEYS = ('model', 'dataset', 'classes', 'dataset_size', 'batch',
-               'schedule', 'resolution', 'seed', 'examples_per_class',
-               'examples_per_class_seed', 'base_lr')
 
 
 def add_tf2_flags(parser):
@@ -56,12 +50,7 @@ def add_tf2_flags(parser):
 
 
 def argparser():
-  return add_tf2_flags(bit_common.argparser())
-
-
-def _with_tf2_defaults(args):
-  defaults = add_tf2_flags(argparse.ArgumentParser()).parse_args([])
-  return argparse.Namespace(**{**vars(defaults), **vars(args)})
+  return bit_common.backend_argparser(add_tf2_flags)
 
 
 # --------------------------------------------------------------------------
@@ -223,7 +212,7 @@ def distribute(strategy, make_dataset):
 
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
-  args = _with_tf2_defaults(args)
+  args = bit_common.with_backend_defaults(args, add_tf2_flags)
   strategy = make_strategy()
   replicas = strategy.num_replicas_in_sync
   bit_common.check_args(args, replicas)
@@ -234,7 +223,6 @@ def main(args):
   n_train = data.train_size
   resize, crop = bit_common.resolution(args, data.original_hw)
   schedule = bit_hyperrule.get_schedule(n_train, args.total_steps)
-  total = schedule[-1]
   mixup = bit_hyperrule.get_mixup(n_train)
   weights = models.load_weights(models.weights_file(args.model,
                                                     args.bit_pretrained_dir))
@@ -248,12 +236,8 @@ def main(args):
   del weights
 
   classes = list(data.classes) if data.classes else data.num_classes
-  run = dict(model=args.model, dataset=args.dataset, classes=classes,
-             dataset_size=n_train, batch=args.batch, schedule=schedule,
-             resolution=[resize, crop], seed=args.seed,
-             examples_per_class=args.examples_per_class,
-             examples_per_class_seed=args.examples_per_class_seed,
-             base_lr=args.base_lr)
+  run = bit_common.run_settings(args, classes, n_train, schedule, resize,
+                                crop)
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                    step=step_var)
   manager = _checkpoints(args, checkpoint, chief) if args.save else None
@@ -272,7 +256,8 @@ def main(args):
                                        'config.json'), config)
   logger.info(f'{args.dataset}: {n_train} training, {data.eval_size} '
               f'{data.eval_split} examples, {data.num_classes} classes; '
-              f'resolution {resize}->{crop}, {total} steps, mixup {mixup}, '
+              f'resolution {resize}->{crop}, {schedule[-1]} steps, '
+              f'mixup {mixup}, '
               f'{replicas} {device_kind(strategy)} replica(s) '
               f'({type(strategy).__name__}), {args.precision}'
               f'{", XLA" if xla else ""}')
@@ -285,61 +270,37 @@ def main(args):
                          .eval_batches(data, eval_batch, crop, pid, nproc))
   metrics = bit_common.Metrics(args, step) if chief else None
 
-  def save():
-    if manager.latest_checkpoint and _saved_step(manager) == step:
+  def save(step):
+    if not manager or (manager.latest_checkpoint and
+                       _saved_step(manager) == step):
       return
     step_var.assign(step)
     manager.save(checkpoint_number=step)
 
-  def evaluate():
+  def evaluate(step):
     sums = np.zeros(4)
     for batch in input_pipeline.named_errors(iter(eval_data)):
       sums += np.asarray(eval_step(batch), np.float64)
     loss, top1, top5, n = sums
     result = dict(loss=loss / n, top1=top1 / n, top5=top5 / n, n=int(n))
-    logger.info(f'step {step}: validation loss {result["loss"]:.4f}, '
-                f'top-1 {result["top1"]:.2%}, top-5 {result["top5"]:.2%} '
-                f'({result["n"]} examples)')
+    bit_common.log_validation(logger, step, result)
     if chief:
       metrics.write(step, 'val', **result)
-    if manager:
-      save()
+    save(step)
     return result
 
-  progress = bit_common.Progress(total, step, logger) if chief else None
-  stop_requested = _stop_vote(strategy)
-  result = None
   batches = input_pipeline.named_errors(iter(distribute(
       strategy, lambda pid, nproc: input_pipeline.train_batches(
           data, args.batch, resize, crop, args.seed, step, mixup, pid,
           nproc))))
-  with bit_common.StopSignals() as signals:
-    t0 = time.time()
-    while step < total and not stop_requested(signals):
-      rate = bit_hyperrule.get_lr(step, n_train, args.base_lr,
-                                  args.total_steps)
-      loss = float(train_step(next(batches), tf.constant(rate, tf.float32)))
-      step += 1
-      t1 = time.time()
-      speed = args.batch / max(t1 - t0, 1e-9)
-      t0 = t1
-      if chief:
-        metrics.write(step, 'train', loss=loss, lr=rate, images_per_sec=speed)
-        progress.update(step, speed, loss=loss, lr=rate)
-      if args.eval_every and step % args.eval_every == 0 or step == total:
-        result = evaluate()
-        t0 = time.time()
-    if step < total:
-      if manager:
-        save()
-      logger.info(f'stopped by signal at step {step}/{total}'
-                  + ('; run again with the same --name to resume.'
-                     if args.save else '.'))
-      raise SystemExit(128 + (signals.signum or 15))
-  if progress:
-    progress.close()
-  if result is None:  # Resumed after the last step: evaluate once more.
-    result = evaluate()
+
+  def train_one(step, rate):
+    del step  # The pipeline yields the batch of each step in turn.
+    return float(train_step(next(batches), tf.constant(rate, tf.float32)))
+
+  result, step = bit_common.fine_tune_loop(
+      args, step, n_train, train_one, evaluate, save, logger, metrics,
+      _stop_vote(strategy))
   if chief:
     metrics.close()
     if args.save:
@@ -347,13 +308,7 @@ def main(args):
     if args.export_saved_model:
       model.export_saved_model(os.path.join(bit_common.run_dir(args),
                                             SAVED_MODEL))
-    results = dict(result, step=step, split='val', name=args.name,
-                   model=args.model, dataset=args.dataset,
-                   dataset_size=n_train,
-                   examples_per_class=args.examples_per_class)
-    bit_common.write_json(os.path.join(bit_common.run_dir(args),
-                                       'results.json'), results)
-    logger.info(f'done: top-1 {result["top1"]:.2%} after {step} steps.')
+    bit_common.write_results(args, result, step, n_train, logger)
   return dict(result, step=step)
 
 
@@ -364,18 +319,17 @@ def device_kind(strategy):
 
 
 def _stop_vote(strategy):
-  """vote(signals) -> whether any worker was asked to stop, so that all
-  stop at the same step."""
+  """vote(stop) -> whether any worker was asked to stop, so that all stop
+  at the same step."""
   if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-    return lambda signals: signals.signum is not None
+    return lambda stop: stop
 
   @tf.function
   def anyone(stop):
     flags = strategy.run(lambda s: s, args=(stop,))
     return strategy.reduce(tf.distribute.ReduceOp.SUM, flags, axis=None) > 0
 
-  return lambda signals: bool(anyone(tf.constant(float(
-      signals.signum is not None))))
+  return lambda stop: bool(anyone(tf.constant(float(stop))))
 
 
 # --------------------------------------------------------------------------
@@ -416,13 +370,7 @@ def _resume(manager, checkpoint, run, logger):
     raise bit_common.BadInput(
         f'cannot read {run_file} ({e}); delete {manager.directory} to start '
         'the run afresh.') from e
-  differ = [k for k in RESUME_KEYS if saved.get(k) != run[k]]
-  if differ:
-    raise bit_common.BadInput(
-        f'{manager.directory} belongs to a run with other settings ('
-        + ', '.join(f'{k}: {saved.get(k)!r} there, {run[k]!r} now'
-                    for k in differ)[:500]
-        + '); choose another --name or delete that folder.')
+  bit_common.check_same_run(saved, run, manager.directory)
   try:
     checkpoint.restore(path).assert_existing_objects_matched()
   except (ValueError, AssertionError, tf.errors.OpError) as e:

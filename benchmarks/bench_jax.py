@@ -1,12 +1,12 @@
 """bit_jax's throughput: the compiled training step of bit_jax.train (SGD,
 data-parallel over all local devices) and the evaluation step, on random
 data (the data pipeline is not timed)."""
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from timing import images_per_sec
 
 
 def measure(arch, resolution, batch, precision, steps, warmup):
@@ -29,23 +29,15 @@ def measure(arch, resolution, batch, precision, steps, warmup):
   mask = jax.device_put(np.ones(batch, bool), sharded)
   lr = jnp.float32(0.003)
 
-  def timed(fn):
-    for _ in range(warmup):
-      fn()
-    t = time.perf_counter()
-    for _ in range(steps):
-      fn()
-    return batch * steps / (time.perf_counter() - t)
-
   def step():
     nonlocal state
     params, opt_state, loss = train_step(*state, x, y, lr)
     state = (params, opt_state)
     loss.block_until_ready()
 
-  train_img_s = timed(step)
-  eval_img_s = timed(lambda: eval_step(state[0], x, y_int, mask)
-                     .block_until_ready())
+  train_img_s = images_per_sec(step, batch, steps, warmup)
+  eval_img_s = images_per_sec(lambda: eval_step(state[0], x, y_int, mask)
+                              .block_until_ready(), batch, steps, warmup)
   return dict(train_img_s=train_img_s, eval_img_s=eval_img_s,
               device=str(jax.devices()[0].platform),
               devices=jax.device_count(), jax=jax.__version__)

@@ -14,9 +14,10 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
+
+from timing import images_per_sec, seconds
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,14 +57,14 @@ def steps_for(net, resolution, batch, precision, channels_last=None):
   return train_step, eval_step, device
 
 
-def _timed(fn, device):
-  if device.type == 'cuda':
+def _synced(fn, device):
+  """`fn`, waiting for the GPU to finish its work."""
+  if device.type != 'cuda':
+    return fn
+  def run():
+    fn()
     torch.cuda.synchronize()
-  t = time.perf_counter()
-  fn()
-  if device.type == 'cuda':
-    torch.cuda.synchronize()
-  return time.perf_counter() - t
+  return run
 
 
 def time_model(net, resolution, batch, precision, steps, warmup,
@@ -73,10 +74,7 @@ def time_model(net, resolution, batch, precision, steps, warmup,
                                             channels_last)
   out = {}
   for key, fn in (('train_img_s', train_step), ('eval_img_s', eval_step)):
-    for _ in range(warmup):
-      fn()
-    out[key] = batch / statistics.median(_timed(fn, device)
-                                         for _ in range(steps))
+    out[key] = images_per_sec(_synced(fn, device), batch, steps, warmup)
   return dict(out, device=str(device), threads=torch.get_num_threads(),
               torch=torch.__version__)
 
@@ -97,7 +95,7 @@ def interleaved(arch, resolution, batch, rounds, warmup=2):
   for r in range(warmup + rounds):
     for name, (train_step, eval_step, device) in contenders.items():
       for kind, fn in enumerate((train_step, eval_step)):
-        t = _timed(fn, device)
+        t = seconds(_synced(fn, device))
         if r >= warmup:
           times[(name, kind)].append(t)
   print(f'{arch} at {resolution} px, batch {batch}, {rounds} interleaved '

@@ -2,10 +2,10 @@
 distributed over all local devices by its strategy, XLA on accelerators,
 Keras mixed precision) and the evaluation step, on random data (the data
 pipeline is not timed)."""
-import time
-
 import numpy as np
 import tensorflow as tf
+
+from timing import images_per_sec
 
 
 def measure(arch, resolution, batch, precision, steps, warmup):
@@ -34,16 +34,11 @@ def measure(arch, resolution, batch, precision, steps, warmup):
   train_batches, eval_batches = repeated(data), repeated(eval_data)
   rate = tf.constant(0.003, tf.float32)
 
-  def timed(fn):
-    for _ in range(warmup):
-      fn()
-    t = time.perf_counter()
-    for _ in range(steps):
-      fn()
-    return batch * steps / (time.perf_counter() - t)
-
-  train_img_s = timed(lambda: float(train_step(next(train_batches), rate)))
-  eval_img_s = timed(lambda: eval_step(next(eval_batches)).numpy())
+  train_img_s = images_per_sec(
+      lambda: float(train_step(next(train_batches), rate)), batch, steps,
+      warmup)
+  eval_img_s = images_per_sec(lambda: eval_step(next(eval_batches)).numpy(),
+                              batch, steps, warmup)
   return dict(train_img_s=train_img_s, eval_img_s=eval_img_s,
               device=train.device_kind(strategy),
               devices=strategy.num_replicas_in_sync, xla=xla,

@@ -21,7 +21,7 @@ demo: install
 
 # Re-creates the bundled upstream model (bit_models/) from scratch: installs
 # Fashion-MNIST (Debian) where missing, then trains with the small recipe
-# (about 35 min on 2 busy CPU cores); the .npz lands in runs/pretrain/NAME/model.npz.
+# (about 8 min on 2 busy CPU cores); the .npz lands in runs/pretrain/NAME/model.npz.
 PRETRAIN_NAME ?= BiT-R14x0.5-FashionMNIST
 pretrain: install
 	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || \

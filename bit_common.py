@@ -984,6 +984,10 @@ class StopSignals:
   def _handle(self, signum, frame):
     del frame
     self.signum = signum
+    # A second signal of the same kind acts as if we were not here (a
+    # second Ctrl-C interrupts at once).
+    import signal
+    signal.signal(signum, self._old[signum])
 
   def __exit__(self, *exc):
     import signal

@@ -34,17 +34,19 @@ def get_resolution_from_dataset(dataset):
   return get_resolution(KNOWN_DATASET_RESOLUTIONS[dataset])
 
 
-def get_resolution_from_image_sizes(sizes):
-  """(resize, crop) for a custom dataset, from its images' (height, width)s.
-
-  The median height and width decide, so a few odd images do not.
-  """
+def typical_size(sizes):
+  """The median height and width of images of (height, width) `sizes`, so
+  that a few odd images do not decide."""
   sizes = list(sizes)
   if not sizes:
     raise ValueError('No image sizes given.')
-  h = statistics.median(s[0] for s in sizes)
-  w = statistics.median(s[1] for s in sizes)
-  return get_resolution((h, w))
+  return (statistics.median(s[0] for s in sizes),
+          statistics.median(s[1] for s in sizes))
+
+
+def get_resolution_from_image_sizes(sizes):
+  """(resize, crop) for a custom dataset, from its images' (height, width)s."""
+  return get_resolution(typical_size(sizes))
 
 
 def get_mixup(dataset_size):

@@ -35,12 +35,12 @@ itself reversed, as published.
 """
 import dataclasses
 import os
-import statistics
 
 import numpy as np
 import tensorflow as tf
 
 import bit_common
+import bit_hyperrule
 
 # A TFDS training split larger than this is streamed (shuffle buffer) rather
 # than held in memory as encoded images for random access.
@@ -157,11 +157,6 @@ def get_data(args, logger=None):
   return data
 
 
-def _median_hw(sizes):
-  return (statistics.median(s[0] for s in sizes),
-          statistics.median(s[1] for s in sizes))
-
-
 def _arrays(name):
   d = bit_common.load_array_dataset(name)
   train = Source(len(d.train_labels), np.asarray(d.train_labels, np.int64),
@@ -184,7 +179,7 @@ def _imagefolder(args, logger):
                           paths=True, use_pil=use_pil))
   eval_split = os.path.basename(os.path.dirname(os.path.dirname(
       val.paths[0])))
-  hw = _median_hw(bit_common.image_sizes(train.paths))
+  hw = bit_hyperrule.typical_size(bit_common.image_sizes(train.paths))
   return Data('imagefolder', sources[0], sources[1], len(classes), classes,
               hw, eval_split, sources[0].n)
 
@@ -256,7 +251,7 @@ def _tfds(args, logger):
   else:
     sample = records('train').take(256).map(
         lambda r: tf.shape(_decode_tf(r['image']))[:2])
-    hw = _median_hw(list(sample.as_numpy_iterator()))
+    hw = bit_hyperrule.typical_size(list(sample.as_numpy_iterator()))
   return Data(args.dataset, train, evaluation, num_classes, classes, hw,
               eval_split, splits['train'].num_examples)
 

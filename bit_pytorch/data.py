@@ -9,7 +9,6 @@ and a run over any number of processes, sees exactly the same batches.
 import concurrent.futures
 import dataclasses
 import os
-import statistics
 import sys
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 
 import bit_common
+import bit_hyperrule
 
 
 @dataclasses.dataclass
@@ -86,9 +86,7 @@ def load(args, logger, check_train=True):
 
 
 def _typical_hw(paths):
-  """The median height and width, as get_resolution_from_image_sizes."""
-  sizes = bit_common.image_sizes(paths)
-  return tuple(statistics.median(s[k] for s in sizes) for k in (0, 1))
+  return bit_hyperrule.typical_size(bit_common.image_sizes(paths))
 
 
 def _header_ok(path):

@@ -13,6 +13,12 @@ sys.path.insert(0, REPO)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
+# torchvision (through triton, in torch's CUDA wheels) crashes when it is
+# imported after TensorFlow in one process; imported first, both work. Tests
+# of every backend share one pytest process, so settle the order here.
+import torch  # noqa: E402,F401
+import torchvision  # noqa: E402,F401
+
 import bit_common  # noqa: E402
 
 

@@ -295,3 +295,16 @@ def test_digits_ships_offline():
   assert d.val_images.shape == (797, 8, 8, 3)
   assert d.train_images.max() == 255 and len(d.classes) == 10
   assert set(d.train_labels) == set(range(10))
+
+
+# ---------------------------------------------------------------- signals
+
+def test_stop_signals_first_asks_second_interrupts():
+  import signal
+  with bit_common.StopSignals() as signals:
+    assert signals.signum is None
+    os.kill(os.getpid(), signal.SIGINT)
+    assert signals.signum == signal.SIGINT   # recorded, run goes on
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)     # a second Ctrl-C stops at once
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

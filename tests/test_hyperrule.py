@@ -26,6 +26,9 @@ def test_resolution_from_image_sizes_uses_the_median():
   small = [(32, 32)] * 5 + [(1000, 1000)] * 2
   assert hr.get_resolution_from_image_sizes(small) == (160, 128)
   assert hr.get_resolution_from_image_sizes([(300, 200)] * 3) == (512, 480)
+  assert hr.typical_size([(10, 20), (30, 40), (1000, 1000)]) == (30, 40)
+  with pytest.raises(ValueError):
+    hr.typical_size([])
 
 
 @pytest.mark.parametrize('size, mixup, schedule', [

@@ -73,3 +73,21 @@ def write_imagefolder(root, classes=('cat', 'dog', 'owl'), train=8, val=4,
 @pytest.fixture
 def imagefolder(tmp_path):
   return write_imagefolder(tmp_path / 'images')
+
+
+@pytest.fixture
+def sigterm_after_step(monkeypatch):
+  """sigterm_after_step(k): the process receives SIGTERM right after the
+  training metrics of step k are written (k=None disarms), which is how a
+  run is interrupted in the resume tests."""
+  import signal
+  write = bit_common.Metrics.write
+
+  def arm(k):
+    def write_then_sigterm(self, step, split, **values):
+      write(self, step, split, **values)
+      if step == k and split == 'train':
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(bit_common.Metrics, 'write',
+                        write if k is None else write_then_sigterm)
+  return arm

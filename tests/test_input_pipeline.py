@@ -1,6 +1,5 @@
 """The shared tf.data pipeline (input_pipeline_tf2_or_jax): datasets,
 few-shot subsets, augmentation, mixup, evaluation coverage, resumption."""
-import argparse
 
 import numpy as np
 import pytest

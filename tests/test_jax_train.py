@@ -83,7 +83,7 @@ def test_learns_and_writes_outputs(setup, reference):
   assert config['classes'] == ['cat', 'dog', 'owl'] and config['devices'] == 1
   assert json.load(open(run / 'results.json'))['top1'] == result['top1']
   # The exported model loads in PyTorch and gives the same predictions.
-  torch = pytest.importorskip('torch')
+  pytest.importorskip('torch')
   from bit_pytorch import models as torch_models
   net = torch_models.create('x', weights=_weights(setup, 'ref')).eval()
   assert net.head.conv.weight.shape[0] == 3
@@ -95,22 +95,15 @@ def test_batch_split_gives_the_same_update(setup, reference):
 
 
 def test_resume_after_sigterm_equals_uninterrupted_run(setup, reference,
-                                                       monkeypatch):
-  write = bit_common.Metrics.write
-
-  def write_then_sigterm(self, step, split, **values):
-    write(self, step, split, **values)
-    if step == 4 and split == 'train':
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  monkeypatch.setattr(bit_common.Metrics, 'write', write_then_sigterm)
+                                                       sigterm_after_step):
+  sigterm_after_step(4)
   with pytest.raises(SystemExit) as stop:
     _run(setup, 'resumed', '--eval_every', '6')
   assert stop.value.code == 128 + signal.SIGTERM
   run = setup[0] / 'runs' / 'resumed'
   assert not (run / 'results.json').exists()
   assert os.listdir(run / 'checkpoints') == ['4']
-  monkeypatch.setattr(bit_common.Metrics, 'write', write)
+  sigterm_after_step(None)
   result = _run(setup, 'resumed', '--eval_every', '6')
   assert result == reference[0]
   _assert_same(_weights(setup, 'resumed'), reference[1], exact=True)

@@ -137,6 +137,7 @@ def test_fewshot_subset_is_reproducible_and_balanced():
 
   (l1, i1), (l2, i2), (_, i3) = draw(5, 1), draw(5, 1), draw(5, 2)
   np.testing.assert_array_equal(i1, i2)
+  np.testing.assert_array_equal(l1, l2)
   assert not np.array_equal(i1, i3)
   np.testing.assert_array_equal(np.bincount(l1), [5, 5, 5, 5])
   np.testing.assert_array_equal(labels[i1], l1)
@@ -197,7 +198,7 @@ def test_sigterm_then_restart_equals_an_uninterrupted_run(folder, npz,
   assert 0 < state['step'] < 16, state['step']
   resumed = run_cli(argv)
   assert resumed.returncode == 0, resumed.stderr
-  assert f'resuming from' in resumed.stderr
+  assert 'resuming from' in resumed.stderr
   assert_same_weights(weights(tmp_path, 'whole'), weights(tmp_path, 'killed'))
   lines = [json.loads(l) for l in metrics.open()]
   assert [r['step'] for r in lines if r['split'] == 'train'] == list(

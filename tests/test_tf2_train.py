@@ -91,22 +91,15 @@ def test_batch_split_gives_the_same_update(setup, reference):
 
 
 def test_resume_after_sigterm_equals_uninterrupted_run(setup, reference,
-                                                       monkeypatch):
-  write = bit_common.Metrics.write
-
-  def write_then_sigterm(self, step, split, **values):
-    write(self, step, split, **values)
-    if step == 4 and split == 'train':
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  monkeypatch.setattr(bit_common.Metrics, 'write', write_then_sigterm)
+                                                       sigterm_after_step):
+  sigterm_after_step(4)
   with pytest.raises(SystemExit) as stop:
     _run(setup, 'resumed', '--eval_every', '6')
   assert stop.value.code == 128 + signal.SIGTERM
   run = setup[0] / 'runs' / 'resumed'
   assert not (run / 'results.json').exists()
   assert 'ckpt-4.index' in os.listdir(run / 'checkpoints')
-  monkeypatch.setattr(bit_common.Metrics, 'write', write)
+  sigterm_after_step(None)
   result = _run(setup, 'resumed', '--eval_every', '6')
   _assert_same(_weights(setup, 'resumed'), reference[1], atol=1e-6)
   assert result['top1'] == reference[0]['top1']

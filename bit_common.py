@@ -745,6 +745,49 @@ def scan_imagefolder(datadir):
   return classes, train_split, eval_split
 
 
+class BadImage(BadInput):
+  """An image file that cannot be read."""
+
+  @classmethod
+  def of(cls, path, error):
+    return cls(f'cannot read image {path} ({error}); delete or replace it, '
+               'or pass --skip_bad_images to leave such files out.')
+
+
+def _image_error(path, verify):
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      if verify:
+        im.verify()
+    return None
+  except Exception as e:  # pylint: disable=broad-except
+    return e  # PIL raises many kinds of error on damaged files.
+
+
+def readable_images(paths, skip=False, logger=None, verify=False):
+  """Indices of the `paths` that open as images (headers read in threads;
+  with `verify`, whole files checked, which also finds truncated ones).
+
+  An unreadable file stops the run with its name (BadImage), or with `skip`
+  is left out with a warning.
+  """
+  import concurrent.futures
+  import functools
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    errors = list(pool.map(functools.partial(_image_error, verify=verify),
+                           paths, chunksize=64))
+  bad = [i for i, e in enumerate(errors) if e is not None]
+  if bad and not skip:
+    raise BadImage.of(paths[bad[0]], errors[bad[0]])
+  for i in bad:
+    if logger:
+      logger.warning(f'leaving out unreadable image {paths[i]} ({errors[i]})')
+  if len(bad) == len(paths):
+    raise BadInput(f'no readable image among {len(paths)}.')
+  return np.setdiff1d(np.arange(len(paths)), bad)
+
+
 def image_sizes(paths, limit=256):
   """(height, width) of up to `limit` images spread over `paths`."""
   from PIL import Image

@@ -169,8 +169,7 @@ def _arrays(name):
 
 def _imagefolder(args, logger):
   classes, train, val = bit_common.scan_imagefolder(args.datadir)
-  if getattr(args, 'skip_bad_images', False):
-    train, val = (_readable(s, logger) for s in (train, val))
+  train, val = (_readable(s, args, logger) for s in (train, val))
   sources = []
   for split in (train, val):
     use_pil = not all(p.lower().endswith(_TF_DECODABLE) for p in split.paths)
@@ -184,20 +183,12 @@ def _imagefolder(args, logger):
               hw, eval_split, sources[0].n)
 
 
-def _readable(split, logger):
-  """The split without the files PIL cannot read (--skip_bad_images)."""
-  from PIL import Image
-  keep = []
-  for i, p in enumerate(split.paths):
-    try:
-      with Image.open(p) as im:
-        im.verify()
-      keep.append(i)
-    except Exception as e:  # PIL raises many kinds on corrupt files.
-      if logger:
-        logger.warning(f'skipping unreadable image {p} ({e})')
-  if not keep:
-    raise bit_common.BadInput(f'no readable image among {len(split.paths)}.')
+def _readable(split, args, logger):
+  """The split without unreadable files (--skip_bad_images), or BadImage.
+  tf.data cannot leave a file out once decoding it fails, so with
+  --skip_bad_images whole files are checked up front; otherwise headers."""
+  skip = getattr(args, 'skip_bad_images', False)
+  keep = bit_common.readable_images(split.paths, skip, logger, verify=skip)
   return bit_common.FileSplit([split.paths[i] for i in keep],
                               split.labels[keep])
 

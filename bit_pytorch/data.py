@@ -6,7 +6,6 @@ Every random choice about the data (the order, the crops, the flips) is a
 function of (--seed, step, position in the global batch), so a resumed run,
 and a run over any number of processes, sees exactly the same batches.
 """
-import concurrent.futures
 import dataclasses
 import os
 import sys
@@ -39,21 +38,12 @@ class Source:
       with Image.open(self.paths[i]) as im:
         return im.convert('RGB')
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-      raise BadImage.of(self.paths[i], e) from e
+      raise bit_common.BadImage.of(self.paths[i], e) from e
 
   def subset(self, indices):
     return Source(self.labels[indices],
                   None if self.paths is None else [self.paths[i] for i in indices],
                   None if self.images is None else self.images[indices])
-
-
-class BadImage(bit_common.BadInput):
-  """An image file that cannot be read."""
-
-  @classmethod
-  def of(cls, path, error):
-    return cls(f'cannot read image {path} ({error}); delete or replace it, '
-               'or pass --skip_bad_images to leave such files out.')
 
 
 @dataclasses.dataclass
@@ -89,29 +79,10 @@ def _typical_hw(paths):
   return bit_hyperrule.typical_size(bit_common.image_sizes(paths))
 
 
-def _header_ok(path):
-  try:
-    with Image.open(path) as im:
-      im.size  # pylint: disable=pointless-statement
-    return None
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
-    return e
-
-
 def _check_files(source, args, logger):
-  """Opens every file (header only, in parallel): an unreadable one stops
-  the run, or is left out with --skip_bad_images."""
-  with concurrent.futures.ThreadPoolExecutor(16) as pool:
-    errors = list(pool.map(_header_ok, source.paths, chunksize=64))
-  bad = [i for i, e in enumerate(errors) if e is not None]
-  if bad and not args.skip_bad_images:
-    raise BadImage.of(source.paths[bad[0]], errors[bad[0]])
-  for i in bad:
-    logger.warning(f'leaving out unreadable image {source.paths[i]} '
-                   f'({errors[i]})')
-  if not bad:
-    return source
-  return source.subset(np.setdiff1d(np.arange(len(source)), bad))
+  """The source without unreadable files (--skip_bad_images), or bit_common.BadImage."""
+  keep = bit_common.readable_images(source.paths, args.skip_bad_images, logger)
+  return source if len(keep) == len(source) else source.subset(keep)
 
 
 def _torchvision(args):
@@ -210,7 +181,7 @@ def _load(source, i, skip):
     j = (i + attempt) % len(source)
     try:
       return source.load(j), j
-    except BadImage as e:
+    except bit_common.BadImage as e:
       if not skip:
         raise
       print(f'warning: {e}', file=sys.stderr, flush=True)

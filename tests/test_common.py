@@ -308,3 +308,19 @@ def test_stop_signals_first_asks_second_interrupts():
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)     # a second Ctrl-C stops at once
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_readable_images_names_or_leaves_out_bad_files(tmp_path):
+  root = write_imagefolder(tmp_path / 'f', classes=('a', 'b'), train=3, val=0)
+  paths = bit_common.list_images([os.path.join(root, 'train')])
+  assert bit_common.readable_images(paths).tolist() == list(range(6))
+  with open(paths[1], 'wb') as f:
+    f.write(b'not an image')
+  truncated = open(paths[4], 'rb').read()[:100]   # header intact
+  with open(paths[4], 'wb') as f:
+    f.write(truncated)
+  with pytest.raises(bit_common.BadImage, match=r'cannot read image .*001\.png'):
+    bit_common.readable_images(paths)
+  assert bit_common.readable_images(paths, skip=True).tolist() == [0, 2, 3, 4, 5]
+  assert bit_common.readable_images(paths, skip=True,
+                                    verify=True).tolist() == [0, 2, 3, 5]

@@ -588,6 +588,19 @@ class Progress:
 # --------------------------------------------------------------------------
 # A fine-tuning run: what every trainer does the same way.
 
+def run_logger(args, lead=True):
+  """The run's logger on the lead process; a silent one elsewhere."""
+  return setup_logger(args) if lead else logging.getLogger('bit.quiet')
+
+
+def hyperrule(args, dataset_size, original_hw):
+  """(resize, crop, schedule, mixup alpha) of a run: the BiT-HyperRule for
+  its data, with the command line's overrides."""
+  return (*resolution(args, original_hw),
+          bit_hyperrule.get_schedule(dataset_size, args.total_steps),
+          bit_hyperrule.get_mixup(dataset_size))
+
+
 def run_settings(args, classes, dataset_size, schedule, resize, crop):
   """What a resumed run must share with the checkpoint it resumes."""
   return dict(model=args.model, dataset=args.dataset, classes=classes,

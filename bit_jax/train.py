@@ -14,7 +14,6 @@ In-process use: `main(args)` with `args = argparser().parse_args([...])` (or
 `bit_common.argparser()`'s) runs one fine-tuning and returns the final
 evaluation.
 """
-import logging
 import os
 
 import flax
@@ -26,7 +25,6 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import bit_common
-import bit_hyperrule
 from bit_jax import models
 
 CHECKPOINTS = 'checkpoints'
@@ -131,13 +129,11 @@ def main(args):
   import input_pipeline_tf2_or_jax as input_pipeline
 
   lead = jax.process_index() == 0
-  logger = (bit_common.setup_logger(args) if lead else
-            logging.getLogger('bit.quiet'))
+  logger = bit_common.run_logger(args, lead)
   data = input_pipeline.get_data(args, logger)
   n_train = data.train_size
-  resize, crop = bit_common.resolution(args, data.original_hw)
-  schedule = bit_hyperrule.get_schedule(n_train, args.total_steps)
-  mixup = bit_hyperrule.get_mixup(n_train)
+  resize, crop, schedule, mixup = bit_common.hyperrule(args, n_train,
+                                                       data.original_hw)
   weights = bit_common.load_npz(bit_common.weights_path(
       args.model, args.bit_pretrained_dir))
   model, params = models.create(args.model, head_size=data.num_classes,

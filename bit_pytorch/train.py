@@ -14,7 +14,6 @@ runs one fine-tuning and returns the final evaluation.
 """
 import contextlib
 import itertools
-import logging
 import os
 import signal
 import sys
@@ -27,7 +26,6 @@ import torch.nn.functional as F
 import torchvision
 
 import bit_common
-import bit_hyperrule
 from bit_pytorch import data as bit_data
 from bit_pytorch import models
 
@@ -116,16 +114,14 @@ def main(args):
 
 def _train(args, rank, device):
   world = _world_size()
-  logger = (bit_common.setup_logger(args) if rank == 0 else
-            logging.getLogger('bit.quiet'))
+  logger = bit_common.run_logger(args, rank == 0)
   torch.manual_seed(args.seed)
   data = _local_first(bit_data.load, args, logger)
   train_src = bit_data.fewshot(data.train, args)
   n_train = len(train_src)
-  resize, crop = bit_common.resolution(args, data.original_hw)
-  schedule = bit_hyperrule.get_schedule(n_train, args.total_steps)
+  resize, crop, schedule, mixup = bit_common.hyperrule(args, n_train,
+                                                       data.original_hw)
   total = schedule[-1]
-  mixup = bit_hyperrule.get_mixup(n_train)
   path = _local_first(bit_common.weights_path, args.model,
                       args.bit_pretrained_dir)
   net = models.create(args.model, head_size=len(data.classes), zero_head=True,

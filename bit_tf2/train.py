@@ -19,7 +19,6 @@ runs one fine-tuning and returns the final evaluation.
 import atexit
 import glob
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -30,7 +29,6 @@ import tensorflow as tf
 from keras import ops
 
 import bit_common
-import bit_hyperrule
 import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import models
 
@@ -217,13 +215,11 @@ def main(args):
   replicas = strategy.num_replicas_in_sync
   bit_common.check_args(args, replicas)
   chief = is_chief(strategy)
-  logger = (bit_common.setup_logger(args) if chief else
-            logging.getLogger('bit.quiet'))
+  logger = bit_common.run_logger(args, chief)
   data = input_pipeline.get_data(args, logger)
   n_train = data.train_size
-  resize, crop = bit_common.resolution(args, data.original_hw)
-  schedule = bit_hyperrule.get_schedule(n_train, args.total_steps)
-  mixup = bit_hyperrule.get_mixup(n_train)
+  resize, crop, schedule, mixup = bit_common.hyperrule(args, n_train,
+                                                       data.original_hw)
   weights = models.load_weights(models.weights_file(args.model,
                                                     args.bit_pretrained_dir))
   with strategy.scope():

@@ -4,7 +4,7 @@ API (stable; both backends rely on it):
 
   data = get_data(args)
       Resolves `--dataset` (TFDS names, `imagefolder`, the offline arrays of
-      `bit_common.ARRAY_DATASETS`), checks it (bad input raises
+      `bit_data.ARRAY_DATASETS`), checks it (bad input raises
       `bit_common.BadInput` before any long work) and draws the few-shot
       subset. `data` has `train_size` (after few-shot), `eval_size`,
       `num_classes`, `classes` (names, or None), `original_hw` (median
@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 import bit_common
+import bit_data
 import bit_hyperrule
 
 # A TFDS training split larger than this is streamed (shuffle buffer) rather
@@ -140,7 +141,7 @@ def get_data(args, logger=None):
   """The dataset of `args`, checked, with its few-shot subset drawn."""
   if args.dataset == 'imagefolder':
     data = _imagefolder(args, logger)
-  elif args.dataset in bit_common.ARRAY_DATASETS:
+  elif args.dataset in bit_data.ARRAY_DATASETS:
     data = _arrays(args.dataset)
   elif args.dataset in bit_common.TORCH_OR_TFDS_DATASETS:
     data = _tfds(args, logger)
@@ -150,7 +151,7 @@ def get_data(args, logger=None):
   if args.examples_per_class:
     if not data.train.random_access:
       raise AssertionError('few-shot sources are always held in memory')
-    idx = bit_common.fewshot_indices(data.train.labels,
+    idx = bit_data.fewshot_indices(data.train.labels,
                                      args.examples_per_class,
                                      args.examples_per_class_seed)
     data.train = data.train.subset(idx)
@@ -158,7 +159,7 @@ def get_data(args, logger=None):
 
 
 def _arrays(name):
-  d = bit_common.load_array_dataset(name)
+  d = bit_data.load_array_dataset(name)
   train = Source(len(d.train_labels), np.asarray(d.train_labels, np.int64),
                  images=d.train_images)
   val = Source(len(d.val_labels), np.asarray(d.val_labels, np.int64),
@@ -168,7 +169,7 @@ def _arrays(name):
 
 
 def _imagefolder(args, logger):
-  classes, train, val = bit_common.scan_imagefolder(args.datadir)
+  classes, train, val = bit_data.scan_imagefolder(args.datadir)
   train, val = (_readable(s, args, logger) for s in (train, val))
   sources = []
   for split in (train, val):
@@ -178,7 +179,7 @@ def _imagefolder(args, logger):
                           paths=True, use_pil=use_pil))
   eval_split = os.path.basename(os.path.dirname(os.path.dirname(
       val.paths[0])))
-  hw = bit_hyperrule.typical_size(bit_common.image_sizes(train.paths))
+  hw = bit_hyperrule.typical_size(bit_data.image_sizes(train.paths))
   return Data('imagefolder', sources[0], sources[1], len(classes), classes,
               hw, eval_split, sources[0].n)
 
@@ -188,8 +189,8 @@ def _readable(split, args, logger):
   tf.data cannot leave a file out once decoding it fails, so with
   --skip_bad_images whole files are checked up front; otherwise headers."""
   skip = getattr(args, 'skip_bad_images', False)
-  keep = bit_common.readable_images(split.paths, skip, logger, verify=skip)
-  return bit_common.FileSplit([split.paths[i] for i in keep],
+  keep = bit_data.readable_images(split.paths, skip, logger, verify=skip)
+  return bit_data.FileSplit([split.paths[i] for i in keep],
                               split.labels[keep])
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import bit_common
+import bit_zoo
 
 GN_GROUPS = 32
 GN_EPS = 1e-5
@@ -138,10 +138,10 @@ class Head(nn.Module):
 
 
 class ResNetV2(nn.Module):
-  """BiT ResNet-v2 of `architecture` (a bit_common.Architecture). Takes RGB
+  """BiT ResNet-v2 of `architecture` (a bit_zoo.Architecture). Takes RGB
   images in [-1, 1], NHWC; returns float32 logits (N, num_classes), or the
   pre-logits (N, C) with `pre_logits=True`."""
-  architecture: bit_common.Architecture
+  architecture: bit_zoo.Architecture
   num_classes: int
   zero_head: bool = True
   dtype: jnp.dtype = jnp.float32
@@ -198,7 +198,7 @@ def load(model, weights, params=None):
   bit_common.BadInput naming the key and both shapes.
   """
   fresh_head = model.zero_head and params is not None
-  bit_common.check_weights(weights, model.architecture,
+  bit_zoo.check_weights(weights, model.architecture,
                            None if fresh_head else model.num_classes)
   abstract = flax.traverse_util.flatten_dict(model.abstract_params())
   own = flax.traverse_util.flatten_dict(params) if params is not None else {}
@@ -213,7 +213,7 @@ def load(model, weights, params=None):
 
 
 def save_npz(path, params):
-  return bit_common.save_npz(path, export(params))
+  return bit_zoo.save_npz(path, export(params))
 
 
 def create(model, head_size=None, zero_head=False, weights=None,
@@ -226,7 +226,7 @@ def create(model, head_size=None, zero_head=False, weights=None,
   (zeros, `head_size` classes), else it comes from the file. Without weights
   the parameters are freshly initialised from `rng`.
   """
-  arch, head = bit_common.model_arch(model, head_size, weights)
+  arch, head = bit_zoo.model_arch(model, head_size, weights)
   net = ResNetV2(arch, head, zero_head, dtype)
   if weights is None:
     return net, net.init_params(rng)

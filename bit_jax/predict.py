@@ -2,6 +2,7 @@
 import jax
 
 import bit_common
+import bit_predict
 from bit_jax import models
 
 
@@ -17,9 +18,9 @@ def load_model(weights):
 
 
 def main(args):
-  return bit_common.predict(args, load_model)
+  return bit_predict.predict(args, load_model)
 
 
 if __name__ == '__main__':
   bit_common.run_cli(
-      lambda: main(bit_common.predict_argparser('JAX').parse_args()))
+      lambda: main(bit_predict.predict_argparser('JAX').parse_args()))

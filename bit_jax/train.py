@@ -25,6 +25,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import bit_common
+import bit_zoo
+import bit_run
 from bit_jax import models
 
 CHECKPOINTS = 'checkpoints'
@@ -132,9 +134,9 @@ def main(args):
   logger = bit_common.run_logger(args, lead)
   data = input_pipeline.get_data(args, logger)
   n_train = data.train_size
-  resize, crop, schedule, mixup = bit_common.hyperrule(args, n_train,
+  resize, crop, schedule, mixup = bit_run.hyperrule(args, n_train,
                                                        data.original_hw)
-  weights = bit_common.load_npz(bit_common.weights_path(
+  weights = bit_zoo.load_npz(bit_zoo.weights_path(
       args.model, args.bit_pretrained_dir))
   model, params = models.create(args.model, head_size=data.num_classes,
                                 zero_head=True, weights=weights,
@@ -148,7 +150,7 @@ def main(args):
                          replicated)
 
   classes = list(data.classes) if data.classes else data.num_classes
-  run = bit_common.run_settings(args, classes, n_train, schedule, resize,
+  run = bit_run.run_settings(args, classes, n_train, schedule, resize,
                                 crop)
   manager = _checkpoints(args) if args.save else None
   step, state = _resume(manager, run, state, logger) if manager else (0, state)
@@ -158,9 +160,9 @@ def main(args):
                 data=data.describe(), devices=len(devices),
                 device_kind=devices[0].device_kind,
                 processes=jax.process_count(), resumed_from_step=step,
-                versions=bit_common.versions(jax, flax, optax, tf))
+                versions=bit_run.versions(jax, flax, optax, tf))
   if lead:
-    bit_common.write_json(os.path.join(bit_common.run_dir(args),
+    bit_run.write_json(os.path.join(bit_common.run_dir(args),
                                        'config.json'), config)
   logger.info(f'{args.dataset}: {n_train} training, {data.eval_size} '
               f'{data.eval_split} examples, {data.num_classes} classes; '
@@ -173,7 +175,7 @@ def main(args):
   pid, nproc = jax.process_index(), jax.process_count()
   eval_batch = args.batch_eval or args.batch // args.batch_split
   eval_batch = -(-eval_batch // len(devices)) * len(devices)
-  metrics = bit_common.Metrics(args, step) if lead else None
+  metrics = bit_run.Metrics(args, step) if lead else None
 
   def to_global(batch):
     return {k: jax.make_array_from_process_local_data(sharded, v)
@@ -188,7 +190,7 @@ def main(args):
                                    b['mask']), np.float64)
     loss, top1, top5, n = sums
     result = dict(loss=loss / n, top1=top1 / n, top5=top5 / n, n=int(n))
-    bit_common.log_validation(logger, step, result)
+    bit_run.log_validation(logger, step, result)
     if lead:
       metrics.write(step, 'val', **result)
     if manager:
@@ -214,7 +216,7 @@ def main(args):
       _save(manager, step, state, run)
       manager.wait_until_finished()
 
-  result, step = bit_common.fine_tune_loop(
+  result, step = bit_run.fine_tune_loop(
       args, step, n_train, train_one, evaluate, save, logger, metrics,
       _agree_to_stop)
   if manager:
@@ -226,7 +228,7 @@ def main(args):
       models.save_npz(os.path.join(bit_common.run_dir(args), EXPORT),
                       jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
                                    state['params']))
-    bit_common.write_results(args, result, step, n_train, logger)
+    bit_run.write_results(args, result, step, n_train, logger)
   return dict(result, step=step)
 
 
@@ -268,7 +270,7 @@ def _resume(manager, run, state, logger):
     raise bit_common.BadInput(
         f'cannot read checkpoint {manager.directory}/{step} ({e}); delete it '
         'to start the run afresh.') from e
-  bit_common.check_same_run(dict(saved, schedule=list(saved['schedule'])),
+  bit_run.check_same_run(dict(saved, schedule=list(saved['schedule'])),
                             run, manager.directory)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   state = manager.restore(step, args=ocp.args.Composite(

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import bit_common
+import bit_data
 import bit_hyperrule
 
 
@@ -38,7 +39,7 @@ class Source:
       with Image.open(self.paths[i]) as im:
         return im.convert('RGB')
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-      raise bit_common.BadImage.of(self.paths[i], e) from e
+      raise bit_data.BadImage.of(self.paths[i], e) from e
 
   def subset(self, indices):
     return Source(self.labels[indices],
@@ -60,13 +61,13 @@ def load(args, logger, check_train=True):
   Image files are checked (headers read) before use; `check_train=False`
   checks only the validation files.
   """
-  if args.dataset in bit_common.ARRAY_DATASETS:
-    d = bit_common.load_array_dataset(args.dataset)
+  if args.dataset in bit_data.ARRAY_DATASETS:
+    d = bit_data.load_array_dataset(args.dataset)
     return Data(list(d.classes), Source(d.train_labels, images=d.train_images),
                 Source(d.val_labels, images=d.val_images),
                 d.train_images.shape[1:3])
   if args.dataset in ('imagefolder', 'imagenet2012'):
-    classes, train, val = bit_common.scan_imagefolder(args.datadir)
+    classes, train, val = bit_data.scan_imagefolder(args.datadir)
     train = Source(train.labels, train.paths)
     if check_train:
       train = _check_files(train, args, logger)
@@ -76,12 +77,12 @@ def load(args, logger, check_train=True):
 
 
 def _typical_hw(paths):
-  return bit_hyperrule.typical_size(bit_common.image_sizes(paths))
+  return bit_hyperrule.typical_size(bit_data.image_sizes(paths))
 
 
 def _check_files(source, args, logger):
-  """The source without unreadable files (--skip_bad_images), or bit_common.BadImage."""
-  keep = bit_common.readable_images(source.paths, args.skip_bad_images, logger)
+  """The source without unreadable files (--skip_bad_images), or bit_data.BadImage."""
+  keep = bit_data.readable_images(source.paths, args.skip_bad_images, logger)
   return source if len(keep) == len(source) else source.subset(keep)
 
 
@@ -121,7 +122,7 @@ def fewshot(source, args):
   """The --examples_per_class subset, drawn by the shared sampler."""
   if not args.examples_per_class:
     return source
-  return source.subset(bit_common.fewshot_indices(
+  return source.subset(bit_data.fewshot_indices(
       source.labels, args.examples_per_class, args.examples_per_class_seed))
 
 
@@ -181,7 +182,7 @@ def _load(source, i, skip):
     j = (i + attempt) % len(source)
     try:
       return source.load(j), j
-    except bit_common.BadImage as e:
+    except bit_data.BadImage as e:
       if not skip:
         raise
       print(f'warning: {e}', file=sys.stderr, flush=True)

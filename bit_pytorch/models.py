@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import bit_common
+import bit_zoo
 
 GN_GROUPS = 32
 GN_EPS = 1e-5
@@ -88,7 +88,7 @@ class ResNetV2(nn.Module):
   def __init__(self, block_units, width_factor, head_size=21843,
                zero_head=False):
     super().__init__()
-    self.architecture = bit_common.Architecture(tuple(block_units),
+    self.architecture = bit_zoo.Architecture(tuple(block_units),
                                                 width_factor)
     self.head_size = head_size
     self.zero_head = zero_head
@@ -158,7 +158,7 @@ class ResNetV2(nn.Module):
       weights = {'resnet/' + k[len(prefix):]: v for k, v in weights.items()
                  if k.startswith(prefix)}
     with_head = not self.zero_head
-    bit_common.check_weights(weights, self.architecture,
+    bit_zoo.check_weights(weights, self.architecture,
                              self.head_size if with_head else None)
     with torch.no_grad():
       for key, p in self.published_parameters(with_head):
@@ -169,7 +169,7 @@ class ResNetV2(nn.Module):
     return {key: th2tf(p) for key, p in self.published_parameters()}
 
   def save_npz(self, path):
-    return bit_common.save_npz(path, self.export())
+    return bit_zoo.save_npz(path, self.export())
 
 
 def tf2th(array):
@@ -200,7 +200,7 @@ def _build(units, width, default_head, head_size=None, zero_head=False):
 
 
 KNOWN_MODELS = collections.OrderedDict(
-    (name, _constructor(info)) for name, info in bit_common.MODELS.items())
+    (name, _constructor(info)) for name, info in bit_zoo.MODELS.items())
 
 
 def create(model, head_size=None, zero_head=False, weights=None):
@@ -210,7 +210,7 @@ def create(model, head_size=None, zero_head=False, weights=None):
   `weights`, when given, is loaded (strictly); `head_size` defaults to the
   file's (or registry's) head.
   """
-  arch, head = bit_common.model_arch(model, head_size, weights)
+  arch, head = bit_zoo.model_arch(model, head_size, weights)
   net = ResNetV2(arch.units, arch.width, head, zero_head)
   if weights is not None:
     net.load_from(weights)

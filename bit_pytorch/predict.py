@@ -2,6 +2,7 @@
 import torch
 
 import bit_common
+import bit_predict
 from bit_pytorch import models
 
 
@@ -22,9 +23,9 @@ def load_model(weights):
 
 
 def main(args):
-  return bit_common.predict(args, load_model)
+  return bit_predict.predict(args, load_model)
 
 
 if __name__ == '__main__':
   bit_common.run_cli(
-      lambda: main(bit_common.predict_argparser('PyTorch').parse_args()))
+      lambda: main(bit_predict.predict_argparser('PyTorch').parse_args()))

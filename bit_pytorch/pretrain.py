@@ -22,7 +22,10 @@ import yaml
 from torchvision.transforms import v2
 
 import bit_common
-from bit_pytorch import data as bit_data
+import bit_data
+import bit_run
+import bit_zoo
+from bit_pytorch import data as torch_data
 from bit_pytorch import models
 
 
@@ -77,14 +80,14 @@ class Recipe:
         raise bit_common.BadInput(f'recipe: {name} must be one of {allowed}, '
                                   f'got {getattr(self, name)!r}.')
     datasets = (bit_common.TORCH_OR_TFDS_DATASETS + ('imagefolder',) +
-                tuple(bit_common.ARRAY_DATASETS))
+                tuple(bit_data.ARRAY_DATASETS))
     if self.dataset not in datasets:
       raise bit_common.BadInput(f'recipe: dataset must be one of {datasets}, '
                                 f'got {self.dataset!r}.')
     if self.dataset in ('imagenet2012', 'imagefolder') and not self.datadir:
       raise bit_common.BadInput(f'{self.dataset} needs --datadir (a folder '
                                 'with train/<class>/* and val/<class>/*).')
-    bit_common.parse_arch(self.model)
+    bit_zoo.parse_arch(self.model)
 
 
 AUGMENTATIONS = ('inception_crop', 'crop_flip', 'none')
@@ -176,7 +179,7 @@ class RotationLabels(torch.utils.data.Dataset):
 def datasets(recipe, logger):
   """(train dataset, eval dataset, class count), read as fine-tuning reads
   them (bit_pytorch.data.load: unreadable images are refused up front)."""
-  data = bit_data.load(argparse.Namespace(
+  data = torch_data.load(argparse.Namespace(
       dataset=recipe.dataset, datadir=recipe.datadir, skip_bad_images=False),
                        logger)
   train = Examples(data.train, transforms(recipe, True))
@@ -341,7 +344,7 @@ def main(args):
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   train_set, eval_set, classes = datasets(recipe, logger)
   sched = schedule(recipe, len(train_set))
-  arch = bit_common.parse_arch(recipe.model)
+  arch = bit_zoo.parse_arch(recipe.model)
   model = models.ResNetV2(arch.units, arch.width, classes, zero_head=True)
   torch.nn.init.constant_(model.head.conv.bias, recipe.head_bias)
   optim = optimizer(model, recipe)
@@ -363,12 +366,12 @@ def main(args):
   if torch.cuda.device_count() > 1:
     model = torch.nn.DataParallel(model)
 
-  bit_common.write_json(os.path.join(bit_common.run_dir(args), 'config.json'), {
+  bit_run.write_json(os.path.join(bit_common.run_dir(args), 'config.json'), {
       **vars(args), 'recipe': dataclasses.asdict(recipe),
       'schedule': dataclasses.asdict(sched), 'dataset_size': len(train_set),
       'eval_size': len(eval_set), 'classes': classes, 'export': export,
       'device': str(device), 'devices': max(1, torch.cuda.device_count()),
-      'versions': bit_common.versions(torch, torchvision)})
+      'versions': bit_run.versions(torch, torchvision)})
   logger.info(f'{len(train_set)} training images, {classes} classes, '
               f'{sched.total_steps} steps of {recipe.batch} '
               f'({sched.total_steps / sched.steps_per_epoch:.3g} epochs), '
@@ -389,8 +392,8 @@ def main(args):
   def autocast():
     return torch.autocast(device.type, torch.bfloat16, enabled=use_bf16)
   eval_every = recipe.eval_every or max(1, round(sched.steps_per_epoch))
-  metrics = bit_common.Metrics(args, step)
-  progress = bit_common.Progress(sched.total_steps, step, logger)
+  metrics = bit_run.Metrics(args, step)
+  progress = bit_run.Progress(sched.total_steps, step, logger)
   model.train()
   t0, seen = time.time(), 0
   for x, y in train_loader:
@@ -430,7 +433,7 @@ def main(args):
   _unwrap(model).save_npz(export)
   logger.info(f'final val top1 {result["top1"]:.4f} top5 {result["top5"]:.4f}'
               f'; exported {export}')
-  bit_common.write_json(os.path.join(bit_common.run_dir(args), 'results.json'),
+  bit_run.write_json(os.path.join(bit_common.run_dir(args), 'results.json'),
                         {'step': step, 'split': 'val', **result,
                          'model': recipe.model, 'export': export})
   return result

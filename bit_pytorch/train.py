@@ -26,7 +26,9 @@ import torch.nn.functional as F
 import torchvision
 
 import bit_common
-from bit_pytorch import data as bit_data
+import bit_run
+import bit_zoo
+from bit_pytorch import data as torch_data
 from bit_pytorch import models
 
 CHECKPOINT = 'bit.pth.tar'
@@ -116,21 +118,21 @@ def _train(args, rank, device):
   world = _world_size()
   logger = bit_common.run_logger(args, rank == 0)
   torch.manual_seed(args.seed)
-  data = _local_first(bit_data.load, args, logger)
-  train_src = bit_data.fewshot(data.train, args)
+  data = _local_first(torch_data.load, args, logger)
+  train_src = torch_data.fewshot(data.train, args)
   n_train = len(train_src)
-  resize, crop, schedule, mixup = bit_common.hyperrule(args, n_train,
+  resize, crop, schedule, mixup = bit_run.hyperrule(args, n_train,
                                                        data.original_hw)
   total = schedule[-1]
-  path = _local_first(bit_common.weights_path, args.model,
+  path = _local_first(bit_zoo.weights_path, args.model,
                       args.bit_pretrained_dir)
   net = models.create(args.model, head_size=len(data.classes), zero_head=True,
-                      weights=bit_common.load_npz(path))
+                      weights=bit_zoo.load_npz(path))
   cuda = device.type == 'cuda'
   net, channels_last = to_device(net, device)
   opt, scaler = optimizer(net, args.base_lr, args.precision)
 
-  run = dict(bit_common.run_settings(args, data.classes, n_train, schedule,
+  run = dict(bit_run.run_settings(args, data.classes, n_train, schedule,
                                      resize, crop),
              arch=net.architecture.name)  # For validate.
   ckpt = os.path.join(bit_common.run_dir(args), CHECKPOINT)
@@ -146,9 +148,9 @@ def _train(args, rank, device):
   config = dict(vars(args), resolution=[resize, crop], schedule=schedule,
                 mixup=mixup, dataset_size=n_train, classes=data.classes,
                 devices=world, device=str(device), resumed_from_step=step,
-                versions=bit_common.versions(torch, torchvision))
+                versions=bit_run.versions(torch, torchvision))
   if rank == 0:
-    bit_common.write_json(os.path.join(bit_common.run_dir(args),
+    bit_run.write_json(os.path.join(bit_common.run_dir(args),
                                        'config.json'), config)
   logger.info(f'{args.dataset}: {n_train} training, {len(data.val)} '
               f'validation examples, {len(data.classes)} classes; '
@@ -161,19 +163,19 @@ def _train(args, rank, device):
   loader_kw = dict(num_workers=args.workers, pin_memory=cuda,
                    worker_init_fn=_ignore_sigint,
                    persistent_workers=args.workers > 0)
-  sampler = bit_data.TrainBatches(n_train, args.batch, args.seed, step, total,
+  sampler = torch_data.TrainBatches(n_train, args.batch, args.seed, step, total,
                                   rank, world, args.batch_split)
   train_loader = torch.utils.data.DataLoader(
-      bit_data.TrainSet(train_src, resize, crop, args.skip_bad_images),
+      torch_data.TrainSet(train_src, resize, crop, args.skip_bad_images),
       batch_sampler=sampler, **loader_kw)
   lo, hi = (len(data.val) * r // world for r in (rank, rank + 1))
   eval_batch = -(-(args.batch_eval or args.batch // args.batch_split) // world)
   val_loader = torch.utils.data.DataLoader(
-      bit_data.EvalSet(data.val.subset(np.arange(lo, hi)), crop,
+      torch_data.EvalSet(data.val.subset(np.arange(lo, hi)), crop,
                        args.skip_bad_images),
       batch_size=eval_batch, **loader_kw)
 
-  metrics = bit_common.Metrics(args, step) if rank == 0 else None
+  metrics = bit_run.Metrics(args, step) if rank == 0 else None
   autocast = autocast_for(device, args.precision)
 
   def save(step):
@@ -182,7 +184,7 @@ def _train(args, rank, device):
 
   def evaluate_and_save(step):
     result = evaluate(fast, val_loader, device, channels_last, autocast)
-    bit_common.log_validation(logger, step, result)
+    bit_run.log_validation(logger, step, result)
     if rank == 0:
       metrics.write(step, 'val', **result)
     save(step)
@@ -195,21 +197,21 @@ def _train(args, rank, device):
       g['lr'] = lr
     lam = (float(np.random.default_rng([args.seed, step, 1]).beta(
         mixup, mixup)) if mixup else None)
-    micro = ((bit_data.normalize(x, device, channels_last),
+    micro = ((torch_data.normalize(x, device, channels_last),
               y.to(device, non_blocking=True))
              for x, y in itertools.islice(batches, args.batch_split))
     loss = train_step(model, opt, scaler, micro, args.batch_split, autocast,
                       lam)
     return _mean_over_processes(loss, device)
 
-  result, step = bit_common.fine_tune_loop(
+  result, step = bit_run.fine_tune_loop(
       args, step, n_train, train_one, evaluate_and_save, save, logger,
       metrics, lambda stop: _agree_to_stop(stop, device))
   if rank == 0:
     metrics.close()
     if args.save:
       net.save_npz(os.path.join(bit_common.run_dir(args), EXPORT))
-    bit_common.write_results(args, result, step, n_train, logger)
+    bit_run.write_results(args, result, step, n_train, logger)
   return dict(result, step=step)
 
 
@@ -242,7 +244,7 @@ def train_step(model, opt, scaler, micro_batches, n_micro, autocast,
   """One update from `n_micro` micro-batches (x, y) on the device, their
   gradients accumulated (under DDP, synchronised on the last one only), so
   it equals one update on the whole batch. With `lam`, each micro-batch is
-  mixed up with its partners (bit_data.mixup_partner). Returns the loss
+  mixed up with its partners (torch_data.mixup_partner). Returns the loss
   averaged over the batch (a tensor)."""
   ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
   loss = 0.0
@@ -250,7 +252,7 @@ def train_step(model, opt, scaler, micro_batches, n_micro, autocast,
     last = m == n_micro - 1
     with model.no_sync() if ddp and not last else contextlib.nullcontext():
       if lam is not None:
-        partner = bit_data.mixup_partner(len(y), x.device)
+        partner = torch_data.mixup_partner(len(y), x.device)
         x = lam * x + (1 - lam) * x[partner]
       with autocast:
         logits = model(x).float()
@@ -300,7 +302,7 @@ def evaluate(model, loader, device, channels_last, autocast):
   model.eval()
   sums = torch.zeros(4, dtype=torch.float64, device=device)
   for x, y in _data_errors_named(iter(loader)):
-    x = bit_data.normalize(x, device, channels_last)
+    x = torch_data.normalize(x, device, channels_last)
     y = y.to(device, non_blocking=True)
     with autocast:
       logits = model(x).float()
@@ -342,7 +344,7 @@ def _resume(path, run, net, opt, scaler, logger):
   except Exception as e:  # pylint: disable=broad-except
     raise bit_common.BadInput(f'cannot read checkpoint {path} ({e}); delete '
                               'it to start the run afresh.') from e
-  bit_common.check_same_run(state['run'], run, path)
+  bit_run.check_same_run(state['run'], run, path)
   net.load_state_dict(state['model'])
   opt.load_state_dict(state['optimizer'])
   scaler.load_state_dict(state['scaler'])

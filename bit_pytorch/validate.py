@@ -17,8 +17,11 @@ import sys
 import torch
 
 import bit_common
+import bit_data
 import bit_hyperrule
-from bit_pytorch import data as bit_data
+import bit_run
+import bit_zoo
+from bit_pytorch import data as torch_data
 from bit_pytorch import models
 from bit_pytorch import train
 
@@ -32,7 +35,7 @@ def argparser():
                       '.npz file or a registered model name.')
   parser.add_argument('--dataset', default='cifar10',
                       choices=bit_common.TORCH_OR_TFDS_DATASETS +
-                      ('imagefolder',) + tuple(bit_common.ARRAY_DATASETS))
+                      ('imagefolder',) + tuple(bit_data.ARRAY_DATASETS))
   parser.add_argument('--datadir', default=None,
                       help='As for training: the image folder, ImageNet '
                       'root or where torchvision keeps the dataset.')
@@ -70,8 +73,8 @@ def load_model(args, classes):
     net = models.create(run['arch'], head_size=len(classes))
     net.load_state_dict(state['model'])
     return net, run['resolution'][1]
-  weights = bit_common.load_npz(
-      bit_common.weights_path(args.ckpt_path, args.bit_pretrained_dir))
+  weights = bit_zoo.load_npz(
+      bit_zoo.weights_path(args.ckpt_path, args.bit_pretrained_dir))
   net = models.create(args.ckpt_path, weights=weights)
   if net.head_size != len(classes):
     raise bit_common.BadInput(f'{args.ckpt_path} has a {net.head_size}-class '
@@ -87,14 +90,14 @@ def main(args):
   logger = logging.getLogger('bit.validate')
   logger.addHandler(logging.StreamHandler(sys.stderr))
   logger.setLevel(logging.INFO)
-  data = bit_data.load(args, logger, check_train=False)
+  data = torch_data.load(args, logger, check_train=False)
   net, trained_crop = load_model(args, data.classes)
   crop = (args.crop_size or trained_crop or
           bit_hyperrule.get_resolution(data.original_hw)[1])
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   net, channels_last = train.to_device(net, device)
   loader = torch.utils.data.DataLoader(
-      bit_data.EvalSet(data.val, crop, args.skip_bad_images),
+      torch_data.EvalSet(data.val, crop, args.skip_bad_images),
       batch_size=args.batch_eval, num_workers=args.workers,
       pin_memory=device.type == 'cuda')
   logger.info(f'evaluating {args.ckpt_path} on {len(data.val)} '
@@ -103,7 +106,7 @@ def main(args):
                           train.autocast_for(device, args.precision))
   print(json.dumps(result))
   if args.output:
-    bit_common.write_json(args.output, result)
+    bit_run.write_json(args.output, result)
   return result
 
 

@@ -12,6 +12,7 @@ import keras
 from keras import layers, ops
 
 import bit_common
+import bit_zoo
 
 GN_GROUPS = 32
 GN_EPS = 1e-5
@@ -147,7 +148,7 @@ class ResNetV2(keras.Model):
   def __init__(self, block_units, width_factor, head_size=21843,
                zero_head=False, dtype=None):
     super().__init__(name='resnet', dtype=dtype)
-    self.architecture = bit_common.Architecture(tuple(block_units),
+    self.architecture = bit_zoo.Architecture(tuple(block_units),
                                                 width_factor)
     self.head_size, self.zero_head = head_size, zero_head
     dtype = self.dtype_policy
@@ -199,7 +200,7 @@ class ResNetV2(keras.Model):
     raises bit_common.BadInput naming the key and both shapes.
     """
     with_head = not self.zero_head
-    bit_common.check_weights(weights, self.architecture,
+    bit_zoo.check_weights(weights, self.architecture,
                              self.head_size if with_head else None)
     for key, v in self.published_variables(with_head).items():
       v.assign(np.asarray(weights[key], np.float32))
@@ -210,7 +211,7 @@ class ResNetV2(keras.Model):
             for k, v in self.published_variables().items()}
 
   def save_npz(self, path):
-    return bit_common.save_npz(path, self.export_weights())
+    return bit_zoo.save_npz(path, self.export_weights())
 
   def export_saved_model(self, path):
     """A SavedModel for serving: `serve(images)` takes float32 NHWC images
@@ -254,7 +255,7 @@ def load_h5(path):
     if not m:
       raise bit_common.BadInput(f'{path}: dataset {name} is no BiT ResNet '
                                 'variable; is this a BiT .h5 file?')
-    key = bit_common._canonical_key('resnet/' + m.group(1).split(':')[0])
+    key = bit_zoo._canonical_key('resnet/' + m.group(1).split(':')[0])
     array = obj[()]
     if key == 'resnet/head/dense/kernel':
       key, array = 'resnet/head/conv2d/kernel', array[None, None]
@@ -277,7 +278,7 @@ def load_h5(path):
 
 def load_weights(path):
   """{published key: array} from a `.npz` or `.h5` file."""
-  return load_h5(path) if path.endswith('.h5') else bit_common.load_npz(path)
+  return load_h5(path) if path.endswith('.h5') else bit_zoo.load_npz(path)
 
 
 def weights_file(model, pretrained_dir='.'):
@@ -287,13 +288,13 @@ def weights_file(model, pretrained_dir='.'):
   from there; a missing one is downloaded as `.npz` (published for every
   model, and shared with the other backends).
   """
-  info = bit_common.MODELS.get(model)
+  info = bit_zoo.MODELS.get(model)
   if info is not None and info.h5_url and not info.path:
     npz = os.path.join(pretrained_dir, info.filename('npz'))
     h5 = os.path.join(pretrained_dir, info.filename('h5'))
     if os.path.exists(h5) and not os.path.exists(npz):
       return h5
-  return bit_common.weights_path(model, pretrained_dir, 'npz')
+  return bit_zoo.weights_path(model, pretrained_dir, 'npz')
 
 
 def create(model, head_size=None, zero_head=False, weights=None, dtype=None):
@@ -303,7 +304,7 @@ def create(model, head_size=None, zero_head=False, weights=None, dtype=None):
   `weights`, when given, is loaded (strictly); `head_size` defaults to the
   file's (or registry's) head.
   """
-  arch, head = bit_common.model_arch(model, head_size, weights)
+  arch, head = bit_zoo.model_arch(model, head_size, weights)
   net = ResNetV2(arch.units, arch.width, head, zero_head, dtype)
   if weights is not None:
     net.load_from(weights)

@@ -5,6 +5,7 @@ to either)."""
 import tensorflow as tf
 
 import bit_common
+import bit_predict
 from bit_tf2 import models
 
 
@@ -26,9 +27,9 @@ def load_model(weights):
 
 
 def main(args):
-  return bit_common.predict(args, load_model, read_weights=read_weights)
+  return bit_predict.predict(args, load_model, read_weights=read_weights)
 
 
 if __name__ == '__main__':
   bit_common.run_cli(
-      lambda: main(bit_common.predict_argparser('TF2').parse_args()))
+      lambda: main(bit_predict.predict_argparser('TF2').parse_args()))

@@ -29,6 +29,7 @@ import tensorflow as tf
 from keras import ops
 
 import bit_common
+import bit_run
 import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import models
 
@@ -218,7 +219,7 @@ def main(args):
   logger = bit_common.run_logger(args, chief)
   data = input_pipeline.get_data(args, logger)
   n_train = data.train_size
-  resize, crop, schedule, mixup = bit_common.hyperrule(args, n_train,
+  resize, crop, schedule, mixup = bit_run.hyperrule(args, n_train,
                                                        data.original_hw)
   weights = models.load_weights(models.weights_file(args.model,
                                                     args.bit_pretrained_dir))
@@ -232,7 +233,7 @@ def main(args):
   del weights
 
   classes = list(data.classes) if data.classes else data.num_classes
-  run = bit_common.run_settings(args, classes, n_train, schedule, resize,
+  run = bit_run.run_settings(args, classes, n_train, schedule, resize,
                                 crop)
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                    step=step_var)
@@ -246,9 +247,9 @@ def main(args):
                 strategy=type(strategy).__name__,
                 device_kind=device_kind(strategy), xla=xla,
                 resumed_from_step=step,
-                versions=bit_common.versions(tf, keras))
+                versions=bit_run.versions(tf, keras))
   if chief:
-    bit_common.write_json(os.path.join(bit_common.run_dir(args),
+    bit_run.write_json(os.path.join(bit_common.run_dir(args),
                                        'config.json'), config)
   logger.info(f'{args.dataset}: {n_train} training, {data.eval_size} '
               f'{data.eval_split} examples, {data.num_classes} classes; '
@@ -264,7 +265,7 @@ def main(args):
   eval_batch = -(-eval_batch // replicas) * replicas
   eval_data = distribute(strategy, lambda pid, nproc: input_pipeline
                          .eval_batches(data, eval_batch, crop, pid, nproc))
-  metrics = bit_common.Metrics(args, step) if chief else None
+  metrics = bit_run.Metrics(args, step) if chief else None
 
   def save(step):
     if not manager or (manager.latest_checkpoint and
@@ -279,7 +280,7 @@ def main(args):
       sums += np.asarray(eval_step(batch), np.float64)
     loss, top1, top5, n = sums
     result = dict(loss=loss / n, top1=top1 / n, top5=top5 / n, n=int(n))
-    bit_common.log_validation(logger, step, result)
+    bit_run.log_validation(logger, step, result)
     if chief:
       metrics.write(step, 'val', **result)
     save(step)
@@ -294,7 +295,7 @@ def main(args):
     del step  # The pipeline yields the batch of each step in turn.
     return float(train_step(next(batches), tf.constant(rate, tf.float32)))
 
-  result, step = bit_common.fine_tune_loop(
+  result, step = bit_run.fine_tune_loop(
       args, step, n_train, train_one, evaluate, save, logger, metrics,
       _stop_vote(strategy))
   if chief:
@@ -304,7 +305,7 @@ def main(args):
     if args.export_saved_model:
       model.export_saved_model(os.path.join(bit_common.run_dir(args),
                                             SAVED_MODEL))
-    bit_common.write_results(args, result, step, n_train, logger)
+    bit_run.write_results(args, result, step, n_train, logger)
   return dict(result, step=step)
 
 
@@ -357,7 +358,7 @@ def _resume(manager, checkpoint, run, logger):
   run_file = os.path.join(manager.directory, RUN)
   path = manager.latest_checkpoint
   if path is None:
-    bit_common.write_json(run_file, run)
+    bit_run.write_json(run_file, run)
     return 0
   try:
     with open(run_file) as f:
@@ -366,7 +367,7 @@ def _resume(manager, checkpoint, run, logger):
     raise bit_common.BadInput(
         f'cannot read {run_file} ({e}); delete {manager.directory} to start '
         'the run afresh.') from e
-  bit_common.check_same_run(saved, run, manager.directory)
+  bit_run.check_same_run(saved, run, manager.directory)
   try:
     checkpoint.restore(path).assert_existing_objects_matched()
   except (ValueError, AssertionError, tf.errors.OpError) as e:

@@ -26,6 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import bit_common  # noqa: E402
+import bit_run  # noqa: E402
+import bit_zoo  # noqa: E402
 
 MODEL = 'BiT-R14x0.5-FashionMNIST'
 DATASET = 'digits'
@@ -75,8 +77,8 @@ def scratch_weights(model, logdir, seed):
   """The same architecture as `model`, randomly initialised, as an .npz."""
   import torch
   from bit_pytorch import models
-  weights = bit_common.load_npz(bit_common.weights_path(model))
-  arch, head = bit_common.infer_arch(weights)
+  weights = bit_zoo.load_npz(bit_zoo.weights_path(model))
+  arch, head = bit_zoo.infer_arch(weights)
   path = os.path.join(logdir, f'scratch-{arch.name}-seed{seed}.npz')
   torch.manual_seed(seed)
   return models.ResNetV2(arch.units, arch.width, head).save_npz(path)
@@ -166,7 +168,7 @@ def main(args):
   for flag in ('seeds', 'steps', 'batch', 'eval_every', 'processes'):
     if getattr(args, flag) < 1:
       raise bit_common.BadInput(f'--{flag} must be positive.')
-  bit_common.weights_path(args.model)  # the bundled file: no download
+  bit_zoo.weights_path(args.model)  # the bundled file: no download
   os.makedirs(args.logdir, exist_ok=True)
   t0 = time.time()
   results = []
@@ -196,7 +198,7 @@ def main(args):
            f'{args.resize_size}->{args.crop_size} px, {args.seeds} seeds')
   plot(results, shots_list, png, title)
   minutes = (time.time() - t0) / 60
-  bit_common.write_json(os.path.join(args.logdir, 'demo.json'), dict(
+  bit_run.write_json(os.path.join(args.logdir, 'demo.json'), dict(
       vars(args), results=results, table=text, minutes=minutes))
   print(f'\nTop-1 on {DATASET} validation (797 images), %: median (min-max) '
         f'over {args.seeds} seeds\n\n{text}\n\nplot: {png}  '

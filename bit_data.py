@@ -1,0 +1,222 @@
+"""Data that is not framework-specific: the few-shot sampler, image folders
+(read the same way by every backend), image-file checks, and the datasets
+that ship offline as arrays.
+"""
+import dataclasses
+import os
+
+import numpy as np
+
+from bit_common import BadInput
+
+
+def fewshot_indices(labels, examples_per_class, seed):
+  """Sorted indices of `examples_per_class` examples from each class.
+
+  Classes are visited in sorted order and each draws without replacement
+  from a generator seeded with `seed`, so the same labels and seed give the
+  same subset in every backend.
+  """
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  chosen = []
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    if len(idx) < examples_per_class:
+      raise BadInput(f'class {c} has only {len(idx)} training examples; '
+                     f'--examples_per_class {examples_per_class} needs more.')
+    chosen.append(rng.choice(idx, examples_per_class, replace=False))
+  return np.sort(np.concatenate(chosen))
+
+
+# --------------------------------------------------------------------------
+# Image folders: every backend reads them the same way.
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif',
+                    '.tiff', '.webp')
+
+
+@dataclasses.dataclass
+class FileSplit:
+  paths: list
+  labels: np.ndarray
+
+
+def _scan_split(folder, classes=None):
+  found = sorted(d for d in os.listdir(folder)
+                 if os.path.isdir(os.path.join(folder, d)))
+  if classes is None:
+    classes = found
+  elif set(found) - set(classes):
+    raise BadInput(f'{folder} has classes that train/ lacks: '
+                   f'{sorted(set(found) - set(classes))}.')
+  paths, labels = [], []
+  for label, c in enumerate(classes):
+    d = os.path.join(folder, c)
+    files = sorted(f for f in os.listdir(d) if f.lower().endswith(
+        IMAGE_EXTENSIONS)) if os.path.isdir(d) else []
+    if not files and folder.endswith('train'):
+      raise BadInput(f'class folder {d} has no images; add some or remove it.')
+    paths += [os.path.join(d, f) for f in files]
+    labels += [label] * len(files)
+  return classes, FileSplit(paths, np.array(labels, dtype=np.int64))
+
+
+def scan_imagefolder(datadir):
+  """(classes, train split, evaluation split) of an image folder.
+
+  Classes are the sorted subfolders of train/; files are sorted by name.
+  The evaluation split is val/, or test/ where there is no val/.
+  """
+  train = os.path.join(datadir, 'train')
+  if not os.path.isdir(train):
+    raise BadInput(f'{datadir} has no train/ folder; expected '
+                   'train/<class>/* and val/<class>/*.')
+  evals = [os.path.join(datadir, s) for s in ('val', 'test')
+           if os.path.isdir(os.path.join(datadir, s))]
+  if not evals:
+    raise BadInput(f'{datadir} has no val/ or test/ folder to evaluate on.')
+  classes, train_split = _scan_split(train)
+  if len(classes) < 2:
+    raise BadInput(f'{train} has {len(classes)} class folder(s); need 2+.')
+  _, eval_split = _scan_split(evals[0], classes)
+  if not eval_split.paths:
+    raise BadInput(f'{evals[0]} has no images.')
+  return classes, train_split, eval_split
+
+
+class BadImage(BadInput):
+  """An image file that cannot be read."""
+
+  @classmethod
+  def of(cls, path, error):
+    return cls(f'cannot read image {path} ({error}); delete or replace it, '
+               'or pass --skip_bad_images to leave such files out.')
+
+
+def _image_error(path, verify):
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      if verify:
+        im.verify()
+    return None
+  except Exception as e:  # pylint: disable=broad-except
+    return e  # PIL raises many kinds of error on damaged files.
+
+
+def readable_images(paths, skip=False, logger=None, verify=False):
+  """Indices of the `paths` that open as images (headers read in threads;
+  with `verify`, whole files checked, which also finds truncated ones).
+
+  An unreadable file stops the run with its name (BadImage), or with `skip`
+  is left out with a warning.
+  """
+  import concurrent.futures
+  import functools
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    errors = list(pool.map(functools.partial(_image_error, verify=verify),
+                           paths, chunksize=64))
+  bad = [i for i, e in enumerate(errors) if e is not None]
+  if bad and not skip:
+    raise BadImage.of(paths[bad[0]], errors[bad[0]])
+  for i in bad:
+    if logger:
+      logger.warning(f'leaving out unreadable image {paths[i]} ({errors[i]})')
+  if len(bad) == len(paths):
+    raise BadInput(f'no readable image among {len(paths)}.')
+  return np.setdiff1d(np.arange(len(paths)), bad)
+
+
+def image_sizes(paths, limit=256):
+  """(height, width) of up to `limit` images spread over `paths`."""
+  from PIL import Image
+  step = max(1, len(paths) // limit)
+  sizes = []
+  for p in paths[::step][:limit]:
+    try:
+      with Image.open(p) as im:
+        sizes.append((im.height, im.width))
+    except OSError as e:
+      raise BadInput(f'cannot read image {p} ({e}).') from e
+  return sizes
+
+
+# --------------------------------------------------------------------------
+# Datasets that ship offline as arrays: uint8 images (N, H, W, 3) and labels.
+
+@dataclasses.dataclass
+class ArrayData:
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  val_images: np.ndarray
+  val_labels: np.ndarray
+  classes: list
+
+
+def _gray_to_rgb(images):
+  return np.repeat(images[..., None], 3, axis=-1)
+
+
+def load_digits():
+  """scikit-learn's handwritten digits (UCI): 8x8, 10 classes, 1797 images.
+
+  The first 1000 images train, the other 797 evaluate.
+  """
+  from sklearn.datasets import load_digits as sk_digits
+  d = sk_digits()
+  images = _gray_to_rgb(np.round(d.images * 255 / 16).astype(np.uint8))
+  labels = d.target.astype(np.int64)
+  return ArrayData(images[:1000], labels[:1000], images[1000:], labels[1000:],
+                   [str(i) for i in range(10)])
+
+
+FASHION_MNIST_DIR = os.environ.get('FASHION_MNIST_DIR',
+                                   '/usr/share/datasets/fashion-mnist')
+FASHION_MNIST_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
+                         'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
+
+
+def _read_idx(path):
+  """An IDX file (optionally gzipped) as a uint8 array."""
+  import gzip
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rb') as f:
+    data = f.read()
+  if len(data) < 4 or data[:3] != b'\x00\x00\x08':  # magic: 0, 0, uint8
+    raise BadInput(f'{path} is not an IDX file of bytes.')
+  ndim = data[3]
+  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big')
+                for i in range(ndim))
+  array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if array.size != int(np.prod(shape)):
+    raise BadInput(f'{path} is truncated: {array.size} values for {shape}.')
+  return array.reshape(shape)
+
+
+def load_fashion_mnist(folder=None):
+  """Zalando's Fashion-MNIST: 28x28 grey clothing photos, 10 classes,
+  60000 train / 10000 test, read from the IDX files that Debian's
+  dataset-fashion-mnist package installs (or $FASHION_MNIST_DIR)."""
+  folder = folder or FASHION_MNIST_DIR
+  def read(stem):
+    for name in (f'{stem}.gz', stem):
+      if os.path.exists(os.path.join(folder, name)):
+        return _read_idx(os.path.join(folder, name))
+    raise BadInput(f'Fashion-MNIST is not in {folder} (no {stem}.gz); install '
+                   'it with "apt-get install dataset-fashion-mnist" or set '
+                   'FASHION_MNIST_DIR to a folder with its IDX files.')
+  return ArrayData(_gray_to_rgb(read('train-images-idx3-ubyte')),
+                   read('train-labels-idx1-ubyte').astype(np.int64),
+                   _gray_to_rgb(read('t10k-images-idx3-ubyte')),
+                   read('t10k-labels-idx1-ubyte').astype(np.int64),
+                   list(FASHION_MNIST_CLASSES))
+
+
+ARRAY_DATASETS = {'digits': load_digits, 'fashion_mnist': load_fashion_mnist}
+
+
+def load_array_dataset(name):
+  return ARRAY_DATASETS[name]()
+
+

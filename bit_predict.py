@@ -1,0 +1,133 @@
+"""Prediction: everything but the forward pass, shared by the three
+`bit_*.predict` command lines."""
+import argparse
+import os
+
+import numpy as np
+
+import bit_data
+import bit_hyperrule
+import bit_zoo
+from bit_common import BadInput
+
+
+def predict_argparser(framework):
+  parser = argparse.ArgumentParser(
+      description=f'Classify images with a BiT model ({framework}).',
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument('inputs', nargs='+',
+                      help='Image files and/or folders (searched recursively).')
+  parser.add_argument('--model', default='BiT-M-R50x1-ILSVRC2012',
+                      help='A registered model or a path to a .npz file.')
+  parser.add_argument('--bit_pretrained_dir', default='.',
+                      help='Where weights and label files are looked for; '
+                      'missing registered weights are downloaded there.')
+  parser.add_argument('--resolution', type=int, default=None,
+                      help='Resize images to this square size (default: the '
+                      'HyperRule crop size for the images given).')
+  parser.add_argument('--labels', default=None,
+                      help='Class names, one a line (default: the model\'s '
+                      'own, or the ImageNet label file in '
+                      '--bit_pretrained_dir for 1000/21843-class heads).')
+  parser.add_argument('--top_k', type=int, default=5,
+                      help='How many classes to print per image.')
+  parser.add_argument('--batch', type=int, default=32,
+                      help='Images per forward pass.')
+  parser.add_argument('--save_logits', default=None, metavar='FILE.npy',
+                      help='Also save the logits, (images, classes), here.')
+  return parser
+
+
+def list_images(inputs):
+  """Image files named in `inputs` (files or folders), folders sorted."""
+  paths = []
+  for item in inputs:
+    if os.path.isdir(item):
+      paths += sorted(os.path.join(d, f) for d, _, files in os.walk(item)
+                      for f in files if f.lower().endswith(bit_data.IMAGE_EXTENSIONS))
+    elif os.path.isfile(item):
+      paths.append(item)
+    else:
+      raise BadInput(f'{item} is neither an image file nor a folder.')
+  if not paths:
+    raise BadInput(f'no images found in {", ".join(inputs)}.')
+  return paths
+
+
+def load_image(path, size):
+  """uint8 (size, size, 3) RGB array: the image resized bilinearly."""
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert('RGB').resize((size, size),
+                                                 Image.BILINEAR))
+  except OSError as e:
+    raise BadInput(f'cannot read image {path} ({e}).') from e
+
+
+def to_model_input(images):
+  """uint8 RGB images -> float32 in [-1, 1], the range BiT models take."""
+  return (np.asarray(images, np.float32) - 127.5) / 127.5
+
+
+def read_labels(path):
+  with open(path) as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def label_names(args, head_size, logger=None):
+  """Class names for a head of `head_size`, or None where none are known."""
+  path = args.labels
+  info = bit_zoo.MODELS.get(args.model)
+  if path is None and info is not None and info.labels:
+    path = os.path.join(bit_zoo.REPO_DIR, info.labels)
+  if path is None and head_size in bit_zoo.LABEL_FILES:
+    path = os.path.join(args.bit_pretrained_dir, bit_zoo.LABEL_FILES[head_size])
+    if not os.path.exists(path):
+      if logger:
+        logger.info(f'no label names: fetch {bit_zoo.LABEL_URLS[bit_zoo.LABEL_FILES[head_size]]}'
+                    f' into {args.bit_pretrained_dir} to see them.')
+      return None
+  if path is None:
+    return None
+  if not os.path.exists(path):
+    raise BadInput(f'label file {path} does not exist.')
+  names = read_labels(path)
+  if len(names) != head_size:
+    raise BadInput(f'{path} has {len(names)} names but the model has '
+                   f'{head_size} classes.')
+  return names
+
+
+def predict(args, load_model, logger=None, read_weights=None):
+  """The predict CLI's work, given the backend's `load_model(weights)` that
+  returns (head_size, logits_fn: float32 NHWC batch -> numpy logits), and
+  optionally its `read_weights(model, pretrained_dir)` -> {key: array}
+  (default: the .npz)."""
+  if args.top_k < 1 or args.batch < 1:
+    raise BadInput('--top_k and --batch must be positive.')
+  paths = list_images(args.inputs)
+  read_weights = read_weights or (lambda model, folder: bit_zoo.load_npz(
+      bit_zoo.weights_path(model, folder)))
+  weights = read_weights(args.model, args.bit_pretrained_dir)
+  head_size, logits_fn = load_model(weights)
+  names = label_names(args, head_size, logger)
+  size = args.resolution or bit_hyperrule.get_resolution_from_image_sizes(
+      bit_data.image_sizes(paths))[1]
+  logits = []
+  for i in range(0, len(paths), args.batch):
+    batch = np.stack([load_image(p, size) for p in paths[i:i + args.batch]])
+    logits.append(np.asarray(logits_fn(to_model_input(batch)), np.float32))
+  logits = np.concatenate(logits)
+  if args.save_logits:
+    np.save(args.save_logits, logits)
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+  k = min(args.top_k, head_size)
+  for path, p in zip(paths, probs):
+    top = np.argsort(-p, kind='stable')[:k]
+    shown = ', '.join(f'{names[c] if names else c} ({p[c]:.1%})' for c in top)
+    print(f'{path}: {shown}')
+  return logits
+
+

@@ -2,7 +2,7 @@
 
 API (stable; both backends rely on it):
 
-  data = get_data(args)
+  data = load(args)
       Resolves `--dataset` (TFDS names, `imagefolder`, the offline arrays of
       `bit_data.ARRAY_DATASETS`), checks it (bad input raises
       `bit_common.BadInput` before any long work) and draws the few-shot
@@ -137,7 +137,7 @@ class Data:
 # --------------------------------------------------------------------------
 # Resolving --dataset.
 
-def get_data(args, logger=None):
+def load(args, logger=None):
   """The dataset of `args`, checked, with its few-shot subset drawn."""
   if args.dataset == 'imagefolder':
     data = _imagefolder(args, logger)

@@ -132,7 +132,7 @@ def main(args):
 
   lead = jax.process_index() == 0
   logger = bit_common.run_logger(args, lead)
-  data = input_pipeline.get_data(args, logger)
+  data = input_pipeline.load(args, logger)
   n_train = data.train_size
   resize, crop, schedule, mixup = bit_run.hyperrule(args, n_train,
                                                        data.original_hw)

@@ -217,7 +217,7 @@ def main(args):
   bit_common.check_args(args, replicas)
   chief = is_chief(strategy)
   logger = bit_common.run_logger(args, chief)
-  data = input_pipeline.get_data(args, logger)
+  data = input_pipeline.load(args, logger)
   n_train = data.train_size
   resize, crop, schedule, mixup = bit_run.hyperrule(args, n_train,
                                                        data.original_hw)

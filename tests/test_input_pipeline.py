@@ -37,26 +37,26 @@ def test_imagefolder_and_fewshot_match_pytorch(imagefolder):
   bit_data = pytest.importorskip('bit_pytorch.data')
   args = _args(dataset='imagefolder', datadir=imagefolder,
                examples_per_class=3, examples_per_class_seed=5)
-  data = ip.get_data(args)
+  data = ip.load(args)
   ref = bit_data.fewshot(bit_data.load(args, None).train, args)
   assert data.train_size == 9 and data.num_classes == 3
   assert list(data.train.table) == list(ref.paths)
   np.testing.assert_array_equal(data.train.labels, ref.labels)
   assert data.original_hw == (40, 48) and data.eval_size == 12
   # Another seed draws another subset.
-  other = ip.get_data(_args(dataset='imagefolder', datadir=imagefolder,
+  other = ip.load(_args(dataset='imagefolder', datadir=imagefolder,
                             examples_per_class=3, examples_per_class_seed=6))
   assert list(other.train.table) != list(data.train.table)
 
 
 def test_fewshot_asks_too_many(imagefolder):
   with pytest.raises(bit_common.BadInput, match='only 8'):
-    ip.get_data(_args(dataset='imagefolder', datadir=imagefolder,
+    ip.load(_args(dataset='imagefolder', datadir=imagefolder,
                       examples_per_class=9))
 
 
 def test_eval_covers_every_example_in_order_and_is_exact():
-  data = ip.get_data(_args(dataset='digits'))
+  data = ip.load(_args(dataset='digits'))
   batches = list(ip.eval_batches(data, 100, 8).as_numpy_iterator())
   assert all(len(b['mask']) == 100 for b in batches)
   mask = np.concatenate([b['mask'] for b in batches])
@@ -89,7 +89,7 @@ def test_flips_are_random_and_crops_in_range():
 
 
 def test_stream_resumes_at_any_step_and_splits_over_processes():
-  data = ip.get_data(_args(dataset='digits'))
+  data = ip.load(_args(dataset='digits'))
   it = ip.train_batches(data, 24, 10, 8, seed=3).as_numpy_iterator()
   # 1000 examples, 24 a batch: step 41 crosses the first epoch boundary.
   steps = [next(it) for _ in range(43)]
@@ -109,7 +109,7 @@ def test_stream_resumes_at_any_step_and_splits_over_processes():
 
 
 def test_mixup_per_batch_with_reversed_batch():
-  data = ip.get_data(_args(dataset='digits'))
+  data = ip.load(_args(dataset='digits'))
   plain = _first(ip.train_batches(data, 16, 10, 8, seed=1, start_step=5))
   mixed = _first(ip.train_batches(data, 16, 10, 8, seed=1, start_step=5,
                                   mixup_alpha=0.5))
@@ -161,7 +161,7 @@ def test_tfds_path_on_a_local_builder(tmp_path, monkeypatch):
 
   monkeypatch.setattr(tfds, 'builder',
                       lambda name, data_dir=None: Tiny(data_dir=str(tmp_path)))
-  data = ip.get_data(_args(dataset='cifar10', examples_per_class=4,
+  data = ip.load(_args(dataset='cifar10', examples_per_class=4,
                            examples_per_class_seed=2))
   assert data.eval_split == 'validation' and data.eval_size == 7
   assert data.full_train_size == 30 and data.train_size == 8
@@ -177,7 +177,7 @@ def test_tfds_path_on_a_local_builder(tmp_path, monkeypatch):
   assert sum(int(b['mask'].sum()) for b in evals) == 7
   # A split too large to hold streams through a shuffle buffer instead.
   monkeypatch.setattr(ip, 'IN_MEMORY_BYTES', 0)
-  data = ip.get_data(_args(dataset='cifar10'))
+  data = ip.load(_args(dataset='cifar10'))
   assert not data.train.random_access and data.train_size == 30
   labels = [b['label'].argmax(1) for b in
             ip.train_batches(data, 10, 24, 16, seed=0).take(3)

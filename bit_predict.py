@@ -18,7 +18,9 @@ def predict_argparser(framework):
   parser.add_argument('inputs', nargs='+',
                       help='Image files and/or folders (searched recursively).')
   parser.add_argument('--model', default='BiT-M-R50x1-ILSVRC2012',
-                      help='A registered model or a path to a .npz file.')
+                      help='A registered model, a path to a .npz file (or '
+                      'a run folder holding model.npz) or hf-hub:ORG/NAME '
+                      '(a timm or transformers BiT on the Hugging Face Hub).')
   parser.add_argument('--bit_pretrained_dir', default='.',
                       help='Where weights and label files are looked for; '
                       'missing registered weights are downloaded there.')
@@ -103,12 +105,11 @@ def predict(args, load_model, logger=None, read_weights=None):
   """The predict CLI's work, given the backend's `load_model(weights)` that
   returns (head_size, logits_fn: float32 NHWC batch -> numpy logits), and
   optionally its `read_weights(model, pretrained_dir)` -> {key: array}
-  (default: the .npz)."""
+  (default: bit_zoo.load_weights: registered names, .npz files, hf-hub:)."""
   if args.top_k < 1 or args.batch < 1:
     raise BadInput('--top_k and --batch must be positive.')
   paths = list_images(args.inputs)
-  read_weights = read_weights or (lambda model, folder: bit_zoo.load_npz(
-      bit_zoo.weights_path(model, folder)))
+  read_weights = read_weights or bit_zoo.load_weights
   weights = read_weights(args.model, args.bit_pretrained_dir)
   head_size, logits_fn = load_model(weights)
   names = label_names(args, head_size, logger)

@@ -331,3 +331,227 @@ def infer_arch(weights):
                                           int(head.shape[0]))
 
 
+
+
+# --------------------------------------------------------------------------
+# One entry point for weights: a registered name, a file, a run folder or a
+# Hugging Face Hub repository, always as {published key: float32 array}.
+
+HF_HUB_PREFIX = 'hf-hub:'
+# Tried in this order in a Hub repository (timm and transformers both
+# publish safetensors; older repositories only the PyTorch pickle).
+HF_HUB_FILES = ('model.safetensors', 'pytorch_model.bin')
+
+
+def load_weights(model, pretrained_dir='.'):
+  """{published key: float32 array} for `model`, checked for NaN/inf.
+
+  `model` is a registered name (its file downloaded into `pretrained_dir`
+  when missing), a `.npz` path, a run folder holding `model.npz`, or
+  `hf-hub:ORG/NAME[@REVISION]`: a timm or transformers BiT checkpoint on the
+  Hugging Face Hub (safetensors or .bin), fetched and cached by
+  huggingface_hub (its cache, HF_HUB_OFFLINE honoured) and mapped to the
+  published layout. Hub files are checked against the architecture read
+  from their own shapes, so nothing in them is silently skipped.
+  """
+  if model.startswith(HF_HUB_PREFIX):
+    path = hub_file(model[len(HF_HUB_PREFIX):])
+    weights = from_torch_layout(read_torch_file(path), source=path)
+    arch, head = infer_arch(weights)
+    check_weights(weights, arch, head, source=path)
+  else:
+    if os.path.isdir(model) and os.path.isfile(os.path.join(model,
+                                                            'model.npz')):
+      model = os.path.join(model, 'model.npz')
+    if model.endswith(('.safetensors', '.bin')):
+      path = model
+      if not os.path.isfile(path):
+        raise BadInput(f'weights file {path} does not exist.')
+      weights = from_torch_layout(read_torch_file(path), source=path)
+    else:
+      path = weights_path(model, pretrained_dir)
+      weights = load_npz(path)
+  weights = {k: np.asarray(v, np.float32) for k, v in weights.items()}
+  check_finite(weights, path)
+  return weights
+
+
+def check_finite(weights, source='checkpoint'):
+  """Refuses weights holding NaN or infinite values, naming the key."""
+  for key, value in weights.items():
+    if not np.all(np.isfinite(value)):
+      bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+      raise BadInput(f'{source}: {key} holds {bad} NaN or infinite values; '
+                     'the file is damaged or came from a diverged run. Use '
+                     'another checkpoint.')
+  return weights
+
+
+def hub_file(repo):
+  """Local path of a Hub repository's weight file, via huggingface_hub's
+  cache (downloaded there when missing, unless HF_HUB_OFFLINE is set)."""
+  try:
+    import huggingface_hub
+    from huggingface_hub import errors
+  except ImportError as e:
+    raise BadInput('hf-hub: models need the huggingface_hub package: '
+                   'pip install huggingface_hub') from e
+  repo_id, _, revision = repo.partition('@')
+  if repo_id.count('/') != 1 or not all(repo_id.split('/')):
+    raise BadInput(f'hf-hub:{repo}: give a repository as hf-hub:ORG/NAME '
+                   '(optionally @REVISION), e.g. '
+                   'hf-hub:timm/resnetv2_50x1_bit.goog_in21k')
+  missing = []
+  for filename in HF_HUB_FILES:
+    try:
+      return huggingface_hub.hf_hub_download(repo_id, filename,
+                                             revision=revision or None)
+    except errors.EntryNotFoundError:  # also the offline cache's miss
+      missing.append(filename)
+    except errors.RepositoryNotFoundError as e:
+      raise BadInput(f'hf-hub:{repo}: no such repository on the Hub (or it '
+                     'is private: log in with `hf auth login`).') from e
+    except errors.RevisionNotFoundError as e:
+      raise BadInput(f'hf-hub:{repo}: no revision {revision!r}.') from e
+    except errors.LocalEntryNotFoundError:
+      missing.append(filename)
+    except (errors.HfHubHTTPError, OSError, ValueError) as e:
+      raise BadInput(f'hf-hub:{repo}: could not fetch {filename} ({e}).') \
+          from e
+  offline = huggingface_hub.constants.HF_HUB_OFFLINE
+  where = ('in the local Hugging Face cache (HF_HUB_OFFLINE is set: run '
+           f'once online, or `hf download {repo_id}`)' if offline else
+           'in the repository (or the Hub is unreachable and the local cache '
+           'lacks them)')
+  raise BadInput(f'hf-hub:{repo}: found neither {" nor ".join(missing)} '
+                 f'{where}.')
+
+
+def read_torch_file(path):
+  """{name: float32 numpy array} of a safetensors file (read without torch)
+  or of a PyTorch `.bin` state dict (needs torch)."""
+  if path.endswith('.safetensors'):
+    from safetensors import SafetensorError
+    try:
+      from safetensors.numpy import load_file
+      try:
+        return load_file(path)
+      except (TypeError, KeyError):  # bfloat16 and the like: through torch
+        from safetensors.torch import load_file as load_torch
+        return {k: v.float().numpy() for k, v in load_torch(path).items()}
+    except (SafetensorError, OSError, ValueError) as e:
+      raise BadInput(f'{path} is not a readable safetensors file ({e}); '
+                     'delete it and fetch it again.') from e
+  try:
+    import torch
+  except ImportError as e:
+    raise BadInput(f'{path} is a PyTorch pickle: reading it needs torch '
+                   '(pip install torch); or use a .safetensors file.') from e
+  try:
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except (OSError, RuntimeError, EOFError, ValueError) as e:
+    raise BadInput(f'{path} is not a readable PyTorch state dict ({e}); '
+                   'delete it and fetch it again.') from e
+  if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
+    state = state['state_dict']
+  if not isinstance(state, dict):
+    raise BadInput(f'{path} holds no state dict.')
+  return {k: v.float().numpy() for k, v in state.items()
+          if isinstance(v, torch.Tensor)}
+
+
+# Parameter names inside one pre-activation unit: timm and transformers use
+# the same ones; -> published names relative to the unit.
+_UNIT_KEYS = {
+    'norm1.weight': 'a/group_norm/gamma', 'norm1.bias': 'a/group_norm/beta',
+    'conv1.weight': 'a/standardized_conv2d/kernel',
+    'norm2.weight': 'b/group_norm/gamma', 'norm2.bias': 'b/group_norm/beta',
+    'conv2.weight': 'b/standardized_conv2d/kernel',
+    'norm3.weight': 'c/group_norm/gamma', 'norm3.bias': 'c/group_norm/beta',
+    'conv3.weight': 'c/standardized_conv2d/kernel',
+    'downsample.conv.weight': 'a/proj/standardized_conv2d/kernel',
+}
+# (format, pattern of a unit's prefix, {whole key: published key}).
+_LAYOUTS = {
+    'timm': (r'stages\.(\d+)\.blocks\.(\d+)\.', {
+        'stem.conv.weight': 'resnet/root_block/standardized_conv2d/kernel',
+        'norm.weight': 'resnet/group_norm/gamma',
+        'norm.bias': 'resnet/group_norm/beta',
+        'head.fc.weight': 'resnet/head/conv2d/kernel',
+        'head.fc.bias': 'resnet/head/conv2d/bias'}),
+    'transformers': (r'(?:bit\.)?encoder\.stages\.(\d+)\.layers\.(\d+)\.', {
+        'embedder.convolution.weight':
+            'resnet/root_block/standardized_conv2d/kernel',
+        'norm.weight': 'resnet/group_norm/gamma',
+        'norm.bias': 'resnet/group_norm/beta',
+        'classifier.1.weight': 'resnet/head/conv2d/kernel',
+        'classifier.1.bias': 'resnet/head/conv2d/bias'}),
+}
+
+
+def torch_layout_format(state):
+  """'timm' or 'transformers' from the keys of a PyTorch BiT state dict."""
+  if 'stem.conv.weight' in state:
+    return 'timm'
+  if any(k in state for k in ('bit.embedder.convolution.weight',
+                              'embedder.convolution.weight')):
+    return 'transformers'
+  return None
+
+
+def from_torch_layout(state, source='checkpoint'):
+  """{published key: array} from a timm or transformers BiT state dict
+  (kernels OIHW, a Linear or 1x1-conv head); every key must map."""
+  fmt = torch_layout_format(state)
+  if fmt is None:
+    raise BadInput(f'{source} is neither a timm nor a transformers BiT '
+                   f'checkpoint (it has {", ".join(sorted(state)[:3])}, ...; '
+                   'expected stem.conv.weight or '
+                   'bit.embedder.convolution.weight).')
+  unit_re, whole = _LAYOUTS[fmt]
+  unit_re = re.compile(unit_re)
+  weights = {}
+  for key, value in state.items():
+    name = key[4:] if fmt == 'transformers' and key.startswith('bit.') else key
+    m = unit_re.match(key)
+    if m and key[m.end():] in _UNIT_KEYS:
+      published = (f'{unit_name(int(m.group(1)) + 1, int(m.group(2)) + 1)}/'
+                   f'{_UNIT_KEYS[key[m.end():]]}')
+    elif name in whole:
+      published = whole[name]
+    else:
+      raise BadInput(f'{source}: {key} is no parameter of a BiT ResNet-v2 '
+                     f'({fmt} layout); is this a BiT checkpoint (not a '
+                     'batch-norm ResNet-v2 or a hybrid backbone)?')
+    value = np.asarray(value, np.float32)
+    if published.endswith('/kernel'):
+      if value.ndim == 2:  # a Linear head (K, C) -> (1, 1, C, K)
+        value = value.T[None, None]
+      elif value.ndim == 4:  # OIHW -> HWIO
+        value = value.transpose(2, 3, 1, 0)
+      else:
+        raise BadInput(f'{source}: {key} has shape {value.shape}, no '
+                       'convolution kernel.')
+    weights[published] = np.ascontiguousarray(value)
+  return weights
+
+
+def to_timm_layout(weights):
+  """{timm state-dict key: array (OIHW)} from published weights: the
+  inverse of `from_torch_layout` for timm's ResNetV2."""
+  inverse_unit = {v: k for k, v in _UNIT_KEYS.items()}
+  inverse_whole = {v: k for k, v in _LAYOUTS['timm'][1].items()}
+  unit_re = re.compile(r'resnet/block(\d+)/unit(\d+)/(.*)$')
+  state = {}
+  for key, value in weights.items():
+    m = unit_re.match(key)
+    if m:
+      name = (f'stages.{int(m.group(1)) - 1}.blocks.{int(m.group(2)) - 1}.'
+              f'{inverse_unit[m.group(3)]}')
+    else:
+      name = inverse_whole[key]
+    value = np.asarray(value, np.float32)
+    if value.ndim == 4:
+      value = value.transpose(3, 2, 0, 1)
+    state[name] = np.ascontiguousarray(value)
+  return state

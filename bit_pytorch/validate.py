@@ -32,7 +32,7 @@ def argparser():
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument('--ckpt_path', required=True,
                       help='A bit.pth.tar checkpoint of bit_pytorch.train, a '
-                      '.npz file or a registered model name.')
+                      '.npz file, a registered model name or hf-hub:ORG/NAME.')
   parser.add_argument('--dataset', default='cifar10',
                       choices=bit_common.TORCH_OR_TFDS_DATASETS +
                       ('imagefolder',) + tuple(bit_data.ARRAY_DATASETS))
@@ -73,8 +73,7 @@ def load_model(args, classes):
     net = models.create(run['arch'], head_size=len(classes))
     net.load_state_dict(state['model'])
     return net, run['resolution'][1]
-  weights = bit_zoo.load_npz(
-      bit_zoo.weights_path(args.ckpt_path, args.bit_pretrained_dir))
+  weights = bit_zoo.load_weights(args.ckpt_path, args.bit_pretrained_dir)
   net = models.create(args.ckpt_path, weights=weights)
   if net.head_size != len(classes):
     raise bit_common.BadInput(f'{args.ckpt_path} has a {net.head_size}-class '

@@ -277,8 +277,11 @@ def load_h5(path):
 
 
 def load_weights(path):
-  """{published key: array} from a `.npz` or `.h5` file."""
-  return load_h5(path) if path.endswith('.h5') else bit_zoo.load_npz(path)
+  """{published key: array} from a `.h5` file, or from anything
+  bit_zoo.load_weights reads (`.npz`, hf-hub:...); NaN/inf refused."""
+  if path.endswith('.h5'):
+    return bit_zoo.check_finite(load_h5(path), path)
+  return bit_zoo.load_weights(path)
 
 
 def weights_file(model, pretrained_dir='.'):
@@ -288,6 +291,8 @@ def weights_file(model, pretrained_dir='.'):
   from there; a missing one is downloaded as `.npz` (published for every
   model, and shared with the other backends).
   """
+  if model.startswith(bit_zoo.HF_HUB_PREFIX):
+    return model  # read through huggingface_hub's cache by load_weights
   info = bit_zoo.MODELS.get(model)
   if info is not None and info.h5_url and not info.path:
     npz = os.path.join(pretrained_dir, info.filename('npz'))

@@ -1,0 +1,641 @@
+"""TFDS datasets and the VTAB-1k tasks, read the same way by every backend.
+
+  --dataset tfds:NAME     any TFDS dataset (NAME may carry a config and a
+                          version: eurosat/rgb, cifar10:3.0.2) with an image
+                          and a class label
+  --dataset vtab:TASK     one of the 19 VTAB-1k tasks, with the benchmark's
+                          splits and labels
+
+API (framework-neutral; the pipelines of the three backends build on it):
+
+  resolve(dataset, data_dir=None, manual_dir=None, train_split=None,
+          eval_split=None, prepare=True) -> Dataset
+      Finds the builder, prepares it when it is not (as array_record, which
+      every backend reads), finds the image and label features and checks
+      both splits. Bad input raises bit_common.BadInput.
+
+  Dataset.read(split) -> Split     (split: 'train', 'eval' or a split expression)
+  Split: len(split), split.labels (int64 [n]), split.encoded (object [n] of
+      encoded image bytes), split[i] -> (bytes, label), split.subset(idx),
+      split.decode(i) -> uint8 [h, w, 3].
+
+Prepared files in array_record format are read through TFDS's random-access
+data source, which needs neither TensorFlow nor any other framework; files in
+the older tfrecord format are read through `as_dataset`, which needs
+TensorFlow.
+"""
+import dataclasses
+import io
+import os
+import re
+
+import numpy as np
+
+from bit_common import BadInput
+
+TFDS_PREFIX = 'tfds:'
+VTAB_PREFIX = 'vtab:'
+# How many images the typical size is measured on.
+SIZE_SAMPLE = 256
+
+
+def accepted_forms():
+  """The forms --dataset takes beyond the named ones, for error messages."""
+  return ('tfds:NAME (any prepared or downloadable TFDS dataset with an '
+          'image and a class label, e.g. tfds:dtd, tfds:eurosat/rgb, '
+          'tfds:svhn_cropped; --datadir is the TFDS data_dir) or vtab:TASK '
+          f'with TASK one of {", ".join(VTAB_TASKS)}')
+
+
+def is_tfds(dataset):
+  """Whether `dataset` (a --dataset value) is read by this module."""
+  return dataset.startswith((TFDS_PREFIX, VTAB_PREFIX))
+
+
+# --------------------------------------------------------------------------
+# VTAB-1k: which TFDS dataset, which splits, which labels. Written from the
+# definitions of google-research/task_adaptation (task_adaptation/data/).
+
+def _split_table(kind, counts, arg=None):
+  """The seven VTAB splits as TFDS split expressions.
+
+  `counts` maps TFDS split names to their sizes. Kinds:
+    given    the dataset's own train/validation/test splits
+    carve    validation carved from the end of TFDS train (the first `arg`
+             percent stay train); test is TFDS test, or `test_from`
+    three    train, validation and test all carved from TFDS train
+             (`arg` = (train percent, validation percent))
+    norb     validation is the first half of TFDS test, test the second
+  """
+  if kind == 'given':
+    return dict(train='train', val='validation', trainval='train+validation',
+                test='test', train800='train[:800]', val200='validation[:200]',
+                train800val200='train[:800]+validation[:200]')
+  if kind == 'norb':
+    return dict(train='train', val='test[:50%]', trainval='train+test[:50%]',
+                test='test[50%:]', train800='train[:800]', val200='test[:200]',
+                train800val200='train[:800]+test[:200]')
+  total = counts['train']
+  if kind == 'three':
+    n_train, n_val = (p * total // 100 for p in arg)
+    table = dict(train=f'train[:{n_train}]',
+                 val=f'train[{n_train}:{n_train + n_val}]',
+                 trainval=f'train[:{n_train + n_val}]',
+                 test=f'train[{n_train + n_val}:]')
+  else:  # carve
+    percent, test = arg
+    n_train = percent * total // 100
+    table = dict(train=f'train[:{n_train}]', val=f'train[{n_train}:]',
+                 trainval='train', test=test)
+  table.update(train800='train[:800]',
+               val200=f'train[{n_train}:{n_train + 200}]',
+               train800val200=f'train[:800]+train[{n_train}:{n_train + 200}]')
+  return table
+
+
+class _Feature:
+  """The label is a class-label feature of the record."""
+
+  def __init__(self, name):
+    self.name = name
+
+  def __call__(self, r):
+    return int(r[self.name])
+
+
+class _Binned:
+  """Class `name` of `original` classes merged into `bins` equal bins."""
+
+  def __init__(self, name, original, bins):
+    self.name, self.width = name, original / bins
+
+  def __call__(self, r):
+    return int(np.floor(float(r[self.name]) / self.width))
+
+
+def _count_objects(r):
+  """CLEVR: 3 to 10 objects -> classes 0 to 7."""
+  return len(r['objects']['pixel_coords']) - 3
+
+
+# Bin edges: the label is the last edge below the value.
+CLEVR_DISTANCE_EDGES = (0.0, 8.0, 8.5, 9.0, 9.5, 10.0, 100.0)
+KITTI_DISTANCE_EDGES = (-100.0, 8.0, 20.0, 999.0)
+KITTI_VEHICLES = ('Car', 'Van', 'Truck')
+
+
+def _last_edge_below(edges, value):
+  return int(np.searchsorted(np.asarray(edges), value, side='left')) - 1
+
+
+def _clevr_distance(r):
+  """CLEVR: depth of the closest object, binned."""
+  return _last_edge_below(CLEVR_DISTANCE_EDGES,
+                          np.min(np.asarray(r['objects']['pixel_coords'])[:, 2]))
+
+
+class _KittiDistance:
+  """KITTI: depth of the closest vehicle (car, van, truck; 1000 m when there
+  is none), binned. `types` are the class names of objects/type."""
+
+  def __init__(self, types=None):
+    self.vehicle = None if types is None else np.isin(np.asarray(types),
+                                                      KITTI_VEHICLES)
+
+  def __call__(self, r):
+    kind = np.asarray(r['objects']['type'], np.int64)
+    depth = np.asarray(r['objects']['location'],
+                       np.float64).reshape(-1, 3)[:, 2]
+    nearest = min([1000.0] + list(depth[self.vehicle[kind]]))
+    return _last_edge_below(KITTI_DISTANCE_EDGES, nearest)
+
+
+def _range_names(edges, unit=''):
+  return [f'{a:g}-{b:g}{unit}' for a, b in zip(edges[:-1], edges[1:])]
+
+
+@dataclasses.dataclass(frozen=True)
+class VtabTask:
+  name: str
+  tfds_name: str
+  num_classes: int
+  splits: tuple                  # (kind, arg) of _split_table
+  label: object = None           # record -> int; None: the 'label' feature
+  class_names: tuple = None      # None: the label feature's names
+  binary_pixels: bool = False    # images hold 0/1 and are scaled to 0/255
+  image_key: str = 'image'
+
+
+def _vtab_tasks():
+  natural = [
+      VtabTask('caltech101', 'caltech101', 102, ('carve', (90, 'test'))),
+      VtabTask('cifar100', 'cifar100', 100, ('carve', (90, 'test'))),
+      VtabTask('dtd', 'dtd', 47, ('given', None)),
+      VtabTask('oxford_flowers102', 'oxford_flowers102', 102, ('given', None)),
+      VtabTask('oxford_iiit_pet', 'oxford_iiit_pet', 37,
+               ('carve', (80, 'test'))),
+      VtabTask('sun397', 'sun397/tfds', 397, ('given', None)),
+      VtabTask('svhn', 'svhn_cropped', 10, ('carve', (90, 'test'))),
+  ]
+  specialized = [
+      VtabTask('patch_camelyon', 'patch_camelyon', 2, ('given', None)),
+      VtabTask('eurosat', 'eurosat/rgb', 10, ('three', (60, 20))),
+      VtabTask('resisc45', 'resisc45', 45, ('three', (60, 20))),
+      VtabTask('diabetic_retinopathy',
+               'diabetic_retinopathy_detection/btgraham-300', 5,
+               ('given', None)),
+  ]
+  bins16 = tuple(f'bin {i}' for i in range(16))
+  structured = [
+      VtabTask('clevr-count', 'clevr', 8, ('carve', (90, 'validation')),
+               _count_objects, tuple(f'{n} objects' for n in range(3, 11))),
+      VtabTask('clevr-distance', 'clevr', 6, ('carve', (90, 'validation')),
+               _clevr_distance, tuple(_range_names(CLEVR_DISTANCE_EDGES))),
+      VtabTask('dmlab', 'dmlab', 6, ('given', None)),
+      VtabTask('kitti-distance', 'kitti', 4, ('given', None), _KittiDistance(),
+               tuple(_range_names(KITTI_DISTANCE_EDGES, ' m'))),
+      VtabTask('dsprites-xpos', 'dsprites', 16, ('three', (80, 10)),
+               _Binned('label_x_position', 32, 16), bins16, True),
+      VtabTask('dsprites-orientation', 'dsprites', 16, ('three', (80, 10)),
+               _Binned('label_orientation', 40, 16), bins16, True),
+      VtabTask('smallnorb-azimuth', 'smallnorb', 18, ('norb', None),
+               _Feature('label_azimuth')),
+      VtabTask('smallnorb-elevation', 'smallnorb', 9, ('norb', None),
+               _Feature('label_elevation')),
+  ]
+  return {t.name: t for t in natural + specialized + structured}
+
+
+VTAB_TASKS = _vtab_tasks()
+VTAB_SPLITS = ('train800', 'val200', 'train800val200', 'test', 'train', 'val',
+               'trainval')
+# VTAB-1k as published: fit on the 1,000 examples, report on test.
+VTAB_DEFAULT_SPLITS = ('train800val200', 'test')
+# The structured labels that are single features (their names come from it).
+_FEATURE_OF = {'smallnorb-azimuth': 'label_azimuth',
+               'smallnorb-elevation': 'label_elevation'}
+
+
+# --------------------------------------------------------------------------
+# Reading.
+
+def _tfds():
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise BadInput('tfds: and vtab: datasets need tensorflow-datasets '
+                   '(pip install tensorflow-datasets array_record).') from e
+  return tfds
+
+
+class _Reader:
+  """Random access to the records of one TFDS split expression (images left
+  encoded). Picklable: the data source is reopened in each process."""
+
+  def __init__(self, prepared_dir, spec, image_key, random_access):
+    self.prepared_dir, self.spec = prepared_dir, spec
+    self.image_key, self.random_access = image_key, random_access
+    self._source = None
+
+  def __getstate__(self):
+    return dict(self.__dict__, _source=None)
+
+  def _builder(self):
+    return _tfds().builder_from_directory(self.prepared_dir)
+
+  def _decoders(self):
+    return {self.image_key: _tfds().decode.SkipDecoding()}
+
+  def records(self, indices):
+    if self._source is None:
+      self._source = self._builder().as_data_source(
+          split=self.spec, decoders=self._decoders())
+    return self._source.__getitems__([int(i) for i in indices])
+
+  def all_records(self):
+    """Every record, in order (through TensorFlow for tfrecord files)."""
+    builder = self._builder()
+    if self.random_access:
+      source = builder.as_data_source(split=self.spec,
+                                      decoders=self._decoders())
+      for lo in range(0, len(source), 1024):
+        yield from source.__getitems__(range(lo, min(len(source),
+                                                     lo + 1024)))
+      return
+    tfds = _tfds()
+    ds = builder.as_dataset(split=self.spec, shuffle_files=False,
+                            decoders=self._decoders())
+    yield from tfds.as_numpy(ds)
+
+
+def _to_bytes(value):
+  return value if isinstance(value, bytes) else bytes(value)
+
+
+def _scaled_binary_png(encoded):
+  """An image holding 0/1 as one holding 0/255 (lossless PNG)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  with Image.open(io.BytesIO(encoded)) as im:
+    pixels = np.asarray(im)
+  out = io.BytesIO()
+  Image.fromarray((pixels.squeeze() * 255).astype(np.uint8)).save(
+      out, format='PNG')
+  return out.getvalue()
+
+
+def decode(encoded):
+  """uint8 [h, w, 3] of encoded image bytes (grey images repeated on the
+  three channels, as TensorFlow's decode_image(channels=3) does)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  with Image.open(io.BytesIO(encoded)) as im:
+    return np.asarray(im.convert('RGB'))
+
+
+class Split:
+  """One split: n examples of (encoded image bytes, int64 label).
+
+  With array_record files nothing is read until asked: `split[i]` reads one
+  example, `labels` and `encoded` read (and keep) the whole split.
+  """
+
+  def __init__(self, spec, n, reader, convert, indices=None):
+    self.spec, self.n = spec, n
+    self._reader, self._convert = reader, convert
+    self._indices = np.arange(n) if indices is None else np.asarray(indices)
+    self._labels = self._encoded = None
+
+  def __len__(self):
+    return self.n
+
+  @property
+  def random_access(self):
+    return self._reader.random_access
+
+  def __getitem__(self, i):
+    if self._encoded is not None:
+      return self._encoded[i], int(self._labels[i])
+    if not self.random_access:
+      self._read_all()
+      return self[i]
+    return self._convert(self._reader.records([self._indices[i]])[0])
+
+  def examples(self, indices):
+    """[(bytes, label)] of `indices`, in one read."""
+    if self._encoded is not None or not self.random_access:
+      return [self[i] for i in indices]
+    return [self._convert(r) for r in self._reader.records(
+        self._indices[np.asarray(indices, np.int64)])]
+
+  def _read_all(self):
+    if self._encoded is not None:
+      return
+    if self.random_access:
+      got = []
+      for lo in range(0, self.n, 1024):
+        got += self.examples(range(lo, min(self.n, lo + 1024)))
+    else:
+      got = [self._convert(r) for r in self._reader.all_records()]
+      got = [got[i] for i in self._indices]
+    self._encoded = np.empty(len(got), dtype=object)
+    self._encoded[:] = [g[0] for g in got]
+    self._labels = np.array([g[1] for g in got], np.int64)
+
+  @property
+  def labels(self):
+    """int64 [n]."""
+    self._read_all()
+    return self._labels
+
+  @property
+  def encoded(self):
+    """object [n] of encoded image bytes (PNG, JPEG, ...)."""
+    self._read_all()
+    return self._encoded
+
+  def decode(self, i):
+    return decode(self[i][0])
+
+  def subset(self, indices):
+    """The examples at `indices` (e.g. bit_data.fewshot_indices), in that
+    order."""
+    indices = np.asarray(indices, np.int64)
+    out = Split(self.spec, len(indices), self._reader, self._convert,
+                self._indices[indices])
+    if self._encoded is not None:
+      out._encoded, out._labels = self._encoded[indices], self._labels[indices]
+    return out
+
+  def sizes(self, limit=SIZE_SAMPLE):
+    """(height, width) of up to `limit` images spread over the split."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    step = max(1, self.n // limit)
+    sizes = []
+    for encoded, _ in self.examples(range(0, self.n, step)[:limit]):
+      with Image.open(io.BytesIO(encoded)) as im:
+        sizes.append((im.height, im.width))
+    return sizes
+
+
+@dataclasses.dataclass
+class Dataset:
+  """A resolved tfds:/vtab: dataset; `read('train')`/`read('eval')` give
+  the chosen splits."""
+  name: str              # as given: tfds:NAME or vtab:TASK
+  tfds_name: str
+  data_dir: str          # the prepared dataset's folder (NAME/VERSION)
+  image_key: str
+  label_key: str         # the label feature, or 'derived' (VTAB structured)
+  classes: list
+  train_split: str       # as the user wrote them (VTAB names for vtab:)
+  eval_split: str
+  tfds_splits: dict      # user split -> TFDS split expression
+  sizes: dict            # user split -> number of examples
+  original_hw: tuple = None
+  random_access: bool = True
+  version: str = ''
+  _convert: object = None
+
+  @property
+  def num_classes(self):
+    return len(self.classes)
+
+  @property
+  def train_size(self):
+    return self.sizes[self.train_split]
+
+  @property
+  def eval_size(self):
+    return self.sizes[self.eval_split]
+
+  def read(self, split):
+    """A Split: 'train', 'eval', or one of the names in `tfds_splits`."""
+    split = {'train': self.train_split, 'eval': self.eval_split}.get(
+        split, split)
+    spec = self.tfds_splits[split]
+    reader = _Reader(self.data_dir, spec, self.image_key, self.random_access)
+    return Split(spec, self.sizes[split], reader, self._convert)
+
+  def describe(self):
+    return {'dataset': self.name, 'tfds_name': self.tfds_name,
+            'tfds_version': self.version, 'data_dir': self.data_dir,
+            'train_split': self.train_split, 'eval_split': self.eval_split,
+            'tfds_train_split': self.tfds_splits[self.train_split],
+            'tfds_eval_split': self.tfds_splits[self.eval_split],
+            'train_size': self.train_size, 'eval_size': self.eval_size,
+            'num_classes': self.num_classes, 'image': self.image_key,
+            'label': self.label_key, 'original_hw': self.original_hw}
+
+
+def _builder(tfds_name, data_dir, manual_dir, prepare, shown):
+  tfds = _tfds()
+  try:
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+  except (tfds.core.registered.DatasetNotFoundError, ValueError,
+          AssertionError) as e:
+    raise BadInput(f'no TFDS dataset {tfds_name!r} for --dataset {shown} '
+                   f'({str(e).splitlines()[0]}); --dataset takes '
+                   f'{accepted_forms()}.') from e
+  if prepare and not _prepared(builder):
+    try:
+      builder.download_and_prepare(
+          file_format='array_record',
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except Exception as e:  # pylint: disable=broad-except
+      # TFDS raises many kinds (download, missing manual files, checksums).
+      raise BadInput(
+          f'TFDS could not prepare {tfds_name} in {builder.data_dir} '
+          f'({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); '
+          'check --datadir (the TFDS data_dir), or give --tfds_manual_dir '
+          'for datasets that must be downloaded by hand.') from e
+  return builder
+
+
+def _prepared(builder):
+  return os.path.exists(os.path.join(str(builder.data_dir),
+                                     'dataset_info.json'))
+
+
+def _find_features(info, shown):
+  """(image key, label key) of a TFDS dataset: its supervised keys when
+  they are an image and a class label, else its only top-level image and
+  class label (or those named 'image' and 'label')."""
+  tfds = _tfds()
+  features = info.features
+  images = [k for k, f in features.items()
+            if isinstance(f, tfds.features.Image)]
+  labels = [k for k, f in features.items()
+            if isinstance(f, tfds.features.ClassLabel)]
+  keys = info.supervised_keys
+  if (isinstance(keys, tuple) and len(keys) == 2 and
+      all(isinstance(k, str) for k in keys) and keys[0] in images and
+      keys[1] in labels):
+    return keys
+
+  def pick(found, preferred, what):
+    if len(found) == 1:
+      return found[0]
+    if preferred in found:
+      return preferred
+    have = f'has {", ".join(found)}' if found else 'has none'
+    raise BadInput(f'--dataset {shown}: need a single {what} feature, but it '
+                   f'{have} (features: {", ".join(features.keys())}); '
+                   f'--dataset takes {accepted_forms()}.')
+
+  return (pick(images, 'image', 'image (tfds.features.Image)'),
+          pick(labels, 'label', 'class label (tfds.features.ClassLabel)'))
+
+
+def _split_size(spec, info, shown, flag):
+  """Examples in the TFDS split expression `spec`, or BadInput."""
+  tfds = _tfds()
+  try:
+    parts = tfds.core.ReadInstruction.from_spec(spec).to_absolute(info.splits)
+  except (ValueError, KeyError, AssertionError, AttributeError) as e:
+    raise BadInput(f'{flag} {spec!r} is not a split of {shown} '
+                   f'({str(e).splitlines()[0]}); its splits: '
+                   f'{", ".join(f"{k} ({v.num_examples})" for k, v in info.splits.items())}'
+                   '; slices as in TFDS: train[:800], train[80%:], '
+                   'train+validation.') from e
+  n = 0
+  for part in parts:
+    total = info.splits[part.splitname].num_examples
+    n += len(range(total)[slice(part.from_, part.to)])
+  if not n:
+    raise BadInput(f'{flag} {spec!r} of {shown} has no examples.')
+  return n
+
+
+def _label_names(feature):
+  return [str(n) for n in feature.names]
+
+
+def resolve(dataset, data_dir=None, manual_dir=None, train_split=None,
+            eval_split=None, prepare=True):
+  """The Dataset of --dataset tfds:NAME or vtab:TASK (see module doc).
+
+  Default splits: tfds: train, and validation where it exists, else test;
+  vtab: train800val200 and test (VTAB-1k as published). vtab: splits are
+  VTAB's names, or several joined with '+'; tfds: splits are TFDS split
+  expressions.
+  """
+  if dataset.startswith(VTAB_PREFIX):
+    return _resolve_vtab(dataset, data_dir, manual_dir, train_split,
+                         eval_split, prepare)
+  if not dataset.startswith(TFDS_PREFIX) or not dataset[len(TFDS_PREFIX):]:
+    raise BadInput(f'unknown dataset {dataset!r}; --dataset takes '
+                   f'{accepted_forms()}.')
+  tfds_name = dataset[len(TFDS_PREFIX):]
+  builder = _builder(tfds_name, data_dir, manual_dir, prepare, dataset)
+  info = builder.info
+  image_key, label_key = _find_features(info, dataset)
+  if train_split is None:
+    if 'train' not in info.splits:
+      raise BadInput(f'{dataset} has no train split; give --train_split '
+                     f'(its splits: {", ".join(info.splits.keys())}).')
+    train_split = 'train'
+  if eval_split is None:
+    eval_split = next((s for s in ('validation', 'test')
+                       if s in info.splits), None)
+    if eval_split is None:
+      raise BadInput(f'{dataset} has neither a validation nor a test split; '
+                     f'give --eval_split (its splits: '
+                     f'{", ".join(info.splits.keys())}).')
+  sizes = {s: _split_size(s, info, dataset, flag)
+           for s, flag in ((train_split, '--train_split'),
+                           (eval_split, '--eval_split'))}
+  convert = _Convert(image_key, label_key)
+  return _finish(Dataset(
+      dataset, tfds_name, str(builder.data_dir), image_key, label_key,
+      _label_names(info.features[label_key]), train_split, eval_split,
+      {s: s for s in sizes}, sizes, _convert=convert), builder)
+
+
+def _resolve_vtab(dataset, data_dir, manual_dir, train_split, eval_split,
+                  prepare):
+  task_name = dataset[len(VTAB_PREFIX):]
+  task = VTAB_TASKS.get(task_name)
+  if task is None:
+    raise BadInput(f'unknown VTAB-1k task {task_name!r}; --dataset takes '
+                   f'{accepted_forms()}.')
+  builder = _builder(task.tfds_name, data_dir, manual_dir, prepare, dataset)
+  info = builder.info
+  counts = {k: v.num_examples for k, v in info.splits.items()}
+  try:
+    table = _split_table(task.splits[0], counts, task.splits[1])
+  except KeyError as e:
+    raise BadInput(f'{task.tfds_name} in {builder.data_dir} has no {e} '
+                   f'split, which {dataset} needs.') from e
+  train_split = train_split or VTAB_DEFAULT_SPLITS[0]
+  eval_split = eval_split or VTAB_DEFAULT_SPLITS[1]
+  tfds_splits, sizes = {}, {}
+  for split, flag in ((train_split, '--train_split'),
+                      (eval_split, '--eval_split')):
+    parts = split.split('+')
+    unknown = [p for p in parts if p not in table]
+    if unknown:
+      raise BadInput(f'{flag} {split!r}: {dataset} splits are '
+                     f'{", ".join(VTAB_SPLITS)} (or several joined by +).')
+    tfds_splits[split] = '+'.join(table[p] for p in parts)
+    sizes[split] = _split_size(tfds_splits[split], info, dataset, flag)
+  label_key = 'label' if task.label is None else _FEATURE_OF.get(
+      task.name, 'derived')
+  if task.label is None:
+    classes = _label_names(info.features['label'])
+  elif task.class_names is None:
+    classes = _label_names(info.features[label_key])
+  else:
+    classes = list(task.class_names)
+  if len(classes) != task.num_classes:
+    raise BadInput(f'{task.tfds_name} in {builder.data_dir} has '
+                   f'{len(classes)} classes; {dataset} expects '
+                   f'{task.num_classes}.')
+  label = task.label
+  if isinstance(label, _KittiDistance):
+    label = _KittiDistance(info.features['objects']['type'].names)
+  convert = _Convert(task.image_key, 'label' if label is None else None,
+                     label, task.binary_pixels)
+  return _finish(Dataset(
+      dataset, task.tfds_name, str(builder.data_dir), task.image_key,
+      label_key, classes, train_split, eval_split, tfds_splits, sizes,
+      _convert=convert), builder)
+
+
+def _finish(data, builder):
+  info = builder.info
+  data.version = str(builder.version)
+  data.random_access = str(info.file_format or 'tfrecord').lower().endswith(
+      'array_record')
+  if not data.random_access:
+    try:
+      import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except ImportError as e:
+      raise BadInput(
+          f'{data.tfds_name} in {builder.data_dir} is prepared as tfrecord, '
+          'which only TensorFlow reads; convert it to array_record (tfds '
+          f'convert_format --dataset_dir {builder.data_dir} '
+          '--out_file_format array_record) or install tensorflow.') from e
+  shape = info.features[data.image_key].shape
+  if shape[0] and shape[1]:
+    data.original_hw = (int(shape[0]), int(shape[1]))
+  else:
+    import bit_hyperrule  # pylint: disable=import-outside-toplevel
+    data.original_hw = tuple(bit_hyperrule.typical_size(
+        data.read('train').sizes()))
+  return data
+
+
+class _Convert:
+  """A record -> (encoded image bytes, int label). Picklable."""
+
+  def __init__(self, image_key, label_key, label_fn=None,
+               binary_pixels=False):
+    self.image_key, self.label_key = image_key, label_key
+    self.label_fn, self.binary_pixels = label_fn, binary_pixels
+
+  def __call__(self, record):
+    image = _to_bytes(record[self.image_key])
+    if self.binary_pixels:
+      image = _scaled_binary_png(image)
+    label = (record[self.label_key] if self.label_fn is None else
+             self.label_fn(record))
+    return image, int(label)

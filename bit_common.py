@@ -27,13 +27,22 @@ class BadInput(Exception):
   """Something the user gave is wrong; the message says what to do."""
 
 
+class Diverged(Exception):
+  """The training loss is not a number; the message names the step and the
+  newest good checkpoint."""
+
+
 def run_cli(main, *args, **kwargs):
-  """Runs `main`; a BadInput becomes one line on stderr and exit status 2."""
+  """Runs `main`; a BadInput becomes one line on stderr and exit status 2, a
+  diverged run one line and exit status 3."""
   try:
     return main(*args, **kwargs)
   except BadInput as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except Diverged as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(3)
 
 
 # The modules below import BadInput from here, so they come after it.
@@ -112,17 +121,29 @@ def argparser(known_models=None):
                       choices=('fp32', 'bf16', 'fp16'),
                       help='Compute precision.')
   parser.add_argument('--skip_bad_images', action='store_true',
-                      help='Leave out unreadable images instead of stopping.')
+                      help='Check every image file whole before training and '
+                      'leave out those that cannot be read, instead of '
+                      'stopping.')
+  parser.add_argument('--mixup_alpha', type=float, default=None,
+                      help='Override the HyperRule\'s mixup alpha (0: no '
+                      'mixup).')
+  parser.add_argument('--save_every', type=int, default=None,
+                      help='Also checkpoint every N steps (besides every '
+                      'evaluation, every 10 minutes and SIGINT/SIGTERM).')
   return parser
 
 
 def check_args(args, devices=1):
   """Refuses flag values that cannot work, before any long work starts."""
   for flag in ('batch', 'batch_split', 'total_steps', 'resize_size',
-               'crop_size', 'eval_every', 'batch_eval', 'examples_per_class'):
+               'crop_size', 'eval_every', 'batch_eval', 'examples_per_class',
+               'save_every'):
     value = getattr(args, flag, None)
     if value is not None and value < 1:
       raise BadInput(f'--{flag} must be a positive number, got {value}.')
+  mixup = getattr(args, 'mixup_alpha', None)
+  if mixup is not None and not 0 <= mixup < float('inf'):
+    raise BadInput(f'--mixup_alpha must be 0 (off) or positive, got {mixup}.')
   if args.batch % (args.batch_split * devices):
     raise BadInput(f'--batch {args.batch} is not divisible by --batch_split '
                    f'{args.batch_split} times {devices} device(s); choose a '

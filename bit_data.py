@@ -94,28 +94,31 @@ class BadImage(BadInput):
                'or pass --skip_bad_images to leave such files out.')
 
 
-def _image_error(path, verify):
+def _image_error(path, decode):
   from PIL import Image
   try:
     with Image.open(path) as im:
-      if verify:
-        im.verify()
+      if decode:
+        im.load()
     return None
   except Exception as e:  # pylint: disable=broad-except
     return e  # PIL raises many kinds of error on damaged files.
 
 
-def readable_images(paths, skip=False, logger=None, verify=False):
-  """Indices of the `paths` that open as images (headers read in threads;
-  with `verify`, whole files checked, which also finds truncated ones).
+def readable_images(paths, skip=False, logger=None):
+  """Indices of the `paths` that can be read, checked in threads: the one
+  rule of every backend for --skip_bad_images.
 
-  An unreadable file stops the run with its name (BadImage), or with `skip`
-  is left out with a warning.
+  Without `skip`, headers are read and the first unreadable file stops the
+  run with its name (BadImage); a file whose pixels are damaged is named
+  when it is decoded. With `skip`, every file is decoded whole and those
+  that fail are left out with a warning, so the same files are left out
+  in every backend, before the schedule is computed.
   """
   import concurrent.futures
   import functools
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
-    errors = list(pool.map(functools.partial(_image_error, verify=verify),
+    errors = list(pool.map(functools.partial(_image_error, decode=skip),
                            paths, chunksize=64))
   bad = [i for i, e in enumerate(errors) if e is not None]
   if bad and not skip:
@@ -220,3 +223,107 @@ def load_array_dataset(name):
   return ARRAY_DATASETS[name]()
 
 
+
+
+# --------------------------------------------------------------------------
+# The data stream: what every trainer (in every backend, on any number of
+# processes and devices, with any --batch_split) trains on at each step.
+
+# Tags that keep the random streams of one seed apart.
+_ORDER, _AUG, _MIXUP = 1, 2, 3
+
+
+class Stream:
+  """The examples of every training step, as numpy, from (seed, step) alone.
+
+  Position p of the global batch at step s holds example
+  `indices(s)[p]`: epoch e visits the `size` examples in the order of a
+  permutation drawn from (seed, e), and the batches cut that endless
+  sequence into runs of `batch`; a training set smaller than one batch is
+  drawn from with replacement at every step instead (few-shot runs). Each
+  position also has an augmentation seed (`aug_seeds(s)[p]`, from which
+  `crop_flip` and other augmentations draw), and with mixup on, one lambda
+  per step (`lam(s)`) and a partner: positions 2k and 2k+1 are mixed with
+  each other (the order is random, so these are random pairs; an odd last
+  position keeps itself).
+
+  A process or device that trains on positions [lo, hi) loads `rows(lo,
+  hi)`: those positions, then the partners outside them.
+  """
+
+  def __init__(self, size, batch, seed=0, mixup_alpha=0.0):
+    if size < 1:
+      raise BadInput('the training set is empty.')
+    self.size, self.batch, self.seed = size, batch, seed
+    self.mixup_alpha = float(mixup_alpha or 0.0)
+    self._epochs = {}
+
+  def _permutation(self, epoch):
+    if epoch not in self._epochs:
+      if len(self._epochs) > 1:  # a batch spans at most two epochs
+        self._epochs.pop(min(self._epochs))
+      self._epochs[epoch] = np.random.default_rng(
+          [self.seed, _ORDER, epoch]).permutation(self.size)
+    return self._epochs[epoch]
+
+  def indices(self, step):
+    """int64 [batch]: the example at each position of step `step`."""
+    if self.size < self.batch:
+      return np.random.default_rng([self.seed, _ORDER, step]).integers(
+          0, self.size, self.batch)
+    pos = np.arange(step * self.batch, (step + 1) * self.batch)
+    out = np.empty(self.batch, np.int64)
+    for epoch in np.unique(pos // self.size):
+      sel = pos // self.size == epoch
+      out[sel] = self._permutation(int(epoch))[pos[sel] % self.size]
+    return out
+
+  def aug_seeds(self, step):
+    """uint64 [batch]: each position's augmentation seed."""
+    return np.random.default_rng([self.seed, _AUG, step]).integers(
+        0, 2**63, self.batch, dtype=np.uint64)
+
+  def lam(self, step):
+    """The mixup weight of step `step` (1.0 when mixup is off)."""
+    if not self.mixup_alpha:
+      return 1.0
+    return float(np.random.default_rng([self.seed, _MIXUP, step]).beta(
+        self.mixup_alpha, self.mixup_alpha))
+
+  def partner(self, positions):
+    """The mixup partner of each of `positions` (itself when mixup is off)."""
+    positions = np.asarray(positions, np.int64)
+    if not self.mixup_alpha:
+      return positions
+    other = positions ^ 1
+    return np.where(other < self.batch, other, positions)
+
+  def rows(self, lo, hi):
+    """(positions to load, row of each own position's partner among them)
+    for a share [lo, hi) of the global batch: the own positions first, then
+    the partners outside the share."""
+    own = np.arange(lo, hi, dtype=np.int64)
+    partners = self.partner(own)
+    load = np.concatenate([own, np.setdiff1d(partners, own)])
+    row = {int(p): r for r, p in enumerate(load)}
+    return load, np.array([row[int(p)] for p in partners], np.int64)
+
+
+def uniforms(seeds, k):
+  """The k-th uniform number in [0, 1) of each of `seeds` (uint64 array):
+  splitmix64 of the seed and k, the same in every backend."""
+  with np.errstate(over='ignore'):
+    z = np.asarray(seeds, np.uint64) + np.uint64(k + 1) * np.uint64(
+        0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+  return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def crop_flip(seeds, resize, crop):
+  """(top, left, flip) of the HyperRule's random crop of a (resize, resize)
+  image to (crop, crop) and its random left-right flip, for each seed."""
+  top, left = (np.floor(uniforms(seeds, k) * (resize - crop + 1)).astype(
+      np.int64) for k in (0, 1))
+  return top, left, uniforms(seeds, 2) < 0.5

@@ -1,18 +1,46 @@
-"""The run harness: what every trainer does the same way."""
+"""The run harness: everything a training run does the same way in every
+backend, for fine-tuning and pre-training alike.
+
+A trainer (`bit_pytorch.train`, `bit_tf2.train`, `bit_jax.train`,
+`bit_pytorch.pretrain`) keeps only what its framework needs: the devices,
+the compiled step, its checkpoint format. It hands the rest to a `Run`:
+
+  run = bit_run.Run(args, lead=...)           # run folder, logger
+  step = run.resume(checkpoints, settings)    # the newest readable checkpoint
+  run.start(step, config, summary)            # config.json, metrics.jsonl
+  result, step = run.fit(step, total, lr_at, train, evaluate, checkpoints)
+  run.finish(result, step, export)            # model.npz, results.json
+
+`fit` is the training loop: it asks the trainer for one step at a time
+(`train(step, lr)`, which returns that step's loss *on the device*), reads
+the losses back in bulk every LOG_EVERY steps (so an accelerator's queue
+never drains at a step), writes one metrics row per step, evaluates,
+checkpoints at evaluations, every --save_every steps, every SAVE_MINUTES of
+training and on SIGINT/SIGTERM, and stops at the first loss that is not a
+number, before any checkpoint could hold its weights.
+"""
+import dataclasses
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
 
+import bit_data
 import bit_hyperrule
-from bit_common import BadInput, run_dir
+from bit_common import BadInput, Diverged, run_dir, run_logger
+
+LOG_EVERY = 10       # steps between reading losses back from the device
+SAVE_MINUTES = 10    # a checkpoint at least this often (of training time)
+
 
 # --------------------------------------------------------------------------
-# Run outputs under LOGDIR/NAME.
+# Files under LOGDIR/NAME.
 
 def write_json(path, obj):
   """Writes `obj` as JSON atomically (temporary file, then rename)."""
@@ -36,8 +64,8 @@ def _json_default(obj):
 class Metrics:
   """Appends one JSON object per line to LOGDIR/NAME/metrics.jsonl.
 
-  On resume, lines from steps after the checkpoint are dropped first, so the
-  file reads as one uninterrupted run.
+  On resume, lines from steps after the checkpoint are dropped first (the
+  file is rewritten atomically), so it reads as one uninterrupted run.
   """
 
   def __init__(self, args, resume_step=0):
@@ -45,10 +73,13 @@ class Metrics:
     kept = []
     if resume_step and os.path.exists(self.path):
       with open(self.path) as f:
-        kept = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
-    self._file = open(self.path, 'w')
-    self._file.writelines(kept)
-    self._file.flush()
+        kept = [l for l in f if l.strip() and
+                json.loads(l)['step'] <= resume_step]
+    fd, tmp = tempfile.mkstemp(dir=run_dir(args), suffix='.jsonl.part')
+    with os.fdopen(fd, 'w') as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+    self._file = open(self.path, 'a')
 
   def write(self, step, split, **values):
     record = {'step': int(step), 'split': split}
@@ -69,27 +100,31 @@ def versions(*modules):
 
 
 class Progress:
-  """Training progress: a tqdm bar on a terminal, else a line every 10%.
-
-  Shows loss, lr, images/s and ETA either way.
-  """
+  """Training progress: a tqdm bar on a terminal, else a line every 10% of
+  the steps. Loss, lr, images/s and ETA are shown as they are read back."""
 
   def __init__(self, total_steps, start_step, logger):
     from tqdm import tqdm
-    self.logger, self.total, self.step = logger, total_steps, start_step
-    self._t0, self._step0 = time.time(), start_step
-    self._tty = sys.stderr.isatty()
-    self._bar = tqdm(total=total_steps, initial=start_step, unit='step',
-                     file=sys.stderr, dynamic_ncols=True) if self._tty else None
+    self.logger, self.total = logger, total_steps
+    self._t0, self._step0, self._shown = time.time(), start_step, start_step
+    self._bar = (tqdm(total=total_steps, initial=start_step, unit='step',
+                      file=sys.stderr, dynamic_ncols=True)
+                 if sys.stderr.isatty() else None)
     self._every = max(1, total_steps // 10)
 
-  def update(self, step, images_per_sec, **values):
-    self.step = step
+  def update(self, step):
+    """Step `step` is done (called at every step)."""
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
+
+  def show(self, step, images_per_sec, **values):
+    """Values read back at `step`."""
+    if self._bar is not None:
       self._bar.set_postfix(img_s=f'{images_per_sec:.1f}',
                             **{k: f'{v:.4g}' for k, v in values.items()})
-    elif step % self._every == 0 or step == self.total:
+    elif (step // self._every > self._shown // self._every or
+          step == self.total):
+      self._shown = step
       rate = (step - self._step0) / max(time.time() - self._t0, 1e-9)
       eta = (self.total - step) / rate if rate else float('inf')
       shown = ' '.join(f'{k}={v:.4g}' for k, v in values.items())
@@ -102,7 +137,8 @@ class Progress:
 
 
 # --------------------------------------------------------------------------
-# A fine-tuning run: what every trainer does the same way.
+# Fine-tuning settings: the BiT-HyperRule for the data, with the command
+# line's overrides.
 
 def resolution(args, original_hw):
   """(resize, crop): the HyperRule's for images of `original_hw`, with the
@@ -113,22 +149,58 @@ def resolution(args, original_hw):
   return args.resize_size or resize, args.crop_size or crop
 
 
-def hyperrule(args, dataset_size, original_hw):
-  """(resize, crop, schedule, mixup alpha) of a run: the BiT-HyperRule for
-  its data, with the command line's overrides."""
-  return (*resolution(args, original_hw),
-          bit_hyperrule.get_schedule(dataset_size, args.total_steps),
-          bit_hyperrule.get_mixup(dataset_size))
+@dataclasses.dataclass
+class HyperRule:
+  """What the BiT-HyperRule (and the flags that override it) resolve to for
+  one fine-tuning run."""
+  resize: int
+  crop: int
+  schedule: list        # [end of warm-up, decays..., end]
+  mixup: float          # mixup alpha; 0: off
+  dataset_size: int
+  base_lr: float
+  total_steps: int = None   # --total_steps
 
+  @classmethod
+  def of(cls, args, dataset_size, original_hw):
+    mixup = getattr(args, 'mixup_alpha', None)
+    return cls(*resolution(args, original_hw),
+               bit_hyperrule.get_schedule(dataset_size, args.total_steps),
+               bit_hyperrule.get_mixup(dataset_size) if mixup is None
+               else mixup, dataset_size, args.base_lr, args.total_steps)
 
-def run_settings(args, classes, dataset_size, schedule, resize, crop):
-  """What a resumed run must share with the checkpoint it resumes."""
-  return dict(model=args.model, dataset=args.dataset, classes=classes,
-              dataset_size=dataset_size, batch=args.batch,
-              schedule=list(schedule), resolution=[resize, crop],
-              seed=args.seed, examples_per_class=args.examples_per_class,
-              examples_per_class_seed=args.examples_per_class_seed,
-              base_lr=args.base_lr)
+  @property
+  def total(self):
+    return self.schedule[-1]
+
+  def lr(self, step):
+    return bit_hyperrule.get_lr(step, self.dataset_size, self.base_lr,
+                                self.total_steps)
+
+  def stream(self, args):
+    """The run's data stream (bit_data.Stream)."""
+    return bit_data.Stream(self.dataset_size, args.batch, args.seed,
+                           self.mixup)
+
+  def settings(self, args, classes):
+    """What a resumed run must share with the checkpoint it resumes."""
+    return dict(model=args.model, dataset=args.dataset, classes=classes,
+                dataset_size=self.dataset_size, batch=args.batch,
+                schedule=list(self.schedule),
+                resolution=[self.resize, self.crop], seed=args.seed,
+                mixup=self.mixup, examples_per_class=args.examples_per_class,
+                examples_per_class_seed=args.examples_per_class_seed,
+                base_lr=args.base_lr)
+
+  def config(self):
+    """The resolved values config.json records."""
+    return dict(resolution=[self.resize, self.crop],
+                schedule=list(self.schedule), mixup=self.mixup,
+                dataset_size=self.dataset_size)
+
+  def describe(self):
+    return (f'resolution {self.resize}->{self.crop}, {self.total} steps, '
+            f'mixup {self.mixup:g}')
 
 
 def check_same_run(saved, run, where):
@@ -142,81 +214,217 @@ def check_same_run(saved, run, where):
         + '); choose another --name or delete that folder.')
 
 
-def log_validation(logger, step, result):
-  logger.info(f'step {step}: validation loss {result["loss"]:.4f}, '
-              f'top-1 {result["top1"]:.2%}, top-5 {result["top5"]:.2%} '
-              f'({result["n"]} examples)')
+# --------------------------------------------------------------------------
+# The run.
 
+class Run:
+  """One training run under LOGDIR/NAME (see the module doc).
 
-def fine_tune_loop(args, step, n_train, train_step, evaluate, save, logger,
-                   metrics, stop_vote=lambda stop: stop):
-  """Runs the HyperRule schedule from `step` to its end; returns
-  (final evaluation, step).
-
-  `train_step(step, lr)` does the update of `step` and returns its loss; `evaluate(step)`
-  evaluates (and checkpoints) at `step`; `save(step)` checkpoints when
-  SIGINT/SIGTERM stops the run early, which then exits with 128 + signal.
-  `metrics` is None on all but the lead process. `stop_vote(stop)` tells
-  whether any process was asked to stop, so that all stop together.
+  `lead`: whether this process writes the outputs (the others compute
+  along and stay silent). `any_process(flags)` ORs a few booleans over all
+  processes (a framework collective; the default is a single process).
   """
-  import signal
-  total = bit_hyperrule.get_schedule(n_train, args.total_steps)[-1]
-  progress = Progress(total, step, logger) if metrics else None
-  result = None
-  with StopSignals() as signals:
-    t0 = time.time()
-    while step < total and not stop_vote(signals.signum is not None):
-      lr = bit_hyperrule.get_lr(step, n_train, args.base_lr, args.total_steps)
-      loss = train_step(step, lr)
-      step += 1
-      t1 = time.time()
-      speed = args.batch / max(t1 - t0, 1e-9)
-      t0 = t1
-      if metrics:
-        metrics.write(step, 'train', loss=loss, lr=lr, images_per_sec=speed)
-        progress.update(step, speed, loss=loss, lr=lr)
-      if args.eval_every and step % args.eval_every == 0 or step == total:
-        result = evaluate(step)
-        t0 = time.time()
-    if step < total:
-      save(step)
-      logger.info(f'stopped by signal at step {step}/{total}'
-                  + ('; run again with the same --name to resume.'
-                     if args.save else '.'))
-      raise SystemExit(128 + (signals.signum or signal.SIGTERM))
-  if progress:
-    progress.close()
-  if result is None:  # Resumed after the last step: evaluate once more.
-    result = evaluate(step)
-  return result, step
+
+  def __init__(self, args, lead=True, any_process=None):
+    self.args, self.lead = args, lead
+    self.dir = run_dir(args)
+    self.logger = run_logger(args, lead)
+    self.any_process = any_process
+    self.metrics = None
+    self.saved_step = None  # newest checkpoint of this run
+
+  # ---------------------------------------------------------------- resume
+
+  def resume(self, checkpoints, settings):
+    """The step of the newest readable checkpoint (0 without one), whose
+    state `checkpoints` has then loaded. A checkpoint that cannot be read
+    is set aside with a warning, and the one before it is tried; one of a
+    run with other settings is refused (BadInput).
+
+    `checkpoints` is the trainer's format: `newest_first()` names its
+    checkpoints, `read(name)` reads one (raising when it cannot) and returns
+    (step, settings), `load()` puts the state read into the run,
+    `set_aside(name)`, and `save(step)` for `fit`.
+    """
+    if not self.args.save:
+      return 0
+    for name in checkpoints.newest_first():
+      try:
+        step, saved = checkpoints.read(name)
+      except Exception as e:  # pylint: disable=broad-except
+        if self.lead:
+          checkpoints.set_aside(name)
+        self.logger.warning(f'cannot read checkpoint {name} ('
+                            f'{str(e).strip().splitlines()[0][:200]}); set '
+                            'aside, trying the one before it.')
+        continue
+      check_same_run(saved, settings, name)
+      checkpoints.load()
+      self.logger.info(f'resuming from {name} at step {step}')
+      self.saved_step = step
+      return step
+    return 0
+
+  # ----------------------------------------------------------------- start
+
+  def start(self, step, config, summary):
+    """Writes config.json (with the step resumed from), opens
+    metrics.jsonl and logs the one-line summary of the run."""
+    if self.lead:
+      write_json(os.path.join(self.dir, 'config.json'),
+                 dict(vars(self.args), **config, resumed_from_step=step))
+      self.metrics = Metrics(self.args, step)
+    self.logger.info(summary)
+
+  # ------------------------------------------------------------------- fit
+
+  def fit(self, step, total, lr_at, train, evaluate, checkpoints,
+          eval_every=None, batch=None, fetch=None):
+    """Trains from `step` to `total`; returns (final evaluation, step).
+
+    `train(step, lr)` does the update of `step` and returns its loss as a
+    device value; `fetch(losses)` reads a list of them back as floats
+    (averaged over processes where each holds its own); `evaluate()` returns
+    global sums [loss, top-1 hits, top-5 hits, examples]; `checkpoints`
+    saves with `save(step, settings)`. SIGINT/SIGTERM stop the run at the
+    next step with a checkpoint, and exit status 128 + signal.
+    """
+    fetch = fetch or (lambda losses: [float(l) for l in losses])
+    batch = batch or self.args.batch
+    eval_every = eval_every if eval_every is not None else self.args.eval_every
+    save_every = getattr(self.args, 'save_every', None)
+    progress = Progress(total, step, self.logger) if self.lead else None
+    pending, result = [], None
+    window = time.time()
+    last_save = window
+
+    def flush():
+      nonlocal window
+      if not pending:
+        return
+      losses = fetch([loss for _, _, loss in pending])
+      now = time.time()
+      speed = batch * len(pending) / max(now - window, 1e-9)
+      window = now
+      for (s, lr, _), loss in zip(pending, losses):
+        if not np.isfinite(loss):
+          raise Diverged(self._diverged(s, loss))
+        if self.lead:
+          self.metrics.write(s, 'train', loss=loss, lr=lr,
+                             images_per_sec=speed)
+      if progress:
+        progress.show(pending[-1][0], speed, loss=losses[-1],
+                      lr=pending[-1][1])
+      pending.clear()
+
+    def save(step):
+      nonlocal last_save
+      flush()  # never a checkpoint after a loss that is not a number
+      if self.args.save and self.saved_step != step:
+        checkpoints.save(step)
+        self.saved_step = step
+      last_save = time.time()
+
+    try:
+      with StopSignals() as signals:
+        while step < total:
+          lr = lr_at(step)
+          pending.append((step + 1, lr, train(step, lr)))
+          step += 1
+          if progress:
+            progress.update(step)
+          at_eval = step == total or bool(eval_every and
+                                          step % eval_every == 0)
+          if at_eval or step % LOG_EVERY == 0:
+            flush()
+          if at_eval:
+            result = self._evaluate(step, evaluate)
+            window = time.time()
+          stop, due = self._vote(step, signals.signum is not None,
+                                 time.time() - last_save > SAVE_MINUTES * 60)
+          if at_eval or due or (save_every and step % save_every == 0):
+            save(step)
+          if stop and step < total:
+            save(step)
+            self.logger.info(
+                f'stopped by signal at step {step}/{total}' +
+                ('; run again with the same --name to resume.'
+                 if self.args.save else '.'))
+            raise SystemExit(128 + (signals.signum or signal.SIGTERM))
+      flush()
+    except Diverged as e:
+      self.logger.error(str(e))
+      raise
+    if progress:
+      progress.close()
+    if result is None:  # Resumed after the last step: evaluate once more.
+      result = self._evaluate(step, evaluate)
+    return result, step
+
+  def _vote(self, step, stop, due):
+    """(stop, save now), the same on every process. A single process
+    decides at every step; several agree every LOG_EVERY steps (a
+    collective is a synchronisation)."""
+    if self.any_process is None:
+      return stop, due
+    if step % LOG_EVERY:
+      return False, False
+    return tuple(bool(v) for v in self.any_process([stop, due]))
+
+  def _diverged(self, step, loss):
+    where = (f'the newest good checkpoint is step {self.saved_step} in '
+             f'{self.dir}' if self.saved_step else 'no checkpoint was written')
+    return (f'the training loss is {loss} at step {step}: stopping ({where}). '
+            'Lower --base_lr or check the data.')
+
+  def _evaluate(self, step, evaluate):
+    result = summarize(evaluate())
+    self.logger.info(f'step {step}: validation loss {result["loss"]:.4f}, '
+                     f'top-1 {result["top1"]:.2%}, top-5 {result["top5"]:.2%} '
+                     f'({result["n"]} examples)')
+    if self.lead:
+      self.metrics.write(step, 'val', **result)
+    return result
+
+  # ---------------------------------------------------------------- finish
+
+  def finish(self, result, step, export=None, **extra):
+    """The lead writes the exported model (`export(path)`, unless
+    --no-save) and results.json, the last file of a run."""
+    if not self.lead:
+      return dict(result, step=step)
+    self.metrics.close()
+    if export and self.args.save:
+      export(os.path.join(self.dir, 'model.npz'))
+    write_json(os.path.join(self.dir, 'results.json'), dict(
+        result, step=step, split='val', name=self.args.name, **extra))
+    self.logger.info(f'done: top-1 {result["top1"]:.2%} after {step} steps.')
+    return dict(result, step=step)
 
 
-def write_results(args, result, step, n_train, logger):
-  """results.json, the last file a run writes."""
-  write_json(os.path.join(run_dir(args), 'results.json'), dict(
-      result, step=step, split='val', name=args.name, model=args.model,
-      dataset=args.dataset, dataset_size=n_train,
-      examples_per_class=args.examples_per_class))
-  logger.info(f'done: top-1 {result["top1"]:.2%} after {step} steps.')
-
+def summarize(sums):
+  """{loss, top1, top5, n} from the sums [loss, top-1 hits, top-5 hits,
+  examples] of an evaluation."""
+  loss, top1, top5, n = (float(v) for v in sums)
+  return dict(loss=loss / n, top1=top1 / n, top5=top5 / n, n=int(n))
 
 
 # --------------------------------------------------------------------------
-# Stopping cleanly: SIGINT/SIGTERM ask a training loop to stop at the next
+# Stopping cleanly: SIGINT/SIGTERM ask the training loop to stop at the next
 # step (where it writes its checkpoint) instead of killing it.
 
 class StopSignals:
   """Context manager; `signum` is the first SIGINT/SIGTERM received, or None.
 
   Handlers are only installed from the main thread (elsewhere it is inert).
+  A second signal of the same kind acts as if we were not here (a second
+  Ctrl-C interrupts at once).
   """
 
   def __init__(self):
     self.signum, self._old = None, {}
 
   def __enter__(self):
-    import signal
-    import threading
     if threading.current_thread() is threading.main_thread():
       for s in (signal.SIGINT, signal.SIGTERM):
         self._old[s] = signal.signal(s, self._handle)
@@ -225,13 +433,8 @@ class StopSignals:
   def _handle(self, signum, frame):
     del frame
     self.signum = signum
-    # A second signal of the same kind acts as if we were not here (a
-    # second Ctrl-C interrupts at once).
-    import signal
     signal.signal(signum, self._old[signum])
 
   def __exit__(self, *exc):
-    import signal
     for s, old in self._old.items():
       signal.signal(s, old)
-

@@ -11,15 +11,16 @@ API (stable; both backends rely on it):
       (height, width) of the training images), `eval_split` and `describe()`
       (a dict for config.json).
 
-  train_batches(data, batch, resize, crop, seed, start_step=0,
-                mixup_alpha=0.0, process_index=0, process_count=1)
+  train_batches(data, stream, resize, crop, start_step=0, process_index=0,
+                process_count=1)
       An endless `tf.data.Dataset`; its k-th element is the batch of training
-      step `start_step + k`: {'image': float32 [b, crop, crop, 3] in [-1, 1],
+      step `start_step + k` of the shared data stream `stream`
+      (bit_data.Stream): {'image': float32 [b, crop, crop, 3] in [-1, 1],
       'label': float32 [b, num_classes] one-hot (mixed when mixup is on)},
       b = batch / process_count (this process's share of the global batch).
-      Everything random (order, crop, flip, mixup) is a function of `seed`
-      and the step, so the stream from step k is the same whether the run
-      started at 0 or resumed at k, and whatever the number of processes.
+      The examples, crops, flips and mixup are the stream's, so they are
+      those of the PyTorch backend, whatever the number of processes, and
+      the same whether the run started at 0 or resumed at k.
 
   eval_batches(data, batch, crop, process_index=0, process_count=1)
       A finite `tf.data.Dataset` that covers this process's share of the
@@ -28,10 +29,15 @@ API (stable; both backends rely on it):
       process_count rows, the last one padded with rows whose mask is False.
 
 Pre-processing is the HyperRule's: train images are resized to (resize,
-resize), randomly cropped to (crop, crop) and flipped left-right with
-probability 1/2; evaluation images are resized to (crop, crop). Mixup, when
-on, draws one lambda ~ Beta(alpha, alpha) per batch and mixes the batch with
-itself reversed, as published.
+resize), cropped to (crop, crop) and flipped left-right where the stream
+says; evaluation images are resized to (crop, crop); an image already of
+the size is not resampled. Mixup mixes each example with its partner in
+the stream, with the stream's lambda (one per batch).
+
+The original repository's functions are here too, with their arguments:
+`get_dataset_info(dataset, split, examples_per_class)` and `get_data(dataset,
+mode, repeats, batch_size, resize_size, crop_size, mixup_alpha,
+examples_per_class, examples_per_class_seed, num_devices, tfds_manual_dir)`.
 """
 import dataclasses
 import os
@@ -47,8 +53,6 @@ import bit_hyperrule
 # than held in memory as encoded images for random access.
 IN_MEMORY_BYTES = 4 << 30
 SHUFFLE_BUFFER = 20_000
-# Tags that keep the random streams of one seed apart.
-_ORDER, _AUG, _MIXUP = 1, 2, 3
 # Extensions tf.io.decode_image reads; other files go through PIL.
 _TF_DECODABLE = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 
@@ -189,7 +193,7 @@ def _readable(split, args, logger):
   tf.data cannot leave a file out once decoding it fails, so with
   --skip_bad_images whole files are checked up front; otherwise headers."""
   skip = getattr(args, 'skip_bad_images', False)
-  keep = bit_data.readable_images(split.paths, skip, logger, verify=skip)
+  keep = bit_data.readable_images(split.paths, skip, logger)
   return bit_data.FileSplit([split.paths[i] for i in keep],
                               split.labels[keep])
 
@@ -264,124 +268,107 @@ def _to_unit_range(image):
 
 
 def _resize(image, size):
-  image = tf.image.resize(image, (size, size), antialias=True)
-  return tf.clip_by_value(image, 0.0, 255.0)
+  """Float (size, size, 3); an image already of that size is left as is."""
+  def resize():
+    return tf.clip_by_value(
+        tf.image.resize(image, (size, size), antialias=True), 0.0, 255.0)
+  same = tf.reduce_all(tf.shape(image)[:2] == size)
+  return tf.cond(same, lambda: tf.cast(image, tf.float32), resize)
 
 
-def _augment(image, resize, crop, seed):
-  """Resize, random crop, random flip; `seed` is a stateless seed [2]."""
+def _augment(image, resize, crop, top, left, flip):
+  """Resize, crop at (top, left), flip when `flip`: as the stream says."""
   image = _resize(image, resize)
-  crop_seed, flip_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 2))
-  image = tf.image.stateless_random_crop(image, (crop, crop, 3), crop_seed)
-  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  image = tf.image.crop_to_bounding_box(image, tf.cast(top, tf.int32),
+                                        tf.cast(left, tf.int32), crop, crop)
+  image = tf.cond(flip, lambda: tf.image.flip_left_right(image),
+                  lambda: image)
   return _to_unit_range(image)
 
 
-def _step_indices(data, batch, seed):
-  """A numpy function: step -> (positions, example indices) of its batch.
-
-  Epoch e visits the training set in the order of a permutation drawn from
-  (seed, e); a training set smaller than the batch is drawn from with
-  replacement, per step.
-  """
-  n = data.train_size
-  cache = {}
-
-  def permutation(epoch):
-    if epoch not in cache:
-      if len(cache) > 2:
-        cache.pop(min(cache))
-      cache[epoch] = np.random.default_rng(
-          [seed, _ORDER, epoch]).permutation(n)
-    return cache[epoch]
-
-  def indices(step):
-    pos = np.arange(step * batch, (step + 1) * batch, dtype=np.int64)
-    if n < batch:
-      idx = np.random.default_rng([seed, _ORDER, step]).integers(0, n, batch)
-    else:
-      idx = np.empty(batch, np.int64)
-      for epoch in np.unique(pos // n):
-        sel = pos // n == epoch
-        idx[sel] = permutation(int(epoch))[pos[sel] % n]
-    return pos, idx.astype(np.int64)
-
-  return indices
-
-
-def train_batches(data, batch, resize, crop, seed, start_step=0,
-                  mixup_alpha=0.0, process_index=0, process_count=1):
-  """Endless training batches from step `start_step` on (see module doc)."""
-  if batch % process_count:
-    raise bit_common.BadInput(f'--batch {batch} is not divisible by the '
-                              f'{process_count} processes.')
-  local = batch // process_count
-  lo = process_index * local
+def train_batches(data, stream, resize, crop, start_step=0, process_index=0,
+                  process_count=1):
+  """Endless training batches of the data stream from step `start_step` on
+  (see the module doc)."""
+  if stream.batch % process_count:
+    raise bit_common.BadInput(f'--batch {stream.batch} is not divisible by '
+                              f'the {process_count} processes.')
+  local = stream.batch // process_count
+  rows, partner = stream.rows(process_index * local,
+                              (process_index + 1) * local)
   src = data.train
+
+  def plan(step):
+    """This process's rows of `step`: example, crop, flip and mixup lambda."""
+    seeds = stream.aug_seeds(step)[rows]
+    top, left, flip = bit_data.crop_flip(seeds, resize, crop)
+    lam = np.full(len(rows), stream.lam(step), np.float32)
+    return stream.indices(step)[rows], top, left, flip, lam
+
+  plan_types = (tf.int64, tf.int64, tf.int64, tf.bool, tf.float32)
   if src.random_access:
-    indices = _step_indices(data, batch, seed)
     load = src.loader()
 
     def step_examples(step):
-      pos, idx = tf.numpy_function(indices, [step], (tf.int64, tf.int64),
-                                   stateful=False)
-      pos = tf.ensure_shape(pos, [batch])[lo:lo + local]
-      idx = tf.ensure_shape(idx, [batch])[lo:lo + local]
-      return tf.data.Dataset.from_tensor_slices((pos, idx))
+      return tf.data.Dataset.from_tensor_slices(tuple(
+          tf.ensure_shape(t, [len(rows)]) for t in tf.numpy_function(
+              plan, [step], plan_types, stateful=False)))
 
     examples = tf.data.Dataset.counter(start_step).flat_map(step_examples)
-    examples = examples.map(lambda pos, i: (pos, *load(i)),
+    examples = examples.map(lambda i, *rest: (*load(i), *rest),
                             num_parallel_calls=tf.data.AUTOTUNE)
   else:
-    examples = _streamed(src, batch, seed, start_step).filter(
-        lambda pos, r: (pos % batch) // local == process_index)
-    examples = examples.map(
-        lambda pos, r: (pos, _decode_tf(r['image']), r['label']),
-        num_parallel_calls=tf.data.AUTOTUNE)
+    examples = _streamed(src, stream, rows, start_step, plan, plan_types)
 
-  def preprocess(pos, image, label):
-    aug_seed = tf.stack([tf.constant(seed * 8 + _AUG, tf.int64), pos])
-    return (pos, _augment(image, resize, crop, aug_seed),
-            tf.one_hot(label, data.num_classes, dtype=tf.float32))
+  def preprocess(image, label, top, left, flip, lam):
+    return (_augment(image, resize, crop, top, left, flip),
+            tf.one_hot(label, data.num_classes, dtype=tf.float32), lam)
 
   ds = examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local, drop_remainder=True)
+  ds = ds.batch(len(rows), drop_remainder=True)
 
-  def finish(pos, images, labels):
-    if mixup_alpha:
-      step = pos[0] // batch
-      images, labels = mixup(images, labels, mixup_alpha,
-                             tf.stack([tf.constant(seed * 8 + _MIXUP,
-                                                   tf.int64), step]))
-    return {'image': images, 'label': labels}
+  def finish(images, labels, lam):
+    """This process's own rows, mixed up with their partners."""
+    own = slice(0, local)
+    if stream.mixup_alpha:
+      lam = lam[0]
+      return {'image': lam * images[own] + (1 - lam) * tf.gather(images,
+                                                                 partner),
+              'label': lam * labels[own] + (1 - lam) * tf.gather(labels,
+                                                                 partner)}
+    return {'image': images[own], 'label': labels[own]}
 
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(data))
 
 
-def _streamed(src, batch, seed, start_step):
-  """(position, record) of a split too large to hold, from `start_step`:
-  epoch e is the split through a shuffle buffer seeded by (seed, e)."""
-  start = start_step * batch
+def _streamed(src, stream, rows, start_step, plan, plan_types):
+  """(image, label, *plan) of this process's rows of a split too large to
+  hold, from `start_step`: epoch e is the split through a shuffle buffer
+  seeded by (seed, e), the one exception to the stream's order (crops,
+  flips and mixup are the stream's). Every process reads every record."""
+  start = start_step * stream.batch
   first_epoch = start // src.n
 
   def epoch(e):
-    return src.records.shuffle(SHUFFLE_BUFFER, seed=seed * 1_000_003 + e,
+    return src.records.shuffle(SHUFFLE_BUFFER,
+                               seed=stream.seed * 1_000_003 + e,
                                reshuffle_each_iteration=False)
 
   records = tf.data.Dataset.counter(first_epoch).flat_map(epoch)
-  records = records.skip(start - first_epoch * src.n)
-  return tf.data.Dataset.zip(tf.data.Dataset.counter(start), records)
+  records = records.skip(start - first_epoch * src.n).batch(
+      stream.batch, drop_remainder=True)
 
+  def step_rows(step, batch):
+    planned = tf.numpy_function(plan, [step], plan_types, stateful=False)
+    return tf.data.Dataset.from_tensor_slices((
+        tf.gather(batch['image'], rows), tf.gather(batch['label'], rows),
+        *planned))
 
-def mixup(images, labels, alpha, seed):
-  """Mixes the batch with itself reversed, with one lambda ~ Beta(alpha,
-  alpha) for the whole batch; `seed` is a stateless seed [2]."""
-  g = tf.random.stateless_gamma([2], seed, alpha=alpha)
-  lam = g[0] / (g[0] + g[1])
-  return (lam * images + (1 - lam) * images[::-1],
-          lam * labels + (1 - lam) * labels[::-1])
+  ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_step), records)
+  return ds.flat_map(step_rows).map(
+      lambda image, *rest: (_decode_tf(image), *rest),
+      num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def named_errors(batches):

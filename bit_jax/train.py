@@ -10,6 +10,12 @@ TPU pod or a multi-node GPU job first, and each process feeds its share of
 the batch. The same global batch gives the same update on any number of
 devices. --batch_split accumulates micro-batch gradients inside the step.
 
+The training loop, the run's outputs, checkpoint cadence and signals live in
+the shared harness (bit_run.Run); the batches come from the shared data
+stream (bit_data.Stream) through the tf.data pipeline
+(input_pipeline_tf2_or_jax). This file holds what JAX needs: devices, the
+compiled steps and the checkpoint format.
+
 In-process use: `main(args)` with `args = argparser().parse_args([...])` (or
 `bit_common.argparser()`'s) runs one fine-tuning and returns the final
 evaluation.
@@ -25,8 +31,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import bit_common
-import bit_zoo
 import bit_run
+import bit_zoo
 from bit_jax import models
 
 CHECKPOINTS = 'checkpoints'
@@ -112,7 +118,8 @@ def optimizer():
 
 
 # --------------------------------------------------------------------------
-# One run.
+# One run. The loop, outputs, checkpoint cadence and signals are the shared
+# harness's (bit_run.Run.fit); this file holds what JAX needs.
 
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
@@ -130,12 +137,10 @@ def main(args):
   tf.config.set_visible_devices([], 'GPU')
   import input_pipeline_tf2_or_jax as input_pipeline
 
-  lead = jax.process_index() == 0
-  logger = bit_common.run_logger(args, lead)
-  data = input_pipeline.load(args, logger)
-  n_train = data.train_size
-  resize, crop, schedule, mixup = bit_run.hyperrule(args, n_train,
-                                                       data.original_hw)
+  pid, nproc = jax.process_index(), jax.process_count()
+  run = bit_run.Run(args, pid == 0, _any_process if nproc > 1 else None)
+  data = input_pipeline.load(args, run.logger)
+  hyper = bit_run.HyperRule.of(args, data.train_size, data.original_hw)
   weights = bit_zoo.load_npz(bit_zoo.weights_path(
       args.model, args.bit_pretrained_dir))
   model, params = models.create(args.model, head_size=data.num_classes,
@@ -150,133 +155,119 @@ def main(args):
                          replicated)
 
   classes = list(data.classes) if data.classes else data.num_classes
-  run = bit_run.run_settings(args, classes, n_train, schedule, resize,
-                                crop)
-  manager = _checkpoints(args) if args.save else None
-  step, state = _resume(manager, run, state, logger) if manager else (0, state)
-
-  config = dict(vars(args), resolution=[resize, crop], schedule=schedule,
-                mixup=mixup, dataset_size=n_train, classes=classes,
-                data=data.describe(), devices=len(devices),
-                device_kind=devices[0].device_kind,
-                processes=jax.process_count(), resumed_from_step=step,
-                versions=bit_run.versions(jax, flax, optax, tf))
-  if lead:
-    bit_run.write_json(os.path.join(bit_common.run_dir(args),
-                                       'config.json'), config)
-  logger.info(f'{args.dataset}: {n_train} training, {data.eval_size} '
-              f'{data.eval_split} examples, {data.num_classes} classes; '
-              f'resolution {resize}->{crop}, {schedule[-1]} steps, '
-              f'mixup {mixup}, '
-              f'{len(devices)} {devices[0].platform} device(s), '
-              f'{args.precision}')
+  settings = hyper.settings(args, classes)
+  ckpt = Checkpoints(os.path.join(run.dir, CHECKPOINTS), settings, state)
+  step = run.resume(ckpt, settings)
+  state = ckpt.state
+  run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),
+                       devices=len(devices),
+                       device_kind=devices[0].device_kind, processes=nproc,
+                       versions=bit_run.versions(jax, flax, optax, tf)),
+            f'{args.dataset}: {data.train_size} training, {data.eval_size} '
+            f'{data.eval_split} examples, {data.num_classes} classes; '
+            f'{hyper.describe()}, {len(devices)} {devices[0].platform} '
+            f'device(s) in {nproc} process(es), {args.precision}')
 
   train_step, eval_step = make_steps(model, tx, mesh, args.batch_split)
-  pid, nproc = jax.process_index(), jax.process_count()
   eval_batch = args.batch_eval or args.batch // args.batch_split
   eval_batch = -(-eval_batch // len(devices)) * len(devices)
-  metrics = bit_run.Metrics(args, step) if lead else None
 
   def to_global(batch):
     return {k: jax.make_array_from_process_local_data(sharded, v)
             for k, v in batch.items()}
 
-  def evaluate(step):
-    sums = np.zeros(4)
+  def evaluate():
+    sums = []  # replicated; read back once, at the end
     for batch in input_pipeline.named_errors(input_pipeline.eval_batches(
-        data, eval_batch, crop, pid, nproc).as_numpy_iterator()):
+        data, eval_batch, hyper.crop, pid, nproc).as_numpy_iterator()):
       b = to_global(batch)
-      sums += np.asarray(eval_step(state['params'], b['image'], b['label'],
-                                   b['mask']), np.float64)
-    loss, top1, top5, n = sums
-    result = dict(loss=loss / n, top1=top1 / n, top5=top5 / n, n=int(n))
-    bit_run.log_validation(logger, step, result)
-    if lead:
-      metrics.write(step, 'val', **result)
-    if manager:
-      _save(manager, step, state, run)
-    return result
+      sums.append(eval_step(ckpt.state['params'], b['image'], b['label'],
+                            b['mask']))
+    return np.sum([local(s) for s in sums], axis=0, dtype=np.float64)
 
   batches = input_pipeline.named_errors(input_pipeline.train_batches(
-      data, args.batch, resize, crop, args.seed, step, mixup, pid,
+      data, hyper.stream(args), hyper.resize, hyper.crop, step, pid,
       nproc).as_numpy_iterator())
 
-  def train_one(step, lr):
+  def train(step, lr):
     del step  # The pipeline yields the batch of each step in turn.
-    nonlocal state
     b = to_global(next(batches))
     params, opt_state, loss = train_step(
-        state['params'], state['opt_state'], b['image'], b['label'],
-        jnp.float32(lr))
-    state = {'params': params, 'opt_state': opt_state}
-    return float(loss)
+        ckpt.state['params'], ckpt.state['opt_state'], b['image'],
+        b['label'], jnp.float32(lr))
+    ckpt.state = {'params': params, 'opt_state': opt_state}
+    return loss
 
-  def save(step):
-    if manager:
-      _save(manager, step, state, run)
-      manager.wait_until_finished()
-
-  result, step = bit_run.fine_tune_loop(
-      args, step, n_train, train_one, evaluate, save, logger, metrics,
-      _agree_to_stop)
-  if manager:
-    manager.wait_until_finished()
-  if lead:
-    metrics.close()
-    if args.save:
-      # Replicated: this process's first copy is the whole array.
-      models.save_npz(os.path.join(bit_common.run_dir(args), EXPORT),
-                      jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
-                                   state['params']))
-    bit_run.write_results(args, result, step, n_train, logger)
-  return dict(result, step=step)
+  result, step = run.fit(step, hyper.total, hyper.lr, train, evaluate, ckpt,
+                         fetch=lambda losses: [float(local(l))
+                                               for l in losses])
+  ckpt.close()
+  return run.finish(
+      result, step,
+      lambda path: models.save_npz(path, jax.tree.map(local,
+                                                      ckpt.state['params'])),
+      model=args.model, dataset=args.dataset, dataset_size=data.train_size,
+      examples_per_class=args.examples_per_class)
 
 
-def _agree_to_stop(stop):
-  """Whether any process was asked to stop (all stop at the same step)."""
-  if jax.process_count() == 1:
-    return stop
+def local(x):
+  """A replicated array as numpy (this process's copy is the whole)."""
+  return np.asarray(x.addressable_data(0))
+
+
+def _any_process(flags):
+  """Each flag ORed over the processes."""
   from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.array(stop))))
+  return np.any(multihost_utils.process_allgather(np.array(flags)), axis=0)
 
 
 # --------------------------------------------------------------------------
-# Checkpoints (orbax): parameters, optimiser state and step, written to a
-# temporary folder and renamed when complete. The data order, crops, flips
-# and mixup follow from (--seed, step), so the step is the data state.
+# Checkpoints (orbax): parameters, optimiser state and the run's settings,
+# the newest two, each written to a temporary folder and renamed when
+# complete. The data order, crops, flips and mixup follow from (--seed,
+# step), so the step is the data state.
 
-def _checkpoints(args):
-  path = os.path.abspath(os.path.join(bit_common.run_dir(args), CHECKPOINTS))
-  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
-      max_to_keep=1, create=True, cleanup_tmp_directories=True))
+class Checkpoints:
+  """bit_run's checkpoint format for JAX; `state` is the run's state (the
+  trainer updates it at every step; `load` puts a checkpoint's there)."""
 
+  def __init__(self, path, settings, state):
+    self.settings, self.state = settings, state
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(path), options=ocp.CheckpointManagerOptions(
+            max_to_keep=2, create=True, cleanup_tmp_directories=True))
+    self._read = None
 
-def _save(manager, step, state, run):
-  if manager.latest_step() == step:
-    return
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(run)))
+  def newest_first(self):
+    return [os.path.join(self.manager.directory, str(s))
+            for s in sorted(self.manager.all_steps(), reverse=True)]
 
+  def read(self, name):
+    step = int(os.path.basename(name))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        run=ocp.args.JsonRestore()))
+    self._read = restored['state']
+    saved = dict(restored['run'])
+    return step, dict(saved, schedule=list(saved['schedule']))
 
-def _resume(manager, run, state, logger):
-  """(step, state) of the latest checkpoint, or (0, state) without one."""
-  step = manager.latest_step()
-  if step is None:
-    return 0, state
-  try:
-    saved = manager.restore(step, args=ocp.args.Composite(
-        run=ocp.args.JsonRestore()))['run']
-  except Exception as e:  # pylint: disable=broad-except
-    raise bit_common.BadInput(
-        f'cannot read checkpoint {manager.directory}/{step} ({e}); delete it '
-        'to start the run afresh.') from e
-  bit_run.check_same_run(dict(saved, schedule=list(saved['schedule'])),
-                            run, manager.directory)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))['state']
-  logger.info(f'resuming from {manager.directory} at step {step}')
-  return step, state
+  def load(self):
+    self.state, self._read = self._read, None
+
+  def set_aside(self, name):
+    os.replace(name, name + '.unreadable')
+    self.manager.reload()
+
+  def save(self, step):
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(self.state),
+        run=ocp.args.JsonSave(self.settings)))
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
 
 
 if __name__ == '__main__':

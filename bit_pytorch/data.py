@@ -1,14 +1,15 @@
 """Data for the PyTorch backend: where the images come from (image folders,
 torchvision's datasets, offline arrays), the HyperRule pre-processing, and
-the order in which training examples are drawn.
+the sampler that feeds the shared data stream (bit_data.Stream) to a
+DataLoader.
 
-Every random choice about the data (the order, the crops, the flips) is a
-function of (--seed, step, position in the global batch), so a resumed run,
-and a run over any number of processes, sees exactly the same batches.
+Every random choice about the data (the order, the crops, the flips, mixup)
+comes from the stream, a function of (--seed, step, position in the global
+batch), so a resumed run, a run over any number of processes, and a run in
+another backend see exactly the same batches.
 """
 import dataclasses
 import os
-import sys
 
 import numpy as np
 import torch
@@ -135,27 +136,21 @@ def _to_tensor(img):
 
 
 class TrainSet(torch.utils.data.Dataset):
-  """Resize to (resize, resize), random crop to crop, random flip.
+  """Resize to (resize, resize), crop to (crop, crop), flip: indexed by
+  (example, top, left, flip), as the data stream decides them."""
 
-  Indexed by (index, seed, step, position): the crop and flip follow from
-  the last three, so they do not depend on workers or processes.
-  """
-
-  def __init__(self, source, resize, crop, skip_bad_images=False, logger=None):
+  def __init__(self, source, resize, crop):
     self.source, self.resize, self.crop = source, resize, crop
-    self.skip, self.logger = skip_bad_images, logger
 
   def __len__(self):
     return len(self.source)
 
   def __getitem__(self, key):
-    i, seed, step, pos = key
-    img, i = _load(self.source, i, self.skip)
-    img = img.resize((self.resize, self.resize), Image.BILINEAR)
-    rng = np.random.default_rng([seed, step, pos])
-    top, left = rng.integers(0, self.resize - self.crop + 1, size=2)
+    i, top, left, flip = key
+    img = self.source.load(i).resize((self.resize, self.resize),
+                                     Image.BILINEAR)
     img = img.crop((left, top, left + self.crop, top + self.crop))
-    if rng.random() < 0.5:
+    if flip:
       img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return _to_tensor(img), int(self.source.labels[i])
 
@@ -163,30 +158,15 @@ class TrainSet(torch.utils.data.Dataset):
 class EvalSet(torch.utils.data.Dataset):
   """Resize to (crop, crop)."""
 
-  def __init__(self, source, crop, skip_bad_images=False):
-    self.source, self.crop, self.skip = source, crop, skip_bad_images
+  def __init__(self, source, crop):
+    self.source, self.crop = source, crop
 
   def __len__(self):
     return len(self.source)
 
   def __getitem__(self, i):
-    img, i = _load(self.source, i, self.skip)
-    img = img.resize((self.crop, self.crop), Image.BILINEAR)
+    img = self.source.load(i).resize((self.crop, self.crop), Image.BILINEAR)
     return _to_tensor(img), int(self.source.labels[i])
-
-
-def _load(source, i, skip):
-  """(image, index): with `skip`, an image that fails to decode (the header
-  check passed) is replaced by the next readable one."""
-  for attempt in range(len(source)):
-    j = (i + attempt) % len(source)
-    try:
-      return source.load(j), j
-    except bit_data.BadImage as e:
-      if not skip:
-        raise
-      print(f'warning: {e}', file=sys.stderr, flush=True)
-  raise bit_common.BadInput('no readable image left in the dataset.')
 
 
 def normalize(images, device, channels_last=False):
@@ -199,57 +179,31 @@ def normalize(images, device, channels_last=False):
 # The order of training examples.
 
 class TrainBatches(torch.utils.data.Sampler):
-  """This process's micro-batches, from `start_step` to `total_steps`.
+  """This process's micro-batches of the data stream (bit_data.Stream),
+  from `start_step` to `total_steps`, as TrainSet keys.
 
-  The global batch at step s holds positions s*B ... s*B+B-1 of an endless
-  stream of per-epoch permutations (each seeded by (seed, epoch)); when the
-  data is smaller than one batch, it is B draws with replacement seeded by
-  (seed, step), as in the paper's few-shot runs. Process `rank` of `world`
-  takes its contiguous share of the global batch and cuts it into `split`
-  micro-batches, so any (world, split) pair sees the same global batch.
+  Process `rank` of `world` trains on its contiguous share of each global
+  batch, cut into `split` micro-batches; a micro-batch also loads the mixup
+  partners of its examples that lie outside it (`layout` says where each
+  example's partner is), so any (world, split) pair trains on the same
+  mixed batch.
   """
 
-  def __init__(self, n, batch, seed, start_step, total_steps, rank=0, world=1,
-               split=1):
-    self.n, self.batch, self.seed = n, batch, seed
-    self.start, self.total = start_step, total_steps
-    self.rank, self.world, self.split = rank, world, split
-    self._epoch, self._perm = None, None
+  def __init__(self, stream, start_step, total_steps, resize, crop, rank=0,
+               world=1, split=1):
+    self.stream, self.start, self.total = stream, start_step, total_steps
+    self.resize, self.crop = resize, crop
+    micro = stream.batch // world // split
+    self.layout = [stream.rows(lo, lo + micro) for lo in range(
+        rank * micro * split, (rank + 1) * micro * split, micro)]
 
   def __len__(self):
-    return (self.total - self.start) * self.split
-
-  def global_batch(self, step):
-    if self.n < self.batch:
-      return np.random.default_rng([self.seed, step]).integers(
-          0, self.n, self.batch)
-    pos = np.arange(step * self.batch, (step + 1) * self.batch)
-    out = np.empty(self.batch, np.int64)
-    for epoch in np.unique(pos // self.n):
-      sel = pos // self.n == epoch
-      out[sel] = self._permutation(int(epoch))[pos[sel] % self.n]
-    return out
-
-  def _permutation(self, epoch):
-    if epoch != self._epoch:
-      self._epoch = epoch
-      self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-    return self._perm
+    return (self.total - self.start) * len(self.layout)
 
   def __iter__(self):
-    per_rank = self.batch // self.world
-    micro = per_rank // self.split
     for step in range(self.start, self.total):
-      idx = self.global_batch(step)
-      for m in range(self.split):
-        lo = self.rank * per_rank + m * micro
-        yield [(int(idx[p]), self.seed, step, p) for p in range(lo, lo + micro)]
-
-
-def mixup_partner(n, device):
-  """Mixup partners inside a micro-batch of n: pairs (0,1), (2,3), ... swap
-  places (an odd last one keeps itself). The batch order is random, so
-  these are random pairs, and with even micro-batches they are the same
-  pairs however the global batch is split."""
-  idx = torch.arange(n, device=device) ^ 1
-  return torch.where(idx < n, idx, idx - 1)
+      idx, seeds = self.stream.indices(step), self.stream.aug_seeds(step)
+      top, left, flip = bit_data.crop_flip(seeds, self.resize, self.crop)
+      for rows, _ in self.layout:
+        yield [(int(idx[p]), int(top[p]), int(left[p]), bool(flip[p]))
+               for p in rows]

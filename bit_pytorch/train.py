@@ -8,6 +8,11 @@ On a machine with several GPUs this uses all of them, one process each
 (any number of nodes) it joins the group torchrun set up. The same global
 batch gives the same update on any number of processes.
 
+The training loop, the run's outputs, checkpoint cadence and signals live in
+the shared harness (bit_run.Run); the batches come from the shared data
+stream (bit_data.Stream). This file holds what PyTorch needs: processes and
+devices, the step, evaluation and the checkpoint format.
+
 In-process use: `main(args)` with `args = argparser().parse_args([...])` (or
 `bit_common.argparser()`'s: the PyTorch-only flags then take their defaults)
 runs one fine-tuning and returns the final evaluation.
@@ -78,7 +83,7 @@ def _process_group():
       dist.destroy_process_group()
 
 
-def _local_first(fn, *args):
+def local_first(fn, *args):
   """fn(*args), run by each node's first process before the others (so a
   download happens once); a BadInput anywhere stops every process."""
   if _world_size() == 1:
@@ -104,7 +109,8 @@ def _ignore_sigint(worker_id):
 
 
 # --------------------------------------------------------------------------
-# One run.
+# One run. The loop, outputs, checkpoint cadence and signals are the shared
+# harness's (bit_run.Run.fit); this file holds what PyTorch needs.
 
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
@@ -116,107 +122,70 @@ def main(args):
 
 def _train(args, rank, device):
   world = _world_size()
-  logger = bit_common.run_logger(args, rank == 0)
+  run = bit_run.Run(args, rank == 0, any_process(device))
   torch.manual_seed(args.seed)
-  data = _local_first(torch_data.load, args, logger)
+  data = local_first(torch_data.load, args, run.logger)
   train_src = torch_data.fewshot(data.train, args)
-  n_train = len(train_src)
-  resize, crop, schedule, mixup = bit_run.hyperrule(args, n_train,
-                                                       data.original_hw)
-  total = schedule[-1]
-  path = _local_first(bit_zoo.weights_path, args.model,
-                      args.bit_pretrained_dir)
+  hyper = bit_run.HyperRule.of(args, len(train_src), data.original_hw)
+  path = local_first(bit_zoo.weights_path, args.model,
+                     args.bit_pretrained_dir)
   net = models.create(args.model, head_size=len(data.classes), zero_head=True,
                       weights=bit_zoo.load_npz(path))
-  cuda = device.type == 'cuda'
   net, channels_last = to_device(net, device)
   opt, scaler = optimizer(net, args.base_lr, args.precision)
 
-  run = dict(bit_run.run_settings(args, data.classes, n_train, schedule,
-                                     resize, crop),
-             arch=net.architecture.name)  # For validate.
-  ckpt = os.path.join(bit_common.run_dir(args), CHECKPOINT)
-  step = _resume(ckpt, run, net, opt, scaler, logger) if args.save else 0
-  if world > 1:
-    steps = [None] * world
-    dist.all_gather_object(steps, step)
-    if len(set(steps)) > 1:
-      raise bit_common.BadInput(
-          f'the processes found checkpoints at different steps {steps}: put '
-          '--logdir on a file system every node shares.')
-
-  config = dict(vars(args), resolution=[resize, crop], schedule=schedule,
-                mixup=mixup, dataset_size=n_train, classes=data.classes,
-                devices=world, device=str(device), resumed_from_step=step,
-                versions=bit_run.versions(torch, torchvision))
-  if rank == 0:
-    bit_run.write_json(os.path.join(bit_common.run_dir(args),
-                                       'config.json'), config)
-  logger.info(f'{args.dataset}: {n_train} training, {len(data.val)} '
-              f'validation examples, {len(data.classes)} classes; '
-              f'resolution {resize}->{crop}, {total} steps, mixup {mixup}, '
-              f'{world} process(es) on {device.type}, {args.precision}')
+  settings = dict(hyper.settings(args, data.classes),
+                  arch=net.architecture.name)  # For validate.
+  ckpt = Checkpoint(os.path.join(run.dir, CHECKPOINT), settings, run.lead,
+                    net=net, optimizer=opt, scaler=scaler)
+  step = same_everywhere(run.resume(ckpt, settings))
+  run.start(step, dict(hyper.config(), classes=data.classes, devices=world,
+                       device=str(device),
+                       versions=bit_run.versions(torch, torchvision)),
+            f'{args.dataset}: {len(train_src)} training, {len(data.val)} '
+            f'validation examples, {len(data.classes)} classes; '
+            f'{hyper.describe()}, {world} process(es) on {device.type}, '
+            f'{args.precision}')
 
   fast = torch.compile(net) if args.compile else net
   model = (torch.nn.parallel.DistributedDataParallel(
-      fast, device_ids=[device] if cuda else None) if world > 1 else fast)
-  loader_kw = dict(num_workers=args.workers, pin_memory=cuda,
-                   worker_init_fn=_ignore_sigint,
-                   persistent_workers=args.workers > 0)
-  sampler = torch_data.TrainBatches(n_train, args.batch, args.seed, step, total,
-                                  rank, world, args.batch_split)
-  train_loader = torch.utils.data.DataLoader(
-      torch_data.TrainSet(train_src, resize, crop, args.skip_bad_images),
-      batch_sampler=sampler, **loader_kw)
+      fast, device_ids=[device] if device.type == 'cuda' else None)
+           if world > 1 else fast)
+  stream = hyper.stream(args)
+  sampler = torch_data.TrainBatches(stream, step, hyper.total, hyper.resize,
+                                    hyper.crop, rank, world, args.batch_split)
+  batches = data_errors_named(iter(loader(
+      torch_data.TrainSet(train_src, hyper.resize, hyper.crop), args,
+      device, batch_sampler=sampler)))
   lo, hi = (len(data.val) * r // world for r in (rank, rank + 1))
   eval_batch = -(-(args.batch_eval or args.batch // args.batch_split) // world)
-  val_loader = torch.utils.data.DataLoader(
-      torch_data.EvalSet(data.val.subset(np.arange(lo, hi)), crop,
-                       args.skip_bad_images),
-      batch_size=eval_batch, **loader_kw)
-
-  metrics = bit_run.Metrics(args, step) if rank == 0 else None
+  val_loader = loader(torch_data.EvalSet(data.val.subset(np.arange(lo, hi)),
+                                         hyper.crop), args, device,
+                      batch_size=eval_batch)
   autocast = autocast_for(device, args.precision)
 
-  def save(step):
-    if rank == 0 and args.save:
-      _save(ckpt, net, opt, scaler, step, run)
-
-  def evaluate_and_save(step):
-    result = evaluate(fast, val_loader, device, channels_last, autocast)
-    bit_run.log_validation(logger, step, result)
-    if rank == 0:
-      metrics.write(step, 'val', **result)
-    save(step)
-    return result
-
-  batches = _data_errors_named(iter(train_loader))
-
-  def train_one(step, lr):
+  def train(step, lr):
     for g in opt.param_groups:
       g['lr'] = lr
-    lam = (float(np.random.default_rng([args.seed, step, 1]).beta(
-        mixup, mixup)) if mixup else None)
-    micro = ((torch_data.normalize(x, device, channels_last),
-              y.to(device, non_blocking=True))
-             for x, y in itertools.islice(batches, args.batch_split))
-    loss = train_step(model, opt, scaler, micro, args.batch_split, autocast,
-                      lam)
-    return _mean_over_processes(loss, device)
+    micro = mixed(((x, y) for x, y in itertools.islice(batches,
+                                                       args.batch_split)),
+                  sampler.layout, stream.lam(step), device, channels_last)
+    return train_step(model, opt, scaler, micro, args.batch_split, autocast,
+                      F.cross_entropy)
 
-  result, step = bit_run.fine_tune_loop(
-      args, step, n_train, train_one, evaluate_and_save, save, logger,
-      metrics, lambda stop: _agree_to_stop(stop, device))
-  if rank == 0:
-    metrics.close()
-    if args.save:
-      net.save_npz(os.path.join(bit_common.run_dir(args), EXPORT))
-    bit_run.write_results(args, result, step, n_train, logger)
-  return dict(result, step=step)
+  result, step = run.fit(
+      step, hyper.total, hyper.lr, train,
+      lambda: evaluate(fast, val_loader, device, channels_last, autocast,
+                       F.cross_entropy),
+      ckpt, fetch=lambda losses: mean_over_processes(losses, device))
+  return run.finish(result, step, net.save_npz, model=args.model,
+                    dataset=args.dataset, dataset_size=len(train_src),
+                    examples_per_class=args.examples_per_class)
 
 
 # --------------------------------------------------------------------------
-# The pieces of a training step (the benchmark times the same ones).
+# The pieces of a run, shared with pre-training (the benchmark times the
+# training step too).
 
 def to_device(net, device):
   """(net on `device`, whether inputs go channels-last): channels-last
@@ -239,27 +208,45 @@ def autocast_for(device, precision):
                         enabled=precision != 'fp32')
 
 
-def train_step(model, opt, scaler, micro_batches, n_micro, autocast,
-               lam=None):
-  """One update from `n_micro` micro-batches (x, y) on the device, their
-  gradients accumulated (under DDP, synchronised on the last one only), so
-  it equals one update on the whole batch. With `lam`, each micro-batch is
-  mixed up with its partners (torch_data.mixup_partner). Returns the loss
-  averaged over the batch (a tensor)."""
+def loader(dataset, args, device, **kwargs):
+  """A DataLoader of uint8 images with --workers processes."""
+  return torch.utils.data.DataLoader(
+      dataset, num_workers=args.workers, pin_memory=device.type == 'cuda',
+      worker_init_fn=_ignore_sigint, persistent_workers=args.workers > 0,
+      **kwargs)
+
+
+def mixed(micro_batches, layout, lam, device, channels_last=False):
+  """(x, y, y_partner, lam) for each micro-batch (uint8 images and labels
+  of the rows TrainBatches loads): images in [-1, 1] on `device`, mixed up
+  with their partners (layout: bit_data.Stream.rows of each micro-batch)."""
+  for (x, y), (rows, partner) in zip(micro_batches, layout):
+    x = torch_data.normalize(x, device, channels_last)
+    y = y.to(device, non_blocking=True)
+    own = slice(0, len(partner))
+    if lam == 1.0:
+      yield x[own], y[own], y[own], lam
+    else:
+      partner = torch.as_tensor(partner, device=device)
+      yield lam * x[own] + (1 - lam) * x[partner], y[own], y[partner], lam
+
+
+def train_step(model, opt, scaler, micro_batches, n_micro, autocast, loss_fn):
+  """One update from `n_micro` micro-batches (x, y, y_partner, lam) on the
+  device, their gradients accumulated (under DDP, synchronised on the last
+  one only), so it equals one update on the whole batch; the loss of a
+  mixed example is lam * loss(y) + (1 - lam) * loss(y_partner). Returns
+  the loss averaged over the batch (a device tensor; nothing is read back)."""
   ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
   loss = 0.0
-  for m, (x, y) in enumerate(micro_batches):
+  for m, (x, y, y2, lam) in enumerate(micro_batches):
     last = m == n_micro - 1
     with model.no_sync() if ddp and not last else contextlib.nullcontext():
-      if lam is not None:
-        partner = torch_data.mixup_partner(len(y), x.device)
-        x = lam * x + (1 - lam) * x[partner]
       with autocast:
         logits = model(x).float()
-      micro_loss = F.cross_entropy(logits, y)
-      if lam is not None:
-        micro_loss = (lam * micro_loss +
-                      (1 - lam) * F.cross_entropy(logits, y[partner]))
+      micro_loss = loss_fn(logits, y)
+      if lam != 1.0:
+        micro_loss = lam * micro_loss + (1 - lam) * loss_fn(logits, y2)
       scaler.scale(micro_loss / n_micro).backward()
     loss += micro_loss.detach() / n_micro
   scaler.step(opt)
@@ -268,24 +255,28 @@ def train_step(model, opt, scaler, micro_batches, n_micro, autocast,
   return loss
 
 
-def _agree_to_stop(stop, device):
-  """Whether any process was asked to stop (all stop at the same step)."""
-  if _world_size() == 1:
-    return stop
-  flag = torch.tensor([float(stop)], device=device)
-  dist.all_reduce(flag)
-  return bool(flag.item())
-
-
-def _mean_over_processes(value, device):
-  value = torch.as_tensor(value, dtype=torch.float32, device=device)
+@torch.no_grad()
+def evaluate(model, loader, device, channels_last, autocast, loss_fn):
+  """Sums [loss, top-1 hits, top-5 hits, examples] over every example of
+  `loader` (uint8 images, labels) and over processes, as numpy."""
+  model.eval()
+  sums = torch.zeros(4, dtype=torch.float64, device=device)
+  for x, y in data_errors_named(iter(loader)):
+    x = torch_data.normalize(x, device, channels_last)
+    y = y.to(device, non_blocking=True)
+    with autocast:
+      logits = model(x).float()
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+    sums += torch.stack([loss_fn(logits, y).double() * len(y),
+                         top[:, 0].sum().double(), top.any(1).sum().double(),
+                         torch.tensor(len(y), device=device).double()])
   if _world_size() > 1:
-    dist.all_reduce(value)
-    value /= _world_size()
-  return value.item()
+    dist.all_reduce(sums)
+  model.train()
+  return sums.cpu().numpy()
 
 
-def _data_errors_named(batches):
+def data_errors_named(batches):
   """Yields from `batches`; an unreadable image found by a data worker
   ends the run with its one-line message, not a worker traceback."""
   try:
@@ -295,62 +286,94 @@ def _data_errors_named(batches):
     raise bit_common.BadInput(lines[-1].split(': ', 1)[-1]) from None
 
 
-@torch.no_grad()
-def evaluate(model, loader, device, channels_last, autocast):
-  """Loss, top-1, top-5 over every example of `loader` (uint8 images,
-  labels), summed over processes."""
-  model.eval()
-  sums = torch.zeros(4, dtype=torch.float64, device=device)
-  for x, y in _data_errors_named(iter(loader)):
-    x = torch_data.normalize(x, device, channels_last)
-    y = y.to(device, non_blocking=True)
-    with autocast:
-      logits = model(x).float()
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
-    sums += torch.stack([F.cross_entropy(logits, y, reduction='sum').double(),
-                         top[:, 0].sum().double(), top.any(1).sum().double(),
-                         torch.tensor(len(y), device=device).double()])
+# --------------------------------------------------------------------------
+# Collectives over processes (none with one process).
+
+def any_process(device):
+  """flags -> each flag ORed over the processes (None: one process)."""
+  if _world_size() == 1:
+    return None
+
+  def vote(flags):
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t)
+    return (t > 0).tolist()
+  return vote
+
+
+def mean_over_processes(losses, device):
+  """Device losses (one per step) -> floats averaged over processes: one
+  read-back (and one collective) for all of them."""
+  values = torch.stack([torch.as_tensor(l, dtype=torch.float32)
+                        for l in losses]).to(device)
   if _world_size() > 1:
-    dist.all_reduce(sums)
-  model.train()
-  loss, top1, top5, n = sums.tolist()
-  return dict(loss=loss / n, top1=top1 / n, top5=top5 / n, n=int(n))
+    dist.all_reduce(values)
+    values /= _world_size()
+  return values.tolist()
+
+
+def same_everywhere(step):
+  """`step` (the step resumed from); refuses to go on when the processes
+  found checkpoints of different steps."""
+  if _world_size() > 1:
+    steps = [None] * _world_size()
+    dist.all_gather_object(steps, step)
+    if len(set(steps)) > 1:
+      raise bit_common.BadInput(
+          f'the processes found checkpoints at different steps {steps}: put '
+          '--logdir on a file system every node shares.')
+  return step
 
 
 # --------------------------------------------------------------------------
-# Checkpoints: model, optimiser, grad scaler, step and RNG state. The data
-# order, crops, flips and mixup follow from (--seed, step), so the step is
-# the data-order state.
+# Checkpoints: model, optimiser, grad scaler, step, RNG state and the run's
+# settings in one file, the newest (bit.pth.tar) and the one before it
+# (bit.prev.pth.tar). The data order, crops, flips and mixup follow from
+# (--seed, step), so the step is the data-order state.
 
-def _save(path, net, opt, scaler, step, run):
-  state = dict(step=step, model=net.state_dict(), optimizer=opt.state_dict(),
-               scaler=scaler.state_dict(), rng=torch.get_rng_state(), run=run)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.part')
-  os.close(fd)
-  try:
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+class Checkpoint:
+  """bit_run's checkpoint format for PyTorch: `objects` (name -> object
+  with state_dict/load_state_dict) saved by the lead process."""
 
+  def __init__(self, path, settings, lead, **objects):
+    self.path, self.settings, self.lead = path, settings, lead
+    self.prev = path.replace('.pth.tar', '.prev.pth.tar')
+    self.objects, self._state = objects, None
 
-def _resume(path, run, net, opt, scaler, logger):
-  """Loads the checkpoint at `path` when there is one; returns its step."""
-  if not os.path.exists(path):
-    return 0
-  try:
-    state = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except
-    raise bit_common.BadInput(f'cannot read checkpoint {path} ({e}); delete '
-                              'it to start the run afresh.') from e
-  bit_run.check_same_run(state['run'], run, path)
-  net.load_state_dict(state['model'])
-  opt.load_state_dict(state['optimizer'])
-  scaler.load_state_dict(state['scaler'])
-  torch.set_rng_state(state['rng'])
-  logger.info(f'resuming from {path} at step {state["step"]}')
-  return state['step']
+  def newest_first(self):
+    return [p for p in (self.path, self.prev) if os.path.exists(p)]
+
+  def read(self, path):
+    self._state = torch.load(path, map_location='cpu', weights_only=True)
+    return self._state['step'], self._state['run']
+
+  def load(self):
+    for name, obj in self.objects.items():
+      obj.load_state_dict(self._state[name])
+    torch.set_rng_state(self._state['rng'])
+    self._state = None
+
+  def set_aside(self, path):
+    os.replace(path, path + '.unreadable')
+
+  def save(self, step):
+    """Atomic: the new file is complete before it takes the name; the
+    previous one stays as bit.prev.pth.tar."""
+    if not self.lead:
+      return
+    state = {name: obj.state_dict() for name, obj in self.objects.items()}
+    state.update(step=step, rng=torch.get_rng_state(), run=self.settings)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path),
+                               suffix='.part')
+    os.close(fd)
+    try:
+      torch.save(state, tmp)
+      if os.path.exists(self.path):
+        os.replace(self.path, self.prev)
+      os.replace(tmp, self.path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
 
 
 def cli(argv=None):

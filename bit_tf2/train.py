@@ -12,6 +12,12 @@ number of devices. --batch_split accumulates micro-batch gradients inside
 the step; on GPUs and TPUs the forward and backward passes are compiled
 with XLA.
 
+The training loop, the run's outputs, checkpoint cadence and signals live in
+the shared harness (bit_run.Run); the batches come from the shared data
+stream (bit_data.Stream) through the tf.data pipeline
+(input_pipeline_tf2_or_jax). This file holds what TensorFlow needs: the
+strategy, the compiled steps and the checkpoint format.
+
 In-process use: `main(args)` with `args = argparser().parse_args([...])` (or
 `bit_common.argparser()`'s: the TF2-only flags then take their defaults)
 runs one fine-tuning and returns the final evaluation.
@@ -207,7 +213,8 @@ def distribute(strategy, make_dataset):
 
 
 # --------------------------------------------------------------------------
-# One run.
+# One run. The loop, outputs, checkpoint cadence and signals are the shared
+# harness's (bit_run.Run.fit); this file holds what TensorFlow needs.
 
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
@@ -215,12 +222,9 @@ def main(args):
   strategy = make_strategy()
   replicas = strategy.num_replicas_in_sync
   bit_common.check_args(args, replicas)
-  chief = is_chief(strategy)
-  logger = bit_common.run_logger(args, chief)
-  data = input_pipeline.load(args, logger)
-  n_train = data.train_size
-  resize, crop, schedule, mixup = bit_run.hyperrule(args, n_train,
-                                                       data.original_hw)
+  run = bit_run.Run(args, is_chief(strategy), _any_process(strategy))
+  data = input_pipeline.load(args, run.logger)
+  hyper = bit_run.HyperRule.of(args, data.train_size, data.original_hw)
   weights = models.load_weights(models.weights_file(args.model,
                                                     args.bit_pretrained_dir))
   with strategy.scope():
@@ -233,80 +237,50 @@ def main(args):
   del weights
 
   classes = list(data.classes) if data.classes else data.num_classes
-  run = bit_run.run_settings(args, classes, n_train, schedule, resize,
-                                crop)
-  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                   step=step_var)
-  manager = _checkpoints(args, checkpoint, chief) if args.save else None
-  step = _resume(manager, checkpoint, run, logger) if manager else 0
-
+  settings = hyper.settings(args, classes)
+  ckpt = Checkpoints(os.path.join(run.dir, CHECKPOINTS), settings, run.lead,
+                     tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                         step=step_var))
+  step = run.resume(ckpt, settings)
   xla = uses_xla(strategy)
-  config = dict(vars(args), resolution=[resize, crop], schedule=schedule,
-                mixup=mixup, dataset_size=n_train, classes=classes,
-                data=data.describe(), devices=replicas,
-                strategy=type(strategy).__name__,
-                device_kind=device_kind(strategy), xla=xla,
-                resumed_from_step=step,
-                versions=bit_run.versions(tf, keras))
-  if chief:
-    bit_run.write_json(os.path.join(bit_common.run_dir(args),
-                                       'config.json'), config)
-  logger.info(f'{args.dataset}: {n_train} training, {data.eval_size} '
-              f'{data.eval_split} examples, {data.num_classes} classes; '
-              f'resolution {resize}->{crop}, {schedule[-1]} steps, '
-              f'mixup {mixup}, '
-              f'{replicas} {device_kind(strategy)} replica(s) '
-              f'({type(strategy).__name__}), {args.precision}'
-              f'{", XLA" if xla else ""}')
+  run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),
+                       devices=replicas, strategy=type(strategy).__name__,
+                       device_kind=device_kind(strategy), xla=xla,
+                       versions=bit_run.versions(tf, keras)),
+            f'{args.dataset}: {data.train_size} training, {data.eval_size} '
+            f'{data.eval_split} examples, {data.num_classes} classes; '
+            f'{hyper.describe()}, {replicas} {device_kind(strategy)} '
+            f'replica(s) ({type(strategy).__name__}), {args.precision}'
+            f'{", XLA" if xla else ""}')
 
   train_step, eval_step = make_steps(strategy, model, optimizer, lr,
                                      args.batch, args.batch_split, xla)
   eval_batch = args.batch_eval or args.batch // args.batch_split
   eval_batch = -(-eval_batch // replicas) * replicas
   eval_data = distribute(strategy, lambda pid, nproc: input_pipeline
-                         .eval_batches(data, eval_batch, crop, pid, nproc))
-  metrics = bit_run.Metrics(args, step) if chief else None
+                         .eval_batches(data, eval_batch, hyper.crop, pid,
+                                       nproc))
 
-  def save(step):
-    if not manager or (manager.latest_checkpoint and
-                       _saved_step(manager) == step):
-      return
-    step_var.assign(step)
-    manager.save(checkpoint_number=step)
+  def evaluate():
+    sums = [eval_step(batch) for batch in input_pipeline.named_errors(
+        iter(eval_data))]
+    return np.sum([s.numpy() for s in sums], axis=0, dtype=np.float64)
 
-  def evaluate(step):
-    sums = np.zeros(4)
-    for batch in input_pipeline.named_errors(iter(eval_data)):
-      sums += np.asarray(eval_step(batch), np.float64)
-    loss, top1, top5, n = sums
-    result = dict(loss=loss / n, top1=top1 / n, top5=top5 / n, n=int(n))
-    bit_run.log_validation(logger, step, result)
-    if chief:
-      metrics.write(step, 'val', **result)
-    save(step)
-    return result
-
+  stream = hyper.stream(args)
   batches = input_pipeline.named_errors(iter(distribute(
       strategy, lambda pid, nproc: input_pipeline.train_batches(
-          data, args.batch, resize, crop, args.seed, step, mixup, pid,
-          nproc))))
+          data, stream, hyper.resize, hyper.crop, step, pid, nproc))))
 
-  def train_one(step, rate):
+  def train(step, rate):
     del step  # The pipeline yields the batch of each step in turn.
-    return float(train_step(next(batches), tf.constant(rate, tf.float32)))
+    return train_step(next(batches), tf.constant(rate, tf.float32))
 
-  result, step = bit_run.fine_tune_loop(
-      args, step, n_train, train_one, evaluate, save, logger, metrics,
-      _stop_vote(strategy))
-  if chief:
-    metrics.close()
-    if args.save:
-      model.save_npz(os.path.join(bit_common.run_dir(args), EXPORT))
-    if args.export_saved_model:
-      model.export_saved_model(os.path.join(bit_common.run_dir(args),
-                                            SAVED_MODEL))
-    bit_run.write_results(args, result, step, n_train, logger)
-  return dict(result, step=step)
+  result, step = run.fit(step, hyper.total, hyper.lr, train, evaluate, ckpt)
+  if run.lead and args.export_saved_model:
+    model.export_saved_model(os.path.join(run.dir, SAVED_MODEL))
+  return run.finish(result, step, model.save_npz, model=args.model,
+                    dataset=args.dataset, dataset_size=data.train_size,
+                    examples_per_class=args.examples_per_class)
 
 
 def device_kind(strategy):
@@ -315,68 +289,71 @@ def device_kind(strategy):
   return tf.DeviceSpec.from_string(devices[0]).device_type or 'CPU'
 
 
-def _stop_vote(strategy):
-  """vote(stop) -> whether any worker was asked to stop, so that all stop
-  at the same step."""
+def _any_process(strategy):
+  """flags -> each flag ORed over the workers (None: one worker)."""
   if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-    return lambda stop: stop
+    return None
 
   @tf.function
-  def anyone(stop):
-    flags = strategy.run(lambda s: s, args=(stop,))
-    return strategy.reduce(tf.distribute.ReduceOp.SUM, flags, axis=None) > 0
+  def anyone(flags):
+    per_replica = strategy.run(lambda f: f, args=(flags,))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
+                           axis=None) > 0
 
-  return lambda stop: bool(anyone(tf.constant(float(stop))))
+  return lambda flags: anyone(tf.constant(flags, tf.float32)).numpy().tolist()
 
 
 # --------------------------------------------------------------------------
 # Checkpoints (tf.train.CheckpointManager): model, optimiser state (momentum,
-# loss scale) and step. TF writes the files first and then, atomically, the
-# index that names them, so an interrupted save leaves the previous one in
-# force. The data order, crops, flips and mixup follow from (--seed, step),
-# so the step is the data state. The run's settings sit beside, in RUN.
+# loss scale) and step, the newest two. TF writes the files first and then,
+# atomically, the index that names them, so an interrupted save leaves the
+# previous one in force. The data order, crops, flips and mixup follow from
+# (--seed, step), so the step is the data state. The run's settings sit
+# beside, in RUN.
 
 RUN = 'run.json'
 
 
-def _checkpoints(args, checkpoint, chief):
-  directory = os.path.join(bit_common.run_dir(args), CHECKPOINTS)
-  if not chief:  # Every worker must save; only the chief's copy is kept.
-    directory = tempfile.mkdtemp(prefix='bit_tf2_worker_')
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
-  return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=1)
+class Checkpoints:
+  """bit_run's checkpoint format for TF2. Every worker saves (TF's
+  collectives need all of them); only the chief's copy is kept."""
 
+  def __init__(self, directory, settings, chief, checkpoint):
+    self.settings, self.checkpoint = settings, checkpoint
+    self.run_file = os.path.join(directory, RUN)
+    if not chief:
+      directory = tempfile.mkdtemp(prefix='bit_tf2_worker_')
+      atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    self.manager = tf.train.CheckpointManager(checkpoint, directory,
+                                              max_to_keep=2)
+    self._path = None
 
-def _saved_step(manager):
-  return int(manager.latest_checkpoint.rsplit('-', 1)[-1])
+  def newest_first(self):
+    return list(reversed(self.manager.checkpoints))
 
-
-def _resume(manager, checkpoint, run, logger):
-  """Restores the latest checkpoint when there is one; returns its step.
-
-  Also writes the run's settings beside a new checkpoint folder."""
-  run_file = os.path.join(manager.directory, RUN)
-  path = manager.latest_checkpoint
-  if path is None:
-    bit_run.write_json(run_file, run)
-    return 0
-  try:
-    with open(run_file) as f:
+  def read(self, path):
+    with open(self.run_file) as f:
       saved = json.load(f)
-  except (OSError, ValueError) as e:
-    raise bit_common.BadInput(
-        f'cannot read {run_file} ({e}); delete {manager.directory} to start '
-        'the run afresh.') from e
-  bit_run.check_same_run(saved, run, manager.directory)
-  try:
-    checkpoint.restore(path).assert_existing_objects_matched()
-  except (ValueError, AssertionError, tf.errors.OpError) as e:
-    raise bit_common.BadInput(
-        f'cannot read checkpoint {path} ({str(e).splitlines()[0]}); delete '
-        f'{manager.directory} to start the run afresh.') from e
-  step = int(checkpoint.step.numpy())
-  logger.info(f'resuming from {path} at step {step}')
-  return step
+    reader = tf.train.load_checkpoint(path)
+    for name in reader.get_variable_to_shape_map():
+      reader.get_tensor(name)  # raises where the files are damaged
+    self._path = path
+    return int(path.rsplit('-', 1)[-1]), saved
+
+  def load(self):
+    self.checkpoint.restore(self._path).assert_existing_objects_matched()
+
+  def set_aside(self, path):
+    for f in glob.glob(path + '.*'):
+      os.replace(f, f + '.unreadable')
+    self.manager = tf.train.CheckpointManager(
+        self.checkpoint, self.manager.directory, max_to_keep=2)
+
+  def save(self, step):
+    if not os.path.exists(self.run_file):
+      bit_run.write_json(self.run_file, self.settings)
+    self.checkpoint.step.assign(step)
+    self.manager.save(checkpoint_number=step)
 
 
 if __name__ == '__main__':

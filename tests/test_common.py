@@ -321,6 +321,5 @@ def test_readable_images_names_or_leaves_out_bad_files(tmp_path):
     f.write(truncated)
   with pytest.raises(bit_common.BadImage, match=r'cannot read image .*001\.png'):
     bit_common.readable_images(paths)
-  assert bit_common.readable_images(paths, skip=True).tolist() == [0, 2, 3, 4, 5]
-  assert bit_common.readable_images(paths, skip=True,
-                                    verify=True).tolist() == [0, 2, 3, 5]
+  # With skip, whole files are decoded: the truncated one is left out too.
+  assert bit_common.readable_images(paths, skip=True).tolist() == [0, 2, 3, 5]

@@ -8,18 +8,11 @@ training:
 .npz (e.g. a run's model.npz) or a registered model name. Prints (and with
 --output writes) {"loss", "top1", "top5", "n"} as JSON.
 """
-import argparse
-import json
-import logging
-import os
-import sys
-
 import torch
 
 import bit_common
-import bit_data
 import bit_hyperrule
-import bit_run
+import bit_validate
 import bit_zoo
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
@@ -27,32 +20,9 @@ from bit_pytorch import train
 
 
 def argparser():
-  parser = argparse.ArgumentParser(
-      description='Evaluate a BiT model on a dataset (PyTorch).',
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('--ckpt_path', required=True,
-                      help='A bit.pth.tar checkpoint of bit_pytorch.train, a '
-                      '.npz file, a registered model name or hf-hub:ORG/NAME.')
-  parser.add_argument('--dataset', default='cifar10',
-                      choices=bit_common.TORCH_OR_TFDS_DATASETS +
-                      ('imagefolder',) + tuple(bit_data.ARRAY_DATASETS))
-  parser.add_argument('--datadir', default=None,
-                      help='As for training: the image folder, ImageNet '
-                      'root or where torchvision keeps the dataset.')
-  parser.add_argument('--bit_pretrained_dir', default='.',
-                      help='Where a registered model is looked for (and '
-                      'downloaded to when missing).')
-  parser.add_argument('--crop_size', type=int, default=None,
-                      help='Evaluation resolution (default: the one the '
-                      'checkpoint was trained at, else the HyperRule\'s).')
-  parser.add_argument('--batch_eval', type=int, default=64)
-  parser.add_argument('--workers', type=int, default=min(8, os.cpu_count()))
-  parser.add_argument('--precision', default='fp32',
-                      choices=tuple(train.DTYPES))
-  parser.add_argument('--skip_bad_images', action='store_true')
-  parser.add_argument('--output', default=None,
-                      help='Also write the result to this JSON file.')
-  return parser
+  return bit_validate.argparser(
+      'PyTorch', precisions=tuple(train.DTYPES),
+      checkpoint_help='A bit.pth.tar checkpoint of bit_pytorch.train. ')
 
 
 def load_model(args, classes):
@@ -83,12 +53,8 @@ def load_model(args, classes):
 
 
 def main(args):
-  for flag in ('batch_eval', 'crop_size'):
-    if getattr(args, flag) is not None and getattr(args, flag) < 1:
-      raise bit_common.BadInput(f'--{flag} must be positive.')
-  logger = logging.getLogger('bit.validate')
-  logger.addHandler(logging.StreamHandler(sys.stderr))
-  logger.setLevel(logging.INFO)
+  bit_validate.check(args)
+  logger = bit_validate.logger()
   data = torch_data.load(args, logger, check_train=False)
   net, trained_crop = load_model(args, data.classes)
   crop = (args.crop_size or trained_crop or
@@ -96,17 +62,15 @@ def main(args):
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   net, channels_last = train.to_device(net, device)
   loader = torch.utils.data.DataLoader(
-      torch_data.EvalSet(data.val, crop, args.skip_bad_images),
+      torch_data.EvalSet(data.val, crop),
       batch_size=args.batch_eval, num_workers=args.workers,
       pin_memory=device.type == 'cuda')
   logger.info(f'evaluating {args.ckpt_path} on {len(data.val)} '
               f'{args.dataset} images at {crop} px')
-  result = train.evaluate(net, loader, device, channels_last,
-                          train.autocast_for(device, args.precision))
-  print(json.dumps(result))
-  if args.output:
-    bit_run.write_json(args.output, result)
-  return result
+  sums = train.evaluate(net, loader, device, channels_last,
+                        train.autocast_for(device, args.precision),
+                        torch.nn.functional.cross_entropy)
+  return bit_validate.report(bit_validate.summarize(sums), args)
 
 
 def cli(argv=None):

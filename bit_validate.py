@@ -1,0 +1,155 @@
+"""What the three validation commands share: their command line, the
+metrics of an evaluation, and how the result is reported.
+
+  python -m bit_{pytorch,tf2,jax}.validate --ckpt_path FILE_OR_NAME \\
+      --dataset DATASET [--datadir D] [--eval_split S] [--crop_size N]
+
+print {"loss", "top1", "top5", "n"} as one line of JSON: the mean
+cross-entropy and the top-1 / top-5 accuracy over every example of the
+evaluation split.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+
+import bit_common
+import bit_data
+import bit_tfds
+
+
+def dataset_forms():
+  """Every --dataset value accepted, in words."""
+  named = (bit_common.TORCH_OR_TFDS_DATASETS + ('imagefolder',) +
+           tuple(bit_data.ARRAY_DATASETS))
+  return f'{", ".join(named)}, {bit_tfds.accepted_forms()}'
+
+
+def dataset_name(value):
+  """argparse type of --dataset: a named dataset, imagefolder, an offline
+  array dataset, tfds:NAME or vtab:TASK (the task checked here)."""
+  named = (bit_common.TORCH_OR_TFDS_DATASETS + ('imagefolder',) +
+           tuple(bit_data.ARRAY_DATASETS))
+  if value in named or (value.startswith(bit_tfds.TFDS_PREFIX) and
+                        len(value) > len(bit_tfds.TFDS_PREFIX)):
+    return value
+  if (value.startswith(bit_tfds.VTAB_PREFIX) and
+      value[len(bit_tfds.VTAB_PREFIX):] in bit_tfds.VTAB_TASKS):
+    return value
+  raise argparse.ArgumentTypeError(
+      f'unknown dataset {value!r}; give one of {dataset_forms()}')
+
+
+def argparser(framework, precisions=('fp32', 'bf16', 'fp16'),
+              checkpoint_help=''):
+  """The validation command line of `framework` ('PyTorch', 'TF2', 'JAX')."""
+  parser = argparse.ArgumentParser(
+      description=f'Evaluate a BiT model on a dataset ({framework}).',
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument('--ckpt_path', required=True,
+                      help=checkpoint_help + 'A .npz file, a registered '
+                      'model name (e.g. BiT-M-R50x1-run0-dtd) or '
+                      'hf-hub:ORG/NAME.')
+  parser.add_argument('--dataset', default='cifar10', type=dataset_name,
+                      help='One of ' + dataset_forms() + '.')
+  parser.add_argument('--datadir', default=None,
+                      help='As for training: the image folder, ImageNet '
+                      'root, the TFDS data_dir, or where torchvision keeps '
+                      'the dataset.')
+  parser.add_argument('--tfds_manual_dir', default=None,
+                      help='TFDS manual_dir, for datasets TFDS cannot '
+                      'download itself.')
+  parser.add_argument('--train_split', default=None,
+                      help='tfds:/vtab: datasets: the training split (TFDS '
+                      'split syntax; VTAB split names for vtab:).')
+  parser.add_argument('--eval_split', default=None,
+                      help='tfds:/vtab: datasets: the split evaluated (TFDS '
+                      'split syntax, e.g. validation or train[800:1000]; for '
+                      'vtab: one of ' + ', '.join(bit_tfds.VTAB_SPLITS) +
+                      '). Default: validation where it exists, else test; '
+                      'test for vtab:.')
+  parser.add_argument('--bit_pretrained_dir', default='.',
+                      help='Where a registered model is looked for (and '
+                      'downloaded to when missing).')
+  parser.add_argument('--crop_size', type=int, default=None,
+                      help='Evaluation resolution (default: the one the '
+                      'checkpoint was trained at where known, else the '
+                      'HyperRule\'s for the dataset).')
+  parser.add_argument('--batch_eval', type=int, default=64)
+  parser.add_argument('--workers', type=int, default=min(8, os.cpu_count()))
+  parser.add_argument('--precision', default='fp32', choices=precisions)
+  parser.add_argument('--skip_bad_images', action='store_true')
+  parser.add_argument('--output', default=None,
+                      help='Also write the result to this JSON file.')
+  # The data loaders read these training flags; validation uses every
+  # example of the evaluation split.
+  parser.set_defaults(examples_per_class=None, examples_per_class_seed=0)
+  return parser
+
+
+def check(args):
+  """Refuses flag values that cannot work (BadInput)."""
+  for flag in ('batch_eval', 'crop_size', 'workers'):
+    value = getattr(args, flag, None)
+    if value is not None and value < (0 if flag == 'workers' else 1):
+      raise bit_common.BadInput(f'--{flag} must be positive, got {value}.')
+
+
+def logger():
+  log = logging.getLogger('bit.validate')
+  if not log.handlers:
+    log.addHandler(logging.StreamHandler(sys.stderr))
+  log.setLevel(logging.INFO)
+  return log
+
+
+def check_head(head_size, classes, args):
+  if head_size != len(classes):
+    raise bit_common.BadInput(
+        f'{args.ckpt_path} has a {head_size}-class head, but {args.dataset} '
+        f'has {len(classes)} classes.')
+
+
+def batch_sums(logits, labels, mask=None):
+  """[summed cross-entropy, top-1 hits, top-5 hits, examples] of a batch
+  of logits [b, classes] and int labels [b]; rows with mask False left
+  out."""
+  logits = np.asarray(logits, np.float64)
+  labels = np.asarray(labels, np.int64)
+  if mask is not None:
+    mask = np.asarray(mask, bool)
+    logits, labels = logits[mask], labels[mask]
+  if not len(labels):
+    return np.zeros(4)
+  top = logits.max(1, keepdims=True)
+  log_z = top[:, 0] + np.log(np.exp(logits - top).sum(1))
+  loss = log_z - logits[np.arange(len(labels)), labels]
+  mine = logits[np.arange(len(labels)), labels][:, None]
+  # Rank of the true class: how many classes score higher.
+  rank = (logits > mine).sum(1)
+  return np.array([loss.sum(), (rank < 1).sum(), (rank < 5).sum(),
+                   len(labels)], np.float64)
+
+
+def summarize(sums):
+  """{loss, top1, top5, n} of the sums of batch_sums."""
+  loss, top1, top5, n = (float(v) for v in sums)
+  if not n:
+    raise bit_common.BadInput('the evaluation split has no examples.')
+  return dict(loss=loss / n, top1=top1 / n, top5=top5 / n, n=int(n))
+
+
+def report(result, args):
+  """Prints the result as JSON (and writes it to --output)."""
+  print(json.dumps(result), flush=True)
+  if getattr(args, 'output', None):
+    folder = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(folder, exist_ok=True)
+    tmp = args.output + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(result, f, indent=2)
+    os.replace(tmp, args.output)
+  return result

@@ -1,0 +1,475 @@
+"""Feature extraction and few-shot linear evaluation, shared by the three
+`bit_*.features` and `bit_*.fewshot` commands: everything but the forward
+pass and the backend's own data loader.
+
+  python -m bit_{pytorch,tf2,jax}.features --model M --dataset D \\
+      --split {train,eval} --out FILE.npz
+  python -m bit_{pytorch,tf2,jax}.fewshot --model M --dataset D \\
+      [--shots 1,5,10,25] [--seeds 3] [--l2 1024] [--out FILE.json]
+
+The few-shot evaluation follows the method of big_vision's linear few-shot
+evaluator: pre-logit features of k training examples per class (drawn by the
+shared sampler, `bit_data.fewshot_indices`, with seeds 0, 1, ...), each
+feature standardised with the mean and standard deviation of those k-shot
+examples, a closed-form L2-regularised least-squares fit to one-hot targets
+(with an intercept that is not regularised), and top-1 of its argmax on the
+whole evaluation split. The linear algebra is numpy (float64).
+
+A backend is a module with
+  load_data(args, logger) -> Splits
+  load_model(weights) -> a model handle, callable on float32 NHWC images in
+      [-1, 1] (numpy), returning numpy features (N, D)
+  feature_batches(model, splits, split, crop, batch, args)
+      -> iterator of (features (b, D), labels (b,)) numpy batches, in order
+  and optionally read_weights(model, pretrained_dir) -> {key: array}.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+
+import bit_common
+import bit_data
+import bit_hyperrule
+import bit_zoo
+from bit_common import BadInput
+
+SPLITS = ('train', 'eval')
+DEFAULT_SHOTS = '1,5,10,25'
+# big_vision's default regularisation for its linear few-shot evaluator.
+DEFAULT_L2 = '1024'
+# Added to each feature's standard deviation before dividing by it, as a
+# fraction of the features' mean standard deviation. big_vision adds 1e-5;
+# with few examples, a feature that is almost constant over them is then
+# scaled up to the weight of the informative ones, and the accuracy hangs
+# on rounding (1-shot digits: 4.6 points between two backends whose images
+# differ by less than one grey level; with this floor, 0.1).
+STD_FLOOR = 0.1
+# Flags taken as they are from the trainers' shared parser.
+_SHARED_FLAGS = ('model', 'bit_pretrained_dir', 'dataset', 'datadir',
+                 'tfds_manual_dir', 'workers', 'skip_bad_images')
+
+
+# --------------------------------------------------------------------------
+# Command lines.
+
+def _parser(description):
+  parser = argparse.ArgumentParser(
+      description=description,
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  shared = {a.dest: a for a in bit_common.argparser()._actions}  # pylint: disable=protected-access
+  for dest in _SHARED_FLAGS:
+    # The same action object, as argparse's `parents=` shares them, so the
+    # choices (datasets, ...) stay those of fine-tuning.
+    parser._add_action(shared[dest])  # pylint: disable=protected-access
+  parser.add_argument('--resolution', type=int, default=None,
+                      help='Resize images to this square size (default: the '
+                      'HyperRule evaluation (crop) size for the dataset).')
+  parser.add_argument('--batch', type=int, default=64,
+                      help='Images per forward pass, over all local devices.')
+  # What the data loaders expect of fine-tuning's arguments.
+  parser.set_defaults(examples_per_class=None, examples_per_class_seed=0)
+  return parser
+
+
+def features_argparser(framework):
+  parser = _parser(f'Write the pre-logit features of every example of a '
+                   f'dataset split ({framework}).')
+  parser.add_argument('--split', required=True, choices=SPLITS,
+                      help='train, or eval: the split fine-tuning evaluates '
+                      'on.')
+  parser.add_argument('--out', required=True, metavar='FILE.npz',
+                      help='Where the arrays features (N, D) and labels (N,) '
+                      'go.')
+  return parser
+
+
+def fewshot_argparser(framework):
+  parser = _parser(f'Few-shot linear evaluation of a BiT model\'s pre-logit '
+                   f'features ({framework}).')
+  parser.add_argument('--shots', default=DEFAULT_SHOTS,
+                      help='Examples per class, comma-separated.')
+  parser.add_argument('--seeds', type=int, default=3,
+                      help='Draws of each few-shot subset (seeds 0, 1, ...).')
+  parser.add_argument('--l2', default=DEFAULT_L2,
+                      help='L2 regularisation of the least-squares fit; '
+                      'several comma-separated values give a row each (the '
+                      'first is the one reported under "shots").')
+  parser.add_argument('--out', default=None, metavar='FILE.json',
+                      help='Also write the results here as JSON.')
+  parser.add_argument('--cache_dir', default=None,
+                      help='Keep features here and reuse them when model '
+                      'file, data, split and resolution are the same.')
+  return parser
+
+
+def parse_list(text, flag, kind):
+  try:
+    values = [kind(v) for v in text.split(',') if v.strip()]
+  except ValueError:
+    values = []
+  if not values or any(v <= 0 for v in values):
+    raise BadInput(f'--{flag} {text!r}: give positive numbers, '
+                   'comma-separated (e.g. --shots 1,5,10,25).')
+  return values
+
+
+def _check_common(args):
+  for flag in ('resolution', 'batch'):
+    value = getattr(args, flag)
+    if value is not None and value < 1:
+      raise BadInput(f'--{flag} must be a positive number, got {value}.')
+  if args.dataset in ('imagefolder', 'imagenet2012') and not args.datadir:
+    raise BadInput(f'--dataset {args.dataset} needs --datadir.')
+  if not args.model.endswith(('.npz', '.h5')):
+    bit_zoo.model_info(args.model)
+
+
+def _check_writable(path):
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+    raise BadInput(f'cannot write {path}: {folder} is not a writable '
+                   'folder.')
+
+
+def make_logger():
+  logger = logging.getLogger('bit.fewshot')
+  if not logger.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        '%(asctime)s %(levelname)s %(message)s', '%Y-%m-%d %H:%M:%S'))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+  return logger
+
+
+# --------------------------------------------------------------------------
+# Features.
+
+@dataclasses.dataclass
+class Splits:
+  """A dataset as a backend loaded it: the classes, the typical image size,
+  each split's size and labels (None where only known after reading it, as
+  for streamed TFDS splits), and the backend's own data object."""
+  num_classes: int
+  original_hw: tuple
+  sizes: dict
+  labels: dict
+  handle: object = None
+
+
+def resolution(args, splits):
+  """The evaluation resolution: --resolution, or the HyperRule's crop."""
+  return args.resolution or bit_hyperrule.get_resolution(
+      splits.original_hw)[1]
+
+
+def read_weights(backend, args):
+  read = getattr(backend, 'read_weights', None) or (
+      lambda model, folder: bit_zoo.load_npz(bit_zoo.weights_path(model,
+                                                                  folder)))
+  return read(args.model, args.bit_pretrained_dir)
+
+
+@dataclasses.dataclass
+class Features:
+  features: np.ndarray   # float32 (N, D)
+  labels: np.ndarray     # int64 (N,)
+  seconds: float = 0.0   # time the extraction took (0 when read from cache)
+
+  @property
+  def images_per_sec(self):
+    return len(self.labels) / self.seconds if self.seconds else None
+
+
+def extract(backend, model, splits, split, crop, batch, args, logger):
+  """Features of every example of `split`, in dataset order, with a
+  progress bar; the time it took (first batch included) is in .seconds."""
+  from tqdm import tqdm
+  n = splits.sizes[split]
+  logger.info(f'{split} split: {n} images at {crop} px, batches of {batch}')
+  feats, labels = [], []
+  start = time.perf_counter()
+  with tqdm(total=n, unit='img', desc=f'features ({split})',
+            file=sys.stderr, mininterval=2) as bar:
+    for f, y in backend.feature_batches(model, splits, split, crop, batch,
+                                        args):
+      feats.append(np.asarray(f, np.float32))
+      labels.append(np.asarray(y, np.int64))
+      bar.update(len(y))
+  seconds = time.perf_counter() - start
+  out = Features(np.concatenate(feats), np.concatenate(labels), seconds)
+  if len(out.labels) != n:
+    raise AssertionError(f'{len(out.labels)} features for {n} examples')
+  logger.info(f'{split}: {n} feature vectors of {out.features.shape[1]} in '
+              f'{seconds:.1f}s ({out.images_per_sec:.1f} images/s)')
+  return out
+
+
+def save_features(path, feats, info):
+  """features, labels (and info, a JSON string) as an .npz, atomically."""
+  return bit_zoo.save_npz(path, {'features': feats.features,
+                                 'labels': feats.labels,
+                                 'info': np.array(json.dumps(info))})
+
+
+def load_features(path):
+  with np.load(path, allow_pickle=False) as f:
+    return Features(f['features'], f['labels'])
+
+
+def _cache_path(args, framework, split, crop, weights_file):
+  stat = os.stat(weights_file)
+  key = json.dumps([framework, os.path.realpath(weights_file), stat.st_size,
+                    stat.st_mtime_ns, args.dataset,
+                    args.datadir and os.path.realpath(args.datadir), split,
+                    crop])
+  digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+  name = f'{framework}-{args.dataset}-{split}-{crop}px-{digest}.npz'
+  return os.path.join(args.cache_dir, name)
+
+
+def _weights_file(args):
+  # The file the features come from (for the cache key); registered names
+  # resolve to the file in --bit_pretrained_dir (or the bundled one).
+  if args.model.endswith(('.npz', '.h5')):
+    return args.model
+  info = bit_zoo.model_info(args.model)
+  if info.path:
+    return os.path.join(bit_zoo.REPO_DIR, info.path)
+  for fmt in ('npz', 'h5'):
+    path = os.path.join(args.bit_pretrained_dir, info.filename(fmt))
+    if os.path.exists(path):
+      return path
+  return None
+
+
+def _info(args, framework, split, crop, n):
+  return {'framework': framework, 'model': args.model, 'dataset': args.dataset,
+          'datadir': args.datadir, 'split': split, 'resolution': crop, 'n': n}
+
+
+def features_main(args, backend):
+  """The `bit_*.features` command; returns the Features written."""
+  _check_common(args)
+  _check_writable(args.out)
+  logger = make_logger()
+  splits = backend.load_data(args, logger)
+  model = backend.load_model(read_weights(backend, args))
+  crop = resolution(args, splits)
+  feats = extract(backend, model, splits, args.split, crop, args.batch, args,
+                  logger)
+  info = _info(args, backend.NAME, args.split, crop, len(feats.labels))
+  info['images_per_sec'] = feats.images_per_sec
+  save_features(args.out, feats, info)
+  logger.info(f'wrote {args.out}: features {feats.features.shape}, labels '
+              f'{feats.labels.shape}')
+  return feats
+
+
+# --------------------------------------------------------------------------
+# The least-squares classifier.
+
+@dataclasses.dataclass
+class Ridge:
+  """A linear classifier on standardised features: argmax of
+  ((x - mean) / std) @ w + b."""
+  mean: np.ndarray
+  std: np.ndarray
+  w: np.ndarray   # (D, classes)
+  b: np.ndarray   # (classes,)
+
+  def scores(self, x):
+    return ((np.asarray(x, np.float64) - self.mean) / self.std) @ self.w + self.b
+
+  def predict(self, x):
+    return np.argmax(self.scores(x), axis=1)
+
+  def accuracy(self, x, labels):
+    return float(np.mean(self.predict(x) == np.asarray(labels)))
+
+
+def fit_ridge(x, labels, num_classes, l2s):
+  """[Ridge for each l2 in `l2s`] fitted to (x, one-hot labels).
+
+  Minimises |z w + b - onehot|^2 + l2 |w|^2 over w and b, where z is x
+  standardised with its own per-feature mean and std (the std plus
+  STD_FLOOR times the mean std, so that no feature is scaled up by more
+  than 1 / STD_FLOOR of the typical scale). Since z is
+  centred, the intercept is the mean target and w solves the centred
+  problem in closed form: (z'z + l2 I)^-1 z'(t - mean t) when there are at
+  least as many examples as features, else z'(zz' + l2 I)^-1 (t - mean t).
+  The Gram matrix is formed once for all l2 values.
+  """
+  import scipy.linalg
+  import scipy.sparse
+  x = np.asarray(x, np.float64)
+  labels = np.asarray(labels)
+  mean = x.mean(axis=0)
+  std = x.std(axis=0)
+  std = np.maximum(std + STD_FLOOR * std.mean(), 1e-12)
+  z = (x - mean) / std
+  n, d = z.shape
+  onehot = scipy.sparse.csr_matrix(
+      (np.ones(n), (labels, np.arange(n))), shape=(num_classes, n))
+  b = np.asarray(onehot.sum(axis=1)).ravel() / n
+  primal = n >= d
+  gram = z.T @ z if primal else z @ z.T
+  # rhs: z' (t - mean t) = z' t, as z is centred; the dual needs t centred.
+  rhs = (onehot @ z).T if primal else onehot.T.toarray() - b
+  out = []
+  for l2 in l2s:
+    a = gram.copy()
+    a[np.diag_indices_from(a)] += l2
+    sol = scipy.linalg.solve(a, rhs, assume_a='pos', overwrite_a=True,
+                             check_finite=False)
+    out.append(Ridge(mean, std, sol if primal else z.T @ sol, b))
+  return out
+
+
+# --------------------------------------------------------------------------
+# The evaluation: shots x seeds x l2.
+
+def check_shots(labels, shots):
+  """BadInput (exit 2) when a class has fewer training examples than the
+  largest k; cheap, so it runs before any feature is extracted."""
+  bit_data.fewshot_indices(labels, max(shots), 0)
+
+
+def evaluate(train, test, num_classes, shots, seeds, l2s, logger=None):
+  """{l2: {k: [top-1 of seed 0, 1, ...]}} and the fit times in seconds."""
+  results = {l2: {k: [] for k in shots} for l2 in l2s}
+  fit_seconds = []
+  for k in shots:
+    for seed in range(seeds):
+      idx = bit_data.fewshot_indices(train.labels, k, seed)
+      start = time.perf_counter()
+      models = fit_ridge(train.features[idx], train.labels[idx], num_classes,
+                         l2s)
+      fit_seconds.append(time.perf_counter() - start)
+      for l2, ridge in zip(l2s, models):
+        results[l2][k].append(ridge.accuracy(test.features, test.labels))
+      if logger:
+        logger.info(f'{k}-shot, seed {seed}: top-1 ' + ', '.join(
+            f'{results[l2][k][-1]:.1%} (l2 {l2:g})' for l2 in l2s) +
+                    f'; fit {fit_seconds[-1] * 1000:.0f} ms')
+  return results, fit_seconds
+
+
+def table(results):
+  """Markdown: top-1 (%) median, min and max over seeds, per k and l2."""
+  lines = ['| shots | l2 | top-1 median | min | max |',
+           '| --- | --- | --- | --- | --- |']
+  for k in next(iter(results.values())):
+    for l2, by_k in results.items():
+      accs = 100 * np.asarray(by_k[k])
+      lines.append(f'| {k} | {l2:g} | {np.median(accs):.1f} | '
+                   f'{accs.min():.1f} | {accs.max():.1f} |')
+  return '\n'.join(lines)
+
+
+def _by_k(by_k):
+  return {str(k): v for k, v in by_k.items()}
+
+
+def split_features(backend, model, splits, split, crop, args, logger):
+  """Features of `split`, from --cache_dir when there, else extracted (and
+  put there)."""
+  weights_file = args.cache_dir and _weights_file(args)
+  path = weights_file and _cache_path(args, backend.NAME, split, crop,
+                                      weights_file)
+  if path and os.path.exists(path):
+    feats = load_features(path)
+    if len(feats.labels) == splits.sizes[split]:
+      logger.info(f'{split} features from the cache: {path}')
+      return feats
+  feats = extract(backend, model, splits, split, crop, args.batch, args,
+                  logger)
+  if path:
+    os.makedirs(args.cache_dir, exist_ok=True)
+    save_features(path, feats, _info(args, backend.NAME, split, crop,
+                                     len(feats.labels)))
+  return feats
+
+
+def fewshot_main(args, backend):
+  """The `bit_*.fewshot` command; returns the JSON-ready result."""
+  _check_common(args)
+  shots = parse_list(args.shots, 'shots', int)
+  l2s = parse_list(args.l2, 'l2', float)
+  if args.seeds < 1:
+    raise BadInput(f'--seeds must be positive, got {args.seeds}.')
+  if args.out:
+    _check_writable(args.out)
+  logger = make_logger()
+  splits = backend.load_data(args, logger)
+  if splits.labels['train'] is not None:
+    check_shots(splits.labels['train'], shots)
+  model = backend.load_model(read_weights(backend, args))
+  crop = resolution(args, splits)
+  feats = {split: split_features(backend, model, splits, split, crop, args,
+                                 logger) for split in SPLITS}
+  check_shots(feats['train'].labels, shots)
+  results, fit_seconds = evaluate(feats['train'], feats['eval'],
+                                  splits.num_classes, shots, args.seeds, l2s,
+                                  logger)
+  text = table(results)
+  out = {
+      'shots': _by_k(results[l2s[0]]), 'l2': l2s[0],
+      'seeds': args.seeds, 'framework': backend.NAME, 'model': args.model,
+      'dataset': args.dataset, 'resolution': crop,
+      'num_classes': splits.num_classes,
+      'train_size': len(feats['train'].labels),
+      'eval_size': len(feats['eval'].labels),
+      'feature_dim': int(feats['train'].features.shape[1]),
+      'images_per_sec': {s: f.images_per_sec for s, f in feats.items()},
+      'fit_seconds_max': max(fit_seconds), 'table': text,
+  }
+  if len(l2s) > 1:
+    out['by_l2'] = {f'{l2:g}': _by_k(r) for l2, r in results.items()}
+  print(f'\nFew-shot linear top-1 (%) of {args.model} on {args.dataset} '
+        f'({out["eval_size"]} evaluation images, {crop} px, {args.seeds} '
+        f'seeds; {backend.NAME})\n\n{text}\n', flush=True)
+  if args.out:
+    import bit_run
+    bit_run.write_json(args.out, out)
+  return out
+
+
+# --------------------------------------------------------------------------
+# The data of the two tf.data backends (TF2 and JAX).
+
+def load_tfdata(args, logger):
+  """Splits of input_pipeline_tf2_or_jax's dataset (both its splits)."""
+  import input_pipeline_tf2_or_jax as input_pipeline
+  data = input_pipeline.load(args, logger)
+  return Splits(data.num_classes, data.original_hw,
+                {'train': data.train.n, 'eval': data.eval.n},
+                {'train': data.train.labels, 'eval': data.eval.labels}, data)
+
+
+def tfdata_feature_batches(features_fn, splits, split, crop, batch):
+  """(features, labels) of `split` through input_pipeline_tf2_or_jax's
+  evaluation batches (in order, the last one padded): `features_fn` maps a
+  float32 NHWC batch of `batch` images to numpy features; padding is
+  dropped."""
+  import input_pipeline_tf2_or_jax as input_pipeline
+  data = splits.handle
+  if split == 'train':
+    data = dataclasses.replace(data, eval=data.train)
+  batches = input_pipeline.eval_batches(data, batch, crop).as_numpy_iterator()
+  for b in input_pipeline.named_errors(batches):
+    feats = np.asarray(features_fn(b['image']))
+    yield feats[b['mask']], b['label'][b['mask']]
+
+
+def round_up(batch, devices):
+  """The smallest multiple of `devices` from `batch` on."""
+  return -(-batch // devices) * devices

@@ -1,0 +1,63 @@
+"""Pre-logit features of every example of a split (JAX):
+
+  python -m bit_jax.features --model BiT-M-R50x1 --dataset cifar10 \\
+      --split {train,eval} --out features.npz
+
+writes `features` (N, D) and `labels` (N,) in dataset order, at the
+HyperRule's evaluation resolution (or --resolution), the batch sharded over
+every local device. The shared part is bit_fewshot.
+"""
+import sys
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import bit_common
+import bit_fewshot
+from bit_jax import models
+
+NAME = 'jax'
+load_data = bit_fewshot.load_tfdata
+
+
+class FeatureModel:
+  """model(images) -> features: float32 NHWC numpy images in [-1, 1] to
+  numpy pre-logits (N, D), jitted, the batch sharded over local devices."""
+
+  def __init__(self, weights):
+    module, params = models.create('weights', weights=weights)
+    self.devices = len(jax.local_devices())
+    mesh = Mesh(np.array(jax.local_devices()), ('data',))
+    replicated = NamedSharding(mesh, P())
+    self.params = jax.device_put(params, replicated)
+    self._apply = jax.jit(
+        lambda p, x: module.apply({'params': p}, x, pre_logits=True),
+        in_shardings=(replicated, NamedSharding(mesh, P('data'))),
+        out_shardings=replicated)
+
+  def __call__(self, images):
+    n = len(images)
+    pad = bit_fewshot.round_up(n, self.devices) - n
+    if pad:
+      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]),
+                                                images.dtype)])
+    return np.asarray(jax.device_get(self._apply(self.params, images)))[:n]
+
+
+load_model = FeatureModel
+
+
+def feature_batches(model, splits, split, crop, batch, args):
+  del args
+  return bit_fewshot.tfdata_feature_batches(
+      model, splits, split, crop, bit_fewshot.round_up(batch, model.devices))
+
+
+def main(args):
+  return bit_fewshot.features_main(args, sys.modules[__name__])
+
+
+if __name__ == '__main__':
+  bit_common.run_cli(
+      lambda: main(bit_fewshot.features_argparser('JAX').parse_args()))

@@ -1,0 +1,84 @@
+"""Pre-logit features of every example of a split (PyTorch):
+
+  python -m bit_pytorch.features --model BiT-M-R50x1 --dataset cifar10 \\
+      --split {train,eval} --out features.npz
+
+writes `features` (N, D) and `labels` (N,) in dataset order, at the
+HyperRule's evaluation resolution (or --resolution), on every local GPU
+(DataParallel) or the CPU. The shared part is bit_fewshot.
+"""
+import sys
+
+import numpy as np
+import torch
+
+import bit_common
+import bit_fewshot
+from bit_pytorch import data as torch_data
+from bit_pytorch import models
+
+NAME = 'pytorch'
+
+
+class _Features(torch.nn.Module):
+  """The network's pre-logits as its forward pass (what DataParallel runs)."""
+
+  def __init__(self, net):
+    super().__init__()
+    self.net = net
+
+  def forward(self, x):
+    return self.net.features(x)
+
+
+class FeatureModel:
+  """model(images) -> features: float32 NHWC numpy images in [-1, 1] to
+  numpy pre-logits (N, D), on all local GPUs (or the CPU)."""
+
+  def __init__(self, weights):
+    self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    net = _Features(models.create('weights', weights=weights).eval())
+    net = net.to(self.device)
+    if torch.cuda.device_count() > 1:
+      net = torch.nn.DataParallel(net)
+    self.net = net
+
+  @torch.inference_mode()
+  def features_of(self, x):
+    """Features of a torch NCHW batch already in [-1, 1] on the device."""
+    return self.net(x).float().cpu().numpy()
+
+  def __call__(self, images):
+    x = torch.from_numpy(np.ascontiguousarray(images, np.float32))
+    return self.features_of(x.permute(0, 3, 1, 2).to(self.device))
+
+
+load_model = FeatureModel
+
+
+def load_data(args, logger):
+  data = torch_data.load(args, logger)
+  return bit_fewshot.Splits(
+      len(data.classes), tuple(data.original_hw),
+      {'train': len(data.train), 'eval': len(data.val)},
+      {'train': data.train.labels, 'eval': data.val.labels}, data)
+
+
+def feature_batches(model, splits, split, crop, batch, args):
+  source = splits.handle.train if split == 'train' else splits.handle.val
+  loader = torch.utils.data.DataLoader(
+      torch_data.EvalSet(source, crop),
+      batch_size=batch, num_workers=args.workers,
+      pin_memory=model.device.type == 'cuda')
+  for images, labels in loader:
+    yield (model.features_of(torch_data.normalize(images, model.device)),
+           labels.numpy())
+
+
+def main(args):
+  return bit_fewshot.features_main(args, sys.modules[__name__])
+
+
+if __name__ == '__main__':
+  bit_common.run_cli(
+      lambda: main(bit_fewshot.features_argparser('PyTorch').parse_args()))

@@ -1,0 +1,21 @@
+"""Few-shot linear evaluation of a BiT model (PyTorch):
+
+  python -m bit_pytorch.fewshot --model BiT-M-R50x1 --dataset cifar10 \\
+      [--shots 1,5,10,25] [--seeds 3] [--l2 1024] [--out fewshot.json]
+
+Features of the training and evaluation splits come from
+bit_pytorch.features; the draws, the least-squares fits and the table are
+bit_fewshot's, the same in every backend.
+"""
+import bit_common
+import bit_fewshot
+from bit_pytorch import features
+
+
+def main(args):
+  return bit_fewshot.fewshot_main(args, features)
+
+
+if __name__ == '__main__':
+  bit_common.run_cli(
+      lambda: main(bit_fewshot.fewshot_argparser('PyTorch').parse_args()))

@@ -327,3 +327,29 @@ def crop_flip(seeds, resize, crop):
   top, left = (np.floor(uniforms(seeds, k) * (resize - crop + 1)).astype(
       np.int64) for k in (0, 1))
   return top, left, uniforms(seeds, 2) < 0.5
+
+
+def inception_crop(seed, height, width, scale=(0.08, 1.0),
+                   ratio=(3 / 4, 4 / 3), attempts=10):
+  """(top, left, crop height, crop width) of an Inception-style random crop
+  of a (height, width) image, drawn from `seed`: a box covering a random
+  share `scale` of the area with a random aspect ratio in `ratio` (log
+  uniform), tried `attempts` times; else the largest central box whose
+  aspect ratio is within `ratio`."""
+  area = height * width
+  for a in range(attempts):
+    u = uniforms([seed], np.arange(4 * a, 4 * a + 4))
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+    aspect = np.exp(np.log(ratio[0]) + np.log(ratio[1] / ratio[0]) * u[1])
+    w = int(round(np.sqrt(target * aspect)))
+    h = int(round(np.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return (int(u[2] * (height - h + 1)), int(u[3] * (width - w + 1)), h, w)
+  aspect = width / height
+  if aspect < ratio[0]:
+    w, h = width, int(round(width / ratio[0]))
+  elif aspect > ratio[1]:
+    w, h = int(round(height * ratio[1])), height
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w

@@ -388,7 +388,7 @@ class Run:
 
   # ---------------------------------------------------------------- finish
 
-  def finish(self, result, step, export=None, **extra):
+  def finish(self, result, step, export=None, **results):
     """The lead writes the exported model (`export(path)`, unless
     --no-save) and results.json, the last file of a run."""
     if not self.lead:
@@ -397,7 +397,7 @@ class Run:
     if export and self.args.save:
       export(os.path.join(self.dir, 'model.npz'))
     write_json(os.path.join(self.dir, 'results.json'), dict(
-        result, step=step, split='val', name=self.args.name, **extra))
+        result, step=step, split='val', name=self.args.name, **results))
     self.logger.info(f'done: top-1 {result["top1"]:.2%} after {step} steps.')
     return dict(result, step=step)
 

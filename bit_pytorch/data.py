@@ -136,8 +136,8 @@ def _to_tensor(img):
 
 
 class TrainSet(torch.utils.data.Dataset):
-  """Resize to (resize, resize), crop to (crop, crop), flip: indexed by
-  (example, top, left, flip), as the data stream decides them."""
+  """Resize to (resize, resize), crop to (crop, crop), flip, as the data
+  stream decides: indexed by (example, augmentation seed)."""
 
   def __init__(self, source, resize, crop):
     self.source, self.resize, self.crop = source, resize, crop
@@ -146,7 +146,9 @@ class TrainSet(torch.utils.data.Dataset):
     return len(self.source)
 
   def __getitem__(self, key):
-    i, top, left, flip = key
+    i, seed = key
+    (top,), (left,), (flip,) = bit_data.crop_flip([seed], self.resize,
+                                                  self.crop)
     img = self.source.load(i).resize((self.resize, self.resize),
                                      Image.BILINEAR)
     img = img.crop((left, top, left + self.crop, top + self.crop))
@@ -180,7 +182,7 @@ def normalize(images, device, channels_last=False):
 
 class TrainBatches(torch.utils.data.Sampler):
   """This process's micro-batches of the data stream (bit_data.Stream),
-  from `start_step` to `total_steps`, as TrainSet keys.
+  from `start_step` to `total_steps`, as keys (example, augmentation seed).
 
   Process `rank` of `world` trains on its contiguous share of each global
   batch, cut into `split` micro-batches; a micro-batch also loads the mixup
@@ -189,10 +191,9 @@ class TrainBatches(torch.utils.data.Sampler):
   mixed batch.
   """
 
-  def __init__(self, stream, start_step, total_steps, resize, crop, rank=0,
-               world=1, split=1):
+  def __init__(self, stream, start_step, total_steps, rank=0, world=1,
+               split=1):
     self.stream, self.start, self.total = stream, start_step, total_steps
-    self.resize, self.crop = resize, crop
     micro = stream.batch // world // split
     self.layout = [stream.rows(lo, lo + micro) for lo in range(
         rank * micro * split, (rank + 1) * micro * split, micro)]
@@ -203,7 +204,5 @@ class TrainBatches(torch.utils.data.Sampler):
   def __iter__(self):
     for step in range(self.start, self.total):
       idx, seeds = self.stream.indices(step), self.stream.aug_seeds(step)
-      top, left, flip = bit_data.crop_flip(seeds, self.resize, self.crop)
       for rows, _ in self.layout:
-        yield [(int(idx[p]), int(top[p]), int(left[p]), bool(flip[p]))
-               for p in rows]
+        yield [(int(idx[p]), int(seeds[p])) for p in rows]

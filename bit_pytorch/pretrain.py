@@ -12,7 +12,7 @@ every backend loads (LOGDIR/NAME/model.npz, or --export PATH).
 import argparse
 import dataclasses
 import os
-import time
+import itertools
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ import bit_run
 import bit_zoo
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
+from bit_pytorch import train
 
 
 @dataclasses.dataclass
@@ -122,97 +123,65 @@ def load_recipe(path, overrides=(), datadir=None):
 
 
 # --------------------------------------------------------------------------
-# Data.
+# Data: the shared data stream decides the examples of every step and each
+# one's augmentation seed, from which the recipe's augmentation draws.
 
 class Examples(torch.utils.data.Dataset):
-  """A split (bit_pytorch.data.Source) as uint8 CHW tensors, transformed."""
+  """A split (bit_pytorch.data.Source) as float32 CHW tensors in [-1, 1]
+  with labels, augmented as the recipe says. Training examples are indexed
+  by (example, augmentation seed) and every random choice (crop, flip,
+  down-sampling, quarter-turns) follows from the seed; evaluation examples
+  by their index (quarter-turn: index mod k)."""
 
-  def __init__(self, source, transform):
-    self.source, self.transform = source, transform
+  def __init__(self, source, recipe, train):
+    self.source, self.recipe, self.train = source, recipe, train
 
   def __len__(self):
     return len(self.source)
 
-  def __getitem__(self, i):
+  def __getitem__(self, key):
+    r = self.recipe
+    i, seed = key if self.train else (key, None)
     image = v2.functional.pil_to_tensor(self.source.load(i))
-    return self.transform(image), int(self.source.labels[i])
+    if seed is not None:  # draws past those of the crops
+      u = bit_data.uniforms([seed], np.arange(40, 43))
+    if seed is None or r.augment == 'none':
+      image = _resize(image, r.crop_size)
+    else:
+      if r.downsample:
+        lo, hi = r.downsample
+        image = _resize(image, lo + int(u[0] * (hi - lo + 1)))
+      if r.augment == 'inception_crop':
+        top, left, h, w = bit_data.inception_crop(
+            seed, image.shape[1], image.shape[2], tuple(r.crop_scale))
+        image = v2.functional.resized_crop(image, top, left, h, w,
+                                           [r.crop_size] * 2, antialias=True)
+      else:
+        image = _resize(image, r.resize_size)
+        (top,), (left,), _ = bit_data.crop_flip([seed], r.resize_size,
+                                                r.crop_size)
+        image = v2.functional.crop(image, int(top), int(left), r.crop_size,
+                                   r.crop_size)
+      if u[1] < 0.5:
+        image = v2.functional.horizontal_flip(image)
+    turn = (int(u[2] * r.rotations) if seed is not None else i % r.rotations)
+    image = torch.rot90(image, turn, dims=(1, 2))
+    label = int(self.source.labels[i]) * r.rotations + turn
+    return (image.float() - 127.5) / 127.5, label
 
 
-def transforms(recipe, train):
-  """uint8 CHW image -> float32 CHW in [-1, 1], augmented for training."""
-  crop = recipe.crop_size
-  if not train or recipe.augment == 'none':
-    steps = [v2.Resize((crop, crop), antialias=True)]
-  elif recipe.augment == 'inception_crop':
-    steps = [v2.RandomResizedCrop(crop, scale=tuple(recipe.crop_scale),
-                                  antialias=True),
-             v2.RandomHorizontalFlip()]
-  else:
-    steps = [v2.Resize((recipe.resize_size, recipe.resize_size),
-                       antialias=True),
-             v2.RandomCrop(crop), v2.RandomHorizontalFlip()]
-  if train and recipe.downsample:
-    steps.insert(0, v2.RandomChoice([
-        v2.Resize((s, s), antialias=True)
-        for s in range(recipe.downsample[0], recipe.downsample[1] + 1)]))
-  return v2.Compose(steps + [v2.ToDtype(torch.float32),
-                             v2.Normalize([127.5] * 3, [127.5] * 3)])
+def _resize(image, size):
+  return v2.functional.resize(image, [size, size], antialias=True)
 
 
-class RotationLabels(torch.utils.data.Dataset):
-  """Turns each image by r quarter-turns and labels it class * k + r: k
-  times more upstream classes, which must tell orientation apart (r is
-  random in training, i % k in evaluation)."""
-
-  def __init__(self, dataset, k, train):
-    self.dataset, self.k, self.train = dataset, k, train
-
-  def __len__(self):
-    return len(self.dataset)
-
-  def __getitem__(self, i):
-    image, label = self.dataset[i]
-    r = int(torch.randint(self.k, ())) if self.train else i % self.k
-    return torch.rot90(image, r, dims=(1, 2)), label * self.k + r
-
-
-def datasets(recipe, logger):
-  """(train dataset, eval dataset, class count), read as fine-tuning reads
-  them (bit_pytorch.data.load: unreadable images are refused up front)."""
+def load_data(args, recipe, logger):
+  """(train split, eval split, class count), read as fine-tuning reads
+  them (bit_pytorch.data.load: unreadable images are refused up front);
+  with `rotations: k`, k times the classes (class x quarter-turn)."""
   data = torch_data.load(argparse.Namespace(
-      dataset=recipe.dataset, datadir=recipe.datadir, skip_bad_images=False),
-                       logger)
-  train = Examples(data.train, transforms(recipe, True))
-  val = Examples(data.val, transforms(recipe, False))
-  classes = len(data.classes)
-  if recipe.rotations > 1:
-    train = RotationLabels(train, recipe.rotations, True)
-    val = RotationLabels(val, recipe.rotations, False)
-  return train, val, classes * recipe.rotations
-
-
-class StepBatches(torch.utils.data.Sampler):
-  """Index batches for steps [start, total): epoch e is a permutation drawn
-  from (seed, e), so a resumed run sees exactly the batches it would have."""
-
-  def __init__(self, size, batch, seed, start, total):
-    self.size, self.batch, self.seed = size, batch, seed
-    self.start, self.total = start, total
-
-  def __len__(self):
-    return self.total - self.start
-
-  def __iter__(self):
-    position = self.start * self.batch
-    epoch, offset = divmod(position, self.size)
-    pending = []
-    for _ in range(len(self)):
-      while len(pending) < self.batch:
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
-        pending.extend(order[offset:].tolist())
-        epoch, offset = epoch + 1, 0
-      yield pending[:self.batch]
-      pending = pending[self.batch:]
+      dataset=recipe.dataset, datadir=recipe.datadir,
+      skip_bad_images=args.skip_bad_images), logger)
+  return data.train, data.val, len(data.classes) * recipe.rotations
 
 
 # --------------------------------------------------------------------------
@@ -267,23 +236,6 @@ def optimizer(model, recipe):
                          lr=0.0, momentum=recipe.momentum)
 
 
-@torch.inference_mode()
-def evaluate(model, loader, loss, device, autocast):
-  model.eval()
-  total_loss, top1, top5, n = 0.0, 0, 0, 0
-  for x, y in loader:
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    with autocast():
-      logits = model(x).float()
-    total_loss += float(loss(logits, y)) * len(y)
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    top1 += int((top[:, 0] == y).sum())
-    top5 += int((top == y[:, None]).any(dim=1).sum())
-    n += len(y)
-  model.train()
-  return {'loss': total_loss / n, 'top1': top1 / n, 'top5': top5 / n, 'n': n}
-
-
 # --------------------------------------------------------------------------
 # The run.
 
@@ -317,130 +269,102 @@ def argparser():
   parser.add_argument('--workers', type=int, default=min(8, os.cpu_count()),
                       help='Data-loading worker processes.')
   parser.add_argument('--precision', default='fp32', choices=('fp32', 'bf16'),
-                      help='Compute precision (bf16 autocast on GPU).')
+                      help='Compute precision (bf16 autocast).')
+  parser.add_argument('--save_every', type=int, default=None,
+                      help='Also checkpoint every N steps (besides every '
+                      'evaluation, every 10 minutes and SIGINT/SIGTERM).')
+  parser.add_argument('--skip_bad_images', action='store_true',
+                      help='Leave out images that cannot be read.')
+  parser.set_defaults(save=True)
   return parser
 
 
 CHECKPOINT = 'pretrain.pth.tar'
 
 
-def save_checkpoint(path, model, optim, step):
-  tmp = path + '.part'
-  torch.save({'step': step, 'model': model.state_dict(),
-              'optim': optim.state_dict()}, tmp)
-  os.replace(tmp, path)
-
-
 def main(args):
+  """Pre-trains as the recipe says; returns the final evaluation. Under
+  torchrun, one process per device (DistributedDataParallel), as
+  fine-tuning."""
   recipe = load_recipe(args.recipe, args.overrides, args.datadir)
-  if args.batch_split < 1 or recipe.batch % args.batch_split:
+  world = train.world_size()
+  if args.batch_split < 1 or recipe.batch % (args.batch_split * world):
     raise bit_common.BadInput(f'batch {recipe.batch} is not divisible by '
-                              f'--batch_split {args.batch_split}.')
-  export = args.export or os.path.join(bit_common.run_dir(args), 'model.npz')
-  logger = bit_common.setup_logger(args)
-  logger.info(f'recipe {args.recipe}: {recipe}')
+                              f'--batch_split {args.batch_split} times '
+                              f'{world} process(es).')
+  if args.save_every is not None and args.save_every < 1:
+    raise bit_common.BadInput('--save_every must be positive.')
+  with train.process_group() as (rank, device):
+    return _pretrain(args, recipe, rank, world, device)
 
+
+def _pretrain(args, recipe, rank, world, device):
+  run = bit_run.Run(args, rank == 0, train.any_process(device))
+  run.logger.info(f'recipe {args.recipe}: {recipe}')
   torch.manual_seed(args.seed)
-  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-  train_set, eval_set, classes = datasets(recipe, logger)
-  sched = schedule(recipe, len(train_set))
+  train_src, val_src, classes = train.local_first(load_data, args, recipe,
+                                                  run.logger)
+  sched = schedule(recipe, len(train_src))
   arch = bit_zoo.parse_arch(recipe.model)
-  model = models.ResNetV2(arch.units, arch.width, classes, zero_head=True)
-  torch.nn.init.constant_(model.head.conv.bias, recipe.head_bias)
-  optim = optimizer(model, recipe)
+  net = models.ResNetV2(arch.units, arch.width, classes, zero_head=True)
+  torch.nn.init.constant_(net.head.conv.bias, recipe.head_bias)
+  net, channels_last = train.to_device(net, device)
+  optim = optimizer(net, recipe)
+  scaler = torch.amp.GradScaler(device.type, enabled=False)
 
-  ckpt_path = os.path.join(bit_common.run_dir(args), CHECKPOINT)
-  step = 0
-  if os.path.exists(ckpt_path):
-    state = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    try:
-      model.load_state_dict(state['model'])
-    except RuntimeError as e:
-      raise bit_common.BadInput(
-          f'{ckpt_path} is a checkpoint of another model ({str(e)[:200]}...); '
-          'use a new --name.') from e
-    optim.load_state_dict(state['optim'])
-    step = state['step']
-    logger.info(f'resuming from {ckpt_path} at step {step}')
-  model = model.to(device)
-  if torch.cuda.device_count() > 1:
-    model = torch.nn.DataParallel(model)
+  settings = dict(recipe=dataclasses.asdict(recipe), seed=args.seed)
+  ckpt = train.Checkpoint(os.path.join(run.dir, CHECKPOINT), settings,
+                          run.lead, model=net, optimizer=optim)
+  step = train.same_everywhere(run.resume(ckpt, settings))
+  export = args.export or os.path.join(run.dir, 'model.npz')
+  run.start(step, {
+      'recipe': dataclasses.asdict(recipe),
+      'schedule': dataclasses.asdict(sched), 'dataset_size': len(train_src),
+      'eval_size': len(val_src), 'classes': classes, 'export': export,
+      'device': str(device), 'devices': world,
+      'versions': bit_run.versions(torch, torchvision)},
+            f'{len(train_src)} training images, {classes} classes, '
+            f'{sched.total_steps} steps of {recipe.batch} '
+            f'({sched.total_steps / sched.steps_per_epoch:.3g} epochs), '
+            f'peak lr {sched.peak_lr:g}, decays at {sched.decay_steps}, '
+            f'{world} process(es) on {device.type}')
 
-  bit_run.write_json(os.path.join(bit_common.run_dir(args), 'config.json'), {
-      **vars(args), 'recipe': dataclasses.asdict(recipe),
-      'schedule': dataclasses.asdict(sched), 'dataset_size': len(train_set),
-      'eval_size': len(eval_set), 'classes': classes, 'export': export,
-      'device': str(device), 'devices': max(1, torch.cuda.device_count()),
-      'versions': bit_run.versions(torch, torchvision)})
-  logger.info(f'{len(train_set)} training images, {classes} classes, '
-              f'{sched.total_steps} steps of {recipe.batch} '
-              f'({sched.total_steps / sched.steps_per_epoch:.3g} epochs), '
-              f'peak lr {sched.peak_lr:g}, decays at {sched.decay_steps}')
-
-  cuda = device.type == 'cuda'
-  train_loader = torch.utils.data.DataLoader(
-      train_set, batch_sampler=StepBatches(len(train_set), recipe.batch,
-                                           args.seed, step, sched.total_steps),
-      num_workers=args.workers, pin_memory=cuda,
-      generator=torch.Generator().manual_seed(args.seed * 100003 + step),
-      persistent_workers=False)
-  eval_loader = torch.utils.data.DataLoader(
-      eval_set, batch_size=recipe.batch_eval or recipe.batch,
-      num_workers=args.workers, pin_memory=cuda)
+  model = (torch.nn.parallel.DistributedDataParallel(
+      net, device_ids=[device] if device.type == 'cuda' else None)
+           if world > 1 else net)
+  stream = bit_data.Stream(len(train_src), recipe.batch, args.seed)
+  sampler = torch_data.TrainBatches(stream, step, sched.total_steps, rank,
+                                    world, args.batch_split)
+  batches = train.data_errors_named(iter(train.loader(
+      Examples(train_src, recipe, True), args, device,
+      batch_sampler=sampler)))
+  lo, hi = (len(val_src) * r // world for r in (rank, rank + 1))
+  val_loader = train.loader(
+      Examples(val_src.subset(np.arange(lo, hi)), recipe, False), args,
+      device, batch_size=-(-(recipe.batch_eval or recipe.batch) // world))
+  autocast = train.autocast_for(device, args.precision)
   loss = loss_fn(recipe, classes)
-  use_bf16 = args.precision == 'bf16'
-  def autocast():
-    return torch.autocast(device.type, torch.bfloat16, enabled=use_bf16)
-  eval_every = recipe.eval_every or max(1, round(sched.steps_per_epoch))
-  metrics = bit_run.Metrics(args, step)
-  progress = bit_run.Progress(sched.total_steps, step, logger)
-  model.train()
-  t0, seen = time.time(), 0
-  for x, y in train_loader:
-    lr = sched.lr(step)
+
+  def step_fn(step, lr):
+    del step  # The sampler yields the batches of each step in turn.
     for group in optim.param_groups:
       group['lr'] = lr
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    optim.zero_grad(set_to_none=True)
-    value = 0.0
-    for xs, ys in zip(x.chunk(args.batch_split), y.chunk(args.batch_split)):
-      with autocast():
-        part = loss(model(xs).float(), ys) * (len(ys) / len(y))
-      part.backward()
-      value += part.item()
-    if not np.isfinite(value):
-      raise RuntimeError(f'loss is {value} at step {step}; lower base_lr or '
-                         'lengthen warmup_steps.')
-    optim.step()
-    step += 1
-    seen += len(y)
-    rate = seen / max(time.time() - t0, 1e-9)
-    metrics.write(step, 'train', loss=value, lr=lr, images_per_sec=rate)
-    progress.update(step, rate, loss=value, lr=lr)
-    if step % eval_every == 0 and step < sched.total_steps:
-      result = evaluate(model, eval_loader, loss, device, autocast)
-      metrics.write(step, 'val', **result)
-      logger.info(f'step {step}: val top1 {result["top1"]:.4f} '
-                  f'loss {result["loss"]:.4f}')
-      save_checkpoint(ckpt_path, _unwrap(model), optim, step)
-      t0, seen = time.time(), 0
-  progress.close()
-  save_checkpoint(ckpt_path, _unwrap(model), optim, step)
+    micro = ((x.to(device, non_blocking=True),
+              y.to(device, non_blocking=True))
+             for x, y in itertools.islice(batches, args.batch_split))
+    return train.train_step(model, optim, scaler,
+                            ((x, y, y, 1.0) for x, y in micro),
+                            args.batch_split, autocast, loss)
 
-  result = evaluate(model, eval_loader, loss, device, autocast)
-  metrics.write(step, 'val', **result)
-  metrics.close()
-  _unwrap(model).save_npz(export)
-  logger.info(f'final val top1 {result["top1"]:.4f} top5 {result["top5"]:.4f}'
-              f'; exported {export}')
-  bit_run.write_json(os.path.join(bit_common.run_dir(args), 'results.json'),
-                        {'step': step, 'split': 'val', **result,
-                         'model': recipe.model, 'export': export})
-  return result
-
-
-def _unwrap(model):
-  return getattr(model, 'module', model)
+  result, step = run.fit(
+      step, sched.total_steps, sched.lr, step_fn,
+      lambda: train.evaluate(net, val_loader, device, channels_last,
+                             autocast, loss),
+      ckpt, eval_every=recipe.eval_every or max(
+          1, round(sched.steps_per_epoch)), batch=recipe.batch,
+      fetch=lambda losses: train.mean_over_processes(losses, device))
+  return run.finish(result, step, lambda _: net.save_npz(export),
+                    model=recipe.model, exported_to=export)
 
 
 if __name__ == '__main__':

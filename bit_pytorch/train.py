@@ -56,14 +56,14 @@ def argparser():
 # --------------------------------------------------------------------------
 # Processes and devices.
 
-def _world_size():
+def world_size():
   return int(os.environ.get('WORLD_SIZE', '1'))
 
 
 @contextlib.contextmanager
-def _process_group():
+def process_group():
   """(rank, device): joins torchrun's group when there is one."""
-  world = _world_size()
+  world = world_size()
   cuda = torch.cuda.is_available()
   if world == 1:
     yield 0, torch.device('cuda' if cuda else 'cpu')
@@ -86,7 +86,7 @@ def _process_group():
 def local_first(fn, *args):
   """fn(*args), run by each node's first process before the others (so a
   download happens once); a BadInput anywhere stops every process."""
-  if _world_size() == 1:
+  if world_size() == 1:
     return fn(*args)
   first = os.environ.get('LOCAL_RANK', '0') == '0'
   result, error = None, None
@@ -115,13 +115,13 @@ def _ignore_sigint(worker_id):
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
   args = bit_common.with_backend_defaults(args, add_torch_flags)
-  bit_common.check_args(args, _world_size())
-  with _process_group() as (rank, device):
+  bit_common.check_args(args, world_size())
+  with process_group() as (rank, device):
     return _train(args, rank, device)
 
 
 def _train(args, rank, device):
-  world = _world_size()
+  world = world_size()
   run = bit_run.Run(args, rank == 0, any_process(device))
   torch.manual_seed(args.seed)
   data = local_first(torch_data.load, args, run.logger)
@@ -152,8 +152,8 @@ def _train(args, rank, device):
       fast, device_ids=[device] if device.type == 'cuda' else None)
            if world > 1 else fast)
   stream = hyper.stream(args)
-  sampler = torch_data.TrainBatches(stream, step, hyper.total, hyper.resize,
-                                    hyper.crop, rank, world, args.batch_split)
+  sampler = torch_data.TrainBatches(stream, step, hyper.total, rank, world,
+                                    args.batch_split)
   batches = data_errors_named(iter(loader(
       torch_data.TrainSet(train_src, hyper.resize, hyper.crop), args,
       device, batch_sampler=sampler)))
@@ -270,7 +270,7 @@ def evaluate(model, loader, device, channels_last, autocast, loss_fn):
     sums += torch.stack([loss_fn(logits, y).double() * len(y),
                          top[:, 0].sum().double(), top.any(1).sum().double(),
                          torch.tensor(len(y), device=device).double()])
-  if _world_size() > 1:
+  if world_size() > 1:
     dist.all_reduce(sums)
   model.train()
   return sums.cpu().numpy()
@@ -291,7 +291,7 @@ def data_errors_named(batches):
 
 def any_process(device):
   """flags -> each flag ORed over the processes (None: one process)."""
-  if _world_size() == 1:
+  if world_size() == 1:
     return None
 
   def vote(flags):
@@ -306,17 +306,17 @@ def mean_over_processes(losses, device):
   read-back (and one collective) for all of them."""
   values = torch.stack([torch.as_tensor(l, dtype=torch.float32)
                         for l in losses]).to(device)
-  if _world_size() > 1:
+  if world_size() > 1:
     dist.all_reduce(values)
-    values /= _world_size()
+    values /= world_size()
   return values.tolist()
 
 
 def same_everywhere(step):
   """`step` (the step resumed from); refuses to go on when the processes
   found checkpoints of different steps."""
-  if _world_size() > 1:
-    steps = [None] * _world_size()
+  if world_size() > 1:
+    steps = [None] * world_size()
     dist.all_gather_object(steps, step)
     if len(set(steps)) > 1:
       raise bit_common.BadInput(

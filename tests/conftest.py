@@ -77,17 +77,18 @@ def imagefolder(tmp_path):
 
 @pytest.fixture
 def sigterm_after_step(monkeypatch):
-  """sigterm_after_step(k): the process receives SIGTERM right after the
-  training metrics of step k are written (k=None disarms), which is how a
-  run is interrupted in the resume tests."""
+  """sigterm_after_step(k): the process receives SIGTERM right after
+  training step k (k=None disarms), which is how a run is interrupted in
+  the resume tests; the harness then stops with a checkpoint at step k."""
   import signal
-  write = bit_common.Metrics.write
+  import bit_run
+  update = bit_run.Progress.update
 
   def arm(k):
-    def write_then_sigterm(self, step, split, **values):
-      write(self, step, split, **values)
-      if step == k and split == 'train':
+    def update_then_sigterm(self, step):
+      update(self, step)
+      if step == k:
         os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(bit_common.Metrics, 'write',
-                        write if k is None else write_then_sigterm)
+    monkeypatch.setattr(bit_run.Progress, 'update',
+                        update if k is None else update_then_sigterm)
   return arm

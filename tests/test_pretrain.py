@@ -1,8 +1,10 @@
 """bit_pytorch.pretrain: recipes, schedule, data order, a tiny upstream run,
 its .npz export, resume; the Fashion-MNIST reader."""
+import dataclasses
 import gzip
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -87,18 +89,6 @@ def test_set_overrides_recipe_values(tmp_path):
   assert (r.steps, r.decay_at, r.loss) == (7, [3, 5], 'sigmoid')
 
 
-# ---------------------------------------------------------------- data order
-
-def test_batches_cover_each_epoch_and_resume_exactly():
-  full = list(pretrain.StepBatches(10, 4, seed=3, start=0, total=10))
-  assert all(len(b) == 4 for b in full)
-  flat = np.concatenate(full)
-  assert sorted(flat[:10]) == list(range(10))    # epoch 0: each index once
-  assert sorted(flat[10:20]) == list(range(10))  # epoch 1 too
-  assert not np.array_equal(flat[:10], flat[10:20])
-  assert list(pretrain.StepBatches(10, 4, 3, start=6, total=10)) == full[6:]
-
-
 # ---------------------------------------------------------------- losses
 
 def test_sigmoid_loss_sums_classes_and_smooths_targets():
@@ -158,21 +148,38 @@ def test_image_folder_with_rotation_labels(tmp_path, imagefolder):
   assert weights['resnet/head/conv2d/bias'].shape == (12,)  # 3 classes x 4
 
 
-def test_rotation_labels_turn_the_image():
-  image = torch.arange(2 * 3 * 3).reshape(2, 3, 3)
-  base = [(image, 2)] * 8
-  val = pretrain.RotationLabels(base, 4, train=False)
-  for i in range(8):
-    turned, label = val[i]
-    assert label == 2 * 4 + i % 4
-    assert torch.equal(turned, torch.rot90(image, i % 4, dims=(1, 2)))
+def test_examples_follow_their_seed_and_turn_with_their_label(imagefolder):
+  from bit_pytorch import data as torch_data
+  split = bit_common.scan_imagefolder(imagefolder)[1]
+  source = torch_data.Source(split.labels, split.paths)
+  recipe = pretrain.Recipe(model='R14x0.5', dataset='imagefolder', batch=2,
+                           steps=1, datadir=imagefolder, crop_size=16,
+                           downsample=[8, 12], rotations=4)
+  train = pretrain.Examples(source, recipe, train=True)
+  a, b = train[(5, 123)], train[(5, 123)]
+  assert torch.equal(a[0], b[0]) and a[1] == b[1]   # the seed decides
+  assert a[0].shape == (3, 16, 16) and -1 <= a[0].min() <= a[0].max() <= 1
+  labels = {train[(5, s)][1] for s in range(40)}
+  assert labels == {int(split.labels[5]) * 4 + r for r in range(4)}
+  evaluation = pretrain.Examples(source, recipe, train=False)
+  plain = dataclasses.replace(recipe, rotations=1)
+  upright = pretrain.Examples(source, plain, train=False)
+  for i in range(6):
+    turned, label = evaluation[i]
+    assert label == int(split.labels[i]) * 4 + i % 4
+    assert torch.equal(turned, torch.rot90(upright[i][0], i % 4, dims=(1, 2)))
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
-  values = dict(augment='none', warmup_steps=0, decay_at=[], eval_every=2)
-  run(tmp_path / 'a', steps=4, **values)
-  run(tmp_path / 'b', steps=2, **values)
-  _, out = run(tmp_path / 'b', steps=4, **values)  # same name: resumes
+def test_resumed_run_equals_uninterrupted_run(tmp_path, sigterm_after_step):
+  values = dict(decay_at=[3], eval_every=2, steps=4, downsample=[8, 12],
+                augment='inception_crop')
+  run(tmp_path / 'a', **values)
+  sigterm_after_step(3)
+  with pytest.raises(SystemExit) as stop:
+    run(tmp_path / 'b', **values)
+  assert stop.value.code == 128 + signal.SIGTERM
+  sigterm_after_step(None)
+  _, out = run(tmp_path / 'b', **values)  # same name: resumes
   a = bit_common.load_npz(str(tmp_path / 'a' / 'runs' / 'up' / 'model.npz'))
   b = bit_common.load_npz(str(out / 'model.npz'))
   for key in a:

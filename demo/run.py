@@ -10,7 +10,10 @@ scikit-learn's handwritten digits, with 1, 5 and all examples per class,
 over several seeds, through bit_pytorch.train and the BiT-HyperRule (its
 schedule compressed to --steps, resolution set to 36 -> 32 px). Prints a
 table (median, min, max top-1) and writes a plot of learning curves and of
-accuracy vs examples per class to LOGDIR.
+accuracy vs examples per class to LOGDIR. Beside it, the few-shot linear
+evaluation (bit_pytorch.fewshot: a least-squares classifier on frozen
+pre-logit features) of the upstream model and of the same network at random
+initialisation, at --linear_shots examples per class.
 """
 import argparse
 import concurrent.futures
@@ -26,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import bit_common  # noqa: E402
+import bit_fewshot  # noqa: E402
 import bit_run  # noqa: E402
 import bit_zoo  # noqa: E402
 
@@ -54,6 +58,9 @@ def argparser():
                       help='Evaluate every N steps (the learning curves).')
   parser.add_argument('--resize_size', type=int, default=36)
   parser.add_argument('--crop_size', type=int, default=32)
+  parser.add_argument('--linear_shots', default='1,5,10,25',
+                      help='Examples per class of the few-shot linear '
+                      'evaluation ("none": skip it).')
   parser.add_argument('--processes', type=int, default=os.cpu_count(),
                       help='Runs at a time, one CPU thread each (small '
                       'models use cores better this way, and a busy machine '
@@ -108,6 +115,37 @@ def fine_tune(args, init, shots, seed):
     curve = [(r['step'], r['top1']) for r in map(json.loads, f)
              if r['split'] == 'val']
   return result['top1'], curve
+
+
+def linear_probe(args, init):
+  """bit_pytorch.fewshot of the upstream model or of the same network at
+  random initialisation (seed 0: scratch's first network), in a worker
+  process with one thread; returns {shots: [top-1 per seed]}."""
+  import torch
+  from bit_pytorch import fewshot
+  torch.set_num_threads(1)
+  sys.stderr = open(os.devnull, 'w')
+  model = (args.model if init == 'upstream' else
+           scratch_weights(args.model, args.logdir, 0))
+  result = fewshot.main(bit_fewshot.fewshot_argparser('PyTorch').parse_args(
+      ['--model', model, '--dataset', DATASET, '--resolution',
+       str(args.crop_size), '--shots', args.linear_shots, '--seeds',
+       str(args.seeds), '--workers', '0', '--batch', '200',
+       '--out', os.path.join(args.logdir, f'linear-{init}.json')]))
+  return result['shots']
+
+
+def linear_table(linear, model):
+  """Markdown: median (min-max) few-shot linear top-1 per shots."""
+  lines = [f'| examples per class | {model} (upstream), linear | random '
+           'initialisation, linear |', '| --- | --- | --- |']
+  for shots in linear['upstream']:
+    cells = []
+    for init in INITS:
+      acc = 100 * np.array(linear[init][shots])
+      cells.append(f'{np.median(acc):.1f} ({acc.min():.1f}-{acc.max():.1f})')
+    lines.append(f'| {shots} | {cells[0]} | {cells[1]} |')
+  return '\n'.join(lines)
 
 
 def table(results, shots_list, model):
@@ -165,6 +203,9 @@ def plot(results, shots_list, path, title):
 
 def main(args):
   shots_list = parse_shots(args.shots)
+  linear_shots = args.linear_shots.strip().lower() not in ('', 'none')
+  if linear_shots:
+    bit_fewshot.parse_list(args.linear_shots, 'linear_shots', int)
   for flag in ('seeds', 'steps', 'batch', 'eval_every', 'processes'):
     if getattr(args, flag) < 1:
       raise bit_common.BadInput(f'--{flag} must be positive.')
@@ -179,8 +220,14 @@ def main(args):
         flush=True)
   with concurrent.futures.ProcessPoolExecutor(
       args.processes, mp_context=multiprocessing.get_context('spawn')) as pool:
+    probes = {init: pool.submit(linear_probe, args, init)
+              for init in (INITS if linear_shots else ())}
     futures = {pool.submit(fine_tune, args, init, shots, seed):
                (shots, init, seed) for shots, init, seed in settings}
+    linear = {init: probe.result() for init, probe in probes.items()}
+    if linear:
+      print(f'few-shot linear evaluation done ({time.time() - t0:.0f}s)',
+            flush=True)
     for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
       shots, init, seed = futures[future]
       top1, curve = future.result()
@@ -198,11 +245,18 @@ def main(args):
            f'{args.resize_size}->{args.crop_size} px, {args.seeds} seeds')
   plot(results, shots_list, png, title)
   minutes = (time.time() - t0) / 60
+  linear_text = linear and linear_table(linear, args.model)
   bit_run.write_json(os.path.join(args.logdir, 'demo.json'), dict(
-      vars(args), results=results, table=text, minutes=minutes))
+      vars(args), results=results, table=text, minutes=minutes,
+      linear=linear, linear_table=linear_text))
   print(f'\nTop-1 on {DATASET} validation (797 images), %: median (min-max) '
-        f'over {args.seeds} seeds\n\n{text}\n\nplot: {png}  '
-        f'({minutes:.1f} min)')
+        f'over {args.seeds} seeds\n\nFine-tuned ({args.steps} steps):\n\n'
+        f'{text}\n')
+  if linear:
+    print(f'Few-shot linear evaluation (frozen pre-logit features, '
+          f'least squares, l2 {bit_fewshot.DEFAULT_L2}; '
+          f'{args.crop_size} px):\n\n{linear_text}\n')
+  print(f'plot: {png}  ({minutes:.1f} min)')
   return results
 
 

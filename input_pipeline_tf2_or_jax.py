@@ -360,10 +360,10 @@ def _streamed(src, stream, rows, start_step, plan, plan_types):
       stream.batch, drop_remainder=True)
 
   def step_rows(step, batch):
-    planned = tf.numpy_function(plan, [step], plan_types, stateful=False)
+    _, *augment = tf.numpy_function(plan, [step], plan_types, stateful=False)
     return tf.data.Dataset.from_tensor_slices((
         tf.gather(batch['image'], rows), tf.gather(batch['label'], rows),
-        *planned))
+        *augment))
 
   ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_step), records)
   return ds.flat_map(step_rows).map(
@@ -410,3 +410,54 @@ def eval_batches(data, batch, crop, process_index=0, process_count=1):
       'label': tf.constant(0, tf.int64), 'mask': tf.constant(False)})
   ds = ds.concatenate(pad.repeat(padded - mine)).batch(local)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(data))
+
+
+# --------------------------------------------------------------------------
+# The original repository's API, on top of the above.
+
+def _original_args(dataset, examples_per_class=None, examples_per_class_seed=0,
+                   tfds_manual_dir=None, data_dir=None):
+  import argparse
+  return argparse.Namespace(
+      dataset=dataset, datadir=data_dir, tfds_manual_dir=tfds_manual_dir,
+      examples_per_class=examples_per_class,
+      examples_per_class_seed=examples_per_class_seed,
+      skip_bad_images=False, workers=None)
+
+
+def get_dataset_info(dataset, split, examples_per_class, data_dir=None):
+  """{'original_num_examples', 'num_examples', 'num_classes'} of `split`
+  ('train', or the evaluation split) of `dataset`, as in the original
+  repository; num_examples counts the few-shot subset."""
+  data = load(_original_args(dataset, data_dir=data_dir))
+  n = data.train.n if split == 'train' else data.eval.n
+  return {'original_num_examples': n,
+          'num_examples': (examples_per_class * data.num_classes
+                           if examples_per_class else n),
+          'num_classes': data.num_classes}
+
+
+def get_data(dataset, mode, repeats, batch_size, resize_size, crop_size,
+             mixup_alpha, examples_per_class, examples_per_class_seed,
+             num_devices, tfds_manual_dir, data_dir=None, seed=0):
+  """The original repository's batches: a tf.data.Dataset of {'image':
+  [num_devices, batch_size / num_devices, crop, crop, 3], 'label': one-hot
+  [num_devices, ..., classes]}. mode 'train': the data stream of `seed`
+  (endless with repeats None, else `repeats` epochs); any other mode: the
+  evaluation split once (`repeats` ignored), with a 'mask' of the real rows
+  (the last batch is padded, not dropped)."""
+  data = load(_original_args(dataset, examples_per_class,
+                             examples_per_class_seed, tfds_manual_dir,
+                             data_dir))
+  if mode == 'train':
+    stream = bit_data.Stream(data.train_size, batch_size, seed,
+                             mixup_alpha or 0.0)
+    ds = train_batches(data, stream, resize_size, crop_size)
+    if repeats is not None:
+      ds = ds.take(-(-repeats * data.train_size // batch_size))
+  else:
+    ds = eval_batches(data, batch_size, crop_size).map(
+        lambda b: dict(b, label=tf.one_hot(b['label'], data.num_classes)))
+  return ds.map(lambda b: {k: tf.reshape(v, [num_devices, -1,
+                                             *v.shape[1:]])
+                           for k, v in b.items()})

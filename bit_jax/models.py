@@ -237,3 +237,9 @@ def create(model, head_size=None, zero_head=False, weights=None,
         flax.traverse_util.flatten_dict(net.abstract_params()).items()
         if path[0] == 'head'})
   return net, load(net, weights, params)
+
+
+# The original repository's name -> constructor table: KNOWN_MODELS[name](
+# head_size=..., zero_head=...) is a ResNetV2 module (its parameters from
+# init_params, or load / create with weights).
+KNOWN_MODELS = bit_zoo.known_models(ResNetV2)

@@ -2,7 +2,6 @@
 weight-standardised convolutions, loading from and exporting to the published
 `.npz` layout."""
 import collections
-import functools
 
 import numpy as np
 import torch
@@ -190,17 +189,8 @@ def th2tf_shape(tensor):
   return shape[2:] + shape[1::-1] if len(shape) == 4 else shape
 
 
-def _constructor(info):
-  arch = info.architecture
-  return functools.partial(_build, arch.units, arch.width, info.head_size)
-
-
-def _build(units, width, default_head, head_size=None, zero_head=False):
-  return ResNetV2(units, width, head_size or default_head, zero_head)
-
-
-KNOWN_MODELS = collections.OrderedDict(
-    (name, _constructor(info)) for name, info in bit_zoo.MODELS.items())
+KNOWN_MODELS = bit_zoo.known_models(
+    lambda arch, head, zero: ResNetV2(arch.units, arch.width, head, zero))
 
 
 def create(model, head_size=None, zero_head=False, weights=None):

@@ -314,3 +314,12 @@ def create(model, head_size=None, zero_head=False, weights=None, dtype=None):
   if weights is not None:
     net.load_from(weights)
   return net
+
+
+# The original repository's tables: KNOWN_MODELS[name](head_size=...,
+# zero_head=...) is a Keras ResNetV2 for that model (load its weights with
+# load_from), NUM_UNITS[name] its units per block.
+KNOWN_MODELS = bit_zoo.known_models(
+    lambda arch, head, zero: ResNetV2(arch.units, arch.width, head, zero))
+NUM_UNITS = {name: info.architecture.units
+             for name, info in bit_zoo.MODELS.items()}

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import bit_common
+import bit_data
 
 tf = pytest.importorskip('tensorflow')
 import input_pipeline_tf2_or_jax as ip  # noqa: E402
@@ -19,6 +20,11 @@ def _args(**kw):
 
 def _first(ds):
   return next(ds.as_numpy_iterator())
+
+
+def _batches(data, batch, resize, crop, seed=0, mixup_alpha=0.0, **kw):
+  stream = bit_data.Stream(data.train_size, batch, seed, mixup_alpha)
+  return ip.train_batches(data, stream, resize, crop, **kw)
 
 
 def _array_data(train_images, labels, val_images=None, val_labels=None):
@@ -79,23 +85,23 @@ def test_flips_are_random_and_crops_in_range():
   image = np.zeros((1, 8, 8, 3), np.uint8)
   image[:, :, 4:] = 255                  # dark left half, bright right half
   data = _array_data(image, [0])
-  batch = _first(ip.train_batches(data, 64, 8, 8, seed=0))
+  batch = _first(_batches(data, 64, 8, 8, seed=0))
   left_dark = batch['image'][:, :, :4].mean((1, 2, 3)) < 0
   assert 0 < left_dark.sum() < 64        # some flipped, some not
   assert batch['image'].min() >= -1 and batch['image'].max() <= 1
   np.testing.assert_array_equal(batch['label'], np.ones((64, 1)))
-  crops = _first(ip.train_batches(data, 8, 16, 8, seed=0))['image']
+  crops = _first(_batches(data, 8, 16, 8, seed=0))['image']
   assert crops.shape == (8, 8, 8, 3)
 
 
 def test_stream_resumes_at_any_step_and_splits_over_processes():
   data = ip.load(_args(dataset='digits'))
-  it = ip.train_batches(data, 24, 10, 8, seed=3).as_numpy_iterator()
+  it = _batches(data, 24, 10, 8, seed=3).as_numpy_iterator()
   # 1000 examples, 24 a batch: step 41 crosses the first epoch boundary.
   steps = [next(it) for _ in range(43)]
-  resumed = _first(ip.train_batches(data, 24, 10, 8, seed=3, start_step=41))
+  resumed = _first(_batches(data, 24, 10, 8, seed=3, start_step=41))
   np.testing.assert_array_equal(resumed['image'], steps[41]['image'])
-  halves = [_first(ip.train_batches(data, 24, 10, 8, seed=3, start_step=41,
+  halves = [_first(_batches(data, 24, 10, 8, seed=3, start_step=41,
                                     process_index=p, process_count=2))
             for p in range(2)]
   np.testing.assert_array_equal(
@@ -104,31 +110,62 @@ def test_stream_resumes_at_any_step_and_splits_over_processes():
   labels = np.concatenate([s['label'] for s in steps[:42]])[:1000]
   np.testing.assert_array_equal(labels.sum(0),
                                 np.bincount(data.train.labels))
-  other = _first(ip.train_batches(data, 24, 10, 8, seed=4))
+  other = _first(_batches(data, 24, 10, 8, seed=4))
   assert not np.array_equal(other['image'], steps[0]['image'])
 
 
-def test_mixup_per_batch_with_reversed_batch():
+def test_mixup_pairs_neighbours_with_the_streams_lambda():
   data = ip.load(_args(dataset='digits'))
-  plain = _first(ip.train_batches(data, 16, 10, 8, seed=1, start_step=5))
-  mixed = _first(ip.train_batches(data, 16, 10, 8, seed=1, start_step=5,
-                                  mixup_alpha=0.5))
-  y, x = plain['label'], plain['image']
-  # One lambda for the whole batch: find it from one row's labels.
-  row = np.flatnonzero(y.argmax(1) != y[::-1].argmax(1))[0]
-  lam = mixed['label'][row, y[row].argmax()]
+  plain = _first(_batches(data, 16, 10, 8, seed=1, start_step=5))
+  mixed = _first(_batches(data, 16, 10, 8, seed=1, start_step=5,
+                          mixup_alpha=0.5))
+  lam = bit_data.Stream(data.train_size, 16, 1, 0.5).lam(5)
   assert 0 < lam < 1
-  np.testing.assert_allclose(mixed['label'], lam * y + (1 - lam) * y[::-1],
+  y, x = plain['label'], plain['image']
+  pair = np.arange(16) ^ 1  # positions 2k and 2k+1 are partners
+  np.testing.assert_allclose(mixed['label'], lam * y + (1 - lam) * y[pair],
                              atol=1e-6)
-  np.testing.assert_allclose(mixed['image'], lam * x + (1 - lam) * x[::-1],
+  np.testing.assert_allclose(mixed['image'], lam * x + (1 - lam) * x[pair],
                              atol=1e-5)
+  # A process holding an odd share loads the partners outside it.
+  for share in range(2):
+    part = _first(_batches(data, 16, 10, 8, seed=1, start_step=5,
+                           mixup_alpha=0.5, process_index=share,
+                           process_count=4))
+    np.testing.assert_allclose(part['image'],
+                               mixed['image'][share * 4:share * 4 + 4],
+                               atol=1e-6)
+
+
+def test_the_original_get_data_and_get_dataset_info():
+  info = ip.get_dataset_info('digits', 'train', 5)
+  assert info == {'original_num_examples': 1000, 'num_examples': 50,
+                  'num_classes': 10}
+  assert ip.get_dataset_info('digits', 'test', None)[
+      'original_num_examples'] == 797
+  train = ip.get_data(dataset='digits', mode='train', repeats=None,
+                      batch_size=8, resize_size=10, crop_size=8,
+                      mixup_alpha=0.1, examples_per_class=2,
+                      examples_per_class_seed=0, num_devices=2,
+                      tfds_manual_dir=None)
+  batch = _first(train)
+  assert batch['image'].shape == (2, 4, 8, 8, 3)
+  assert batch['label'].shape == (2, 4, 10)
+  np.testing.assert_allclose(batch['label'].sum(-1), 1, atol=1e-6)
+  test = list(ip.get_data(dataset='digits', mode='test', repeats=1,
+                          batch_size=100, resize_size=10, crop_size=8,
+                          mixup_alpha=None, examples_per_class=None,
+                          examples_per_class_seed=0, num_devices=2,
+                          tfds_manual_dir=None).as_numpy_iterator())
+  assert test[0]['image'].shape == (2, 50, 8, 8, 3)
+  assert sum(int(b['mask'].sum()) for b in test) == 797
 
 
 def test_subset_smaller_than_batch_draws_with_replacement():
   images = np.arange(6, dtype=np.uint8)[:, None, None, None] * np.ones(
       (1, 4, 4, 3), np.uint8) * 40
   data = _array_data(images, [0, 1, 2, 0, 1, 2])
-  batch = _first(ip.train_batches(data, 16, 4, 4, seed=0))
+  batch = _first(_batches(data, 16, 4, 4, seed=0))
   values = np.unique(np.round(batch['image'][:, 0, 0, 0] * 127.5 + 127.5))
   assert len(batch['image']) == 16 and set(values) <= set(range(0, 201, 40))
 
@@ -171,7 +208,7 @@ def test_tfds_path_on_a_local_builder(tmp_path, monkeypatch):
   all_labels = np.array([r['label'] for r in stored.as_numpy_iterator()])
   idx = bit_common.fewshot_indices(all_labels, 4, 2)
   np.testing.assert_array_equal(data.train.labels, all_labels[idx])
-  batch = _first(ip.train_batches(data, 8, 24, 16, seed=0))
+  batch = _first(_batches(data, 8, 24, 16, seed=0))
   assert batch['image'].shape == (8, 16, 16, 3)
   evals = list(ip.eval_batches(data, 4, 16).as_numpy_iterator())
   assert sum(int(b['mask'].sum()) for b in evals) == 7
@@ -180,10 +217,10 @@ def test_tfds_path_on_a_local_builder(tmp_path, monkeypatch):
   data = ip.load(_args(dataset='cifar10'))
   assert not data.train.random_access and data.train_size == 30
   labels = [b['label'].argmax(1) for b in
-            ip.train_batches(data, 10, 24, 16, seed=0).take(3)
+            _batches(data, 10, 24, 16, seed=0).take(3)
             .as_numpy_iterator()]
   np.testing.assert_array_equal(np.bincount(np.concatenate(labels)), [15, 15])
-  resumed = _first(ip.train_batches(data, 10, 24, 16, seed=0, start_step=2))
+  resumed = _first(_batches(data, 10, 24, 16, seed=0, start_step=2))
   np.testing.assert_array_equal(resumed['label'].argmax(1), labels[2])
   evals = list(ip.eval_batches(data, 4, 16).as_numpy_iterator())
   assert sum(int(b['mask'].sum()) for b in evals) == 7

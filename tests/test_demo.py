@@ -98,7 +98,7 @@ def test_every_backend_accepts_the_bundled_model_and_digits(backend):
 def test_reduced_demo_upstream_beats_scratch_at_5_shot(tmp_path, capsys):
   args = demo.argparser().parse_args(
       ['--logdir', str(tmp_path), '--shots', '5', '--seeds', '2',
-       '--steps', '40', '--eval_every', '20'])
+       '--steps', '40', '--eval_every', '20', '--linear_shots', '5'])
   results = demo.main(args)
   top1 = {init: np.median([r['top1'] for r in results if r['init'] == init])
           for init in demo.INITS}
@@ -109,6 +109,10 @@ def test_reduced_demo_upstream_beats_scratch_at_5_shot(tmp_path, capsys):
   saved = json.load(open(tmp_path / 'demo.json'))
   assert len(saved['results']) == 4
   assert [s for s, _ in saved['results'][0]['curve']] == [20, 40]
+  # Beside it, the few-shot linear evaluation of both networks.
+  assert 'random initialisation, linear' in out
+  linear = {init: np.median(saved['linear'][init]['5']) for init in demo.INITS}
+  assert linear['upstream'] > linear['scratch'] + 0.05, linear
 
 
 def test_demo_refuses_bad_shots(capsys):

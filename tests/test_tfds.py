@@ -1,0 +1,476 @@
+"""tfds:NAME and vtab:TASK (bit_tfds) and the validation commands.
+
+Every dataset here is made by the test itself: small TFDS builders prepared
+into a temporary data_dir (nothing is downloaded). The VTAB-1k checks use
+stand-ins of the real TFDS builders (same features, made-up examples) and
+compare with the published definitions of google-research/task_adaptation.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bit_common
+import bit_data
+import bit_tfds
+from conftest import REPO, synthetic_weights, write_imagefolder
+
+tfds = pytest.importorskip('tensorflow_datasets')
+
+CLASSES = ['ant', 'bee', 'cat', 'dog']
+SPLIT_SIZES = {'train': 40, 'validation': 12, 'test': 8}
+
+
+def _pixels(i, shape):
+  """An image that carries its example number i in pixel (0, 0)."""
+  rng = np.random.default_rng(i)
+  img = rng.integers(0, 256, shape, dtype=np.uint8)
+  img[0, 0, :2] = (i // 256, i % 256)
+  return img
+
+
+def _number(image):
+  return int(image[0, 0, 0]) * 256 + int(image[0, 0, 1])
+
+
+class BitTfdsToy(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Images of a few sizes with a class label; train/validation/test."""
+  VERSION = tfds.core.Version('1.0.0')
+  splits = SPLIT_SIZES
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(None, None, 3)),
+            'label': tfds.features.ClassLabel(names=CLASSES),
+            'number': tfds.features.Tensor(shape=(), dtype=np.int64)}),
+        supervised_keys=('image', 'label'))
+
+  def _split_generators(self, dl_manager):
+    return {name: self._generate_examples(name, n)
+            for name, n in self.splits.items()}
+
+  def _generate_examples(self, split, n):
+    offset = 1000 * list(self.splits).index(split)
+    for i in range(n):
+      yield i, {'image': _pixels(offset + i, (20 + i % 3, 24, 3)),
+                'label': (i * 7 + offset) % len(CLASSES),
+                'number': offset + i}
+
+
+class BitTfdsNoLabel(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """An image and an integer target, but no class label."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(8, 8, 3)),
+            'target': tfds.features.Tensor(shape=(), dtype=np.int64)}))
+
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples(4)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      yield i, {'image': _pixels(i, (8, 8, 3)), 'target': i}
+
+
+def _prepare(cls, data_dir, file_format='array_record'):
+  builder = cls(data_dir=str(data_dir), file_format=file_format)
+  builder.download_and_prepare()
+  return builder
+
+
+@pytest.fixture(scope='module')
+def toy_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp('tfds')
+  _prepare(BitTfdsToy, data_dir)
+  _prepare(BitTfdsNoLabel, data_dir)
+  return str(data_dir)
+
+
+def _numbers(split):
+  return [_number(bit_tfds.decode(e)) for e in split.encoded]
+
+
+def _reference(data_dir, name, spec):
+  """(numbers, labels, images) of `spec` as TFDS itself reads and decodes
+  them (array_record files are read through its data source only: TFDS's
+  as_dataset refuses them)."""
+  source = tfds.builder(name, data_dir=data_dir).as_data_source(split=spec)
+  rows = [source[i] for i in range(len(source))]
+  return ([int(r['number']) for r in rows], [int(r['label']) for r in rows],
+          [r['image'] for r in rows])
+
+
+# --------------------------------------------------------------------------
+# tfds:NAME
+
+def test_tfds_dataset_by_name(toy_dir):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  data = bit_tfds.resolve('tfds:bit_tfds_toy', toy_dir)
+  assert (data.image_key, data.label_key) == ('image', 'label')
+  assert data.classes == CLASSES
+  assert (data.train_split, data.eval_split) == ('train', 'validation')
+  assert (data.train_size, data.eval_size) == (40, 12)
+  assert data.random_access
+  # The image feature has no fixed size: the median of the images' sizes.
+  assert tuple(data.original_hw) == (21, 24)
+  for split, spec in (('train', 'train'), ('eval', 'validation')):
+    got = data.read(split)
+    numbers, labels, images = _reference(toy_dir, 'bit_tfds_toy', spec)
+    assert _numbers(got) == numbers
+    np.testing.assert_array_equal(got.labels, labels)
+    assert got.labels.dtype == np.int64
+    for i in (0, 5, len(got) - 1):
+      np.testing.assert_array_equal(got.decode(i), images[i])
+      assert got[i][1] == labels[i]
+      # What the tf.data pipeline makes of the same bytes.
+      np.testing.assert_array_equal(
+          tf.io.decode_image(got[i][0], channels=3).numpy(), images[i])
+
+
+def test_tfds_reader_needs_no_tensorflow(toy_dir):
+  """What PyTorch reads: the prepared files through TFDS's data source, in a
+  process that never imports TensorFlow; the same examples as above."""
+  code = (
+      'import sys, bit_tfds\n'
+      f'd = bit_tfds.resolve("tfds:bit_tfds_toy", {toy_dir!r},'
+      ' train_split="train[5:9]+test[:2]")\n'
+      's = d.read("train")\n'
+      'print(repr((s.labels.tolist(), [len(e) for e in s.encoded])))\n'
+      'assert "tensorflow" not in sys.modules, "TensorFlow was imported"\n')
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True,
+                       capture_output=True, text=True, timeout=120).stdout
+  here = bit_tfds.resolve('tfds:bit_tfds_toy', toy_dir,
+                          train_split='train[5:9]+test[:2]').read('train')
+  assert out.strip() == repr((here.labels.tolist(),
+                              [len(e) for e in here.encoded]))
+
+
+def test_tfrecord_files_read_like_array_record(toy_dir, tmp_path):
+  """Files prepared by plain `tfds build` (tfrecord) are read through
+  as_dataset, and give the same examples."""
+  _prepare(BitTfdsToy, tmp_path, file_format='tfrecord')
+  old = bit_tfds.resolve('tfds:bit_tfds_toy', str(tmp_path),
+                         eval_split='test')
+  assert not old.random_access
+  new = bit_tfds.resolve('tfds:bit_tfds_toy', toy_dir, eval_split='test')
+  for split in ('train', 'eval'):
+    a, b = old.read(split), new.read(split)
+    assert _numbers(a) == _numbers(b)
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize('spec, expected', [
+    ('train[:10]', [('train', 0, 10)]),
+    ('train[10:20]+validation', [('train', 10, 20), ('validation', 0, 12)]),
+    ('train[:25%]', [('train', 0, 10)]),
+    ('train[-4:]+test[50%:]', [('train', 36, 40), ('test', 4, 8)]),
+])
+def test_split_syntax(toy_dir, spec, expected):
+  data = bit_tfds.resolve('tfds:bit_tfds_toy', toy_dir, train_split=spec,
+                          eval_split='test[:3]')
+  # Which examples sit at which stored position is TFDS's business: ask it.
+  full = {name: _reference(toy_dir, 'bit_tfds_toy', name)[0]
+          for name in SPLIT_SIZES}
+  want = [full[name][i] for name, lo, hi in expected for i in range(lo, hi)]
+  got = data.read('train')
+  assert data.train_size == len(got) == len(want)
+  assert _numbers(got) == want
+  assert _numbers(data.read('eval')) == full['test'][:3]
+
+
+def test_default_eval_split_is_test_without_validation(tmp_path):
+  class NoValidation(BitTfdsToy, skip_registration=True):
+    name = 'bit_tfds_no_validation'
+    splits = {'train': 8, 'test': 4}
+  _prepare(NoValidation, tmp_path)
+  data = bit_tfds.resolve('tfds:bit_tfds_no_validation', str(tmp_path))
+  assert (data.eval_split, data.eval_size) == ('test', 4)
+
+
+@pytest.mark.parametrize('kwargs, words', [
+    (dict(dataset='tfds:bit_tfds_no_label'), 'class label'),
+    (dict(dataset='tfds:bit_tfds_toy', train_split='trian'), 'trian'),
+    (dict(dataset='tfds:bit_tfds_toy', eval_split='test[20:30]'),
+     'test (8)'),
+    (dict(dataset='tfds:no_such_dataset_anywhere'), 'no_such_dataset'),
+    (dict(dataset='vtab:cifar10'), 'unknown VTAB-1k task'),
+    (dict(dataset='tfds_dtd'), 'unknown dataset'),
+])
+def test_refused(toy_dir, kwargs, words):
+  with pytest.raises(bit_common.BadInput) as e:
+    bit_tfds.resolve(data_dir=toy_dir, prepare=False, **kwargs)
+  assert words in str(e.value)
+  if not any('split' in k for k in kwargs):
+    assert 'vtab:TASK' in str(e.value) and 'tfds:NAME' in str(e.value)
+
+
+def test_fewshot_subset_is_the_shared_one(toy_dir):
+  split = bit_tfds.resolve('tfds:bit_tfds_toy', toy_dir).read('train')
+  labels = split.labels
+  idx = bit_data.fewshot_indices(labels, 3, seed=7)
+  few = split.subset(idx)
+  np.testing.assert_array_equal(few.labels, labels[idx])
+  assert np.bincount(few.labels).tolist() == [3] * len(CLASSES)
+  assert _numbers(few) == [_numbers(split)[i] for i in idx]
+  # A subset drawn before the whole split was read gives the same.
+  lazy = bit_tfds.resolve('tfds:bit_tfds_toy', toy_dir).read('train')
+  assert _numbers(lazy.subset(idx)) == _numbers(few)
+
+
+# --------------------------------------------------------------------------
+# vtab:TASK, against google-research/task_adaptation.
+
+def _stand_in(tfds_name, splits, example):
+  """A builder with the real `tfds_name` builder's features (and name and
+  version), holding `splits` {name: n} of example(i) in stored order i."""
+  real = tfds.builder_cls(tfds_name)
+
+  class StandIn(real, skip_registration=True):
+    name = real.name
+    pkg_dir_path = real._get_pkg_dir_path()  # pylint: disable=protected-access
+
+    def _info(self):
+      info = super()._info()
+      info.as_proto.disable_shuffling = True  # stored order = generated
+      return info
+
+    def _split_generators(self, dl_manager):
+      return {s: self._generate_examples(s, n) for s, n in splits.items()}
+
+    def _generate_examples(self, split, n):  # pylint: disable=arguments-differ
+      for i in range(n):
+        yield i, example(split, i)
+  return StandIn
+
+
+def test_vtab_natural_task_caltech101(tmp_path):
+  """Caltech101: VTAB keeps the first 90% of TFDS train as train, the rest
+  as val; val200 is the first 200 of val; test is TFDS test."""
+  def example(split, i):
+    offset = 10_000 if split == 'test' else 0
+    return {'image': _pixels(offset + i, (6, 5, 3)), 'label': i % 102,
+            'image/file_name': f'{split}{i}.jpg'}
+  _prepare(_stand_in('caltech101', {'train': 2010, 'test': 30}, example),
+           tmp_path)
+  n_train = 90 * 2010 // 100  # 1809
+  published = {'train800': range(800),
+               'val200': range(n_train, n_train + 200),
+               'train800val200': list(range(800)) + list(range(n_train,
+                                                               n_train + 200)),
+               'test': range(10_000, 10_030),
+               'val': range(n_train, 2010)}
+  data = bit_tfds.resolve('vtab:caltech101', str(tmp_path))
+  assert (data.train_split, data.eval_split) == ('train800val200', 'test')
+  assert (data.train_size, data.eval_size) == (1000, 30)
+  assert data.num_classes == 102
+  for split, numbers in published.items():
+    data = bit_tfds.resolve('vtab:caltech101', str(tmp_path),
+                            train_split='train800', eval_split=split)
+    got = data.read('eval')
+    assert len(got) == data.eval_size == len(numbers)
+    assert _numbers(got) == list(numbers)
+    np.testing.assert_array_equal(got.labels,
+                                  [n % 10_000 % 102 for n in numbers])
+  sizes = {s: bit_tfds.resolve('vtab:caltech101', str(tmp_path),
+                               train_split=s).train_size
+           for s in ('train800', 'val200', 'train800val200', 'val+test')}
+  assert sizes == {'train800': 800, 'val200': 200, 'train800val200': 1000,
+                   'val+test': 201 + 30}
+
+
+def _dsprites_example(split, i):
+  del split
+  image = np.zeros((64, 64, 1), np.uint8)
+  image[i % 64, : 1 + i % 63] = 1  # holds 0 and 1 only, as dSprites does
+  return {'image': image, 'label_shape': i % 3, 'label_scale': i % 6,
+          'label_orientation': (i * 7) % 40,
+          'label_x_position': (i * 5) % 32, 'label_y_position': i % 32,
+          'value_shape': 0.0, 'value_scale': 0.0, 'value_orientation': 0.0,
+          'value_x_position': 0.0, 'value_y_position': 0.0}
+
+
+def test_vtab_structured_task_dsprites(tmp_path):
+  """dSprites: train, val and test are 80%, 10% and 10% of TFDS train;
+  x position (32 values) and orientation (40 values) fall into 16 equal
+  bins; images of 0/1 are scaled to 0/255 and read as RGB."""
+  _prepare(_stand_in('dsprites', {'train': 1250}, _dsprites_example),
+           tmp_path)
+  n_train, n_val = 1000, 125
+  published = {'train800val200': list(range(800)) + list(range(1000, 1200)),
+               'test': list(range(n_train + n_val, 1250)),
+               'val200': list(range(1000, 1200))}
+  for task, feature, rule in (
+      ('dsprites-xpos', 'label_x_position', lambda v: v // 2),
+      ('dsprites-orientation', 'label_orientation',
+       lambda v: int(v * 16 // 40))):
+    for split, numbers in published.items():
+      data = bit_tfds.resolve(f'vtab:{task}', str(tmp_path),
+                              eval_split=split)
+      assert data.num_classes == 16 and data.eval_size == len(numbers)
+      got = data.read('eval')
+      truth = [_dsprites_example(None, i) for i in numbers]
+      np.testing.assert_array_equal(
+          got.labels, [rule(t[feature]) for t in truth])
+      assert got.labels.max() < 16
+      for j in (0, len(numbers) - 1):
+        image = got.decode(j)
+        assert image.shape == (64, 64, 3)
+        np.testing.assert_array_equal(
+            image, np.repeat(truth[j]['image'], 3, axis=2) * 255)
+  # Every bin of the orientation rule is hit by its 40 values, in order.
+  rule = bit_tfds.VTAB_TASKS['dsprites-orientation'].label
+  assert [rule({'label_orientation': v}) for v in range(40)] == [
+      int(v // 2.5) for v in range(40)]
+
+
+def test_vtab_split_tables_of_published_datasets():
+  """The VTAB splits computed from the real datasets' TFDS split sizes."""
+  table = bit_tfds._split_table  # pylint: disable=protected-access
+  cases = {
+      # task: (TFDS split sizes, expected VTAB splits)
+      'caltech101': ({'train': 3060, 'test': 6084},
+                     dict(train800val200='train[:800]+train[2754:2954]',
+                          val='train[2754:]', test='test')),
+      'cifar100': ({'train': 50000, 'test': 10000},
+                   dict(val200='train[45000:45200]', test='test')),
+      'oxford_iiit_pet': ({'train': 3680, 'test': 3669},
+                          dict(val200='train[2944:3144]')),
+      'svhn': ({'train': 73257, 'test': 26032},
+               dict(val200='train[65931:66131]')),
+      'clevr-count': ({'train': 70000, 'validation': 15000, 'test': 15000},
+                      dict(val200='train[63000:63200]', test='validation')),
+      'eurosat': ({'train': 27000},
+                  dict(val200='train[16200:16400]', test='train[21600:]',
+                       trainval='train[:21600]')),
+      'resisc45': ({'train': 31500}, dict(test='train[25200:]')),
+      'dsprites-xpos': ({'train': 737280},
+                        dict(val='train[589824:663552]',
+                             test='train[663552:]')),
+      'smallnorb-azimuth': ({'train': 24300, 'test': 24300},
+                            dict(val200='test[:200]', test='test[50%:]',
+                                 train800val200='train[:800]+test[:200]')),
+      'dtd': ({'train': 1880, 'validation': 1880, 'test': 1880},
+              dict(train800val200='train[:800]+validation[:200]',
+                   test='test')),
+      'kitti-distance': ({'train': 6347, 'validation': 423, 'test': 711},
+                         dict(val200='validation[:200]', test='test')),
+  }
+  for task, (counts, expected) in cases.items():
+    kind, arg = bit_tfds.VTAB_TASKS[task].splits
+    got = table(kind, counts, arg)
+    assert set(got) == set(bit_tfds.VTAB_SPLITS)
+    assert got['train800'] == 'train[:800]', task
+    for split, spec in expected.items():
+      assert got[split] == spec, (task, split)
+
+
+def test_vtab_structured_labels_follow_the_published_rules():
+  tasks = bit_tfds.VTAB_TASKS
+
+  def clevr(depths):
+    coords = np.array([[0.0, 0.0, d] for d in depths], np.float32)
+    return {'objects': {'pixel_coords': coords}}
+
+  count = tasks['clevr-count'].label
+  assert [count(clevr([9.0] * n)) for n in range(3, 11)] == list(range(8))
+  distance = tasks['clevr-distance'].label
+  # Classes: (0, 8], (8, 8.5], (8.5, 9], (9, 9.5], (9.5, 10], (10, 100].
+  for depths, label in (([12.0, 7.5], 0), ([8.0], 0), ([8.01, 30.0], 1),
+                        ([8.5], 1), ([8.7], 2), ([9.2], 3), ([9.7], 4),
+                        ([10.0], 4), ([10.2, 11.0], 5)):
+    assert distance(clevr(depths)) == label, depths
+  types = ['Car', 'Van', 'Truck', 'Pedestrian', 'Person_sitting', 'Cyclist',
+           'Tram', 'Misc']
+  kitti = bit_tfds._KittiDistance(types)  # pylint: disable=protected-access
+
+  def scene(objects):
+    return {'objects': {
+        'type': np.array([types.index(t) for t, _ in objects], np.int64),
+        'location': np.array([[1.0, 1.5, z] for _, z in objects],
+                             np.float32).reshape(-1, 3)}}
+  # Classes: closest car/van/truck at (-100, 8], (8, 20], (20, 999], or
+  # none (1000 m); other objects do not count.
+  for objects, label in (([('Car', 5.0)], 0), ([('Van', 8.0)], 0),
+                         ([('Truck', 8.5), ('Car', 30.0)], 1),
+                         ([('Pedestrian', 3.0), ('Car', 25.0)], 2),
+                         ([('Cyclist', 4.0)], 3), ([], 3)):
+    assert kitti(scene(objects)) == label, objects
+  assert tasks['smallnorb-azimuth'].label({'label_azimuth': 17}) == 17
+  assert tasks['smallnorb-elevation'].label({'label_elevation': 8}) == 8
+  xpos = tasks['dsprites-xpos'].label
+  assert [xpos({'label_x_position': v}) for v in (0, 1, 2, 31)] == [0, 0, 1,
+                                                                   15]
+
+
+def test_vtab_tasks_are_the_released_models_tasks():
+  import bit_zoo  # pylint: disable=import-outside-toplevel
+  assert {name: t.num_classes for name, t in bit_tfds.VTAB_TASKS.items()} == (
+      bit_zoo.VTAB_TASKS)
+  for name in bit_tfds.VTAB_TASKS:
+    assert f'BiT-M-R50x1-run0-{name}' in bit_zoo.MODELS
+
+
+# --------------------------------------------------------------------------
+# Validation in the three backends.
+
+def _validate_args(module, argv):
+  return module.argparser().parse_args(argv)
+
+
+def test_validate_agrees_across_backends(tmp_path, capsys):
+  from bit_jax import validate as jax_validate  # pylint: disable=import-outside-toplevel
+  from bit_pytorch import validate as torch_validate  # pylint: disable=import-outside-toplevel
+  from bit_tf2 import validate as tf2_validate  # pylint: disable=import-outside-toplevel
+  folder = write_imagefolder(tmp_path / 'images', size=(32, 32), train=2,
+                             val=5)
+  npz = str(tmp_path / 'model.npz')
+  np.savez(npz, **synthetic_weights('R14x0.5', head_size=3, seed=1))
+  argv = ['--ckpt_path', npz, '--dataset', 'imagefolder', '--datadir',
+          folder, '--crop_size', '32', '--batch_eval', '4', '--workers', '0']
+  results = {}
+  for name, module in (('pytorch', torch_validate), ('tf2', tf2_validate),
+                       ('jax', jax_validate)):
+    results[name] = module.main(_validate_args(module, argv))
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed.startswith('{"loss": ')
+  ref = results['pytorch']
+  assert ref['n'] == 15 and ref['top5'] == 1.0  # 3 classes: all in top-5
+  for name in ('tf2', 'jax'):
+    got = results[name]
+    assert got['n'] == ref['n'] and got['top1'] == ref['top1'], name
+    assert got['loss'] == pytest.approx(ref['loss'], rel=1e-5), name
+
+
+def test_validate_metrics_against_numpy():
+  from bit_validate import batch_sums, summarize  # pylint: disable=import-outside-toplevel
+  logits = np.array([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+                     [5.0, 4.0, 3.0, 2.0, 1.0, 0.0],
+                     [0.0, 0.0, 9.0, 0.0, 0.0, 0.0]])
+  labels = np.array([5, 5, 1])
+  mask = np.array([True, True, False])
+  result = summarize(batch_sums(logits, labels, mask))
+  log_z = np.log(np.exp(logits[:2]).sum(1))
+  assert result['n'] == 2
+  assert result['top1'] == 0.5 and result['top5'] == 0.5
+  assert result['loss'] == pytest.approx(np.mean(log_z - [5.0, 0.0]))
+
+
+@pytest.mark.parametrize('backend', ['pytorch', 'tf2', 'jax'])
+def test_validate_refuses_unknown_dataset(backend, capsys):
+  """Exit status 2, naming every accepted form."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  module = importlib.import_module(f'bit_{backend}.validate')
+  with pytest.raises(SystemExit) as e:
+    module.argparser().parse_args(['--ckpt_path', 'x.npz', '--dataset',
+                                   'vtab:imagenet'])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  for form in ('imagefolder', 'cifar10', 'tfds:NAME', 'vtab:TASK',
+               'clevr-count', 'fashion_mnist'):
+    assert form in err

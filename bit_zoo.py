@@ -6,6 +6,7 @@ Weights travel between the three backends as {published key: array} in the
 layout of the published `.npz` files (kernels HWIO).
 """
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -356,7 +357,11 @@ def load_weights(model, pretrained_dir='.'):
   """
   if model.startswith(HF_HUB_PREFIX):
     path = hub_file(model[len(HF_HUB_PREFIX):])
-    weights = from_torch_layout(read_torch_file(path), source=path)
+    state = read_torch_file(path)
+    if torch_layout_format(state) == 'transformers':
+      check_transformers_config(os.path.join(os.path.dirname(path),
+                                             'config.json'), model)
+    weights = from_torch_layout(state, source=path)
     arch, head = infer_arch(weights)
     check_weights(weights, arch, head, source=path)
   else:
@@ -425,6 +430,34 @@ def hub_file(repo):
            'lacks them)')
   raise BadInput(f'hf-hub:{repo}: found neither {" nor ".join(missing)} '
                  f'{where}.')
+
+
+def check_transformers_config(path, model):
+  """Refuses a transformers BiT whose config.json (when the repository has
+  one beside the weights) asks for another network than BiT's: TF-style
+  'SAME' padding or a post-activation ('bottleneck') ResNet."""
+  if not os.path.isfile(path):
+    try:  # fetched beside the weights, or from the cache when offline
+      import huggingface_hub
+      repo_id, _, revision = model[len(HF_HUB_PREFIX):].partition('@')
+      path = huggingface_hub.hf_hub_download(repo_id, 'config.json',
+                                             revision=revision or None)
+    except Exception:  # pylint: disable=broad-except
+      return  # no config: the keys and shapes are checked all the same
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except (OSError, ValueError) as e:
+    raise BadInput(f'{path} is not readable JSON ({e}).') from e
+  padding = str(config.get('global_padding') or '').upper()
+  if config.get('layer_type', 'preactivation') != 'preactivation' or \
+      padding == 'SAME' or config.get('embedding_dynamic_padding'):
+    raise BadInput(f'{model}: its config.json asks for layer_type='
+                   f'{config.get("layer_type")!r}, global_padding='
+                   f'{config.get("global_padding")!r}, embedding_dynamic_'
+                   f'padding={config.get("embedding_dynamic_padding")!r}; '
+                   'BiT models here are pre-activation ResNets with fixed '
+                   'symmetric padding (like google/bit-50).')
 
 
 def read_torch_file(path):
@@ -555,3 +588,15 @@ def to_timm_layout(weights):
       value = value.transpose(3, 2, 0, 1)
     state[name] = np.ascontiguousarray(value)
   return state
+
+
+def known_models(build):
+  """The original repository's KNOWN_MODELS for one backend: {registered
+  name: constructor(head_size=None, zero_head=False)}, where the backend's
+  `build(architecture, head_size, zero_head)` makes its model."""
+  def constructor(info):
+    def make(head_size=None, zero_head=False):
+      return build(info.architecture, head_size or info.head_size, zero_head)
+    make.__doc__ = f'{info.name}: {info.arch}, {info.head_size}-class head.'
+    return make
+  return {name: constructor(info) for name, info in MODELS.items()}

@@ -6,10 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from timing import images_per_sec
+from timing import RssPeak, images_per_sec
 
 
-def measure(arch, resolution, batch, precision, steps, warmup):
+def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
+            evaluate=True):
+  """{train_img_s, train_mem_bytes, eval_img_s, ...}; train_mem_bytes: on an
+  accelerator the allocator's peak so far (JAX cannot reset it: model
+  set-up included), on the CPU the growth of peak resident memory over the
+  training steps (compilation excluded)."""
   from bit_jax import models, train
   if precision not in train.DTYPES:
     raise ValueError(f'bit_jax does not support {precision}')
@@ -18,7 +23,7 @@ def measure(arch, resolution, batch, precision, steps, warmup):
   tx = train.optimizer()
   mesh = Mesh(np.array(jax.devices()), ('data',))
   state = jax.device_put((params, tx.init(params)), NamedSharding(mesh, P()))
-  train_step, eval_step = train.make_steps(model, tx, mesh, batch_split=1)
+  train_step, eval_step = train.make_steps(model, tx, mesh, batch_split)
   rng = np.random.default_rng(0)
   sharded = NamedSharding(mesh, P('data'))
   x = jax.device_put(rng.uniform(-1, 1, (batch, resolution, resolution, 3))
@@ -29,15 +34,26 @@ def measure(arch, resolution, batch, precision, steps, warmup):
   mask = jax.device_put(np.ones(batch, bool), sharded)
   lr = jnp.float32(0.003)
 
+  # Compiled before the memory is read, so that compiling is not counted.
+  train_step = train_step.lower(*state, x, y, lr).compile()
+
   def step():
     nonlocal state
     params, opt_state, loss = train_step(*state, x, y, lr)
     state = (params, opt_state)
     loss.block_until_ready()
 
-  train_img_s = images_per_sec(step, batch, steps, warmup)
-  eval_img_s = images_per_sec(lambda: eval_step(state[0], x, y_int, mask)
-                              .block_until_ready(), batch, steps, warmup)
-  return dict(train_img_s=train_img_s, eval_img_s=eval_img_s,
-              device=str(jax.devices()[0].platform),
-              devices=jax.device_count(), jax=jax.__version__)
+  device = jax.devices()[0]
+  on_cpu = device.platform == 'cpu'
+  if on_cpu:
+    rss = RssPeak()
+    rss.start()
+  out = {'train_img_s': images_per_sec(step, batch, steps, warmup)}
+  out['train_mem_bytes'] = (rss.growth() if on_cpu else
+                            device.memory_stats()['peak_bytes_in_use'])
+  if evaluate:
+    out['eval_img_s'] = images_per_sec(
+        lambda: eval_step(state[0], x, y_int, mask).block_until_ready(),
+        batch, steps, warmup)
+  return dict(out, device=device.platform, devices=jax.device_count(),
+              jax=jax.__version__)

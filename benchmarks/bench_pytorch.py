@@ -16,21 +16,26 @@ import statistics
 import sys
 
 import torch
+import torch.nn.functional as F
 
-from timing import images_per_sec, seconds
+from timing import RssPeak, images_per_sec, seconds
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def measure(arch, resolution, batch, precision, steps, warmup):
+def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
+            evaluate=True):
   from bit_pytorch import models
   return time_model(models.create(arch, head_size=1000), resolution, batch,
-                    precision, steps, warmup)
+                    precision, steps, warmup, batch_split=batch_split,
+                    evaluate=evaluate)
 
 
-def steps_for(net, resolution, batch, precision, channels_last=None):
+def steps_for(net, resolution, batch, precision, channels_last=None,
+              batch_split=1):
   """(train_step, eval_step, device): callables that run one training step
-  (as bit_pytorch.train does) or one evaluation forward pass of `net`."""
+  (as bit_pytorch.train does, the batch in `batch_split` micro-batches) or
+  one evaluation forward pass of `net`."""
   from bit_pytorch import train
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   net, auto_cl = train.to_device(net, device)
@@ -44,9 +49,14 @@ def steps_for(net, resolution, batch, precision, channels_last=None):
   x = x.to(device).contiguous(memory_format=fmt)
   y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
 
+  # (images, labels, mixup partners' labels, mixup lambda): no mixup.
+  micro_batches = [(xm, ym, ym, 1.0) for xm, ym in
+                   zip(x.chunk(batch_split), y.chunk(batch_split))]
+
   def train_step():
     net.train()
-    train.train_step(net, opt, scaler, [(x, y)], 1, autocast).item()
+    train.train_step(net, opt, scaler, micro_batches, batch_split, autocast,
+                     F.cross_entropy).item()
 
   @torch.no_grad()
   def eval_step():
@@ -68,13 +78,25 @@ def _synced(fn, device):
 
 
 def time_model(net, resolution, batch, precision, steps, warmup,
-               channels_last=None):
-  """{train_img_s, eval_img_s, device, threads} for `net` (1000 classes)."""
+               channels_last=None, batch_split=1, evaluate=True):
+  """{train_img_s, train_mem_bytes, eval_img_s, device, threads} for `net`
+  (1000 classes). train_mem_bytes: on a GPU the allocator's peak during the
+  training steps; on the CPU the growth of peak resident memory over them.
+  """
   train_step, eval_step, device = steps_for(net, resolution, batch, precision,
-                                            channels_last)
-  out = {}
-  for key, fn in (('train_img_s', train_step), ('eval_img_s', eval_step)):
-    out[key] = images_per_sec(_synced(fn, device), batch, steps, warmup)
+                                            channels_last, batch_split)
+  if device.type == 'cuda':
+    torch.cuda.reset_peak_memory_stats()
+  else:
+    rss = RssPeak()
+    rss.start()
+  out = {'train_img_s': images_per_sec(_synced(train_step, device), batch,
+                                       steps, warmup)}
+  out['train_mem_bytes'] = (torch.cuda.max_memory_allocated()
+                            if device.type == 'cuda' else rss.growth())
+  if evaluate:
+    out['eval_img_s'] = images_per_sec(_synced(eval_step, device), batch,
+                                       steps, warmup)
   return dict(out, device=str(device), threads=torch.get_num_threads(),
               torch=torch.__version__)
 

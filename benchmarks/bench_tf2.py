@@ -5,10 +5,14 @@ pipeline is not timed)."""
 import numpy as np
 import tensorflow as tf
 
-from timing import images_per_sec
+from timing import RssPeak, images_per_sec
 
 
-def measure(arch, resolution, batch, precision, steps, warmup):
+def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
+            evaluate=True):
+  """{train_img_s, train_mem_bytes, eval_img_s, ...}; train_mem_bytes: on a
+  GPU the allocator's peak during the training steps, on the CPU the growth
+  of peak resident memory over them."""
   from bit_tf2 import models, train
   strategy = train.make_strategy()
   with strategy.scope():
@@ -18,7 +22,7 @@ def measure(arch, resolution, batch, precision, steps, warmup):
     optimizer.build(model.trainable_variables)
   xla = train.uses_xla(strategy)
   train_step, eval_step = train.make_steps(strategy, model, optimizer, lr,
-                                           batch, 1, xla)
+                                           batch, batch_split, xla)
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 1000, batch)
   data = {'image': rng.uniform(-1, 1, (batch, resolution, resolution, 3))
@@ -33,13 +37,20 @@ def measure(arch, resolution, batch, precision, steps, warmup):
 
   train_batches, eval_batches = repeated(data), repeated(eval_data)
   rate = tf.constant(0.003, tf.float32)
-
-  train_img_s = images_per_sec(
+  device = train.device_kind(strategy)
+  if device == 'GPU':
+    tf.config.experimental.reset_memory_stats('GPU:0')
+  else:
+    rss = RssPeak()
+    rss.start()
+  out = {'train_img_s': images_per_sec(
       lambda: float(train_step(next(train_batches), rate)), batch, steps,
-      warmup)
-  eval_img_s = images_per_sec(lambda: eval_step(next(eval_batches)).numpy(),
-                              batch, steps, warmup)
-  return dict(train_img_s=train_img_s, eval_img_s=eval_img_s,
-              device=train.device_kind(strategy),
-              devices=strategy.num_replicas_in_sync, xla=xla,
-              tensorflow=tf.__version__)
+      warmup)}
+  out['train_mem_bytes'] = (
+      tf.config.experimental.get_memory_info('GPU:0')['peak']
+      if device == 'GPU' else rss.growth())
+  if evaluate:
+    out['eval_img_s'] = images_per_sec(
+        lambda: eval_step(next(eval_batches)).numpy(), batch, steps, warmup)
+  return dict(out, device=device, devices=strategy.num_replicas_in_sync,
+              xla=xla, tensorflow=tf.__version__)

@@ -1,7 +1,8 @@
 """The peer: timm's resnetv2_50x1_bit (with the chosen architecture's units
 and width), trained and evaluated the way bench_pytorch runs ours (SGD step
 on cross-entropy; forward without gradients), in timm's default memory
-format."""
+format unless `channels_last` (as timm's training script runs on GPUs with
+--channels-last)."""
 import functools
 
 import bench_pytorch
@@ -21,6 +22,8 @@ def create(arch):
       conv_layer=functools.partial(resnetv2.StdConv2d, eps=1e-8))
 
 
-def measure(arch, resolution, batch, precision, steps, warmup):
+def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
+            evaluate=True, channels_last=False):
   return bench_pytorch.time_model(create(arch), resolution, batch, precision,
-                                  steps, warmup, channels_last=False)
+                                  steps, warmup, channels_last=channels_last,
+                                  batch_split=batch_split, evaluate=evaluate)

@@ -33,18 +33,25 @@ PEER = 'timm'
 KEYS = ('train_img_s', 'eval_img_s')
 
 
-def measure_in_subprocess(framework, args, precision):
-  """Runs bench_<framework>.measure(...) in a fresh Python; returns its dict."""
+def measure_in_subprocess(framework, arch, resolution, batch, precision,
+                          steps, warmup, timeout=None, env=None, **options):
+  """Runs bench_<framework>.measure(...) in a fresh Python (environment
+  `env` added to this one's, at most `timeout` seconds); returns its dict,
+  or {'error': the last line of its output}."""
   code = ('import json, sys; sys.path[:0] = [{here!r}, {repo!r}]; '
           'import {module} as m; print("RESULT " + json.dumps(m.measure('
-          '{arch!r}, {res}, {batch}, {precision!r}, {steps}, {warmup})))'
+          '{arch!r}, {res}, {batch}, {precision!r}, {steps}, {warmup}, '
+          '**{options!r})))'
           ).format(here=HERE, repo=os.path.dirname(HERE),
-                   module=FRAMEWORKS[framework], arch=args.arch,
-                   res=args.resolution, batch=args.batch, precision=precision,
-                   steps=args.steps, warmup=args.warmup)
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                        text=True, env=env, check=False)
+                   module=FRAMEWORKS[framework], arch=arch, res=resolution,
+                   batch=batch, precision=precision, steps=steps,
+                   warmup=warmup, options=options)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', **(env or {}))
+  try:
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                          text=True, env=env, check=False, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {'error': f'did not finish in {timeout:.0f} s'}
   lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
   if proc.returncode or not lines:
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['?']
@@ -81,7 +88,8 @@ def main(argv=None):
   for r in range(args.repeat):
     peer = None
     for fw, prec in runs:
-      res = measure_in_subprocess(fw, args, prec)
+      res = measure_in_subprocess(fw, args.arch, args.resolution, args.batch,
+                                  prec, args.steps, args.warmup)
       peer = res if (fw, prec) == (PEER, 'fp32') else peer
       table[(fw, prec)].append(res)
       print(f'round {r + 1}: {fw:>8} {prec:<5} ' + _describe(res, peer),

@@ -1,4 +1,5 @@
-"""How every bench_<framework> module times a step."""
+"""How every bench_<framework> module times a step and reads the memory it
+took."""
 import statistics
 import time
 
@@ -16,3 +17,26 @@ def images_per_sec(fn, batch, steps, warmup):
   for _ in range(warmup):
     fn()
   return batch / statistics.median(seconds(fn) for _ in range(steps))
+
+
+def _status_bytes(field):
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith(field + ':'):
+        return int(line.split()[1]) * 1024
+  raise KeyError(field)
+
+
+class RssPeak:
+  """Growth of this process's peak resident memory (Linux VmHWM) over its
+  resident memory at the start: what the work between start() and
+  growth() held in host memory at its peak, beyond what was already there.
+  """
+
+  def start(self):
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')  # resets VmHWM to the current resident size
+    self._base = _status_bytes('VmRSS')
+
+  def growth(self):
+    return _status_bytes('VmHWM') - self._base

@@ -1,0 +1,376 @@
+"""The GPU check (run through benchmarks/gpu_check.sh): on a machine with one
+NVIDIA GPU and the frameworks installed, with no network, in under 8
+minutes, one JSON file holding
+
+- each backend's training and evaluation throughput (R50x1, 224 px, bf16,
+  batch 128, random data) against timm's resnetv2_50x1_bit with AMP and
+  channels-last measured in the same run, and their ratios to it;
+- model FLOP utilisation: images/s x the model's FLOPs per image (forward
+  convolutions and matmuls counted by torch's FlopCounterMode on
+  bit_pytorch's model; a training step counted as 3x the forward) over the
+  GPU's dense bf16 peak;
+- peak GPU memory of each backend's training step;
+- a short fine-tuning in each backend, through its command line, from a
+  generated BiT checkpoint on a generated image folder, to its
+  results.json.
+
+A backend (or timm) that is not installed is skipped with the reason
+recorded, as is one that fails or runs out of its time. The JSON file is
+rewritten after every stage, so a run cut short still leaves what it
+measured. With --cpu everything runs on the CPU at tiny sizes, to check
+that the script works (figures from it mean nothing).
+"""
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path[:0] = [HERE, REPO]
+
+import bit_hardware  # noqa: E402
+import throughput  # noqa: E402
+
+BACKENDS = ('pytorch', 'jax', 'tf2')
+# What each contender needs importable: for its throughput, and for its
+# trainer (JAX reads data through the tf.data pipeline).
+NEEDS = {
+    'timm': ('torch', 'timm'),
+    'pytorch': ('torch', 'torchvision'),
+    'jax': ('jax', 'flax', 'optax', 'orbax.checkpoint'),
+    'tf2': ('tensorflow', 'keras'),
+}
+TRAINER_NEEDS = {'pytorch': (), 'jax': ('tensorflow',), 'tf2': ()}
+DISTRIBUTIONS = ('torch', 'torchvision', 'timm', 'jax', 'jaxlib', 'flax',
+                 'optax', 'orbax-checkpoint', 'tensorflow', 'keras', 'numpy')
+# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, by the longest part of
+# the GPU's name that matches (vendors' data sheets).
+BF16_PEAK_TFLOPS = {
+    'H200 NVL': 835.0, 'H200': 989.4, 'H100 NVL': 835.0, 'H100 PCIe': 756.0,
+    'H100': 989.4, 'GH200': 989.4, 'B200': 2250.0, 'A100': 312.0,
+    'L40S': 362.1, 'L4': 121.0, 'A10G': 70.0, 'A10': 125.0,
+}
+SIZES = {
+    # mode: arch, resolution, batch, steps, warmup, fine-tuning (arch,
+    # classes, images per class in train/val, image side, resize, crop,
+    # batch, steps), time limits (s): each measurement, fine-tuning, all.
+    'gpu': dict(arch='R50x1', resolution=224, batch=128, steps=20, warmup=5,
+                ft_arch='R50x1', ft_classes=4, ft_train=64, ft_val=32,
+                ft_side=128, ft_resize=112, ft_crop=96, ft_batch=64,
+                ft_steps=60, measure_s=150, finetune_s=240, total_s=470),
+    'cpu': dict(arch='R14x0.5', resolution=32, batch=4, steps=2, warmup=1,
+                ft_arch='R14x0.5', ft_classes=2, ft_train=4, ft_val=2,
+                ft_side=40, ft_resize=36, ft_crop=32, ft_batch=4,
+                ft_steps=2, measure_s=150, finetune_s=150, total_s=300),
+}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--cpu', action='store_true',
+                      help='run on the CPU at tiny sizes (a check of the '
+                      'script itself)')
+  parser.add_argument('--out', default='gpu_check.json')
+  parser.add_argument('--backends', default=','.join(BACKENDS))
+  parser.add_argument('--peak_tflops', type=float, default=None,
+                      help="the GPU's dense bf16 peak, where the built-in "
+                      'table does not know it')
+  args = parser.parse_args(argv)
+  started = time.time()
+  mode = 'cpu' if args.cpu else 'gpu'
+  size = SIZES[mode]
+  backends = [b for b in args.backends.split(',') if b]
+  unknown = set(backends) - set(BACKENDS)
+  if unknown:
+    parser.error(f'unknown backend(s) {sorted(unknown)}; known: '
+                 f'{", ".join(BACKENDS)}')
+
+  report = {
+      'mode': mode,
+      'started': datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec='seconds'),
+      'settings': {k: size[k] for k in ('arch', 'resolution', 'batch',
+                                        'steps', 'warmup')},
+      'precision': 'bf16',
+      'machine': {'python': platform.python_version(),
+                  'cpu': bit_hardware.cpu_description(),
+                  'gpu': _nvidia_smi()},
+      'versions': _versions(),
+  }
+  report['settings']['peer'] = (
+      'timm resnetv2_50x1_bit-style model, bf16 autocast, channels-last')
+  if args.cpu and bit_hardware.bf16_emulated('cpu'):
+    print('warning: ' + bit_hardware.BF16_EMULATED_WARNING, flush=True)
+  missing = {name: _missing(mods) for name, mods in NEEDS.items()}
+
+  def save():
+    report['wall_s'] = round(time.time() - started, 1)
+    tmp = args.out + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(report, f, indent=2)
+    os.replace(tmp, args.out)
+
+  def left(limit):
+    return max(1.0, min(limit, size['total_s'] - (time.time() - started)))
+
+  report['flops'] = _flops(size['arch'], size['resolution'])
+  peak = args.peak_tflops or _peak_tflops(report['machine']['gpu'])
+  report['bf16_peak_tflops'] = None if args.cpu else peak
+  save()
+
+  # Fine-tuning: the backends side by side (their figures are results, not
+  # times), each through its trainer's command line on one generated image
+  # folder; on a GPU after the throughput, on the CPU (where this is a check
+  # of the script only) during it, to take less time.
+  tuners = [b for b in backends if not missing[b]
+            and not _missing(TRAINER_NEEDS[b])]
+  if args.cpu:
+    finetune = _finetune_start(tuners, size, args.cpu)
+
+  # Throughput, one contender at a time, each in its own process.
+  env = {'CUDA_VISIBLE_DEVICES': '', 'JAX_PLATFORMS': 'cpu'} if args.cpu else {}
+  results = report['throughput'] = {}
+  for name in ['timm'] + backends:
+    if missing[name]:
+      results[name] = {'skipped': 'not installed: ' + ', '.join(missing[name])}
+    else:
+      print(f'measuring {name} ...', flush=True)
+      options = {'channels_last': True} if name == 'timm' else {}
+      results[name] = throughput.measure_in_subprocess(
+          name, size['arch'], size['resolution'], size['batch'], 'bf16',
+          size['steps'], size['warmup'], timeout=left(size['measure_s']),
+          env=env, **options)
+    _add_ratios(results[name], results.get('timm'), report['flops'],
+                report['bf16_peak_tflops'])
+    print(f'  {name}: {json.dumps(results[name])}', flush=True)
+    save()
+
+  if not args.cpu:
+    finetune = _finetune_start(tuners, size, args.cpu)
+  report['finetune'] = _finetune_wait(finetune, left(size['finetune_s']))
+  for b in backends:
+    if missing[b]:
+      report['finetune'][b] = {
+          'skipped': 'not installed: ' + ', '.join(missing[b])}
+    elif _missing(TRAINER_NEEDS[b]):
+      report['finetune'][b] = {'skipped': 'trainer needs: ' + ', '.join(
+          _missing(TRAINER_NEEDS[b]))}
+  save()
+  print(f'wrote {args.out} in {report["wall_s"]:.0f} s', flush=True)
+  return report
+
+
+def _missing(modules):
+  out = []
+  for m in modules:
+    try:
+      found = importlib.util.find_spec(m) is not None
+    except ImportError:
+      found = False
+    if not found:
+      out.append(m)
+  return out
+
+
+def _versions():
+  out = {}
+  for d in DISTRIBUTIONS:
+    try:
+      out[d] = importlib.metadata.version(d)
+    except importlib.metadata.PackageNotFoundError:
+      out[d] = None
+  return out
+
+
+def _nvidia_smi():
+  """{name, memory_mib, driver, max_sm_clock_mhz} of GPU 0, or None."""
+  smi = shutil.which('nvidia-smi')
+  if not smi:
+    return None
+  fields = ('name', 'memory.total', 'driver_version', 'clocks.max.sm')
+  try:
+    line = subprocess.run(
+        [smi, '--query-gpu=' + ','.join(fields),
+         '--format=csv,noheader,nounits'], capture_output=True, text=True,
+        timeout=30, check=True).stdout.splitlines()[0]
+  except (subprocess.SubprocessError, OSError, IndexError):
+    return None
+  name, memory, driver, clock = [v.strip() for v in line.split(',')]
+  return {'name': name, 'memory_mib': _number(memory), 'driver': driver,
+          'max_sm_clock_mhz': _number(clock)}
+
+
+def _number(text):
+  try:
+    return float(text)
+  except ValueError:
+    return None
+
+
+def _peak_tflops(gpu):
+  if not gpu:
+    return None
+  matches = [k for k in BF16_PEAK_TFLOPS if k in gpu['name']]
+  return BF16_PEAK_TFLOPS[max(matches, key=len)] if matches else None
+
+
+def _flops(arch, resolution):
+  """{forward_per_image, train_per_image}: FLOPs (a multiply-add is 2) of
+  one image through bit_pytorch's model, counted on the CPU."""
+  if _missing(('torch',)):
+    return {'skipped': 'torch not installed'}
+  code = (
+      'import sys, torch; sys.path.insert(0, {repo!r}); '
+      'from torch.utils.flop_counter import FlopCounterMode; '
+      'from bit_pytorch import models; '
+      'net = models.create({arch!r}, head_size=1000).eval(); '
+      'counter = FlopCounterMode(display=False); '
+      'x = torch.zeros(1, 3, {res}, {res})\n'
+      'with torch.no_grad(), counter: net(x)\n'
+      'print(counter.get_total_flops())').format(repo=REPO, arch=arch,
+                                                 res=resolution)
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, check=False, timeout=120,
+                        env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))
+  if proc.returncode:
+    return {'error': (proc.stderr.strip().splitlines() or ['?'])[-1]}
+  forward = int(proc.stdout.split()[-1])
+  return {'forward_per_image': forward, 'train_per_image': 3 * forward}
+
+
+def _add_ratios(res, peer, flops, peak_tflops):
+  """Adds ratios to the peer and model FLOP utilisation to `res`."""
+  if 'train_img_s' not in res:
+    return
+  for k in ('train', 'eval'):
+    if peer and f'{k}_img_s' in peer:
+      res[f'{k}_x_timm'] = round(res[f'{k}_img_s'] / peer[f'{k}_img_s'], 3)
+    per_image = flops.get('train_per_image' if k == 'train'
+                          else 'forward_per_image')
+    if per_image and peak_tflops:
+      res[f'{k}_mfu'] = round(res[f'{k}_img_s'] * per_image
+                              / (peak_tflops * 1e12), 4)
+
+
+def _write_npz(path, arch, classes, seed=0):
+  """A BiT checkpoint for `arch` with `classes` outputs, drawn at random
+  from the published key table (He-scaled kernels, unit GroupNorm)."""
+  import numpy as np
+  import bit_zoo
+  rng = np.random.default_rng(seed)
+  weights = {}
+  for key, shape in bit_zoo.expected_shapes(bit_zoo.parse_arch(arch),
+                                            classes).items():
+    if key.endswith('gamma'):
+      value = np.ones(shape)
+    elif key.endswith(('beta', 'bias')):
+      value = np.zeros(shape)
+    elif 'head' in key:
+      value = np.zeros(shape)
+    else:
+      value = rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[:-1]))
+    weights[key] = value.astype(np.float32)
+  np.savez(path, **weights)
+
+
+def _write_folder(root, classes, train, val, side, seed=0):
+  """root/{train,val}/<class>/*.png; each class has its own colour, with
+  noise, so that a few steps can learn it."""
+  import numpy as np
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  colours = rng.integers(0, 256, (classes, 3))
+  for split, n in (('train', train), ('val', val)):
+    for c in range(classes):
+      d = os.path.join(root, split, f'class{c}')
+      os.makedirs(d, exist_ok=True)
+      for i in range(n):
+        noise = rng.integers(-60, 61, (side, side, 3))
+        img = np.clip(colours[c] + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(d, f'{i:03d}.png'))
+
+
+def _finetune_start(backends, size, cpu):
+  """Starts `python -m bit_<backend>.train` for every backend, side by side,
+  on a generated checkpoint and image folder; returns what _finetune_wait
+  needs."""
+  work = tempfile.mkdtemp(prefix='bit_gpu_check_')
+  npz = os.path.join(work, 'model.npz')
+  _write_npz(npz, size['ft_arch'], size['ft_classes'])
+  folder = os.path.join(work, 'images')
+  _write_folder(folder, size['ft_classes'], size['ft_train'], size['ft_val'],
+                size['ft_side'])
+  logdir = os.path.join(work, 'runs')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
+             # Side by side on one GPU: each takes only what it needs.
+             XLA_PYTHON_CLIENT_PREALLOCATE='false',
+             TF_FORCE_GPU_ALLOW_GROWTH='true')
+  if cpu:
+    env.update(CUDA_VISIBLE_DEVICES='', JAX_PLATFORMS='cpu')
+  procs = {}
+  for b in backends:
+    cmd = [sys.executable, '-m', f'bit_{b}.train', '--name', b,
+           '--logdir', logdir, '--model', npz, '--dataset', 'imagefolder',
+           '--datadir', folder, '--total_steps', str(size['ft_steps']),
+           '--batch', str(size['ft_batch']),
+           '--resize_size', str(size['ft_resize']),
+           '--crop_size', str(size['ft_crop']), '--precision', 'bf16',
+           '--seed', '0', '--workers', '2']
+    log = open(os.path.join(work, f'{b}.log'), 'w')
+    procs[b] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT), log, time.time())
+  return work, logdir, procs
+
+
+def _finetune_wait(started, timeout):
+  """{backend: {results, first_loss, last_loss, wall_s} or error}, waiting
+  at most `timeout` seconds for all of them."""
+  work, logdir, procs = started
+  out = {}
+  deadline = time.time() + timeout
+  for b, (proc, log, t0) in procs.items():
+    try:
+      proc.wait(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+    log.close()
+    out[b] = _finetune_result(os.path.join(logdir, b), proc.returncode,
+                              os.path.join(work, f'{b}.log'), t0)
+  shutil.rmtree(work, ignore_errors=True)
+  return out
+
+
+def _finetune_result(run_dir, returncode, log_path, t0):
+  """What a trainer's run left: its results, its first and last training
+  loss, and its wall time (start to results.json, which it writes last)."""
+  results = os.path.join(run_dir, 'results.json')
+  if returncode or not os.path.exists(results):
+    with open(log_path) as f:
+      tail = f.read().strip().splitlines()[-3:]
+    why = 'killed at its time limit' if returncode == -9 else (
+        f'exit status {returncode}')
+    return {'error': why, 'log_tail': tail}
+  with open(results) as f:
+    out = {'results': json.load(f),
+           'wall_s': round(os.path.getmtime(results) - t0, 1)}
+  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+    losses = [m['loss'] for m in map(json.loads, f)
+              if m.get('split') == 'train']
+  if losses:
+    out.update(first_loss=losses[0], last_loss=losses[-1],
+               train_logs=len(losses))
+  return out
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,43 @@
+"""benchmarks/gpu_check.sh --cpu: the GPU check's own run on the CPU at tiny
+sizes, so that the script a GPU machine runs cannot rot. Only the shape of
+its JSON is checked, never a speed."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_cpu_mode_writes_every_figure(tmp_path):
+  out = tmp_path / 'check.json'
+  env = dict(os.environ, PYTHON=sys.executable)
+  subprocess.run(['bash', os.path.join(REPO, 'benchmarks', 'gpu_check.sh'),
+                  '--cpu', '--out', str(out)], env=env, check=True,
+                 timeout=600)
+  report = json.loads(out.read_text())
+  assert report['mode'] == 'cpu'
+  assert report['machine']['cpu']['model']
+  assert isinstance(report['machine']['cpu']['bf16_emulated'], bool)
+  assert report['flops']['train_per_image'] == (
+      3 * report['flops']['forward_per_image']) > 0
+  for name in ('timm', 'pytorch', 'jax', 'tf2'):
+    res = report['throughput'][name]
+    assert res.get('train_img_s', 0) > 0, (name, res)
+    assert res['eval_img_s'] > 0 and res['train_mem_bytes'] > 0, (name, res)
+    assert res['train_x_timm'] > 0, (name, res)
+  for name in ('pytorch', 'jax', 'tf2'):
+    run = report['finetune'][name]
+    assert 'results' in run, (name, run)
+    assert 0 <= run['results']['top1'] <= 1 and run['results']['n'] > 0
+    assert run['last_loss'] > 0
+
+
+def test_missing_modules_and_gpu_peaks_are_found():
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import gpu_check
+  assert gpu_check._missing(('json', 'no_such_module_here')) == [
+      'no_such_module_here']
+  assert gpu_check._peak_tflops({'name': 'NVIDIA H100 PCIe'}) == 756.0
+  assert gpu_check._peak_tflops({'name': 'NVIDIA H200'}) == 989.4
+  assert gpu_check._peak_tflops({'name': 'Some GPU'}) is None

@@ -611,9 +611,9 @@ def _finish(data, builder):
     except ImportError as e:
       raise BadInput(
           f'{data.tfds_name} in {builder.data_dir} is prepared as tfrecord, '
-          'which only TensorFlow reads; convert it to array_record (tfds '
-          f'convert_format --dataset_dir {builder.data_dir} '
-          '--out_file_format array_record) or install tensorflow.') from e
+          'which only TensorFlow reads; install tensorflow, or prepare it '
+          'again as array_record into another --datadir (python -m bit_tfds '
+          f'{data.name} --datadir NEW_DIR).') from e
   shape = info.features[data.image_key].shape
   if shape[0] and shape[1]:
     data.original_hw = (int(shape[0]), int(shape[1]))
@@ -639,3 +639,35 @@ class _Convert:
     label = (record[self.label_key] if self.label_fn is None else
              self.label_fn(record))
     return image, int(label)
+
+
+def main(argv=None):
+  """python -m bit_tfds DATASET... [--datadir D] [--tfds_manual_dir M]:
+  prepares each dataset (as array_record, which every backend reads) and
+  prints what the backends will see; `vtab` stands for the 19 tasks."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(
+      description='Prepare tfds:NAME / vtab:TASK datasets for every backend.')
+  parser.add_argument('datasets', nargs='+',
+                      help='tfds:NAME, vtab:TASK, or vtab for all 19 tasks.')
+  parser.add_argument('--datadir', default=None, help='TFDS data_dir.')
+  parser.add_argument('--tfds_manual_dir', default=None,
+                      help='TFDS manual_dir, for datasets TFDS cannot '
+                      'download itself (e.g. diabetic_retinopathy).')
+  parser.add_argument('--train_split', default=None)
+  parser.add_argument('--eval_split', default=None)
+  args = parser.parse_args(argv)
+  names = []
+  for name in args.datasets:
+    names += ([VTAB_PREFIX + t for t in VTAB_TASKS] if name == 'vtab'
+              else [name])
+  for name in names:
+    data = resolve(name, args.datadir, args.tfds_manual_dir,
+                   args.train_split, args.eval_split)
+    print(json.dumps(data.describe()), flush=True)
+
+
+if __name__ == '__main__':
+  import bit_common  # pylint: disable=import-outside-toplevel
+  bit_common.run_cli(main)

@@ -39,6 +39,7 @@ class BitTfdsToy(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Images of a few sizes with a class label; train/validation/test."""
   VERSION = tfds.core.Version('1.0.0')
   splits = SPLIT_SIZES
+  square = None  # a fixed image side, or sizes that vary
 
   def _info(self):
     return tfds.core.DatasetInfo(
@@ -55,7 +56,9 @@ class BitTfdsToy(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, split, n):
     offset = 1000 * list(self.splits).index(split)
     for i in range(n):
-      yield i, {'image': _pixels(offset + i, (20 + i % 3, 24, 3)),
+      shape = ((self.square, self.square, 3) if self.square else
+               (20 + i % 3, 24, 3))
+      yield i, {'image': _pixels(offset + i, shape),
                 'label': (i * 7 + offset) % len(CLASSES),
                 'number': offset + i}
 
@@ -295,12 +298,19 @@ def _dsprites_example(split, i):
           'value_x_position': 0.0, 'value_y_position': 0.0}
 
 
-def test_vtab_structured_task_dsprites(tmp_path):
+@pytest.fixture(scope='module')
+def dsprites_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp('dsprites')
+  _prepare(_stand_in('dsprites', {'train': 1250}, _dsprites_example),
+           data_dir)
+  return data_dir
+
+
+def test_vtab_structured_task_dsprites(dsprites_dir):
   """dSprites: train, val and test are 80%, 10% and 10% of TFDS train;
   x position (32 values) and orientation (40 values) fall into 16 equal
   bins; images of 0/1 are scaled to 0/255 and read as RGB."""
-  _prepare(_stand_in('dsprites', {'train': 1250}, _dsprites_example),
-           tmp_path)
+  tmp_path = dsprites_dir
   n_train, n_val = 1000, 125
   published = {'train800val200': list(range(800)) + list(range(1000, 1200)),
                'test': list(range(n_train + n_val, 1250)),
@@ -474,3 +484,47 @@ def test_validate_refuses_unknown_dataset(backend, capsys):
   for form in ('imagefolder', 'cifar10', 'tfds:NAME', 'vtab:TASK',
                'clevr-count', 'fashion_mnist'):
     assert form in err
+
+
+def _loaders_read_tfds():
+  """Whether both data loaders hand tfds:/vtab: datasets to bit_tfds."""
+  import inspect  # pylint: disable=import-outside-toplevel
+  import input_pipeline_tf2_or_jax  # pylint: disable=import-outside-toplevel
+  from bit_pytorch import data  # pylint: disable=import-outside-toplevel
+  return all('bit_tfds' in inspect.getsource(m)
+             for m in (data, input_pipeline_tf2_or_jax))
+
+
+@pytest.mark.skipif(not _loaders_read_tfds(),
+                    reason='the data loaders do not read tfds:/vtab: yet')
+@pytest.mark.parametrize('dataset', ['tfds', 'vtab'])
+def test_validate_tfds_and_vtab_agree_across_backends(dataset, tmp_path,
+                                                      dsprites_dir):
+  """A model evaluated on a tfds: dataset and on a VTAB-1k test split
+  through the three validation commands."""
+  from bit_jax import validate as jax_validate  # pylint: disable=import-outside-toplevel
+  from bit_pytorch import validate as torch_validate  # pylint: disable=import-outside-toplevel
+  from bit_tf2 import validate as tf2_validate  # pylint: disable=import-outside-toplevel
+  if dataset == 'tfds':
+    class Square(BitTfdsToy, skip_registration=True):
+      name = 'bit_tfds_square'
+      splits = {'train': 8, 'validation': 10}
+      square = 32
+    _prepare(Square, tmp_path)
+    argv, classes, n = (['--dataset', 'tfds:bit_tfds_square', '--datadir',
+                         str(tmp_path)], len(CLASSES), 10)
+  else:  # 64 px images, evaluated at 64 px
+    argv, classes, n = (['--dataset', 'vtab:dsprites-xpos', '--datadir',
+                         str(dsprites_dir), '--eval_split', 'test'], 16, 125)
+  npz = str(tmp_path / 'model.npz')
+  np.savez(npz, **synthetic_weights('R14x0.5', head_size=classes, seed=2))
+  argv += ['--ckpt_path', npz, '--crop_size', '32' if dataset == 'tfds'
+           else '64', '--batch_eval', '8', '--workers', '0']
+  results = {name: module.main(module.argparser().parse_args(argv))
+             for name, module in (('pytorch', torch_validate),
+                                  ('tf2', tf2_validate), ('jax', jax_validate))}
+  ref = results['pytorch']
+  assert ref['n'] == n
+  for name in ('tf2', 'jax'):
+    assert results[name]['n'] == n and results[name]['top1'] == ref['top1']
+    assert results[name]['loss'] == pytest.approx(ref['loss'], rel=1e-5)

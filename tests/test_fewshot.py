@@ -108,6 +108,25 @@ def test_ridge_equals_scikit_learn(n, d):
   np.testing.assert_allclose(fits[0].std, s + bit_fewshot.STD_FLOOR * s.mean())
 
 
+def test_large_fits_in_float32_agree(monkeypatch):
+  """Large problems form the Gram matrix and the scores in float32: the
+  same classifier as float64 to about float32 precision."""
+  rng = np.random.default_rng(0)
+  labels = np.arange(400) % 40
+  centres = rng.normal(size=(40, 300))
+  x = np.maximum(centres[labels] + rng.normal(size=(400, 300)), 0)
+  x_test = np.maximum(centres[np.arange(2000) % 40] +
+                      rng.normal(size=(2000, 300)), 0).astype(np.float32)
+  exact = bit_fewshot.fit_ridge(x, labels, 40, [100.0])[0]
+  exact_predictions = exact.predict(x_test)
+  monkeypatch.setattr(bit_fewshot, 'FLOAT32_ABOVE', 0)
+  fast = bit_fewshot.fit_ridge(x.astype(np.float32), labels, 40, [100.0])[0]
+  scale = np.abs(exact.w).max()
+  np.testing.assert_allclose(fast.w, exact.w, atol=1e-5 * scale)
+  assert fast.scores(x_test).dtype == np.float32
+  assert np.mean(fast.predict(x_test) == exact_predictions) > 0.999
+
+
 def test_fewshot_table_identical_across_backends(digits_32px, tmp_path):
   """The bundled model on the same digits images: the same table (top-1 of
   every shot and seed) in the three backends."""

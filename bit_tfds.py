@@ -277,9 +277,9 @@ def _scaled_binary_png(encoded):
   from PIL import Image  # pylint: disable=import-outside-toplevel
   with Image.open(io.BytesIO(encoded)) as im:
     pixels = np.asarray(im)
+  scaled = np.where(pixels.squeeze() > 0, 255, 0).astype(np.uint8)
   out = io.BytesIO()
-  Image.fromarray((pixels.squeeze() * 255).astype(np.uint8)).save(
-      out, format='PNG')
+  Image.fromarray(scaled).save(out, format='PNG')
   return out.getvalue()
 
 
@@ -368,10 +368,18 @@ class Split:
   def sizes(self, limit=SIZE_SAMPLE):
     """(height, width) of up to `limit` images spread over the split."""
     from PIL import Image  # pylint: disable=import-outside-toplevel
-    step = max(1, self.n // limit)
+    if self.random_access or self._encoded is not None:
+      step = max(1, self.n // limit)
+      encoded = [e for e, _ in self.examples(range(0, self.n, step)[:limit])]
+    else:  # the first ones: reading all of a large split would take long
+      encoded = []
+      for record in self._reader.all_records():
+        encoded.append(self._convert(record)[0])
+        if len(encoded) == limit:
+          break
     sizes = []
-    for encoded, _ in self.examples(range(0, self.n, step)[:limit]):
-      with Image.open(io.BytesIO(encoded)) as im:
+    for e in encoded:
+      with Image.open(io.BytesIO(e)) as im:
         sizes.append((im.height, im.width))
     return sizes
 

@@ -136,6 +136,17 @@ def test_tfds_dataset_by_name(toy_dir):
           tf.io.decode_image(got[i][0], channels=3).numpy(), images[i])
 
 
+def test_split_reads_lazily_and_pickles(toy_dir):
+  """A Split sent to data-loader workers (pickled) reads its examples there."""
+  import pickle  # pylint: disable=import-outside-toplevel
+  data = bit_tfds.resolve('tfds:bit_tfds_toy', toy_dir, train_split='train')
+  lazy = data.read('train').subset([7, 2, 30])
+  copy = pickle.loads(pickle.dumps(lazy))
+  full = data.read('train')
+  for j, i in enumerate([7, 2, 30]):
+    assert copy[j] == lazy[j] == (full.encoded[i], int(full.labels[i]))
+
+
 def test_tfds_reader_needs_no_tensorflow(toy_dir):
   """What PyTorch reads: the prepared files through TFDS's data source, in a
   process that never imports TensorFlow; the same examples as above."""

@@ -8,16 +8,26 @@
 
 API (framework-neutral; the pipelines of the three backends build on it):
 
+  is_tfds(dataset) -> bool         whether --dataset is a tfds:/vtab: form
+  accepted_forms() -> str          those forms in words, for error messages
   resolve(dataset, data_dir=None, manual_dir=None, train_split=None,
           eval_split=None, prepare=True) -> Dataset
       Finds the builder, prepares it when it is not (as array_record, which
       every backend reads), finds the image and label features and checks
       both splits. Bad input raises bit_common.BadInput.
-
-  Dataset.read(split) -> Split     (split: 'train', 'eval' or a split expression)
+  Dataset: name, classes, num_classes, train_split, eval_split, train_size,
+      eval_size, original_hw (typical (height, width)), random_access,
+      describe() (a dict for config.json), read('train' | 'eval') -> Split
   Split: len(split), split.labels (int64 [n]), split.encoded (object [n] of
-      encoded image bytes), split[i] -> (bytes, label), split.subset(idx),
-      split.decode(i) -> uint8 [h, w, 3].
+      encoded image bytes: PNG, JPEG, ...), split[i] -> (bytes, int label),
+      split.examples(indices), split.subset(indices) -> Split,
+      split.decode(i) -> uint8 [h, w, 3]. With array_record files a Split
+      reads nothing until asked and pickles (for data-loader workers).
+  decode(encoded) -> uint8 [h, w, 3]   (grey images repeated on 3 channels)
+  VTAB_TASKS {task: VtabTask}, VTAB_SPLITS, VTAB_DEFAULT_SPLITS
+
+  python -m bit_tfds DATASET... [--datadir D] [--tfds_manual_dir M]
+      prepares datasets ahead of a run (`vtab` stands for the 19 tasks).
 
 Prepared files in array_record format are read through TFDS's random-access
 data source, which needs neither TensorFlow nor any other framework; files in
@@ -27,7 +37,6 @@ TensorFlow.
 import dataclasses
 import io
 import os
-import re
 
 import numpy as np
 
@@ -416,7 +425,7 @@ class Dataset:
     return self.sizes[self.eval_split]
 
   def read(self, split):
-    """A Split: 'train', 'eval', or one of the names in `tfds_splits`."""
+    """The Split of 'train' or 'eval' (or of train_split / eval_split)."""
     split = {'train': self.train_split, 'eval': self.eval_split}.get(
         split, split)
     spec = self.tfds_splits[split]

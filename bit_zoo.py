@@ -397,7 +397,7 @@ def hub_file(repo):
   cache (downloaded there when missing, unless HF_HUB_OFFLINE is set)."""
   try:
     import huggingface_hub
-    from huggingface_hub import errors
+    from huggingface_hub import constants, errors
   except ImportError as e:
     raise BadInput('hf-hub: models need the huggingface_hub package: '
                    'pip install huggingface_hub') from e
@@ -406,30 +406,41 @@ def hub_file(repo):
     raise BadInput(f'hf-hub:{repo}: give a repository as hf-hub:ORG/NAME '
                    '(optionally @REVISION), e.g. '
                    'hf-hub:timm/resnetv2_50x1_bit.goog_in21k')
-  missing = []
+  offline = constants.HF_HUB_OFFLINE
+  missing, unreachable = [], None
   for filename in HF_HUB_FILES:
     try:
-      return huggingface_hub.hf_hub_download(repo_id, filename,
-                                             revision=revision or None)
-    except errors.EntryNotFoundError:  # also the offline cache's miss
+      return huggingface_hub.hf_hub_download(
+          repo_id, filename, revision=revision or None,
+          local_files_only=unreachable is not None)
+    except errors.LocalEntryNotFoundError as e:  # not in the cache
+      missing.append(filename)
+      if not offline and unreachable is None:  # and the Hub not reachable
+        unreachable = e.__cause__ or e
+    except errors.EntryNotFoundError:  # not in the repository
       missing.append(filename)
     except errors.RepositoryNotFoundError as e:
       raise BadInput(f'hf-hub:{repo}: no such repository on the Hub (or it '
                      'is private: log in with `hf auth login`).') from e
     except errors.RevisionNotFoundError as e:
       raise BadInput(f'hf-hub:{repo}: no revision {revision!r}.') from e
-    except errors.LocalEntryNotFoundError:
-      missing.append(filename)
     except (errors.HfHubHTTPError, OSError, ValueError) as e:
       raise BadInput(f'hf-hub:{repo}: could not fetch {filename} ({e}).') \
           from e
-  offline = huggingface_hub.constants.HF_HUB_OFFLINE
-  where = ('in the local Hugging Face cache (HF_HUB_OFFLINE is set: run '
-           f'once online, or `hf download {repo_id}`)' if offline else
-           'in the repository (or the Hub is unreachable and the local cache '
-           'lacks them)')
-  raise BadInput(f'hf-hub:{repo}: found neither {" nor ".join(missing)} '
-                 f'{where}.')
+  files = ' nor '.join(missing)
+  if offline:
+    raise BadInput(f'hf-hub:{repo}: neither {files} is in the local Hugging '
+                   'Face cache, and HF_HUB_OFFLINE is set: run once online, '
+                   f'or `hf download {repo_id}`.')
+  if unreachable is not None:
+    reason = str(unreachable).splitlines()[0] if str(unreachable) else \
+        type(unreachable).__name__
+    raise BadInput(f'hf-hub:{repo}: the Hugging Face Hub is unreachable '
+                   f'({reason}) and the local cache has neither {files}; '
+                   f'connect, or fill the cache (`hf download {repo_id}`) '
+                   'and set HF_HUB_OFFLINE=1.')
+  raise BadInput(f'hf-hub:{repo}: the repository has neither {files}; is '
+                 'it a timm or transformers BiT model?')
 
 
 def check_transformers_config(path, model):

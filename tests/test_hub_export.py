@@ -20,7 +20,7 @@ import bit_predict
 import bit_plot
 import bit_tensorboard
 import bit_zoo
-from conftest import synthetic_weights
+from conftest import REPO, synthetic_weights
 
 timm = pytest.importorskip('timm')
 from timm.layers import StdConv2d  # noqa: E402
@@ -153,6 +153,16 @@ def test_hub_weights_through_every_backend_match_timm(tmp_path, hub_repos,
   assert sorted(from_transformers) == sorted(weights)
   for key, value in weights.items():
     np.testing.assert_array_equal(from_transformers[key], value, err_msg=key)
+  # A fresh process finds the cache from the environment alone.
+  import subprocess
+  import sys
+  env = dict(os.environ, HF_HUB_OFFLINE='1',
+             HF_HUB_CACHE=os.environ['HF_HUB_CACHE'], PYTHONPATH=REPO)
+  shown = subprocess.run(
+      [sys.executable, '-c', 'import bit_zoo; print(bit_zoo.infer_arch('
+       f'bit_zoo.load_weights({timm_repo!r}))[0].name)'],
+      env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
+  assert shown.stdout.strip() == 'R26x0.5'
   # ... and every backend's predict command gives timm's logits.
   for name, backend, model in (('pytorch', torch_predict, transformers_repo),
                                ('tf2', tf2_predict, timm_repo),

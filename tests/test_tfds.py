@@ -149,9 +149,18 @@ def test_split_reads_lazily_and_pickles(toy_dir):
 
 def test_tfds_reader_needs_no_tensorflow(toy_dir):
   """What PyTorch reads: the prepared files through TFDS's data source, in a
-  process that never imports TensorFlow; the same examples as above."""
+  process where TensorFlow cannot be imported; the same examples as here."""
   code = (
-      'import sys, bit_tfds\n'
+      'import sys\n'
+      # TensorFlow as if it were not installed: no finder finds it.
+      'class Hide:\n'
+      '  def __init__(self, inner): self.inner = inner\n'
+      '  def find_spec(self, name, path=None, target=None):\n'
+      '    if name.split(".")[0] == "tensorflow": return None\n'
+      '    return self.inner.find_spec(name, path, target)\n'
+      'sys.meta_path[:] = [Hide(f) if hasattr(f, "find_spec") else f'
+      ' for f in sys.meta_path]\n'
+      'import bit_tfds\n'
       f'd = bit_tfds.resolve("tfds:bit_tfds_toy", {toy_dir!r},'
       ' train_split="train[5:9]+test[:2]")\n'
       's = d.read("train")\n'

@@ -14,16 +14,18 @@ folder can be uploaded to the Hugging Face Hub as is. Checked by loading it
 in timm (strictly) and comparing logits with this package's model.
 
 --format onnx writes an ONNX model taking float32 NCHW images in [-1, 1]
-(input `images`, batch dimension dynamic) and returning `logits`. The weight
-standardisation is folded into the kernels (it is constant at inference).
-Checked with onnxruntime at two batch sizes.
+(input `images`; batch, height and width dynamic) and returning `logits`.
+The weight standardisation is folded into the kernels (it is constant at
+inference). Checked with onnxruntime at two batch sizes and image shapes.
 
 timm standardises kernels with eps 1e-8 and BiT with 1e-10: timm's logits
 differ from this package's by float32 rounding plus that (measured in the
 README); the check allows --tolerance of the logits' scale.
 """
 import argparse
+import contextlib
 import copy
+import io
 import json
 import logging
 import os
@@ -62,8 +64,7 @@ def argparser():
                       help='Where registered weights are looked for (and '
                       'downloaded to when missing).')
   parser.add_argument('--resolution', type=int, default=224,
-                      help='Image size of the check (and of the ONNX '
-                      'model\'s spatial dimensions).')
+                      help='Image size of the check.')
   parser.add_argument('--tolerance', type=float, default=1e-4,
                       help='Largest logit difference allowed by the check, '
                       'relative to the largest logit (at least 1).')
@@ -102,10 +103,10 @@ def default_name(model):
   return base
 
 
-def check_inputs(resolution, batch, seed=0):
+def check_inputs(resolution, batch, seed=0, width=None):
   rng = np.random.default_rng(seed)
-  return rng.uniform(-1, 1, (batch, 3, resolution, resolution)).astype(
-      np.float32)
+  return rng.uniform(-1, 1, (batch, 3, resolution, width or resolution)
+                     ).astype(np.float32)
 
 
 def compare(name, got, want, tolerance):
@@ -260,19 +261,24 @@ def export_onnx(net, out, resolution, tolerance):
   try:
     plain = inference_copy(net)
     big = sum(p.numel() for p in plain.parameters()) * 4 > 1.8e9
-    batch = torch.export.Dim('batch', min=1, max=4096)
-    torch.onnx.export(plain, (torch.from_numpy(check_inputs(resolution, 2)),),
-                      tmp, input_names=['images'], output_names=['logits'],
-                      dynamic_shapes=({0: batch},), external_data=big,
-                      dynamo=True, verbose=False)
+    dims = {0: torch.export.Dim('batch', min=1, max=1 << 16),
+            2: torch.export.Dim('height', min=32, max=1 << 14),
+            3: torch.export.Dim('width', min=32, max=1 << 14)}
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+      torch.onnx.export(plain,
+                        (torch.from_numpy(check_inputs(resolution, 2)),),
+                        tmp, input_names=['images'], output_names=['logits'],
+                        dynamic_shapes=(dims,), external_data=big,
+                        dynamo=True, verbose=False)
     session = onnxruntime.InferenceSession(
         tmp, providers=['CPUExecutionProvider'])
     diff = 0.
-    for n in (1, 3):  # two batch sizes: the batch dimension is dynamic
-      x = check_inputs(resolution, n, seed=n)
+    # Two batch sizes and image shapes: all three dimensions are dynamic.
+    for n, width in ((1, resolution), (3, resolution * 3 // 4)):
+      x = check_inputs(resolution, n, seed=n, width=width)
       got = session.run(['logits'], {'images': x})[0]
-      diff = max(diff, compare(f'onnxruntime (batch {n})', got,
-                               source_logits(net, x), tolerance))
+      diff = max(diff, compare(f'onnxruntime ({n}x3x{resolution}x{width})',
+                               got, source_logits(net, x), tolerance))
     os.chmod(tmp, 0o644)
     os.replace(tmp, out)
     if big:
@@ -307,9 +313,9 @@ def main(args):
     if not out.endswith('.onnx'):
       raise BadInput(f'--out {out}: give a .onnx file name.')
     diff = export_onnx(net, out, args.resolution, args.tolerance)
-    print(f'wrote {out} (checked with onnxruntime at batch 1 and 3: max '
-          f'logit difference {diff:.3g}); input "images": float32 '
-          f'(batch, 3, {args.resolution}, {args.resolution}) in [-1, 1]')
+    print(f'wrote {out} (checked with onnxruntime at two batch sizes and '
+          f'image shapes: max logit difference {diff:.3g}); input "images": '
+          'float32 (batch, 3, height, width) in [-1, 1], any batch and size')
   return out
 
 

@@ -297,7 +297,7 @@ def test_timm_export_reloaded_by_timm(tmp_path, monkeypatch):
                                 w['resnet/head/conv2d/bias'])
 
 
-def test_onnx_export_has_a_dynamic_batch(tmp_path):
+def test_onnx_export_has_dynamic_batch_and_size(tmp_path):
   import onnx
   import onnxruntime
   from bit_pytorch import export, models
@@ -308,12 +308,14 @@ def test_onnx_export_has_a_dynamic_batch(tmp_path):
        '--resolution', '64']))
   graph_input = onnx.load(out).graph.input[0]
   assert graph_input.name == 'images'
-  assert graph_input.type.tensor_type.shape.dim[0].dim_param  # symbolic
+  dims = graph_input.type.tensor_type.shape.dim
+  assert [bool(d.dim_param) for d in dims] == [True, False, True, True]
+  assert dims[1].dim_value == 3  # batch, height and width are symbolic
   session = onnxruntime.InferenceSession(out,
                                          providers=['CPUExecutionProvider'])
   ours = models.create('w', weights=bit_zoo.load_npz(src)).eval()
-  for n in (2, 5):
-    x = np.random.default_rng(n).uniform(-1, 1, (n, 3, 64, 64)).astype(
+  for shape in ((2, 3, 64, 64), (5, 3, 40, 72)):
+    x = np.random.default_rng(shape[0]).uniform(-1, 1, shape).astype(
         np.float32)
     got = session.run(None, {'images': x})[0]
     with torch.no_grad():

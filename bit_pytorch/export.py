@@ -97,7 +97,7 @@ def default_name(model):
   base = os.path.basename(path)
   if base in ('model.npz', 'bit.pth.tar'):
     base = os.path.basename(os.path.dirname(os.path.abspath(path)))
-  for ext in ('.npz', '.pth.tar', '.tar', '.pth'):
+  for ext in ('.npz', '.pth.tar', '.tar', '.pth', '.safetensors', '.bin'):
     if base.endswith(ext):
       return base[:-len(ext)]
   return base

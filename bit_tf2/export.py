@@ -72,7 +72,10 @@ def default_name(model):
   base = os.path.basename(path)
   if base == 'model.npz':
     base = os.path.basename(os.path.dirname(os.path.abspath(path)))
-  return os.path.splitext(base)[0]
+  for ext in ('.npz', '.h5', '.safetensors', '.bin'):
+    if base.endswith(ext):
+      return base[:-len(ext)]
+  return base  # a registered name (dots allowed: BiT-R14x0.5-...)
 
 
 def check_inputs(resolution, batch, seed=0):

@@ -381,6 +381,26 @@ def load_weights(model, pretrained_dir='.'):
   return weights
 
 
+def check_model(model):
+  """Refuses a --model value that names nothing loadable, at once and
+  without the network: it must be a registered name, a weights file
+  (.npz, .h5, .safetensors, .bin; the file is read later), a run folder
+  holding model.npz, or hf-hub:ORG/NAME[@REVISION]."""
+  if model.startswith(HF_HUB_PREFIX):
+    repo_id = model[len(HF_HUB_PREFIX):].partition('@')[0]
+    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
+      raise BadInput(f'{model}: give a repository as hf-hub:ORG/NAME '
+                     '(optionally @REVISION), e.g. '
+                     'hf-hub:timm/resnetv2_50x1_bit.goog_in21k')
+  elif os.path.isdir(model):
+    if not os.path.isfile(os.path.join(model, 'model.npz')):
+      raise BadInput(f'{model} is a folder without model.npz; give a run '
+                     'folder, a weights file or a registered name.')
+  elif not model.endswith(('.npz', '.h5', '.safetensors', '.bin')):
+    model_info(model)
+  return model
+
+
 def check_finite(weights, source='checkpoint'):
   """Refuses weights holding NaN or infinite values, naming the key."""
   for key, value in weights.items():
@@ -401,11 +421,8 @@ def hub_file(repo):
   except ImportError as e:
     raise BadInput('hf-hub: models need the huggingface_hub package: '
                    'pip install huggingface_hub') from e
+  check_model(HF_HUB_PREFIX + repo)
   repo_id, _, revision = repo.partition('@')
-  if repo_id.count('/') != 1 or not all(repo_id.split('/')):
-    raise BadInput(f'hf-hub:{repo}: give a repository as hf-hub:ORG/NAME '
-                   '(optionally @REVISION), e.g. '
-                   'hf-hub:timm/resnetv2_50x1_bit.goog_in21k')
   offline = constants.HF_HUB_OFFLINE
   missing, unreachable = [], None
   for filename in HF_HUB_FILES:

@@ -153,6 +153,14 @@ def test_hub_weights_through_every_backend_match_timm(tmp_path, hub_repos,
   assert sorted(from_transformers) == sorted(weights)
   for key, value in weights.items():
     np.testing.assert_array_equal(from_transformers[key], value, err_msg=key)
+  # bit_pytorch.validate takes it too.
+  import argparse
+  from bit_pytorch import validate
+  net, _ = validate.load_model(argparse.Namespace(
+      ckpt_path=transformers_repo, bit_pretrained_dir='.'), list(range(7)))
+  with torch.no_grad():
+    got = net.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  np.testing.assert_allclose(got, want, atol=2e-5 * scale, rtol=0)
   # A fresh process finds the cache from the environment alone.
   import subprocess
   import sys
@@ -201,6 +209,13 @@ def test_hub_refusals(tmp_path, offline_hub, timm_model):
     bit_zoo.load_weights('hf-hub:timm/not-in-the-cache')
   with pytest.raises(bit_common.BadInput, match='ORG/NAME'):
     bit_zoo.load_weights('hf-hub:just-a-name')
+  # What --model takes, checked up front without the network.
+  for ok in ('hf-hub:timm/x@main', 'BiT-M-R50x1', 'later.npz', 'x.h5'):
+    assert bit_zoo.check_model(ok) == ok
+  for bad, message in (('hf-hub:a/b/c', 'ORG/NAME'), ('BiT-Q', 'unknown'),
+                       (str(tmp_path), 'without model.npz')):
+    with pytest.raises(bit_common.BadInput, match=message):
+      bit_zoo.check_model(bad)
   # NaN: refused, naming the key.
   bad = dict(state)
   bad['stages.1.blocks.0.conv2.weight'] = bad[

@@ -273,7 +273,9 @@ def _resize(image, size):
     return tf.clip_by_value(
         tf.image.resize(image, (size, size), antialias=True), 0.0, 255.0)
   same = tf.reduce_all(tf.shape(image)[:2] == size)
-  return tf.cond(same, lambda: tf.cast(image, tf.float32), resize)
+  return tf.ensure_shape(
+      tf.cond(same, lambda: tf.cast(image, tf.float32), resize),
+      [size, size, 3])
 
 
 def _augment(image, resize, crop, top, left, flip):
@@ -283,7 +285,7 @@ def _augment(image, resize, crop, top, left, flip):
                                         tf.cast(left, tf.int32), crop, crop)
   image = tf.cond(flip, lambda: tf.image.flip_left_right(image),
                   lambda: image)
-  return _to_unit_range(image)
+  return _to_unit_range(tf.ensure_shape(image, [crop, crop, 3]))
 
 
 def train_batches(data, stream, resize, crop, start_step=0, process_index=0,

@@ -137,7 +137,7 @@ def _train(args, rank, device):
   settings = dict(hyper.settings(args, data.classes),
                   arch=net.architecture.name)  # For validate.
   ckpt = Checkpoint(os.path.join(run.dir, CHECKPOINT), settings, run.lead,
-                    net=net, optimizer=opt, scaler=scaler)
+                    model=net, optimizer=opt, scaler=scaler)
   step = same_everywhere(run.resume(ckpt, settings))
   run.start(step, dict(hyper.config(), classes=data.classes, devices=world,
                        device=str(device),

@@ -41,8 +41,7 @@ def load_model(args, classes):
           f'{args.dataset} has {len(classes)} '
           f'({", ".join(map(str, classes[:5]))}, ...).')
     net = models.create(run['arch'], head_size=len(classes))
-    # 'net' since the training rewrite's Checkpoint, 'model' before it.
-    net.load_state_dict(state['net'] if 'net' in state else state['model'])
+    net.load_state_dict(state['model'])
     return net, run['resolution'][1]
   weights = bit_zoo.load_weights(args.ckpt_path, args.bit_pretrained_dir)
   net = models.create(args.ckpt_path, weights=weights)

@@ -1,0 +1,294 @@
+"""The contract every trainer keeps (bit_pytorch.train, bit_tf2.train,
+bit_jax.train), tested once for the three: the outputs and their fields,
+the same losses in every backend (mixup on), --batch_split equal to one
+batch, resume after SIGTERM equal to an uninterrupted run, refusal to
+resume with other settings, exit 2 on bad input, bad images.
+
+Runs are tiny (R14x0.5, 32 px images already at the crop size, 12 steps)
+and shared between tests: one reference run per backend.
+"""
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bit_common
+import bit_zoo
+from conftest import REPO, synthetic_weights, write_imagefolder
+
+BACKENDS = ('pytorch', 'tf2', 'jax')
+STEPS = 12
+# Mixup on, images at the crop size (nothing resampled): every backend
+# trains on the same pixels, so their losses must agree.
+COMMON = ['--batch', '8', '--total_steps', str(STEPS), '--resize_size', '32',
+          '--crop_size', '32', '--base_lr', '0.01', '--mixup_alpha', '0.4',
+          '--workers', '1', '--eval_every', '6']
+OUTPUTS = {'pytorch': ['bit.pth.tar', 'bit.prev.pth.tar'], 'tf2': ['checkpoints'],
+           'jax': ['checkpoints']}
+
+
+def trainer(backend):
+  return importlib.import_module(f'bit_{backend}.train')
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp('trainers')
+  folder = write_imagefolder(root / 'images', train=8, val=5, size=(32, 32))
+  npz = root / 'tiny.npz'
+  np.savez(npz, **synthetic_weights('R14x0.5', 10))
+  return root, folder, str(npz)
+
+
+def argv(setup, backend, name, *extra, folder=None):
+  root, images, npz = setup
+  return ['--name', name, '--logdir', str(root / backend), '--model', npz,
+          '--dataset', 'imagefolder', '--datadir', folder or images, *COMMON,
+          *extra]
+
+
+def run(setup, backend, name, *extra, **kw):
+  train = trainer(backend)
+  return train.main(train.argparser().parse_args(
+      argv(setup, backend, name, *extra, **kw)))
+
+
+def cli(setup, backend, name, *extra, **kw):
+  env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1',
+             JAX_PLATFORMS='cpu')
+  env.pop('WORLD_SIZE', None)
+  return subprocess.run(
+      [sys.executable, '-m', f'bit_{backend}.train',
+       *argv(setup, backend, name, *extra, **kw)],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def out(setup, backend, name):
+  return setup[0] / backend / name
+
+
+def weights(setup, backend, name):
+  return bit_zoo.load_npz(str(out(setup, backend, name) / 'model.npz'))
+
+
+def metrics(setup, backend, name):
+  with open(out(setup, backend, name) / 'metrics.jsonl') as f:
+    return [json.loads(line) for line in f]
+
+
+def assert_same(a, b, atol=2e-5):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=0, atol=atol, err_msg=k)
+
+
+@pytest.fixture(scope='module')
+def reference(setup):
+  """{backend: final evaluation} of one uninterrupted run each."""
+  import torch
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1)
+  try:
+    return {b: run(setup, b, 'reference') for b in BACKENDS}
+  finally:
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_outputs_and_their_fields(setup, reference, backend):
+  result = reference[backend]
+  run_dir = out(setup, backend, 'reference')
+  assert sorted(os.listdir(run_dir)) == sorted(
+      ['config.json', 'metrics.jsonl', 'model.npz', 'results.json',
+       'train.log', *OUTPUTS[backend]])
+  assert result['top1'] >= 0.8, result  # 3 classes: chance is 1/3
+  results = json.loads((run_dir / 'results.json').read_text())
+  assert results['top1'] == result['top1'] and results['step'] == STEPS
+  assert results['n'] == 15  # every validation image (3 classes x 5)
+  config = json.loads((run_dir / 'config.json').read_text())
+  assert config['classes'] == ['cat', 'dog', 'owl']
+  assert config['dataset_size'] == 24 and config['resolution'] == [32, 32]
+  assert config['schedule'][-1] == STEPS and config['mixup'] == 0.4
+  assert config['mixup_alpha'] == 0.4 and config['resumed_from_step'] == 0
+  assert config['devices'] == 1 and config['versions']
+  records = metrics(setup, backend, 'reference')
+  train = [r for r in records if r['split'] == 'train']
+  val = [r for r in records if r['split'] == 'val']
+  assert [r['step'] for r in train] == list(range(1, STEPS + 1))
+  assert set(train[0]) == {'step', 'split', 'loss', 'lr', 'images_per_sec'}
+  assert train[0]['loss'] == pytest.approx(np.log(3), rel=1e-5)  # zero head
+  assert [r['step'] for r in val] == [6, 12]
+  assert set(val[0]) == {'step', 'split', 'loss', 'top1', 'top5', 'n'}
+  assert val[-1]['top1'] == result['top1']
+  # The export is a published-layout checkpoint with a trained 3-class head.
+  exported = weights(setup, backend, 'reference')
+  bit_zoo.check_weights(exported, bit_zoo.parse_arch('R14x0.5'), 3)
+  assert np.abs(exported['resnet/head/conv2d/kernel']).sum() > 0
+  assert 'INFO' in (run_dir / 'train.log').read_text()
+
+
+def test_every_backend_trains_on_the_same_stream(setup, reference):
+  """Same seed, same batches, same mixup: the per-step losses and the
+  weights of the three backends agree to float rounding."""
+  del reference
+  losses = {b: np.array([r['loss'] for r in metrics(setup, b, 'reference')
+                         if r['split'] == 'train']) for b in BACKENDS}
+  assert np.ptp(losses['pytorch']) > 0.1  # the runs learned something
+  for b in ('tf2', 'jax'):
+    np.testing.assert_allclose(losses[b], losses['pytorch'], rtol=2e-4,
+                               err_msg=b)
+    assert_same(weights(setup, b, 'reference'),
+                weights(setup, 'pytorch', 'reference'), atol=2e-4)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_batch_split_equals_one_batch(setup, reference, backend):
+  # Micro-batches of one example: each loads its mixup partner beside it.
+  result = run(setup, backend, 'split8', '--batch_split', '8')
+  assert_same(weights(setup, backend, 'split8'),
+              weights(setup, backend, 'reference'))
+  assert result['top1'] == reference[backend]['top1']
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_resume_after_sigterm_equals_an_uninterrupted_run(
+    setup, reference, backend, sigterm_after_step):
+  sigterm_after_step(4)
+  with pytest.raises(SystemExit) as stop:
+    run(setup, backend, 'resumed')
+  assert stop.value.code == 128 + signal.SIGTERM
+  assert not (out(setup, backend, 'resumed') / 'results.json').exists()
+  assert [r['step'] for r in metrics(setup, backend, 'resumed')] == [
+      1, 2, 3, 4]
+  sigterm_after_step(None)
+  result = run(setup, backend, 'resumed')
+  assert result['top1'] == reference[backend]['top1']
+  assert result['loss'] == pytest.approx(reference[backend]['loss'],
+                                         rel=1e-5)
+  assert_same(weights(setup, backend, 'resumed'),
+              weights(setup, backend, 'reference'), atol=1e-6)
+  records = metrics(setup, backend, 'resumed')
+  assert [r['step'] for r in records if r['split'] == 'train'] == list(
+      range(1, STEPS + 1))
+  config = json.loads((out(setup, backend, 'resumed') /
+                       'config.json').read_text())
+  assert config['resumed_from_step'] == 4
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_resuming_with_other_settings_is_refused(setup, reference, backend):
+  del reference  # the run it would resume
+  with pytest.raises(bit_common.BadInput,
+                     match='base_lr: 0.01 there, 0.1 now'):
+    run(setup, backend, 'reference', '--base_lr', '0.1')
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_bad_input_exits_2_before_any_work(setup, backend):
+  proc = cli(setup, backend, 'bad', '--batch', '10', '--batch_split', '3')
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and 'not divisible' in last, last
+  assert not out(setup, backend, 'bad').exists()
+  for extra, message in ((['--mixup_alpha', '-1'], 'mixup_alpha'),
+                         (['--model', 'BiT-M-R51x1'], 'unknown model')):
+    with pytest.raises(bit_common.BadInput, match=message):
+      run(setup, backend, 'bad', *extra)
+  assert not out(setup, backend, 'bad').exists()
+
+
+@pytest.fixture(scope='module')
+def bad_folder(tmp_path_factory):
+  """An image folder with a file that is no image and a truncated PNG."""
+  folder = write_imagefolder(tmp_path_factory.mktemp('bad') / 'images',
+                             train=4, val=2, size=(32, 32))
+  with open(os.path.join(folder, 'train', 'dog', 'broken.png'), 'wb') as f:
+    f.write(b'not an image')
+  path = os.path.join(folder, 'train', 'cat', '001.png')
+  with open(path, 'rb') as f:
+    head = f.read(100)  # the header reads; the pixels do not
+  with open(path, 'wb') as f:
+    f.write(head)
+  return folder
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_bad_images_are_named_or_the_same_ones_left_out(setup, bad_folder,
+                                                        backend):
+  with pytest.raises(bit_common.BadInput, match=r'broken\.png.*'
+                     '--skip_bad_images'):
+    run(setup, backend, 'bad_images', folder=bad_folder)
+  result = run(setup, backend, 'skip', '--skip_bad_images', '--total_steps',
+               '1', folder=bad_folder)
+  assert result['n'] == 6
+  config = json.loads((out(setup, backend, 'skip') /
+                       'config.json').read_text())
+  assert config['dataset_size'] == 11  # 12 images, the truncated one out
+
+
+# --------------------------------------------------------------------------
+# Several devices or processes: the same global batch, the same update.
+
+TF2_LOGICAL_DEVICES = (
+    'import sys, tensorflow as tf\n'
+    'cpu = tf.config.list_physical_devices("CPU")[0]\n'
+    'tf.config.set_logical_device_configuration(\n'
+    '    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n'
+    'from bit_tf2 import train\n'
+    'train.main(train.argparser().parse_args(sys.argv[1:]))\n')
+LAUNCH = {
+    # Two processes (DDP, gloo), one device each.
+    'pytorch': ([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                 '--nproc_per_node', '2', '-m', 'bit_pytorch.train'], {}, 2),
+    # Two logical CPU devices under MirroredStrategy.
+    'tf2': ([sys.executable, '-c', TF2_LOGICAL_DEVICES], {}, 2),
+    # Four CPU devices in one mesh.
+    'jax': ([sys.executable, '-m', 'bit_jax.train'],
+            {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}, 4),
+}
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_several_devices_equal_one(setup, reference, backend):
+  launcher, env, devices = LAUNCH[backend]
+  env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1',
+             JAX_PLATFORMS='cpu', **env)
+  proc = subprocess.run([*launcher, *argv(setup, backend, 'devices')],
+                        cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  run_dir = out(setup, backend, 'devices')
+  assert json.loads((run_dir / 'config.json').read_text())[
+      'devices'] == devices
+  assert_same(weights(setup, backend, 'devices'),
+              weights(setup, backend, 'reference'))
+  result = json.loads((run_dir / 'results.json').read_text())
+  assert result['n'] == 15 and result['top1'] == reference[backend]['top1']
+
+
+# --------------------------------------------------------------------------
+# What one backend adds.
+
+def test_tf2_fp16_with_loss_scaling_learns_and_exports_a_saved_model(setup):
+  import tensorflow as tf
+  result = run(setup, 'tf2', 'fp16', '--precision', 'fp16',
+               '--export_saved_model')
+  assert result['top1'] >= 0.8, result
+  exported = weights(setup, 'tf2', 'fp16')
+  assert all(v.dtype == np.float32 and np.isfinite(v).all()
+             for v in exported.values())
+  served = tf.saved_model.load(str(out(setup, 'tf2', 'fp16') /
+                                   'saved_model'))
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3))
+  logits = served.serve(images.astype(np.float32)).numpy()
+  assert logits.shape == (2, 3) and np.isfinite(logits).all()
+
+
+def test_jax_refuses_fp16(setup):
+  with pytest.raises(bit_common.BadInput, match='use bf16'):
+    run(setup, 'jax', 'fp16', '--precision', 'fp16')

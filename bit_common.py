@@ -54,8 +54,8 @@ import bit_zoo  # noqa: E402  pylint: disable=wrong-import-position
 # --------------------------------------------------------------------------
 # Command line.
 
-TORCH_OR_TFDS_DATASETS = ('cifar10', 'cifar100', 'oxford_iiit_pet',
-                          'oxford_flowers102', 'imagenet2012')
+# The name before bit_data.NAMED_DATASETS.
+TORCH_OR_TFDS_DATASETS = bit_data.NAMED_DATASETS
 
 
 def argparser(known_models=None):
@@ -70,23 +70,33 @@ def argparser(known_models=None):
   parser.add_argument('--model', default='BiT-M-R50x1',
                       help='A registered model (e.g. ' +
                       ', '.join(known_models[:4]) + ', ...; the full list is '
-                      'in the README) or a path to a .npz file.')
+                      'in the README), a weights file (.npz, .h5, '
+                      '.safetensors), a run folder, or hf-hub:ORG/NAME.')
   parser.add_argument('--logdir', required=True,
                       help='Where the log, metrics and checkpoints go.')
   parser.add_argument('--bit_pretrained_dir', default='.',
                       help='Where pre-trained weights are looked for, and '
                       'downloaded to when missing.')
   parser.add_argument('--dataset', default='cifar10',
-                      choices=TORCH_OR_TFDS_DATASETS + ('imagefolder',) +
-                      tuple(bit_data.ARRAY_DATASETS),
-                      help='Dataset to fine-tune on; imagefolder reads '
-                      'DATADIR/train/<class>/* and DATADIR/val (or test)/...')
+                      type=bit_data.dataset_name,
+                      help='One of ' + bit_data.dataset_forms() + '; '
+                      'imagefolder reads DATADIR/train/<class>/* and '
+                      'DATADIR/val (or test)/<class>/*.')
   parser.add_argument('--datadir', default=None,
                       help='Dataset folder: the image folder, the ImageNet '
                       'root, or where a downloadable dataset is stored.')
   parser.add_argument('--tfds_manual_dir', default=None,
                       help='TFDS manual_dir, for datasets TFDS cannot '
-                      'download itself (TF2 and JAX).')
+                      'download itself.')
+  parser.add_argument('--train_split', default=None,
+                      help='tfds:/vtab: datasets: the training split (TFDS '
+                      'split syntax, e.g. train[:800]; VTAB split names '
+                      'for vtab:). Default: train; train800val200 for vtab:.')
+  parser.add_argument('--eval_split', default=None,
+                      help='tfds:/vtab: datasets: the split evaluated (e.g. '
+                      'validation or train[800:1000]+validation). Default: '
+                      'validation where it exists, else test; test for '
+                      'vtab:.')
   parser.add_argument('--examples_per_class', type=int, default=None,
                       help='Few-shot: draw this many training examples from '
                       'each class.')
@@ -157,8 +167,7 @@ def check_args(args, devices=1):
       args.crop_size > args.resize_size):
     raise BadInput(f'--crop_size {args.crop_size} is larger than '
                    f'--resize_size {args.resize_size}.')
-  if not args.model.endswith(('.npz', '.h5')):
-    bit_zoo.model_info(args.model)
+  bit_zoo.check_model(args.model)
 
 
 def backend_argparser(add_flags):

@@ -2,12 +2,39 @@
 (read the same way by every backend), image-file checks, and the datasets
 that ship offline as arrays.
 """
+import argparse
 import dataclasses
 import os
 
 import numpy as np
 
+import bit_tfds
 from bit_common import BadInput
+
+# Datasets known by name: torchvision's in PyTorch, TFDS's in TF2/JAX.
+NAMED_DATASETS = ('cifar10', 'cifar100', 'oxford_iiit_pet',
+                  'oxford_flowers102', 'imagenet2012')
+
+
+def dataset_forms():
+  """Every --dataset value accepted, in words."""
+  return ', '.join(NAMED_DATASETS + ('imagefolder',) +
+                   tuple(ARRAY_DATASETS)) + ', ' + bit_tfds.accepted_forms()
+
+
+def dataset_name(value):
+  """argparse type of --dataset: a named dataset, imagefolder, an offline
+  array dataset, tfds:NAME or vtab:TASK (the task checked here)."""
+  if value in NAMED_DATASETS + ('imagefolder',) or value in ARRAY_DATASETS:
+    return value
+  if (value.startswith(bit_tfds.TFDS_PREFIX) and
+      len(value) > len(bit_tfds.TFDS_PREFIX)):
+    return value
+  if (value.startswith(bit_tfds.VTAB_PREFIX) and
+      value[len(bit_tfds.VTAB_PREFIX):] in bit_tfds.VTAB_TASKS):
+    return value
+  raise argparse.ArgumentTypeError(
+      f'unknown dataset {value!r}; give one of {dataset_forms()}')
 
 
 def fewshot_indices(labels, examples_per_class, seed):

@@ -33,6 +33,7 @@ import numpy as np
 
 import bit_data
 import bit_hyperrule
+import bit_tensorboard
 from bit_common import BadInput, Diverged, run_dir, run_logger
 
 LOG_EVERY = 10       # steps between reading losses back from the device
@@ -62,7 +63,8 @@ def _json_default(obj):
 
 
 class Metrics:
-  """Appends one JSON object per line to LOGDIR/NAME/metrics.jsonl.
+  """Appends one JSON object per line to LOGDIR/NAME/metrics.jsonl, and
+the same scalars to a TensorBoard event file beside it.
 
   On resume, lines from steps after the checkpoint are dropped first (the
   file is rewritten atomically), so it reads as one uninterrupted run.
@@ -80,6 +82,8 @@ class Metrics:
       f.writelines(kept)
     os.replace(tmp, self.path)
     self._file = open(self.path, 'a')
+    self._tensorboard = bit_tensorboard.TensorBoard(run_dir(args),
+                                                    resume_step)
 
   def write(self, step, split, **values):
     record = {'step': int(step), 'split': split}
@@ -87,9 +91,11 @@ class Metrics:
                    for k, v in values.items()})
     self._file.write(json.dumps(record) + '\n')
     self._file.flush()
+    self._tensorboard.scalars(step, split, values)
 
   def close(self):
     self._file.close()
+    self._tensorboard.close()
 
 
 def versions(*modules):

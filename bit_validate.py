@@ -21,28 +21,6 @@ import bit_data
 import bit_tfds
 
 
-def dataset_forms():
-  """Every --dataset value accepted, in words."""
-  named = (bit_common.TORCH_OR_TFDS_DATASETS + ('imagefolder',) +
-           tuple(bit_data.ARRAY_DATASETS))
-  return f'{", ".join(named)}, {bit_tfds.accepted_forms()}'
-
-
-def dataset_name(value):
-  """argparse type of --dataset: a named dataset, imagefolder, an offline
-  array dataset, tfds:NAME or vtab:TASK (the task checked here)."""
-  named = (bit_common.TORCH_OR_TFDS_DATASETS + ('imagefolder',) +
-           tuple(bit_data.ARRAY_DATASETS))
-  if value in named or (value.startswith(bit_tfds.TFDS_PREFIX) and
-                        len(value) > len(bit_tfds.TFDS_PREFIX)):
-    return value
-  if (value.startswith(bit_tfds.VTAB_PREFIX) and
-      value[len(bit_tfds.VTAB_PREFIX):] in bit_tfds.VTAB_TASKS):
-    return value
-  raise argparse.ArgumentTypeError(
-      f'unknown dataset {value!r}; give one of {dataset_forms()}')
-
-
 def argparser(framework, precisions=('fp32', 'bf16', 'fp16'),
               checkpoint_help=''):
   """The validation command line of `framework` ('PyTorch', 'TF2', 'JAX')."""
@@ -53,8 +31,8 @@ def argparser(framework, precisions=('fp32', 'bf16', 'fp16'),
                       help=checkpoint_help + 'A .npz file, a registered '
                       'model name (e.g. BiT-M-R50x1-run0-dtd) or '
                       'hf-hub:ORG/NAME.')
-  parser.add_argument('--dataset', default='cifar10', type=dataset_name,
-                      help='One of ' + dataset_forms() + '.')
+  parser.add_argument('--dataset', default='cifar10', type=bit_data.dataset_name,
+                      help='One of ' + bit_data.dataset_forms() + '.')
   parser.add_argument('--datadir', default=None,
                       help='As for training: the image folder, ImageNet '
                       'root, the TFDS data_dir, or where torchvision keeps '

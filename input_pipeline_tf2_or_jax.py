@@ -48,6 +48,7 @@ import tensorflow as tf
 import bit_common
 import bit_data
 import bit_hyperrule
+import bit_tfds
 
 # A TFDS training split larger than this is streamed (shuffle buffer) rather
 # than held in memory as encoded images for random access.
@@ -147,10 +148,13 @@ def load(args, logger=None):
     data = _imagefolder(args, logger)
   elif args.dataset in bit_data.ARRAY_DATASETS:
     data = _arrays(args.dataset)
-  elif args.dataset in bit_common.TORCH_OR_TFDS_DATASETS:
+  elif bit_tfds.is_tfds(args.dataset):
+    data = _tfds_or_vtab(args)
+  elif args.dataset in bit_data.NAMED_DATASETS:
     data = _tfds(args, logger)
   else:
-    raise bit_common.BadInput(f'unknown dataset {args.dataset!r}.')
+    raise bit_common.BadInput(f'unknown dataset {args.dataset!r}; give one '
+                              f'of {bit_data.dataset_forms()}.')
   data.workers = getattr(args, 'workers', None)
   if args.examples_per_class:
     if not data.train.random_access:
@@ -160,6 +164,19 @@ def load(args, logger=None):
                                      args.examples_per_class_seed)
     data.train = data.train.subset(idx)
   return data
+
+
+def _tfds_or_vtab(args):
+  """tfds:NAME and vtab:TASK, read through bit_tfds (as PyTorch reads
+  them: the same examples in the same order)."""
+  d = bit_tfds.resolve(args.dataset, args.datadir, args.tfds_manual_dir,
+                       getattr(args, 'train_split', None),
+                       getattr(args, 'eval_split', None))
+  train, evaluation = (d.read(s) for s in ('train', 'eval'))
+  train, evaluation = (Source(len(s), s.labels, table=s.encoded)
+                       for s in (train, evaluation))
+  return Data(args.dataset, train, evaluation, d.num_classes, d.classes,
+              d.original_hw, d.eval_split, train.n)
 
 
 def _arrays(name):

@@ -141,8 +141,7 @@ def main(args):
   run = bit_run.Run(args, pid == 0, _any_process if nproc > 1 else None)
   data = input_pipeline.load(args, run.logger)
   hyper = bit_run.HyperRule.of(args, data.train_size, data.original_hw)
-  weights = bit_zoo.load_npz(bit_zoo.weights_path(
-      args.model, args.bit_pretrained_dir))
+  weights = bit_zoo.load_weights(args.model, args.bit_pretrained_dir)
   model, params = models.create(args.model, head_size=data.num_classes,
                                 zero_head=True, weights=weights,
                                 dtype=DTYPES[args.precision])

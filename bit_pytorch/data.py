@@ -9,6 +9,7 @@ batch), so a resumed run, a run over any number of processes, and a run in
 another backend see exactly the same batches.
 """
 import dataclasses
+import io
 import os
 
 import numpy as np
@@ -18,24 +19,30 @@ from PIL import Image
 import bit_common
 import bit_data
 import bit_hyperrule
+import bit_tfds
 
 
 @dataclasses.dataclass
 class Source:
   """Examples of one split: `load(i)` gives image i as a PIL RGB image."""
-  labels: np.ndarray
+  labels: np.ndarray = None
   paths: list = None          # image files, or
-  images: np.ndarray = None   # uint8 (N, H, W, 3)
+  images: np.ndarray = None   # uint8 (N, H, W, 3), or
+  split: object = None        # a bit_tfds.Split (encoded images, labels)
+
+  def __post_init__(self):
+    if self.split is not None and self.labels is None:
+      self.labels = self.split.labels
 
   def __len__(self):
     return len(self.labels)
 
-  def name(self, i):
-    return self.paths[i] if self.paths is not None else f'image {i}'
-
   def load(self, i):
     if self.images is not None:
       return Image.fromarray(self.images[i])
+    if self.split is not None:
+      with Image.open(io.BytesIO(self.split[i][0])) as im:
+        return im.convert('RGB')
     try:
       with Image.open(self.paths[i]) as im:
         return im.convert('RGB')
@@ -45,7 +52,8 @@ class Source:
   def subset(self, indices):
     return Source(self.labels[indices],
                   None if self.paths is None else [self.paths[i] for i in indices],
-                  None if self.images is None else self.images[indices])
+                  None if self.images is None else self.images[indices],
+                  None if self.split is None else self.split.subset(indices))
 
 
 @dataclasses.dataclass
@@ -74,6 +82,13 @@ def load(args, logger, check_train=True):
       train = _check_files(train, args, logger)
     val = _check_files(Source(val.labels, val.paths), args, logger)
     return Data(classes, train, val, _typical_hw(train.paths))
+  if bit_tfds.is_tfds(args.dataset):
+    d = bit_tfds.resolve(args.dataset, args.datadir,
+                         getattr(args, 'tfds_manual_dir', None),
+                         getattr(args, 'train_split', None),
+                         getattr(args, 'eval_split', None))
+    return Data(d.classes, Source(split=d.read('train')),
+                Source(split=d.read('eval')), d.original_hw)
   return _torchvision(args)
 
 
@@ -105,11 +120,12 @@ def _torchvision(args):
     if args.dataset == 'oxford_iiit_pet':
       train, val = (datasets.OxfordIIITPet(root, split=s, download=True)
                     for s in ('trainval', 'test'))
-      files = [(d._images, d._labels) for d in (train, val)]  # pylint: disable=protected-access
-    else:  # oxford_flowers102
-      train, val = (datasets.Flowers102(root, split=s, download=True)
-                    for s in ('train', 'val'))
-      files = [(d._image_files, d._labels) for d in (train, val)]  # pylint: disable=protected-access
+      files = [_pets_files(root, s) for s in ('trainval', 'test')]
+    else:  # oxford_flowers102: loader=str gives each image's path
+      train, val = (datasets.Flowers102(root, split=s, download=True,
+                                        loader=str) for s in ('train', 'val'))
+      files = [tuple(zip(*(d[i] for i in range(len(d))))) for d in (train,
+                                                                    val)]
   except (OSError, RuntimeError) as e:
     raise bit_common.BadInput(f'could not get {args.dataset} into {root} ({e}); '
                               'check the network or --datadir.') from e
@@ -117,6 +133,17 @@ def _torchvision(args):
   tp = [str(p) for p in tp]
   return Data(list(train.classes), Source(np.asarray(tl), tp),
               Source(np.asarray(vl), [str(p) for p in vp]), _typical_hw(tp))
+
+
+def _pets_files(root, split):
+  """(image paths, labels) of a split of Oxford-IIIT Pet as torchvision
+  lays it out: the dataset's own annotation list, whose lines read "NAME
+  CLASS_ID SPECIES BREED_ID" (CLASS_ID counts from 1)."""
+  folder = os.path.join(root, 'oxford-iiit-pet')
+  with open(os.path.join(folder, 'annotations', f'{split}.txt')) as f:
+    rows = [line.split() for line in f if line.strip()]
+  return ([os.path.join(folder, 'images', f'{r[0]}.jpg') for r in rows],
+          [int(r[1]) - 1 for r in rows])
 
 
 def fewshot(source, args):

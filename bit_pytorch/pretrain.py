@@ -80,11 +80,10 @@ class Recipe:
       if getattr(self, name) not in allowed:
         raise bit_common.BadInput(f'recipe: {name} must be one of {allowed}, '
                                   f'got {getattr(self, name)!r}.')
-    datasets = (bit_common.TORCH_OR_TFDS_DATASETS + ('imagefolder',) +
-                tuple(bit_data.ARRAY_DATASETS))
-    if self.dataset not in datasets:
-      raise bit_common.BadInput(f'recipe: dataset must be one of {datasets}, '
-                                f'got {self.dataset!r}.')
+    try:
+      bit_data.dataset_name(self.dataset)
+    except argparse.ArgumentTypeError as e:
+      raise bit_common.BadInput(f'recipe: {e}.') from None
     if self.dataset in ('imagenet2012', 'imagefolder') and not self.datadir:
       raise bit_common.BadInput(f'{self.dataset} needs --datadir (a folder '
                                 'with train/<class>/* and val/<class>/*).')

@@ -127,10 +127,11 @@ def _train(args, rank, device):
   data = local_first(torch_data.load, args, run.logger)
   train_src = torch_data.fewshot(data.train, args)
   hyper = bit_run.HyperRule.of(args, len(train_src), data.original_hw)
-  path = local_first(bit_zoo.weights_path, args.model,
-                     args.bit_pretrained_dir)
+  weights = local_first(bit_zoo.load_weights, args.model,
+                        args.bit_pretrained_dir)
   net = models.create(args.model, head_size=len(data.classes), zero_head=True,
-                      weights=bit_zoo.load_npz(path))
+                      weights=weights)
+  del weights
   net, channels_last = to_device(net, device)
   opt, scaler = optimizer(net, args.base_lr, args.precision)
 

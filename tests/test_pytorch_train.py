@@ -148,12 +148,22 @@ def test_validate_checkpoint_and_npz_agree_with_training(folder, npz,
 def test_torchvision_datasets_are_wrapped_from_their_data(monkeypatch,
                                                           tmp_path):
   """cifar10 and oxford_iiit_pet through stand-ins for torchvision's classes
-  (no download): classes, sizes and splits come from the data."""
+  (no download; pets in torchvision's folder layout, with the dataset's
+  annotation lists): classes, sizes and splits come from the data."""
+  from PIL import Image
   from torchvision import datasets
-  folder = write_imagefolder(tmp_path / 'pets', train=3, val=2,
-                             size=(120, 100))
-  files = {s: bit_common.scan_imagefolder(folder)[1 if s == 'trainval' else 2]
-           for s in ('trainval', 'test')}
+  pets = tmp_path / 'oxford-iiit-pet'
+  os.makedirs(pets / 'images')
+  os.makedirs(pets / 'annotations')
+  rng = np.random.default_rng(0)
+  for split, n in (('trainval', 9), ('test', 6)):
+    lines = []
+    for i in range(n):
+      name = f'{split}_{i}'
+      Image.fromarray(rng.integers(0, 255, (120, 100, 3), np.uint8)).save(
+          pets / 'images' / f'{name}.jpg')
+      lines.append(f'{name} {i % 3 + 1} 1 {i}')
+    (pets / 'annotations' / f'{split}.txt').write_text('\n'.join(lines))
   calls = []
 
   class FakeCifar:
@@ -170,8 +180,6 @@ def test_torchvision_datasets_are_wrapped_from_their_data(monkeypatch,
 
     def __init__(self, root, split, download):
       calls.append((root, split, download))
-      self._images, self._labels = files[split].paths, list(
-          files[split].labels)
 
   monkeypatch.setattr(datasets, 'CIFAR10', FakeCifar)
   monkeypatch.setattr(datasets, 'OxfordIIITPet', FakePets)
@@ -183,6 +191,7 @@ def test_torchvision_datasets_are_wrapped_from_their_data(monkeypatch,
   args.dataset = 'oxford_iiit_pet'
   pets = bit_data.load(args, None)
   assert len(pets.train) == 9 and len(pets.val) == 6
+  assert pets.train.labels.tolist() == [i % 3 for i in range(9)]
   assert pets.original_hw == (120, 100)
   assert pets.train.load(0).size == (100, 120)
   assert calls == [(str(tmp_path), True, True), (str(tmp_path), False, True),

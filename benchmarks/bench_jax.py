@@ -6,15 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from timing import RssPeak, images_per_sec
+from timing import images_per_sec
 
 
 def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
             evaluate=True):
-  """{train_img_s, train_mem_bytes, eval_img_s, ...}; train_mem_bytes: on an
-  accelerator the allocator's peak so far (JAX cannot reset it: model
-  set-up included), on the CPU the growth of peak resident memory over the
-  training steps (compilation excluded)."""
+  """{train_img_s, train_mem_bytes, eval_img_s, ...}; train_mem_bytes: the
+  compiled training step's memory as XLA plans it (arguments, outputs not
+  aliased to them, temporaries), on any platform. (The accelerator
+  allocator's peak cannot be reset in JAX and holds the autotuning's
+  scratch; the CPU's resident memory holds the compiler's.)"""
   from bit_jax import models, train
   if precision not in train.DTYPES:
     raise ValueError(f'bit_jax does not support {precision}')
@@ -34,7 +35,6 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
   mask = jax.device_put(np.ones(batch, bool), sharded)
   lr = jnp.float32(0.003)
 
-  # Compiled before the memory is read, so that compiling is not counted.
   train_step = train_step.lower(*state, x, y, lr).compile()
 
   def step():
@@ -44,13 +44,12 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
     loss.block_until_ready()
 
   device = jax.devices()[0]
-  on_cpu = device.platform == 'cpu'
-  if on_cpu:
-    rss = RssPeak()
-    rss.start()
-  out = {'train_img_s': images_per_sec(step, batch, steps, warmup)}
-  out['train_mem_bytes'] = (rss.growth() if on_cpu else
-                            device.memory_stats()['peak_bytes_in_use'])
+  plan = train_step.memory_analysis()
+  out = {'train_img_s': images_per_sec(step, batch, steps, warmup),
+         'train_mem_bytes': (plan.argument_size_in_bytes +
+                             plan.output_size_in_bytes -
+                             plan.alias_size_in_bytes +
+                             plan.temp_size_in_bytes)}
   if evaluate:
     out['eval_img_s'] = images_per_sec(
         lambda: eval_step(state[0], x, y_int, mask).block_until_ready(),

@@ -24,15 +24,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
-            evaluate=True):
+            evaluate=True, compile=False):  # pylint: disable=redefined-builtin
+  """time_model of bit_pytorch's model; with `compile`, through
+  torch.compile, as bit_pytorch.train --compile runs it."""
   from bit_pytorch import models
   return time_model(models.create(arch, head_size=1000), resolution, batch,
                     precision, steps, warmup, batch_split=batch_split,
-                    evaluate=evaluate)
+                    evaluate=evaluate, compile=compile)
 
 
 def steps_for(net, resolution, batch, precision, channels_last=None,
-              batch_split=1):
+              batch_split=1, compile=False):  # pylint: disable=redefined-builtin
   """(train_step, eval_step, device): callables that run one training step
   (as bit_pytorch.train does, the batch in `batch_split` micro-batches) or
   one evaluation forward pass of `net`."""
@@ -42,6 +44,7 @@ def steps_for(net, resolution, batch, precision, channels_last=None,
   channels_last = auto_cl if channels_last is None else channels_last
   fmt = torch.channels_last if channels_last else torch.contiguous_format
   net = net.to(memory_format=fmt)
+  model = torch.compile(net) if compile else net
   opt, scaler = train.optimizer(net, 0.003, precision)
   autocast = train.autocast_for(device, precision)
   gen = torch.Generator().manual_seed(0)
@@ -55,14 +58,14 @@ def steps_for(net, resolution, batch, precision, channels_last=None,
 
   def train_step():
     net.train()
-    train.train_step(net, opt, scaler, micro_batches, batch_split, autocast,
-                     F.cross_entropy).item()
+    train.train_step(model, opt, scaler, micro_batches, batch_split,
+                     autocast, F.cross_entropy).item()
 
   @torch.no_grad()
   def eval_step():
     net.eval()
     with autocast:
-      net(x).float().argmax(1).sum().item()
+      model(x).float().argmax(1).sum().item()
 
   return train_step, eval_step, device
 
@@ -78,13 +81,15 @@ def _synced(fn, device):
 
 
 def time_model(net, resolution, batch, precision, steps, warmup,
-               channels_last=None, batch_split=1, evaluate=True):
+               channels_last=None, batch_split=1, evaluate=True,
+               compile=False):  # pylint: disable=redefined-builtin
   """{train_img_s, train_mem_bytes, eval_img_s, device, threads} for `net`
   (1000 classes). train_mem_bytes: on a GPU the allocator's peak during the
   training steps; on the CPU the growth of peak resident memory over them.
   """
   train_step, eval_step, device = steps_for(net, resolution, batch, precision,
-                                            channels_last, batch_split)
+                                            channels_last, batch_split,
+                                            compile)
   if device.type == 'cuda':
     torch.cuda.reset_peak_memory_stats()
   else:

@@ -4,12 +4,14 @@ minutes, one JSON file holding
 
 - each backend's training and evaluation throughput (R50x1, 224 px, bf16,
   batch 128, random data) against timm's resnetv2_50x1_bit with AMP and
-  channels-last measured in the same run, and their ratios to it;
+  channels-last measured in the same run, and their ratios to it (PyTorch
+  also through torch.compile, as `bit_pytorch.train --compile` runs);
 - model FLOP utilisation: images/s x the model's FLOPs per image (forward
   convolutions and matmuls counted by torch's FlopCounterMode on
   bit_pytorch's model; a training step counted as 3x the forward) over the
   GPU's dense bf16 peak;
-- peak GPU memory of each backend's training step;
+- peak GPU memory of each backend's training step, also with the batch in
+  4 and 16 micro-batches (--batch_split);
 - a short fine-tuning in each backend, through its command line, from a
   generated BiT checkpoint on a generated image folder, to its
   results.json.
@@ -62,15 +64,18 @@ BF16_PEAK_TFLOPS = {
 SIZES = {
     # mode: arch, resolution, batch, steps, warmup, fine-tuning (arch,
     # classes, images per class in train/val, image side, resize, crop,
-    # batch, steps), time limits (s): each measurement, fine-tuning, all.
+    # batch, steps), --batch_split values whose memory is measured, time
+    # limits (s): each measurement, fine-tuning, all.
     'gpu': dict(arch='R50x1', resolution=224, batch=128, steps=20, warmup=5,
                 ft_arch='R50x1', ft_classes=4, ft_train=64, ft_val=32,
                 ft_side=128, ft_resize=112, ft_crop=96, ft_batch=64,
-                ft_steps=60, measure_s=150, finetune_s=240, total_s=470),
+                ft_steps=60, splits=(4, 16), measure_s=180, finetune_s=240,
+                total_s=480),
     'cpu': dict(arch='R14x0.5', resolution=32, batch=4, steps=2, warmup=1,
                 ft_arch='R14x0.5', ft_classes=2, ft_train=4, ft_val=2,
                 ft_side=40, ft_resize=36, ft_crop=32, ft_batch=4,
-                ft_steps=2, measure_s=150, finetune_s=150, total_s=300),
+                ft_steps=2, splits=(2,), measure_s=150, finetune_s=150,
+                total_s=300),
 }
 
 
@@ -138,20 +143,43 @@ def main(argv=None):
 
   # Throughput, one contender at a time, each in its own process.
   env = {'CUDA_VISIBLE_DEVICES': '', 'JAX_PLATFORMS': 'cpu'} if args.cpu else {}
+  contenders = [('timm', 'timm', {'channels_last': True})]
+  for b in backends:
+    contenders.append((b, b, {}))
+    if b == 'pytorch' and not args.cpu:
+      # bit_pytorch.train --compile (on the CPU, compiling takes minutes).
+      contenders.append(('pytorch_compile', b, {'compile': True}))
   results = report['throughput'] = {}
-  for name in ['timm'] + backends:
-    if missing[name]:
-      results[name] = {'skipped': 'not installed: ' + ', '.join(missing[name])}
+  for name, framework, options in contenders:
+    if missing[framework]:
+      results[name] = {
+          'skipped': 'not installed: ' + ', '.join(missing[framework])}
     else:
       print(f'measuring {name} ...', flush=True)
-      options = {'channels_last': True} if name == 'timm' else {}
       results[name] = throughput.measure_in_subprocess(
-          name, size['arch'], size['resolution'], size['batch'], 'bf16',
+          framework, size['arch'], size['resolution'], size['batch'], 'bf16',
           size['steps'], size['warmup'], timeout=left(size['measure_s']),
           env=env, **options)
     _add_ratios(results[name], results.get('timm'), report['flops'],
                 report['bf16_peak_tflops'])
     print(f'  {name}: {json.dumps(results[name])}', flush=True)
+    save()
+
+  # A training step's memory with the batch in micro-batches
+  # (--batch_split): what one micro-batch needs, not the whole batch.
+  memory = report['train_mem_bytes_by_batch_split'] = {}
+  for b in backends:
+    if missing[b] or 'train_mem_bytes' not in results[b]:
+      continue
+    memory[b] = {'1': results[b]['train_mem_bytes']}
+    for split in size['splits']:
+      print(f'memory of {b} at --batch_split {split} ...', flush=True)
+      res = throughput.measure_in_subprocess(
+          b, size['arch'], size['resolution'], size['batch'], 'bf16', 1, 1,
+          timeout=left(size['measure_s']), env=env, batch_split=split,
+          evaluate=False)
+      memory[b][str(split)] = res.get('train_mem_bytes', res)
+    print(f'  {b}: {json.dumps(memory[b])}', flush=True)
     save()
 
   if not args.cpu:

@@ -8,7 +8,16 @@ none slows another), in rounds: each round measures timm's
 resnetv2_50x1_bit-style peer (`timm`, always fp32) and then every chosen
 framework and precision. Each result is printed with its ratio to the timm
 fp32 figure of the same round; the summary gives medians over the rounds.
-The machine is not assumed to be quiet: repeat, and read the spread.
+The machine is not assumed to be quiet: repeat, and read the spread. The
+CPU's model and SIMD flags are printed and recorded with the figures; on a
+CPU that emulates bf16 a warning says so once, at the start.
+
+With --batch_splits 1,4,16 each framework and precision also runs its
+training step with the batch in that many micro-batches and reports the
+step's memory (train_mem_bytes: on a GPU the allocator's peak; on the CPU
+the growth of peak resident memory over the steps for PyTorch and TF2; for
+JAX everywhere the compiled step's memory as XLA plans it, parameters and
+optimizer state included).
 
 A framework is a module `benchmarks/bench_<name>.py` with
 `measure(arch, resolution, batch, precision, steps, warmup) -> dict` holding
@@ -20,6 +29,9 @@ import os
 import statistics
 import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bit_hardware  # noqa: E402  pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Framework name -> module in this folder.
@@ -72,6 +84,9 @@ def main(argv=None):
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--repeat', type=int, default=3,
                       help='rounds (each measures the timm peer again)')
+  parser.add_argument('--batch_splits', default='',
+                      help='comma-separated --batch_split values whose '
+                      'training-step memory is measured (e.g. 1,4,16)')
   parser.add_argument('--json', default=None, help='also write results here')
   args = parser.parse_args(argv)
   frameworks = [f for f in args.frameworks.split(',') if f]
@@ -81,6 +96,11 @@ def main(argv=None):
                  f'{", ".join(FRAMEWORKS)}')
   runs = [(PEER, 'fp32')] + [(f, p) for f in frameworks if f != PEER
                              for p in args.precisions.split(',')]
+  cpu = bit_hardware.cpu_description()
+  print(f'CPU: {cpu["model"]} ({cpu["machine"]}; '
+        f'{" ".join(cpu["simd_flags"]) or "no SIMD flags read"})')
+  if 'bf16' in args.precisions.split(',') and cpu['bf16_emulated']:
+    print('warning: ' + bit_hardware.BF16_EMULATED_WARNING, flush=True)
   print(f'{args.arch} at {args.resolution} px, batch {args.batch}, '
         f'{args.steps} timed steps after {args.warmup}; ratios are to '
         f'{PEER} fp32 in the same round.', flush=True)
@@ -110,12 +130,34 @@ def main(argv=None):
         f'{k}={row[k]:.1f}' + (f' (x{row[k + "_ratio"]:.2f})'
                                if row[k + '_ratio'] else '') for k in KEYS)
         if good else 'failed'), flush=True)
+  memory = _memory_by_split(args, runs)
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump({'args': vars(args), 'summary': summary,
-                 'rounds': {f'{fw}/{p}': v for (fw, p), v in table.items()}},
-                f, indent=2)
+      json.dump({'args': vars(args), 'cpu': cpu, 'summary': summary,
+                 'rounds': {f'{fw}/{p}': v for (fw, p), v in table.items()},
+                 'train_mem_bytes_by_batch_split': memory}, f, indent=2)
   return summary
+
+
+def _memory_by_split(args, runs):
+  """{'framework/precision': {split: train_mem_bytes or error}}: one
+  short training measurement per --batch_splits value."""
+  splits = [int(s) for s in args.batch_splits.split(',') if s]
+  if not splits:
+    return {}
+  print(f'training-step memory (MiB) at --batch_split {splits}:')
+  memory = {}
+  for fw, prec in runs:
+    row = memory[f'{fw}/{prec}'] = {}
+    for split in splits:
+      res = measure_in_subprocess(fw, args.arch, args.resolution, args.batch,
+                                  prec, 1, 1, batch_split=split,
+                                  evaluate=False)
+      row[split] = res.get('train_mem_bytes', res)
+    print(f'  {fw:>8} {prec:<5} ' + ' '.join(
+        f'{s}: {v / 2**20:.0f}' if isinstance(v, int) else f'{s}: {v}'
+        for s, v in row.items()), flush=True)
+  return memory
 
 
 def _describe(res, peer):

@@ -27,6 +27,8 @@ def test_cpu_mode_writes_every_figure(tmp_path):
     assert res['eval_img_s'] > 0 and res['train_mem_bytes'] > 0, (name, res)
     assert res['train_x_timm'] > 0, (name, res)
   for name in ('pytorch', 'jax', 'tf2'):
+    memory = report['train_mem_bytes_by_batch_split'][name]
+    assert set(memory) == {'1', '2'} and memory['2'] > 0, (name, memory)
     run = report['finetune'][name]
     assert 'results' in run, (name, run)
     assert 0 <= run['results']['top1'] <= 1 and run['results']['n'] > 0

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-import yaml
 from torchvision.transforms import v2
 
 import bit_common
 import bit_data
+import bit_distill
 import bit_run
 import bit_zoo
 from bit_pytorch import data as torch_data
@@ -58,13 +58,7 @@ class Recipe:
   batch_eval: int = None         # default: batch
 
   def __post_init__(self):
-    for f in dataclasses.fields(self):
-      value = getattr(self, f.name)
-      kind = (int, float) if f.type is float else f.type
-      if value is not None and (not isinstance(value, kind) or
-                                isinstance(value, bool)):
-        raise bit_common.BadInput(f'recipe: {f.name} must be a '
-                                  f'{f.type.__name__}, got {value!r}.')
+    bit_distill.check_fields(self)
     if (self.epochs is None) == (self.steps is None):
       raise bit_common.BadInput('recipe: give exactly one of epochs and steps.')
     for name in ('batch', 'epochs', 'steps', 'resize_size', 'crop_size',
@@ -96,29 +90,7 @@ LOSSES = ('softmax', 'sigmoid')
 
 def load_recipe(path, overrides=(), datadir=None):
   """A Recipe from a YAML file, with KEY=VALUE overrides (YAML values)."""
-  try:
-    with open(path) as f:
-      values = yaml.safe_load(f) or {}
-  except (OSError, yaml.YAMLError) as e:
-    raise bit_common.BadInput(f'cannot read recipe {path} ({e}).') from e
-  if not isinstance(values, dict):
-    raise bit_common.BadInput(f'recipe {path} is not a mapping of keys.')
-  for item in overrides:
-    key, sep, value = item.partition('=')
-    if not sep:
-      raise bit_common.BadInput(f'--set {item!r}: write KEY=VALUE.')
-    values[key] = yaml.safe_load(value)
-  if datadir:
-    values['datadir'] = datadir
-  known = {f.name for f in dataclasses.fields(Recipe)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise bit_common.BadInput(f'recipe {path}: unknown key(s) {unknown}; '
-                              f'known: {sorted(known)}.')
-  try:
-    return Recipe(**values)
-  except TypeError as e:  # a required key is missing
-    raise bit_common.BadInput(f'recipe {path}: {e}.') from e
+  return bit_distill.load_dataclass(Recipe, path, overrides, datadir)
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,286 @@
+"""Knowledge distillation in PyTorch (see bit_distill for the method, the
+recipe and the flags):
+
+  python -m bit_pytorch.distill --recipe recipes/distill_digits_small.yaml \\
+      --name student --logdir runs --teacher runs/teacher
+
+The teacher runs in evaluation mode, without gradients, on the student's
+device(s), on exactly the images the student gets in the step (after crop,
+flip and mixup); only the student is trained, checkpointed and exported
+(LOGDIR/NAME/model.npz, or --export, in the published layout). Under
+torchrun, one process per device (DistributedDataParallel), as
+fine-tuning; the same global batch gives the same update.
+"""
+import itertools
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+
+import bit_common
+import bit_data
+import bit_distill
+import bit_run
+import bit_zoo
+from bit_pytorch import data as torch_data
+from bit_pytorch import models
+from bit_pytorch import train
+
+CHECKPOINT = 'distill.pth.tar'
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
+
+
+def kl_loss(student_logits, teacher_logits, temperature=1.0):
+  """bit_distill.kl_loss in torch: T^2 * mean KL(p_teacher || q_student)."""
+  t = float(temperature)
+  log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+  log_q = F.log_softmax(student_logits.float() / t, dim=-1)
+  return t * t * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+class Adam(torch.optim.Optimizer):
+  """The optimiser of bit_distill (big_vision's chain): the gradient clipped
+  to global norm `clip`, Adam's bias-corrected moments, and
+  w <- w - f * (lr * m_hat / (sqrt(v_hat) + eps) + wd * w), the
+  learning rate lr * f and the factor f set per step (`set_step`); `wd`
+  per parameter group (kernels only)."""
+
+  def __init__(self, groups, lr, clip):
+    super().__init__(groups, dict(lr=lr, weight_decay=0.0))
+    self.base_lr, self.clip, self.factor = lr, clip, 0.0
+
+  def set_factor(self, factor):
+    self.factor = factor
+
+  @torch.no_grad()
+  def step(self, closure=None):
+    del closure
+    params = [p for g in self.param_groups for p in g['params']
+              if p.grad is not None]
+    scale = 1.0
+    if self.clip:
+      norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params))
+      scale = torch.where(norm < self.clip, 1.0, self.clip / norm).float()
+    b1, b2, eps = bit_distill.ADAM_B1, bit_distill.ADAM_B2, bit_distill.ADAM_EPS
+    for g in self.param_groups:
+      for p in g['params']:
+        if p.grad is None:
+          continue
+        state = self.state[p]
+        if not state:
+          state['step'] = torch.zeros((), dtype=torch.float32)
+          state['m'] = torch.zeros_like(p)
+          state['v'] = torch.zeros_like(p)
+        state['step'] += 1
+        grad = p.grad * scale
+        state['m'].mul_(b1).add_(grad, alpha=1 - b1)
+        state['v'].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        t = float(state['step'])
+        m_hat = state['m'] / (1 - b1 ** t)
+        v_hat = state['v'] / (1 - b2 ** t)
+        update = self.base_lr * m_hat / (v_hat.sqrt() + eps)
+        if g['weight_decay']:
+          update = update + g['weight_decay'] * p
+        p.sub_(self.factor * update)
+
+
+def optimizer(net, recipe):
+  kernels = [p for p in net.parameters() if p.ndim > 1]
+  others = [p for p in net.parameters() if p.ndim <= 1]
+  return Adam([{'params': kernels, 'weight_decay': recipe.weight_decay},
+               {'params': others, 'weight_decay': 0.0}],
+              recipe.base_lr, recipe.grad_clip_norm)
+
+
+# --------------------------------------------------------------------------
+# Data: one view per example (crop and flip from its stream seed), at the
+# teacher's resolution; mixup on the device (train.mixed), then the student
+# gets the same images (resized when its resolution differs).
+
+class Views(torch.utils.data.Dataset):
+  """Training examples indexed by (example, augmentation seed): uint8 CHW
+  images of `size` px and labels. inception_crop: bit_data.inception_crop
+  of the seed, resized to `size`, flipped when the seed's 40th uniform is
+  under 0.5; crop_flip: the HyperRule's (bit_pytorch.data.TrainSet)."""
+
+  def __init__(self, source, recipe, size):
+    self.source, self.recipe, self.size = source, recipe, size
+    self._crop_flip = torch_data.TrainSet(source, recipe.resize_size, size)
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, key):
+    if self.recipe.augment == 'crop_flip':
+      return self._crop_flip[key]
+    i, seed = key
+    image = v2.functional.pil_to_tensor(self.source.load(i))
+    top, left, h, w = bit_data.inception_crop(
+        seed, image.shape[1], image.shape[2], tuple(self.recipe.crop_scale))
+    image = v2.functional.resized_crop(image, top, left, h, w,
+                                       [self.size] * 2, antialias=True)
+    if bit_data.uniforms([seed], 40)[0] < 0.5:
+      image = v2.functional.horizontal_flip(image)
+    return image, int(self.source.labels[i])
+
+
+def load_data(args, recipe, logger):
+  data = torch_data.load(bit_distill.data_args(args, recipe), logger)
+  return data.train, data.val, len(data.classes), data.classes
+
+
+def build_nets(args, recipe, classes, device):
+  """(teacher, student) on `device`: the teacher as its weights say (in
+  evaluation mode, no gradients; its head must fit the classes), the
+  student from scratch or from weights under a zero head."""
+  weights = train.local_first(bit_zoo.load_weights, recipe.teacher,
+                              args.bit_pretrained_dir)
+  _, head = bit_zoo.model_arch(recipe.teacher, weights=weights)
+  bit_distill.check_teacher(head, classes, recipe.teacher)
+  teacher = models.create(recipe.teacher, weights=weights).to(device).eval()
+  teacher.requires_grad_(False)
+  del weights
+  arch = bit_distill.student_arch(recipe.student)
+  torch.manual_seed(args.seed)  # the student's initialisation
+  if arch is not None:
+    student = models.ResNetV2(arch.units, arch.width, classes, zero_head=True)
+  else:
+    weights = train.local_first(bit_zoo.load_weights, recipe.student,
+                                args.bit_pretrained_dir)
+    student = models.create(recipe.student, head_size=classes,
+                            zero_head=True, weights=weights)
+  return teacher, student.to(device)
+
+
+def distill_batches(micro_batches, teacher, size, autocast):
+  """(student images, teacher logits, teacher logits, 1.0) per mixed
+  micro-batch (x, y, y2, lam) of train.mixed: the teacher's logits of the
+  very images the student gets, computed without gradients. Shaped for
+  train.train_step, whose loss_fn(student logits, teacher logits) is the KL
+  loss."""
+  for x, _, _, _ in micro_batches:
+    with torch.no_grad(), autocast:
+      target = teacher(x).float()
+    if x.shape[-1] != size:  # the same view at the student's resolution
+      x = F.interpolate(x, size=(size, size), mode='bilinear',
+                        antialias=True, align_corners=False)
+    yield x, target, target, 1.0
+
+
+@torch.no_grad()
+def evaluate(student, teacher, loader, device, autocast, temperature,
+             size):
+  """Sums [loss, top-1, top-5, n, agreement, teacher top-1, kl] over
+  `loader` (images at the teacher's resolution; the student's `size`) and
+  the processes (bit_distill.eval_sums)."""
+  student.eval()
+  sums = torch.zeros(7, dtype=torch.float64, device=device)
+  for x, y in train.data_errors_named(iter(loader)):
+    x = torch_data.normalize(x, device)
+    y = y.to(device, non_blocking=True)
+    with autocast:
+      t = teacher(x).float()
+      if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode='bilinear',
+                          antialias=True, align_corners=False)
+      s = student(x).float()
+    top = s.topk(min(5, s.shape[1]), dim=1).indices == y[:, None]
+    n = torch.tensor(len(y), device=device).double()
+    sums += torch.stack([
+        F.cross_entropy(s, y, reduction='sum').double(),
+        top[:, 0].sum().double(), top.any(1).sum().double(), n,
+        (s.argmax(1) == t.argmax(1)).sum().double(),
+        (t.argmax(1) == y).sum().double(),
+        kl_loss(s, t, temperature).double() * n])
+  if train.world_size() > 1:
+    torch.distributed.all_reduce(sums)
+  student.train()
+  return sums.cpu().numpy()
+
+
+# --------------------------------------------------------------------------
+# The run.
+
+def main(args):
+  """Distils as the recipe says; returns the final evaluation."""
+  recipe = bit_distill.load_recipe(args)
+  world = train.world_size()
+  bit_distill.check_args(args, recipe, world)
+  with train.process_group() as (rank, device):
+    return _distill(args, recipe, rank, world, device)
+
+
+def _distill(args, recipe, rank, world, device):
+  run = bit_distill.Run(args, rank == 0, train.any_process(device))
+  run.logger.info(f'recipe {args.recipe}: {recipe}')
+  torch.manual_seed(args.seed)
+  train_src, val_src, classes, names = train.local_first(
+      load_data, args, recipe, run.logger)
+  sched = bit_distill.schedule(recipe, len(train_src))
+  teacher, student = build_nets(args, recipe, classes, device)
+  opt = optimizer(student, recipe)
+  scaler = torch.amp.GradScaler(device.type, enabled=False)
+
+  settings = bit_distill.settings(recipe, args)
+  ckpt = train.Checkpoint(os.path.join(run.dir, CHECKPOINT), settings,
+                          run.lead, model=student, optimizer=opt)
+  step = train.same_everywhere(run.resume(ckpt, settings))
+  export = bit_distill.export_path(args, run)
+  run.start(step, bit_distill.config(
+      recipe, sched, len(train_src), len(val_src), names, export,
+      device=str(device), devices=world,
+      versions=bit_run.versions(torch, torchvision)),
+            bit_distill.describe(recipe, sched, len(train_src), classes) +
+            f'; {world} process(es) on {device.type}, {args.precision}')
+
+  model = (torch.nn.parallel.DistributedDataParallel(
+      student, device_ids=[device] if device.type == 'cuda' else None)
+           if world > 1 else student)
+  stream = bit_data.Stream(len(train_src), recipe.batch, args.seed,
+                           recipe.mixup_alpha)
+  sampler = torch_data.TrainBatches(stream, step, sched.total_steps, rank,
+                                    world, args.batch_split)
+  batches = train.data_errors_named(iter(train.loader(
+      Views(train_src, recipe, recipe.teacher_size), args, device,
+      batch_sampler=sampler)))
+  lo, hi = (len(val_src) * r // world for r in (rank, rank + 1))
+  val_loader = train.loader(
+      torch_data.EvalSet(val_src.subset(np.arange(lo, hi)),
+                         recipe.teacher_size),
+      args, device,
+      batch_size=-(-(recipe.batch_eval or recipe.batch) // world))
+  autocast = train.autocast_for(device, args.precision)
+
+  def loss_fn(student_logits, teacher_logits):
+    return kl_loss(student_logits, teacher_logits, recipe.temperature)
+
+  def step_fn(step, lr):
+    del lr  # the optimiser takes the schedule's factor
+    opt.set_factor(sched.factor(step))
+    micro = train.mixed(itertools.islice(batches, args.batch_split),
+                        sampler.layout, stream.lam(step), device)
+    if recipe.targets == 'labels':  # the baseline: no teacher
+      return train.train_step(model, opt, scaler, micro, args.batch_split,
+                              autocast, F.cross_entropy)
+    return train.train_step(
+        model, opt, scaler,
+        distill_batches(micro, teacher, recipe.crop_size, autocast),
+        args.batch_split, autocast, loss_fn)
+
+  result, step = run.fit(
+      step, sched.total_steps, sched.lr, step_fn,
+      lambda: evaluate(student, teacher, val_loader, device, autocast,
+                       recipe.temperature, recipe.crop_size),
+      ckpt, eval_every=bit_distill.eval_every(recipe, sched),
+      batch=recipe.batch,
+      fetch=lambda losses: train.mean_over_processes(losses, device))
+  return run.finish(result, step, lambda _: student.save_npz(export),
+                    teacher=recipe.teacher, student=recipe.student,
+                    exported_to=export)
+
+
+if __name__ == '__main__':
+  bit_distill.main_cli(main, 'pytorch')

@@ -331,9 +331,10 @@ def describe(recipe, sched, dataset_size, classes):
           f'lr {recipe.base_lr:g}, warm-up {sched.warmup_steps}, cosine')
 
 
-def settings(recipe, args):
+def settings(recipe, args, sched):
   """What a resumed run must share with its checkpoint."""
-  return dict(recipe=dataclasses.asdict(recipe), seed=args.seed)
+  return dict(recipe=dataclasses.asdict(recipe), seed=args.seed,
+              schedule=[sched.warmup_steps, sched.total_steps])
 
 
 def config(recipe, sched, dataset_size, eval_size, classes, export, **more):

@@ -224,7 +224,7 @@ def _distill(args, recipe, rank, world, device):
   opt = optimizer(student, recipe)
   scaler = torch.amp.GradScaler(device.type, enabled=False)
 
-  settings = bit_distill.settings(recipe, args)
+  settings = bit_distill.settings(recipe, args, sched)
   ckpt = train.Checkpoint(os.path.join(run.dir, CHECKPOINT), settings,
                           run.lead, model=student, optimizer=opt)
   step = train.same_everywhere(run.resume(ckpt, settings))

@@ -1,0 +1,224 @@
+"""Knowledge distillation in JAX/Flax (see bit_distill for the method, the
+recipe and the flags):
+
+  python -m bit_jax.distill --recipe recipes/distill_digits_small.yaml \\
+      --name student --logdir runs --teacher runs/teacher
+
+One compiled step, data-parallel over every device as fine-tuning's
+(bit_jax.train): the teacher's logits of the step's images (after crop,
+flip and mixup, from the shared data stream through the tf.data pipeline)
+are computed inside it without gradients (stop_gradient), and the student
+is trained on the same images. Only the student's parameters and optimiser
+state are checkpointed and exported. HyperRule crop + flip only
+(augment: crop_flip); the Inception crop and a teacher at another
+resolution are PyTorch's for now.
+"""
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import bit_common  # noqa: F401  (first: bit_data imports it)
+import bit_data
+import bit_distill
+import bit_run
+import bit_zoo
+from bit_jax import models
+from bit_jax import train as jax_train
+
+
+def kl_loss(student_logits, teacher_logits, temperature=1.0):
+  """bit_distill.kl_loss in JAX: T^2 * mean KL(p_teacher || q_student)."""
+  t = float(temperature)
+  log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t)
+  log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t)
+  return t * t * jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1))
+
+
+def optimizer(recipe):
+  """Clipping and Adam's moments (bit_distill's optimiser); the step scales
+  and applies the result (`apply`)."""
+  clip = (optax.clip_by_global_norm(recipe.grad_clip_norm)
+          if recipe.grad_clip_norm else optax.identity())
+  return optax.chain(clip, optax.scale_by_adam(
+      bit_distill.ADAM_B1, bit_distill.ADAM_B2, bit_distill.ADAM_EPS))
+
+
+def make_steps(student, teacher, recipe, tx, mesh, batch_split):
+  """(train_step, eval_step), jitted over `mesh` (batch sharded on
+  'data', parameters replicated)."""
+  replicated = NamedSharding(mesh, P())
+  sharded = NamedSharding(mesh, P('data'))
+  t = recipe.temperature
+
+  def loss_fn(params, teacher_params, images, labels):
+    logits = student.apply({'params': params}, images).astype(jnp.float32)
+    if recipe.targets == 'labels':
+      return optax.softmax_cross_entropy(logits, labels).mean()
+    target = jax.lax.stop_gradient(teacher.apply(
+        {'params': teacher_params}, images).astype(jnp.float32))
+    return kl_loss(logits, target, t)
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def train_step(params, opt_state, teacher_params, images, labels, factor):
+    if batch_split == 1:
+      loss, grads = grad_fn(params, teacher_params, images, labels)
+    else:  # as bit_jax.train: micro-batch j holds rows j, j + split, ...
+      def micro(x):
+        x = x.reshape(-1, batch_split, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, P(None, 'data')))
+
+      def accumulate(acc, xy):
+        loss, grads = grad_fn(params, teacher_params, *xy)
+        return jax.tree.map(jnp.add, acc, (loss, grads)), None
+
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like,
+                                                        params))
+      (loss, grads), _ = jax.lax.scan(accumulate, zeros,
+                                      (micro(images), micro(labels)))
+      loss, grads = jax.tree.map(lambda v: v / batch_split, (loss, grads))
+    updates, opt_state = tx.update(grads, opt_state, params)
+
+    def apply(p, u):
+      wd = recipe.weight_decay if p.ndim > 1 else 0.0
+      return p - factor * (recipe.base_lr * u + wd * p)
+    return jax.tree.map(apply, params, updates), opt_state, loss
+
+  def eval_step(params, teacher_params, images, labels, mask):
+    """bit_distill.eval_sums over the real rows."""
+    s = student.apply({'params': params}, images).astype(jnp.float32)
+    te = teacher.apply({'params': teacher_params}, images).astype(
+        jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(s, labels)
+    k = min(5, s.shape[-1])
+    top = jax.lax.top_k(s, k)[1] == labels[:, None]
+    log_p = jax.nn.log_softmax(te / t)
+    kl = t * t * jnp.sum(jnp.exp(log_p) * (log_p - jax.nn.log_softmax(
+        s / t)), -1)
+    m = mask.astype(jnp.float32)
+    return jnp.stack([
+        (loss * m).sum(), (top[:, 0] * m).sum(), (top.any(1) * m).sum(),
+        m.sum(), ((s.argmax(1) == te.argmax(1)) * m).sum(),
+        ((te.argmax(1) == labels) * m).sum(), (kl * m).sum()])
+
+  train = jax.jit(train_step, donate_argnums=(0, 1),
+                  in_shardings=(replicated, replicated, replicated, sharded,
+                                sharded, replicated),
+                  out_shardings=(replicated, replicated, replicated))
+  evaluate = jax.jit(eval_step, in_shardings=(
+      replicated, replicated, sharded, sharded, sharded),
+                     out_shardings=replicated)
+  return train, evaluate
+
+
+def build_nets(args, recipe, classes, dtype):
+  """((teacher, teacher params), (student, student params))."""
+  weights = bit_zoo.load_weights(recipe.teacher, args.bit_pretrained_dir)
+  _, head = bit_zoo.model_arch(recipe.teacher, weights=weights)
+  bit_distill.check_teacher(head, classes, recipe.teacher)
+  teacher = models.create(recipe.teacher, weights=weights, dtype=dtype)
+  if bit_distill.student_arch(recipe.student) is not None:
+    student = models.create(recipe.student, head_size=classes,
+                            zero_head=True, dtype=dtype,
+                            rng=jax.random.PRNGKey(args.seed))
+  else:
+    weights = bit_zoo.load_weights(recipe.student, args.bit_pretrained_dir)
+    student = models.create(recipe.student, head_size=classes,
+                            zero_head=True, weights=weights, dtype=dtype)
+  return teacher, student
+
+
+def main(args):
+  """Distils as the recipe says; returns the final evaluation."""
+  recipe = bit_distill.load_recipe(args)
+  bit_distill.refuse_unsupported(recipe, 'bit_jax.distill')
+  devices = jax.devices()
+  bit_distill.check_args(args, recipe, len(devices))
+  import tensorflow as tf  # the pipeline's; accelerators are JAX's
+  tf.config.set_visible_devices([], 'GPU')
+  import input_pipeline_tf2_or_jax as input_pipeline
+
+  pid, nproc = jax.process_index(), jax.process_count()
+  run = bit_distill.Run(args, pid == 0,
+                        jax_train._any_process if nproc > 1 else None)  # pylint: disable=protected-access
+  run.logger.info(f'recipe {args.recipe}: {recipe}')
+  data = input_pipeline.load(bit_distill.data_args(args, recipe), run.logger)
+  sched = bit_distill.schedule(recipe, data.train_size)
+  (teacher, teacher_params), (student, params) = build_nets(
+      args, recipe, data.num_classes, jax_train.DTYPES[args.precision])
+  tx = optimizer(recipe)
+  mesh = Mesh(np.array(devices), ('data',))
+  replicated = NamedSharding(mesh, P())
+  sharded = NamedSharding(mesh, P('data'))
+  teacher_params = jax.device_put(teacher_params, replicated)
+  state = jax.device_put({'params': params, 'opt_state': tx.init(params)},
+                         replicated)
+
+  settings = bit_distill.settings(recipe, args, sched)
+  ckpt = jax_train.Checkpoints(os.path.join(run.dir, 'checkpoints'),
+                               settings, state)
+  step = run.resume(ckpt, settings)
+  export = bit_distill.export_path(args, run)
+  classes = list(data.classes) if data.classes else data.num_classes
+  run.start(step, bit_distill.config(
+      recipe, sched, data.train_size, data.eval_size, classes, export,
+      devices=len(devices), device_kind=devices[0].device_kind,
+      processes=nproc, versions=bit_run.versions(jax, flax, optax, tf)),
+            bit_distill.describe(recipe, sched, data.train_size,
+                                 data.num_classes) +
+            f'; {len(devices)} {devices[0].platform} device(s) in {nproc} '
+            f'process(es), {args.precision}')
+
+  train_step, eval_step = make_steps(student, teacher, recipe, tx, mesh,
+                                     args.batch_split)
+  eval_batch = recipe.batch_eval or recipe.batch
+  eval_batch = -(-eval_batch // len(devices)) * len(devices)
+
+  def to_global(batch):
+    return {k: jax.make_array_from_process_local_data(sharded, v)
+            for k, v in batch.items()}
+
+  def evaluate():
+    sums = []
+    for batch in input_pipeline.named_errors(input_pipeline.eval_batches(
+        data, eval_batch, recipe.crop_size, pid, nproc).as_numpy_iterator()):
+      b = to_global(batch)
+      sums.append(eval_step(ckpt.state['params'], teacher_params, b['image'],
+                            b['label'], b['mask']))
+    return np.sum([jax_train.local(s) for s in sums], axis=0,
+                  dtype=np.float64)
+
+  stream = bit_data.Stream(data.train_size, recipe.batch, args.seed,
+                           recipe.mixup_alpha)
+  batches = input_pipeline.named_errors(input_pipeline.train_batches(
+      data, stream, recipe.resize_size, recipe.crop_size, step, pid,
+      nproc).as_numpy_iterator())
+
+  def train(step, lr):
+    del lr  # the step takes the schedule's factor
+    b = to_global(next(batches))
+    params, opt_state, loss = train_step(
+        ckpt.state['params'], ckpt.state['opt_state'], teacher_params,
+        b['image'], b['label'], jnp.float32(sched.factor(step)))
+    ckpt.state = {'params': params, 'opt_state': opt_state}
+    return loss
+
+  result, step = run.fit(
+      step, sched.total_steps, sched.lr, train, evaluate, ckpt,
+      eval_every=bit_distill.eval_every(recipe, sched), batch=recipe.batch,
+      fetch=lambda losses: [float(jax_train.local(l)) for l in losses])
+  ckpt.close()
+  return run.finish(
+      result, step, lambda _: models.save_npz(
+          export, jax.tree.map(jax_train.local, ckpt.state['params'])),
+      teacher=recipe.teacher, student=recipe.student, exported_to=export)
+
+
+if __name__ == '__main__':
+  bit_distill.main_cli(main, 'jax')

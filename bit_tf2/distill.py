@@ -1,0 +1,236 @@
+"""Knowledge distillation in TensorFlow 2 / Keras 3 (see bit_distill for the
+method, the recipe and the flags):
+
+  python -m bit_tf2.distill --recipe recipes/distill_digits_small.yaml \\
+      --name student --logdir runs --teacher runs/teacher
+
+The strategy is fine-tuning's (bit_tf2.train.make_strategy). In a step,
+each replica runs the teacher (training=False, outside the gradient tape)
+and the student on the same images (after crop, flip and mixup, from the
+shared data stream through the tf.data pipeline); the replicas' gradients
+are summed, then clipped and applied by bit_distill's optimiser (Adam's
+moments are variables of the checkpoint). Only the student is trained,
+checkpointed and exported. HyperRule crop + flip only (augment:
+crop_flip); the Inception crop and a teacher at another resolution are
+PyTorch's for now.
+"""
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import bit_common  # noqa: F401  (first: bit_data imports it)
+import bit_data
+import bit_distill
+import bit_run
+import bit_zoo
+import input_pipeline_tf2_or_jax as input_pipeline
+from bit_tf2 import models
+from bit_tf2 import train as tf2_train
+
+
+def kl_per_example(student_logits, teacher_logits, temperature=1.0):
+  """T^2 * KL(p_teacher || q_student) of each row (bit_distill.kl_loss
+  before the mean)."""
+  t = float(temperature)
+  log_p = tf.nn.log_softmax(tf.cast(teacher_logits, tf.float32) / t)
+  log_q = tf.nn.log_softmax(tf.cast(student_logits, tf.float32) / t)
+  return t * t * tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), -1)
+
+
+class Adam(tf.Module):
+  """bit_distill's optimiser: the summed gradient clipped to global norm,
+  Adam's bias-corrected moments, w <- w - f * (lr * m_hat / (sqrt(v_hat)
+  + eps) + wd * w) with wd on kernels only. Create and apply under the
+  strategy's scope (applied in cross-replica context)."""
+
+  def __init__(self, variables, recipe):
+    super().__init__(name='adam')
+    self.recipe = recipe
+    self.count = tf.Variable(0, dtype=tf.int64, trainable=False)
+    self.m = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False)
+              for v in variables]
+    self.v = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False)
+              for v in variables]
+
+  def apply(self, grads, variables, factor):
+    r = self.recipe
+    b1, b2, eps = (bit_distill.ADAM_B1, bit_distill.ADAM_B2,
+                   bit_distill.ADAM_EPS)
+    if r.grad_clip_norm:
+      norm = tf.linalg.global_norm(grads)
+      scale = tf.where(norm < r.grad_clip_norm, 1.0, r.grad_clip_norm / norm)
+      grads = [g * scale for g in grads]
+    self.count.assign_add(1)
+    c = tf.cast(self.count, tf.float32)
+    for var, g, m, v in zip(variables, grads, self.m, self.v):
+      m.assign(b1 * m + (1 - b1) * g)
+      v.assign(b2 * v + (1 - b2) * g * g)
+      m_hat = m / (1 - b1 ** c)
+      v_hat = v / (1 - b2 ** c)
+      update = r.base_lr * m_hat / (tf.sqrt(v_hat) + eps)
+      if len(var.shape) > 1 and r.weight_decay:
+        update += r.weight_decay * var
+      var.assign_sub(factor * update)
+
+
+def make_steps(strategy, student, teacher, adam, recipe, batch_split):
+  """(train_step, eval_step), tf.functions over `strategy`."""
+  variables = student.trainable_variables
+  batch = recipe.batch
+  micro = batch // strategy.num_replicas_in_sync // batch_split
+  t = recipe.temperature
+
+  def gradients(images, labels):
+    if recipe.targets == 'teacher':
+      target = tf.stop_gradient(teacher(images, training=False))
+    with tf.GradientTape() as tape:
+      logits = student(images, training=True)
+      if recipe.targets == 'labels':
+        per_row = tf.nn.softmax_cross_entropy_with_logits(labels, logits)
+      else:
+        per_row = kl_per_example(logits, target, t)
+      loss = tf.reduce_sum(per_row) / batch
+    return loss, tape.gradient(loss, variables)
+
+  def replica_step(images, labels):
+    if batch_split == 1:
+      return gradients(images, labels)
+    loss = tf.zeros([], tf.float32)
+    grads = [tf.zeros(v.shape, v.dtype) for v in variables]
+    for i in tf.range(batch_split):
+      rows = slice(i * micro, (i + 1) * micro)
+      part_loss, part = gradients(images[rows], labels[rows])
+      loss += part_loss
+      grads = [g + p for g, p in zip(grads, part)]
+    return loss, grads
+
+  @tf.function
+  def train_step(dist_batch, factor):
+    loss, grads = strategy.run(replica_step, args=(dist_batch['image'],
+                                                   dist_batch['label']))
+    total = lambda x: strategy.reduce(tf.distribute.ReduceOp.SUM, x,
+                                      axis=None)
+    grads = [total(g) for g in grads]
+    adam.apply(grads, variables, factor)
+    return total(loss)
+
+  def replica_eval(images, labels, mask):
+    s = tf.cast(student(images, training=False), tf.float32)
+    te = tf.cast(teacher(images, training=False), tf.float32)
+    labels = tf.cast(labels, tf.int64)
+    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, s)
+    k = min(5, s.shape[-1])
+    top = tf.math.top_k(s, k).indices == tf.cast(labels, tf.int32)[:, None]
+    m = tf.cast(mask, tf.float32)
+    f = lambda b: tf.reduce_sum(tf.cast(b, tf.float32) * m)
+    return tf.stack([
+        f(loss), f(top[:, 0]), f(tf.reduce_any(top, 1)), tf.reduce_sum(m),
+        f(tf.argmax(s, 1) == tf.argmax(te, 1)), f(tf.argmax(te, 1) == labels),
+        f(kl_per_example(s, te, t))])
+
+  @tf.function
+  def eval_step(dist_batch):
+    sums = strategy.run(replica_eval, args=(
+        dist_batch['image'], dist_batch['label'], dist_batch['mask']))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
+
+  return train_step, eval_step
+
+
+def read_weights(model, pretrained_dir):
+  """Published weights of any --model form, a TF2 .h5 file included."""
+  if model.endswith('.h5') or model in bit_zoo.MODELS:
+    return models.load_weights(models.weights_file(model, pretrained_dir))
+  return bit_zoo.load_weights(model, pretrained_dir)
+
+
+def build_nets(args, recipe, classes, dtype):
+  """(teacher, student), under the strategy's scope."""
+  weights = read_weights(recipe.teacher, args.bit_pretrained_dir)
+  _, head = bit_zoo.model_arch(recipe.teacher, weights=weights)
+  bit_distill.check_teacher(head, classes, recipe.teacher)
+  teacher = models.create(recipe.teacher, weights=weights, dtype=dtype)
+  teacher.trainable = False
+  if bit_distill.student_arch(recipe.student) is not None:
+    keras.utils.set_random_seed(args.seed)
+    student = models.create(recipe.student, head_size=classes,
+                            zero_head=True, dtype=dtype)
+  else:
+    weights = read_weights(recipe.student, args.bit_pretrained_dir)
+    student = models.create(recipe.student, head_size=classes,
+                            zero_head=True, weights=weights, dtype=dtype)
+  return teacher, student
+
+
+def main(args):
+  """Distils as the recipe says; returns the final evaluation."""
+  recipe = bit_distill.load_recipe(args)
+  bit_distill.refuse_unsupported(recipe, 'bit_tf2.distill')
+  strategy = tf2_train.make_strategy()
+  replicas = strategy.num_replicas_in_sync
+  bit_distill.check_args(args, recipe, replicas)
+  run = bit_distill.Run(args, tf2_train.is_chief(strategy),
+                        tf2_train._any_process(strategy))  # pylint: disable=protected-access
+  run.logger.info(f'recipe {args.recipe}: {recipe}')
+  data = input_pipeline.load(bit_distill.data_args(args, recipe), run.logger)
+  sched = bit_distill.schedule(recipe, data.train_size)
+  with strategy.scope():
+    teacher, student = build_nets(args, recipe, data.num_classes,
+                                  tf2_train.POLICIES[args.precision])
+    adam = Adam(student.trainable_variables, recipe)
+    step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
+
+  settings = bit_distill.settings(recipe, args, sched)
+  ckpt = tf2_train.Checkpoints(
+      os.path.join(run.dir, 'checkpoints'), settings, run.lead,
+      tf.train.Checkpoint(model=student, adam=adam, step=step_var))
+  step = run.resume(ckpt, settings)
+  export = bit_distill.export_path(args, run)
+  classes = list(data.classes) if data.classes else data.num_classes
+  run.start(step, bit_distill.config(
+      recipe, sched, data.train_size, data.eval_size, classes, export,
+      devices=replicas, strategy=type(strategy).__name__,
+      versions=bit_run.versions(tf, keras)),
+            bit_distill.describe(recipe, sched, data.train_size,
+                                 data.num_classes) +
+            f'; {replicas} replica(s) ({type(strategy).__name__}), '
+            f'{args.precision}')
+
+  train_step, eval_step = make_steps(strategy, student, teacher, adam,
+                                     recipe, args.batch_split)
+  eval_batch = recipe.batch_eval or recipe.batch
+  eval_batch = -(-eval_batch // replicas) * replicas
+  eval_data = tf2_train.distribute(
+      strategy, lambda pid, nproc: input_pipeline.eval_batches(
+          data, eval_batch, recipe.crop_size, pid, nproc))
+
+  def evaluate():
+    sums = [eval_step(b) for b in input_pipeline.named_errors(
+        iter(eval_data))]
+    return np.sum([s.numpy() for s in sums], axis=0, dtype=np.float64)
+
+  stream = bit_data.Stream(data.train_size, recipe.batch, args.seed,
+                           recipe.mixup_alpha)
+  batches = input_pipeline.named_errors(iter(tf2_train.distribute(
+      strategy, lambda pid, nproc: input_pipeline.train_batches(
+          data, stream, recipe.resize_size, recipe.crop_size, step, pid,
+          nproc))))
+
+  def train(step, lr):
+    del lr  # the step takes the schedule's factor
+    return train_step(next(batches),
+                      tf.constant(sched.factor(step), tf.float32))
+
+  result, step = run.fit(step, sched.total_steps, sched.lr, train, evaluate,
+                         ckpt, eval_every=bit_distill.eval_every(recipe,
+                                                                 sched),
+                         batch=recipe.batch)
+  return run.finish(result, step, lambda _: student.save_npz(export),
+                    teacher=recipe.teacher, student=recipe.student,
+                    exported_to=export)
+
+
+if __name__ == '__main__':
+  bit_distill.main_cli(main, 'tf2')

@@ -37,13 +37,13 @@ def features_args(*flags):
 
 @pytest.fixture(scope='module')
 def digits_32px():
-  """500 training and 400 evaluation digits resized by PIL to 32 px once
+  """300 training and 200 evaluation digits resized by PIL to 32 px once
   (uint8), as a dict of splits."""
   d = bit_data.load_digits()
   resize = lambda images: np.stack([np.asarray(Image.fromarray(x).resize(
       (32, 32), Image.BILINEAR)) for x in images])
-  return {'train': (resize(d.train_images[:500]), d.train_labels[:500]),
-          'eval': (resize(d.val_images[:400]), d.val_labels[:400])}
+  return {'train': (resize(d.train_images[:300]), d.train_labels[:300]),
+          'eval': (resize(d.val_images[:200]), d.val_labels[:200])}
 
 
 def same_images(backend, images):
@@ -139,7 +139,7 @@ def test_fewshot_table_identical_across_backends(digits_32px, tmp_path):
         args, same_images(features_module(b), digits_32px))
   saved = json.load(open(tmp_path / 'bit_jax.json'))
   assert set(saved['shots']) == {'1', '5'} and len(saved['shots']['5']) == 2
-  assert saved['l2'] == 1024 and saved['eval_size'] == 400
+  assert saved['l2'] == 1024 and saved['eval_size'] == 200
   for b in ('bit_tf2', 'bit_jax'):
     assert out[b]['shots'] == out['bit_pytorch']['shots'], b
 

@@ -1,0 +1,422 @@
+"""Knowledge distillation (bit_distill, bit_{pytorch,jax,tf2}.distill): the
+KL loss against hand-computed values, identical teacher and student inputs
+with mixup on, learning on a tiny run, the export re-loaded in every
+backend, resume after SIGTERM, the same losses in every backend, recipes,
+and exit 2 on bad input.
+
+Runs are tiny: R14x0.5, 16 px images already at the crop size, 3 classes.
+"""
+import importlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import bit_common
+import bit_data
+import bit_distill
+import bit_zoo
+from conftest import REPO, synthetic_weights, write_imagefolder
+
+STEPS = 12
+TINY = dict(student='R14x0.5', dataset='imagefolder', batch=8, steps=STEPS,
+            augment='crop_flip', resize_size=16, crop_size=16,
+            mixup_alpha=1.0, temperature=2.0, base_lr=0.01,
+            weight_decay=1e-4, grad_clip_norm=1.0, warmup_steps=2,
+            eval_every=4, batch_eval=12)
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  """(root, image folder, teacher run folder): a teacher fine-tuned here
+  from a synthetic checkpoint on 3 coloured classes."""
+  root = tmp_path_factory.mktemp('distill')
+  folder = write_imagefolder(root / 'images', train=8, val=4, size=(16, 16))
+  np.savez(root / 'start.npz', **synthetic_weights('R14x0.5', 10, seed=1))
+  from bit_pytorch import train
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  try:
+    result = train.main(train.argparser().parse_args([
+        '--name', 'teacher', '--logdir', str(root), '--model',
+        str(root / 'start.npz'), '--dataset', 'imagefolder', '--datadir',
+        folder, '--batch', '8', '--total_steps', '12', '--resize_size', '16',
+        '--crop_size', '16', '--base_lr', '0.01', '--workers', '0']))
+  finally:
+    torch.set_num_threads(threads)
+  assert result['top1'] >= 0.8  # a teacher worth distilling
+  return root, folder, str(root / 'teacher')
+
+
+def recipe_file(root, name='recipe.yaml', **values):
+  path = os.path.join(root, name)
+  with open(path, 'w') as f:
+    yaml.safe_dump(values, f)
+  return path
+
+
+def distill(setup, backend, name, extra=(), **values):
+  root, folder, teacher = setup
+  values = {**TINY, 'teacher': teacher, 'datadir': folder, **values}
+  module = importlib.import_module(f'bit_{backend}.distill')
+  args = bit_distill.argparser(backend).parse_args(
+      ['--recipe', recipe_file(str(root), f'{name}.yaml', **values),
+       '--name', name, '--logdir', str(root / backend), '--workers', '0',
+       *extra])
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  try:
+    return module.main(args)
+  finally:
+    torch.set_num_threads(threads)
+
+
+def metrics(setup, backend, name):
+  with open(setup[0] / backend / name / 'metrics.jsonl') as f:
+    return [json.loads(line) for line in f]
+
+
+def exported(setup, backend, name):
+  return bit_zoo.load_npz(str(setup[0] / backend / name / 'model.npz'))
+
+
+# --------------------------------------------------------------------------
+# The loss.
+
+def kl_by_hand(student, teacher, t):
+  """T^2 * mean over rows of sum_c p_c log(p_c / q_c), with math only."""
+  total = 0.0
+  for s_row, t_row in zip(student, teacher):
+    zs = sum(math.exp(v / t) for v in s_row)
+    zt = sum(math.exp(v / t) for v in t_row)
+    for s, u in zip(s_row, t_row):
+      p, q = math.exp(u / t) / zt, math.exp(s / t) / zs
+      total += p * math.log(p / q)
+  return t * t * total / len(student)
+
+
+STUDENT = [[1.0, -2.0, 0.5, 3.0], [0.0, 0.0, 0.0, 0.0], [4.0, 1.0, -1.0, 2.0]]
+TEACHER = [[2.0, -1.0, 0.0, 1.0], [3.0, -3.0, 1.0, 0.5], [4.0, 1.0, -1.0, 2.0]]
+
+
+@pytest.mark.parametrize('t', [1.0, 2.0, 0.5])
+def test_kl_loss_against_a_hand_computed_value(t):
+  import jax.numpy as jnp
+  import tensorflow as tf
+  from bit_jax import distill as jax_distill
+  from bit_pytorch import distill as torch_distill
+  from bit_tf2 import distill as tf2_distill
+  expected = kl_by_hand(STUDENT, TEACHER, t)
+  # Row 1 by hand at T=1: the student is uniform (q = 1/4), the teacher's
+  # logits are (3, -3, 1, 0.5), so KL = sum_c p_c log(4 p_c) = 0.7852343.
+  if t == 1.0:
+    z = math.exp(3) + math.exp(-3) + math.exp(1) + math.exp(0.5)
+    p = [math.exp(v) / z for v in (3, -3, 1, 0.5)]
+    assert sum(pi * math.log(4 * pi) for pi in p) == pytest.approx(
+        0.7852343, abs=1e-7)
+    assert bit_distill.kl_loss(STUDENT[1:2], TEACHER[1:2]) == pytest.approx(
+        0.7852343, abs=1e-7)
+  assert kl_by_hand(STUDENT[2:], TEACHER[2:], t) == pytest.approx(0, abs=1e-12)
+  assert bit_distill.kl_loss(STUDENT, TEACHER, t) == pytest.approx(expected,
+                                                                    rel=1e-12)
+  s, te = (np.array(v, np.float32) for v in (STUDENT, TEACHER))
+  got = {
+      'pytorch': float(torch_distill.kl_loss(torch.tensor(s),
+                                             torch.tensor(te), t)),
+      'jax': float(jax_distill.kl_loss(jnp.array(s), jnp.array(te), t)),
+      'tf2': float(tf.reduce_mean(tf2_distill.kl_per_example(s, te, t))),
+  }
+  for backend, value in got.items():
+    assert value == pytest.approx(expected, rel=1e-5), backend
+
+
+def test_eval_sums_count_agreement():
+  labels = [3, 0, 1]
+  sums = bit_distill.eval_sums(STUDENT, TEACHER, labels, 1.0)
+  # student top-1: 3, 0 (tie: first), 0; teacher top-1: 0, 0, 0.
+  assert sums[1] == 2  # rows 0 and 1 right
+  assert sums[3] == 3 and sums[4] == 2 and sums[5] == 1
+  assert sums[6] / 3 == pytest.approx(kl_by_hand(STUDENT, TEACHER, 1.0))
+
+
+def test_schedule_warms_up_then_decays_as_a_cosine():
+  r = bit_distill.Recipe(teacher='BiT-M-R152x2-teacher-224', student='R50x1',
+                         dataset='digits', batch=10, steps=110,
+                         warmup_steps=10, base_lr=0.5)
+  s = bit_distill.schedule(r, 1000)
+  assert s.factor(0) == 0 and s.factor(5) == pytest.approx(0.5)
+  assert s.factor(10) == pytest.approx(1.0)
+  assert s.factor(60) == pytest.approx(0.5)  # half-way through the cosine
+  assert s.factor(85) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
+  assert s.factor(110) == pytest.approx(0, abs=1e-12)
+  assert s.lr(60) == pytest.approx(0.25)
+  r = bit_distill.Recipe(teacher='x.npz', student='R50x1', dataset='digits',
+                         batch=10, epochs=2.5)
+  assert bit_distill.schedule(r, 1000).total_steps == 250
+
+
+# --------------------------------------------------------------------------
+# Recipes.
+
+@pytest.mark.parametrize('name', ['distill_imagenet_r50x1_224.yaml',
+                                  'distill_imagenet_r50x1_160.yaml',
+                                  'distill_flowers_r50x1.yaml',
+                                  'distill_digits_small.yaml'])
+def test_shipped_recipes_parse(name):
+  args = bit_distill.argparser().parse_args(
+      ['--recipe', os.path.join(REPO, 'recipes', name), '--name', 'x',
+       '--logdir', '/tmp', '--datadir', '/data'])
+  r = bit_distill.load_recipe(args)
+  assert bit_zoo.parse_arch('R14x0.5' if 'digits' in name else 'R50x1') == (
+      bit_distill.student_arch(r.student))
+  assert (r.epochs or r.steps) and r.mixup_alpha > 0
+
+
+def test_paper_recipe_values():
+  args = bit_distill.argparser().parse_args(
+      ['--recipe', os.path.join(REPO, 'recipes',
+                                'distill_imagenet_r50x1_224.yaml'),
+       '--name', 'x', '--logdir', '/tmp', '--datadir', '/data'])
+  r = bit_distill.load_recipe(args)
+  assert (r.teacher, r.student, r.crop_size, r.augment) == (
+      'BiT-M-R152x2-teacher-224', 'R50x1', 224, 'inception_crop')
+  assert (r.batch, r.base_lr, r.weight_decay, r.grad_clip_norm,
+          r.warmup_steps, r.temperature, r.mixup_alpha) == (
+              4096, 0.03, 3e-4, 1.0, 5000, 1.0, 1.0)
+
+
+@pytest.mark.parametrize('values, message', [
+    (dict(epochs=2), 'exactly one of epochs and steps'),
+    (dict(targets='soft'), 'targets must be one of'),
+    (dict(temperature=0), 'temperature must be positive'),
+    (dict(crop_scale=[0.5, 0.2]), 'crop_scale'),
+    (dict(student='R18x1'), 'unknown model'),
+    (dict(colour=1), "unknown key(s) ['colour']"),
+])
+def test_bad_recipe_is_refused(tmp_path, values, message):
+  path = recipe_file(str(tmp_path), **{**TINY, 'teacher': 't.npz',
+                                       'dataset': 'digits', **values})
+  args = bit_distill.argparser().parse_args(
+      ['--recipe', path, '--name', 'x', '--logdir', str(tmp_path)])
+  with pytest.raises(bit_common.BadInput) as e:
+    bit_distill.load_recipe(args)
+  assert message in str(e.value)
+
+
+# --------------------------------------------------------------------------
+# PyTorch: a run.
+
+def test_teacher_and_student_see_identical_mixed_inputs(setup, monkeypatch):
+  """Every training step feeds the teacher (evaluation mode) and the
+  student (training mode) one tensor, equal to the crop/flip/mixup that
+  the data stream prescribes, computed here from the image files."""
+  from bit_pytorch import models
+  calls = []
+  forward = models.ResNetV2.forward
+
+  def recording(self, x):
+    calls.append((id(self), self.training, x.detach().clone()))
+    return forward(self, x)
+  monkeypatch.setattr(models.ResNetV2, 'forward', recording)
+  steps = 3
+  distill(setup, 'pytorch', 'inputs', extra=['--no-save'], steps=steps,
+          eval_every=100)
+  # Per step: teacher, then student; then the final evaluation.
+  train_calls = calls[:2 * steps]
+  _, folder, _ = setup
+  _, split, _ = bit_data.scan_imagefolder(folder)
+  images = np.stack([np.asarray(Image.open(p).convert('RGB'))
+                     for p in split.paths]).astype(np.float32)
+  stream = bit_data.Stream(len(images), 8, 0, 1.0)
+  assert 0.2 < stream.lam(0) < 0.8  # a real mix
+  for step in range(steps):
+    (t_id, t_train, t_x), (s_id, s_train, s_x) = train_calls[2 * step:
+                                                             2 * step + 2]
+    assert t_id != s_id and not t_train and s_train
+    assert torch.equal(t_x, s_x)  # the same tensor values, bit for bit
+    idx = stream.indices(step)
+    _, _, flip = bit_data.crop_flip(stream.aug_seeds(step), 16, 16)
+    views = images[idx]
+    views[flip] = views[flip][:, :, ::-1]
+    x = (views - 127.5) / 127.5
+    lam = stream.lam(step)
+    assert lam < 1.0  # mixup is on
+    mixed = lam * x + (1 - lam) * x[stream.partner(np.arange(8))]
+    np.testing.assert_allclose(s_x.permute(0, 2, 3, 1).numpy(), mixed,
+                               atol=1e-6)
+
+
+@pytest.fixture(scope='module')
+def reference(setup):
+  """The uninterrupted PyTorch run: student from scratch."""
+  return distill(setup, 'pytorch', 'reference')
+
+
+def test_loss_falls_and_agreement_rises(setup, reference):
+  records = metrics(setup, 'pytorch', 'reference')
+  train = [r['loss'] for r in records if r['split'] == 'train']
+  val = [r for r in records if r['split'] == 'val']
+  assert len(train) == STEPS and [r['step'] for r in val] == [4, 8, 12]
+  assert np.mean(train[-3:]) < 0.5 * np.mean(train[:3])
+  assert set(val[0]) >= {'loss', 'top1', 'top5', 'n', 'agreement',
+                         'teacher_top1', 'kl'}
+  assert val[-1]['agreement'] > val[0]['agreement']
+  assert val[-1]['kl'] < val[0]['kl']
+  assert val[-1]['agreement'] >= 0.8 and val[-1]['teacher_top1'] >= 0.8
+  assert reference['agreement'] == val[-1]['agreement'] and reference[
+      'n'] == 12
+  results = json.loads((setup[0] / 'pytorch' / 'reference' /
+                        'results.json').read_text())
+  assert results['agreement'] == reference['agreement']
+  config = json.loads((setup[0] / 'pytorch' / 'reference' /
+                       'config.json').read_text())
+  assert config['recipe']['temperature'] == 2.0
+  assert config['schedule']['total_steps'] == STEPS
+
+
+def test_student_export_reloads_exactly_in_every_backend(setup, reference):
+  """The exported student is the trained student (the checkpoint's
+  weights), re-loads exactly in all three backends, and they compute the
+  same logits."""
+  del reference
+  import jax.numpy as jnp
+  from bit_jax import models as jax_models
+  from bit_pytorch import models as torch_models
+  from bit_tf2 import models as tf2_models
+  weights = exported(setup, 'pytorch', 'reference')
+  bit_zoo.check_weights(weights, bit_zoo.parse_arch('R14x0.5'), 3)
+  state = torch.load(setup[0] / 'pytorch' / 'reference' / 'distill.pth.tar',
+                     weights_only=True)['model']
+  trained = torch_models.create('R14x0.5', head_size=3)
+  trained.load_state_dict(state)
+  net = torch_models.create('model.npz', weights=weights)
+  for k, v in trained.state_dict().items():
+    assert torch.equal(v, net.state_dict()[k]), k
+  jax_net, params = jax_models.create('model.npz', weights=weights)
+  tf_net = tf2_models.create('model.npz', weights=weights)
+  for name, back in (('pytorch', net.export()),
+                     ('jax', jax_models.export(params)),
+                     ('tf2', tf_net.export_weights())):
+    assert back.keys() == weights.keys(), name
+    for k in weights:
+      np.testing.assert_array_equal(np.asarray(back[k]), weights[k],
+                                    err_msg=f'{name} {k}')
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(
+      np.float32)
+  with torch.no_grad():
+    logits = net(torch.tensor(x).permute(0, 3, 1, 2)).numpy()
+  assert np.abs(logits).max() > 0.1  # the head learned something
+  np.testing.assert_allclose(np.asarray(jax_net.apply({'params': params},
+                                                      jnp.array(x))),
+                             logits, atol=1e-4)
+  np.testing.assert_allclose(tf_net(x).numpy(), logits, atol=1e-4)
+
+
+def test_resume_after_sigterm_equals_an_uninterrupted_run(
+    setup, reference, sigterm_after_step):
+  sigterm_after_step(5)
+  with pytest.raises(SystemExit) as stop:
+    distill(setup, 'pytorch', 'resumed')
+  assert stop.value.code == 128 + signal.SIGTERM
+  assert not (setup[0] / 'pytorch' / 'resumed' / 'results.json').exists()
+  sigterm_after_step(None)
+  result = distill(setup, 'pytorch', 'resumed')
+  assert result['agreement'] == reference['agreement']
+  assert result['loss'] == pytest.approx(reference['loss'], rel=1e-6)
+  a, b = (exported(setup, 'pytorch', n) for n in ('resumed', 'reference'))
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=k)
+  records = metrics(setup, 'pytorch', 'resumed')
+  assert [r['step'] for r in records if r['split'] == 'train'] == list(
+      range(1, STEPS + 1))
+  config = json.loads((setup[0] / 'pytorch' / 'resumed' /
+                       'config.json').read_text())
+  assert config['resumed_from_step'] == 5
+
+
+# --------------------------------------------------------------------------
+# Every backend: the same data stream and optimiser give the same losses.
+
+@pytest.fixture(scope='module')
+def from_weights(setup):
+  """{backend: final evaluation} of 6 steps from one student checkpoint."""
+  root = setup[0]
+  np.savez(root / 'student.npz', **synthetic_weights('R14x0.5', 10, seed=2))
+  return {b: distill(setup, b, 'from_weights', steps=6, eval_every=6,
+                     student=str(root / 'student.npz'))
+          for b in ('pytorch', 'jax', 'tf2')}
+
+
+@pytest.mark.parametrize('backend', ['jax', 'tf2'])
+def test_every_backend_distils_the_same(setup, from_weights, backend):
+  losses = {b: np.array([r['loss'] for r in metrics(setup, b, 'from_weights')
+                         if r['split'] == 'train'])
+            for b in ('pytorch', backend)}
+  assert len(losses[backend]) == 6 and np.ptp(losses['pytorch']) > 0.05
+  np.testing.assert_allclose(losses[backend], losses['pytorch'], rtol=2e-3)
+  for key in ('agreement', 'teacher_top1', 'top1', 'n'):
+    assert from_weights[backend][key] == from_weights['pytorch'][key], key
+  assert from_weights[backend]['kl'] == pytest.approx(
+      from_weights['pytorch']['kl'], rel=2e-3)
+  a, b = (exported(setup, x, 'from_weights') for x in ('pytorch', backend))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=0, atol=2e-3, err_msg=k)
+
+
+# --------------------------------------------------------------------------
+# Bad input: exit status 2, one line.
+
+@pytest.fixture(scope='module')
+def bad_teachers(setup):
+  root = setup[0]
+  np.savez(root / 'ten.npz', **synthetic_weights('R14x0.5', 10))
+  (root / 'broken.npz').write_bytes(b'not a zip file')
+  return str(root / 'ten.npz'), str(root / 'broken.npz')
+
+
+def test_bad_teacher_exits_2(setup, bad_teachers, capsys):
+  ten, broken = bad_teachers
+  for teacher, message in ((ten, 'has 10 outputs but the dataset has 3'),
+                           (broken, 'not a readable .npz')):
+    with pytest.raises(SystemExit) as e:
+      bit_common.run_cli(distill, setup, 'pytorch', 'bad', teacher=teacher)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith('error: ') and message in err[-1], err
+  assert not (setup[0] / 'pytorch' / 'bad' / 'model.npz').exists()
+
+
+@pytest.mark.parametrize('backend', ['jax', 'tf2'])
+def test_bad_teacher_refused_in_jax_and_tf2(setup, bad_teachers, backend):
+  ten, broken = bad_teachers
+  with pytest.raises(bit_common.BadInput, match='has 10 outputs'):
+    distill(setup, backend, 'bad', teacher=ten)
+  with pytest.raises(bit_common.BadInput, match='not a readable'):
+    distill(setup, backend, 'bad', teacher=broken)
+  with pytest.raises(bit_common.BadInput, match='PyTorch backend only'):
+    distill(setup, backend, 'bad', augment='inception_crop')
+
+
+def test_cli_exits_2_on_a_teacher_with_other_classes(setup, bad_teachers):
+  env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
+  env.pop('WORLD_SIZE', None)
+  root, folder, _ = setup
+  path = recipe_file(str(root), 'cli.yaml', **{**TINY, 'teacher': 'x.npz',
+                                               'datadir': folder})
+  proc = subprocess.run(
+      [sys.executable, '-m', 'bit_pytorch.distill', '--recipe', path,
+       '--name', 'cli', '--logdir', str(root / 'cli'), '--teacher',
+       bad_teachers[0], '--workers', '0'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'has 10 outputs but the dataset has 3' in (
+      proc.stderr.strip().splitlines()[-1])

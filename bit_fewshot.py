@@ -129,8 +129,10 @@ def _check_common(args):
       raise BadInput(f'--{flag} must be a positive number, got {value}.')
   if args.dataset in ('imagefolder', 'imagenet2012') and not args.datadir:
     raise BadInput(f'--dataset {args.dataset} needs --datadir.')
-  if not args.model.endswith(('.npz', '.h5')):
-    bit_zoo.model_info(args.model)
+  if args.datadir and args.dataset == 'imagefolder' and not os.path.isdir(
+      args.datadir):
+    raise BadInput(f'--datadir {args.datadir} is not a folder.')
+  bit_zoo.check_model(args.model)
 
 
 def _check_writable(path):
@@ -174,9 +176,7 @@ def resolution(args, splits):
 
 
 def read_weights(backend, args):
-  read = getattr(backend, 'read_weights', None) or (
-      lambda model, folder: bit_zoo.load_npz(bit_zoo.weights_path(model,
-                                                                  folder)))
+  read = getattr(backend, 'read_weights', None) or bit_zoo.load_weights
   return read(args.model, args.bit_pretrained_dir)
 
 
@@ -241,14 +241,18 @@ def _cache_path(args, framework, split, crop, weights_file):
 def _weights_file(args):
   # The file the features come from (for the cache key); registered names
   # resolve to the file in --bit_pretrained_dir (or the bundled one).
-  if args.model.endswith(('.npz', '.h5')):
+  if os.path.isdir(args.model):
+    return os.path.join(args.model, 'model.npz')
+  if os.path.isfile(args.model):
     return args.model
-  info = bit_zoo.model_info(args.model)
+  info = bit_zoo.MODELS.get(args.model)
+  if info is None:
+    return None  # hf-hub:...: no cache
   if info.path:
     return os.path.join(bit_zoo.REPO_DIR, info.path)
-  for fmt in ('npz', 'h5'):
-    path = os.path.join(args.bit_pretrained_dir, info.filename(fmt))
-    if os.path.exists(path):
+  for fmt, url in (('npz', info.url), ('h5', info.h5_url)):
+    path = url and os.path.join(args.bit_pretrained_dir, info.filename(fmt))
+    if path and os.path.exists(path):
       return path
   return None
 

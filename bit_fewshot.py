@@ -232,7 +232,9 @@ def _cache_path(args, framework, split, crop, weights_file):
   key = json.dumps([framework, os.path.realpath(weights_file), stat.st_size,
                     stat.st_mtime_ns, args.dataset,
                     args.datadir and os.path.realpath(args.datadir), split,
-                    crop])
+                    crop, getattr(args, 'train_split', None),
+                    getattr(args, 'eval_split', None),
+                    getattr(args, 'skip_bad_images', False)])
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
   name = f'{framework}-{args.dataset}-{split}-{crop}px-{digest}.npz'
   return os.path.join(args.cache_dir, name)

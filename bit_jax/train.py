@@ -43,14 +43,91 @@ DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
 def add_jax_flags(parser):
   """Flags of the JAX backend only."""
   parser.add_argument('--distributed', action='store_true',
-                      help='JAX only: call jax.distributed.initialize() first '
-                      '(TPU pods, SLURM or multi-node GPU jobs), so every '
-                      'process trains one model together.')
+                      help='JAX only: join the other processes of the job '
+                      'first (jax.distributed.initialize), so every process '
+                      'trains one model together. TPU pods, SLURM and Open '
+                      'MPI are detected; elsewhere give --coordinator_address, '
+                      '--num_processes and --process_id.')
+  parser.add_argument('--coordinator_address', default=None,
+                      metavar='HOST:PORT',
+                      help='JAX only, with --distributed: address of process '
+                      '0, where it serves the coordinator (any free port; '
+                      'the same on every process).')
+  parser.add_argument('--num_processes', type=int, default=None,
+                      help='JAX only, with --distributed: how many processes '
+                      'the job has.')
+  parser.add_argument('--process_id', type=int, default=None,
+                      help='JAX only, with --distributed: this process\'s '
+                      'index, 0 to --num_processes - 1.')
   return parser
+
+
+def initialize_distributed(args):
+  """Joins the job's processes (--distributed): the cluster's own settings
+  where JAX detects them, else the explicit flags. CPU processes exchange
+  their collectives through gloo."""
+  explicit = {k: getattr(args, k) for k in ('coordinator_address',
+                                            'num_processes', 'process_id')}
+  given = {k: v for k, v in explicit.items() if v is not None}
+  if given and not args.distributed:
+    raise bit_common.BadInput(
+        f'--{next(iter(given))} needs --distributed.')
+  if not args.distributed:
+    return
+  if given and len(given) < 3:
+    missing = ', '.join(f'--{k}' for k in explicit if k not in given)
+    raise bit_common.BadInput(
+        f'--distributed with {", ".join(f"--{k}" for k in given)} also needs '
+        f'{missing} (or none of the three, where JAX detects the cluster: '
+        'TPU pods, SLURM, Open MPI).')
+  if given:
+    n, i = given['num_processes'], given['process_id']
+    if n < 1 or not 0 <= i < n:
+      raise bit_common.BadInput(
+          f'--process_id {i} is not in 0..{n - 1} (--num_processes {n}).')
+    if ':' not in given['coordinator_address']:
+      raise bit_common.BadInput(
+          f'--coordinator_address {given["coordinator_address"]!r} is not '
+          'HOST:PORT.')
+  if jax.config.jax_cpu_collectives_implementation in (None, 'none'):
+    # Without it, CPU devices of several processes cannot run one step
+    # (newer JAX uses gloo by default; accelerators are not affected).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:
+    jax.distributed.initialize(**given)
+  except (ValueError, RuntimeError) as e:
+    if given:
+      raise
+    raise bit_common.BadInput(
+        '--distributed found no cluster to join (' +
+        str(e).strip().splitlines()[0][:200] + '); outside TPU pods, SLURM '
+        'and Open MPI give --coordinator_address HOST:PORT --num_processes N '
+        '--process_id I on every process.') from None
 
 
 def argparser():
   return bit_common.backend_argparser(add_jax_flags)
+
+
+def lead_first(fn, *args):
+  """fn(*args) on process 0, then on the others (the checks make and remove
+  folders, which processes doing it at once would race on); a BadInput
+  anywhere stops every process."""
+  if jax.process_count() == 1:
+    return fn(*args)
+  result, error = None, None
+  for turn in (True, False):
+    if (jax.process_index() == 0) == turn:
+      try:
+        result = fn(*args)
+      except bit_common.BadInput as e:
+        error = e
+    if _any_process([error is not None])[0] and error is None:
+      raise bit_common.BadInput('another process refused the command line '
+                                '(its error says why).')
+  if error is not None:
+    raise error
+  return result
 
 
 # --------------------------------------------------------------------------
@@ -128,10 +205,9 @@ def main(args):
     raise bit_common.BadInput(
         '--precision fp16 is not supported by the JAX backend (it has no '
         'loss scaling, and fp16 without it under- and overflows); use bf16.')
-  if args.distributed:
-    jax.distributed.initialize()
+  initialize_distributed(args)
   devices = jax.devices()
-  bit_common.check_args(args, len(devices))
+  lead_first(bit_common.check_args, args, len(devices))
   # The pipeline's TensorFlow must leave accelerators to JAX.
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')

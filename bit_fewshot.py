@@ -13,7 +13,8 @@ shared sampler, `bit_data.fewshot_indices`, with seeds 0, 1, ...), each
 feature standardised with the mean and standard deviation of those k-shot
 examples, a closed-form L2-regularised least-squares fit to one-hot targets
 (with an intercept that is not regularised), and top-1 of its argmax on the
-whole evaluation split. The linear algebra is numpy (float64).
+whole evaluation split. The linear algebra is numpy/scipy, framework-free
+(float64; large products in float32).
 
 A backend is a module with
   load_data(args, logger) -> Splits

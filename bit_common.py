@@ -18,6 +18,7 @@ import importlib
 import logging
 import os
 import sys
+import tempfile
 
 # --------------------------------------------------------------------------
 # Errors: bad input ends a command with one line and exit status 2.
@@ -27,20 +28,25 @@ class BadInput(Exception):
   """Something the user gave is wrong; the message says what to do."""
 
 
-class Diverged(Exception):
+class RunFailed(Exception):
+  """A run could not go on (a write failed, the loss diverged); the message
+  says what happened and what is left."""
+
+
+class Diverged(RunFailed):
   """The training loss is not a number; the message names the step and the
   newest good checkpoint."""
 
 
 def run_cli(main, *args, **kwargs):
   """Runs `main`; a BadInput becomes one line on stderr and exit status 2, a
-  diverged run one line and exit status 3."""
+  failed run (RunFailed) one line and exit status 3."""
   try:
     return main(*args, **kwargs)
   except BadInput as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  except Diverged as e:
+  except RunFailed as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(3)
 
@@ -54,8 +60,6 @@ import bit_zoo  # noqa: E402  pylint: disable=wrong-import-position
 # --------------------------------------------------------------------------
 # Command line.
 
-# The name before bit_data.NAMED_DATASETS.
-TORCH_OR_TFDS_DATASETS = bit_data.NAMED_DATASETS
 
 
 def argparser(known_models=None):
@@ -154,6 +158,11 @@ def check_args(args, devices=1):
   mixup = getattr(args, 'mixup_alpha', None)
   if mixup is not None and not 0 <= mixup < float('inf'):
     raise BadInput(f'--mixup_alpha must be 0 (off) or positive, got {mixup}.')
+  if not 0 < args.base_lr < float('inf'):
+    raise BadInput(f'--base_lr must be a positive number, got '
+                   f'{args.base_lr}.')
+  if getattr(args, 'workers', 0) < 0:
+    raise BadInput(f'--workers must be 0 or more, got {args.workers}.')
   if args.batch % (args.batch_split * devices):
     raise BadInput(f'--batch {args.batch} is not divisible by --batch_split '
                    f'{args.batch_split} times {devices} device(s); choose a '
@@ -168,6 +177,28 @@ def check_args(args, devices=1):
     raise BadInput(f'--crop_size {args.crop_size} is larger than '
                    f'--resize_size {args.resize_size}.')
   bit_zoo.check_model(args.model)
+  check_writable(args)
+
+
+def check_writable(args, keep=False):
+  """Refuses a --logdir where the run folder cannot be made or written;
+  folders made for the check are removed again unless `keep`."""
+  folder = os.path.abspath(run_dir(args))
+  missing, parent = [], folder
+  while not os.path.exists(parent):
+    missing.append(parent)
+    parent = os.path.dirname(parent)
+  try:
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+      pass
+  except OSError as e:
+    raise BadInput(f'cannot write to {folder} ({e.strerror or e}); give a '
+                   '--logdir you can write to.') from None
+  finally:
+    for made in [] if keep else missing:
+      if os.path.isdir(made) and not os.listdir(made):
+        os.rmdir(made)
 
 
 def backend_argparser(add_flags):
@@ -192,7 +223,7 @@ def run_dir(args):
 
 def setup_logger(args):
   """Logger to stderr and LOGDIR/NAME/train.log."""
-  os.makedirs(run_dir(args), exist_ok=True)
+  check_writable(args, keep=True)
   logger = logging.getLogger(f'bit.{args.name}')
   logger.setLevel(logging.INFO)
   logger.propagate = False
@@ -221,9 +252,11 @@ def run_logger(args, lead=True):
 # bit_common.Metrics, ... are those of the modules above.
 
 _MOVED = ('bit_zoo', 'bit_data', 'bit_run', 'bit_predict')
+_RENAMED = {'TORCH_OR_TFDS_DATASETS': 'NAMED_DATASETS'}
 
 
 def __getattr__(name):
+  name = _RENAMED.get(name, name)
   for module in _MOVED:
     module = importlib.import_module(module)
     if hasattr(module, name):

@@ -82,8 +82,9 @@ def _scan_split(folder, classes=None):
     d = os.path.join(folder, c)
     files = sorted(f for f in os.listdir(d) if f.lower().endswith(
         IMAGE_EXTENSIONS)) if os.path.isdir(d) else []
-    if not files and folder.endswith('train'):
-      raise BadInput(f'class folder {d} has no images; add some or remove it.')
+    if not files:
+      raise BadInput(f'class folder {d} has no images; add some, or remove '
+                     'the class from every split.')
     paths += [os.path.join(d, f) for f in files]
     labels += [label] * len(files)
   return classes, FileSplit(paths, np.array(labels, dtype=np.int64))
@@ -130,6 +131,16 @@ def _image_error(path, decode):
     return None
   except Exception as e:  # pylint: disable=broad-except
     return e  # PIL raises many kinds of error on damaged files.
+
+
+def first_unreadable(paths):
+  """(path, error) of the first of `paths` that cannot be decoded whole,
+  or None."""
+  for path in paths:
+    error = _image_error(path, decode=True)
+    if error is not None:
+      return path, error
+  return None
 
 
 def readable_images(paths, skip=False, logger=None):

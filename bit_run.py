@@ -20,6 +20,7 @@ training and on SIGINT/SIGTERM, and stops at the first loss that is not a
 number, before any checkpoint could hold its weights.
 """
 import dataclasses
+import fcntl
 import json
 import os
 import platform
@@ -34,7 +35,7 @@ import numpy as np
 import bit_data
 import bit_hyperrule
 import bit_tensorboard
-from bit_common import BadInput, Diverged, run_dir, run_logger
+from bit_common import BadInput, Diverged, RunFailed, run_dir, run_logger
 
 LOG_EVERY = 10       # steps between reading losses back from the device
 SAVE_MINUTES = 10    # a checkpoint at least this often (of training time)
@@ -234,6 +235,8 @@ class Run:
   def __init__(self, args, lead=True, any_process=None):
     self.args, self.lead = args, lead
     self.dir = run_dir(args)
+    if lead:
+      _lock(self.dir)
     self.logger = run_logger(args, lead)
     self.any_process = any_process
     self.metrics = None
@@ -250,7 +253,8 @@ class Run:
     `checkpoints` is the trainer's format: `newest_first()` names its
     checkpoints, `read(name)` reads one (raising when it cannot) and returns
     (step, settings), `load()` puts the state read into the run,
-    `set_aside(name)`, and `save(step)` for `fit`.
+    `set_aside(name)`, and `save(step)` for `fit` (atomic; it raises
+    FloatingPointError, writing nothing, when the weights are not finite).
     """
     if not self.args.save:
       return 0
@@ -327,7 +331,16 @@ class Run:
       nonlocal last_save
       flush()  # never a checkpoint after a loss that is not a number
       if self.args.save and self.saved_step != step:
-        checkpoints.save(step)
+        try:
+          checkpoints.save(step)
+        except FloatingPointError as e:  # weights not finite: not saved
+          raise Diverged(self._diverged(step, 'finite')) from e
+        except OSError as e:
+          kept = (f'the checkpoint of step {self.saved_step} is intact'
+                  if self.saved_step else 'no checkpoint was written before')
+          raise RunFailed(f'could not write the checkpoint of step {step} '
+                          f'in {self.dir} ({e.strerror or e}); {kept}. Free '
+                          'space and run the same command again.') from e
         self.saved_step = step
       last_save = time.time()
 
@@ -358,7 +371,7 @@ class Run:
                  if self.args.save else '.'))
             raise SystemExit(128 + (signals.signum or signal.SIGTERM))
       flush()
-    except Diverged as e:
+    except RunFailed as e:
       self.logger.error(str(e))
       raise
     if progress:
@@ -380,8 +393,10 @@ class Run:
   def _diverged(self, step, loss):
     where = (f'the newest good checkpoint is step {self.saved_step} in '
              f'{self.dir}' if self.saved_step else 'no checkpoint was written')
-    return (f'the training loss is {loss} at step {step}: stopping ({where}). '
-            'Lower --base_lr or check the data.')
+    what = (f'the training loss is {loss}' if loss != 'finite' else
+            'the weights hold NaN or infinite values')
+    return (f'{what} at step {step}: stopping ({where}). Lower --base_lr or '
+            'check the data.')
 
   def _evaluate(self, step, evaluate):
     result = summarize(evaluate())
@@ -400,12 +415,46 @@ class Run:
     if not self.lead:
       return dict(result, step=step)
     self.metrics.close()
-    if export and self.args.save:
-      export(os.path.join(self.dir, 'model.npz'))
-    write_json(os.path.join(self.dir, 'results.json'), dict(
-        result, step=step, split='val', name=self.args.name, **results))
+    try:
+      if export and self.args.save:
+        export(os.path.join(self.dir, 'model.npz'))
+      write_json(os.path.join(self.dir, 'results.json'), dict(
+          result, step=step, split='val', name=self.args.name, **results))
+    except OSError as e:
+      raise RunFailed(f'could not write the results into {self.dir} '
+                      f'({e.strerror or e}); the checkpoint of step '
+                      f'{self.saved_step} is there: free space and run the '
+                      'same command again.') from e
     self.logger.info(f'done: top-1 {result["top1"]:.2%} after {step} steps.')
     return dict(result, step=step)
+
+
+# One live run per folder: the lead process holds an exclusive lock on
+# LOGDIR/NAME/.lock while it lives (the system releases it when the process
+# ends, however it ends). A later run in the same process takes it over.
+_LOCKS = {}
+
+
+def _lock(folder):
+  path = os.path.abspath(os.path.join(folder, '.lock'))
+  if path in _LOCKS:
+    _LOCKS.pop(path).close()
+  os.makedirs(folder, exist_ok=True)
+  f = open(path, 'a+')
+  try:
+    # A POSIX lock: the process's own, not inherited by forked data workers.
+    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.seek(0)
+    pid = f.read().strip() or '?'
+    f.close()
+    raise BadInput(f'{folder} belongs to a run that is still going (process '
+                   f'{pid}); wait for it to end, stop it, or choose another '
+                   '--name.') from None
+  f.truncate(0)
+  f.write(f'{os.getpid()}\n')
+  f.flush()
+  _LOCKS[path] = f
 
 
 def summarize(sums):

@@ -90,8 +90,8 @@ class Source:
     if self.images is not None:
       images = tf.constant(self.images)
       return lambda i: (tf.gather(images, i), tf.gather(labels, i))
-    table = tf.constant(self.table.astype(bytes) if self.paths else
-                        list(self.table))
+    table = tf.constant([os.fsencode(p) for p in self.table] if self.paths
+                        else list(self.table))
     read = tf.io.read_file if self.paths else tf.identity
     decode = _decode_pil if self.use_pil else _decode_tf
     return lambda i: (decode(read(tf.gather(table, i))), tf.gather(labels, i))
@@ -390,16 +390,44 @@ def _streamed(src, stream, rows, start_step, plan, plan_types):
       num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def named_errors(batches):
+def named_errors(batches, files=None):
   """Yields from `batches` (an iterator over this module's datasets); an
   unreadable image ends the run with one line (bit_common.BadInput) instead
-  of a TensorFlow traceback."""
+  of a TensorFlow traceback. `files(k)` lists the image files the k-th
+  element may have read, in the order to check them, so that the line
+  names the file."""
+  k = 0
   try:
-    yield from batches
+    for batch in batches:
+      yield batch
+      k += 1
   except tf.errors.OpError as e:
+    bad = bit_data.first_unreadable(files(k)) if files else None
+    if bad:
+      raise bit_data.BadImage.of(*bad) from None
     raise bit_common.BadInput(
         f'cannot read an image ({e.message.strip().splitlines()[-1]}); fix '
         'or remove it, or pass --skip_bad_images.') from None
+
+
+def train_files(data, stream, start_step, ahead=32):
+  """`files` for named_errors over train_batches(data, stream, ...,
+  start_step): the files of the steps the pipeline may have read ahead,
+  then every training file."""
+  if not data.train.paths:
+    return None
+  table = data.train.table
+
+  def files(k):
+    steps = range(start_step + max(k - 1, 0), start_step + k + ahead)
+    near = np.unique(np.concatenate([stream.indices(s) for s in steps]))
+    return [table[i] for i in near] + list(table)
+  return files
+
+
+def eval_files(data):
+  """`files` for named_errors over eval_batches(data, ...)."""
+  return (lambda k: list(data.eval.table)) if data.eval.paths else None
 
 
 def eval_batches(data, batch, crop, process_index=0, process_count=1):

@@ -254,15 +254,18 @@ def main(args):
   def evaluate():
     sums = []  # replicated; read back once, at the end
     for batch in input_pipeline.named_errors(input_pipeline.eval_batches(
-        data, eval_batch, hyper.crop, pid, nproc).as_numpy_iterator()):
+        data, eval_batch, hyper.crop, pid, nproc).as_numpy_iterator(),
+                                             input_pipeline.eval_files(data)):
       b = to_global(batch)
       sums.append(eval_step(ckpt.state['params'], b['image'], b['label'],
                             b['mask']))
     return np.sum([local(s) for s in sums], axis=0, dtype=np.float64)
 
+  stream = hyper.stream(args)
   batches = input_pipeline.named_errors(input_pipeline.train_batches(
-      data, hyper.stream(args), hyper.resize, hyper.crop, step, pid,
-      nproc).as_numpy_iterator())
+      data, stream, hyper.resize, hyper.crop, step, pid,
+      nproc).as_numpy_iterator(), input_pipeline.train_files(data, stream,
+                                                             step))
 
   def train(step, lr):
     del step  # The pipeline yields the batch of each step in turn.
@@ -335,6 +338,9 @@ class Checkpoints:
     self.manager.reload()
 
   def save(self, step):
+    if not all(np.isfinite(local(p)).all()
+               for p in jax.tree.leaves(self.state['params'])):
+      raise FloatingPointError('weights are not finite')
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(self.state),
         run=ocp.args.JsonSave(self.settings)))

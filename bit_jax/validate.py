@@ -25,7 +25,7 @@ def evaluate(logits_fn, data, batch, crop):
   """[summed loss, top-1 hits, top-5 hits, n] over the evaluation split."""
   sums = np.zeros(4)
   for b in pipeline.named_errors(pipeline.eval_batches(
-      data, batch, crop).as_numpy_iterator()):
+      data, batch, crop).as_numpy_iterator(), pipeline.eval_files(data)):
     sums += bit_validate.batch_sums(logits_fn(b['image']), b['label'],
                                     b['mask'])
   return sums

@@ -75,12 +75,27 @@ def process_group():
   own = not dist.is_initialized()
   if own:
     dist.init_process_group('nccl' if cuda else 'gloo',
-                            device_id=device if cuda else None)
+                            device_id=device if cuda else None,
+                            **restarted_store())
   try:
     yield dist.get_rank(), device
   finally:
     if own:
       dist.destroy_process_group()
+
+
+def restarted_store():
+  """init_process_group's store after a torchrun restart (--max-restarts):
+  the rendezvous store under a prefix of this attempt. torchrun keeps one
+  store for every attempt, and without the prefix the new group reads the
+  addresses the killed group left there (gloo: 'connectFullMesh failed ...
+  Connection refused')."""
+  attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+  if attempt == '0':
+    return {}
+  store, rank, world = next(dist.rendezvous('env://'))
+  return dict(store=dist.PrefixStore(f'bit_attempt_{attempt}', store),
+              rank=rank, world_size=world)
 
 
 def local_first(fn, *args):
@@ -115,8 +130,9 @@ def _ignore_sigint(worker_id):
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
   args = bit_common.with_backend_defaults(args, add_torch_flags)
-  bit_common.check_args(args, world_size())
   with process_group() as (rank, device):
+    # One process after the other: the checks make and remove folders.
+    local_first(bit_common.check_args, args, world_size())
     return _train(args, rank, device)
 
 
@@ -360,6 +376,9 @@ class Checkpoint:
   def save(self, step):
     """Atomic: the new file is complete before it takes the name; the
     previous one stays as bit.prev.pth.tar."""
+    if not all(torch.isfinite(p).all() for p in
+               self.objects['model'].parameters()):
+      raise FloatingPointError('weights are not finite')
     if not self.lead:
       return
     state = {name: obj.state_dict() for name, obj in self.objects.items()}

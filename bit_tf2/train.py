@@ -89,6 +89,28 @@ def is_chief(strategy):
       not has_chief)
 
 
+def chief_first(strategy, fn, *args):
+  """fn(*args) on the chief, then on the other workers (the checks make and
+  remove folders, which workers doing it at once would race on); a
+  BadInput anywhere stops every worker."""
+  vote = _any_process(strategy)
+  if vote is None:
+    return fn(*args)
+  result, error = None, None
+  for turn in (True, False):
+    if is_chief(strategy) == turn:
+      try:
+        result = fn(*args)
+      except bit_common.BadInput as e:
+        error = e
+    if vote([error is not None, False])[0] and error is None:
+      raise bit_common.BadInput('another worker refused the command line '
+                                '(its error says why).')
+  if error is not None:
+    raise error
+  return result
+
+
 def uses_xla(strategy):
   """XLA helps on accelerators; on CPUs TF's own kernels are as fast."""
   return (isinstance(strategy, tf.distribute.TPUStrategy) or
@@ -221,7 +243,7 @@ def main(args):
   args = bit_common.with_backend_defaults(args, add_tf2_flags)
   strategy = make_strategy()
   replicas = strategy.num_replicas_in_sync
-  bit_common.check_args(args, replicas)
+  chief_first(strategy, bit_common.check_args, args, replicas)
   run = bit_run.Run(args, is_chief(strategy), _any_process(strategy))
   data = input_pipeline.load(args, run.logger)
   hyper = bit_run.HyperRule.of(args, data.train_size, data.original_hw)
@@ -263,13 +285,15 @@ def main(args):
 
   def evaluate():
     sums = [eval_step(batch) for batch in input_pipeline.named_errors(
-        iter(eval_data))]
+        iter(eval_data), input_pipeline.eval_files(data))]
     return np.sum([s.numpy() for s in sums], axis=0, dtype=np.float64)
 
   stream = hyper.stream(args)
   batches = input_pipeline.named_errors(iter(distribute(
       strategy, lambda pid, nproc: input_pipeline.train_batches(
-          data, stream, hyper.resize, hyper.crop, step, pid, nproc))))
+          data, stream, hyper.resize, hyper.crop, step, pid, nproc))),
+                                        input_pipeline.train_files(
+                                            data, stream, step))
 
   def train(step, rate):
     del step  # The pipeline yields the batch of each step in turn.
@@ -321,6 +345,10 @@ class Checkpoints:
   def __init__(self, directory, settings, chief, checkpoint):
     self.settings, self.checkpoint = settings, checkpoint
     self.run_file = os.path.join(directory, RUN)
+    # Every worker resumes from the chief's checkpoints (--logdir on a file
+    # system the workers share) and writes its own where they are dropped.
+    self.shared = None if chief else tf.train.CheckpointManager(
+        checkpoint, directory, max_to_keep=2)
     if not chief:
       directory = tempfile.mkdtemp(prefix='bit_tf2_worker_')
       atexit.register(shutil.rmtree, directory, ignore_errors=True)
@@ -329,7 +357,7 @@ class Checkpoints:
     self._path = None
 
   def newest_first(self):
-    return list(reversed(self.manager.checkpoints))
+    return list(reversed((self.shared or self.manager).checkpoints))
 
   def read(self, path):
     with open(self.run_file) as f:
@@ -350,6 +378,9 @@ class Checkpoints:
         self.checkpoint, self.manager.directory, max_to_keep=2)
 
   def save(self, step):
+    if not all(bool(tf.reduce_all(tf.math.is_finite(v)))
+               for v in self.checkpoint.model.trainable_variables):
+      raise FloatingPointError('weights are not finite')
     if not os.path.exists(self.run_file):
       bit_run.write_json(self.run_file, self.settings)
     self.checkpoint.step.assign(step)

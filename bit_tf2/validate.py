@@ -25,7 +25,8 @@ def evaluate(logits_fn, data, batch, crop):
   """[summed loss, top-1 hits, top-5 hits, n] over the evaluation split."""
   sums = np.zeros(4)
   for b in pipeline.named_errors(iter(pipeline.eval_batches(data, batch,
-                                                            crop))):
+                                                            crop)),
+                                 pipeline.eval_files(data)):
     sums += bit_validate.batch_sums(logits_fn(b['image']), b['label'].numpy(),
                                     b['mask'].numpy())
   return sums

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -39,6 +40,10 @@ def trainer(backend):
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp('trainers')
+  # Runs of the same model share compiled JAX steps through JAX's cache.
+  import jax
+  jax.config.update('jax_compilation_cache_dir', str(root / 'xla_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   folder = write_imagefolder(root / 'images', train=8, val=5, size=(32, 32))
   npz = root / 'tiny.npz'
   np.savez(npz, **synthetic_weights('R14x0.5', 10))
@@ -58,14 +63,20 @@ def run(setup, backend, name, *extra, **kw):
       argv(setup, backend, name, *extra, **kw)))
 
 
-def cli(setup, backend, name, *extra, **kw):
+def cli_env(setup):
   env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1',
-             JAX_PLATFORMS='cpu')
+             JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=str(setup[0] / 'xla_cache'))
   env.pop('WORLD_SIZE', None)
+  return env
+
+
+def cli(setup, backend, name, *extra, **kw):
   return subprocess.run(
       [sys.executable, '-m', f'bit_{backend}.train',
        *argv(setup, backend, name, *extra, **kw)],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+      cwd=REPO, env=cli_env(setup), capture_output=True, text=True,
+      timeout=600)
 
 
 def out(setup, backend, name):
@@ -235,6 +246,160 @@ def test_bad_images_are_named_or_the_same_ones_left_out(setup, bad_folder,
 
 
 # --------------------------------------------------------------------------
+# Crashes, odd input and bad places.
+
+# Runs a trainer in a fresh process that kills itself (SIGKILL: no handler,
+# no checkpoint of its own) right after training step K.
+KILLED_AFTER_STEP = (
+    'import importlib, os, signal, sys\n'
+    'import bit_run\n'
+    'backend, k = sys.argv[1], int(sys.argv[2])\n'
+    'update = bit_run.Progress.update\n'
+    'def update_then_die(self, step):\n'
+    '  update(self, step)\n'
+    '  if step == k:\n'
+    '    os.kill(os.getpid(), signal.SIGKILL)\n'
+    'bit_run.Progress.update = update_then_die\n'
+    'train = importlib.import_module(f"bit_{backend}.train")\n'
+    'train.main(train.argparser().parse_args(sys.argv[3:]))\n')
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_sigkill_then_the_same_command_equals_an_uninterrupted_run(
+    setup, reference, backend):
+  killed = subprocess.run(
+      [sys.executable, '-c', KILLED_AFTER_STEP, backend, '9',
+       *argv(setup, backend, 'killed', '--save_every', '4')],
+      cwd=REPO, env=cli_env(setup), capture_output=True, text=True,
+      timeout=600)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  # Its metrics went further than its newest checkpoint (step 8).
+  assert max(r['step'] for r in metrics(setup, backend, 'killed')) >= 8
+  # The dead process's lock does not block the same command.
+  result = run(setup, backend, 'killed', '--save_every', '4')
+  assert result['top1'] == reference[backend]['top1']
+  assert_same(weights(setup, backend, 'killed'),
+              weights(setup, backend, 'reference'), atol=1e-6)
+  records = metrics(setup, backend, 'killed')
+  assert [r['step'] for r in records] == [
+      r['step'] for r in metrics(setup, backend, 'reference')]
+  assert 'resuming from' in (out(setup, backend, 'killed') /
+                             'train.log').read_text()
+
+
+NEWEST = {'pytorch': ['bit.pth.tar'], 'jax': ['checkpoints/8/**/*'],
+          'tf2': ['checkpoints/ckpt-8.*']}
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_an_unreadable_newest_checkpoint_is_set_aside(
+    setup, reference, backend, sigterm_after_step):
+  sigterm_after_step(8)
+  with pytest.raises(SystemExit):
+    run(setup, backend, 'damaged', '--save_every', '4')
+  sigterm_after_step(None)
+  damaged = [p for pattern in NEWEST[backend] for p in
+             out(setup, backend, 'damaged').glob(pattern) if p.is_file()]
+  assert damaged
+  for path in damaged:
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+  result = run(setup, backend, 'damaged', '--save_every', '4')
+  log = (out(setup, backend, 'damaged') / 'train.log').read_text()
+  assert 'set aside' in log and 'at step 6' in log  # the one before
+  assert result['top1'] == reference[backend]['top1']
+  assert_same(weights(setup, backend, 'damaged'),
+              weights(setup, backend, 'reference'), atol=1e-6)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_a_second_live_run_of_the_same_name_is_refused(setup, backend):
+  first = subprocess.Popen(
+      [sys.executable, '-m', f'bit_{backend}.train',
+       *argv(setup, backend, 'twice', '--total_steps', '100000')],
+      cwd=REPO, env=cli_env(setup), stderr=subprocess.DEVNULL)
+  try:
+    log = out(setup, backend, 'twice') / 'train.log'
+    for _ in range(600):
+      if log.exists() and 'INFO' in log.read_text():
+        break
+      time.sleep(0.1)
+    before = sorted(os.listdir(out(setup, backend, 'twice')))
+    with pytest.raises(bit_common.BadInput, match='still going'):
+      run(setup, backend, 'twice', '--total_steps', '100000')
+    assert sorted(os.listdir(out(setup, backend, 'twice'))) == before
+  finally:
+    first.kill()
+    first.wait()
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_a_diverging_loss_stops_before_any_bad_checkpoint(setup, backend):
+  with pytest.raises(bit_common.Diverged, match=r'at step \d+') as e:
+    run(setup, backend, 'nan', '--base_lr', '1e12', '--mixup_alpha', '0',
+        '--save_every', '1')
+  assert 'Lower --base_lr' in str(e.value)
+  assert not (out(setup, backend, 'nan') / 'results.json').exists()
+  assert not (out(setup, backend, 'nan') / 'model.npz').exists()
+  # Resuming it finds only finite weights (or nothing) to start from.
+  with pytest.raises(bit_common.Diverged):
+    run(setup, backend, 'nan', '--base_lr', '1e12', '--mixup_alpha', '0',
+        '--save_every', '1')
+
+
+@pytest.fixture(scope='module')
+def odd_folder(tmp_path_factory):
+  """Class folders and files with accented names and spaces."""
+  return write_imagefolder(tmp_path_factory.mktemp('odd') / 'ïmages ö',
+                           classes=('café ü', 'ä b', 'x'), train=3, val=2,
+                           size=(32, 32))
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_any_name_the_file_system_allows(setup, odd_folder, backend):
+  result = run(setup, backend, 'odd', '--total_steps', '2', '--batch', '4',
+               folder=odd_folder)
+  assert result['n'] == 6
+  config = json.loads((out(setup, backend, 'odd') /
+                       'config.json').read_text())
+  assert config['classes'] == sorted(['café ü', 'ä b', 'x'])
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_bad_places_and_values_exit_2(setup, backend, tmp_path):
+  unwritable = tmp_path / 'a_file'
+  unwritable.write_text('not a folder')
+  cases = [(['--logdir', str(unwritable)], 'cannot write'),
+           (['--base_lr', '-1'], 'base_lr'), (['--base_lr', 'nan'], 'base_lr'),
+           (['--base_lr', '0'], 'base_lr'), (['--save_every', '0'],
+                                             'save_every')]
+  for extra, message in cases:
+    with pytest.raises(bit_common.BadInput, match=message):
+      run(setup, backend, 'places', *extra)
+  assert not out(setup, backend, 'places').exists()
+  empty = write_imagefolder(tmp_path / 'empty', train=2, val=1,
+                            size=(32, 32))
+  for f in os.listdir(os.path.join(empty, 'val', 'owl')):
+    os.remove(os.path.join(empty, 'val', 'owl', f))
+  with pytest.raises(bit_common.BadInput, match=r'val/owl has no images'):
+    run(setup, backend, 'places', folder=empty)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_a_truncated_image_is_named(setup, backend, tmp_path):
+  folder = write_imagefolder(tmp_path / 'images', train=4, val=2,
+                             size=(32, 32))
+  path = os.path.join(folder, 'val', 'cat', '000.png')
+  with open(path, 'rb') as f:
+    head = f.read(100)  # the header reads; the pixels do not
+  with open(path, 'wb') as f:
+    f.write(head)
+  # In-process data workers would fork after JAX/TF started threads.
+  with pytest.raises(bit_common.BadInput, match=r'val/cat/000\.png'):
+    run(setup, backend, 'truncated', '--total_steps', '1', '--workers', '0',
+        folder=folder)
+
+
+# --------------------------------------------------------------------------
 # Several devices or processes: the same global batch, the same update.
 
 TF2_LOGICAL_DEVICES = (
@@ -259,8 +424,7 @@ LAUNCH = {
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_several_devices_equal_one(setup, reference, backend):
   launcher, env, devices = LAUNCH[backend]
-  env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1',
-             JAX_PLATFORMS='cpu', **env)
+  env = dict(cli_env(setup), **env)
   proc = subprocess.run([*launcher, *argv(setup, backend, 'devices')],
                         cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)

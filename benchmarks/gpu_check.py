@@ -114,6 +114,13 @@ def main(argv=None):
   }
   report['settings']['peer'] = (
       'timm resnetv2_50x1_bit-style model, bf16 autocast, channels-last')
+  report['notes'] = {
+      'train_mem_bytes': 'PyTorch, timm, TF2: on a GPU the allocator peak '
+      'over the training steps, on the CPU the growth of peak resident '
+      "memory over them; JAX: the compiled step's memory as XLA plans it "
+      '(arguments, unaliased outputs, temporaries)',
+      'mfu': "images/s x FLOPs per image / the GPU's dense bf16 peak; a "
+      'training step counts 3x the forward FLOPs'}
   if args.cpu and bit_hardware.bf16_emulated('cpu'):
     print('warning: ' + bit_hardware.BF16_EMULATED_WARNING, flush=True)
   missing = {name: _missing(mods) for name, mods in NEEDS.items()}

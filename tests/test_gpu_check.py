@@ -43,3 +43,17 @@ def test_missing_modules_and_gpu_peaks_are_found():
   assert gpu_check._peak_tflops({'name': 'NVIDIA H100 PCIe'}) == 756.0
   assert gpu_check._peak_tflops({'name': 'NVIDIA H200'}) == 989.4
   assert gpu_check._peak_tflops({'name': 'Some GPU'}) is None
+
+
+def test_bf16_is_emulated_only_on_x86_cpus_without_bf16_flags(monkeypatch):
+  import bit_hardware
+  monkeypatch.setattr(bit_hardware.platform, 'machine', lambda: 'x86_64')
+  for flags, emulated in (('fma avx2', True), ('avx2 avx512_bf16', False),
+                          ('avx2 amx_bf16', False), ('', False)):
+    monkeypatch.setattr(bit_hardware, '_cpuinfo', lambda f=flags: {
+        'model name': 'Some CPU', 'flags': f})
+    assert bit_hardware.bf16_emulated('cpu') is emulated, flags
+    assert bit_hardware.bf16_emulated('cuda') is False
+    assert bit_hardware.cpu_description()['bf16_emulated'] is emulated
+  monkeypatch.setattr(bit_hardware.platform, 'machine', lambda: 'aarch64')
+  assert bit_hardware.bf16_emulated('cpu') is False

@@ -1,0 +1,204 @@
+"""Several processes on this machine train one model and end where one
+process ends (the tiny runs of tests/test_trainers.py, mixup on):
+
+- JAX: two processes joined by --distributed --coordinator_address
+  127.0.0.1:PORT --num_processes 2 --process_id I (CPU collectives through
+  gloo) train as one process does; stopped by SIGTERM (sent to the second
+  one only: the processes agree to stop) and started again, they resume
+  from the checkpoint and end where one process ends.
+- TF2: two workers named by TF_CONFIG (MultiWorkerMirroredStrategy), the
+  same.
+- PyTorch: torchrun --max-restarts 1 with two processes, one of which kills
+  itself (SIGKILL) after step 5: torchrun starts the group again, which
+  resumes from the checkpoint of step 4 (--save_every 2).
+
+Faults come from tests/multiprocess_worker.py, which runs each process.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+# The tiny runs of the contract test: flags, image folder, model, outputs.
+from test_trainers import (STEPS, argv, assert_same, metrics, out, run,
+                           setup, weights)  # noqa: F401  (setup: fixture)
+
+WORKER = os.path.join(REPO, 'tests', 'multiprocess_worker.py')
+TIMEOUT = 600
+
+
+def free_ports(n):
+  socks = [socket.socket() for _ in range(n)]
+  for s in socks:
+    s.bind(('127.0.0.1', 0))
+  ports = [s.getsockname()[1] for s in socks]
+  for s in socks:
+    s.close()
+  return ports
+
+
+def environment(**extra):
+  env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1',
+             JAX_PLATFORMS='cpu', **extra)
+  for k in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'TF_CONFIG',
+            'BIT_TEST_SIGNAL_STEP'):
+    env.pop(k, None)
+  env.update(extra)
+  return env
+
+
+def launch(commands, tmp_path):
+  """Runs [(argv, env)] at once; returns their exit statuses and the end of
+  their output (each process's own file, so no pipe fills up)."""
+  procs, logs = [], []
+  for i, (command, env) in enumerate(commands):
+    log = open(tmp_path / f'process{i}-{len(os.listdir(tmp_path))}.log',
+               'w+')
+    logs.append(log)
+    procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT))
+  try:
+    codes = [p.wait(timeout=TIMEOUT) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  tails = []
+  for log in logs:
+    log.seek(0)
+    tails.append(log.read()[-3000:])
+    log.close()
+  return codes, '\n----\n'.join(tails)
+
+
+def jax_processes(setup, name, fault=None):
+  port = free_ports(1)[0]
+  # Compiled steps are cached between the launches of a module (the
+  # compilation is most of a tiny run's time).
+  cache = dict(JAX_COMPILATION_CACHE_DIR=str(setup[0] / 'xla_cache'),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  return [([sys.executable, WORKER, 'jax', *argv(setup, 'jax', name),
+            '--distributed', '--coordinator_address', f'127.0.0.1:{port}',
+            '--num_processes', '2', '--process_id', str(i)],
+           environment(**cache, **(fault if fault and i == 1 else {})))
+          for i in range(2)]
+
+
+def tf2_workers(setup, name, fault=None):
+  ports = free_ports(2)
+  cluster = {'worker': [f'localhost:{p}' for p in ports]}
+  return [([sys.executable, WORKER, 'tf2', *argv(setup, 'tf2', name)],
+           environment(TF_CONFIG=json.dumps(
+               {'cluster': cluster, 'task': {'type': 'worker', 'index': i}}),
+                       **(fault if fault and i == 1 else {})))
+          for i in range(2)]
+
+
+LAUNCH = {'jax': jax_processes, 'tf2': tf2_workers}
+SIGTERM_AFTER_4 = {'BIT_TEST_SIGNAL_STEP': '4', 'BIT_TEST_SIGNAL': 'TERM'}
+
+
+class References(dict):
+  """{backend: final evaluation} of one uninterrupted 1-process run each,
+  run (in this process) when first asked for."""
+
+  def __init__(self, setup):
+    super().__init__()
+    self.setup = setup
+
+  def __missing__(self, backend):
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1)
+    try:
+      self[backend] = run(self.setup, backend, 'reference')
+    finally:
+      torch.set_num_threads(threads)
+    return self[backend]
+
+
+@pytest.fixture(scope='module')
+def reference(setup):
+  return References(setup)
+
+
+def assert_ends_where_the_reference_ends(setup, reference, backend, name,
+                                         resumed_from):
+  run_dir = out(setup, backend, name)
+  result = json.loads((run_dir / 'results.json').read_text())
+  assert result['n'] == 15 and result['step'] == STEPS
+  assert result['top1'] == reference[backend]['top1']
+  assert result['loss'] == pytest.approx(reference[backend]['loss'],
+                                         rel=1e-5)
+  assert_same(weights(setup, backend, name),
+              weights(setup, backend, 'reference'))
+  records = metrics(setup, backend, name)
+  expected = metrics(setup, backend, 'reference')
+  assert [(r['step'], r['split']) for r in records] == [
+      (r['step'], r['split']) for r in expected]
+  for r, e in zip(records, expected):
+    assert r['loss'] == pytest.approx(e['loss'], rel=1e-5, abs=1e-6), r
+  config = json.loads((run_dir / 'config.json').read_text())
+  assert config['resumed_from_step'] == resumed_from
+  return config
+
+
+@pytest.mark.parametrize('backend', ['jax', 'tf2'])
+def test_two_processes_end_where_one_ends_also_stopped_and_resumed(
+    setup, reference, backend, tmp_path):
+  assert reference[backend]['top1'] >= 0.8
+  # Two processes train from step 0; the second gets SIGTERM after step 4,
+  # and they agree to stop at their next vote (every bit_run.LOG_EVERY
+  # steps), with a checkpoint there. (One launch, not two: a launch costs
+  # half a minute of start-up here.)
+  codes, output = launch(LAUNCH[backend](setup, 'two', SIGTERM_AFTER_4),
+                         tmp_path)
+  assert codes == [128 + signal.SIGTERM] * 2, output
+  run_dir = out(setup, backend, 'two')
+  assert not (run_dir / 'results.json').exists()
+  records = metrics(setup, backend, 'two')
+  stopped = records[-1]['step']
+  assert 4 < stopped < STEPS
+  # Up to there, every loss and the evaluation at step 6 are one process's.
+  expected = [r for r in metrics(setup, backend, 'reference')
+              if r['step'] <= stopped]
+  assert [(r['step'], r['split']) for r in records] == [
+      (r['step'], r['split']) for r in expected]
+  for r, e in zip(records, expected):
+    assert r['loss'] == pytest.approx(e['loss'], rel=1e-5, abs=1e-6), r
+  # Started again, they resume from the checkpoint and end where one ends.
+  codes, output = launch(LAUNCH[backend](setup, 'two'), tmp_path)
+  assert codes == [0, 0], output
+  config = assert_ends_where_the_reference_ends(setup, reference, backend,
+                                                'two', stopped)
+  assert config['devices'] == 2
+  if backend == 'jax':
+    assert config['processes'] == 2
+  else:  # (TF's class behind tf.distribute.MultiWorkerMirroredStrategy)
+    assert config['strategy'] in ('MultiWorkerMirroredStrategy',
+                                  'CollectiveAllReduceStrategy')
+
+
+def test_torchrun_restarts_a_killed_worker_from_the_checkpoint(
+    setup, reference, tmp_path):
+  assert reference['pytorch']['top1'] >= 0.8
+  once = tmp_path / 'killed'
+  command = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+             '--nproc_per_node', '2', '--max-restarts', '1', WORKER,
+             'pytorch', *argv(setup, 'pytorch', 'elastic'),
+             '--save_every', '2']
+  codes, output = launch([(command, environment(
+      BIT_TEST_SIGNAL_STEP='5', BIT_TEST_SIGNAL='KILL',
+      BIT_TEST_SIGNAL_ONCE=str(once)))], tmp_path)
+  assert once.exists()  # rank 1 was killed once ...
+  assert codes == [0], output  # ... and torchrun's restart finished the run
+  assert 'exitcode: -9' in output
+  config = assert_ends_where_the_reference_ends(setup, reference, 'pytorch',
+                                                'elastic', 4)
+  assert config['devices'] == 2

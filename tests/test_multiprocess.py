@@ -20,9 +20,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
+import bit_common
 from conftest import REPO
 # The tiny runs of the contract test: flags, image folder, model, outputs.
 from test_trainers import (STEPS, argv, assert_same, metrics, out, run,
@@ -44,7 +46,7 @@ def free_ports(n):
 
 def environment(**extra):
   env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1',
-             JAX_PLATFORMS='cpu', **extra)
+             JAX_PLATFORMS='cpu')
   for k in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'TF_CONFIG',
             'BIT_TEST_SIGNAL_STEP'):
     env.pop(k, None)
@@ -62,8 +64,15 @@ def launch(commands, tmp_path):
     logs.append(log)
     procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
                                   stderr=subprocess.STDOUT))
+  deadline, shortened = time.time() + TIMEOUT, False
   try:
-    codes = [p.wait(timeout=TIMEOUT) for p in procs]
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+      if not shortened and any(p.poll() not in (None, 0) for p in procs):
+        # One process failed or stopped: the others get a minute to follow
+        # (their collectives notice), not the whole TIMEOUT.
+        deadline, shortened = min(deadline, time.time() + 60), True
+      time.sleep(0.5)
+    codes = [p.poll() for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
@@ -202,3 +211,20 @@ def test_torchrun_restarts_a_killed_worker_from_the_checkpoint(
   config = assert_ends_where_the_reference_ends(setup, reference, 'pytorch',
                                                 'elastic', 4)
   assert config['devices'] == 2
+
+
+def test_jax_distributed_flags_are_checked():
+  from bit_jax import train
+  args = ['--name', 'x', '--logdir', '/nonexistent']
+  for extra, message in (
+      (['--coordinator_address', 'h:1'], '--coordinator_address needs '
+       '--distributed'),
+      (['--distributed', '--num_processes', '2', '--process_id', '0'],
+       'also needs --coordinator_address'),
+      (['--distributed', '--coordinator_address', 'h:1', '--num_processes',
+        '2', '--process_id', '2'], r'--process_id 2 is not in 0\.\.1'),
+      (['--distributed', '--coordinator_address', 'h', '--num_processes',
+        '2', '--process_id', '0'], 'is not HOST:PORT')):
+    with pytest.raises(bit_common.BadInput, match=message):
+      train.initialize_distributed(train.argparser().parse_args(
+          args + extra))

@@ -38,15 +38,16 @@ def steps_for(net, resolution, batch, precision, channels_last=None,
   """(train_step, eval_step, device): callables that run one training step
   (as bit_pytorch.train does, the batch in `batch_split` micro-batches) or
   one evaluation forward pass of `net`."""
+  from bit_pytorch import engine
   from bit_pytorch import train
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-  net, auto_cl = train.to_device(net, device)
+  net, auto_cl = engine.to_device(net, device)
   channels_last = auto_cl if channels_last is None else channels_last
   fmt = torch.channels_last if channels_last else torch.contiguous_format
   net = net.to(memory_format=fmt)
   model = torch.compile(net) if compile else net
   opt, scaler = train.optimizer(net, 0.003, precision)
-  autocast = train.autocast_for(device, precision)
+  autocast = engine.autocast_for(device, precision)
   gen = torch.Generator().manual_seed(0)
   x = (torch.rand(batch, 3, resolution, resolution, generator=gen) * 2 - 1)
   x = x.to(device).contiguous(memory_format=fmt)
@@ -58,7 +59,7 @@ def steps_for(net, resolution, batch, precision, channels_last=None,
 
   def train_step():
     net.train()
-    train.train_step(model, opt, scaler, micro_batches, batch_split,
+    engine.train_step(model, opt, scaler, micro_batches, batch_split,
                      autocast, F.cross_entropy).item()
 
   @torch.no_grad()

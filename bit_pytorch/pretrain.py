@@ -11,8 +11,8 @@ every backend loads (LOGDIR/NAME/model.npz, or --export PATH).
 """
 import argparse
 import dataclasses
-import os
 import itertools
+import os
 
 import numpy as np
 import torch
@@ -26,8 +26,8 @@ import bit_distill
 import bit_run
 import bit_zoo
 from bit_pytorch import data as torch_data
+from bit_pytorch import engine
 from bit_pytorch import models
-from bit_pytorch import train
 
 
 @dataclasses.dataclass
@@ -258,35 +258,35 @@ def main(args):
   torchrun, one process per device (DistributedDataParallel), as
   fine-tuning."""
   recipe = load_recipe(args.recipe, args.overrides, args.datadir)
-  world = train.world_size()
+  world = engine.world_size()
   if args.batch_split < 1 or recipe.batch % (args.batch_split * world):
     raise bit_common.BadInput(f'batch {recipe.batch} is not divisible by '
                               f'--batch_split {args.batch_split} times '
                               f'{world} process(es).')
   if args.save_every is not None and args.save_every < 1:
     raise bit_common.BadInput('--save_every must be positive.')
-  with train.process_group() as (rank, device):
+  with engine.process_group() as (rank, device):
     return _pretrain(args, recipe, rank, world, device)
 
 
 def _pretrain(args, recipe, rank, world, device):
-  run = bit_run.Run(args, rank == 0, train.any_process(device))
+  run = bit_run.Run(args, rank == 0, engine.any_process(device))
   run.logger.info(f'recipe {args.recipe}: {recipe}')
   torch.manual_seed(args.seed)
-  train_src, val_src, classes = train.local_first(load_data, args, recipe,
+  train_src, val_src, classes = engine.local_first(load_data, args, recipe,
                                                   run.logger)
   sched = schedule(recipe, len(train_src))
   arch = bit_zoo.parse_arch(recipe.model)
   net = models.ResNetV2(arch.units, arch.width, classes, zero_head=True)
   torch.nn.init.constant_(net.head.conv.bias, recipe.head_bias)
-  net, channels_last = train.to_device(net, device)
+  net, channels_last = engine.to_device(net, device)
   optim = optimizer(net, recipe)
   scaler = torch.amp.GradScaler(device.type, enabled=False)
 
   settings = dict(recipe=dataclasses.asdict(recipe), seed=args.seed)
-  ckpt = train.Checkpoint(os.path.join(run.dir, CHECKPOINT), settings,
+  ckpt = engine.Checkpoint(os.path.join(run.dir, CHECKPOINT), settings,
                           run.lead, model=net, optimizer=optim)
-  step = train.same_everywhere(run.resume(ckpt, settings))
+  step = engine.same_everywhere(run.resume(ckpt, settings))
   export = args.export or os.path.join(run.dir, 'model.npz')
   run.start(step, {
       'recipe': dataclasses.asdict(recipe),
@@ -306,14 +306,14 @@ def _pretrain(args, recipe, rank, world, device):
   stream = bit_data.Stream(len(train_src), recipe.batch, args.seed)
   sampler = torch_data.TrainBatches(stream, step, sched.total_steps, rank,
                                     world, args.batch_split)
-  batches = train.data_errors_named(iter(train.loader(
+  batches = engine.data_errors_named(iter(engine.loader(
       Examples(train_src, recipe, True), args, device,
       batch_sampler=sampler)))
   lo, hi = (len(val_src) * r // world for r in (rank, rank + 1))
-  val_loader = train.loader(
+  val_loader = engine.loader(
       Examples(val_src.subset(np.arange(lo, hi)), recipe, False), args,
       device, batch_size=-(-(recipe.batch_eval or recipe.batch) // world))
-  autocast = train.autocast_for(device, args.precision)
+  autocast = engine.autocast_for(device, args.precision)
   loss = loss_fn(recipe, classes)
 
   def step_fn(step, lr):
@@ -323,17 +323,17 @@ def _pretrain(args, recipe, rank, world, device):
     micro = ((x.to(device, non_blocking=True),
               y.to(device, non_blocking=True))
              for x, y in itertools.islice(batches, args.batch_split))
-    return train.train_step(model, optim, scaler,
+    return engine.train_step(model, optim, scaler,
                             ((x, y, y, 1.0) for x, y in micro),
                             args.batch_split, autocast, loss)
 
   result, step = run.fit(
       step, sched.total_steps, sched.lr, step_fn,
-      lambda: train.evaluate(net, val_loader, device, channels_last,
+      lambda: engine.evaluate(net, val_loader, device, channels_last,
                              autocast, loss),
       ckpt, eval_every=recipe.eval_every or max(
           1, round(sched.steps_per_epoch)), batch=recipe.batch,
-      fetch=lambda losses: train.mean_over_processes(losses, device))
+      fetch=lambda losses: engine.mean_over_processes(losses, device))
   return run.finish(result, step, lambda _: net.save_npz(export),
                     model=recipe.model, exported_to=export)
 

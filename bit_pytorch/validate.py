@@ -15,13 +15,13 @@ import bit_hyperrule
 import bit_validate
 import bit_zoo
 from bit_pytorch import data as torch_data
+from bit_pytorch import engine
 from bit_pytorch import models
-from bit_pytorch import train
 
 
 def argparser():
   return bit_validate.argparser(
-      'PyTorch', precisions=tuple(train.DTYPES),
+      'PyTorch', precisions=tuple(engine.DTYPES),
       checkpoint_help='A bit.pth.tar checkpoint of bit_pytorch.train. ')
 
 
@@ -60,15 +60,15 @@ def main(args):
   crop = (args.crop_size or trained_crop or
           bit_hyperrule.get_resolution(data.original_hw)[1])
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-  net, channels_last = train.to_device(net, device)
+  net, channels_last = engine.to_device(net, device)
   loader = torch.utils.data.DataLoader(
       torch_data.EvalSet(data.val, crop),
       batch_size=args.batch_eval, num_workers=args.workers,
       pin_memory=device.type == 'cuda')
   logger.info(f'evaluating {args.ckpt_path} on {len(data.val)} '
               f'{args.dataset} images at {crop} px')
-  sums = train.evaluate(net, loader, device, channels_last,
-                        train.autocast_for(device, args.precision),
+  sums = engine.evaluate(net, loader, device, channels_last,
+                        engine.autocast_for(device, args.precision),
                         torch.nn.functional.cross_entropy)
   return bit_validate.report(bit_validate.summarize(sums), args)
 

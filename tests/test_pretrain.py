@@ -65,7 +65,7 @@ def test_paper_schedule_in_steps():
     (dict(loss='hinge'), 'loss must be one of'),
     (dict(batch='big'), 'batch must be a int'),
     (dict(crop_size=40), 'larger than resize_size'),
-    (dict(dataset='mnist'), 'dataset must be one of'),
+    (dict(dataset='mnist'), "unknown dataset 'mnist'; give one of"),
     (dict(dataset='imagefolder'), 'needs --datadir'),
     (dict(model='R18x1'), 'unknown architecture'),
     (dict(colour=True), "unknown key(s) ['colour']"),

@@ -121,6 +121,8 @@ class Recipe:
   dataset: str                   # any --dataset form
   batch: int                     # global batch size
   datadir: str = None
+  examples_per_class: int = None  # few-shot: train on this many per class
+  examples_per_class_seed: int = 0  # (bit_data.fewshot_indices)
   epochs: float = None           # length, in epochs ...
   steps: int = None              # ... or in steps (exactly one of the two)
   augment: str = 'inception_crop'  # inception_crop | crop_flip
@@ -145,6 +147,7 @@ class Recipe:
       raise BadInput('recipe: give exactly one of epochs and steps.')
     for name in ('batch', 'epochs', 'steps', 'resize_size', 'crop_size',
                  'teacher_crop_size', 'eval_every', 'batch_eval', 'base_lr',
+                 'examples_per_class',
                  'temperature'):
       value = getattr(self, name)
       if value is not None and value <= 0:
@@ -427,8 +430,10 @@ def data_args(args, recipe):
   return argparse.Namespace(
       dataset=recipe.dataset, datadir=recipe.datadir,
       skip_bad_images=args.skip_bad_images, tfds_manual_dir=None,
-      train_split=None, eval_split=None, examples_per_class=None,
-      examples_per_class_seed=0, workers=args.workers)
+      train_split=None, eval_split=None,
+      examples_per_class=recipe.examples_per_class,
+      examples_per_class_seed=recipe.examples_per_class_seed,
+      workers=args.workers)
 
 
 def main_cli(main, backend):

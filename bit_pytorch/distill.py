@@ -27,7 +27,7 @@ import bit_run
 import bit_zoo
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
-from bit_pytorch import train
+from bit_pytorch import engine
 
 CHECKPOINT = 'distill.pth.tar'
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
@@ -97,7 +97,7 @@ def optimizer(net, recipe):
 
 # --------------------------------------------------------------------------
 # Data: one view per example (crop and flip from its stream seed), at the
-# teacher's resolution; mixup on the device (train.mixed), then the student
+# teacher's resolution; mixup on the device (engine.mixed), then the student
 # gets the same images (resized when its resolution differs).
 
 class Views(torch.utils.data.Dataset):
@@ -128,15 +128,19 @@ class Views(torch.utils.data.Dataset):
 
 
 def load_data(args, recipe, logger):
-  data = torch_data.load(bit_distill.data_args(args, recipe), logger)
-  return data.train, data.val, len(data.classes), data.classes
+  """(train split (the few-shot subset where the recipe asks), eval split,
+  class count, class names)."""
+  data_args = bit_distill.data_args(args, recipe)
+  data = torch_data.load(data_args, logger)
+  return (torch_data.fewshot(data.train, data_args), data.val,
+          len(data.classes), data.classes)
 
 
 def build_nets(args, recipe, classes, device):
   """(teacher, student) on `device`: the teacher as its weights say (in
   evaluation mode, no gradients; its head must fit the classes), the
   student from scratch or from weights under a zero head."""
-  weights = train.local_first(bit_zoo.load_weights, recipe.teacher,
+  weights = engine.local_first(bit_zoo.load_weights, recipe.teacher,
                               args.bit_pretrained_dir)
   _, head = bit_zoo.model_arch(recipe.teacher, weights=weights)
   bit_distill.check_teacher(head, classes, recipe.teacher)
@@ -148,7 +152,7 @@ def build_nets(args, recipe, classes, device):
   if arch is not None:
     student = models.ResNetV2(arch.units, arch.width, classes, zero_head=True)
   else:
-    weights = train.local_first(bit_zoo.load_weights, recipe.student,
+    weights = engine.local_first(bit_zoo.load_weights, recipe.student,
                                 args.bit_pretrained_dir)
     student = models.create(recipe.student, head_size=classes,
                             zero_head=True, weights=weights)
@@ -157,9 +161,9 @@ def build_nets(args, recipe, classes, device):
 
 def distill_batches(micro_batches, teacher, size, autocast):
   """(student images, teacher logits, teacher logits, 1.0) per mixed
-  micro-batch (x, y, y2, lam) of train.mixed: the teacher's logits of the
+  micro-batch (x, y, y2, lam) of engine.mixed: the teacher's logits of the
   very images the student gets, computed without gradients. Shaped for
-  train.train_step, whose loss_fn(student logits, teacher logits) is the KL
+  engine.train_step, whose loss_fn(student logits, teacher logits) is the KL
   loss."""
   for x, _, _, _ in micro_batches:
     with torch.no_grad(), autocast:
@@ -178,7 +182,7 @@ def evaluate(student, teacher, loader, device, autocast, temperature,
   the processes (bit_distill.eval_sums)."""
   student.eval()
   sums = torch.zeros(7, dtype=torch.float64, device=device)
-  for x, y in train.data_errors_named(iter(loader)):
+  for x, y in engine.data_errors_named(iter(loader)):
     x = torch_data.normalize(x, device)
     y = y.to(device, non_blocking=True)
     with autocast:
@@ -195,7 +199,7 @@ def evaluate(student, teacher, loader, device, autocast, temperature,
         (s.argmax(1) == t.argmax(1)).sum().double(),
         (t.argmax(1) == y).sum().double(),
         kl_loss(s, t, temperature).double() * n])
-  if train.world_size() > 1:
+  if engine.world_size() > 1:
     torch.distributed.all_reduce(sums)
   student.train()
   return sums.cpu().numpy()
@@ -207,17 +211,17 @@ def evaluate(student, teacher, loader, device, autocast, temperature,
 def main(args):
   """Distils as the recipe says; returns the final evaluation."""
   recipe = bit_distill.load_recipe(args)
-  world = train.world_size()
+  world = engine.world_size()
   bit_distill.check_args(args, recipe, world)
-  with train.process_group() as (rank, device):
+  with engine.process_group() as (rank, device):
     return _distill(args, recipe, rank, world, device)
 
 
 def _distill(args, recipe, rank, world, device):
-  run = bit_distill.Run(args, rank == 0, train.any_process(device))
+  run = bit_distill.Run(args, rank == 0, engine.any_process(device))
   run.logger.info(f'recipe {args.recipe}: {recipe}')
   torch.manual_seed(args.seed)
-  train_src, val_src, classes, names = train.local_first(
+  train_src, val_src, classes, names = engine.local_first(
       load_data, args, recipe, run.logger)
   sched = bit_distill.schedule(recipe, len(train_src))
   teacher, student = build_nets(args, recipe, classes, device)
@@ -225,9 +229,9 @@ def _distill(args, recipe, rank, world, device):
   scaler = torch.amp.GradScaler(device.type, enabled=False)
 
   settings = bit_distill.settings(recipe, args, sched)
-  ckpt = train.Checkpoint(os.path.join(run.dir, CHECKPOINT), settings,
+  ckpt = engine.Checkpoint(os.path.join(run.dir, CHECKPOINT), settings,
                           run.lead, model=student, optimizer=opt)
-  step = train.same_everywhere(run.resume(ckpt, settings))
+  step = engine.same_everywhere(run.resume(ckpt, settings))
   export = bit_distill.export_path(args, run)
   run.start(step, bit_distill.config(
       recipe, sched, len(train_src), len(val_src), names, export,
@@ -243,16 +247,16 @@ def _distill(args, recipe, rank, world, device):
                            recipe.mixup_alpha)
   sampler = torch_data.TrainBatches(stream, step, sched.total_steps, rank,
                                     world, args.batch_split)
-  batches = train.data_errors_named(iter(train.loader(
+  batches = engine.data_errors_named(iter(engine.loader(
       Views(train_src, recipe, recipe.teacher_size), args, device,
       batch_sampler=sampler)))
   lo, hi = (len(val_src) * r // world for r in (rank, rank + 1))
-  val_loader = train.loader(
+  val_loader = engine.loader(
       torch_data.EvalSet(val_src.subset(np.arange(lo, hi)),
                          recipe.teacher_size),
       args, device,
       batch_size=-(-(recipe.batch_eval or recipe.batch) // world))
-  autocast = train.autocast_for(device, args.precision)
+  autocast = engine.autocast_for(device, args.precision)
 
   def loss_fn(student_logits, teacher_logits):
     return kl_loss(student_logits, teacher_logits, recipe.temperature)
@@ -260,12 +264,12 @@ def _distill(args, recipe, rank, world, device):
   def step_fn(step, lr):
     del lr  # the optimiser takes the schedule's factor
     opt.set_factor(sched.factor(step))
-    micro = train.mixed(itertools.islice(batches, args.batch_split),
+    micro = engine.mixed(itertools.islice(batches, args.batch_split),
                         sampler.layout, stream.lam(step), device)
     if recipe.targets == 'labels':  # the baseline: no teacher
-      return train.train_step(model, opt, scaler, micro, args.batch_split,
+      return engine.train_step(model, opt, scaler, micro, args.batch_split,
                               autocast, F.cross_entropy)
-    return train.train_step(
+    return engine.train_step(
         model, opt, scaler,
         distill_batches(micro, teacher, recipe.crop_size, autocast),
         args.batch_split, autocast, loss_fn)
@@ -276,7 +280,7 @@ def _distill(args, recipe, rank, world, device):
                        recipe.temperature, recipe.crop_size),
       ckpt, eval_every=bit_distill.eval_every(recipe, sched),
       batch=recipe.batch,
-      fetch=lambda losses: train.mean_over_processes(losses, device))
+      fetch=lambda losses: engine.mean_over_processes(losses, device))
   return run.finish(result, step, lambda _: student.save_npz(export),
                     teacher=recipe.teacher, student=recipe.student,
                     exported_to=export)

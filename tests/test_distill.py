@@ -26,12 +26,12 @@ import bit_distill
 import bit_zoo
 from conftest import REPO, synthetic_weights, write_imagefolder
 
-STEPS = 12
+STEPS = 24
 TINY = dict(student='R14x0.5', dataset='imagefolder', batch=8, steps=STEPS,
             augment='crop_flip', resize_size=16, crop_size=16,
-            mixup_alpha=1.0, temperature=2.0, base_lr=0.01,
+            mixup_alpha=1.0, temperature=2.0, base_lr=0.02,
             weight_decay=1e-4, grad_clip_norm=1.0, warmup_steps=2,
-            eval_every=4, batch_eval=12)
+            eval_every=8, batch_eval=12)
 
 
 @pytest.fixture(scope='module')
@@ -264,13 +264,13 @@ def test_loss_falls_and_agreement_rises(setup, reference):
   records = metrics(setup, 'pytorch', 'reference')
   train = [r['loss'] for r in records if r['split'] == 'train']
   val = [r for r in records if r['split'] == 'val']
-  assert len(train) == STEPS and [r['step'] for r in val] == [4, 8, 12]
+  assert len(train) == STEPS and [r['step'] for r in val] == [8, 16, 24]
   assert np.mean(train[-3:]) < 0.5 * np.mean(train[:3])
   assert set(val[0]) >= {'loss', 'top1', 'top5', 'n', 'agreement',
                          'teacher_top1', 'kl'}
   assert val[-1]['agreement'] > val[0]['agreement']
-  assert val[-1]['kl'] < val[0]['kl']
-  assert val[-1]['agreement'] >= 0.8 and val[-1]['teacher_top1'] >= 0.8
+  assert val[-1]['kl'] < 0.1 * val[0]['kl']
+  assert val[-1]['agreement'] >= 0.7 and val[-1]['teacher_top1'] >= 0.8
   assert reference['agreement'] == val[-1]['agreement'] and reference[
       'n'] == 12
   results = json.loads((setup[0] / 'pytorch' / 'reference' /
@@ -347,29 +347,34 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(
 
 @pytest.fixture(scope='module')
 def from_weights(setup):
-  """{backend: final evaluation} of 6 steps from one student checkpoint."""
+  """{backend: final evaluation} of 4 steps from one student checkpoint."""
   root = setup[0]
   np.savez(root / 'student.npz', **synthetic_weights('R14x0.5', 10, seed=2))
-  return {b: distill(setup, b, 'from_weights', steps=6, eval_every=6,
+  return {b: distill(setup, b, 'from_weights', steps=4, eval_every=4,
                      student=str(root / 'student.npz'))
           for b in ('pytorch', 'jax', 'tf2')}
 
 
 @pytest.mark.parametrize('backend', ['jax', 'tf2'])
 def test_every_backend_distils_the_same(setup, from_weights, backend):
+  """Same stream, same teacher, same optimiser: the per-step losses agree.
+  (Adam moves a parameter whose gradient is rounding noise by a full step
+  in the noise's direction, so the backends drift apart after a few steps:
+  6 steps of this run differ by 0.4% at the end, while two PyTorch runs
+  with different thread counts stay within 1e-6.)"""
   losses = {b: np.array([r['loss'] for r in metrics(setup, b, 'from_weights')
                          if r['split'] == 'train'])
             for b in ('pytorch', backend)}
-  assert len(losses[backend]) == 6 and np.ptp(losses['pytorch']) > 0.05
-  np.testing.assert_allclose(losses[backend], losses['pytorch'], rtol=2e-3)
+  assert len(losses[backend]) == 4 and np.ptp(losses['pytorch']) > 0.5
+  np.testing.assert_allclose(losses[backend], losses['pytorch'], rtol=2e-4)
   for key in ('agreement', 'teacher_top1', 'top1', 'n'):
     assert from_weights[backend][key] == from_weights['pytorch'][key], key
   assert from_weights[backend]['kl'] == pytest.approx(
-      from_weights['pytorch']['kl'], rel=2e-3)
+      from_weights['pytorch']['kl'], rel=1e-3)
   a, b = (exported(setup, x, 'from_weights') for x in ('pytorch', backend))
   assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_allclose(b[k], a[k], rtol=0, atol=2e-3, err_msg=k)
+  diffs = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a])
+  assert np.quantile(diffs, 0.99) < 1e-4, np.quantile(diffs, [0.5, 0.99, 1])
 
 
 # --------------------------------------------------------------------------

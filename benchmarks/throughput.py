@@ -15,9 +15,10 @@ CPU that emulates bf16 a warning says so once, at the start.
 With --batch_splits 1,4,16 each framework and precision also runs its
 training step with the batch in that many micro-batches and reports the
 step's memory (train_mem_bytes: on a GPU the allocator's peak; on the CPU
-the growth of peak resident memory over the steps for PyTorch and TF2; for
-JAX everywhere the compiled step's memory as XLA plans it, parameters and
-optimizer state included).
+the growth of peak resident memory over the steps for PyTorch and TF2, a
+lower bound, since memory that set-up freed and the C allocator kept is
+reused without growing it; for JAX everywhere the compiled step's memory
+as XLA plans it, parameters and optimizer state included).
 
 A framework is a module `benchmarks/bench_<name>.py` with
 `measure(arch, resolution, batch, precision, steps, warmup) -> dict` holding

@@ -13,14 +13,14 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
   """{train_img_s, train_mem_bytes, eval_img_s, ...}; train_mem_bytes: on a
   GPU the allocator's peak during the training steps, on the CPU the growth
   of peak resident memory over them."""
-  from bit_tf2 import models, train
-  strategy = train.make_strategy()
+  from bit_tf2 import engine, models, train
+  strategy = engine.make_strategy()
   with strategy.scope():
     model = models.create(arch, head_size=1000,
-                          dtype=train.POLICIES[precision])
+                          dtype=engine.POLICIES[precision])
     optimizer, lr = train.make_optimizer(precision)
     optimizer.build(model.trainable_variables)
-  xla = train.uses_xla(strategy)
+  xla = engine.uses_xla(strategy)
   train_step, eval_step = train.make_steps(strategy, model, optimizer, lr,
                                            batch, batch_split, xla)
   rng = np.random.default_rng(0)
@@ -32,12 +32,12 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
                'mask': np.ones(batch, bool)}
 
   def repeated(batch_dict):
-    return iter(train.distribute(strategy, lambda pid, nproc: (
+    return iter(engine.distribute(strategy, lambda pid, nproc: (
         tf.data.Dataset.from_tensors(batch_dict).repeat())))
 
   train_batches, eval_batches = repeated(data), repeated(eval_data)
   rate = tf.constant(0.003, tf.float32)
-  device = train.device_kind(strategy)
+  device = engine.device_kind(strategy)
   if device == 'GPU':
     tf.config.experimental.reset_memory_stats('GPU:0')
   else:

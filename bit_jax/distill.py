@@ -27,8 +27,8 @@ import bit_data
 import bit_distill
 import bit_run
 import bit_zoo
+from bit_jax import engine
 from bit_jax import models
-from bit_jax import train as jax_train
 
 
 def kl_loss(student_logits, teacher_logits, temperature=1.0):
@@ -146,12 +146,12 @@ def main(args):
 
   pid, nproc = jax.process_index(), jax.process_count()
   run = bit_distill.Run(args, pid == 0,
-                        jax_train._any_process if nproc > 1 else None)  # pylint: disable=protected-access
+                        engine.any_process if nproc > 1 else None)
   run.logger.info(f'recipe {args.recipe}: {recipe}')
   data = input_pipeline.load(bit_distill.data_args(args, recipe), run.logger)
   sched = bit_distill.schedule(recipe, data.train_size)
   (teacher, teacher_params), (student, params) = build_nets(
-      args, recipe, data.num_classes, jax_train.DTYPES[args.precision])
+      args, recipe, data.num_classes, engine.DTYPES[args.precision])
   tx = optimizer(recipe)
   mesh = Mesh(np.array(devices), ('data',))
   replicated = NamedSharding(mesh, P())
@@ -161,7 +161,7 @@ def main(args):
                          replicated)
 
   settings = bit_distill.settings(recipe, args, sched)
-  ckpt = jax_train.Checkpoints(os.path.join(run.dir, 'checkpoints'),
+  ckpt = engine.Checkpoints(os.path.join(run.dir, 'checkpoints'),
                                settings, state)
   step = run.resume(ckpt, settings)
   export = bit_distill.export_path(args, run)
@@ -191,7 +191,7 @@ def main(args):
       b = to_global(batch)
       sums.append(eval_step(ckpt.state['params'], teacher_params, b['image'],
                             b['label'], b['mask']))
-    return np.sum([jax_train.local(s) for s in sums], axis=0,
+    return np.sum([engine.local(s) for s in sums], axis=0,
                   dtype=np.float64)
 
   stream = bit_data.Stream(data.train_size, recipe.batch, args.seed,
@@ -212,11 +212,11 @@ def main(args):
   result, step = run.fit(
       step, sched.total_steps, sched.lr, train, evaluate, ckpt,
       eval_every=bit_distill.eval_every(recipe, sched), batch=recipe.batch,
-      fetch=lambda losses: [float(jax_train.local(l)) for l in losses])
+      fetch=lambda losses: [float(engine.local(l)) for l in losses])
   ckpt.close()
   return run.finish(
       result, step, lambda _: models.save_npz(
-          export, jax.tree.map(jax_train.local, ckpt.state['params'])),
+          export, jax.tree.map(engine.local, ckpt.state['params'])),
       teacher=recipe.teacher, student=recipe.student, exported_to=export)
 
 

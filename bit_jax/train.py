@@ -13,8 +13,9 @@ devices. --batch_split accumulates micro-batch gradients inside the step.
 The training loop, the run's outputs, checkpoint cadence and signals live in
 the shared harness (bit_run.Run); the batches come from the shared data
 stream (bit_data.Stream) through the tf.data pipeline
-(input_pipeline_tf2_or_jax). This file holds what JAX needs: devices, the
-compiled steps and the checkpoint format.
+(input_pipeline_tf2_or_jax); joining processes, collectives and the
+checkpoint format are those every JAX program shares (bit_jax.engine). This
+file holds the compiled steps and puts them together for fine-tuning.
 
 In-process use: `main(args)` with `args = argparser().parse_args([...])` (or
 `bit_common.argparser()`'s) runs one fine-tuning and returns the final
@@ -27,17 +28,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import bit_common
 import bit_run
 import bit_zoo
 from bit_jax import models
+from bit_jax.engine import (DTYPES, Checkpoints, any_process,
+                            initialize_distributed, lead_first, local)
 
 CHECKPOINTS = 'checkpoints'
 EXPORT = 'model.npz'
-DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
 
 
 def add_jax_flags(parser):
@@ -62,72 +63,8 @@ def add_jax_flags(parser):
   return parser
 
 
-def initialize_distributed(args):
-  """Joins the job's processes (--distributed): the cluster's own settings
-  where JAX detects them, else the explicit flags. CPU processes exchange
-  their collectives through gloo."""
-  explicit = {k: getattr(args, k) for k in ('coordinator_address',
-                                            'num_processes', 'process_id')}
-  given = {k: v for k, v in explicit.items() if v is not None}
-  if given and not args.distributed:
-    raise bit_common.BadInput(
-        f'--{next(iter(given))} needs --distributed.')
-  if not args.distributed:
-    return
-  if given and len(given) < 3:
-    missing = ', '.join(f'--{k}' for k in explicit if k not in given)
-    raise bit_common.BadInput(
-        f'--distributed with {", ".join(f"--{k}" for k in given)} also needs '
-        f'{missing} (or none of the three, where JAX detects the cluster: '
-        'TPU pods, SLURM, Open MPI).')
-  if given:
-    n, i = given['num_processes'], given['process_id']
-    if n < 1 or not 0 <= i < n:
-      raise bit_common.BadInput(
-          f'--process_id {i} is not in 0..{n - 1} (--num_processes {n}).')
-    if ':' not in given['coordinator_address']:
-      raise bit_common.BadInput(
-          f'--coordinator_address {given["coordinator_address"]!r} is not '
-          'HOST:PORT.')
-  if jax.config.jax_cpu_collectives_implementation in (None, 'none'):
-    # Without it, CPU devices of several processes cannot run one step
-    # (newer JAX uses gloo by default; accelerators are not affected).
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  try:
-    jax.distributed.initialize(**given)
-  except (ValueError, RuntimeError) as e:
-    if given:
-      raise
-    raise bit_common.BadInput(
-        '--distributed found no cluster to join (' +
-        str(e).strip().splitlines()[0][:200] + '); outside TPU pods, SLURM '
-        'and Open MPI give --coordinator_address HOST:PORT --num_processes N '
-        '--process_id I on every process.') from None
-
-
 def argparser():
   return bit_common.backend_argparser(add_jax_flags)
-
-
-def lead_first(fn, *args):
-  """fn(*args) on process 0, then on the others (the checks make and remove
-  folders, which processes doing it at once would race on); a BadInput
-  anywhere stops every process."""
-  if jax.process_count() == 1:
-    return fn(*args)
-  result, error = None, None
-  for turn in (True, False):
-    if (jax.process_index() == 0) == turn:
-      try:
-        result = fn(*args)
-      except bit_common.BadInput as e:
-        error = e
-    if _any_process([error is not None])[0] and error is None:
-      raise bit_common.BadInput('another process refused the command line '
-                                '(its error says why).')
-  if error is not None:
-    raise error
-  return result
 
 
 # --------------------------------------------------------------------------
@@ -214,7 +151,7 @@ def main(args):
   import input_pipeline_tf2_or_jax as input_pipeline
 
   pid, nproc = jax.process_index(), jax.process_count()
-  run = bit_run.Run(args, pid == 0, _any_process if nproc > 1 else None)
+  run = bit_run.Run(args, pid == 0, any_process if nproc > 1 else None)
   data = input_pipeline.load(args, run.logger)
   hyper = bit_run.HyperRule.of(args, data.train_size, data.original_hw)
   weights = bit_zoo.load_weights(args.model, args.bit_pretrained_dir)
@@ -286,69 +223,6 @@ def main(args):
                                                       ckpt.state['params'])),
       model=args.model, dataset=args.dataset, dataset_size=data.train_size,
       examples_per_class=args.examples_per_class)
-
-
-def local(x):
-  """A replicated array as numpy (this process's copy is the whole)."""
-  return np.asarray(x.addressable_data(0))
-
-
-def _any_process(flags):
-  """Each flag ORed over the processes."""
-  from jax.experimental import multihost_utils
-  return np.any(multihost_utils.process_allgather(np.array(flags)), axis=0)
-
-
-# --------------------------------------------------------------------------
-# Checkpoints (orbax): parameters, optimiser state and the run's settings,
-# the newest two, each written to a temporary folder and renamed when
-# complete. The data order, crops, flips and mixup follow from (--seed,
-# step), so the step is the data state.
-
-class Checkpoints:
-  """bit_run's checkpoint format for JAX; `state` is the run's state (the
-  trainer updates it at every step; `load` puts a checkpoint's there)."""
-
-  def __init__(self, path, settings, state):
-    self.settings, self.state = settings, state
-    self.manager = ocp.CheckpointManager(
-        os.path.abspath(path), options=ocp.CheckpointManagerOptions(
-            max_to_keep=2, create=True, cleanup_tmp_directories=True))
-    self._read = None
-
-  def newest_first(self):
-    return [os.path.join(self.manager.directory, str(s))
-            for s in sorted(self.manager.all_steps(), reverse=True)]
-
-  def read(self, name):
-    step = int(os.path.basename(name))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        run=ocp.args.JsonRestore()))
-    self._read = restored['state']
-    saved = dict(restored['run'])
-    return step, dict(saved, schedule=list(saved['schedule']))
-
-  def load(self):
-    self.state, self._read = self._read, None
-
-  def set_aside(self, name):
-    os.replace(name, name + '.unreadable')
-    self.manager.reload()
-
-  def save(self, step):
-    if not all(np.isfinite(local(p)).all()
-               for p in jax.tree.leaves(self.state['params'])):
-      raise FloatingPointError('weights are not finite')
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(self.state),
-        run=ocp.args.JsonSave(self.settings)))
-    self.manager.wait_until_finished()
-
-  def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
 
 
 if __name__ == '__main__':

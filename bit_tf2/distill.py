@@ -26,8 +26,8 @@ import bit_distill
 import bit_run
 import bit_zoo
 import input_pipeline_tf2_or_jax as input_pipeline
+from bit_tf2 import engine
 from bit_tf2 import models
-from bit_tf2 import train as tf2_train
 
 
 def kl_per_example(student_logits, teacher_logits, temperature=1.0):
@@ -168,22 +168,22 @@ def main(args):
   """Distils as the recipe says; returns the final evaluation."""
   recipe = bit_distill.load_recipe(args)
   bit_distill.refuse_unsupported(recipe, 'bit_tf2.distill')
-  strategy = tf2_train.make_strategy()
+  strategy = engine.make_strategy()
   replicas = strategy.num_replicas_in_sync
   bit_distill.check_args(args, recipe, replicas)
-  run = bit_distill.Run(args, tf2_train.is_chief(strategy),
-                        tf2_train._any_process(strategy))  # pylint: disable=protected-access
+  run = bit_distill.Run(args, engine.is_chief(strategy),
+                        engine.any_process(strategy))
   run.logger.info(f'recipe {args.recipe}: {recipe}')
   data = input_pipeline.load(bit_distill.data_args(args, recipe), run.logger)
   sched = bit_distill.schedule(recipe, data.train_size)
   with strategy.scope():
     teacher, student = build_nets(args, recipe, data.num_classes,
-                                  tf2_train.POLICIES[args.precision])
+                                  engine.POLICIES[args.precision])
     adam = Adam(student.trainable_variables, recipe)
     step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
 
   settings = bit_distill.settings(recipe, args, sched)
-  ckpt = tf2_train.Checkpoints(
+  ckpt = engine.Checkpoints(
       os.path.join(run.dir, 'checkpoints'), settings, run.lead,
       tf.train.Checkpoint(model=student, adam=adam, step=step_var))
   step = run.resume(ckpt, settings)
@@ -202,7 +202,7 @@ def main(args):
                                      recipe, args.batch_split)
   eval_batch = recipe.batch_eval or recipe.batch
   eval_batch = -(-eval_batch // replicas) * replicas
-  eval_data = tf2_train.distribute(
+  eval_data = engine.distribute(
       strategy, lambda pid, nproc: input_pipeline.eval_batches(
           data, eval_batch, recipe.crop_size, pid, nproc))
 
@@ -213,7 +213,7 @@ def main(args):
 
   stream = bit_data.Stream(data.train_size, recipe.batch, args.seed,
                            recipe.mixup_alpha)
-  batches = input_pipeline.named_errors(iter(tf2_train.distribute(
+  batches = input_pipeline.named_errors(iter(engine.distribute(
       strategy, lambda pid, nproc: input_pipeline.train_batches(
           data, stream, recipe.resize_size, recipe.crop_size, step, pid,
           nproc))))

@@ -15,19 +15,16 @@ with XLA.
 The training loop, the run's outputs, checkpoint cadence and signals live in
 the shared harness (bit_run.Run); the batches come from the shared data
 stream (bit_data.Stream) through the tf.data pipeline
-(input_pipeline_tf2_or_jax). This file holds what TensorFlow needs: the
-strategy, the compiled steps and the checkpoint format.
+(input_pipeline_tf2_or_jax); the strategy, per-replica datasets,
+collectives and the checkpoint format are those every TF2 program shares
+(bit_tf2.engine). This file holds the optimiser and the compiled steps and
+puts them together for fine-tuning.
 
 In-process use: `main(args)` with `args = argparser().parse_args([...])` (or
 `bit_common.argparser()`'s: the TF2-only flags then take their defaults)
 runs one fine-tuning and returns the final evaluation.
 """
-import atexit
-import glob
-import json
 import os
-import shutil
-import tempfile
 
 import keras
 import numpy as np
@@ -38,12 +35,13 @@ import bit_common
 import bit_run
 import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import models
+from bit_tf2.engine import (POLICIES, Checkpoints, any_process, chief_first,
+                            device_kind, distribute, is_chief, make_strategy,
+                            uses_xla)
 
 CHECKPOINTS = 'checkpoints'
 EXPORT = 'model.npz'
 SAVED_MODEL = 'saved_model'
-POLICIES = {'fp32': 'float32', 'bf16': 'mixed_bfloat16',
-            'fp16': 'mixed_float16'}
 
 
 def add_tf2_flags(parser):
@@ -59,63 +57,7 @@ def argparser():
 
 
 # --------------------------------------------------------------------------
-# Devices, optimiser and the compiled steps.
-
-def make_strategy():
-  """The tf.distribute strategy for this machine (see the module doc)."""
-  tpu = os.environ.get('TPU_NAME') or ('local' if glob.glob('/dev/accel*')
-                                       else None)
-  if tpu:
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-    tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
-    return tf.distribute.TPUStrategy(resolver)
-  cluster = json.loads(os.environ.get('TF_CONFIG') or '{}').get('cluster', {})
-  if sum(len(v) for k, v in cluster.items() if k in ('chief', 'worker')) > 1:
-    return tf.distribute.MultiWorkerMirroredStrategy()
-  devices = (tf.config.list_logical_devices('GPU') or
-             tf.config.list_logical_devices('CPU'))
-  return tf.distribute.MirroredStrategy([d.name for d in devices])
-
-
-def is_chief(strategy):
-  resolver = getattr(strategy, 'cluster_resolver', None)
-  if resolver is None or not resolver.task_type:
-    return True
-  if resolver.task_type == 'chief':
-    return True
-  has_chief = 'chief' in resolver.cluster_spec().as_dict()
-  return resolver.task_type == 'worker' and resolver.task_id == 0 and (
-      not has_chief)
-
-
-def chief_first(strategy, fn, *args):
-  """fn(*args) on the chief, then on the other workers (the checks make and
-  remove folders, which workers doing it at once would race on); a
-  BadInput anywhere stops every worker."""
-  vote = _any_process(strategy)
-  if vote is None:
-    return fn(*args)
-  result, error = None, None
-  for turn in (True, False):
-    if is_chief(strategy) == turn:
-      try:
-        result = fn(*args)
-      except bit_common.BadInput as e:
-        error = e
-    if vote([error is not None, False])[0] and error is None:
-      raise bit_common.BadInput('another worker refused the command line '
-                                '(its error says why).')
-  if error is not None:
-    raise error
-  return result
-
-
-def uses_xla(strategy):
-  """XLA helps on accelerators; on CPUs TF's own kernels are as fast."""
-  return (isinstance(strategy, tf.distribute.TPUStrategy) or
-          bool(tf.config.list_logical_devices('GPU')))
-
+# The optimiser and the compiled steps.
 
 class SGD(keras.optimizers.Optimizer):
   """SGD with momentum as PyTorch and optax apply it: m <- mu * m + g,
@@ -218,22 +160,6 @@ def make_steps(strategy, model, optimizer, lr, batch, batch_split,
   return train_step, eval_step
 
 
-def distribute(strategy, make_dataset):
-  """Per-replica batches from `make_dataset(process_index, process_count)`,
-  a dataset of this process's rows of each global batch: the rows are split
-  evenly over the process's replicas."""
-
-  def dataset_fn(context):
-    ds = make_dataset(context.input_pipeline_id, context.num_input_pipelines)
-    local = strategy.num_replicas_in_sync // context.num_input_pipelines
-    if local == 1:
-      return ds
-    split = lambda x: tf.reshape(x, [local, -1, *x.shape[1:]])
-    return ds.map(lambda b: tf.nest.map_structure(split, b)).unbatch()
-
-  return strategy.distribute_datasets_from_function(dataset_fn)
-
-
 # --------------------------------------------------------------------------
 # One run. The loop, outputs, checkpoint cadence and signals are the shared
 # harness's (bit_run.Run.fit); this file holds what TensorFlow needs.
@@ -241,10 +167,14 @@ def distribute(strategy, make_dataset):
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
   args = bit_common.with_backend_defaults(args, add_tf2_flags)
+  # The same command twice, the same result: TF's CPU kernels (gradients of
+  # convolutions, reductions) otherwise sum in a thread-dependent order.
+  tf.config.experimental.enable_op_determinism()
+  keras.utils.set_random_seed(args.seed)
   strategy = make_strategy()
   replicas = strategy.num_replicas_in_sync
   chief_first(strategy, bit_common.check_args, args, replicas)
-  run = bit_run.Run(args, is_chief(strategy), _any_process(strategy))
+  run = bit_run.Run(args, is_chief(strategy), any_process(strategy))
   data = input_pipeline.load(args, run.logger)
   hyper = bit_run.HyperRule.of(args, data.train_size, data.original_hw)
   weights = models.load_weights(models.weights_file(args.model,
@@ -305,86 +235,6 @@ def main(args):
   return run.finish(result, step, model.save_npz, model=args.model,
                     dataset=args.dataset, dataset_size=data.train_size,
                     examples_per_class=args.examples_per_class)
-
-
-def device_kind(strategy):
-  """CPU, GPU or TPU: the kind of the strategy's first device."""
-  devices = strategy.extended.worker_devices
-  return tf.DeviceSpec.from_string(devices[0]).device_type or 'CPU'
-
-
-def _any_process(strategy):
-  """flags -> each flag ORed over the workers (None: one worker)."""
-  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-    return None
-
-  @tf.function
-  def anyone(flags):
-    per_replica = strategy.run(lambda f: f, args=(flags,))
-    return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
-                           axis=None) > 0
-
-  return lambda flags: anyone(tf.constant(flags, tf.float32)).numpy().tolist()
-
-
-# --------------------------------------------------------------------------
-# Checkpoints (tf.train.CheckpointManager): model, optimiser state (momentum,
-# loss scale) and step, the newest two. TF writes the files first and then,
-# atomically, the index that names them, so an interrupted save leaves the
-# previous one in force. The data order, crops, flips and mixup follow from
-# (--seed, step), so the step is the data state. The run's settings sit
-# beside, in RUN.
-
-RUN = 'run.json'
-
-
-class Checkpoints:
-  """bit_run's checkpoint format for TF2. Every worker saves (TF's
-  collectives need all of them); only the chief's copy is kept."""
-
-  def __init__(self, directory, settings, chief, checkpoint):
-    self.settings, self.checkpoint = settings, checkpoint
-    self.run_file = os.path.join(directory, RUN)
-    # Every worker resumes from the chief's checkpoints (--logdir on a file
-    # system the workers share) and writes its own where they are dropped.
-    self.shared = None if chief else tf.train.CheckpointManager(
-        checkpoint, directory, max_to_keep=2)
-    if not chief:
-      directory = tempfile.mkdtemp(prefix='bit_tf2_worker_')
-      atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    self.manager = tf.train.CheckpointManager(checkpoint, directory,
-                                              max_to_keep=2)
-    self._path = None
-
-  def newest_first(self):
-    return list(reversed((self.shared or self.manager).checkpoints))
-
-  def read(self, path):
-    with open(self.run_file) as f:
-      saved = json.load(f)
-    reader = tf.train.load_checkpoint(path)
-    for name in reader.get_variable_to_shape_map():
-      reader.get_tensor(name)  # raises where the files are damaged
-    self._path = path
-    return int(path.rsplit('-', 1)[-1]), saved
-
-  def load(self):
-    self.checkpoint.restore(self._path).assert_existing_objects_matched()
-
-  def set_aside(self, path):
-    for f in glob.glob(path + '.*'):
-      os.replace(f, f + '.unreadable')
-    self.manager = tf.train.CheckpointManager(
-        self.checkpoint, self.manager.directory, max_to_keep=2)
-
-  def save(self, step):
-    if not all(bool(tf.reduce_all(tf.math.is_finite(v)))
-               for v in self.checkpoint.model.trainable_variables):
-      raise FloatingPointError('weights are not finite')
-    if not os.path.exists(self.run_file):
-      bit_run.write_json(self.run_file, self.settings)
-    self.checkpoint.step.assign(step)
-    self.manager.save(checkpoint_number=step)
 
 
 if __name__ == '__main__':

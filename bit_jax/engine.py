@@ -1,0 +1,144 @@
+"""What every JAX program on the run harness (bit_run) shares: fine-tuning
+(train.py) and distillation (distill.py). Joining the processes of a job,
+the collectives the harness asks for, and the checkpoint format (orbax).
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+import bit_common
+
+DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
+
+
+# --------------------------------------------------------------------------
+# Processes.
+
+def initialize_distributed(args):
+  """Joins the job's processes (--distributed): the cluster's own settings
+  where JAX detects them, else the explicit flags. CPU processes exchange
+  their collectives through gloo."""
+  explicit = {k: getattr(args, k) for k in ('coordinator_address',
+                                            'num_processes', 'process_id')}
+  given = {k: v for k, v in explicit.items() if v is not None}
+  if given and not args.distributed:
+    raise bit_common.BadInput(
+        f'--{next(iter(given))} needs --distributed.')
+  if not args.distributed:
+    return
+  if given and len(given) < 3:
+    missing = ', '.join(f'--{k}' for k in explicit if k not in given)
+    raise bit_common.BadInput(
+        f'--distributed with {", ".join(f"--{k}" for k in given)} also needs '
+        f'{missing} (or none of the three, where JAX detects the cluster: '
+        'TPU pods, SLURM, Open MPI).')
+  if given:
+    n, i = given['num_processes'], given['process_id']
+    if n < 1 or not 0 <= i < n:
+      raise bit_common.BadInput(
+          f'--process_id {i} is not in 0..{n - 1} (--num_processes {n}).')
+    if ':' not in given['coordinator_address']:
+      raise bit_common.BadInput(
+          f'--coordinator_address {given["coordinator_address"]!r} is not '
+          'HOST:PORT.')
+  if jax.config.jax_cpu_collectives_implementation in (None, 'none'):
+    # Without it, CPU devices of several processes cannot run one step
+    # (newer JAX uses gloo by default; accelerators are not affected).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:
+    jax.distributed.initialize(**given)
+  except (ValueError, RuntimeError) as e:
+    if given:
+      raise
+    raise bit_common.BadInput(
+        '--distributed found no cluster to join (' +
+        str(e).strip().splitlines()[0][:200] + '); outside TPU pods, SLURM '
+        'and Open MPI give --coordinator_address HOST:PORT --num_processes N '
+        '--process_id I on every process.') from None
+
+
+def lead_first(fn, *args):
+  """fn(*args) on process 0, then on the others (the checks make and remove
+  folders, which processes doing it at once would race on); a BadInput
+  anywhere stops every process."""
+  if jax.process_count() == 1:
+    return fn(*args)
+  result, error = None, None
+  for turn in (True, False):
+    if (jax.process_index() == 0) == turn:
+      try:
+        result = fn(*args)
+      except bit_common.BadInput as e:
+        error = e
+    if any_process([error is not None])[0] and error is None:
+      raise bit_common.BadInput('another process refused the command line '
+                                '(its error says why).')
+  if error is not None:
+    raise error
+  return result
+
+
+def local(x):
+  """A replicated array as numpy (this process's copy is the whole)."""
+  return np.asarray(x.addressable_data(0))
+
+
+def any_process(flags):
+  """Each flag ORed over the processes."""
+  from jax.experimental import multihost_utils
+  return np.any(multihost_utils.process_allgather(np.array(flags)), axis=0)
+
+
+# --------------------------------------------------------------------------
+# Checkpoints (orbax): parameters, optimiser state and the run's settings,
+# the newest two, each written to a temporary folder and renamed when
+# complete. The data order, crops, flips and mixup follow from (--seed,
+# step), so the step is the data state.
+
+class Checkpoints:
+  """bit_run's checkpoint format for JAX; `state` is the run's state (the
+  trainer updates it at every step; `load` puts a checkpoint's there)."""
+
+  def __init__(self, path, settings, state):
+    self.settings, self.state = settings, state
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(path), options=ocp.CheckpointManagerOptions(
+            max_to_keep=2, create=True, cleanup_tmp_directories=True))
+    self._read = None
+
+  def newest_first(self):
+    return [os.path.join(self.manager.directory, str(s))
+            for s in sorted(self.manager.all_steps(), reverse=True)]
+
+  def read(self, name):
+    step = int(os.path.basename(name))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        run=ocp.args.JsonRestore()))
+    self._read = restored['state']
+    saved = dict(restored['run'])
+    return step, dict(saved, schedule=list(saved['schedule']))
+
+  def load(self):
+    self.state, self._read = self._read, None
+
+  def set_aside(self, name):
+    os.replace(name, name + '.unreadable')
+    self.manager.reload()
+
+  def save(self, step):
+    if not all(np.isfinite(local(p)).all()
+               for p in jax.tree.leaves(self.state['params'])):
+      raise FloatingPointError('weights are not finite')
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(self.state),
+        run=ocp.args.JsonSave(self.settings)))
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -197,8 +197,10 @@ def check_writable(args, keep=False):
                    '--logdir you can write to.') from None
   finally:
     for made in [] if keep else missing:
-      if os.path.isdir(made) and not os.listdir(made):
-        os.rmdir(made)
+      try:
+        os.rmdir(made)  # only if still empty
+      except OSError:
+        pass  # another process of the run uses it, or removed it already
 
 
 def backend_argparser(add_flags):

@@ -22,6 +22,21 @@ POLICIES = {'fp32': 'float32', 'bf16': 'mixed_bfloat16',
 # --------------------------------------------------------------------------
 # Devices and processes.
 
+def deterministic():
+  """Asks TensorFlow for the same result from the same command: op
+  determinism, and one inter-op thread (with several, two runs of the same
+  step differed after a few steps on CPU, even with op determinism; the
+  intra-op threads, which do the work of each op, are not limited).
+  Returns False where TensorFlow had already started and the thread count
+  could not be set any more."""
+  tf.config.experimental.enable_op_determinism()
+  try:
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+  except RuntimeError:  # TF's runtime is up: threads are fixed
+    return tf.config.threading.get_inter_op_parallelism_threads() == 1
+  return True
+
+
 def make_strategy():
   """The tf.distribute strategy for this machine (see the module doc)."""
   tpu = os.environ.get('TPU_NAME') or ('local' if glob.glob('/dev/accel*')

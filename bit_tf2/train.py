@@ -34,6 +34,7 @@ from keras import ops
 import bit_common
 import bit_run
 import input_pipeline_tf2_or_jax as input_pipeline
+from bit_tf2 import engine
 from bit_tf2 import models
 from bit_tf2.engine import (POLICIES, Checkpoints, any_process, chief_first,
                             device_kind, distribute, is_chief, make_strategy,
@@ -167,14 +168,16 @@ def make_steps(strategy, model, optimizer, lr, batch, batch_split,
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
   args = bit_common.with_backend_defaults(args, add_tf2_flags)
-  # The same command twice, the same result: TF's CPU kernels (gradients of
-  # convolutions, reductions) otherwise sum in a thread-dependent order.
-  tf.config.experimental.enable_op_determinism()
+  deterministic = engine.deterministic()
   keras.utils.set_random_seed(args.seed)
   strategy = make_strategy()
   replicas = strategy.num_replicas_in_sync
   chief_first(strategy, bit_common.check_args, args, replicas)
   run = bit_run.Run(args, is_chief(strategy), any_process(strategy))
+  if not deterministic:
+    run.logger.warning('TensorFlow was started before bit_tf2 could ask it '
+                       'for one inter-op thread: two runs of this command '
+                       'may differ in their last digits.')
   data = input_pipeline.load(args, run.logger)
   hyper = bit_run.HyperRule.of(args, data.train_size, data.original_hw)
   weights = models.load_weights(models.weights_file(args.model,

@@ -434,6 +434,9 @@ def test_several_devices_equal_one(setup, reference, backend):
       'devices'] == devices
   assert_same(weights(setup, backend, 'devices'),
               weights(setup, backend, 'reference'))
+  losses = [[r['loss'] for r in metrics(setup, backend, name)
+             if r['split'] == 'train'] for name in ('devices', 'reference')]
+  np.testing.assert_allclose(*losses, rtol=1e-5)
   result = json.loads((run_dir / 'results.json').read_text())
   assert result['n'] == 15 and result['top1'] == reference[backend]['top1']
 

@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 import bit_data
+import bit_hardware
 import bit_hyperrule
 import bit_tensorboard
 from bit_common import BadInput, Diverged, RunFailed, run_dir, run_logger
@@ -277,14 +278,18 @@ class Run:
 
   # ----------------------------------------------------------------- start
 
-  def start(self, step, config, summary):
+  def start(self, step, config, summary, device='cpu'):
     """Writes config.json (with the step resumed from), opens
-    metrics.jsonl and logs the one-line summary of the run."""
+    metrics.jsonl and logs the one-line summary of the run; warns once
+    where --precision bf16 is emulated on `device` ('cpu', 'gpu', ...)."""
     if self.lead:
       write_json(os.path.join(self.dir, 'config.json'),
                  dict(vars(self.args), **config, resumed_from_step=step))
       self.metrics = Metrics(self.args, step)
     self.logger.info(summary)
+    if (getattr(self.args, 'precision', None) == 'bf16' and
+        bit_hardware.bf16_emulated(device)):
+      self.logger.warning(bit_hardware.BF16_EMULATED_WARNING)
 
   # ------------------------------------------------------------------- fit
 

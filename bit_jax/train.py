@@ -178,7 +178,8 @@ def main(args):
             f'{args.dataset}: {data.train_size} training, {data.eval_size} '
             f'{data.eval_split} examples, {data.num_classes} classes; '
             f'{hyper.describe()}, {len(devices)} {devices[0].platform} '
-            f'device(s) in {nproc} process(es), {args.precision}')
+            f'device(s) in {nproc} process(es), {args.precision}',
+            devices[0].platform)
 
   train_step, eval_step = make_steps(model, tx, mesh, args.batch_split)
   eval_batch = args.batch_eval or args.batch // args.batch_split

@@ -93,7 +93,7 @@ def _train(args, rank, device):
             f'{args.dataset}: {len(train_src)} training, {len(data.val)} '
             f'validation examples, {len(data.classes)} classes; '
             f'{hyper.describe()}, {world} process(es) on {device.type}, '
-            f'{args.precision}')
+            f'{args.precision}', device.type)
 
   fast = torch.compile(net) if args.compile else net
   model = (torch.nn.parallel.DistributedDataParallel(

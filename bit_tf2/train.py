@@ -206,7 +206,7 @@ def main(args):
             f'{data.eval_split} examples, {data.num_classes} classes; '
             f'{hyper.describe()}, {replicas} {device_kind(strategy)} '
             f'replica(s) ({type(strategy).__name__}), {args.precision}'
-            f'{", XLA" if xla else ""}')
+            f'{", XLA" if xla else ""}', device_kind(strategy))
 
   train_step, eval_step = make_steps(strategy, model, optimizer, lr,
                                      args.batch, args.batch_split, xla)

@@ -287,6 +287,31 @@ def test_sigkill_then_the_same_command_equals_an_uninterrupted_run(
                              'train.log').read_text()
 
 
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_the_same_command_twice_gives_the_same_weights(setup, backend,
+                                                       tmp_path_factory):
+  """At a size where TF2's CPU kernels, before one inter-op thread was
+  asked for, gave other weights from step 4 on (R50x1, batch 16); both
+  runs at once, as fresh processes."""
+  root = tmp_path_factory.mktemp(f'twice_{backend}')
+  folder = write_imagefolder(root / 'images', train=32, val=2, size=(32, 32))
+  npz = root / 'r50.npz'
+  np.savez(npz, **synthetic_weights('R50x1', 10))
+  argv = ['--logdir', str(root), '--model', str(npz), '--dataset',
+          'imagefolder', '--datadir', folder, '--batch', '16',
+          '--total_steps', '5', '--base_lr', '0.01', '--workers', '1',
+          '--resize_size', '36', '--crop_size', '32']
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', f'bit_{backend}.train', '--name', name, *argv],
+      cwd=REPO, env=cli_env(setup), stderr=subprocess.PIPE, text=True)
+           for name in ('a', 'b')]
+  for p in procs:
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-2000:]
+  a, b = (bit_zoo.load_npz(str(root / n / 'model.npz')) for n in 'ab')
+  assert_same(a, b, atol=0)
+
+
 NEWEST = {'pytorch': ['bit.pth.tar'], 'jax': ['checkpoints/8/**/*'],
           'tf2': ['checkpoints/ckpt-8.*']}
 

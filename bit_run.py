@@ -466,6 +466,8 @@ def summarize(sums):
   """{loss, top1, top5, n} from the sums [loss, top-1 hits, top-5 hits,
   examples] of an evaluation."""
   loss, top1, top5, n = (float(v) for v in sums)
+  if not n:
+    raise BadInput('the evaluation split has no examples.')
   return dict(loss=loss / n, top1=top1 / n, top5=top5 / n, n=int(n))
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 import bit_common
 import bit_data
+import bit_run
 import bit_tfds
 
 
@@ -112,22 +113,33 @@ def batch_sums(logits, labels, mask=None):
                    len(labels)], np.float64)
 
 
-def summarize(sums):
-  """{loss, top1, top5, n} of the sums of batch_sums."""
-  loss, top1, top5, n = (float(v) for v in sums)
-  if not n:
-    raise bit_common.BadInput('the evaluation split has no examples.')
-  return dict(loss=loss / n, top1=top1 / n, top5=top5 / n, n=int(n))
-
-
 def report(result, args):
   """Prints the result as JSON (and writes it to --output)."""
   print(json.dumps(result), flush=True)
   if getattr(args, 'output', None):
-    folder = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(folder, exist_ok=True)
-    tmp = args.output + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(result, f, indent=2)
-    os.replace(tmp, args.output)
+    bit_run.write_json(args.output, result)
   return result
+
+
+def main_tf_data(args, load_model, read_weights):
+  """The validate command of the two tf.data backends (TF2, JAX), given
+  the backend's `load_model(weights)` -> (head size, logits_fn) and
+  `read_weights(model, pretrained_dir)` -> {published key: array}."""
+  import bit_hyperrule  # pylint: disable=import-outside-toplevel
+  import input_pipeline_tf2_or_jax as pipeline  # pylint: disable=import-outside-toplevel
+  check(args)
+  log = logger()
+  data = pipeline.load(args, log)
+  head_size, logits_fn = load_model(read_weights(args.ckpt_path,
+                                                 args.bit_pretrained_dir))
+  check_head(head_size, data.classes or range(data.num_classes), args)
+  crop = args.crop_size or bit_hyperrule.get_resolution(data.original_hw)[1]
+  log.info(f'evaluating {args.ckpt_path} on {data.eval_size} '
+           f'{args.dataset} images at {crop} px')
+  sums = np.zeros(4)
+  for b in pipeline.named_errors(pipeline.eval_batches(
+      data, args.batch_eval, crop).as_numpy_iterator(),
+                                 pipeline.eval_files(data)):
+    sums += batch_sums(np.asarray(logits_fn(b['image'])), b['label'],
+                       b['mask'])
+  return report(bit_run.summarize(sums), args)

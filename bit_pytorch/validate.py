@@ -12,6 +12,7 @@ import torch
 
 import bit_common
 import bit_hyperrule
+import bit_run
 import bit_validate
 import bit_zoo
 from bit_pytorch import data as torch_data
@@ -70,7 +71,7 @@ def main(args):
   sums = engine.evaluate(net, loader, device, channels_last,
                         engine.autocast_for(device, args.precision),
                         torch.nn.functional.cross_entropy)
-  return bit_validate.report(bit_validate.summarize(sums), args)
+  return bit_validate.report(bit_run.summarize(sums), args)
 
 
 def cli(argv=None):

@@ -8,12 +8,8 @@ published .h5, a registered model name or hf-hub:ORG/NAME. Prints (and with
 --output writes) {"loss", "top1", "top5", "n"} as JSON, as
 bit_pytorch.validate does.
 """
-import numpy as np
-
 import bit_common
-import bit_hyperrule
 import bit_validate
-import input_pipeline_tf2_or_jax as pipeline
 from bit_tf2 import predict
 
 
@@ -21,31 +17,9 @@ def argparser():
   return bit_validate.argparser('TF2', precisions=('fp32',))
 
 
-def evaluate(logits_fn, data, batch, crop):
-  """[summed loss, top-1 hits, top-5 hits, n] over the evaluation split."""
-  sums = np.zeros(4)
-  for b in pipeline.named_errors(iter(pipeline.eval_batches(data, batch,
-                                                            crop)),
-                                 pipeline.eval_files(data)):
-    sums += bit_validate.batch_sums(logits_fn(b['image']), b['label'].numpy(),
-                                    b['mask'].numpy())
-  return sums
-
-
 def main(args):
-  bit_validate.check(args)
-  logger = bit_validate.logger()
-  data = pipeline.load(args, logger)
-  weights = predict.read_weights(args.ckpt_path, args.bit_pretrained_dir)
-  head_size, logits_fn = predict.load_model(weights)
-  bit_validate.check_head(head_size, data.classes or range(data.num_classes),
-                          args)
-  crop = args.crop_size or bit_hyperrule.get_resolution(data.original_hw)[1]
-  logger.info(f'evaluating {args.ckpt_path} on {data.eval_size} '
-              f'{args.dataset} images at {crop} px')
-  result = bit_validate.summarize(evaluate(logits_fn, data, args.batch_eval,
-                                           crop))
-  return bit_validate.report(result, args)
+  return bit_validate.main_tf_data(args, predict.load_model,
+                                   predict.read_weights)
 
 
 def cli(argv=None):

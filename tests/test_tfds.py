@@ -478,7 +478,8 @@ def test_validate_agrees_across_backends(tmp_path, capsys):
 
 
 def test_validate_metrics_against_numpy():
-  from bit_validate import batch_sums, summarize  # pylint: disable=import-outside-toplevel
+  from bit_run import summarize  # pylint: disable=import-outside-toplevel
+  from bit_validate import batch_sums  # pylint: disable=import-outside-toplevel
   logits = np.array([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
                      [5.0, 4.0, 3.0, 2.0, 1.0, 0.0],
                      [0.0, 0.0, 9.0, 0.0, 0.0, 0.0]])

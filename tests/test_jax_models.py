@@ -107,3 +107,21 @@ def test_predict_matches_pytorch(tmp_path, make_npz, capsys):
   with torch.no_grad():
     expected = net(torch.from_numpy(batch).permute(0, 3, 1, 2)).numpy()
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_original_known_models_table():
+  """As the original's code calls it: KNOWN_MODELS[name](...) is the
+  model, its parameters from init_params or loaded from the file."""
+  import bit_zoo
+  name = 'BiT-R14x0.5-FashionMNIST'
+  assert set(models.KNOWN_MODELS) == set(bit_zoo.MODELS)
+  model = models.KNOWN_MODELS[name](head_size=10, zero_head=True)
+  assert model.num_classes == 10 and model.zero_head
+  assert model.architecture == bit_zoo.parse_arch('R14x0.5')
+  weights = bit_zoo.load_weights(name)
+  params = models.load(model, weights, model.init_params())
+  np.testing.assert_array_equal(params['head']['conv2d']['kernel'], 0)
+  whole = models.KNOWN_MODELS[name]()  # the file's 40-class head
+  loaded = models.load(whole, weights)
+  np.testing.assert_array_equal(loaded['head']['conv2d']['bias'],
+                                weights['resnet/head/conv2d/bias'])

@@ -207,3 +207,22 @@ def test_predict_refuses_a_truncated_h5(tmp_path):
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and 'not a readable .h5' in last
   assert 'Traceback' not in out.stderr
+
+
+def test_the_original_known_models_and_num_units_tables():
+  """As the original's code calls them: KNOWN_MODELS[name](...) is a Keras
+  model for the name, NUM_UNITS[name] its units per block."""
+  import bit_zoo
+  assert models.NUM_UNITS['BiT-M-R50x1'] == (3, 4, 6, 3)
+  assert models.NUM_UNITS['BiT-S-R152x4'] == (3, 8, 36, 3)
+  assert set(models.KNOWN_MODELS) == set(bit_zoo.MODELS)
+  name = 'BiT-R14x0.5-FashionMNIST'
+  model = models.KNOWN_MODELS[name]()
+  model.load_from(bit_zoo.load_weights(name))
+  reference = torch_models.create(name, weights=bit_zoo.load_weights(name))
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3))
+  with torch.no_grad():
+    expected = reference.eval()(torch.from_numpy(
+        images.transpose(0, 3, 1, 2)).float()).numpy()
+  np.testing.assert_allclose(model(images.astype(np.float32)).numpy(),
+                             expected, atol=2e-4)

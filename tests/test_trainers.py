@@ -487,3 +487,26 @@ def test_tf2_fp16_with_loss_scaling_learns_and_exports_a_saved_model(setup):
 def test_jax_refuses_fp16(setup):
   with pytest.raises(bit_common.BadInput, match='use bf16'):
     run(setup, 'jax', 'fp16', '--precision', 'fp16')
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(setup, monkeypatch):
+  """A disk that fills up mid-run (the harness is the same in every
+  backend; PyTorch's format stands in for the three)."""
+  import errno
+  import torch
+  from bit_pytorch import engine
+  save, calls = engine.Checkpoint.save, []
+
+  def save_then_fail(self, step):
+    calls.append(step)
+    if len(calls) > 1:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    save(self, step)
+  monkeypatch.setattr(engine.Checkpoint, 'save', save_then_fail)
+  with pytest.raises(bit_common.RunFailed,
+                     match='checkpoint of step 4.*No space left.*'
+                     'checkpoint of step 2 is intact'):
+    run(setup, 'pytorch', 'full', '--save_every', '2')
+  state = torch.load(out(setup, 'pytorch', 'full') / 'bit.pth.tar',
+                     weights_only=True)
+  assert state['step'] == 2

@@ -168,12 +168,17 @@ def main(args):
   """Distils as the recipe says; returns the final evaluation."""
   recipe = bit_distill.load_recipe(args)
   bit_distill.refuse_unsupported(recipe, 'bit_tf2.distill')
+  deterministic = engine.deterministic()  # the same command, the same result
   strategy = engine.make_strategy()
   replicas = strategy.num_replicas_in_sync
   bit_distill.check_args(args, recipe, replicas)
   run = bit_distill.Run(args, engine.is_chief(strategy),
                         engine.any_process(strategy))
   run.logger.info(f'recipe {args.recipe}: {recipe}')
+  if not deterministic:
+    run.logger.warning('TensorFlow was started before bit_tf2 could ask it '
+                       'for one inter-op thread: two runs of this command '
+                       'may differ in their last digits.')
   data = input_pipeline.load(bit_distill.data_args(args, recipe), run.logger)
   sched = bit_distill.schedule(recipe, data.train_size)
   with strategy.scope():
@@ -185,7 +190,11 @@ def main(args):
   settings = bit_distill.settings(recipe, args, sched)
   ckpt = engine.Checkpoints(
       os.path.join(run.dir, 'checkpoints'), settings, run.lead,
-      tf.train.Checkpoint(model=student, adam=adam, step=step_var))
+      # The student's variables by list as well: tf.train.Checkpoint does
+      # not reach those of the layers the model keeps in Python lists (its
+      # blocks); a Keras optimizer would carry them, this Adam does not.
+      tf.train.Checkpoint(model=student, weights=list(student.weights),
+                          adam=adam, step=step_var))
   step = run.resume(ckpt, settings)
   export = bit_distill.export_path(args, run)
   classes = list(data.classes) if data.classes else data.num_classes

@@ -254,6 +254,36 @@ def test_teacher_and_student_see_identical_mixed_inputs(setup, monkeypatch):
                                atol=1e-6)
 
 
+def test_inception_crop_and_a_teacher_at_another_resolution(setup,
+                                                           monkeypatch):
+  """The paper's 160/384 px setting in small: each Inception crop is made
+  at the teacher's 16 px, mixed up, and the student gets the same images
+  resized to 8 px."""
+  import torch.nn.functional as F
+  from bit_pytorch import models
+  calls = []
+  forward = models.ResNetV2.forward
+
+  def recording(self, x):
+    calls.append((self.training, x.detach().clone()))
+    return forward(self, x)
+  monkeypatch.setattr(models.ResNetV2, 'forward', recording)
+  result = distill(setup, 'pytorch', 'two_sizes', extra=['--no-save'],
+                   steps=2, eval_every=100, augment='inception_crop',
+                   crop_size=8, teacher_crop_size=16, crop_scale=[0.3, 1.0])
+  assert result['n'] == 12
+  for step in range(2):
+    (t_train, t_x), (s_train, s_x) = calls[2 * step:2 * step + 2]
+    assert not t_train and s_train
+    assert t_x.shape[-2:] == (16, 16) and s_x.shape[-2:] == (8, 8)
+    torch.testing.assert_close(s_x, F.interpolate(
+        t_x, size=(8, 8), mode='bilinear', antialias=True,
+        align_corners=False), rtol=0, atol=1e-6)
+  # Inception crops, not the whole image: the un-mixed views differ from
+  # the training images resized whole (the flip aside).
+  assert not torch.equal(calls[0][1], calls[2][1])
+
+
 @pytest.fixture(scope='module')
 def reference(setup):
   """The uninterrupted PyTorch run: student from scratch."""
@@ -378,6 +408,33 @@ def test_every_backend_distils_the_same(setup, from_weights, backend):
   # few (measured: median 1.4e-6, 99% under 2.7e-4, largest 1.3e-2).
   assert np.median(diffs) < 1e-5 and np.quantile(diffs, 0.99) < 1e-3, (
       np.quantile(diffs, [0.5, 0.99, 1]))
+
+
+@pytest.mark.parametrize('backend', ['jax', 'tf2'])
+def test_resume_after_sigterm_in_jax_and_tf2(setup, from_weights, backend,
+                                             sigterm_after_step):
+  """Interrupted after step 2 of 4 and started again: the run of
+  `from_weights` (student, Adam's moments and step restored; a lost
+  moment or step count would change every weight)."""
+  student = str(setup[0] / 'student.npz')
+  sigterm_after_step(2)
+  with pytest.raises(SystemExit) as stop:
+    distill(setup, backend, 'resumed', steps=4, eval_every=4,
+            student=student)
+  assert stop.value.code == 128 + signal.SIGTERM
+  sigterm_after_step(None)
+  result = distill(setup, backend, 'resumed', steps=4, eval_every=4,
+                   student=student)
+  assert result['agreement'] == from_weights[backend]['agreement']
+  assert result['kl'] == pytest.approx(from_weights[backend]['kl'], rel=1e-4)
+  a, b = (exported(setup, backend, n) for n in ('resumed', 'from_weights'))
+  diffs = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a])
+  # (Measured: 0 in both. Before the TF2 checkpoint listed the student's
+  # variables, its blocks were not restored: median difference 3.7e-5.)
+  assert diffs.max() < 1e-6, np.quantile(diffs, [0.5, 0.99, 1])
+  losses = [[r['loss'] for r in metrics(setup, backend, n)
+             if r['split'] == 'train'] for n in ('resumed', 'from_weights')]
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
 # --------------------------------------------------------------------------

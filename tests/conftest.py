@@ -18,6 +18,12 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 # of every backend share one pytest process, so settle the order here.
 import torch  # noqa: E402,F401
 import torchvision  # noqa: E402,F401
+# TensorFlow's results repeat from run to run only with one inter-op thread
+# (bit_tf2.engine.deterministic), which can be set only before TF starts:
+# the in-process TF runs of the tests get it here.
+from bit_tf2 import engine as tf2_engine  # noqa: E402
+
+tf2_engine.deterministic()
 
 import bit_common  # noqa: E402
 

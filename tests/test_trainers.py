@@ -118,7 +118,7 @@ def test_outputs_and_their_fields(setup, reference, backend):
   events = [f for f in files if f.startswith('events.out.tfevents.')]
   assert len(events) == 1  # TensorBoard's copy of the metrics
   assert sorted(set(files) - set(events)) == sorted(
-      ['config.json', 'metrics.jsonl', 'model.npz', 'results.json',
+      ['.lock', 'config.json', 'metrics.jsonl', 'model.npz', 'results.json',
        'train.log', *OUTPUTS[backend]])
   assert result['top1'] >= 0.8, result  # 3 classes: chance is 1/3
   results = json.loads((run_dir / 'results.json').read_text())

@@ -22,21 +22,18 @@ timm standardises kernels with eps 1e-8 and BiT with 1e-10: timm's logits
 differ from this package's by float32 rounding plus that (measured in the
 README); the check allows --tolerance of the logits' scale.
 """
-import argparse
 import contextlib
 import copy
 import io
 import json
-import logging
 import os
-import sys
 import tempfile
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-import bit_common
+import bit_export
 import bit_zoo
 from bit_common import BadInput
 from bit_pytorch import models
@@ -44,31 +41,13 @@ from bit_pytorch import models
 # BiT architectures timm has a name for (timm.create_model('resnetv2_50x1_bit')).
 TIMM_ARCHS = ('R50x1', 'R50x3', 'R101x1', 'R101x3', 'R152x2', 'R152x4')
 
-logger = logging.getLogger('bit.export')
-
-
 def argparser():
-  parser = argparse.ArgumentParser(
-      description='Export a BiT model (timm safetensors or ONNX), checked '
-      'against the source when written.',
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('--model', required=True,
-                      help='A registered model, a .npz file, a run folder, '
-                      'a bit.pth.tar checkpoint or hf-hub:ORG/NAME.')
-  parser.add_argument('--format', required=True, choices=('timm', 'onnx'))
-  parser.add_argument('--out', default=None,
-                      help='Where to write: a folder for timm, a .onnx file '
-                      'for onnx (default: exports/NAME-timm or '
-                      'exports/NAME.onnx).')
-  parser.add_argument('--bit_pretrained_dir', default='.',
-                      help='Where registered weights are looked for (and '
-                      'downloaded to when missing).')
-  parser.add_argument('--resolution', type=int, default=224,
-                      help='Image size of the check.')
-  parser.add_argument('--tolerance', type=float, default=1e-4,
-                      help='Largest logit difference allowed by the check, '
-                      'relative to the largest logit (at least 1).')
-  return parser
+  return bit_export.argparser(
+      'PyTorch: timm safetensors or ONNX', ('timm', 'onnx'),
+      'A registered model, a .npz file, a run folder, a bit.pth.tar '
+      'checkpoint or hf-hub:ORG/NAME.',
+      'Where to write: a folder for timm, a .onnx file for onnx (default: '
+      'exports/NAME-timm or exports/NAME.onnx).')
 
 
 def load_net(model, pretrained_dir='.'):
@@ -90,40 +69,10 @@ def load_net(model, pretrained_dir='.'):
   return net.eval(), weights
 
 
-def default_name(model):
-  if model.startswith(bit_zoo.HF_HUB_PREFIX):
-    return model.split('/')[-1].split('@')[0]
-  path = os.path.normpath(model)
-  base = os.path.basename(path)
-  if base in ('model.npz', 'bit.pth.tar'):
-    base = os.path.basename(os.path.dirname(os.path.abspath(path)))
-  for ext in ('.npz', '.pth.tar', '.tar', '.pth', '.safetensors', '.bin'):
-    if base.endswith(ext):
-      return base[:-len(ext)]
-  return base
-
-
 def check_inputs(resolution, batch, seed=0, width=None):
   rng = np.random.default_rng(seed)
   return rng.uniform(-1, 1, (batch, 3, resolution, width or resolution)
                      ).astype(np.float32)
-
-
-def compare(name, got, want, tolerance):
-  """Max |got - want|; raises unless within tolerance of the logits' scale."""
-  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  if got.shape != want.shape:
-    raise RuntimeError(f'{name}: logits of shape {got.shape}, the source '
-                       f'gives {want.shape}.')
-  diff = float(np.abs(got - want).max())
-  scale = max(1.0, float(np.abs(want).max()))
-  if not diff <= tolerance * scale:
-    raise RuntimeError(f'{name}: logits differ from the source by {diff:.3g} '
-                       f'(allowed {tolerance * scale:.3g}); the export is '
-                       'wrong and was not kept.')
-  logger.info(f'{name}: max |logit difference| to the source {diff:.3g} '
-              f'(logits up to {scale:.3g})')
-  return diff
 
 
 def source_logits(net, x):
@@ -202,7 +151,7 @@ def export_timm(net, weights, out, resolution, tolerance, label_names=None):
     reference = timm_model(arch, head, tmp)
     with torch.no_grad():
       got = reference(torch.from_numpy(x)).numpy()
-    diff = compare('timm', got, source_logits(net, x), tolerance)
+    diff = bit_export.compare('timm', got, source_logits(net, x), tolerance)
     if os.path.isdir(out):
       for name in ('model.safetensors', 'config.json'):
         if os.path.exists(os.path.join(out, name)):
@@ -277,7 +226,7 @@ def export_onnx(net, out, resolution, tolerance):
     for n, width in ((1, resolution), (3, resolution * 3 // 4)):
       x = check_inputs(resolution, n, seed=n, width=width)
       got = session.run(['logits'], {'images': x})[0]
-      diff = max(diff, compare(f'onnxruntime ({n}x3x{resolution}x{width})',
+      diff = max(diff, bit_export.compare(f'onnxruntime ({n}x3x{resolution}x{width})',
                                got, source_logits(net, x), tolerance))
     os.chmod(tmp, 0o644)
     os.replace(tmp, out)
@@ -294,7 +243,7 @@ def main(args):
   if args.resolution < 32:
     raise BadInput('--resolution must be at least 32.')
   net, weights = load_net(args.model, args.bit_pretrained_dir)
-  name = default_name(args.model)
+  name = bit_export.default_name(args.model)
   info = bit_zoo.MODELS.get(args.model)
   labels = None
   if info is not None and info.labels:
@@ -320,10 +269,7 @@ def main(args):
 
 
 def cli(argv=None):
-  logger.addHandler(logging.StreamHandler(sys.stderr))
-  logger.setLevel(logging.INFO)
-  logger.propagate = False  # TF/absl give the root logger a handler too
-  return bit_common.run_cli(lambda: main(argparser().parse_args(argv)))
+  return bit_export.cli(main, argparser, argv)
 
 
 if __name__ == '__main__':

@@ -15,48 +15,26 @@ image size, and return float32 logits:
   allocate_tensors, for each batch shape); checked with the TFLite
   interpreter at two batch sizes.
 """
-import argparse
-import logging
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 
 import numpy as np
 import tensorflow as tf
 
-import bit_common
+import bit_export
 import bit_zoo
 from bit_common import BadInput
 from bit_tf2 import models
 
-logger = logging.getLogger('bit.export')
-
-
 def argparser():
-  parser = argparse.ArgumentParser(
-      description='Export a BiT model (SavedModel or TFLite), checked '
-      'against the source when written.',
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('--model', required=True,
-                      help='A registered model, a .npz or .h5 file, a run '
-                      'folder or hf-hub:ORG/NAME.')
-  parser.add_argument('--format', required=True,
-                      choices=('saved_model', 'tflite'))
-  parser.add_argument('--out', default=None,
-                      help='Where to write: a folder for saved_model, a '
-                      '.tflite file for tflite (default: '
-                      'exports/NAME-saved_model or exports/NAME.tflite).')
-  parser.add_argument('--bit_pretrained_dir', default='.',
-                      help='Where registered weights are looked for (and '
-                      'downloaded to when missing).')
-  parser.add_argument('--resolution', type=int, default=224,
-                      help='Image size of the check.')
-  parser.add_argument('--tolerance', type=float, default=1e-4,
-                      help='Largest logit difference allowed by the check, '
-                      'relative to the largest logit (at least 1).')
-  return parser
+  return bit_export.argparser(
+      'TF2: SavedModel or TFLite', ('saved_model', 'tflite'),
+      'A registered model, a .npz or .h5 file, a run folder or '
+      'hf-hub:ORG/NAME.',
+      'Where to write: a folder for saved_model, a .tflite file for tflite '
+      '(default: exports/NAME-saved_model or exports/NAME.tflite).')
 
 
 def read_weights(model, pretrained_dir='.'):
@@ -65,40 +43,10 @@ def read_weights(model, pretrained_dir='.'):
   return bit_zoo.load_weights(model, pretrained_dir)
 
 
-def default_name(model):
-  if model.startswith(bit_zoo.HF_HUB_PREFIX):
-    return model.split('/')[-1].split('@')[0]
-  path = os.path.normpath(model)
-  base = os.path.basename(path)
-  if base == 'model.npz':
-    base = os.path.basename(os.path.dirname(os.path.abspath(path)))
-  for ext in ('.npz', '.h5', '.safetensors', '.bin'):
-    if base.endswith(ext):
-      return base[:-len(ext)]
-  return base  # a registered name (dots allowed: BiT-R14x0.5-...)
-
-
 def check_inputs(resolution, batch, seed=0):
   rng = np.random.default_rng(seed)
   return rng.uniform(-1, 1, (batch, resolution, resolution, 3)).astype(
       np.float32)
-
-
-def compare(name, got, want, tolerance):
-  """Max |got - want|; raises unless within tolerance of the logits' scale."""
-  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  if got.shape != want.shape:
-    raise RuntimeError(f'{name}: logits of shape {got.shape}, the source '
-                       f'gives {want.shape}.')
-  diff = float(np.abs(got - want).max())
-  scale = max(1.0, float(np.abs(want).max()))
-  if not diff <= tolerance * scale:
-    raise RuntimeError(f'{name}: logits differ from the source by {diff:.3g} '
-                       f'(allowed {tolerance * scale:.3g}); the export is '
-                       'wrong and was not kept.')
-  logger.info(f'{name}: max |logit difference| to the source {diff:.3g} '
-              f'(logits up to {scale:.3g})')
-  return diff
 
 
 def tflite_interpreter(content):
@@ -131,7 +79,7 @@ def export_saved_model(model, out, resolution, tolerance):
     diff = 0.
     for n in (1, 3):
       x = check_inputs(resolution, n, seed=n)
-      diff = max(diff, compare(f'SavedModel (batch {n})',
+      diff = max(diff, bit_export.compare(f'SavedModel (batch {n})',
                                loaded.serve(x).numpy(), model(x).numpy(),
                                tolerance))
     if os.path.isdir(out):
@@ -156,7 +104,7 @@ def export_tflite(model, out, resolution, tolerance):
   diff = 0.
   for n in (1, 3):  # two batch sizes: the batch dimension is dynamic
     x = check_inputs(resolution, n, seed=n)
-    diff = max(diff, compare(f'TFLite (batch {n})',
+    diff = max(diff, bit_export.compare(f'TFLite (batch {n})',
                              tflite_logits(interpreter, x),
                              model(x).numpy(), tolerance))
   fd, tmp = tempfile.mkstemp(dir=parent, suffix='.tflite.part')
@@ -176,7 +124,7 @@ def main(args):
     raise BadInput('--resolution must be at least 32.')
   weights = read_weights(args.model, args.bit_pretrained_dir)
   model = models.create('weights', weights=weights)
-  name = default_name(args.model)
+  name = bit_export.default_name(args.model)
   if args.format == 'saved_model':
     out = args.out or os.path.join('exports', f'{name}-saved_model')
     if os.path.isfile(out):
@@ -197,10 +145,7 @@ def main(args):
 
 
 def cli(argv=None):
-  logger.addHandler(logging.StreamHandler(sys.stderr))
-  logger.setLevel(logging.INFO)
-  logger.propagate = False  # TF/absl give the root logger a handler too
-  return bit_common.run_cli(lambda: main(argparser().parse_args(argv)))
+  return bit_export.cli(main, argparser, argv)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,76 @@
+"""What the two export commands (bit_pytorch.export, bit_tf2.export)
+share: their command line, the default name of an export, the check of an
+export's logits against the source's, and the command's logging."""
+import argparse
+import logging
+import os
+import sys
+
+import numpy as np
+
+import bit_common
+import bit_zoo
+
+logger = logging.getLogger('bit.export')
+
+
+def argparser(framework, formats, model_help, out_help):
+  """The export command line of `framework`, with its `formats`."""
+  parser = argparse.ArgumentParser(
+      description=f'Export a BiT model ({framework}), checked against the '
+      'source when written.',
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument('--model', required=True, help=model_help)
+  parser.add_argument('--format', required=True, choices=formats)
+  parser.add_argument('--out', default=None, help=out_help)
+  parser.add_argument('--bit_pretrained_dir', default='.',
+                      help='Where registered weights are looked for (and '
+                      'downloaded to when missing).')
+  parser.add_argument('--resolution', type=int, default=224,
+                      help='Image size of the check.')
+  parser.add_argument('--tolerance', type=float, default=1e-4,
+                      help='Largest logit difference allowed by the check, '
+                      'relative to the largest logit (at least 1).')
+  return parser
+
+
+def default_name(model):
+  """The name an export of `model` gets: the registered name, the file's
+  name without its extension, or a run folder's name."""
+  if model.startswith(bit_zoo.HF_HUB_PREFIX):
+    return model.split('/')[-1].split('@')[0]
+  path = os.path.normpath(model)
+  base = os.path.basename(path)
+  if base in ('model.npz', 'bit.pth.tar'):
+    base = os.path.basename(os.path.dirname(os.path.abspath(path)))
+  for ext in ('.npz', '.h5', '.pth.tar', '.tar', '.pth', '.safetensors',
+              '.bin'):
+    if base.endswith(ext):
+      return base[:-len(ext)]
+  return base  # a registered name (dots allowed: BiT-R14x0.5-...)
+
+
+def compare(name, got, want, tolerance):
+  """Max |got - want|; raises unless within tolerance of the logits' scale."""
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  if got.shape != want.shape:
+    raise RuntimeError(f'{name}: logits of shape {got.shape}, the source '
+                       f'gives {want.shape}.')
+  diff = float(np.abs(got - want).max())
+  scale = max(1.0, float(np.abs(want).max()))
+  if not diff <= tolerance * scale:
+    raise RuntimeError(f'{name}: logits differ from the source by {diff:.3g} '
+                       f'(allowed {tolerance * scale:.3g}); the export is '
+                       'wrong and was not kept.')
+  logger.info(f'{name}: max |logit difference| to the source {diff:.3g} '
+              f'(logits up to {scale:.3g})')
+  return diff
+
+
+def cli(main, argparser_fn, argv=None):
+  """Runs an export command: its check's lines on stderr, bad input as one
+  line and exit status 2."""
+  logger.addHandler(logging.StreamHandler(sys.stderr))
+  logger.setLevel(logging.INFO)
+  logger.propagate = False  # TF/absl give the root logger a handler too
+  return bit_common.run_cli(lambda: main(argparser_fn().parse_args(argv)))

@@ -95,16 +95,8 @@ def make_steps(strategy, student, teacher, adam, recipe, batch_split):
     return loss, tape.gradient(loss, variables)
 
   def replica_step(images, labels):
-    if batch_split == 1:
-      return gradients(images, labels)
-    loss = tf.zeros([], tf.float32)
-    grads = [tf.zeros(v.shape, v.dtype) for v in variables]
-    for i in tf.range(batch_split):
-      rows = slice(i * micro, (i + 1) * micro)
-      part_loss, part = gradients(images[rows], labels[rows])
-      loss += part_loss
-      grads = [g + p for g, p in zip(grads, part)]
-    return loss, grads
+    return engine.accumulate(gradients, images, labels, batch_split, micro,
+                             variables)
 
   @tf.function
   def train_step(dist_batch, factor):

@@ -93,6 +93,22 @@ def uses_xla(strategy):
           bool(tf.config.list_logical_devices('GPU')))
 
 
+def accumulate(gradients, images, labels, batch_split, micro, variables):
+  """(loss, grads) of `gradients(images, labels)` summed over `batch_split`
+  micro-batches of `micro` rows each (a tf.range loop inside the step):
+  the same update as one big batch, with a micro-batch's activations."""
+  if batch_split == 1:
+    return gradients(images, labels)
+  loss = tf.zeros([], tf.float32)
+  grads = [tf.zeros(v.shape, v.dtype) for v in variables]
+  for i in tf.range(batch_split):
+    rows = slice(i * micro, (i + 1) * micro)
+    part_loss, part = gradients(images[rows], labels[rows])
+    loss += part_loss
+    grads = [g + p for g, p in zip(grads, part)]
+  return loss, grads
+
+
 def distribute(strategy, make_dataset):
   """Per-replica batches from `make_dataset(process_index, process_count)`,
   a dataset of this process's rows of each global batch: the rows are split

@@ -36,9 +36,9 @@ import bit_run
 import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import engine
 from bit_tf2 import models
-from bit_tf2.engine import (POLICIES, Checkpoints, any_process, chief_first,
-                            device_kind, distribute, is_chief, make_strategy,
-                            uses_xla)
+from bit_tf2.engine import (POLICIES, Checkpoints, accumulate, any_process,
+                            chief_first, device_kind, distribute, is_chief,
+                            make_strategy, uses_xla)
 
 CHECKPOINTS = 'checkpoints'
 EXPORT = 'model.npz'
@@ -118,16 +118,8 @@ def make_steps(strategy, model, optimizer, lr, batch, batch_split,
     return loss, tape.gradient(scaled, variables)
 
   def replica_step(images, labels):
-    if batch_split == 1:
-      loss, grads = gradients(images, labels)
-    else:
-      loss = tf.zeros([], tf.float32)
-      grads = [tf.zeros(v.shape, v.dtype) for v in variables]
-      for i in tf.range(batch_split):
-        rows = slice(i * micro, (i + 1) * micro)
-        part_loss, part = gradients(images[rows], labels[rows])
-        loss += part_loss
-        grads = [g + p for g, p in zip(grads, part)]
+    loss, grads = accumulate(gradients, images, labels, batch_split, micro,
+                             variables)
     optimizer.apply_gradients(zip(grads, variables))
     return loss
 

@@ -66,23 +66,9 @@ def make_steps(student, teacher, recipe, tx, mesh, batch_split):
   grad_fn = jax.value_and_grad(loss_fn)
 
   def train_step(params, opt_state, teacher_params, images, labels, factor):
-    if batch_split == 1:
-      loss, grads = grad_fn(params, teacher_params, images, labels)
-    else:  # as bit_jax.train: micro-batch j holds rows j, j + split, ...
-      def micro(x):
-        x = x.reshape(-1, batch_split, *x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(
-            x, NamedSharding(mesh, P(None, 'data')))
-
-      def accumulate(acc, xy):
-        loss, grads = grad_fn(params, teacher_params, *xy)
-        return jax.tree.map(jnp.add, acc, (loss, grads)), None
-
-      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like,
-                                                        params))
-      (loss, grads), _ = jax.lax.scan(accumulate, zeros,
-                                      (micro(images), micro(labels)))
-      loss, grads = jax.tree.map(lambda v: v / batch_split, (loss, grads))
+    loss, grads = engine.accumulate(
+        lambda p, x, y: grad_fn(p, teacher_params, x, y), params, images,
+        labels, batch_split, mesh)
     updates, opt_state = tx.update(grads, opt_state, params)
 
     def apply(p, u):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import bit_common
 
@@ -90,6 +91,32 @@ def any_process(flags):
   """Each flag ORed over the processes."""
   from jax.experimental import multihost_utils
   return np.any(multihost_utils.process_allgather(np.array(flags)), axis=0)
+
+
+# --------------------------------------------------------------------------
+# Gradient accumulation.
+
+def accumulate(grad_fn, params, images, labels, batch_split, mesh):
+  """(loss, grads) of `grad_fn(params, images, labels)` averaged over
+  `batch_split` micro-batches (a lax.scan inside the compiled step): the
+  same update as one big batch. Micro-batch j holds rows j, j + split, ...:
+  every device keeps its own rows, so splitting moves no data between
+  devices."""
+  if batch_split == 1:
+    return grad_fn(params, images, labels)
+
+  def micro(x):
+    x = x.reshape(-1, batch_split, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, P(None, 'data')))
+
+  def add(acc, xy):
+    loss, grads = grad_fn(params, *xy)
+    return jax.tree.map(jnp.add, acc, (loss, grads)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (loss, grads), _ = jax.lax.scan(add, zeros, (micro(images), micro(labels)))
+  return jax.tree.map(lambda v: v / batch_split, (loss, grads))
 
 
 # --------------------------------------------------------------------------

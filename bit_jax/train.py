@@ -34,7 +34,7 @@ import bit_common
 import bit_run
 import bit_zoo
 from bit_jax import models
-from bit_jax.engine import (DTYPES, Checkpoints, any_process,
+from bit_jax.engine import (DTYPES, Checkpoints, accumulate, any_process,
                             initialize_distributed, lead_first, local)
 
 CHECKPOINTS = 'checkpoints'
@@ -83,25 +83,8 @@ def make_steps(model, tx, mesh, batch_split):
   grad_fn = jax.value_and_grad(loss_fn)
 
   def train_step(params, opt_state, images, labels, lr):
-    if batch_split == 1:
-      loss, grads = grad_fn(params, images, labels)
-    else:
-      # Micro-batch j holds examples j, j + split, ...: every device keeps
-      # its own rows, so splitting moves no data between devices.
-      def micro(x):
-        x = x.reshape(-1, batch_split, *x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(
-            x, NamedSharding(mesh, P(None, 'data')))
-
-      def accumulate(acc, xy):
-        loss, grads = grad_fn(params, *xy)
-        return jax.tree.map(jnp.add, acc, (loss, grads)), None
-
-      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like,
-                                                        params))
-      (loss, grads), _ = jax.lax.scan(accumulate, zeros,
-                                      (micro(images), micro(labels)))
-      loss, grads = jax.tree.map(lambda v: v / batch_split, (loss, grads))
+    loss, grads = accumulate(grad_fn, params, images, labels, batch_split,
+                             mesh)
     opt_state.hyperparams['learning_rate'] = lr
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss

@@ -1,0 +1,98 @@
+"""benchmarks/end_to_end.py: the end-to-end benchmark runs each backend's
+real trainer on a generated JPEG folder larger than the crop, with mixup
+and periodic checkpoints, and reports its rate next to the pure step's.
+
+One tiny run of the command line for the three backends (R14x0.5, 32 px,
+12 steps, a checkpoint every 4), shared by the tests. No speed is asserted:
+the benchmark reports speeds, the tests check what was run and recorded.
+"""
+import json
+import os
+import sys
+from unittest import mock
+
+import pytest
+from PIL import Image
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+import end_to_end  # noqa: E402  pylint: disable=wrong-import-position
+
+BACKENDS = ('pytorch', 'jax', 'tf2')
+STEPS, SAVE_EVERY, SKIP, CROP = 12, 4, 4, 32
+
+
+@pytest.fixture(scope='module')
+def bench(tmp_path_factory):
+  """(JSON the command wrote, its work folder)."""
+  work = tmp_path_factory.mktemp('e2e')
+  out = work / 'out.json'
+  with mock.patch.dict(os.environ, OMP_NUM_THREADS='1', JAX_PLATFORMS='cpu'):
+    end_to_end.main([
+        '--arch', 'R14x0.5', '--resolution', str(CROP), '--batch', '8',
+        '--frameworks', ','.join(BACKENDS), '--precisions', 'fp32',
+        '--steps', str(STEPS), '--skip', str(SKIP),
+        '--save_every', str(SAVE_EVERY), '--workers', '1',
+        '--classes', '3', '--per_class', '8', '--step_steps', '2',
+        '--step_warmup', '1', '--workdir', str(work / 'work'),
+        '--json', str(out)])
+  with open(out) as f:
+    return json.load(f), work / 'work'
+
+
+def result(bench, backend):
+  (res,) = bench[0]['rounds'][f'{backend}/fp32']
+  return res
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_reports_positive_end_to_end_and_step_rates(bench, backend):
+  res = result(bench, backend)
+  assert 'e2e_error' not in res and 'step_error' not in res, res
+  assert res['e2e_img_s'] > 0 and res['step_img_s'] > 0
+  assert res['ratio'] == pytest.approx(res['e2e_img_s'] / res['step_img_s'])
+  # The timed stretch starts after the untimed first steps and ends last.
+  assert res['timed_steps'][0] > SKIP and res['timed_steps'][1] == STEPS
+  (row,) = [r for r in bench[0]['summary'] if r['framework'] == backend]
+  assert row['e2e_img_s'] == res['e2e_img_s']
+  assert bench[0]['cpu']['model']
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_the_run_checkpointed_with_mixup_at_the_crop(bench, backend):
+  res = result(bench, backend)
+  # Checkpoints were written during the run: the newest two are kept, and
+  # the older one is from before the end.
+  assert res['checkpoint_steps_kept'] == [STEPS - SAVE_EVERY, STEPS]
+  assert res['checkpoints_timed'] >= 1
+  with open(os.path.join(res['run_dir'], 'config.json')) as f:
+    config = json.load(f)
+  assert config['mixup_alpha'] == 0.1 and config['mixup'] == 0.1
+  assert config['total_steps'] == STEPS and config['save_every'] == SAVE_EVERY
+  # The HyperRule resized the larger images, then the crop was taken.
+  resize, crop = config['resolution']
+  assert crop == CROP and resize > CROP
+  assert min(res['image_size']) > CROP
+  with open(os.path.join(res['run_dir'], 'results.json')) as f:
+    assert json.load(f)['step'] == STEPS
+
+
+def test_the_folder_holds_jpeg_files_larger_than_the_crop(bench):
+  folder = bench[1] / 'images'
+  for split in ('train', 'val'):
+    classes = sorted(os.listdir(folder / split))
+    assert classes == ['class_00', 'class_01', 'class_02']
+    for c in classes:
+      files = sorted(os.listdir(folder / split / c))
+      assert files and all(f.endswith('.jpg') for f in files)
+      with Image.open(folder / split / c / files[0]) as im:
+        assert im.format == 'JPEG' and min(im.size) > CROP
+
+
+def test_windows_cover_every_step_once():
+  rows = [{'step': s, 'images_per_sec': v} for s, v in
+          zip(range(1, 9), (5.0,) * 4 + (7.0,) * 2 + (7.5,) * 2)]
+  assert end_to_end.windows(rows) == [
+      {'steps': [1, 4], 'img_s': 5.0}, {'steps': [5, 6], 'img_s': 7.0},
+      {'steps': [7, 8], 'img_s': 7.5}]

@@ -34,9 +34,10 @@ class StdConv(nn.Module):
     k = self.kernel_size
     kernel = self.param('kernel', nn.initializers.he_normal(),
                         (k, k, x.shape[-1], self.features))
-    mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
-    var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
-    kernel = (kernel - mean) / jnp.sqrt(var + WS_EPS)
+    flat = kernel.reshape(-1, self.features)
+    mean = column_sums(flat) / flat.shape[0]
+    var = column_sums(jnp.square(flat - mean)) / flat.shape[0]
+    kernel = ((flat - mean) / jnp.sqrt(var + WS_EPS)).reshape(kernel.shape)
     return jax.lax.conv_general_dilated(
         x.astype(self.dtype), kernel.astype(self.dtype),
         (self.stride, self.stride), [(self.padding, self.padding)] * 2,
@@ -58,7 +59,39 @@ class GroupNorm(nn.Module):
     mean = jnp.mean(g, axis=axes, keepdims=True)
     var = jnp.var(g, axis=axes, keepdims=True)
     g = (g - mean) / jnp.sqrt(var + GN_EPS)
-    return (g.reshape(x.shape) * gamma + beta).astype(self.dtype)
+    return _affine(g.reshape(x.shape), gamma, beta).astype(self.dtype)
+
+
+def column_sums(x):
+  """Sums over the first axis of a 2-D array. On CPUs as a product with a
+  row of ones: XLA's CPU code sums over a leading axis slowly, its matrix
+  library does not (with `_affine`, R50x1 trains 20% faster; README
+  "Measured speed")."""
+  if jax.default_backend() != 'cpu':
+    return x.sum(0)
+  ones = jnp.ones((1, x.shape[0]), x.dtype)
+  return jnp.matmul(ones, x, precision=jax.lax.Precision.HIGHEST)[0]
+
+
+@jax.custom_vjp
+def _affine(x, gamma, beta):
+  """x * gamma + beta per channel, the gradients of gamma and beta summed
+  by `column_sums`."""
+  return x * gamma + beta
+
+
+def _affine_fwd(x, gamma, beta):
+  return x * gamma + beta, (x, gamma)
+
+
+def _affine_bwd(res, dy):
+  x, gamma = res
+  c = x.shape[-1]
+  return (dy * gamma, column_sums((dy * x).reshape(-1, c)),
+          column_sums(dy.reshape(-1, c)))
+
+
+_affine.defvjp(_affine_fwd, _affine_bwd)
 
 
 class Proj(nn.Module):

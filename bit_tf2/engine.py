@@ -88,9 +88,14 @@ def chief_first(strategy, fn, *args):
 
 
 def uses_xla(strategy):
-  """XLA helps on accelerators; on CPUs TF's own kernels are as fast."""
-  return (isinstance(strategy, tf.distribute.TPUStrategy) or
-          bool(tf.config.list_logical_devices('GPU')))
+  """(train, evaluate): whether XLA compiles the training step and the
+  evaluation step. Both on accelerators. On CPUs TF's own kernels train
+  faster and XLA evaluates faster (R50x1, 128 px, fp32: 14.1 vs 11.7 and
+  37 vs 45 img/s; README "Measured speed"), but XLA cannot run on several
+  logical CPU devices of one process."""
+  accelerated = (isinstance(strategy, tf.distribute.TPUStrategy) or
+                 bool(tf.config.list_logical_devices('GPU')))
+  return accelerated, accelerated or len(strategy.extended.worker_devices) == 1
 
 
 def accumulate(gradients, images, labels, batch_split, micro, variables):
@@ -102,6 +107,9 @@ def accumulate(gradients, images, labels, batch_split, micro, variables):
   loss = tf.zeros([], tf.float32)
   grads = [tf.zeros(v.shape, v.dtype) for v in variables]
   for i in tf.range(batch_split):
+    # One micro-batch at a time: a while loop otherwise runs up to 10
+    # iterations at once, holding each one's activations.
+    tf.autograph.experimental.set_loop_options(parallel_iterations=1)
     rows = slice(i * micro, (i + 1) * micro)
     part_loss, part = gradients(images[rows], labels[rows])
     loss += part_loss

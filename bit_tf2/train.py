@@ -96,19 +96,20 @@ def make_optimizer(precision):
 
 
 def make_steps(strategy, model, optimizer, lr, batch, batch_split,
-               xla=False):
+               xla=(False, False)):
   """(train_step, eval_step), tf.functions over `strategy`.
 
   train_step(dist_batch, learning_rate) -> mean training loss; the batch of
   `batch` images (all replicas together) is split into `batch_split`
   micro-batches whose gradients are accumulated: one update, as for one big
   batch. eval_step(dist_batch) -> sums (loss, top-1, top-5, count) over the
-  rows whose mask is True.
+  rows whose mask is True. `xla`: (train, evaluate), whether XLA compiles
+  the training step's gradients and the evaluation step.
   """
   variables = model.trainable_variables
   micro = batch // strategy.num_replicas_in_sync // batch_split
 
-  @tf.function(jit_compile=xla)
+  @tf.function(jit_compile=xla[0])
   def gradients(images, labels):
     with tf.GradientTape() as tape:
       logits = model(images, training=True)
@@ -130,7 +131,7 @@ def make_steps(strategy, model, optimizer, lr, batch, batch_split,
                                               dist_batch['label']))
     return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
-  @tf.function(jit_compile=xla)
+  @tf.function(jit_compile=xla[1])
   def replica_eval(images, labels, mask):
     logits = tf.cast(model(images, training=False), tf.float32)
     loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
@@ -192,13 +193,14 @@ def main(args):
   xla = uses_xla(strategy)
   run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),
                        devices=replicas, strategy=type(strategy).__name__,
-                       device_kind=device_kind(strategy), xla=xla,
+                       device_kind=device_kind(strategy),
+                       xla=dict(zip(('train', 'eval'), xla)),
                        versions=bit_run.versions(tf, keras)),
             f'{args.dataset}: {data.train_size} training, {data.eval_size} '
             f'{data.eval_split} examples, {data.num_classes} classes; '
             f'{hyper.describe()}, {replicas} {device_kind(strategy)} '
             f'replica(s) ({type(strategy).__name__}), {args.precision}'
-            f'{", XLA" if xla else ""}', device_kind(strategy))
+            f'{", XLA" if xla[0] else ""}', device_kind(strategy))
 
   train_step, eval_step = make_steps(strategy, model, optimizer, lr,
                                      args.batch, args.batch_split, xla)

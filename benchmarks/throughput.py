@@ -20,6 +20,11 @@ lower bound, since memory that set-up freed and the C allocator kept is
 reused without growing it; for JAX everywhere the compiled step's memory
 as XLA plans it, parameters and optimizer state included).
 
+With --end_to_end STEPS each framework and precision also runs its real
+trainer for STEPS steps on a generated folder of JPEG files (HyperRule
+resizing and cropping, mixup, periodic checkpoints) and reports the whole
+run's training images/s next to its pure step's (benchmarks/end_to_end.py).
+
 A framework is a module `benchmarks/bench_<name>.py` with
 `measure(arch, resolution, batch, precision, steps, warmup) -> dict` holding
 at least `train_img_s` and `eval_img_s`; register it in FRAMEWORKS.
@@ -88,6 +93,9 @@ def main(argv=None):
   parser.add_argument('--batch_splits', default='',
                       help='comma-separated --batch_split values whose '
                       'training-step memory is measured (e.g. 1,4,16)')
+  parser.add_argument('--end_to_end', type=int, default=0, metavar='STEPS',
+                      help='also run each trainer for STEPS steps on a '
+                      'generated JPEG folder, next to its step (e.g. 30)')
   parser.add_argument('--json', default=None, help='also write results here')
   args = parser.parse_args(argv)
   frameworks = [f for f in args.frameworks.split(',') if f]
@@ -132,11 +140,13 @@ def main(argv=None):
                                if row[k + '_ratio'] else '') for k in KEYS)
         if good else 'failed'), flush=True)
   memory = _memory_by_split(args, runs)
+  end_to_end = _end_to_end(args, frameworks)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'args': vars(args), 'cpu': cpu, 'summary': summary,
                  'rounds': {f'{fw}/{p}': v for (fw, p), v in table.items()},
-                 'train_mem_bytes_by_batch_split': memory}, f, indent=2)
+                 'train_mem_bytes_by_batch_split': memory,
+                 'end_to_end': end_to_end}, f, indent=2)
   return summary
 
 
@@ -159,6 +169,20 @@ def _memory_by_split(args, runs):
         f'{s}: {v / 2**20:.0f}' if isinstance(v, int) else f'{s}: {v}'
         for s, v in row.items()), flush=True)
   return memory
+
+
+def _end_to_end(args, frameworks):
+  """benchmarks/end_to_end.py's summary for the chosen frameworks and
+  precisions ([] without --end_to_end)."""
+  ours = [f for f in frameworks if f != PEER]
+  if not args.end_to_end or not ours:
+    return []
+  import end_to_end  # pylint: disable=import-outside-toplevel
+  print(f'end to end, {args.end_to_end} steps of each trainer:', flush=True)
+  return end_to_end.main([
+      '--arch', args.arch, '--resolution', str(args.resolution),
+      '--batch', str(args.batch), '--frameworks', ','.join(ours),
+      '--precisions', args.precisions, '--steps', str(args.end_to_end)])
 
 
 def _describe(res, peer):

@@ -124,7 +124,9 @@ def mixed(micro_batches, layout, lam, device, channels_last=False):
     if lam == 1.0:
       yield x[own], y[own], y[own], lam
     else:
-      partner = torch.as_tensor(partner, device=device)
+      # Without waiting for the device (a blocking copy to a GPU waits for
+      # the work queued before it).
+      partner = torch.as_tensor(partner).to(device, non_blocking=True)
       yield lam * x[own] + (1 - lam) * x[partner], y[own], y[partner], lam
 
 

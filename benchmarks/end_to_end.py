@@ -396,11 +396,7 @@ def main(argv=None):
                       '(default: a temporary folder, removed at the end)')
   parser.add_argument('--json', default=None, help='also write results here')
   args = parser.parse_args(argv)
-  frameworks = [f for f in args.frameworks.split(',') if f]
-  unknown = set(frameworks) - set(FRAMEWORKS)
-  if unknown:
-    parser.error(f'unknown framework(s) {sorted(unknown)}; known: '
-                 f'{", ".join(FRAMEWORKS)}')
+  frameworks = throughput.chosen(parser, args.frameworks, FRAMEWORKS)
   size = (tuple(int(v) for v in args.image_size.lower().split('x'))
           if args.image_size else image_size(args.resolution))
   if min(size) <= args.resolution:

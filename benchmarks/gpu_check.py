@@ -40,6 +40,7 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [HERE, REPO]
 
 import bit_hardware  # noqa: E402
+import end_to_end  # noqa: E402
 import throughput  # noqa: E402
 
 BACKENDS = ('pytorch', 'jax', 'tf2')
@@ -297,27 +298,6 @@ def _add_ratios(res, peer, flops, peak_tflops):
                               / (peak_tflops * 1e12), 4)
 
 
-def _write_npz(path, arch, classes, seed=0):
-  """A BiT checkpoint for `arch` with `classes` outputs, drawn at random
-  from the published key table (He-scaled kernels, unit GroupNorm)."""
-  import numpy as np
-  import bit_zoo
-  rng = np.random.default_rng(seed)
-  weights = {}
-  for key, shape in bit_zoo.expected_shapes(bit_zoo.parse_arch(arch),
-                                            classes).items():
-    if key.endswith('gamma'):
-      value = np.ones(shape)
-    elif key.endswith(('beta', 'bias')):
-      value = np.zeros(shape)
-    elif 'head' in key:
-      value = np.zeros(shape)
-    else:
-      value = rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[:-1]))
-    weights[key] = value.astype(np.float32)
-  np.savez(path, **weights)
-
-
 def _write_folder(root, classes, train, val, side, seed=0):
   """root/{train,val}/<class>/*.png; each class has its own colour, with
   noise, so that a few steps can learn it."""
@@ -341,7 +321,7 @@ def _finetune_start(backends, size, cpu):
   needs."""
   work = tempfile.mkdtemp(prefix='bit_gpu_check_')
   npz = os.path.join(work, 'model.npz')
-  _write_npz(npz, size['ft_arch'], size['ft_classes'])
+  end_to_end.make_weights(npz, size['ft_arch'], size['ft_classes'])
   folder = os.path.join(work, 'images')
   _write_folder(folder, size['ft_classes'], size['ft_train'], size['ft_val'],
                 size['ft_side'])

@@ -51,6 +51,17 @@ PEER = 'timm'
 KEYS = ('train_img_s', 'eval_img_s')
 
 
+def chosen(parser, text, known):
+  """The comma-separated names of `text`; a parser error names any not in
+  `known`."""
+  names = [f for f in text.split(',') if f]
+  unknown = set(names) - set(known)
+  if unknown:
+    parser.error(f'unknown framework(s) {sorted(unknown)}; known: '
+                 f'{", ".join(known)}')
+  return names
+
+
 def measure_in_subprocess(framework, arch, resolution, batch, precision,
                           steps, warmup, timeout=None, env=None, **options):
   """Runs bench_<framework>.measure(...) in a fresh Python (environment
@@ -98,11 +109,7 @@ def main(argv=None):
                       'generated JPEG folder, next to its step (e.g. 30)')
   parser.add_argument('--json', default=None, help='also write results here')
   args = parser.parse_args(argv)
-  frameworks = [f for f in args.frameworks.split(',') if f]
-  unknown = set(frameworks) - set(FRAMEWORKS)
-  if unknown:
-    parser.error(f'unknown framework(s) {sorted(unknown)}; known: '
-                 f'{", ".join(FRAMEWORKS)}')
+  frameworks = chosen(parser, args.frameworks, FRAMEWORKS)
   runs = [(PEER, 'fp32')] + [(f, p) for f in frameworks if f != PEER
                              for p in args.precisions.split(',')]
   cpu = bit_hardware.cpu_description()

@@ -7,7 +7,7 @@ imports bit_jax before it runs any JAX computation. Today there is one: the
 YNNPACK library takes only dot products, where by default it also takes
 element-wise and reduction fusions, which XLA's own code runs faster here
 (R50x1, 128 px, batch 16, fp32 on a 2-core AVX-512 EPYC: training step +15%,
-evaluation +30%; README "Speed"). The options touch only the CPU backend.
+evaluation +30%; README "Measured speed"). The options touch only the CPU backend.
 """
 import os
 

@@ -27,6 +27,34 @@ def test_logits_equal_pytorch(arch):
                              atol=1e-4 * np.abs(expected).max())
 
 
+def test_gradients_equal_pytorch():
+  """Every parameter's gradient, including GroupNorm's gamma and beta (a
+  custom gradient on CPUs) and the standardised kernels (their statistics
+  summed as matrix products on CPUs), equals PyTorch autograd's."""
+  torch = pytest.importorskip('torch')
+  import jax
+  from bit_pytorch import models as torch_models
+  weights = synthetic_weights('R14x0.5', head_size=5, seed=3)
+  rng = np.random.default_rng(1)
+  images = rng.uniform(-1, 1, (4, 40, 40, 3)).astype(np.float32)
+  labels = np.eye(5, dtype=np.float32)[rng.integers(0, 5, 4)]
+
+  net = torch_models.create('R14x0.5', weights=weights)
+  logits = net(torch.from_numpy(images).permute(0, 3, 1, 2))
+  torch.sum(-torch.from_numpy(labels) * logits.log_softmax(1)).backward()
+  expected = {k: torch_models.th2tf(p.grad)
+              for k, p in net.published_parameters()}
+
+  model, params = models.create('R14x0.5', weights=weights)
+  grads = models.export(jax.grad(lambda p: jnp.sum(
+      -labels * jax.nn.log_softmax(model.apply({'params': p}, images))))(
+          params))
+  assert set(grads) == set(expected)
+  for k, g in expected.items():
+    np.testing.assert_allclose(grads[k], g, rtol=1e-3,
+                               atol=1e-4 * np.abs(g).max(), err_msg=k)
+
+
 def test_export_import_round_trip_is_exact(tmp_path):
   weights = synthetic_weights('R26x0.5', head_size=5, seed=2)
   model, params = models.create('R26x0.5', weights=weights)

@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 demo: install
 	$(PY) -m demo.run

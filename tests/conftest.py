@@ -98,3 +98,38 @@ def sigterm_after_step(monkeypatch):
     monkeypatch.setattr(bit_run.Progress, 'update',
                         update if k is None else update_then_sigterm)
   return arm
+
+
+# `make test` runs the suite on two workers (pytest-xdist, --dist loadgroup):
+# most runs are single-threaded subprocesses, so two at a time use both
+# cores. A file's tests form one group, run by one worker, and share that
+# file's runs; in the files of BY_BACKEND each backend's tests form a group
+# of their own. The longest groups (as measured) are handed out first, so
+# that no worker is left with a long one at the end.
+BY_BACKEND = ('test_trainers.py', 'test_multiprocess.py')
+LONGEST_FIRST = (
+    'test_trainers.py:tf2', 'test_trainers.py:jax', 'test_gpu_check.py',
+    'test_multiprocess.py:jax', 'test_distill.py', 'test_notebooks.py',
+    'test_trainers.py:pytorch', 'test_multiprocess.py:tf2',
+    'test_end_to_end_benchmark.py', 'test_jax_models.py', 'test_demo.py')
+
+
+def xdist_group_of(item):
+  """The xdist group of a test: its file, with its backend in BY_BACKEND's
+  files (a `backend` parameter, else a backend its name holds)."""
+  name = item.path.name
+  if name not in BY_BACKEND:
+    return name
+  callspec = getattr(item, 'callspec', None)
+  backend = callspec.params.get('backend') if callspec else None
+  backend = backend or next((b for b in ('pytorch', 'tf2', 'jax', 'torchrun')
+                             if b in item.originalname), None)
+  return f'{name}:{backend}' if backend else name
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+  rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
+  for item in items:
+    item.add_marker(pytest.mark.xdist_group(xdist_group_of(item)))
+  items.sort(key=lambda item: rank.get(xdist_group_of(item), len(rank)))

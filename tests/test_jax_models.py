@@ -46,8 +46,8 @@ def test_gradients_equal_pytorch():
               for k, p in net.published_parameters()}
 
   model, params = models.create('R14x0.5', weights=weights)
-  grads = models.export(jax.grad(lambda p: jnp.sum(
-      -labels * jax.nn.log_softmax(model.apply({'params': p}, images))))(
+  grads = models.export(jax.jit(jax.grad(lambda p: jnp.sum(
+      -labels * jax.nn.log_softmax(model.apply({'params': p}, images)))))(
           params))
   assert set(grads) == set(expected)
   for k, g in expected.items():

@@ -27,8 +27,8 @@ import pytest
 import bit_common
 from conftest import REPO
 # The tiny runs of the contract test: flags, image folder, model, outputs.
-from test_trainers import (STEPS, argv, assert_same, metrics, out, run,
-                           setup, weights)  # noqa: F401  (setup: fixture)
+from test_trainers import (STEPS, References, argv, assert_same, metrics,
+                           out, setup, weights)  # noqa: F401  (setup: fixture)
 
 WORKER = os.path.join(REPO, 'tests', 'multiprocess_worker.py')
 TIMEOUT = 600
@@ -111,25 +111,6 @@ def tf2_workers(setup, name, fault=None):
 
 LAUNCH = {'jax': jax_processes, 'tf2': tf2_workers}
 SIGTERM_AFTER_4 = {'BIT_TEST_SIGNAL_STEP': '4', 'BIT_TEST_SIGNAL': 'TERM'}
-
-
-class References(dict):
-  """{backend: final evaluation} of one uninterrupted 1-process run each,
-  run (in this process) when first asked for."""
-
-  def __init__(self, setup):
-    super().__init__()
-    self.setup = setup
-
-  def __missing__(self, backend):
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1)
-    try:
-      self[backend] = run(self.setup, backend, 'reference')
-    finally:
-      torch.set_num_threads(threads)
-    return self[backend]
 
 
 @pytest.fixture(scope='module')

@@ -98,16 +98,40 @@ def assert_same(a, b, atol=2e-5):
     np.testing.assert_allclose(a[k], b[k], rtol=0, atol=atol, err_msg=k)
 
 
+class References(dict):
+  """{backend: final evaluation} of one uninterrupted run each, run (in this
+  process) when first asked for: under pytest-xdist a worker runs only the
+  backends of its tests (tests/conftest.py)."""
+
+  def __init__(self, setup):
+    super().__init__()
+    self.setup = setup
+
+  def __missing__(self, backend):
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1)
+    try:
+      self[backend] = run(self.setup, backend, 'reference')
+    finally:
+      torch.set_num_threads(threads)
+    return self[backend]
+
+
 @pytest.fixture(scope='module')
-def reference(setup):
-  """{backend: final evaluation} of one uninterrupted run each."""
-  import torch
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1)
-  try:
-    return {b: run(setup, b, 'reference') for b in BACKENDS}
-  finally:
-    torch.set_num_threads(threads)
+def references(setup):
+  return References(setup)
+
+
+@pytest.fixture
+def reference(request, references):
+  """`references` with the run of the test's backend done (of all three for
+  a test without one), so that its files are there to compare."""
+  callspec = getattr(request.node, 'callspec', None)
+  backend = callspec.params.get('backend') if callspec else None
+  for b in [backend] if backend else BACKENDS:
+    references[b]  # pylint: disable=pointless-statement
+  return references
 
 
 @pytest.mark.parametrize('backend', BACKENDS)

@@ -146,9 +146,11 @@ def measure_end_to_end(framework, arch, resolution, batch, precision, steps,
   checkpoint_s (a checkpoint's cost, estimated from windows with and
   without one; None unless both kinds are timed), windows [{steps, img_s,
   after_checkpoint}] (whether a --save_every or evaluation checkpoint is
-  timed in it; the harness's 10-minute ones are not foreseen), wall_s, train_s, other_s, checkpoint_steps_kept (the
-  steps of the checkpoints left in the run folder, newest two), resolution
-  [resize, crop], mixup, image_size, device, top1, run_dir, command}.
+  timed in it; the harness's 10-minute ones are not foreseen), wall_s,
+  train_s, other_s, checkpoint_steps_kept (the steps of the checkpoints
+  left in the run folder, newest two), resolution [resize, crop], mixup,
+  image_size, device, top1, first_loss and last_loss (training), run_dir,
+  command}.
   """
   save_every = save_every or max(1, steps // 3)
   if steps <= skip:
@@ -245,7 +247,8 @@ def read_run(run_dir, framework, batch, skip=10, save_every=None,
       'resolution': config['resolution'], 'mixup': config['mixup'],
       'mixup_alpha': config.get('mixup_alpha'),
       'device': str(config.get('device') or config.get('device_kind')),
-      'top1': results.get('top1'), 'total_steps': total, 'run_dir': run_dir,
+      'top1': results.get('top1'), 'first_loss': rows[0]['loss'],
+      'last_loss': rows[-1]['loss'], 'total_steps': total, 'run_dir': run_dir,
   }
 
 

@@ -12,9 +12,12 @@ minutes, one JSON file holding
   GPU's dense bf16 peak;
 - peak GPU memory of each backend's training step, also with the batch in
   4 and 16 micro-batches (--batch_split);
-- a short fine-tuning in each backend, through its command line, from a
-  generated BiT checkpoint on a generated image folder, to its
-  results.json.
+- a short fine-tuning in each backend at the settings above, through its
+  command line (benchmarks/end_to_end.py), from a generated BiT checkpoint
+  on a generated folder of JPEG files larger than the crop (the HyperRule
+  resizes them), with mixup and periodic checkpoints, to its results; its
+  images/s end to end (data, augmentation, mixup, checkpoints included)
+  next to the pure training step's above.
 
 A backend (or timm) that is not installed is skipped with the reason
 recorded, as is one that fails or runs out of its time. The JSON file is
@@ -63,20 +66,18 @@ BF16_PEAK_TFLOPS = {
     'L40S': 362.1, 'L4': 121.0, 'A10G': 70.0, 'A10': 125.0,
 }
 SIZES = {
-    # mode: arch, resolution, batch, steps, warmup, fine-tuning (arch,
-    # classes, images per class in train/val, image side, resize, crop,
-    # batch, steps), --batch_split values whose memory is measured, time
-    # limits (s): each measurement, fine-tuning, all.
+    # mode: arch, resolution, batch, steps, warmup, --batch_split values
+    # whose memory is measured, fine-tuning (classes, training images per
+    # class, steps, untimed first steps, checkpoint interval), time limits
+    # (s): each measurement, each fine-tuning, all.
     'gpu': dict(arch='R50x1', resolution=224, batch=128, steps=20, warmup=5,
-                ft_arch='R50x1', ft_classes=4, ft_train=64, ft_val=32,
-                ft_side=128, ft_resize=112, ft_crop=96, ft_batch=64,
-                ft_steps=60, splits=(4, 16), measure_s=180, finetune_s=240,
+                splits=(4, 16), ft_classes=4, ft_per_class=64, ft_steps=60,
+                ft_skip=10, ft_save_every=20, measure_s=180, finetune_s=120,
                 total_s=480),
     # On the CPU the limits only stop a hung run: a shared CPU can be slow.
     'cpu': dict(arch='R14x0.5', resolution=32, batch=4, steps=1, warmup=1,
-                ft_arch='R14x0.5', ft_classes=2, ft_train=4, ft_val=2,
-                ft_side=40, ft_resize=36, ft_crop=32, ft_batch=4,
-                ft_steps=2, splits=(2,), measure_s=600, finetune_s=900,
+                splits=(2,), ft_classes=2, ft_per_class=4, ft_steps=12,
+                ft_skip=4, ft_save_every=4, measure_s=600, finetune_s=600,
                 total_s=1500),
 }
 
@@ -141,15 +142,6 @@ def main(argv=None):
   report['bf16_peak_tflops'] = None if args.cpu else peak
   save()
 
-  # Fine-tuning: the backends side by side (their figures are results, not
-  # times), each through its trainer's command line on one generated image
-  # folder; on a GPU after the throughput, on the CPU (where this is a check
-  # of the script only) during it, to take less time.
-  tuners = [b for b in backends if not missing[b]
-            and not _missing(TRAINER_NEEDS[b])]
-  if args.cpu:
-    finetune = _finetune_start(tuners, size, args.cpu)
-
   # Throughput, one contender at a time, each in its own process.
   env = {'CUDA_VISIBLE_DEVICES': '', 'JAX_PLATFORMS': 'cpu'} if args.cpu else {}
   contenders = [('timm', 'timm', {'channels_last': True})]
@@ -191,16 +183,36 @@ def main(argv=None):
     print(f'  {b}: {json.dumps(memory[b])}', flush=True)
     save()
 
-  if not args.cpu:
-    finetune = _finetune_start(tuners, size, args.cpu)
-  report['finetune'] = _finetune_wait(finetune, left(size['finetune_s']))
-  for b in backends:
-    if missing[b]:
-      report['finetune'][b] = {
-          'skipped': 'not installed: ' + ', '.join(missing[b])}
-    elif _missing(TRAINER_NEEDS[b]):
-      report['finetune'][b] = {'skipped': 'trainer needs: ' + ', '.join(
-          _missing(TRAINER_NEEDS[b]))}
+  # Fine-tuning end to end, one backend at a time, at the settings of the
+  # throughput above: `ratio` is its images/s over the pure step's.
+  tuning = report['finetune'] = {}
+  work = tempfile.mkdtemp(prefix='bit_gpu_check_')
+  try:
+    folder = end_to_end.make_folder(
+        os.path.join(work, 'images'), size['ft_classes'],
+        size['ft_per_class'], end_to_end.image_size(size['resolution']))
+    weights = end_to_end.make_weights(os.path.join(work, 'model.npz'),
+                                      size['arch'], size['ft_classes'])
+    for b in backends:
+      needs = missing[b] or _missing(TRAINER_NEEDS[b])
+      if needs:
+        tuning[b] = {'skipped': 'not installed: ' + ', '.join(needs)}
+        continue
+      print(f'fine-tuning {b} end to end ...', flush=True)
+      run = end_to_end.measure_end_to_end(
+          b, size['arch'], size['resolution'], size['batch'], 'bf16',
+          size['ft_steps'], folder, work, save_every=size['ft_save_every'],
+          skip=size['ft_skip'], weights=weights, env=env,
+          timeout=left(size['finetune_s']))
+      run.pop('run_dir', None)  # removed below
+      if 'e2e_img_s' in run and results[b].get('train_img_s'):
+        run['ratio'] = run['e2e_img_s'] / results[b]['train_img_s']
+      tuning[b] = run
+      print(f'  {b}: ' + json.dumps({k: run.get(k) for k in (
+          'e2e_img_s', 'ratio', 'top1', 'error')}), flush=True)
+      save()
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
   save()
   print(f'wrote {args.out} in {report["wall_s"]:.0f} s', flush=True)
   return report
@@ -296,96 +308,6 @@ def _add_ratios(res, peer, flops, peak_tflops):
     if per_image and peak_tflops:
       res[f'{k}_mfu'] = round(res[f'{k}_img_s'] * per_image
                               / (peak_tflops * 1e12), 4)
-
-
-def _write_folder(root, classes, train, val, side, seed=0):
-  """root/{train,val}/<class>/*.png; each class has its own colour, with
-  noise, so that a few steps can learn it."""
-  import numpy as np
-  from PIL import Image
-  rng = np.random.default_rng(seed)
-  colours = rng.integers(0, 256, (classes, 3))
-  for split, n in (('train', train), ('val', val)):
-    for c in range(classes):
-      d = os.path.join(root, split, f'class{c}')
-      os.makedirs(d, exist_ok=True)
-      for i in range(n):
-        noise = rng.integers(-60, 61, (side, side, 3))
-        img = np.clip(colours[c] + noise, 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(os.path.join(d, f'{i:03d}.png'))
-
-
-def _finetune_start(backends, size, cpu):
-  """Starts `python -m bit_<backend>.train` for every backend, side by side,
-  on a generated checkpoint and image folder; returns what _finetune_wait
-  needs."""
-  work = tempfile.mkdtemp(prefix='bit_gpu_check_')
-  npz = os.path.join(work, 'model.npz')
-  end_to_end.make_weights(npz, size['ft_arch'], size['ft_classes'])
-  folder = os.path.join(work, 'images')
-  _write_folder(folder, size['ft_classes'], size['ft_train'], size['ft_val'],
-                size['ft_side'])
-  logdir = os.path.join(work, 'runs')
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
-             # Side by side on one GPU: each takes only what it needs.
-             XLA_PYTHON_CLIENT_PREALLOCATE='false',
-             TF_FORCE_GPU_ALLOW_GROWTH='true')
-  if cpu:
-    env.update(CUDA_VISIBLE_DEVICES='', JAX_PLATFORMS='cpu')
-  procs = {}
-  for b in backends:
-    cmd = [sys.executable, '-m', f'bit_{b}.train', '--name', b,
-           '--logdir', logdir, '--model', npz, '--dataset', 'imagefolder',
-           '--datadir', folder, '--total_steps', str(size['ft_steps']),
-           '--batch', str(size['ft_batch']),
-           '--resize_size', str(size['ft_resize']),
-           '--crop_size', str(size['ft_crop']), '--precision', 'bf16',
-           '--seed', '0', '--workers', '2']
-    log = open(os.path.join(work, f'{b}.log'), 'w')
-    procs[b] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT), log, time.time())
-  return work, logdir, procs
-
-
-def _finetune_wait(started, timeout):
-  """{backend: {results, first_loss, last_loss, wall_s} or error}, waiting
-  at most `timeout` seconds for all of them."""
-  work, logdir, procs = started
-  out = {}
-  deadline = time.time() + timeout
-  for b, (proc, log, t0) in procs.items():
-    try:
-      proc.wait(timeout=max(1.0, deadline - time.time()))
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
-    log.close()
-    out[b] = _finetune_result(os.path.join(logdir, b), proc.returncode,
-                              os.path.join(work, f'{b}.log'), t0)
-  shutil.rmtree(work, ignore_errors=True)
-  return out
-
-
-def _finetune_result(run_dir, returncode, log_path, t0):
-  """What a trainer's run left: its results, its first and last training
-  loss, and its wall time (start to results.json, which it writes last)."""
-  results = os.path.join(run_dir, 'results.json')
-  if returncode or not os.path.exists(results):
-    with open(log_path) as f:
-      tail = f.read().strip().splitlines()[-3:]
-    why = 'killed at its time limit' if returncode == -9 else (
-        f'exit status {returncode}')
-    return {'error': why, 'log_tail': tail}
-  with open(results) as f:
-    out = {'results': json.load(f),
-           'wall_s': round(os.path.getmtime(results) - t0, 1)}
-  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-    losses = [m['loss'] for m in map(json.loads, f)
-              if m.get('split') == 'train']
-  if losses:
-    out.update(first_loss=losses[0], last_loss=losses[-1],
-               train_logs=len(losses))
-  return out
 
 
 if __name__ == '__main__':

@@ -6,7 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+import gpu_check  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def test_cpu_mode_writes_every_figure(tmp_path):
@@ -26,18 +31,28 @@ def test_cpu_mode_writes_every_figure(tmp_path):
     assert res.get('train_img_s', 0) > 0, (name, res)
     assert res['eval_img_s'] > 0 and res['train_mem_bytes'] > 0, (name, res)
     assert res['train_x_timm'] > 0, (name, res)
+  size = gpu_check.SIZES['cpu']
+  steps, every, crop = size['ft_steps'], size['ft_save_every'], size[
+      'resolution']
   for name in ('pytorch', 'jax', 'tf2'):
     memory = report['train_mem_bytes_by_batch_split'][name]
     assert set(memory) == {'1', '2'} and memory['2'] > 0, (name, memory)
+    # The fine-tuning ran end to end, at the throughput's settings, to a
+    # result: timed from after its untimed first steps to its end, with
+    # mixup, checkpoints during the run and the HyperRule's resize.
     run = report['finetune'][name]
-    assert 'results' in run, (name, run)
-    assert 0 <= run['results']['top1'] <= 1 and run['results']['n'] > 0
-    assert run['last_loss'] > 0
+    assert 'error' not in run, (name, run)
+    assert 0 <= run['top1'] <= 1 and run['last_loss'] > 0
+    assert run['ratio'] == pytest.approx(
+        run['e2e_img_s'] / report['throughput'][name]['train_img_s'])
+    assert run['timed_steps'] == [size['ft_skip'] + 1, steps]
+    assert run['checkpoint_steps_kept'] == [steps - every, steps]
+    assert run['checkpoints_timed'] >= 1 and run['mixup'] > 0
+    resize, crop_size = run['resolution']
+    assert crop_size == crop < resize and min(run['image_size']) > crop
 
 
 def test_missing_modules_and_gpu_peaks_are_found():
-  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
-  import gpu_check
   assert gpu_check._missing(('json', 'no_such_module_here')) == [
       'no_such_module_here']
   assert gpu_check._peak_tflops({'name': 'NVIDIA H100 PCIe'}) == 756.0

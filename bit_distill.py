@@ -203,16 +203,12 @@ def load_recipe(args):
   return load_dataclass(Recipe, args.recipe, overrides, args.datadir)
 
 
-def refuse_unsupported(recipe, backend):
-  """The recipe's features that only PyTorch has (BadInput elsewhere)."""
+def inception_scale(recipe):
+  """The Inception crop's range of area shares (the tf.data pipeline's
+  `crop_scale`), or None when the recipe's augmentation is crop_flip."""
   if recipe.augment == 'inception_crop':
-    raise BadInput(f'augment: inception_crop is implemented in the PyTorch '
-                   f'backend only; run bit_pytorch.distill, or use '
-                   f'--set augment=crop_flip with {backend}.')
-  if recipe.teacher_size != recipe.crop_size:
-    raise BadInput(f'teacher_crop_size (the teacher at another resolution) '
-                   f'is implemented in the PyTorch backend only; run '
-                   f'bit_pytorch.distill with this recipe.')
+    return tuple(recipe.crop_scale)
+  return None
 
 
 def check_teacher(teacher_head, classes, teacher):

@@ -12,7 +12,7 @@ API (stable; both backends rely on it):
       (a dict for config.json).
 
   train_batches(data, stream, resize, crop, start_step=0, process_index=0,
-                process_count=1)
+                process_count=1, crop_scale=None)
       An endless `tf.data.Dataset`; its k-th element is the batch of training
       step `start_step + k` of the shared data stream `stream`
       (bit_data.Stream): {'image': float32 [b, crop, crop, 3] in [-1, 1],
@@ -20,7 +20,12 @@ API (stable; both backends rely on it):
       b = batch / process_count (this process's share of the global batch).
       The examples, crops, flips and mixup are the stream's, so they are
       those of the PyTorch backend, whatever the number of processes, and
-      the same whether the run started at 0 or resumed at k.
+      the same whether the run started at 0 or resumed at k. With
+      `crop_scale` (min, max), the crop is the Inception crop instead
+      (distillation's): the box of bit_data.inception_crop(seed, height,
+      width, crop_scale) of each example's seed, resized to (crop, crop),
+      flipped when the seed's 40th uniform is under 0.5; `resize` is not
+      used.
 
   eval_batches(data, batch, crop, process_index=0, process_count=1)
       A finite `tf.data.Dataset` that covers this process's share of the
@@ -30,9 +35,10 @@ API (stable; both backends rely on it):
 
 Pre-processing is the HyperRule's: train images are resized to (resize,
 resize), cropped to (crop, crop) and flipped left-right where the stream
-says; evaluation images are resized to (crop, crop); an image already of
-the size is not resampled. Mixup mixes each example with its partner in
-the stream, with the stream's lambda (one per batch).
+says (or Inception-cropped, above); evaluation images are resized to (crop,
+crop); an image already of the size is not resampled. Mixup mixes each
+example with its partner in the stream, with the stream's lambda (one per
+batch).
 
 The original repository's functions are here too, with their arguments:
 `get_dataset_info(dataset, split, examples_per_class)` and `get_data(dataset,
@@ -295,20 +301,38 @@ def _resize(image, size):
       [size, size, 3])
 
 
-def _augment(image, resize, crop, top, left, flip):
-  """Resize, crop at (top, left), flip when `flip`: as the stream says."""
-  image = _resize(image, resize)
-  image = tf.image.crop_to_bounding_box(image, tf.cast(top, tf.int32),
-                                        tf.cast(left, tf.int32), crop, crop)
+def _inception_crop(image, seed, crop, scale):
+  """The box of bit_data.inception_crop(seed, height, width, scale),
+  resized to (crop, crop)."""
+  shape = tf.shape(image)
+  box = tf.numpy_function(
+      lambda s, h, w: np.array(bit_data.inception_crop(
+          int(s), int(h), int(w), scale), np.int32),
+      [seed, shape[0], shape[1]], tf.int32, stateful=False)
+  box = tf.ensure_shape(box, [4])
+  return _resize(tf.image.crop_to_bounding_box(image, *tf.unstack(box)),
+                 crop)
+
+
+def _augment(image, resize, crop, top, left, flip, seed, scale):
+  """Resize, crop at (top, left) (or the Inception crop of `seed` when
+  `scale`), flip when `flip`: as the stream says."""
+  if scale:
+    image = _inception_crop(image, seed, crop, scale)
+  else:
+    image = tf.image.crop_to_bounding_box(
+        _resize(image, resize), tf.cast(top, tf.int32),
+        tf.cast(left, tf.int32), crop, crop)
   image = tf.cond(flip, lambda: tf.image.flip_left_right(image),
                   lambda: image)
   return _to_unit_range(tf.ensure_shape(image, [crop, crop, 3]))
 
 
 def train_batches(data, stream, resize, crop, start_step=0, process_index=0,
-                  process_count=1):
+                  process_count=1, crop_scale=None):
   """Endless training batches of the data stream from step `start_step` on
   (see the module doc)."""
+  scale = tuple(crop_scale) if crop_scale else None
   if stream.batch % process_count:
     raise bit_common.BadInput(f'--batch {stream.batch} is not divisible by '
                               f'the {process_count} processes.')
@@ -318,13 +342,19 @@ def train_batches(data, stream, resize, crop, start_step=0, process_index=0,
   src = data.train
 
   def plan(step):
-    """This process's rows of `step`: example, crop, flip and mixup lambda."""
+    """This process's rows of `step`: example, crop, flip, augmentation
+    seed and mixup lambda."""
     seeds = stream.aug_seeds(step)[rows]
-    top, left, flip = bit_data.crop_flip(seeds, resize, crop)
+    if scale:  # the box needs the image's size: see _inception_crop
+      top = left = np.zeros(len(rows), np.int64)
+      flip = bit_data.uniforms(seeds, 40) < 0.5
+    else:
+      top, left, flip = bit_data.crop_flip(seeds, resize, crop)
     lam = np.full(len(rows), stream.lam(step), np.float32)
-    return stream.indices(step)[rows], top, left, flip, lam
+    return (stream.indices(step)[rows], top, left, flip,
+            seeds.astype(np.int64), lam)
 
-  plan_types = (tf.int64, tf.int64, tf.int64, tf.bool, tf.float32)
+  plan_types = (tf.int64, tf.int64, tf.int64, tf.bool, tf.int64, tf.float32)
   if src.random_access:
     load = src.loader()
 
@@ -339,8 +369,8 @@ def train_batches(data, stream, resize, crop, start_step=0, process_index=0,
   else:
     examples = _streamed(src, stream, rows, start_step, plan, plan_types)
 
-  def preprocess(image, label, top, left, flip, lam):
-    return (_augment(image, resize, crop, top, left, flip),
+  def preprocess(image, label, top, left, flip, seed, lam):
+    return (_augment(image, resize, crop, top, left, flip, seed, scale),
             tf.one_hot(label, data.num_classes, dtype=tf.float32), lam)
 
   ds = examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)

@@ -6,12 +6,12 @@ recipe and the flags):
 
 One compiled step, data-parallel over every device as fine-tuning's
 (bit_jax.train): the teacher's logits of the step's images (after crop,
-flip and mixup, from the shared data stream through the tf.data pipeline)
-are computed inside it without gradients (stop_gradient), and the student
-is trained on the same images. Only the student's parameters and optimiser
-state are checkpointed and exported. HyperRule crop + flip only
-(augment: crop_flip); the Inception crop and a teacher at another
-resolution are PyTorch's for now.
+flip and mixup, from the shared data stream through the tf.data pipeline,
+at the teacher's resolution) are computed inside it without gradients
+(stop_gradient), and the student is trained on the same images, resized
+to its own resolution when the teacher's differs (bilinear, antialiased).
+Only the student's parameters and optimiser state are checkpointed and
+exported.
 """
 import os
 
@@ -48,15 +48,28 @@ def optimizer(recipe):
       bit_distill.ADAM_B1, bit_distill.ADAM_B2, bit_distill.ADAM_EPS))
 
 
+def student_view(images, size):
+  """The teacher's view `images` (NHWC) at the student's resolution `size`
+  (bilinear, antialiased, as PyTorch's F.interpolate(..., antialias=True));
+  as is when already of that size."""
+  n, h, w, c = images.shape
+  if (h, w) == (size, size):
+    return images
+  return jax.image.resize(images, (n, size, size, c), 'bilinear',
+                          antialias=True)
+
+
 def make_steps(student, teacher, recipe, tx, mesh, batch_split):
   """(train_step, eval_step), jitted over `mesh` (batch sharded on
-  'data', parameters replicated)."""
+  'data', parameters replicated); both take images at the teacher's
+  resolution."""
   replicated = NamedSharding(mesh, P())
   sharded = NamedSharding(mesh, P('data'))
   t = recipe.temperature
 
   def loss_fn(params, teacher_params, images, labels):
-    logits = student.apply({'params': params}, images).astype(jnp.float32)
+    logits = student.apply({'params': params}, student_view(
+        images, recipe.crop_size)).astype(jnp.float32)
     if recipe.targets == 'labels':
       return optax.softmax_cross_entropy(logits, labels).mean()
     target = jax.lax.stop_gradient(teacher.apply(
@@ -78,7 +91,8 @@ def make_steps(student, teacher, recipe, tx, mesh, batch_split):
 
   def eval_step(params, teacher_params, images, labels, mask):
     """bit_distill.eval_sums over the real rows."""
-    s = student.apply({'params': params}, images).astype(jnp.float32)
+    s = student.apply({'params': params}, student_view(
+        images, recipe.crop_size)).astype(jnp.float32)
     te = teacher.apply({'params': teacher_params}, images).astype(
         jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(s, labels)
@@ -123,7 +137,6 @@ def build_nets(args, recipe, classes, dtype):
 def main(args):
   """Distils as the recipe says; returns the final evaluation."""
   recipe = bit_distill.load_recipe(args)
-  bit_distill.refuse_unsupported(recipe, 'bit_jax.distill')
   devices = jax.devices()
   bit_distill.check_args(args, recipe, len(devices))
   import tensorflow as tf  # the pipeline's; accelerators are JAX's
@@ -173,7 +186,8 @@ def main(args):
   def evaluate():
     sums = []
     for batch in input_pipeline.named_errors(input_pipeline.eval_batches(
-        data, eval_batch, recipe.crop_size, pid, nproc).as_numpy_iterator()):
+        data, eval_batch, recipe.teacher_size, pid,
+        nproc).as_numpy_iterator()):
       b = to_global(batch)
       sums.append(eval_step(ckpt.state['params'], teacher_params, b['image'],
                             b['label'], b['mask']))
@@ -182,9 +196,10 @@ def main(args):
 
   stream = bit_data.Stream(data.train_size, recipe.batch, args.seed,
                            recipe.mixup_alpha)
-  batches = input_pipeline.named_errors(input_pipeline.train_batches(
-      data, stream, recipe.resize_size, recipe.crop_size, step, pid,
-      nproc).as_numpy_iterator())
+  train_data = input_pipeline.train_batches(
+      data, stream, recipe.resize_size, recipe.teacher_size, step, pid,
+      nproc, crop_scale=bit_distill.inception_scale(recipe))
+  batches = input_pipeline.named_errors(train_data.as_numpy_iterator())
 
   def train(step, lr):
     del lr  # the step takes the schedule's factor

@@ -7,12 +7,12 @@ method, the recipe and the flags):
 The strategy is fine-tuning's (bit_tf2.train.make_strategy). In a step,
 each replica runs the teacher (training=False, outside the gradient tape)
 and the student on the same images (after crop, flip and mixup, from the
-shared data stream through the tf.data pipeline); the replicas' gradients
-are summed, then clipped and applied by bit_distill's optimiser (Adam's
-moments are variables of the checkpoint). Only the student is trained,
-checkpointed and exported. HyperRule crop + flip only (augment:
-crop_flip); the Inception crop and a teacher at another resolution are
-PyTorch's for now.
+shared data stream through the tf.data pipeline, at the teacher's
+resolution; the student's resized to its own when the teacher's differs,
+bilinear and antialiased); the replicas' gradients are summed, then
+clipped and applied by bit_distill's optimiser (Adam's moments are
+variables of the checkpoint). Only the student is trained, checkpointed
+and exported.
 """
 import os
 
@@ -75,8 +75,18 @@ class Adam(tf.Module):
       var.assign_sub(factor * update)
 
 
+def student_view(images, size):
+  """The teacher's view `images` (NHWC) at the student's resolution `size`
+  (bilinear, antialiased, as PyTorch's F.interpolate(..., antialias=True));
+  as is when already of that size."""
+  if tuple(images.shape[1:3]) == (size, size):
+    return images
+  return tf.image.resize(images, (size, size), 'bilinear', antialias=True)
+
+
 def make_steps(strategy, student, teacher, adam, recipe, batch_split):
-  """(train_step, eval_step), tf.functions over `strategy`."""
+  """(train_step, eval_step), tf.functions over `strategy`; both take
+  images at the teacher's resolution."""
   variables = student.trainable_variables
   batch = recipe.batch
   micro = batch // strategy.num_replicas_in_sync // batch_split
@@ -86,7 +96,8 @@ def make_steps(strategy, student, teacher, adam, recipe, batch_split):
     if recipe.targets == 'teacher':
       target = tf.stop_gradient(teacher(images, training=False))
     with tf.GradientTape() as tape:
-      logits = student(images, training=True)
+      logits = student(student_view(images, recipe.crop_size),
+                       training=True)
       if recipe.targets == 'labels':
         per_row = tf.nn.softmax_cross_entropy_with_logits(labels, logits)
       else:
@@ -109,7 +120,8 @@ def make_steps(strategy, student, teacher, adam, recipe, batch_split):
     return total(loss)
 
   def replica_eval(images, labels, mask):
-    s = tf.cast(student(images, training=False), tf.float32)
+    s = tf.cast(student(student_view(images, recipe.crop_size),
+                        training=False), tf.float32)
     te = tf.cast(teacher(images, training=False), tf.float32)
     labels = tf.cast(labels, tf.int64)
     loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, s)
@@ -159,7 +171,6 @@ def build_nets(args, recipe, classes, dtype):
 def main(args):
   """Distils as the recipe says; returns the final evaluation."""
   recipe = bit_distill.load_recipe(args)
-  bit_distill.refuse_unsupported(recipe, 'bit_tf2.distill')
   deterministic = engine.deterministic()  # the same command, the same result
   strategy = engine.make_strategy()
   replicas = strategy.num_replicas_in_sync
@@ -205,7 +216,7 @@ def main(args):
   eval_batch = -(-eval_batch // replicas) * replicas
   eval_data = engine.distribute(
       strategy, lambda pid, nproc: input_pipeline.eval_batches(
-          data, eval_batch, recipe.crop_size, pid, nproc))
+          data, eval_batch, recipe.teacher_size, pid, nproc))
 
   def evaluate():
     sums = [eval_step(b) for b in input_pipeline.named_errors(
@@ -216,8 +227,8 @@ def main(args):
                            recipe.mixup_alpha)
   batches = input_pipeline.named_errors(iter(engine.distribute(
       strategy, lambda pid, nproc: input_pipeline.train_batches(
-          data, stream, recipe.resize_size, recipe.crop_size, step, pid,
-          nproc))))
+          data, stream, recipe.resize_size, recipe.teacher_size, step, pid,
+          nproc, crop_scale=bit_distill.inception_scale(recipe)))))
 
   def train(step, lr):
     del lr  # the step takes the schedule's factor

@@ -168,10 +168,16 @@ def distill_batches(micro_batches, teacher, size, autocast):
   for x, _, _, _ in micro_batches:
     with torch.no_grad(), autocast:
       target = teacher(x).float()
-    if x.shape[-1] != size:  # the same view at the student's resolution
-      x = F.interpolate(x, size=(size, size), mode='bilinear',
-                        antialias=True, align_corners=False)
-    yield x, target, target, 1.0
+    yield student_view(x, size), target, target, 1.0
+
+
+def student_view(x, size):
+  """Images `x` (N, C, H, W) at the teacher's resolution, at the student's
+  `size` px: resized (bilinear, antialiased) where the two differ."""
+  if x.shape[-1] == size:
+    return x
+  return F.interpolate(x, size=(size, size), mode='bilinear', antialias=True,
+                       align_corners=False)
 
 
 @torch.no_grad()
@@ -187,10 +193,7 @@ def evaluate(student, teacher, loader, device, autocast, temperature,
     y = y.to(device, non_blocking=True)
     with autocast:
       t = teacher(x).float()
-      if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode='bilinear',
-                          antialias=True, align_corners=False)
-      s = student(x).float()
+      s = student(student_view(x, size)).float()
     top = s.topk(min(5, s.shape[1]), dim=1).indices == y[:, None]
     n = torch.tensor(len(y), device=device).double()
     sums += torch.stack([
@@ -267,6 +270,8 @@ def _distill(args, recipe, rank, world, device):
     micro = engine.mixed(itertools.islice(batches, args.batch_split),
                         sampler.layout, stream.lam(step), device)
     if recipe.targets == 'labels':  # the baseline: no teacher
+      micro = ((student_view(x, recipe.crop_size), *rest)
+               for x, *rest in micro)
       return engine.train_step(model, opt, scaler, micro, args.batch_split,
                               autocast, F.cross_entropy)
     return engine.train_step(

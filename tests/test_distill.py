@@ -710,3 +710,25 @@ def test_cli_exits_2_on_a_teacher_with_other_classes(setup, bad_teachers):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert 'has 10 outputs but the dataset has 3' in (
       proc.stderr.strip().splitlines()[-1])
+
+
+def test_the_labels_baseline_trains_the_student_at_its_size(setup,
+                                                            monkeypatch):
+  """targets: labels (no teacher) with the teacher's view at 16 px: the
+  student is trained on it at its own 8 px, as it is evaluated."""
+  from bit_pytorch import distill as torch_distill
+  from bit_pytorch import engine as torch_engine
+  train_step, sizes = torch_engine.train_step, []
+
+  def recording(model, opt, scaler, micro_batches, *rest):
+    def seen():
+      for x, *others in micro_batches:
+        sizes.append(tuple(x.shape[-2:]))
+        yield (x, *others)
+    return train_step(model, opt, scaler, seen(), *rest)
+  monkeypatch.setattr(torch_engine, 'train_step', recording)
+  assert torch_distill.engine is torch_engine
+  result = distill(setup, 'pytorch', 'labels_two_sizes',
+                   **dict(TWO_SIZES, steps=2, eval_every=2,
+                          targets='labels'))
+  assert sizes == [(8, 8)] * 2 and result['n'] == 12

@@ -400,6 +400,11 @@ def _streamed(src, stream, rows, start_step, plan, plan_types):
   first_epoch = start // src.n
 
   def epoch(e):
+    # The order must not depend on TF's global seed, which bit_tf2 sets from
+    # --seed and JAX leaves unset (and with which, when it is 0, TF cannot
+    # take a tensor as the shuffle's seed): no graph-level seed in this
+    # traced function, so the shuffle's seeds are TF's default and `seed`.
+    tf.compat.v1.get_default_graph().seed = None
     return src.records.shuffle(SHUFFLE_BUFFER,
                                seed=stream.seed * 1_000_003 + e,
                                reshuffle_each_iteration=False)

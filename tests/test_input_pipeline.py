@@ -222,5 +222,17 @@ def test_tfds_path_on_a_local_builder(tmp_path, monkeypatch):
   np.testing.assert_array_equal(np.bincount(np.concatenate(labels)), [15, 15])
   resumed = _first(_batches(data, 10, 24, 16, seed=0, start_step=2))
   np.testing.assert_array_equal(resumed['label'].argmax(1), labels[2])
+  # TF's global seed (bit_tf2.train sets it from --seed, 0 by default; JAX
+  # leaves it unset) changes nothing, and 0 does not break the stream.
+  import tensorflow as tf
+  try:
+    for global_seed in (0, 5):
+      tf.random.set_seed(global_seed)
+      again = [b['label'].argmax(1) for b in
+               _batches(data, 10, 24, 16, seed=0).take(3)
+               .as_numpy_iterator()]
+      np.testing.assert_array_equal(again, labels, err_msg=global_seed)
+  finally:
+    tf.random.set_seed(None)
   evals = list(ip.eval_batches(data, 4, 16).as_numpy_iterator())
   assert sum(int(b['mask'].sum()) for b in evals) == 7

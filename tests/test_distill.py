@@ -732,3 +732,24 @@ def test_the_labels_baseline_trains_the_student_at_its_size(setup,
                    **dict(TWO_SIZES, steps=2, eval_every=2,
                           targets='labels'))
   assert sizes == [(8, 8)] * 2 and result['n'] == 12
+
+
+@pytest.mark.parametrize('backend', ['pytorch', 'jax', 'tf2'])
+def test_batch_split_equals_one_batch(setup, from_weights, student_npz,
+                                      backend):
+  """--batch_split 2 (the recipes' way to keep the global batch on fewer
+  accelerators): micro-batches of 4, each with its mixup partners and the
+  teacher's logits of its own images, give `from_weights`' update."""
+  result = distill(setup, backend, 'split', ('--batch_split', '2'), steps=4,
+                   eval_every=4, student=student_npz)
+  losses = [np.array([r['loss'] for r in metrics(setup, backend, name)
+                      if r['split'] == 'train'])
+            for name in ('split', 'from_weights')]
+  assert len(losses[0]) == 4
+  np.testing.assert_allclose(*losses, rtol=2e-4)
+  for key in ('agreement', 'teacher_top1', 'top1', 'n'):
+    assert result[key] == from_weights[backend][key], key
+  a, b = (exported(setup, backend, x) for x in ('split', 'from_weights'))
+  diffs = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a])
+  assert np.median(diffs) < 1e-5 and np.quantile(diffs, 0.99) < 1e-3, (
+      np.quantile(diffs, [0.5, 0.99, 1]))

@@ -114,16 +114,21 @@ LONGEST_FIRST = (
     'test_end_to_end_benchmark.py', 'test_jax_models.py', 'test_demo.py')
 
 
+def backend_param(item):
+  """The test's `backend` parameter, or None."""
+  callspec = getattr(item, 'callspec', None)
+  return callspec.params.get('backend') if callspec else None
+
+
 def xdist_group_of(item):
   """The xdist group of a test: its file, with its backend in BY_BACKEND's
   files (a `backend` parameter, else a backend its name holds)."""
   name = item.path.name
   if name not in BY_BACKEND:
     return name
-  callspec = getattr(item, 'callspec', None)
-  backend = callspec.params.get('backend') if callspec else None
-  backend = backend or next((b for b in ('pytorch', 'tf2', 'jax', 'torchrun')
-                             if b in item.originalname), None)
+  backend = backend_param(item) or next(
+      (b for b in ('pytorch', 'tf2', 'jax', 'torchrun')
+       if b in item.originalname), None)
   return f'{name}:{backend}' if backend else name
 
 

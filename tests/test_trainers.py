@@ -20,7 +20,8 @@ import pytest
 
 import bit_common
 import bit_zoo
-from conftest import REPO, synthetic_weights, write_imagefolder
+from conftest import (REPO, backend_param, synthetic_weights,
+                      write_imagefolder)
 
 BACKENDS = ('pytorch', 'tf2', 'jax')
 STEPS = 12
@@ -127,8 +128,7 @@ def references(setup):
 def reference(request, references):
   """`references` with the run of the test's backend done (of all three for
   a test without one), so that its files are there to compare."""
-  callspec = getattr(request.node, 'callspec', None)
-  backend = callspec.params.get('backend') if callspec else None
+  backend = backend_param(request.node)
   for b in [backend] if backend else BACKENDS:
     references[b]  # pylint: disable=pointless-statement
   return references

@@ -7,10 +7,12 @@ export TF_ENABLE_ONEDNN_OPTS ?= 0
 .PHONY: demo test install pretrain
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# The package, editable, with every backend and the test tools, at the
+# tested versions of constraints.txt.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -c constraints.txt -e '.[all,test]'
 	touch $@
 
 test: install
@@ -19,7 +21,7 @@ test: install
 demo: install
 	$(PY) -m demo.run
 
-# Re-creates the bundled upstream model (bit_models/) from scratch: installs
+# Re-creates the bundled upstream model (big_transfer/assets/) from scratch: installs
 # Fashion-MNIST (Debian) where missing, then trains with the small recipe
 # (about 8 min on 2 busy CPU cores); the .npz lands in runs/pretrain/NAME/model.npz.
 PRETRAIN_NAME ?= BiT-R14x0.5-FashionMNIST
@@ -27,5 +29,5 @@ pretrain: install
 	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || \
 	  (apt-get update && apt-get install -y dataset-fashion-mnist)
 	$(PY) -m bit_pytorch.pretrain \
-	  --recipe recipes/bit_small_fashion_mnist.yaml --name $(PRETRAIN_NAME) \
+	  --recipe bit_small_fashion_mnist --name $(PRETRAIN_NAME) \
 	  --logdir runs/pretrain --workers 1

@@ -1,60 +1,15 @@
 """The command line every trainer shares, its checks, and the run's logger,
-as in the original repository; plus `BadInput`, the error that ends a command
-with one line and exit status 2.
-
-The rest of the shared layer lives in modules of its own (each name is also
-reachable here, as before the split):
-
-  bit_zoo        registered models and their weight files
-  bit_data       framework-neutral data: the data stream, the few-shot
-                 sampler, image folders, offline array datasets
-  bit_run        the run harness every trainer drives (the training loop,
-                 outputs, checkpoint cadence, signals)
-  bit_predict    prediction, all but the forward pass
-  bit_hyperrule  the BiT-HyperRule
+as in the original repository (`argparser`, `setup_logger`). The rest of the
+shared layer is the `big_transfer` package.
 """
 import argparse
-import importlib
 import logging
 import os
 import sys
 import tempfile
 
-# --------------------------------------------------------------------------
-# Errors: bad input ends a command with one line and exit status 2.
-
-
-class BadInput(Exception):
-  """Something the user gave is wrong; the message says what to do."""
-
-
-class RunFailed(Exception):
-  """A run could not go on (a write failed, the loss diverged); the message
-  says what happened and what is left."""
-
-
-class Diverged(RunFailed):
-  """The training loss is not a number; the message names the step and the
-  newest good checkpoint."""
-
-
-def run_cli(main, *args, **kwargs):
-  """Runs `main`; a BadInput becomes one line on stderr and exit status 2, a
-  failed run (RunFailed) one line and exit status 3."""
-  try:
-    return main(*args, **kwargs)
-  except BadInput as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  except RunFailed as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(3)
-
-
-# The modules below import BadInput from here, so they come after it.
-import bit_data  # noqa: E402  pylint: disable=wrong-import-position
-import bit_zoo  # noqa: E402  pylint: disable=wrong-import-position
-
+from big_transfer import datasets, zoo
+from big_transfer.errors import BadInput
 
 
 # --------------------------------------------------------------------------
@@ -64,7 +19,7 @@ import bit_zoo  # noqa: E402  pylint: disable=wrong-import-position
 
 def argparser(known_models=None):
   """The CLI every `bit_*.train` shares (the original flags, then ours)."""
-  known_models = list(known_models or bit_zoo.MODELS)
+  known_models = list(known_models or zoo.MODELS)
   parser = argparse.ArgumentParser(
       description='Fine-tune a BiT model with the BiT-HyperRule.',
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -82,8 +37,8 @@ def argparser(known_models=None):
                       help='Where pre-trained weights are looked for, and '
                       'downloaded to when missing.')
   parser.add_argument('--dataset', default='cifar10',
-                      type=bit_data.dataset_name,
-                      help='One of ' + bit_data.dataset_forms() + '; '
+                      type=datasets.dataset_name,
+                      help='One of ' + datasets.dataset_forms() + '; '
                       'imagefolder reads DATADIR/train/<class>/* and '
                       'DATADIR/val (or test)/<class>/*.')
   parser.add_argument('--datadir', default=None,
@@ -176,7 +131,7 @@ def check_args(args, devices=1):
       args.crop_size > args.resize_size):
     raise BadInput(f'--crop_size {args.crop_size} is larger than '
                    f'--resize_size {args.resize_size}.')
-  bit_zoo.check_model(args.model)
+  zoo.check_model(args.model)
   check_writable(args)
 
 
@@ -245,22 +200,3 @@ def setup_logger(args):
 def run_logger(args, lead=True):
   """The run's logger on the lead process; a silent one elsewhere."""
   return setup_logger(args) if lead else logging.getLogger('bit.quiet')
-
-
-
-
-# --------------------------------------------------------------------------
-# Names that lived here before the split keep working: bit_common.load_npz,
-# bit_common.Metrics, ... are those of the modules above.
-
-_MOVED = ('bit_zoo', 'bit_data', 'bit_run', 'bit_predict')
-_RENAMED = {'TORCH_OR_TFDS_DATASETS': 'NAMED_DATASETS'}
-
-
-def __getattr__(name):
-  name = _RENAMED.get(name, name)
-  for module in _MOVED:
-    module = importlib.import_module(module)
-    if hasattr(module, name):
-      return getattr(module, name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

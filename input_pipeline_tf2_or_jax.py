@@ -4,8 +4,8 @@ API (stable; both backends rely on it):
 
   data = load(args)
       Resolves `--dataset` (TFDS names, `imagefolder`, the offline arrays of
-      `bit_data.ARRAY_DATASETS`), checks it (bad input raises
-      `bit_common.BadInput` before any long work) and draws the few-shot
+      `datasets.ARRAY_DATASETS`), checks it (bad input raises
+      `errors.BadInput` before any long work) and draws the few-shot
       subset. `data` has `train_size` (after few-shot), `eval_size`,
       `num_classes`, `classes` (names, or None), `original_hw` (median
       (height, width) of the training images), `eval_split` and `describe()`
@@ -15,14 +15,14 @@ API (stable; both backends rely on it):
                 process_count=1, crop_scale=None)
       An endless `tf.data.Dataset`; its k-th element is the batch of training
       step `start_step + k` of the shared data stream `stream`
-      (bit_data.Stream): {'image': float32 [b, crop, crop, 3] in [-1, 1],
+      (datastream.Stream): {'image': float32 [b, crop, crop, 3] in [-1, 1],
       'label': float32 [b, num_classes] one-hot (mixed when mixup is on)},
       b = batch / process_count (this process's share of the global batch).
       The examples, crops, flips and mixup are the stream's, so they are
       those of the PyTorch backend, whatever the number of processes, and
       the same whether the run started at 0 or resumed at k. With
       `crop_scale` (min, max), the crop is the Inception crop instead
-      (distillation's): the box of bit_data.inception_crop(seed, height,
+      (distillation's): the box of datastream.inception_crop(seed, height,
       width, crop_scale) of each example's seed, resized to (crop, crop),
       flipped when the seed's 40th uniform is under 0.5; `resize` is not
       used.
@@ -51,10 +51,9 @@ import os
 import numpy as np
 import tensorflow as tf
 
-import bit_common
-import bit_data
+from big_transfer import datasets, datastream, errors
 import bit_hyperrule
-import bit_tfds
+from big_transfer import tfds_reader
 
 # A TFDS training split larger than this is streamed (shuffle buffer) rather
 # than held in memory as encoded images for random access.
@@ -152,20 +151,20 @@ def load(args, logger=None):
   """The dataset of `args`, checked, with its few-shot subset drawn."""
   if args.dataset == 'imagefolder':
     data = _imagefolder(args, logger)
-  elif args.dataset in bit_data.ARRAY_DATASETS:
+  elif args.dataset in datasets.ARRAY_DATASETS:
     data = _arrays(args.dataset)
-  elif bit_tfds.is_tfds(args.dataset):
+  elif tfds_reader.is_tfds(args.dataset):
     data = _tfds_or_vtab(args)
-  elif args.dataset in bit_data.NAMED_DATASETS:
+  elif args.dataset in datasets.NAMED_DATASETS:
     data = _tfds(args, logger)
   else:
-    raise bit_common.BadInput(f'unknown dataset {args.dataset!r}; give one '
-                              f'of {bit_data.dataset_forms()}.')
+    raise errors.BadInput(f'unknown dataset {args.dataset!r}; give one '
+                              f'of {datasets.dataset_forms()}.')
   data.workers = getattr(args, 'workers', None)
   if args.examples_per_class:
     if not data.train.random_access:
       raise AssertionError('few-shot sources are always held in memory')
-    idx = bit_data.fewshot_indices(data.train.labels,
+    idx = datasets.fewshot_indices(data.train.labels,
                                      args.examples_per_class,
                                      args.examples_per_class_seed)
     data.train = data.train.subset(idx)
@@ -173,9 +172,9 @@ def load(args, logger=None):
 
 
 def _tfds_or_vtab(args):
-  """tfds:NAME and vtab:TASK, read through bit_tfds (as PyTorch reads
+  """tfds:NAME and vtab:TASK, read through big_transfer.tfds_reader (as PyTorch reads
   them: the same examples in the same order)."""
-  d = bit_tfds.resolve(args.dataset, args.datadir, args.tfds_manual_dir,
+  d = tfds_reader.resolve(args.dataset, args.datadir, args.tfds_manual_dir,
                        getattr(args, 'train_split', None),
                        getattr(args, 'eval_split', None))
   train, evaluation = (d.read(s) for s in ('train', 'eval'))
@@ -186,7 +185,7 @@ def _tfds_or_vtab(args):
 
 
 def _arrays(name):
-  d = bit_data.load_array_dataset(name)
+  d = datasets.load_array_dataset(name)
   train = Source(len(d.train_labels), np.asarray(d.train_labels, np.int64),
                  images=d.train_images)
   val = Source(len(d.val_labels), np.asarray(d.val_labels, np.int64),
@@ -196,7 +195,7 @@ def _arrays(name):
 
 
 def _imagefolder(args, logger):
-  classes, train, val = bit_data.scan_imagefolder(args.datadir)
+  classes, train, val = datasets.scan_imagefolder(args.datadir)
   train, val = (_readable(s, args, logger) for s in (train, val))
   sources = []
   for split in (train, val):
@@ -206,7 +205,7 @@ def _imagefolder(args, logger):
                           paths=True, use_pil=use_pil))
   eval_split = os.path.basename(os.path.dirname(os.path.dirname(
       val.paths[0])))
-  hw = bit_hyperrule.typical_size(bit_data.image_sizes(train.paths))
+  hw = bit_hyperrule.typical_size(datasets.image_sizes(train.paths))
   return Data('imagefolder', sources[0], sources[1], len(classes), classes,
               hw, eval_split, sources[0].n)
 
@@ -216,8 +215,8 @@ def _readable(split, args, logger):
   tf.data cannot leave a file out once decoding it fails, so with
   --skip_bad_images whole files are checked up front; otherwise headers."""
   skip = getattr(args, 'skip_bad_images', False)
-  keep = bit_data.readable_images(split.paths, skip, logger)
-  return bit_data.FileSplit([split.paths[i] for i in keep],
+  keep = datasets.readable_images(split.paths, skip, logger)
+  return datasets.FileSplit([split.paths[i] for i in keep],
                               split.labels[keep])
 
 
@@ -228,7 +227,7 @@ def _tfds(args, logger):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=args.tfds_manual_dir))
   except (AssertionError, OSError, tfds.core.download.DownloadError) as e:
-    raise bit_common.BadInput(
+    raise errors.BadInput(
         f'TFDS could not prepare {args.dataset} ({str(e).splitlines()[0]}); '
         'check --datadir, or give --tfds_manual_dir for datasets that must be '
         'downloaded by hand.') from e
@@ -302,11 +301,11 @@ def _resize(image, size):
 
 
 def _inception_crop(image, seed, crop, scale):
-  """The box of bit_data.inception_crop(seed, height, width, scale),
+  """The box of datastream.inception_crop(seed, height, width, scale),
   resized to (crop, crop)."""
   shape = tf.shape(image)
   box = tf.numpy_function(
-      lambda s, h, w: np.array(bit_data.inception_crop(
+      lambda s, h, w: np.array(datastream.inception_crop(
           int(s), int(h), int(w), scale), np.int32),
       [seed, shape[0], shape[1]], tf.int32, stateful=False)
   box = tf.ensure_shape(box, [4])
@@ -334,7 +333,7 @@ def train_batches(data, stream, resize, crop, start_step=0, process_index=0,
   (see the module doc)."""
   scale = tuple(crop_scale) if crop_scale else None
   if stream.batch % process_count:
-    raise bit_common.BadInput(f'--batch {stream.batch} is not divisible by '
+    raise errors.BadInput(f'--batch {stream.batch} is not divisible by '
                               f'the {process_count} processes.')
   local = stream.batch // process_count
   rows, partner = stream.rows(process_index * local,
@@ -347,9 +346,9 @@ def train_batches(data, stream, resize, crop, start_step=0, process_index=0,
     seeds = stream.aug_seeds(step)[rows]
     if scale:  # the box needs the image's size: see _inception_crop
       top = left = np.zeros(len(rows), np.int64)
-      flip = bit_data.uniforms(seeds, 40) < 0.5
+      flip = datastream.uniforms(seeds, 40) < 0.5
     else:
-      top, left, flip = bit_data.crop_flip(seeds, resize, crop)
+      top, left, flip = datastream.crop_flip(seeds, resize, crop)
     lam = np.full(len(rows), stream.lam(step), np.float32)
     return (stream.indices(step)[rows], top, left, flip,
             seeds.astype(np.int64), lam)
@@ -427,7 +426,7 @@ def _streamed(src, stream, rows, start_step, plan, plan_types):
 
 def named_errors(batches, files=None):
   """Yields from `batches` (an iterator over this module's datasets); an
-  unreadable image ends the run with one line (bit_common.BadInput) instead
+  unreadable image ends the run with one line (errors.BadInput) instead
   of a TensorFlow traceback. `files(k)` lists the image files the k-th
   element may have read, in the order to check them, so that the line
   names the file."""
@@ -437,10 +436,10 @@ def named_errors(batches, files=None):
       yield batch
       k += 1
   except tf.errors.OpError as e:
-    bad = bit_data.first_unreadable(files(k)) if files else None
+    bad = datasets.first_unreadable(files(k)) if files else None
     if bad:
-      raise bit_data.BadImage.of(*bad) from None
-    raise bit_common.BadInput(
+      raise datasets.BadImage.of(*bad) from None
+    raise errors.BadInput(
         f'cannot read an image ({e.message.strip().splitlines()[-1]}); fix '
         'or remove it, or pass --skip_bad_images.') from None
 
@@ -468,7 +467,7 @@ def eval_files(data):
 def eval_batches(data, batch, crop, process_index=0, process_count=1):
   """Every evaluation example once, in order, padded batches with a mask."""
   if batch % process_count:
-    raise bit_common.BadInput(f'evaluation batch {batch} is not divisible by '
+    raise errors.BadInput(f'evaluation batch {batch} is not divisible by '
                               f'the {process_count} processes.')
   local = batch // process_count
   src = data.eval
@@ -532,7 +531,7 @@ def get_data(dataset, mode, repeats, batch_size, resize_size, crop_size,
                              examples_per_class_seed, tfds_manual_dir,
                              data_dir))
   if mode == 'train':
-    stream = bit_data.Stream(data.train_size, batch_size, seed,
+    stream = datastream.Stream(data.train_size, batch_size, seed,
                              mixup_alpha or 0.0)
     ds = train_batches(data, stream, resize_size, crop_size)
     if repeats is not None:

@@ -11,9 +11,9 @@ import bench_pytorch
 def create(arch):
   import timm
   from timm.models import resnetv2
-  import bit_zoo
-  a = bit_zoo.parse_arch(arch)
-  if a == bit_zoo.parse_arch('R50x1'):
+  from big_transfer import zoo
+  a = zoo.parse_arch(arch)
+  if a == zoo.parse_arch('R50x1'):
     return timm.create_model('resnetv2_50x1_bit', num_classes=1000)
   # The same construction as timm's *_bit models, at other sizes.
   return resnetv2.ResNetV2(

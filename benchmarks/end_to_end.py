@@ -12,7 +12,7 @@ checkpoints every --save_every steps and an evaluation at the end; then it
 times the training step alone (benchmarks/throughput.py, random data, in
 its own process) and prints both rates and their ratio, end to end / step.
 
-What the end-to-end rate counts. The trainers' harness (bit_run.Run.fit)
+What the end-to-end rate counts. The trainers' harness (harness.Run.fit)
 reads the losses back in windows (every 10 steps, and at every checkpoint
 and evaluation) and writes each window's images/s into every metrics.jsonl
 row of the window; a window's time is its rows x batch / images/s. The
@@ -49,8 +49,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [HERE, REPO]
-import bit_hardware  # noqa: E402  pylint: disable=wrong-import-position
-import bit_zoo  # noqa: E402  pylint: disable=wrong-import-position
+from big_transfer import hardware  # noqa: E402  pylint: disable=wrong-import-position
+from big_transfer import zoo  # noqa: E402  pylint: disable=wrong-import-position
 import throughput  # noqa: E402  pylint: disable=wrong-import-position
 
 FRAMEWORKS = ('pytorch', 'jax', 'tf2')
@@ -70,7 +70,7 @@ def image_size(resolution):
 def make_folder(root, classes=10, per_class=32, size=(160, 200), seed=0,
                 val_per_class=None, quality=90):
   """Writes root/train/<class>/*.jpg and root/val/<class>/*.jpg (the layout
-  bit_data.scan_imagefolder reads) and returns root.
+  datasets.scan_imagefolder reads) and returns root.
 
   `classes` folders class_00, class_01, ... with `per_class` training and
   `val_per_class` (default per_class // 4, at least 2) validation JPEG files
@@ -109,7 +109,7 @@ def make_weights(path, arch, head_size=10, seed=0):
   from the file."""
   rng = np.random.default_rng(seed)
   weights = {}
-  for key, shape in bit_zoo.expected_shapes(bit_zoo.parse_arch(arch),
+  for key, shape in zoo.expected_shapes(zoo.parse_arch(arch),
                                             head_size).items():
     if key.endswith('gamma'):
       value = np.ones(shape)
@@ -118,7 +118,7 @@ def make_weights(path, arch, head_size=10, seed=0):
     else:
       value = rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[:-1]))
     weights[key] = value.astype(np.float32)
-  return bit_zoo.save_npz(path, weights)
+  return zoo.save_npz(path, weights)
 
 
 # --------------------------------------------------------------------------
@@ -406,11 +406,11 @@ def main(argv=None):
     parser.error(f'images of {size[0]}x{size[1]} are not larger than the '
                  f'{args.resolution} px crop')
   runs = [(f, p) for f in frameworks for p in args.precisions.split(',') if p]
-  cpu = bit_hardware.cpu_description()
+  cpu = hardware.cpu_description()
   print(f'CPU: {cpu["model"]} ({cpu["machine"]}; '
         f'{" ".join(cpu["simd_flags"]) or "no SIMD flags read"})')
   if 'bf16' in args.precisions.split(',') and cpu['bf16_emulated']:
-    print('warning: ' + bit_hardware.BF16_EMULATED_WARNING, flush=True)
+    print('warning: ' + hardware.BF16_EMULATED_WARNING, flush=True)
 
   with tempfile.TemporaryDirectory(prefix='bit_e2e_') as tmp:
     workdir = args.workdir or tmp

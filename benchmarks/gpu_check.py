@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [HERE, REPO]
 
-import bit_hardware  # noqa: E402
+from big_transfer import hardware  # noqa: E402
 import end_to_end  # noqa: E402
 import throughput  # noqa: E402
 
@@ -110,7 +110,7 @@ def main(argv=None):
                                         'steps', 'warmup')},
       'precision': 'bf16',
       'machine': {'python': platform.python_version(),
-                  'cpu': bit_hardware.cpu_description(),
+                  'cpu': hardware.cpu_description(),
                   'gpu': _nvidia_smi()},
       'versions': _versions(),
   }
@@ -123,8 +123,8 @@ def main(argv=None):
       '(arguments, unaliased outputs, temporaries)',
       'mfu': "images/s x FLOPs per image / the GPU's dense bf16 peak; a "
       'training step counts 3x the forward FLOPs'}
-  if args.cpu and bit_hardware.bf16_emulated('cpu'):
-    print('warning: ' + bit_hardware.BF16_EMULATED_WARNING, flush=True)
+  if args.cpu and hardware.bf16_emulated('cpu'):
+    print('warning: ' + hardware.BF16_EMULATED_WARNING, flush=True)
   missing = {name: _missing(mods) for name, mods in NEEDS.items()}
 
   def save():

@@ -37,7 +37,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bit_hardware  # noqa: E402  pylint: disable=wrong-import-position
+from big_transfer import hardware  # noqa: E402  pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Framework name -> module in this folder.
@@ -112,11 +112,11 @@ def main(argv=None):
   frameworks = chosen(parser, args.frameworks, FRAMEWORKS)
   runs = [(PEER, 'fp32')] + [(f, p) for f in frameworks if f != PEER
                              for p in args.precisions.split(',')]
-  cpu = bit_hardware.cpu_description()
+  cpu = hardware.cpu_description()
   print(f'CPU: {cpu["model"]} ({cpu["machine"]}; '
         f'{" ".join(cpu["simd_flags"]) or "no SIMD flags read"})')
   if 'bf16' in args.precisions.split(',') and cpu['bf16_emulated']:
-    print('warning: ' + bit_hardware.BF16_EMULATED_WARNING, flush=True)
+    print('warning: ' + hardware.BF16_EMULATED_WARNING, flush=True)
   print(f'{args.arch} at {args.resolution} px, batch {args.batch}, '
         f'{args.steps} timed steps after {args.warmup}; ratios are to '
         f'{PEER} fp32 in the same round.', flush=True)

@@ -1,7 +1,7 @@
-"""Knowledge distillation in JAX/Flax (see bit_distill for the method, the
+"""Knowledge distillation in JAX/Flax (see big_transfer.distill for the method, the
 recipe and the flags):
 
-  python -m bit_jax.distill --recipe recipes/distill_digits_small.yaml \\
+  python -m bit_jax.distill --recipe distill_digits_small \\
       --name student --logdir runs --teacher runs/teacher
 
 One compiled step, data-parallel over every device as fine-tuning's
@@ -22,17 +22,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-import bit_common  # noqa: F401  (first: bit_data imports it)
-import bit_data
-import bit_distill
-import bit_run
-import bit_zoo
+from big_transfer import datastream, distill, harness, zoo
 from bit_jax import engine
 from bit_jax import models
 
 
 def kl_loss(student_logits, teacher_logits, temperature=1.0):
-  """bit_distill.kl_loss in JAX: T^2 * mean KL(p_teacher || q_student)."""
+  """distill.kl_loss in JAX: T^2 * mean KL(p_teacher || q_student)."""
   t = float(temperature)
   log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t)
   log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t)
@@ -40,12 +36,12 @@ def kl_loss(student_logits, teacher_logits, temperature=1.0):
 
 
 def optimizer(recipe):
-  """Clipping and Adam's moments (bit_distill's optimiser); the step scales
+  """Clipping and Adam's moments (big_transfer.distill's optimiser); the step scales
   and applies the result (`apply`)."""
   clip = (optax.clip_by_global_norm(recipe.grad_clip_norm)
           if recipe.grad_clip_norm else optax.identity())
   return optax.chain(clip, optax.scale_by_adam(
-      bit_distill.ADAM_B1, bit_distill.ADAM_B2, bit_distill.ADAM_EPS))
+      distill.ADAM_B1, distill.ADAM_B2, distill.ADAM_EPS))
 
 
 def student_view(images, size):
@@ -90,7 +86,7 @@ def make_steps(student, teacher, recipe, tx, mesh, batch_split):
     return jax.tree.map(apply, params, updates), opt_state, loss
 
   def eval_step(params, teacher_params, images, labels, mask):
-    """bit_distill.eval_sums over the real rows."""
+    """distill.eval_sums over the real rows."""
     s = student.apply({'params': params}, student_view(
         images, recipe.crop_size)).astype(jnp.float32)
     te = teacher.apply({'params': teacher_params}, images).astype(
@@ -119,16 +115,16 @@ def make_steps(student, teacher, recipe, tx, mesh, batch_split):
 
 def build_nets(args, recipe, classes, dtype):
   """((teacher, teacher params), (student, student params))."""
-  weights = bit_zoo.load_weights(recipe.teacher, args.bit_pretrained_dir)
-  _, head = bit_zoo.model_arch(recipe.teacher, weights=weights)
-  bit_distill.check_teacher(head, classes, recipe.teacher)
+  weights = zoo.load_weights(recipe.teacher, args.bit_pretrained_dir)
+  _, head = zoo.model_arch(recipe.teacher, weights=weights)
+  distill.check_teacher(head, classes, recipe.teacher)
   teacher = models.create(recipe.teacher, weights=weights, dtype=dtype)
-  if bit_distill.student_arch(recipe.student) is not None:
+  if distill.student_arch(recipe.student) is not None:
     student = models.create(recipe.student, head_size=classes,
                             zero_head=True, dtype=dtype,
                             rng=jax.random.PRNGKey(args.seed))
   else:
-    weights = bit_zoo.load_weights(recipe.student, args.bit_pretrained_dir)
+    weights = zoo.load_weights(recipe.student, args.bit_pretrained_dir)
     student = models.create(recipe.student, head_size=classes,
                             zero_head=True, weights=weights, dtype=dtype)
   return teacher, student
@@ -136,19 +132,19 @@ def build_nets(args, recipe, classes, dtype):
 
 def main(args):
   """Distils as the recipe says; returns the final evaluation."""
-  recipe = bit_distill.load_recipe(args)
+  recipe = distill.load_recipe(args)
   devices = jax.devices()
-  bit_distill.check_args(args, recipe, len(devices))
+  distill.check_args(args, recipe, len(devices))
   import tensorflow as tf  # the pipeline's; accelerators are JAX's
   tf.config.set_visible_devices([], 'GPU')
   import input_pipeline_tf2_or_jax as input_pipeline
 
   pid, nproc = jax.process_index(), jax.process_count()
-  run = bit_distill.Run(args, pid == 0,
+  run = distill.Run(args, pid == 0,
                         engine.any_process if nproc > 1 else None)
   run.logger.info(f'recipe {args.recipe}: {recipe}')
-  data = input_pipeline.load(bit_distill.data_args(args, recipe), run.logger)
-  sched = bit_distill.schedule(recipe, data.train_size)
+  data = input_pipeline.load(distill.data_args(args, recipe), run.logger)
+  sched = distill.schedule(recipe, data.train_size)
   (teacher, teacher_params), (student, params) = build_nets(
       args, recipe, data.num_classes, engine.DTYPES[args.precision])
   tx = optimizer(recipe)
@@ -159,17 +155,17 @@ def main(args):
   state = jax.device_put({'params': params, 'opt_state': tx.init(params)},
                          replicated)
 
-  settings = bit_distill.settings(recipe, args, sched)
+  settings = distill.settings(recipe, args, sched)
   ckpt = engine.Checkpoints(os.path.join(run.dir, 'checkpoints'),
                                settings, state)
   step = run.resume(ckpt, settings)
-  export = bit_distill.export_path(args, run)
+  export = distill.export_path(args, run)
   classes = list(data.classes) if data.classes else data.num_classes
-  run.start(step, bit_distill.config(
+  run.start(step, distill.config(
       recipe, sched, data.train_size, data.eval_size, classes, export,
       devices=len(devices), device_kind=devices[0].device_kind,
-      processes=nproc, versions=bit_run.versions(jax, flax, optax, tf)),
-            bit_distill.describe(recipe, sched, data.train_size,
+      processes=nproc, versions=harness.versions(jax, flax, optax, tf)),
+            distill.describe(recipe, sched, data.train_size,
                                  data.num_classes) +
             f'; {len(devices)} {devices[0].platform} device(s) in {nproc} '
             f'process(es), {args.precision}')
@@ -194,11 +190,11 @@ def main(args):
     return np.sum([engine.local(s) for s in sums], axis=0,
                   dtype=np.float64)
 
-  stream = bit_data.Stream(data.train_size, recipe.batch, args.seed,
+  stream = datastream.Stream(data.train_size, recipe.batch, args.seed,
                            recipe.mixup_alpha)
   train_data = input_pipeline.train_batches(
       data, stream, recipe.resize_size, recipe.teacher_size, step, pid,
-      nproc, crop_scale=bit_distill.inception_scale(recipe))
+      nproc, crop_scale=distill.inception_scale(recipe))
   batches = input_pipeline.named_errors(train_data.as_numpy_iterator())
 
   def train(step, lr):
@@ -212,7 +208,7 @@ def main(args):
 
   result, step = run.fit(
       step, sched.total_steps, sched.lr, train, evaluate, ckpt,
-      eval_every=bit_distill.eval_every(recipe, sched), batch=recipe.batch,
+      eval_every=distill.eval_every(recipe, sched), batch=recipe.batch,
       fetch=lambda losses: [float(engine.local(l)) for l in losses])
   ckpt.close()
   return run.finish(
@@ -222,4 +218,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-  bit_distill.main_cli(main, 'jax')
+  distill.main_cli(main, 'jax')

@@ -1,4 +1,4 @@
-"""What every JAX program on the run harness (bit_run) shares: fine-tuning
+"""What every JAX program on the run harness (big_transfer.harness) shares: fine-tuning
 (train.py) and distillation (distill.py). Joining the processes of a job,
 the collectives the harness asks for, and the checkpoint format (orbax).
 """
@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import bit_common
+from big_transfer import errors
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
 
@@ -26,23 +26,23 @@ def initialize_distributed(args):
                                             'num_processes', 'process_id')}
   given = {k: v for k, v in explicit.items() if v is not None}
   if given and not args.distributed:
-    raise bit_common.BadInput(
+    raise errors.BadInput(
         f'--{next(iter(given))} needs --distributed.')
   if not args.distributed:
     return
   if given and len(given) < 3:
     missing = ', '.join(f'--{k}' for k in explicit if k not in given)
-    raise bit_common.BadInput(
+    raise errors.BadInput(
         f'--distributed with {", ".join(f"--{k}" for k in given)} also needs '
         f'{missing} (or none of the three, where JAX detects the cluster: '
         'TPU pods, SLURM, Open MPI).')
   if given:
     n, i = given['num_processes'], given['process_id']
     if n < 1 or not 0 <= i < n:
-      raise bit_common.BadInput(
+      raise errors.BadInput(
           f'--process_id {i} is not in 0..{n - 1} (--num_processes {n}).')
     if ':' not in given['coordinator_address']:
-      raise bit_common.BadInput(
+      raise errors.BadInput(
           f'--coordinator_address {given["coordinator_address"]!r} is not '
           'HOST:PORT.')
   if jax.config.jax_cpu_collectives_implementation in (None, 'none'):
@@ -54,7 +54,7 @@ def initialize_distributed(args):
   except (ValueError, RuntimeError) as e:
     if given:
       raise
-    raise bit_common.BadInput(
+    raise errors.BadInput(
         '--distributed found no cluster to join (' +
         str(e).strip().splitlines()[0][:200] + '); outside TPU pods, SLURM '
         'and Open MPI give --coordinator_address HOST:PORT --num_processes N '
@@ -72,10 +72,10 @@ def lead_first(fn, *args):
     if (jax.process_index() == 0) == turn:
       try:
         result = fn(*args)
-      except bit_common.BadInput as e:
+      except errors.BadInput as e:
         error = e
     if any_process([error is not None])[0] and error is None:
-      raise bit_common.BadInput('another process refused the command line '
+      raise errors.BadInput('another process refused the command line '
                                 '(its error says why).')
   if error is not None:
     raise error
@@ -126,7 +126,7 @@ def accumulate(grad_fn, params, images, labels, batch_split, mesh):
 # step), so the step is the data state.
 
 class Checkpoints:
-  """bit_run's checkpoint format for JAX; `state` is the run's state (the
+  """the harness's checkpoint format for JAX; `state` is the run's state (the
   trainer updates it at every step; `load` puts a checkpoint's there)."""
 
   def __init__(self, path, settings, state):

@@ -5,7 +5,7 @@
 
 writes `features` (N, D) and `labels` (N,) in dataset order, at the
 HyperRule's evaluation resolution (or --resolution), the batch sharded over
-every local device. The shared part is bit_fewshot.
+every local device. The shared part is big_transfer.fewshot.
 """
 import sys
 
@@ -13,12 +13,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-import bit_common
-import bit_fewshot
+from big_transfer import errors
+from big_transfer import fewshot
 from bit_jax import models
 
 NAME = 'jax'
-load_data = bit_fewshot.load_tfdata
+load_data = fewshot.load_tfdata
 
 
 class FeatureModel:
@@ -38,7 +38,7 @@ class FeatureModel:
 
   def __call__(self, images):
     n = len(images)
-    pad = bit_fewshot.round_up(n, self.devices) - n
+    pad = fewshot.round_up(n, self.devices) - n
     if pad:
       images = np.concatenate([images, np.zeros((pad, *images.shape[1:]),
                                                 images.dtype)])
@@ -50,14 +50,14 @@ load_model = FeatureModel
 
 def feature_batches(model, splits, split, crop, batch, args):
   del args
-  return bit_fewshot.tfdata_feature_batches(
-      model, splits, split, crop, bit_fewshot.round_up(batch, model.devices))
+  return fewshot.tfdata_feature_batches(
+      model, splits, split, crop, fewshot.round_up(batch, model.devices))
 
 
 def main(args):
-  return bit_fewshot.features_main(args, sys.modules[__name__])
+  return fewshot.features_main(args, sys.modules[__name__])
 
 
 if __name__ == '__main__':
-  bit_common.run_cli(
-      lambda: main(bit_fewshot.features_argparser('JAX').parse_args()))
+  errors.run_cli(
+      lambda: main(fewshot.features_argparser('JAX').parse_args()))

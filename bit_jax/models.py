@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import bit_zoo
+from big_transfer import zoo
 
 GN_GROUPS = 32
 GN_EPS = 1e-5
@@ -171,10 +171,10 @@ class Head(nn.Module):
 
 
 class ResNetV2(nn.Module):
-  """BiT ResNet-v2 of `architecture` (a bit_zoo.Architecture). Takes RGB
+  """BiT ResNet-v2 of `architecture` (a zoo.Architecture). Takes RGB
   images in [-1, 1], NHWC; returns float32 logits (N, num_classes), or the
   pre-logits (N, C) with `pre_logits=True`."""
-  architecture: bit_zoo.Architecture
+  architecture: zoo.Architecture
   num_classes: int
   zero_head: bool = True
   dtype: jnp.dtype = jnp.float32
@@ -228,10 +228,10 @@ def load(model, weights, params=None):
   With `params` given (e.g. from init_params), keys the file does not fill
   (the head when model.zero_head) keep their values there; otherwise every
   key must be in the file. A missing key or wrong shape raises
-  bit_common.BadInput naming the key and both shapes.
+  errors.BadInput naming the key and both shapes.
   """
   fresh_head = model.zero_head and params is not None
-  bit_zoo.check_weights(weights, model.architecture,
+  zoo.check_weights(weights, model.architecture,
                            None if fresh_head else model.num_classes)
   abstract = flax.traverse_util.flatten_dict(model.abstract_params())
   own = flax.traverse_util.flatten_dict(params) if params is not None else {}
@@ -246,7 +246,7 @@ def load(model, weights, params=None):
 
 
 def save_npz(path, params):
-  return bit_zoo.save_npz(path, export(params))
+  return zoo.save_npz(path, export(params))
 
 
 def create(model, head_size=None, zero_head=False, weights=None,
@@ -259,7 +259,7 @@ def create(model, head_size=None, zero_head=False, weights=None,
   (zeros, `head_size` classes), else it comes from the file. Without weights
   the parameters are freshly initialised from `rng`.
   """
-  arch, head = bit_zoo.model_arch(model, head_size, weights)
+  arch, head = zoo.model_arch(model, head_size, weights)
   net = ResNetV2(arch, head, zero_head, dtype)
   if weights is None:
     return net, net.init_params(rng)
@@ -275,4 +275,4 @@ def create(model, head_size=None, zero_head=False, weights=None,
 # The original repository's name -> constructor table: KNOWN_MODELS[name](
 # head_size=..., zero_head=...) is a ResNetV2 module (its parameters from
 # init_params, or load / create with weights).
-KNOWN_MODELS = bit_zoo.known_models(ResNetV2)
+KNOWN_MODELS = zoo.known_models(ResNetV2)

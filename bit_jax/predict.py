@@ -1,8 +1,7 @@
 """Classify images with a BiT model: python -m bit_jax.predict IMAGES..."""
 import jax
 
-import bit_common
-import bit_predict
+from big_transfer import errors, predict
 from bit_jax import models
 
 
@@ -18,9 +17,9 @@ def load_model(weights):
 
 
 def main(args):
-  return bit_predict.predict(args, load_model)
+  return predict.predict(args, load_model)
 
 
 if __name__ == '__main__':
-  bit_common.run_cli(
-      lambda: main(bit_predict.predict_argparser('JAX').parse_args()))
+  errors.run_cli(
+      lambda: main(predict.predict_argparser('JAX').parse_args()))

@@ -11,8 +11,8 @@ the batch. The same global batch gives the same update on any number of
 devices. --batch_split accumulates micro-batch gradients inside the step.
 
 The training loop, the run's outputs, checkpoint cadence and signals live in
-the shared harness (bit_run.Run); the batches come from the shared data
-stream (bit_data.Stream) through the tf.data pipeline
+the shared harness (harness.Run); the batches come from the shared data
+stream (datastream.Stream) through the tf.data pipeline
 (input_pipeline_tf2_or_jax); joining processes, collectives and the
 checkpoint format are those every JAX program shares (bit_jax.engine). This
 file holds the compiled steps and puts them together for fine-tuning.
@@ -30,9 +30,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from big_transfer import errors, harness, zoo
 import bit_common
-import bit_run
-import bit_zoo
 from bit_jax import models
 from bit_jax.engine import (DTYPES, Checkpoints, accumulate, any_process,
                             initialize_distributed, lead_first, local)
@@ -116,13 +115,13 @@ def optimizer():
 
 # --------------------------------------------------------------------------
 # One run. The loop, outputs, checkpoint cadence and signals are the shared
-# harness's (bit_run.Run.fit); this file holds what JAX needs.
+# harness's (harness.Run.fit); this file holds what JAX needs.
 
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
   args = bit_common.with_backend_defaults(args, add_jax_flags)
   if args.precision == 'fp16':
-    raise bit_common.BadInput(
+    raise errors.BadInput(
         '--precision fp16 is not supported by the JAX backend (it has no '
         'loss scaling, and fp16 without it under- and overflows); use bf16.')
   initialize_distributed(args)
@@ -134,10 +133,10 @@ def main(args):
   import input_pipeline_tf2_or_jax as input_pipeline
 
   pid, nproc = jax.process_index(), jax.process_count()
-  run = bit_run.Run(args, pid == 0, any_process if nproc > 1 else None)
+  run = harness.Run(args, pid == 0, any_process if nproc > 1 else None)
   data = input_pipeline.load(args, run.logger)
-  hyper = bit_run.HyperRule.of(args, data.train_size, data.original_hw)
-  weights = bit_zoo.load_weights(args.model, args.bit_pretrained_dir)
+  hyper = harness.HyperRule.of(args, data.train_size, data.original_hw)
+  weights = zoo.load_weights(args.model, args.bit_pretrained_dir)
   model, params = models.create(args.model, head_size=data.num_classes,
                                 zero_head=True, weights=weights,
                                 dtype=DTYPES[args.precision])
@@ -157,7 +156,7 @@ def main(args):
   run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),
                        devices=len(devices),
                        device_kind=devices[0].device_kind, processes=nproc,
-                       versions=bit_run.versions(jax, flax, optax, tf)),
+                       versions=harness.versions(jax, flax, optax, tf)),
             f'{args.dataset}: {data.train_size} training, {data.eval_size} '
             f'{data.eval_split} examples, {data.num_classes} classes; '
             f'{hyper.describe()}, {len(devices)} {devices[0].platform} '
@@ -210,4 +209,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-  bit_common.run_cli(lambda: main(argparser().parse_args()))
+  errors.run_cli(lambda: main(argparser().parse_args()))

@@ -7,23 +7,22 @@
 registered model name or hf-hub:ORG/NAME. Prints (and with --output writes)
 {"loss", "top1", "top5", "n"} as JSON, as bit_pytorch.validate does.
 """
-import bit_common
-import bit_validate
-import bit_zoo
+from big_transfer import errors, zoo
+from big_transfer import validate
 from bit_jax import predict
 
 
 def argparser():
-  return bit_validate.argparser('JAX', precisions=('fp32',))
+  return validate.argparser('JAX', precisions=('fp32',))
 
 
 def main(args):
-  return bit_validate.main_tf_data(args, predict.load_model,
-                                   bit_zoo.load_weights)
+  return validate.main_tf_data(args, predict.load_model,
+                                   zoo.load_weights)
 
 
 def cli(argv=None):
-  bit_common.run_cli(lambda: main(argparser().parse_args(argv)))
+  errors.run_cli(lambda: main(argparser().parse_args(argv)))
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
 """Data for the PyTorch backend: where the images come from (image folders,
 torchvision's datasets, offline arrays), the HyperRule pre-processing, and
-the sampler that feeds the shared data stream (bit_data.Stream) to a
+the sampler that feeds the shared data stream (datastream.Stream) to a
 DataLoader.
 
 Every random choice about the data (the order, the crops, the flips, mixup)
@@ -16,10 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-import bit_common
-import bit_data
+from big_transfer import datasets, datastream, errors
 import bit_hyperrule
-import bit_tfds
+from big_transfer import tfds_reader
 
 
 @dataclasses.dataclass
@@ -28,7 +27,7 @@ class Source:
   labels: np.ndarray = None
   paths: list = None          # image files, or
   images: np.ndarray = None   # uint8 (N, H, W, 3), or
-  split: object = None        # a bit_tfds.Split (encoded images, labels)
+  split: object = None        # a tfds_reader.Split (encoded images, labels)
 
   def __post_init__(self):
     if self.split is not None and self.labels is None:
@@ -47,7 +46,7 @@ class Source:
       with Image.open(self.paths[i]) as im:
         return im.convert('RGB')
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-      raise bit_data.BadImage.of(self.paths[i], e) from e
+      raise datasets.BadImage.of(self.paths[i], e) from e
 
   def subset(self, indices):
     return Source(self.labels[indices],
@@ -70,20 +69,20 @@ def load(args, logger, check_train=True):
   Image files are checked (headers read) before use; `check_train=False`
   checks only the validation files.
   """
-  if args.dataset in bit_data.ARRAY_DATASETS:
-    d = bit_data.load_array_dataset(args.dataset)
+  if args.dataset in datasets.ARRAY_DATASETS:
+    d = datasets.load_array_dataset(args.dataset)
     return Data(list(d.classes), Source(d.train_labels, images=d.train_images),
                 Source(d.val_labels, images=d.val_images),
                 d.train_images.shape[1:3])
   if args.dataset in ('imagefolder', 'imagenet2012'):
-    classes, train, val = bit_data.scan_imagefolder(args.datadir)
+    classes, train, val = datasets.scan_imagefolder(args.datadir)
     train = Source(train.labels, train.paths)
     if check_train:
       train = _check_files(train, args, logger)
     val = _check_files(Source(val.labels, val.paths), args, logger)
     return Data(classes, train, val, _typical_hw(train.paths))
-  if bit_tfds.is_tfds(args.dataset):
-    d = bit_tfds.resolve(args.dataset, args.datadir,
+  if tfds_reader.is_tfds(args.dataset):
+    d = tfds_reader.resolve(args.dataset, args.datadir,
                          getattr(args, 'tfds_manual_dir', None),
                          getattr(args, 'train_split', None),
                          getattr(args, 'eval_split', None))
@@ -93,12 +92,12 @@ def load(args, logger, check_train=True):
 
 
 def _typical_hw(paths):
-  return bit_hyperrule.typical_size(bit_data.image_sizes(paths))
+  return bit_hyperrule.typical_size(datasets.image_sizes(paths))
 
 
 def _check_files(source, args, logger):
-  """The source without unreadable files (--skip_bad_images), or bit_data.BadImage."""
-  keep = bit_data.readable_images(source.paths, args.skip_bad_images, logger)
+  """The source without unreadable files (--skip_bad_images), or datasets.BadImage."""
+  keep = datasets.readable_images(source.paths, args.skip_bad_images, logger)
   return source if len(keep) == len(source) else source.subset(keep)
 
 
@@ -127,7 +126,7 @@ def _torchvision(args):
       files = [tuple(zip(*(d[i] for i in range(len(d))))) for d in (train,
                                                                     val)]
   except (OSError, RuntimeError) as e:
-    raise bit_common.BadInput(f'could not get {args.dataset} into {root} ({e}); '
+    raise errors.BadInput(f'could not get {args.dataset} into {root} ({e}); '
                               'check the network or --datadir.') from e
   (tp, tl), (vp, vl) = files
   tp = [str(p) for p in tp]
@@ -150,7 +149,7 @@ def fewshot(source, args):
   """The --examples_per_class subset, drawn by the shared sampler."""
   if not args.examples_per_class:
     return source
-  return source.subset(bit_data.fewshot_indices(
+  return source.subset(datasets.fewshot_indices(
       source.labels, args.examples_per_class, args.examples_per_class_seed))
 
 
@@ -174,7 +173,7 @@ class TrainSet(torch.utils.data.Dataset):
 
   def __getitem__(self, key):
     i, seed = key
-    (top,), (left,), (flip,) = bit_data.crop_flip([seed], self.resize,
+    (top,), (left,), (flip,) = datastream.crop_flip([seed], self.resize,
                                                   self.crop)
     img = self.source.load(i).resize((self.resize, self.resize),
                                      Image.BILINEAR)
@@ -208,7 +207,7 @@ def normalize(images, device, channels_last=False):
 # The order of training examples.
 
 class TrainBatches(torch.utils.data.Sampler):
-  """This process's micro-batches of the data stream (bit_data.Stream),
+  """This process's micro-batches of the data stream (datastream.Stream),
   from `start_step` to `total_steps`, as keys (example, augmentation seed).
 
   Process `rank` of `world` trains on its contiguous share of each global

@@ -1,7 +1,7 @@
-"""Knowledge distillation in PyTorch (see bit_distill for the method, the
+"""Knowledge distillation in PyTorch (see big_transfer.distill for the method, the
 recipe and the flags):
 
-  python -m bit_pytorch.distill --recipe recipes/distill_digits_small.yaml \\
+  python -m bit_pytorch.distill --recipe distill_digits_small \\
       --name student --logdir runs --teacher runs/teacher
 
 The teacher runs in evaluation mode, without gradients, on the student's
@@ -20,11 +20,8 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-import bit_common
-import bit_data
-import bit_distill
-import bit_run
-import bit_zoo
+from big_transfer import datastream, harness, zoo
+from big_transfer import distill
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
 from bit_pytorch import engine
@@ -34,7 +31,7 @@ DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 
 
 def kl_loss(student_logits, teacher_logits, temperature=1.0):
-  """bit_distill.kl_loss in torch: T^2 * mean KL(p_teacher || q_student)."""
+  """distill.kl_loss in torch: T^2 * mean KL(p_teacher || q_student)."""
   t = float(temperature)
   log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
   log_q = F.log_softmax(student_logits.float() / t, dim=-1)
@@ -42,7 +39,7 @@ def kl_loss(student_logits, teacher_logits, temperature=1.0):
 
 
 class Adam(torch.optim.Optimizer):
-  """The optimiser of bit_distill (big_vision's chain): the gradient clipped
+  """The optimiser of big_transfer.distill (big_vision's chain): the gradient clipped
   to global norm `clip`, Adam's bias-corrected moments, and
   w <- w - f * (lr * m_hat / (sqrt(v_hat) + eps) + wd * w), the
   learning rate lr * f and the factor f set per step (`set_step`); `wd`
@@ -64,7 +61,7 @@ class Adam(torch.optim.Optimizer):
     if self.clip:
       norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params))
       scale = torch.where(norm < self.clip, 1.0, self.clip / norm).float()
-    b1, b2, eps = bit_distill.ADAM_B1, bit_distill.ADAM_B2, bit_distill.ADAM_EPS
+    b1, b2, eps = distill.ADAM_B1, distill.ADAM_B2, distill.ADAM_EPS
     for g in self.param_groups:
       for p in g['params']:
         if p.grad is None:
@@ -102,7 +99,7 @@ def optimizer(net, recipe):
 
 class Views(torch.utils.data.Dataset):
   """Training examples indexed by (example, augmentation seed): uint8 CHW
-  images of `size` px and labels. inception_crop: bit_data.inception_crop
+  images of `size` px and labels. inception_crop: datastream.inception_crop
   of the seed, resized to `size`, flipped when the seed's 40th uniform is
   under 0.5; crop_flip: the HyperRule's (bit_pytorch.data.TrainSet)."""
 
@@ -118,11 +115,11 @@ class Views(torch.utils.data.Dataset):
       return self._crop_flip[key]
     i, seed = key
     image = v2.functional.pil_to_tensor(self.source.load(i))
-    top, left, h, w = bit_data.inception_crop(
+    top, left, h, w = datastream.inception_crop(
         seed, image.shape[1], image.shape[2], tuple(self.recipe.crop_scale))
     image = v2.functional.resized_crop(image, top, left, h, w,
                                        [self.size] * 2, antialias=True)
-    if bit_data.uniforms([seed], 40)[0] < 0.5:
+    if datastream.uniforms([seed], 40)[0] < 0.5:
       image = v2.functional.horizontal_flip(image)
     return image, int(self.source.labels[i])
 
@@ -130,7 +127,7 @@ class Views(torch.utils.data.Dataset):
 def load_data(args, recipe, logger):
   """(train split (the few-shot subset where the recipe asks), eval split,
   class count, class names)."""
-  data_args = bit_distill.data_args(args, recipe)
+  data_args = distill.data_args(args, recipe)
   data = torch_data.load(data_args, logger)
   return (torch_data.fewshot(data.train, data_args), data.val,
           len(data.classes), data.classes)
@@ -140,19 +137,19 @@ def build_nets(args, recipe, classes, device):
   """(teacher, student) on `device`: the teacher as its weights say (in
   evaluation mode, no gradients; its head must fit the classes), the
   student from scratch or from weights under a zero head."""
-  weights = engine.local_first(bit_zoo.load_weights, recipe.teacher,
+  weights = engine.local_first(zoo.load_weights, recipe.teacher,
                               args.bit_pretrained_dir)
-  _, head = bit_zoo.model_arch(recipe.teacher, weights=weights)
-  bit_distill.check_teacher(head, classes, recipe.teacher)
+  _, head = zoo.model_arch(recipe.teacher, weights=weights)
+  distill.check_teacher(head, classes, recipe.teacher)
   teacher = models.create(recipe.teacher, weights=weights).to(device).eval()
   teacher.requires_grad_(False)
   del weights
-  arch = bit_distill.student_arch(recipe.student)
+  arch = distill.student_arch(recipe.student)
   torch.manual_seed(args.seed)  # the student's initialisation
   if arch is not None:
     student = models.ResNetV2(arch.units, arch.width, classes, zero_head=True)
   else:
-    weights = engine.local_first(bit_zoo.load_weights, recipe.student,
+    weights = engine.local_first(zoo.load_weights, recipe.student,
                                 args.bit_pretrained_dir)
     student = models.create(recipe.student, head_size=classes,
                             zero_head=True, weights=weights)
@@ -185,7 +182,7 @@ def evaluate(student, teacher, loader, device, autocast, temperature,
              size):
   """Sums [loss, top-1, top-5, n, agreement, teacher top-1, kl] over
   `loader` (images at the teacher's resolution; the student's `size`) and
-  the processes (bit_distill.eval_sums)."""
+  the processes (distill.eval_sums)."""
   student.eval()
   sums = torch.zeros(7, dtype=torch.float64, device=device)
   for x, y in engine.data_errors_named(iter(loader)):
@@ -213,40 +210,40 @@ def evaluate(student, teacher, loader, device, autocast, temperature,
 
 def main(args):
   """Distils as the recipe says; returns the final evaluation."""
-  recipe = bit_distill.load_recipe(args)
+  recipe = distill.load_recipe(args)
   world = engine.world_size()
-  bit_distill.check_args(args, recipe, world)
+  distill.check_args(args, recipe, world)
   with engine.process_group() as (rank, device):
     return _distill(args, recipe, rank, world, device)
 
 
 def _distill(args, recipe, rank, world, device):
-  run = bit_distill.Run(args, rank == 0, engine.any_process(device))
+  run = distill.Run(args, rank == 0, engine.any_process(device))
   run.logger.info(f'recipe {args.recipe}: {recipe}')
   torch.manual_seed(args.seed)
   train_src, val_src, classes, names = engine.local_first(
       load_data, args, recipe, run.logger)
-  sched = bit_distill.schedule(recipe, len(train_src))
+  sched = distill.schedule(recipe, len(train_src))
   teacher, student = build_nets(args, recipe, classes, device)
   opt = optimizer(student, recipe)
   scaler = torch.amp.GradScaler(device.type, enabled=False)
 
-  settings = bit_distill.settings(recipe, args, sched)
+  settings = distill.settings(recipe, args, sched)
   ckpt = engine.Checkpoint(os.path.join(run.dir, CHECKPOINT), settings,
                           run.lead, model=student, optimizer=opt)
   step = engine.same_everywhere(run.resume(ckpt, settings))
-  export = bit_distill.export_path(args, run)
-  run.start(step, bit_distill.config(
+  export = distill.export_path(args, run)
+  run.start(step, distill.config(
       recipe, sched, len(train_src), len(val_src), names, export,
       device=str(device), devices=world,
-      versions=bit_run.versions(torch, torchvision)),
-            bit_distill.describe(recipe, sched, len(train_src), classes) +
+      versions=harness.versions(torch, torchvision)),
+            distill.describe(recipe, sched, len(train_src), classes) +
             f'; {world} process(es) on {device.type}, {args.precision}')
 
   model = (torch.nn.parallel.DistributedDataParallel(
       student, device_ids=[device] if device.type == 'cuda' else None)
            if world > 1 else student)
-  stream = bit_data.Stream(len(train_src), recipe.batch, args.seed,
+  stream = datastream.Stream(len(train_src), recipe.batch, args.seed,
                            recipe.mixup_alpha)
   sampler = torch_data.TrainBatches(stream, step, sched.total_steps, rank,
                                     world, args.batch_split)
@@ -283,7 +280,7 @@ def _distill(args, recipe, rank, world, device):
       step, sched.total_steps, sched.lr, step_fn,
       lambda: evaluate(student, teacher, val_loader, device, autocast,
                        recipe.temperature, recipe.crop_size),
-      ckpt, eval_every=bit_distill.eval_every(recipe, sched),
+      ckpt, eval_every=distill.eval_every(recipe, sched),
       batch=recipe.batch,
       fetch=lambda losses: engine.mean_over_processes(losses, device))
   return run.finish(result, step, lambda _: student.save_npz(export),
@@ -292,4 +289,4 @@ def _distill(args, recipe, rank, world, device):
 
 
 if __name__ == '__main__':
-  bit_distill.main_cli(main, 'pytorch')
+  distill.main_cli(main, 'pytorch')

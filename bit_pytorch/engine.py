@@ -1,4 +1,4 @@
-"""What every PyTorch program on the run harness (bit_run) shares:
+"""What every PyTorch program on the run harness (big_transfer.harness) shares:
 fine-tuning (train.py), pre-training (pretrain.py) and distillation
 (distill.py). Processes and devices (torchrun, DDP), data loaders, the
 training step with gradient accumulation and mixup, evaluation, the
@@ -12,7 +12,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-import bit_common
+from big_transfer import errors
 from bit_pytorch import data as torch_data
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -74,12 +74,12 @@ def local_first(fn, *args):
     if first == turn:
       try:
         result = fn(*args)
-      except bit_common.BadInput as e:
+      except errors.BadInput as e:
         error = str(e)
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    if any(errors):
-      raise bit_common.BadInput(next(e for e in errors if e))
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, error)
+    if any(failures):
+      raise errors.BadInput(next(e for e in failures if e))
   return result
 
 
@@ -116,7 +116,7 @@ def loader(dataset, args, device, **kwargs):
 def mixed(micro_batches, layout, lam, device, channels_last=False):
   """(x, y, y_partner, lam) for each micro-batch (uint8 images and labels
   of the rows TrainBatches loads): images in [-1, 1] on `device`, mixed up
-  with their partners (layout: bit_data.Stream.rows of each micro-batch)."""
+  with their partners (layout: datastream.Stream.rows of each micro-batch)."""
   for (x, y), (rows, partner) in zip(micro_batches, layout):
     x = torch_data.normalize(x, device, channels_last)
     y = y.to(device, non_blocking=True)
@@ -180,9 +180,9 @@ def data_errors_named(batches):
   ends the run with its one-line message, not a worker traceback."""
   try:
     yield from batches
-  except bit_common.BadInput as e:
+  except errors.BadInput as e:
     lines = str(e).strip().splitlines()
-    raise bit_common.BadInput(lines[-1].split(': ', 1)[-1]) from None
+    raise errors.BadInput(lines[-1].split(': ', 1)[-1]) from None
 
 
 # --------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def same_everywhere(step):
     steps = [None] * world_size()
     dist.all_gather_object(steps, step)
     if len(set(steps)) > 1:
-      raise bit_common.BadInput(
+      raise errors.BadInput(
           f'the processes found checkpoints at different steps {steps}: put '
           '--logdir on a file system every node shares.')
   return step
@@ -231,7 +231,7 @@ def same_everywhere(step):
 # (--seed, step), so the step is the data-order state.
 
 class Checkpoint:
-  """bit_run's checkpoint format for PyTorch: `objects` (name -> object
+  """the harness's checkpoint format for PyTorch: `objects` (name -> object
   with state_dict/load_state_dict) saved by the lead process."""
 
   def __init__(self, path, settings, lead, **objects):

@@ -33,16 +33,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import bit_export
-import bit_zoo
-from bit_common import BadInput
+from big_transfer import export
+from big_transfer import zoo
+from big_transfer.errors import BadInput
 from bit_pytorch import models
 
 # BiT architectures timm has a name for (timm.create_model('resnetv2_50x1_bit')).
 TIMM_ARCHS = ('R50x1', 'R50x3', 'R101x1', 'R101x3', 'R152x2', 'R152x4')
 
 def argparser():
-  return bit_export.argparser(
+  return export.argparser(
       'PyTorch: timm safetensors or ONNX', ('timm', 'onnx'),
       'A registered model, a .npz file, a run folder, a bit.pth.tar '
       'checkpoint or hf-hub:ORG/NAME.',
@@ -62,9 +62,9 @@ def load_net(model, pretrained_dir='.'):
     except (OSError, RuntimeError, KeyError, TypeError) as e:
       raise BadInput(f'{model} is not a readable bit_pytorch checkpoint '
                      f'({e}).') from e
-    weights = bit_zoo.check_finite(net.export(), model)
+    weights = zoo.check_finite(net.export(), model)
   else:
-    weights = bit_zoo.load_weights(model, pretrained_dir)
+    weights = zoo.load_weights(model, pretrained_dir)
     net = models.create('weights', weights=weights)
   return net.eval(), weights
 
@@ -135,12 +135,12 @@ def timm_model(arch, head_size, folder):
 
 def export_timm(net, weights, out, resolution, tolerance, label_names=None):
   from safetensors.numpy import save_file
-  arch, head = bit_zoo.infer_arch(weights)
+  arch, head = zoo.infer_arch(weights)
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(out)}.')
   try:
-    save_file(bit_zoo.to_timm_layout(weights),
+    save_file(zoo.to_timm_layout(weights),
               os.path.join(tmp, 'model.safetensors'),
               metadata={'format': 'pt'})
     if timm_name(arch):
@@ -151,7 +151,7 @@ def export_timm(net, weights, out, resolution, tolerance, label_names=None):
     reference = timm_model(arch, head, tmp)
     with torch.no_grad():
       got = reference(torch.from_numpy(x)).numpy()
-    diff = bit_export.compare('timm', got, source_logits(net, x), tolerance)
+    diff = export.compare('timm', got, source_logits(net, x), tolerance)
     if os.path.isdir(out):
       for name in ('model.safetensors', 'config.json'):
         if os.path.exists(os.path.join(out, name)):
@@ -226,7 +226,7 @@ def export_onnx(net, out, resolution, tolerance):
     for n, width in ((1, resolution), (3, resolution * 3 // 4)):
       x = check_inputs(resolution, n, seed=n, width=width)
       got = session.run(['logits'], {'images': x})[0]
-      diff = max(diff, bit_export.compare(f'onnxruntime ({n}x3x{resolution}x{width})',
+      diff = max(diff, export.compare(f'onnxruntime ({n}x3x{resolution}x{width})',
                                got, source_logits(net, x), tolerance))
     os.chmod(tmp, 0o644)
     os.replace(tmp, out)
@@ -243,11 +243,11 @@ def main(args):
   if args.resolution < 32:
     raise BadInput('--resolution must be at least 32.')
   net, weights = load_net(args.model, args.bit_pretrained_dir)
-  name = bit_export.default_name(args.model)
-  info = bit_zoo.MODELS.get(args.model)
+  name = export.default_name(args.model)
+  info = zoo.MODELS.get(args.model)
   labels = None
   if info is not None and info.labels:
-    with open(os.path.join(bit_zoo.REPO_DIR, info.labels)) as f:
+    with open(info.labels) as f:
       labels = [l.strip() for l in f if l.strip()]
   if args.format == 'timm':
     out = args.out or os.path.join('exports', f'{name}-timm')
@@ -269,7 +269,7 @@ def main(args):
 
 
 def cli(argv=None):
-  return bit_export.cli(main, argparser, argv)
+  return export.cli(main, argparser, argv)
 
 
 if __name__ == '__main__':

@@ -5,15 +5,15 @@
 
 writes `features` (N, D) and `labels` (N,) in dataset order, at the
 HyperRule's evaluation resolution (or --resolution), on every local GPU
-(DataParallel) or the CPU. The shared part is bit_fewshot.
+(DataParallel) or the CPU. The shared part is big_transfer.fewshot.
 """
 import sys
 
 import numpy as np
 import torch
 
-import bit_common
-import bit_fewshot
+from big_transfer import errors
+from big_transfer import fewshot
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
 
@@ -63,7 +63,7 @@ load_model = FeatureModel
 
 def load_data(args, logger):
   data = torch_data.load(args, logger)
-  return bit_fewshot.Splits(
+  return fewshot.Splits(
       len(data.classes), tuple(data.original_hw),
       {'train': len(data.train), 'eval': len(data.val)},
       {'train': data.train.labels, 'eval': data.val.labels}, data)
@@ -81,9 +81,9 @@ def feature_batches(model, splits, split, crop, batch, args):
 
 
 def main(args):
-  return bit_fewshot.features_main(args, sys.modules[__name__])
+  return fewshot.features_main(args, sys.modules[__name__])
 
 
 if __name__ == '__main__':
-  bit_common.run_cli(
-      lambda: main(bit_fewshot.features_argparser('PyTorch').parse_args()))
+  errors.run_cli(
+      lambda: main(fewshot.features_argparser('PyTorch').parse_args()))

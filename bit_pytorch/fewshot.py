@@ -5,17 +5,17 @@
 
 Features of the training and evaluation splits come from
 bit_pytorch.features; the draws, the least-squares fits and the table are
-bit_fewshot's, the same in every backend.
+big_transfer.fewshot's, the same in every backend.
 """
-import bit_common
-import bit_fewshot
+from big_transfer import errors
+from big_transfer import fewshot
 from bit_pytorch import features
 
 
 def main(args):
-  return bit_fewshot.fewshot_main(args, features)
+  return fewshot.fewshot_main(args, features)
 
 
 if __name__ == '__main__':
-  bit_common.run_cli(
-      lambda: main(bit_fewshot.fewshot_argparser('PyTorch').parse_args()))
+  errors.run_cli(
+      lambda: main(fewshot.fewshot_argparser('PyTorch').parse_args()))

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import bit_zoo
+from big_transfer import zoo
 
 GN_GROUPS = 32
 GN_EPS = 1e-5
@@ -87,7 +87,7 @@ class ResNetV2(nn.Module):
   def __init__(self, block_units, width_factor, head_size=21843,
                zero_head=False):
     super().__init__()
-    self.architecture = bit_zoo.Architecture(tuple(block_units),
+    self.architecture = zoo.Architecture(tuple(block_units),
                                                 width_factor)
     self.head_size = head_size
     self.zero_head = zero_head
@@ -151,13 +151,13 @@ class ResNetV2(nn.Module):
 
     The head is kept (zero or random) when the model was built with
     `zero_head=True`, and loaded otherwise. A missing key or a wrong shape
-    raises bit_common.BadInput naming the key and both shapes.
+    raises errors.BadInput naming the key and both shapes.
     """
     if prefix != 'resnet/':
       weights = {'resnet/' + k[len(prefix):]: v for k, v in weights.items()
                  if k.startswith(prefix)}
     with_head = not self.zero_head
-    bit_zoo.check_weights(weights, self.architecture,
+    zoo.check_weights(weights, self.architecture,
                              self.head_size if with_head else None)
     with torch.no_grad():
       for key, p in self.published_parameters(with_head):
@@ -168,7 +168,7 @@ class ResNetV2(nn.Module):
     return {key: th2tf(p) for key, p in self.published_parameters()}
 
   def save_npz(self, path):
-    return bit_zoo.save_npz(path, self.export())
+    return zoo.save_npz(path, self.export())
 
 
 def tf2th(array):
@@ -189,7 +189,7 @@ def th2tf_shape(tensor):
   return shape[2:] + shape[1::-1] if len(shape) == 4 else shape
 
 
-KNOWN_MODELS = bit_zoo.known_models(
+KNOWN_MODELS = zoo.known_models(
     lambda arch, head, zero: ResNetV2(arch.units, arch.width, head, zero))
 
 
@@ -200,7 +200,7 @@ def create(model, head_size=None, zero_head=False, weights=None):
   `weights`, when given, is loaded (strictly); `head_size` defaults to the
   file's (or registry's) head.
   """
-  arch, head = bit_zoo.model_arch(model, head_size, weights)
+  arch, head = zoo.model_arch(model, head_size, weights)
   net = ResNetV2(arch.units, arch.width, head, zero_head)
   if weights is not None:
     net.load_from(weights)

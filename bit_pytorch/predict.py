@@ -1,8 +1,7 @@
 """Classify images with a BiT model: python -m bit_pytorch.predict IMAGES..."""
 import torch
 
-import bit_common
-import bit_predict
+from big_transfer import errors, predict
 from bit_pytorch import models
 
 
@@ -23,9 +22,9 @@ def load_model(weights):
 
 
 def main(args):
-  return bit_predict.predict(args, load_model)
+  return predict.predict(args, load_model)
 
 
 if __name__ == '__main__':
-  bit_common.run_cli(
-      lambda: main(bit_predict.predict_argparser('PyTorch').parse_args()))
+  errors.run_cli(
+      lambda: main(predict.predict_argparser('PyTorch').parse_args()))

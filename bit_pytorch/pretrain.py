@@ -1,6 +1,6 @@
 """Upstream pre-training from scratch: the other half of BiT.
 
-  python -m bit_pytorch.pretrain --recipe recipes/bit_s_r50x1.yaml \\
+  python -m bit_pytorch.pretrain --recipe bit_s_r50x1 \\
       --name bit-s --logdir runs --datadir /data/imagenet
 
 trains a ResNet-v2 (GroupNorm, weight standardisation) from random
@@ -20,11 +20,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-import bit_common
-import bit_data
-import bit_distill
-import bit_run
-import bit_zoo
+from big_transfer import datasets, datastream, errors, harness, recipes, zoo
 from bit_pytorch import data as torch_data
 from bit_pytorch import engine
 from bit_pytorch import models
@@ -58,30 +54,30 @@ class Recipe:
   batch_eval: int = None         # default: batch
 
   def __post_init__(self):
-    bit_distill.check_fields(self)
+    recipes.check_fields(self)
     if (self.epochs is None) == (self.steps is None):
-      raise bit_common.BadInput('recipe: give exactly one of epochs and steps.')
+      raise errors.BadInput('recipe: give exactly one of epochs and steps.')
     for name in ('batch', 'epochs', 'steps', 'resize_size', 'crop_size',
                  'eval_every', 'batch_eval'):
       value = getattr(self, name)
       if value is not None and value <= 0:
-        raise bit_common.BadInput(f'recipe: {name} must be positive, got '
+        raise errors.BadInput(f'recipe: {name} must be positive, got '
                                   f'{value}.')
     if self.crop_size > self.resize_size:
-      raise bit_common.BadInput(f'recipe: crop_size {self.crop_size} is larger '
+      raise errors.BadInput(f'recipe: crop_size {self.crop_size} is larger '
                                 f'than resize_size {self.resize_size}.')
     for name, allowed in (('augment', AUGMENTATIONS), ('loss', LOSSES)):
       if getattr(self, name) not in allowed:
-        raise bit_common.BadInput(f'recipe: {name} must be one of {allowed}, '
+        raise errors.BadInput(f'recipe: {name} must be one of {allowed}, '
                                   f'got {getattr(self, name)!r}.')
     try:
-      bit_data.dataset_name(self.dataset)
+      datasets.dataset_name(self.dataset)
     except argparse.ArgumentTypeError as e:
-      raise bit_common.BadInput(f'recipe: {e}.') from None
+      raise errors.BadInput(f'recipe: {e}.') from None
     if self.dataset in ('imagenet2012', 'imagefolder') and not self.datadir:
-      raise bit_common.BadInput(f'{self.dataset} needs --datadir (a folder '
+      raise errors.BadInput(f'{self.dataset} needs --datadir (a folder '
                                 'with train/<class>/* and val/<class>/*).')
-    bit_zoo.parse_arch(self.model)
+    zoo.parse_arch(self.model)
 
 
 AUGMENTATIONS = ('inception_crop', 'crop_flip', 'none')
@@ -90,7 +86,7 @@ LOSSES = ('softmax', 'sigmoid')
 
 def load_recipe(path, overrides=(), datadir=None):
   """A Recipe from a YAML file, with KEY=VALUE overrides (YAML values)."""
-  return bit_distill.load_dataclass(Recipe, path, overrides, datadir)
+  return recipes.load(Recipe, path, overrides, datadir)
 
 
 # --------------------------------------------------------------------------
@@ -115,7 +111,7 @@ class Examples(torch.utils.data.Dataset):
     i, seed = key if self.train else (key, None)
     image = v2.functional.pil_to_tensor(self.source.load(i))
     if seed is not None:  # draws past those of the crops
-      u = bit_data.uniforms([seed], np.arange(40, 43))
+      u = datastream.uniforms([seed], np.arange(40, 43))
     if seed is None or r.augment == 'none':
       image = _resize(image, r.crop_size)
     else:
@@ -123,13 +119,13 @@ class Examples(torch.utils.data.Dataset):
         lo, hi = r.downsample
         image = _resize(image, lo + int(u[0] * (hi - lo + 1)))
       if r.augment == 'inception_crop':
-        top, left, h, w = bit_data.inception_crop(
+        top, left, h, w = datastream.inception_crop(
             seed, image.shape[1], image.shape[2], tuple(r.crop_scale))
         image = v2.functional.resized_crop(image, top, left, h, w,
                                            [r.crop_size] * 2, antialias=True)
       else:
         image = _resize(image, r.resize_size)
-        (top,), (left,), _ = bit_data.crop_flip([seed], r.resize_size,
+        (top,), (left,), _ = datastream.crop_flip([seed], r.resize_size,
                                                 r.crop_size)
         image = v2.functional.crop(image, int(top), int(left), r.crop_size,
                                    r.crop_size)
@@ -215,7 +211,7 @@ def argparser():
       description='Pre-train a BiT ResNet-v2 from scratch with a recipe file.',
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument('--recipe', required=True,
-                      help='YAML recipe (see recipes/): architecture, data, '
+                      help='YAML recipe (see big_transfer/recipes/): architecture, data, '
                       'length, batch, lr, warm-up, decays, weight decay, loss, '
                       'augmentation.')
   parser.add_argument('--name', required=True,
@@ -260,23 +256,23 @@ def main(args):
   recipe = load_recipe(args.recipe, args.overrides, args.datadir)
   world = engine.world_size()
   if args.batch_split < 1 or recipe.batch % (args.batch_split * world):
-    raise bit_common.BadInput(f'batch {recipe.batch} is not divisible by '
+    raise errors.BadInput(f'batch {recipe.batch} is not divisible by '
                               f'--batch_split {args.batch_split} times '
                               f'{world} process(es).')
   if args.save_every is not None and args.save_every < 1:
-    raise bit_common.BadInput('--save_every must be positive.')
+    raise errors.BadInput('--save_every must be positive.')
   with engine.process_group() as (rank, device):
     return _pretrain(args, recipe, rank, world, device)
 
 
 def _pretrain(args, recipe, rank, world, device):
-  run = bit_run.Run(args, rank == 0, engine.any_process(device))
+  run = harness.Run(args, rank == 0, engine.any_process(device))
   run.logger.info(f'recipe {args.recipe}: {recipe}')
   torch.manual_seed(args.seed)
   train_src, val_src, classes = engine.local_first(load_data, args, recipe,
                                                   run.logger)
   sched = schedule(recipe, len(train_src))
-  arch = bit_zoo.parse_arch(recipe.model)
+  arch = zoo.parse_arch(recipe.model)
   net = models.ResNetV2(arch.units, arch.width, classes, zero_head=True)
   torch.nn.init.constant_(net.head.conv.bias, recipe.head_bias)
   net, channels_last = engine.to_device(net, device)
@@ -293,7 +289,7 @@ def _pretrain(args, recipe, rank, world, device):
       'schedule': dataclasses.asdict(sched), 'dataset_size': len(train_src),
       'eval_size': len(val_src), 'classes': classes, 'export': export,
       'device': str(device), 'devices': world,
-      'versions': bit_run.versions(torch, torchvision)},
+      'versions': harness.versions(torch, torchvision)},
             f'{len(train_src)} training images, {classes} classes, '
             f'{sched.total_steps} steps of {recipe.batch} '
             f'({sched.total_steps / sched.steps_per_epoch:.3g} epochs), '
@@ -303,7 +299,7 @@ def _pretrain(args, recipe, rank, world, device):
   model = (torch.nn.parallel.DistributedDataParallel(
       net, device_ids=[device] if device.type == 'cuda' else None)
            if world > 1 else net)
-  stream = bit_data.Stream(len(train_src), recipe.batch, args.seed)
+  stream = datastream.Stream(len(train_src), recipe.batch, args.seed)
   sampler = torch_data.TrainBatches(stream, step, sched.total_steps, rank,
                                     world, args.batch_split)
   batches = engine.data_errors_named(iter(engine.loader(
@@ -339,4 +335,4 @@ def _pretrain(args, recipe, rank, world, device):
 
 
 if __name__ == '__main__':
-  bit_common.run_cli(lambda: main(argparser().parse_args()))
+  errors.run_cli(lambda: main(argparser().parse_args()))

@@ -9,8 +9,8 @@ On a machine with several GPUs this uses all of them, one process each
 batch gives the same update on any number of processes.
 
 The training loop, the run's outputs, checkpoint cadence and signals live in
-the shared harness (bit_run.Run); the batches come from the shared data
-stream (bit_data.Stream); processes, devices, the training step, evaluation
+the shared harness (harness.Run); the batches come from the shared data
+stream (datastream.Stream); processes, devices, the training step, evaluation
 and the checkpoint format are those every PyTorch program shares
 (bit_pytorch.engine). This file puts them together for fine-tuning.
 
@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from big_transfer import errors, harness, zoo
 import bit_common
-import bit_run
-import bit_zoo
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
 from bit_pytorch.engine import (Checkpoint, any_process, autocast_for,
@@ -56,7 +55,7 @@ def argparser():
 
 # --------------------------------------------------------------------------
 # One run. The loop, outputs, checkpoint cadence and signals are the shared
-# harness's (bit_run.Run.fit); this file holds what PyTorch needs.
+# harness's (harness.Run.fit); this file holds what PyTorch needs.
 
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
@@ -69,12 +68,12 @@ def main(args):
 
 def _train(args, rank, device):
   world = world_size()
-  run = bit_run.Run(args, rank == 0, any_process(device))
+  run = harness.Run(args, rank == 0, any_process(device))
   torch.manual_seed(args.seed)
   data = local_first(torch_data.load, args, run.logger)
   train_src = torch_data.fewshot(data.train, args)
-  hyper = bit_run.HyperRule.of(args, len(train_src), data.original_hw)
-  weights = local_first(bit_zoo.load_weights, args.model,
+  hyper = harness.HyperRule.of(args, len(train_src), data.original_hw)
+  weights = local_first(zoo.load_weights, args.model,
                         args.bit_pretrained_dir)
   net = models.create(args.model, head_size=len(data.classes), zero_head=True,
                       weights=weights)
@@ -89,7 +88,7 @@ def _train(args, rank, device):
   step = same_everywhere(run.resume(ckpt, settings))
   run.start(step, dict(hyper.config(), classes=data.classes, devices=world,
                        device=str(device),
-                       versions=bit_run.versions(torch, torchvision)),
+                       versions=harness.versions(torch, torchvision)),
             f'{args.dataset}: {len(train_src)} training, {len(data.val)} '
             f'validation examples, {len(data.classes)} classes; '
             f'{hyper.describe()}, {world} process(es) on {device.type}, '
@@ -146,11 +145,11 @@ def cli(argv=None):
   gpus = torch.cuda.device_count()
   if gpus > 1 and 'WORLD_SIZE' not in os.environ:
     # All local GPUs, one process each: start torchrun for the user.
-    bit_common.run_cli(bit_common.check_args, args, gpus)
+    errors.run_cli(bit_common.check_args, args, gpus)
     os.execv(sys.executable, [
         sys.executable, '-m', 'torch.distributed.run', '--standalone',
         f'--nproc_per_node={gpus}', '-m', 'bit_pytorch.train', *argv])
-  bit_common.run_cli(main, args)
+  errors.run_cli(main, args)
 
 
 if __name__ == '__main__':

@@ -10,18 +10,16 @@ training:
 """
 import torch
 
-import bit_common
+from big_transfer import errors, harness, zoo
 import bit_hyperrule
-import bit_run
-import bit_validate
-import bit_zoo
+from big_transfer import validate
 from bit_pytorch import data as torch_data
 from bit_pytorch import engine
 from bit_pytorch import models
 
 
 def argparser():
-  return bit_validate.argparser(
+  return validate.argparser(
       'PyTorch', precisions=tuple(engine.DTYPES),
       checkpoint_help='A bit.pth.tar checkpoint of bit_pytorch.train. ')
 
@@ -33,10 +31,10 @@ def load_model(args, classes):
       state = torch.load(args.ckpt_path, map_location='cpu', weights_only=True)
       run = state['run']
     except (OSError, RuntimeError, KeyError) as e:
-      raise bit_common.BadInput(f'{args.ckpt_path} is not a readable '
+      raise errors.BadInput(f'{args.ckpt_path} is not a readable '
                                 f'bit_pytorch checkpoint ({e}).') from e
     if run['classes'] != list(classes):
-      raise bit_common.BadInput(
+      raise errors.BadInput(
           f'{args.ckpt_path} was trained on {len(run["classes"])} classes '
           f'({", ".join(map(str, run["classes"][:5]))}, ...), but '
           f'{args.dataset} has {len(classes)} '
@@ -44,18 +42,18 @@ def load_model(args, classes):
     net = models.create(run['arch'], head_size=len(classes))
     net.load_state_dict(state['model'])
     return net, run['resolution'][1]
-  weights = bit_zoo.load_weights(args.ckpt_path, args.bit_pretrained_dir)
+  weights = zoo.load_weights(args.ckpt_path, args.bit_pretrained_dir)
   net = models.create(args.ckpt_path, weights=weights)
   if net.head_size != len(classes):
-    raise bit_common.BadInput(f'{args.ckpt_path} has a {net.head_size}-class '
+    raise errors.BadInput(f'{args.ckpt_path} has a {net.head_size}-class '
                               f'head, but {args.dataset} has {len(classes)} '
                               'classes.')
   return net, None
 
 
 def main(args):
-  bit_validate.check(args)
-  logger = bit_validate.logger()
+  validate.check(args)
+  logger = validate.logger()
   data = torch_data.load(args, logger, check_train=False)
   net, trained_crop = load_model(args, data.classes)
   crop = (args.crop_size or trained_crop or
@@ -71,11 +69,11 @@ def main(args):
   sums = engine.evaluate(net, loader, device, channels_last,
                         engine.autocast_for(device, args.precision),
                         torch.nn.functional.cross_entropy)
-  return bit_validate.report(bit_run.summarize(sums), args)
+  return validate.report(harness.summarize(sums), args)
 
 
 def cli(argv=None):
-  bit_common.run_cli(lambda: main(argparser().parse_args(argv)))
+  errors.run_cli(lambda: main(argparser().parse_args(argv)))
 
 
 if __name__ == '__main__':

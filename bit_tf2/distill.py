@@ -1,7 +1,7 @@
-"""Knowledge distillation in TensorFlow 2 / Keras 3 (see bit_distill for the
+"""Knowledge distillation in TensorFlow 2 / Keras 3 (see big_transfer.distill for the
 method, the recipe and the flags):
 
-  python -m bit_tf2.distill --recipe recipes/distill_digits_small.yaml \\
+  python -m bit_tf2.distill --recipe distill_digits_small \\
       --name student --logdir runs --teacher runs/teacher
 
 The strategy is fine-tuning's (bit_tf2.train.make_strategy). In a step,
@@ -10,7 +10,7 @@ and the student on the same images (after crop, flip and mixup, from the
 shared data stream through the tf.data pipeline, at the teacher's
 resolution; the student's resized to its own when the teacher's differs,
 bilinear and antialiased); the replicas' gradients are summed, then
-clipped and applied by bit_distill's optimiser (Adam's moments are
+clipped and applied by big_transfer.distill's optimiser (Adam's moments are
 variables of the checkpoint). Only the student is trained, checkpointed
 and exported.
 """
@@ -20,18 +20,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import bit_common  # noqa: F401  (first: bit_data imports it)
-import bit_data
-import bit_distill
-import bit_run
-import bit_zoo
+from big_transfer import datastream, distill, harness, zoo
 import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import engine
 from bit_tf2 import models
 
 
 def kl_per_example(student_logits, teacher_logits, temperature=1.0):
-  """T^2 * KL(p_teacher || q_student) of each row (bit_distill.kl_loss
+  """T^2 * KL(p_teacher || q_student) of each row (distill.kl_loss
   before the mean)."""
   t = float(temperature)
   log_p = tf.nn.log_softmax(tf.cast(teacher_logits, tf.float32) / t)
@@ -40,7 +36,7 @@ def kl_per_example(student_logits, teacher_logits, temperature=1.0):
 
 
 class Adam(tf.Module):
-  """bit_distill's optimiser: the summed gradient clipped to global norm,
+  """big_transfer.distill's optimiser: the summed gradient clipped to global norm,
   Adam's bias-corrected moments, w <- w - f * (lr * m_hat / (sqrt(v_hat)
   + eps) + wd * w) with wd on kernels only. Create and apply under the
   strategy's scope (applied in cross-replica context)."""
@@ -56,8 +52,8 @@ class Adam(tf.Module):
 
   def apply(self, grads, variables, factor):
     r = self.recipe
-    b1, b2, eps = (bit_distill.ADAM_B1, bit_distill.ADAM_B2,
-                   bit_distill.ADAM_EPS)
+    b1, b2, eps = (distill.ADAM_B1, distill.ADAM_B2,
+                   distill.ADAM_EPS)
     if r.grad_clip_norm:
       norm = tf.linalg.global_norm(grads)
       scale = tf.where(norm < r.grad_clip_norm, 1.0, r.grad_clip_norm / norm)
@@ -145,19 +141,19 @@ def make_steps(strategy, student, teacher, adam, recipe, batch_split):
 
 def read_weights(model, pretrained_dir):
   """Published weights of any --model form, a TF2 .h5 file included."""
-  if model.endswith('.h5') or model in bit_zoo.MODELS:
+  if model.endswith('.h5') or model in zoo.MODELS:
     return models.load_weights(models.weights_file(model, pretrained_dir))
-  return bit_zoo.load_weights(model, pretrained_dir)
+  return zoo.load_weights(model, pretrained_dir)
 
 
 def build_nets(args, recipe, classes, dtype):
   """(teacher, student), under the strategy's scope."""
   weights = read_weights(recipe.teacher, args.bit_pretrained_dir)
-  _, head = bit_zoo.model_arch(recipe.teacher, weights=weights)
-  bit_distill.check_teacher(head, classes, recipe.teacher)
+  _, head = zoo.model_arch(recipe.teacher, weights=weights)
+  distill.check_teacher(head, classes, recipe.teacher)
   teacher = models.create(recipe.teacher, weights=weights, dtype=dtype)
   teacher.trainable = False
-  if bit_distill.student_arch(recipe.student) is not None:
+  if distill.student_arch(recipe.student) is not None:
     keras.utils.set_random_seed(args.seed)
     student = models.create(recipe.student, head_size=classes,
                             zero_head=True, dtype=dtype)
@@ -170,27 +166,27 @@ def build_nets(args, recipe, classes, dtype):
 
 def main(args):
   """Distils as the recipe says; returns the final evaluation."""
-  recipe = bit_distill.load_recipe(args)
+  recipe = distill.load_recipe(args)
   deterministic = engine.deterministic()  # the same command, the same result
   strategy = engine.make_strategy()
   replicas = strategy.num_replicas_in_sync
-  bit_distill.check_args(args, recipe, replicas)
-  run = bit_distill.Run(args, engine.is_chief(strategy),
+  distill.check_args(args, recipe, replicas)
+  run = distill.Run(args, engine.is_chief(strategy),
                         engine.any_process(strategy))
   run.logger.info(f'recipe {args.recipe}: {recipe}')
   if not deterministic:
     run.logger.warning('TensorFlow was started before bit_tf2 could ask it '
                        'for one inter-op thread: two runs of this command '
                        'may differ in their last digits.')
-  data = input_pipeline.load(bit_distill.data_args(args, recipe), run.logger)
-  sched = bit_distill.schedule(recipe, data.train_size)
+  data = input_pipeline.load(distill.data_args(args, recipe), run.logger)
+  sched = distill.schedule(recipe, data.train_size)
   with strategy.scope():
     teacher, student = build_nets(args, recipe, data.num_classes,
                                   engine.POLICIES[args.precision])
     adam = Adam(student.trainable_variables, recipe)
     step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
 
-  settings = bit_distill.settings(recipe, args, sched)
+  settings = distill.settings(recipe, args, sched)
   ckpt = engine.Checkpoints(
       os.path.join(run.dir, 'checkpoints'), settings, run.lead,
       # The student's variables by list as well: tf.train.Checkpoint does
@@ -199,13 +195,13 @@ def main(args):
       tf.train.Checkpoint(model=student, weights=list(student.weights),
                           adam=adam, step=step_var))
   step = run.resume(ckpt, settings)
-  export = bit_distill.export_path(args, run)
+  export = distill.export_path(args, run)
   classes = list(data.classes) if data.classes else data.num_classes
-  run.start(step, bit_distill.config(
+  run.start(step, distill.config(
       recipe, sched, data.train_size, data.eval_size, classes, export,
       devices=replicas, strategy=type(strategy).__name__,
-      versions=bit_run.versions(tf, keras)),
-            bit_distill.describe(recipe, sched, data.train_size,
+      versions=harness.versions(tf, keras)),
+            distill.describe(recipe, sched, data.train_size,
                                  data.num_classes) +
             f'; {replicas} replica(s) ({type(strategy).__name__}), '
             f'{args.precision}')
@@ -223,12 +219,12 @@ def main(args):
         iter(eval_data))]
     return np.sum([s.numpy() for s in sums], axis=0, dtype=np.float64)
 
-  stream = bit_data.Stream(data.train_size, recipe.batch, args.seed,
+  stream = datastream.Stream(data.train_size, recipe.batch, args.seed,
                            recipe.mixup_alpha)
   batches = input_pipeline.named_errors(iter(engine.distribute(
       strategy, lambda pid, nproc: input_pipeline.train_batches(
           data, stream, recipe.resize_size, recipe.teacher_size, step, pid,
-          nproc, crop_scale=bit_distill.inception_scale(recipe)))))
+          nproc, crop_scale=distill.inception_scale(recipe)))))
 
   def train(step, lr):
     del lr  # the step takes the schedule's factor
@@ -236,7 +232,7 @@ def main(args):
                       tf.constant(sched.factor(step), tf.float32))
 
   result, step = run.fit(step, sched.total_steps, sched.lr, train, evaluate,
-                         ckpt, eval_every=bit_distill.eval_every(recipe,
+                         ckpt, eval_every=distill.eval_every(recipe,
                                                                  sched),
                          batch=recipe.batch)
   return run.finish(result, step, lambda _: student.save_npz(export),
@@ -245,4 +241,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-  bit_distill.main_cli(main, 'tf2')
+  distill.main_cli(main, 'tf2')

@@ -1,4 +1,4 @@
-"""What every TF2 program on the run harness (bit_run) shares: fine-tuning
+"""What every TF2 program on the run harness (big_transfer.harness) shares: fine-tuning
 (train.py) and distillation (distill.py). The tf.distribute strategy for the
 machine, per-replica datasets, the collectives the harness asks for, and the
 checkpoint format.
@@ -12,8 +12,7 @@ import tempfile
 
 import tensorflow as tf
 
-import bit_common
-import bit_run
+from big_transfer import errors, harness
 
 POLICIES = {'fp32': 'float32', 'bf16': 'mixed_bfloat16',
             'fp16': 'mixed_float16'}
@@ -77,10 +76,10 @@ def chief_first(strategy, fn, *args):
     if is_chief(strategy) == turn:
       try:
         result = fn(*args)
-      except bit_common.BadInput as e:
+      except errors.BadInput as e:
         error = e
     if vote([error is not None, False])[0] and error is None:
-      raise bit_common.BadInput('another worker refused the command line '
+      raise errors.BadInput('another worker refused the command line '
                                 '(its error says why).')
   if error is not None:
     raise error
@@ -165,7 +164,7 @@ RUN = 'run.json'
 
 
 class Checkpoints:
-  """bit_run's checkpoint format for TF2. Every worker saves (TF's
+  """the harness's checkpoint format for TF2. Every worker saves (TF's
   collectives need all of them); only the chief's copy is kept."""
 
   def __init__(self, directory, settings, chief, checkpoint):
@@ -208,6 +207,6 @@ class Checkpoints:
                for v in self.checkpoint.model.trainable_variables):
       raise FloatingPointError('weights are not finite')
     if not os.path.exists(self.run_file):
-      bit_run.write_json(self.run_file, self.settings)
+      harness.write_json(self.run_file, self.settings)
     self.checkpoint.step.assign(step)
     self.manager.save(checkpoint_number=step)

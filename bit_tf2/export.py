@@ -23,13 +23,13 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-import bit_export
-import bit_zoo
-from bit_common import BadInput
+from big_transfer import export
+from big_transfer import zoo
+from big_transfer.errors import BadInput
 from bit_tf2 import models
 
 def argparser():
-  return bit_export.argparser(
+  return export.argparser(
       'TF2: SavedModel or TFLite', ('saved_model', 'tflite'),
       'A registered model, a .npz or .h5 file, a run folder or '
       'hf-hub:ORG/NAME.',
@@ -38,9 +38,9 @@ def argparser():
 
 
 def read_weights(model, pretrained_dir='.'):
-  if model.endswith('.h5') or (model in bit_zoo.MODELS):
+  if model.endswith('.h5') or (model in zoo.MODELS):
     return models.load_weights(models.weights_file(model, pretrained_dir))
-  return bit_zoo.load_weights(model, pretrained_dir)
+  return zoo.load_weights(model, pretrained_dir)
 
 
 def check_inputs(resolution, batch, seed=0):
@@ -79,7 +79,7 @@ def export_saved_model(model, out, resolution, tolerance):
     diff = 0.
     for n in (1, 3):
       x = check_inputs(resolution, n, seed=n)
-      diff = max(diff, bit_export.compare(f'SavedModel (batch {n})',
+      diff = max(diff, export.compare(f'SavedModel (batch {n})',
                                loaded.serve(x).numpy(), model(x).numpy(),
                                tolerance))
     if os.path.isdir(out):
@@ -104,7 +104,7 @@ def export_tflite(model, out, resolution, tolerance):
   diff = 0.
   for n in (1, 3):  # two batch sizes: the batch dimension is dynamic
     x = check_inputs(resolution, n, seed=n)
-    diff = max(diff, bit_export.compare(f'TFLite (batch {n})',
+    diff = max(diff, export.compare(f'TFLite (batch {n})',
                              tflite_logits(interpreter, x),
                              model(x).numpy(), tolerance))
   fd, tmp = tempfile.mkstemp(dir=parent, suffix='.tflite.part')
@@ -124,7 +124,7 @@ def main(args):
     raise BadInput('--resolution must be at least 32.')
   weights = read_weights(args.model, args.bit_pretrained_dir)
   model = models.create('weights', weights=weights)
-  name = bit_export.default_name(args.model)
+  name = export.default_name(args.model)
   if args.format == 'saved_model':
     out = args.out or os.path.join('exports', f'{name}-saved_model')
     if os.path.isfile(out):
@@ -145,7 +145,7 @@ def main(args):
 
 
 def cli(argv=None):
-  return bit_export.cli(main, argparser, argv)
+  return export.cli(main, argparser, argv)
 
 
 if __name__ == '__main__':

@@ -6,19 +6,19 @@
 writes `features` (N, D) and `labels` (N,) in dataset order, at the
 HyperRule's evaluation resolution (or --resolution), over every local GPU
 (MirroredStrategy, XLA) or the CPU. Reads `.npz` and the published `.h5`
-files. The shared part is bit_fewshot.
+files. The shared part is big_transfer.fewshot.
 """
 import sys
 
 import numpy as np
 import tensorflow as tf
 
-import bit_common
-import bit_fewshot
+from big_transfer import errors
+from big_transfer import fewshot
 from bit_tf2 import models
 
 NAME = 'tf2'
-load_data = bit_fewshot.load_tfdata
+load_data = fewshot.load_tfdata
 
 
 def read_weights(model, pretrained_dir):
@@ -45,7 +45,7 @@ class FeatureModel:
     if self.devices == 1:
       return self._features(images).numpy()
     n = len(images)
-    per = bit_fewshot.round_up(n, self.devices) // self.devices
+    per = fewshot.round_up(n, self.devices) // self.devices
     images = np.concatenate([images, np.zeros(
         (per * self.devices - n, *images.shape[1:]), np.float32)])
     shards = self.strategy.experimental_distribute_values_from_function(
@@ -59,14 +59,14 @@ load_model = FeatureModel
 
 def feature_batches(model, splits, split, crop, batch, args):
   del args
-  return bit_fewshot.tfdata_feature_batches(
-      model, splits, split, crop, bit_fewshot.round_up(batch, model.devices))
+  return fewshot.tfdata_feature_batches(
+      model, splits, split, crop, fewshot.round_up(batch, model.devices))
 
 
 def main(args):
-  return bit_fewshot.features_main(args, sys.modules[__name__])
+  return fewshot.features_main(args, sys.modules[__name__])
 
 
 if __name__ == '__main__':
-  bit_common.run_cli(
-      lambda: main(bit_fewshot.features_argparser('TF2').parse_args()))
+  errors.run_cli(
+      lambda: main(fewshot.features_argparser('TF2').parse_args()))

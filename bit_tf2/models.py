@@ -11,8 +11,7 @@ import numpy as np
 import keras
 from keras import layers, ops
 
-import bit_common
-import bit_zoo
+from big_transfer import errors, zoo
 
 GN_GROUPS = 32
 GN_EPS = 1e-5
@@ -148,7 +147,7 @@ class ResNetV2(keras.Model):
   def __init__(self, block_units, width_factor, head_size=21843,
                zero_head=False, dtype=None):
     super().__init__(name='resnet', dtype=dtype)
-    self.architecture = bit_zoo.Architecture(tuple(block_units),
+    self.architecture = zoo.Architecture(tuple(block_units),
                                                 width_factor)
     self.head_size, self.zero_head = head_size, zero_head
     dtype = self.dtype_policy
@@ -197,10 +196,10 @@ class ResNetV2(keras.Model):
 
     The head is kept (zero or random) when the model was built with
     `zero_head=True`, and loaded otherwise. A missing key or a wrong shape
-    raises bit_common.BadInput naming the key and both shapes.
+    raises errors.BadInput naming the key and both shapes.
     """
     with_head = not self.zero_head
-    bit_zoo.check_weights(weights, self.architecture,
+    zoo.check_weights(weights, self.architecture,
                              self.head_size if with_head else None)
     for key, v in self.published_variables(with_head).items():
       v.assign(np.asarray(weights[key], np.float32))
@@ -211,7 +210,7 @@ class ResNetV2(keras.Model):
             for k, v in self.published_variables().items()}
 
   def save_npz(self, path):
-    return bit_zoo.save_npz(path, self.export_weights())
+    return zoo.save_npz(path, self.export_weights())
 
   def export_saved_model(self, path):
     """A SavedModel for serving: `serve(images)` takes float32 NHWC images
@@ -253,15 +252,15 @@ def load_h5(path):
       return
     m = _H5_VARIABLE.search(name)
     if not m:
-      raise bit_common.BadInput(f'{path}: dataset {name} is no BiT ResNet '
+      raise errors.BadInput(f'{path}: dataset {name} is no BiT ResNet '
                                 'variable; is this a BiT .h5 file?')
-    key = bit_zoo._canonical_key('resnet/' + m.group(1).split(':')[0])
+    key = zoo._canonical_key('resnet/' + m.group(1).split(':')[0])
     array = obj[()]
     if key == 'resnet/head/dense/kernel':
       key, array = 'resnet/head/conv2d/kernel', array[None, None]
     key = key.replace('head/dense/', 'head/conv2d/')
     if key in weights:
-      raise bit_common.BadInput(f'{path}: {key} appears twice (again as '
+      raise errors.BadInput(f'{path}: {key} appears twice (again as '
                                 f'{name}).')
     weights[key] = array
 
@@ -269,19 +268,19 @@ def load_h5(path):
     with h5py.File(path, 'r') as f:
       f.visititems(visit)
   except OSError as e:
-    raise bit_common.BadInput(f'{path} is not a readable .h5 file ({e}); '
+    raise errors.BadInput(f'{path} is not a readable .h5 file ({e}); '
                               'delete it and download it again.') from e
   if not weights:
-    raise bit_common.BadInput(f'{path} holds no BiT weights.')
+    raise errors.BadInput(f'{path} holds no BiT weights.')
   return weights
 
 
 def load_weights(path):
   """{published key: array} from a `.h5` file, or from anything
-  bit_zoo.load_weights reads (`.npz`, hf-hub:...); NaN/inf refused."""
+  zoo.load_weights reads (`.npz`, hf-hub:...); NaN/inf refused."""
   if path.endswith('.h5'):
-    return bit_zoo.check_finite(load_h5(path), path)
-  return bit_zoo.load_weights(path)
+    return zoo.check_finite(load_h5(path), path)
+  return zoo.load_weights(path)
 
 
 def weights_file(model, pretrained_dir='.'):
@@ -291,15 +290,15 @@ def weights_file(model, pretrained_dir='.'):
   from there; a missing one is downloaded as `.npz` (published for every
   model, and shared with the other backends).
   """
-  if model.startswith(bit_zoo.HF_HUB_PREFIX):
+  if model.startswith(zoo.HF_HUB_PREFIX):
     return model  # read through huggingface_hub's cache by load_weights
-  info = bit_zoo.MODELS.get(model)
+  info = zoo.MODELS.get(model)
   if info is not None and info.h5_url and not info.path:
     npz = os.path.join(pretrained_dir, info.filename('npz'))
     h5 = os.path.join(pretrained_dir, info.filename('h5'))
     if os.path.exists(h5) and not os.path.exists(npz):
       return h5
-  return bit_zoo.weights_path(model, pretrained_dir, 'npz')
+  return zoo.weights_path(model, pretrained_dir, 'npz')
 
 
 def create(model, head_size=None, zero_head=False, weights=None, dtype=None):
@@ -309,7 +308,7 @@ def create(model, head_size=None, zero_head=False, weights=None, dtype=None):
   `weights`, when given, is loaded (strictly); `head_size` defaults to the
   file's (or registry's) head.
   """
-  arch, head = bit_zoo.model_arch(model, head_size, weights)
+  arch, head = zoo.model_arch(model, head_size, weights)
   net = ResNetV2(arch.units, arch.width, head, zero_head, dtype)
   if weights is not None:
     net.load_from(weights)
@@ -319,7 +318,7 @@ def create(model, head_size=None, zero_head=False, weights=None, dtype=None):
 # The original repository's tables: KNOWN_MODELS[name](head_size=...,
 # zero_head=...) is a Keras ResNetV2 for that model (load its weights with
 # load_from), NUM_UNITS[name] its units per block.
-KNOWN_MODELS = bit_zoo.known_models(
+KNOWN_MODELS = zoo.known_models(
     lambda arch, head, zero: ResNetV2(arch.units, arch.width, head, zero))
 NUM_UNITS = {name: info.architecture.units
-             for name, info in bit_zoo.MODELS.items()}
+             for name, info in zoo.MODELS.items()}

@@ -4,8 +4,7 @@ Reads `.npz` and the published Keras-2 `.h5` files (--model may be a path
 to either)."""
 import tensorflow as tf
 
-import bit_common
-import bit_predict
+from big_transfer import errors, predict
 from bit_tf2 import models
 
 
@@ -27,9 +26,9 @@ def load_model(weights):
 
 
 def main(args):
-  return bit_predict.predict(args, load_model, read_weights=read_weights)
+  return predict.predict(args, load_model, read_weights=read_weights)
 
 
 if __name__ == '__main__':
-  bit_common.run_cli(
-      lambda: main(bit_predict.predict_argparser('TF2').parse_args()))
+  errors.run_cli(
+      lambda: main(predict.predict_argparser('TF2').parse_args()))

@@ -13,8 +13,8 @@ the step; on GPUs and TPUs the forward and backward passes are compiled
 with XLA.
 
 The training loop, the run's outputs, checkpoint cadence and signals live in
-the shared harness (bit_run.Run); the batches come from the shared data
-stream (bit_data.Stream) through the tf.data pipeline
+the shared harness (harness.Run); the batches come from the shared data
+stream (datastream.Stream) through the tf.data pipeline
 (input_pipeline_tf2_or_jax); the strategy, per-replica datasets,
 collectives and the checkpoint format are those every TF2 program shares
 (bit_tf2.engine). This file holds the optimiser and the compiled steps and
@@ -31,8 +31,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from big_transfer import errors, harness
 import bit_common
-import bit_run
 import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import engine
 from bit_tf2 import models
@@ -156,7 +156,7 @@ def make_steps(strategy, model, optimizer, lr, batch, batch_split,
 
 # --------------------------------------------------------------------------
 # One run. The loop, outputs, checkpoint cadence and signals are the shared
-# harness's (bit_run.Run.fit); this file holds what TensorFlow needs.
+# harness's (harness.Run.fit); this file holds what TensorFlow needs.
 
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
@@ -166,13 +166,13 @@ def main(args):
   strategy = make_strategy()
   replicas = strategy.num_replicas_in_sync
   chief_first(strategy, bit_common.check_args, args, replicas)
-  run = bit_run.Run(args, is_chief(strategy), any_process(strategy))
+  run = harness.Run(args, is_chief(strategy), any_process(strategy))
   if not deterministic:
     run.logger.warning('TensorFlow was started before bit_tf2 could ask it '
                        'for one inter-op thread: two runs of this command '
                        'may differ in their last digits.')
   data = input_pipeline.load(args, run.logger)
-  hyper = bit_run.HyperRule.of(args, data.train_size, data.original_hw)
+  hyper = harness.HyperRule.of(args, data.train_size, data.original_hw)
   weights = models.load_weights(models.weights_file(args.model,
                                                     args.bit_pretrained_dir))
   with strategy.scope():
@@ -195,7 +195,7 @@ def main(args):
                        devices=replicas, strategy=type(strategy).__name__,
                        device_kind=device_kind(strategy),
                        xla=dict(zip(('train', 'eval'), xla)),
-                       versions=bit_run.versions(tf, keras)),
+                       versions=harness.versions(tf, keras)),
             f'{args.dataset}: {data.train_size} training, {data.eval_size} '
             f'{data.eval_split} examples, {data.num_classes} classes; '
             f'{hyper.describe()}, {replicas} {device_kind(strategy)} '
@@ -235,4 +235,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-  bit_common.run_cli(lambda: main(argparser().parse_args()))
+  errors.run_cli(lambda: main(argparser().parse_args()))

@@ -8,22 +8,22 @@ published .h5, a registered model name or hf-hub:ORG/NAME. Prints (and with
 --output writes) {"loss", "top1", "top5", "n"} as JSON, as
 bit_pytorch.validate does.
 """
-import bit_common
-import bit_validate
+from big_transfer import errors
+from big_transfer import validate
 from bit_tf2 import predict
 
 
 def argparser():
-  return bit_validate.argparser('TF2', precisions=('fp32',))
+  return validate.argparser('TF2', precisions=('fp32',))
 
 
 def main(args):
-  return bit_validate.main_tf_data(args, predict.load_model,
+  return validate.main_tf_data(args, predict.load_model,
                                    predict.read_weights)
 
 
 def cli(argv=None):
-  bit_common.run_cli(lambda: main(argparser().parse_args(argv)))
+  errors.run_cli(lambda: main(argparser().parse_args(argv)))
 
 
 if __name__ == '__main__':

@@ -4,7 +4,7 @@ from scratch.
 
   python -m demo.run            (what `make demo` runs)
 
-Fine-tunes the bundled upstream model (bit_models/, pre-trained on
+Fine-tunes the bundled upstream model (big_transfer/assets/, pre-trained on
 Fashion-MNIST) and the same architecture from random initialisation on
 scikit-learn's handwritten digits, with 1, 5 and all examples per class,
 over several seeds, through bit_pytorch.train and the BiT-HyperRule (its
@@ -25,13 +25,8 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import bit_common  # noqa: E402
-import bit_fewshot  # noqa: E402
-import bit_run  # noqa: E402
-import bit_zoo  # noqa: E402
+import bit_common
+from big_transfer import errors, fewshot, harness, zoo
 
 MODEL = 'BiT-R14x0.5-FashionMNIST'
 DATASET = 'digits'
@@ -72,7 +67,7 @@ def parse_shots(text):
   try:
     return [None if s.strip() == 'all' else int(s) for s in text.split(',')]
   except ValueError:
-    raise bit_common.BadInput(f'--shots {text!r}: give numbers or "all", '
+    raise errors.BadInput(f'--shots {text!r}: give numbers or "all", '
                               'comma-separated, e.g. 1,5,all.') from None
 
 
@@ -84,8 +79,8 @@ def scratch_weights(model, logdir, seed):
   """The same architecture as `model`, randomly initialised, as an .npz."""
   import torch
   from bit_pytorch import models
-  weights = bit_zoo.load_npz(bit_zoo.weights_path(model))
-  arch, head = bit_zoo.infer_arch(weights)
+  weights = zoo.load_npz(zoo.weights_path(model))
+  arch, head = zoo.infer_arch(weights)
   path = os.path.join(logdir, f'scratch-{arch.name}-seed{seed}.npz')
   torch.manual_seed(seed)
   return models.ResNetV2(arch.units, arch.width, head).save_npz(path)
@@ -122,12 +117,12 @@ def linear_probe(args, init):
   random initialisation (seed 0: scratch's first network), in a worker
   process with one thread; returns {shots: [top-1 per seed]}."""
   import torch
-  from bit_pytorch import fewshot
+  from bit_pytorch import fewshot as torch_fewshot
   torch.set_num_threads(1)
   sys.stderr = open(os.devnull, 'w')
   model = (args.model if init == 'upstream' else
            scratch_weights(args.model, args.logdir, 0))
-  result = fewshot.main(bit_fewshot.fewshot_argparser('PyTorch').parse_args(
+  result = torch_fewshot.main(fewshot.fewshot_argparser('PyTorch').parse_args(
       ['--model', model, '--dataset', DATASET, '--resolution',
        str(args.crop_size), '--shots', args.linear_shots, '--seeds',
        str(args.seeds), '--workers', '0', '--batch', '200',
@@ -205,11 +200,11 @@ def main(args):
   shots_list = parse_shots(args.shots)
   linear_shots = args.linear_shots.strip().lower() not in ('', 'none')
   if linear_shots:
-    bit_fewshot.parse_list(args.linear_shots, 'linear_shots', int)
+    fewshot.parse_list(args.linear_shots, 'linear_shots', int)
   for flag in ('seeds', 'steps', 'batch', 'eval_every', 'processes'):
     if getattr(args, flag) < 1:
-      raise bit_common.BadInput(f'--{flag} must be positive.')
-  bit_zoo.weights_path(args.model)  # the bundled file: no download
+      raise errors.BadInput(f'--{flag} must be positive.')
+  zoo.weights_path(args.model)  # the bundled file: no download
   os.makedirs(args.logdir, exist_ok=True)
   t0 = time.time()
   results = []
@@ -246,7 +241,7 @@ def main(args):
   plot(results, shots_list, png, title)
   minutes = (time.time() - t0) / 60
   linear_text = linear and linear_table(linear, args.model)
-  bit_run.write_json(os.path.join(args.logdir, 'demo.json'), dict(
+  harness.write_json(os.path.join(args.logdir, 'demo.json'), dict(
       vars(args), results=results, table=text, minutes=minutes,
       linear=linear, linear_table=linear_text))
   print(f'\nTop-1 on {DATASET} validation (797 images), %: median (min-max) '
@@ -254,11 +249,11 @@ def main(args):
         f'{text}\n')
   if linear:
     print(f'Few-shot linear evaluation (frozen pre-logit features, '
-          f'least squares, l2 {bit_fewshot.DEFAULT_L2}; '
+          f'least squares, l2 {fewshot.DEFAULT_L2}; '
           f'{args.crop_size} px):\n\n{linear_text}\n')
   print(f'plot: {png}  ({minutes:.1f} min)')
   return results
 
 
 if __name__ == '__main__':
-  bit_common.run_cli(lambda: main(argparser().parse_args()))
+  errors.run_cli(lambda: main(argparser().parse_args()))

@@ -3,13 +3,11 @@
 Nothing here touches the network.
 """
 import os
-import sys
 
 import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
@@ -25,19 +23,19 @@ from bit_tf2 import engine as tf2_engine  # noqa: E402
 
 tf2_engine.deterministic()
 
-import bit_common  # noqa: E402
+from big_transfer import harness, zoo  # noqa: E402
 
 
 def synthetic_weights(arch='R14x0.5', head_size=10, seed=0):
   """{published key: array} for `arch`, drawn at random from its layout.
 
-  Made from the published key table alone (bit_common.expected_shapes), not
+  Made from the published key table alone (zoo.expected_shapes), not
   from any backend's model, so it checks the loaders independently.
   """
   rng = np.random.default_rng(seed)
   weights = {}
-  for key, shape in bit_common.expected_shapes(
-      bit_common.parse_arch(arch), head_size).items():
+  for key, shape in zoo.expected_shapes(
+      zoo.parse_arch(arch), head_size).items():
     if key.endswith('gamma'):
       value = 1 + 0.1 * rng.standard_normal(shape)
     elif key.endswith(('beta', 'bias')):
@@ -87,15 +85,14 @@ def sigterm_after_step(monkeypatch):
   training step k (k=None disarms), which is how a run is interrupted in
   the resume tests; the harness then stops with a checkpoint at step k."""
   import signal
-  import bit_run
-  update = bit_run.Progress.update
+  update = harness.Progress.update
 
   def arm(k):
     def update_then_sigterm(self, step):
       update(self, step)
       if step == k:
         os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(bit_run.Progress, 'update',
+    monkeypatch.setattr(harness.Progress, 'update',
                         update if k is None else update_then_sigterm)
   return arm
 

@@ -17,9 +17,6 @@ import os
 import signal
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
-
 
 def arm():
   step = os.environ.get('BIT_TEST_SIGNAL_STEP')
@@ -27,11 +24,10 @@ def arm():
   if step is None or rank not in (None, os.environ.get('BIT_TEST_RANK',
                                                        '1')):
     return
-  import bit_common  # noqa: F401  (first: it imports the rest)
-  import bit_run
+  from big_transfer import errors, harness  # noqa: F401  (first: it imports the rest)
   signum = getattr(signal, 'SIG' + os.environ.get('BIT_TEST_SIGNAL', 'TERM'))
   once = os.environ.get('BIT_TEST_SIGNAL_ONCE')
-  fit = bit_run.Run.fit
+  fit = harness.Run.fit
 
   def fit_with_fault(self, start, total, lr_at, train, *args, **kwargs):
     def train_or_fault(s, lr):
@@ -42,7 +38,7 @@ def arm():
       return train(s, lr)
     return fit(self, start, total, lr_at, train_or_fault, *args, **kwargs)
 
-  bit_run.Run.fit = fit_with_fault
+  harness.Run.fit = fit_with_fault
 
 
 def main():
@@ -51,13 +47,13 @@ def main():
     import torch  # noqa: F401  (before TensorFlow, which the others import)
     import torchvision  # noqa: F401
   arm()
-  import bit_common
+  from big_transfer import errors
   import importlib
   train = importlib.import_module(f'bit_{backend}.train')
   if backend == 'pytorch':
     train.cli(argv)
   else:
-    bit_common.run_cli(lambda: train.main(train.argparser().parse_args(argv)))
+    errors.run_cli(lambda: train.main(train.argparser().parse_args(argv)))
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ import urllib.error
 import numpy as np
 import pytest
 
+from big_transfer import datasets, errors, harness, predict, zoo
 import bit_common
 from conftest import synthetic_weights, write_imagefolder
 
@@ -16,7 +17,7 @@ from conftest import synthetic_weights, write_imagefolder
 # ---------------------------------------------------------------- registry
 
 def test_registry_covers_every_published_family():
-  names = set(bit_common.MODELS)
+  names = set(zoo.MODELS)
   for arch in ('R50x1', 'R50x3', 'R101x1', 'R101x3', 'R152x2', 'R152x4'):
     assert {f'BiT-S-{arch}', f'BiT-M-{arch}', f'BiT-M-{arch}-ILSVRC2012'} <= names
   assert 'BiT-M-R50x1-CIFAR10' in names
@@ -40,14 +41,14 @@ def test_registry_covers_every_published_family():
      (3, 8, 36, 3), 1000),
 ])
 def test_registry_entries(name, url, arch, head):
-  info = bit_common.model_info(name)
+  info = zoo.model_info(name)
   assert info.url == 'https://storage.googleapis.com/' + url
   assert info.architecture.units == arch
   assert info.head_size == head
 
 
 def test_every_registered_model_resolves():
-  for info in bit_common.MODELS.values():
+  for info in zoo.MODELS.values():
     assert info.url or info.path
     arch = info.architecture
     assert arch.name == info.arch
@@ -55,20 +56,20 @@ def test_every_registered_model_resolves():
 
 
 def test_h5_only_where_published():
-  assert bit_common.MODELS['BiT-S-R50x1'].h5_url.endswith('BiT-S-R50x1.h5')
-  assert bit_common.MODELS['BiT-M-R152x4'].h5_url.endswith('BiT-M-R152x4.h5')
-  assert bit_common.MODELS['BiT-M-R152x2'].h5_url is None
-  with pytest.raises(bit_common.BadInput, match='not published as .h5'):
-    bit_common.weights_path('BiT-M-R152x2', '.', fmt='h5')
+  assert zoo.MODELS['BiT-S-R50x1'].h5_url.endswith('BiT-S-R50x1.h5')
+  assert zoo.MODELS['BiT-M-R152x4'].h5_url.endswith('BiT-M-R152x4.h5')
+  assert zoo.MODELS['BiT-M-R152x2'].h5_url is None
+  with pytest.raises(errors.BadInput, match='not published as .h5'):
+    zoo.weights_path('BiT-M-R152x2', '.', fmt='h5')
 
 
 def test_unknown_names_are_refused_with_a_hint():
-  with pytest.raises(bit_common.BadInput, match='Did you mean'):
-    bit_common.model_info('r50x1')
-  with pytest.raises(bit_common.BadInput, match='unknown architecture'):
-    bit_common.parse_arch('R51x1')
-  with pytest.raises(bit_common.BadInput, match='GroupNorm'):
-    bit_common.parse_arch('R50x0.25')
+  with pytest.raises(errors.BadInput, match='Did you mean'):
+    zoo.model_info('r50x1')
+  with pytest.raises(errors.BadInput, match='unknown architecture'):
+    zoo.parse_arch('R51x1')
+  with pytest.raises(errors.BadInput, match='GroupNorm'):
+    zoo.parse_arch('R50x0.25')
 
 
 # ---------------------------------------------------------------- downloads
@@ -96,9 +97,9 @@ def test_download_writes_the_file_atomically(tmp_path):
   data = npz_bytes()
   dest = tmp_path / 'w' / 'BiT-M-R50x1.npz'
   seen = []
-  bit_common.download('http://x/BiT-M-R50x1.npz', str(dest),
+  zoo.download('http://x/BiT-M-R50x1.npz', str(dest),
                       opener=lambda url: (seen.append(url), FakeResponse(data))[1],
-                      verify=bit_common.load_npz)
+                      verify=zoo.load_npz)
   assert seen == ['http://x/BiT-M-R50x1.npz']
   assert dest.read_bytes() == data
   assert os.listdir(dest.parent) == ['BiT-M-R50x1.npz']
@@ -112,23 +113,23 @@ def test_download_writes_the_file_atomically(tmp_path):
 def test_interrupted_download_leaves_nothing(tmp_path, response):
   data = npz_bytes()
   dest = tmp_path / 'model.npz'
-  with pytest.raises(bit_common.BadInput, match='fetch it yourself'):
-    bit_common.download('http://x/model.npz', str(dest),
+  with pytest.raises(errors.BadInput, match='fetch it yourself'):
+    zoo.download('http://x/model.npz', str(dest),
                         opener=lambda url: response(data),
-                        verify=bit_common.load_npz)
+                        verify=zoo.load_npz)
   assert os.listdir(tmp_path) == []
   # Restartable: the next attempt starts afresh and succeeds.
-  bit_common.download('http://x/model.npz', str(dest),
+  zoo.download('http://x/model.npz', str(dest),
                       opener=lambda url: FakeResponse(data),
-                      verify=bit_common.load_npz)
+                      verify=zoo.load_npz)
   assert dest.read_bytes() == data
 
 
 def test_offline_error_names_the_file_and_where_to_put_it(tmp_path):
   def offline(url):
     raise urllib.error.URLError('Name or service not known')
-  with pytest.raises(bit_common.BadInput) as e:
-    bit_common.weights_path('BiT-S-R50x1', str(tmp_path), opener=offline)
+  with pytest.raises(errors.BadInput) as e:
+    zoo.weights_path('BiT-S-R50x1', str(tmp_path), opener=offline)
   msg = str(e.value)
   assert 'https://storage.googleapis.com/bit_models/BiT-S-R50x1.npz' in msg
   assert str(tmp_path / 'BiT-S-R50x1.npz') in msg
@@ -146,15 +147,15 @@ def test_weights_path_downloads_from_a_local_server(tmp_path, monkeypatch):
   threading.Thread(target=server.serve_forever, daemon=True).start()
   try:
     base = f'http://127.0.0.1:{server.server_port}/bit_models/'
-    info = bit_common.MODELS['BiT-M-R50x1']
-    monkeypatch.setitem(bit_common.MODELS, 'BiT-M-R50x1', bit_common.ModelInfo(
+    info = zoo.MODELS['BiT-M-R50x1']
+    monkeypatch.setitem(zoo.MODELS, 'BiT-M-R50x1', zoo.ModelInfo(
         info.name, info.arch, info.head_size, base + 'BiT-M-R50x1.npz'))
-    path = bit_common.weights_path('BiT-M-R50x1', str(tmp_path / 'cache'))
+    path = zoo.weights_path('BiT-M-R50x1', str(tmp_path / 'cache'))
     assert path == str(tmp_path / 'cache' / 'BiT-M-R50x1.npz')
-    assert bit_common.load_npz(path).keys() == synthetic_weights().keys()
+    assert zoo.load_npz(path).keys() == synthetic_weights().keys()
     # Present now: no second download (the server is gone).
     server.shutdown()
-    assert bit_common.weights_path('BiT-M-R50x1', str(tmp_path / 'cache')) == path
+    assert zoo.weights_path('BiT-M-R50x1', str(tmp_path / 'cache')) == path
   finally:
     server.server_close()
 
@@ -165,12 +166,12 @@ def test_load_npz_refuses_truncated_and_foreign_files(tmp_path, make_npz):
   good = make_npz()
   truncated = tmp_path / 'truncated.npz'
   truncated.write_bytes(open(good, 'rb').read()[:2000])
-  with pytest.raises(bit_common.BadInput, match='not a readable .npz'):
-    bit_common.load_npz(str(truncated))
+  with pytest.raises(errors.BadInput, match='not a readable .npz'):
+    zoo.load_npz(str(truncated))
   foreign = tmp_path / 'foreign.npz'
   np.savez(foreign, w=np.zeros(3))
-  with pytest.raises(bit_common.BadInput, match='not a BiT checkpoint'):
-    bit_common.load_npz(str(foreign))
+  with pytest.raises(errors.BadInput, match='not a BiT checkpoint'):
+    zoo.load_npz(str(foreign))
 
 
 def test_numbered_conv_names_are_accepted(tmp_path):
@@ -178,24 +179,24 @@ def test_numbered_conv_names_are_accepted(tmp_path):
   renamed = {k.replace('standardized_conv2d', f'standardized_conv2d_{i}'): v
              for i, (k, v) in enumerate(w.items())}
   np.savez(tmp_path / 'n.npz', **renamed)
-  assert bit_common.load_npz(str(tmp_path / 'n.npz')).keys() == w.keys()
+  assert zoo.load_npz(str(tmp_path / 'n.npz')).keys() == w.keys()
 
 
 def test_infer_arch_and_check_weights():
   w = synthetic_weights('R26x1', head_size=7)
-  arch, head = bit_common.infer_arch(w)
+  arch, head = zoo.infer_arch(w)
   assert (arch.units, arch.width, head, arch.name) == ((2, 2, 2, 2), 1, 7, 'R26x1')
-  bit_common.check_weights(w, arch, 7)
-  with pytest.raises(bit_common.BadInput, match=
+  zoo.check_weights(w, arch, 7)
+  with pytest.raises(errors.BadInput, match=
                      r'kernel has shape \(7, 7, 3, 64\) but R26x0.5 needs \(7, 7, 3, 32\)'):
-    bit_common.check_weights(w, bit_common.parse_arch('R26x0.5'))
+    zoo.check_weights(w, zoo.parse_arch('R26x0.5'))
   del w['resnet/group_norm/beta']
-  with pytest.raises(bit_common.BadInput, match='has no resnet/group_norm/beta'):
-    bit_common.check_weights(w, arch)
+  with pytest.raises(errors.BadInput, match='has no resnet/group_norm/beta'):
+    zoo.check_weights(w, arch)
 
 
 def test_expected_shapes_follow_the_published_table():
-  shapes = bit_common.expected_shapes(bit_common.parse_arch('R50x1'), 21843)
+  shapes = zoo.expected_shapes(zoo.parse_arch('R50x1'), 21843)
   assert shapes['resnet/root_block/standardized_conv2d/kernel'] == (7, 7, 3, 64)
   assert shapes['resnet/block1/unit01/a/proj/standardized_conv2d/kernel'] == (1, 1, 64, 256)
   assert shapes['resnet/block2/unit01/b/standardized_conv2d/kernel'] == (3, 3, 128, 128)
@@ -230,7 +231,7 @@ def test_original_flags_keep_their_names_and_defaults():
 ])
 def test_check_args_refuses(flags, message):
   args = bit_common.argparser().parse_args(['--name', 'n', '--logdir', 'l'] + flags)
-  with pytest.raises(bit_common.BadInput, match=message):
+  with pytest.raises(errors.BadInput, match=message):
     bit_common.check_args(args)
 
 
@@ -238,16 +239,16 @@ def test_batch_must_divide_over_devices():
   args = bit_common.argparser().parse_args(
       ['--name', 'n', '--logdir', 'l', '--batch', '12', '--batch_split', '2'])
   bit_common.check_args(args, devices=3)
-  with pytest.raises(bit_common.BadInput, match='4 device'):
+  with pytest.raises(errors.BadInput, match='4 device'):
     bit_common.check_args(args, devices=4)
 
 
 def test_resolution_overrides():
   p = bit_common.argparser()
   base = ['--name', 'n', '--logdir', 'l']
-  assert bit_common.resolution(p.parse_args(base), (32, 32)) == (160, 128)
-  assert bit_common.resolution(p.parse_args(base + ['--crop_size', '64']), (32, 32)) == (80, 64)
-  assert bit_common.resolution(
+  assert harness.resolution(p.parse_args(base), (32, 32)) == (160, 128)
+  assert harness.resolution(p.parse_args(base + ['--crop_size', '64']), (32, 32)) == (80, 64)
+  assert harness.resolution(
       p.parse_args(base + ['--resize_size', '40', '--crop_size', '32']), (500, 500)) == (40, 32)
 
 
@@ -255,42 +256,42 @@ def test_resolution_overrides():
 
 def test_fewshot_is_reproducible_balanced_and_seeded():
   labels = np.random.default_rng(1).integers(0, 5, 1000)
-  a = bit_common.fewshot_indices(labels, 5, seed=3)
-  b = bit_common.fewshot_indices(labels, 5, seed=3)
-  c = bit_common.fewshot_indices(labels, 5, seed=4)
+  a = datasets.fewshot_indices(labels, 5, seed=3)
+  b = datasets.fewshot_indices(labels, 5, seed=3)
+  c = datasets.fewshot_indices(labels, 5, seed=4)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
   assert len(set(a)) == 25 and list(a) == sorted(a)
   assert np.bincount(labels[a]).tolist() == [5] * 5
-  with pytest.raises(bit_common.BadInput, match='class 0 has only'):
-    bit_common.fewshot_indices(np.array([0, 1, 1]), 2, seed=0)
+  with pytest.raises(errors.BadInput, match='class 0 has only'):
+    datasets.fewshot_indices(np.array([0, 1, 1]), 2, seed=0)
 
 
 # ---------------------------------------------------------------- folders
 
 def test_scan_imagefolder_sorted_and_checked(tmp_path):
   root = write_imagefolder(tmp_path / 'f', classes=('b', 'a', 'c'), train=3, val=2)
-  classes, train, val = bit_common.scan_imagefolder(root)
+  classes, train, val = datasets.scan_imagefolder(root)
   assert classes == ['a', 'b', 'c']
   assert train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
   assert train.paths[0].endswith(os.path.join('train', 'a', '000.png'))
   assert len(val.paths) == 6
-  assert bit_common.image_sizes(train.paths) == [(40, 48)] * 9
+  assert datasets.image_sizes(train.paths) == [(40, 48)] * 9
   os.makedirs(tmp_path / 'f' / 'train' / 'empty')
-  with pytest.raises(bit_common.BadInput, match='empty has no images'):
-    bit_common.scan_imagefolder(root)
+  with pytest.raises(errors.BadInput, match='empty has no images'):
+    datasets.scan_imagefolder(root)
 
 
 def test_scan_imagefolder_uses_test_when_no_val(tmp_path):
   root = write_imagefolder(tmp_path / 'f', split_names=('train', 'test'))
-  _, _, held_out = bit_common.scan_imagefolder(root)
+  _, _, held_out = datasets.scan_imagefolder(root)
   assert all(os.sep + 'test' + os.sep in p for p in held_out.paths)
-  with pytest.raises(bit_common.BadInput, match='no train/'):
-    bit_common.scan_imagefolder(str(tmp_path))
+  with pytest.raises(errors.BadInput, match='no train/'):
+    datasets.scan_imagefolder(str(tmp_path))
 
 
 def test_digits_ships_offline():
-  d = bit_common.load_array_dataset('digits')
+  d = datasets.load_array_dataset('digits')
   assert d.train_images.shape == (1000, 8, 8, 3) and d.train_images.dtype == np.uint8
   assert d.val_images.shape == (797, 8, 8, 3)
   assert d.train_images.max() == 255 and len(d.classes) == 10
@@ -301,7 +302,7 @@ def test_digits_ships_offline():
 
 def test_stop_signals_first_asks_second_interrupts():
   import signal
-  with bit_common.StopSignals() as signals:
+  with harness.StopSignals() as signals:
     assert signals.signum is None
     os.kill(os.getpid(), signal.SIGINT)
     assert signals.signum == signal.SIGINT   # recorded, run goes on
@@ -312,14 +313,14 @@ def test_stop_signals_first_asks_second_interrupts():
 
 def test_readable_images_names_or_leaves_out_bad_files(tmp_path):
   root = write_imagefolder(tmp_path / 'f', classes=('a', 'b'), train=3, val=0)
-  paths = bit_common.list_images([os.path.join(root, 'train')])
-  assert bit_common.readable_images(paths).tolist() == list(range(6))
+  paths = predict.list_images([os.path.join(root, 'train')])
+  assert datasets.readable_images(paths).tolist() == list(range(6))
   with open(paths[1], 'wb') as f:
     f.write(b'not an image')
   truncated = open(paths[4], 'rb').read()[:100]   # header intact
   with open(paths[4], 'wb') as f:
     f.write(truncated)
-  with pytest.raises(bit_common.BadImage, match=r'cannot read image .*001\.png'):
-    bit_common.readable_images(paths)
+  with pytest.raises(datasets.BadImage, match=r'cannot read image .*001\.png'):
+    datasets.readable_images(paths)
   # With skip, whole files are decoded: the truncated one is left out too.
-  assert bit_common.readable_images(paths, skip=True).tolist() == [0, 2, 3, 5]
+  assert datasets.readable_images(paths, skip=True).tolist() == [0, 2, 3, 5]

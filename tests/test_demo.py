@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from big_transfer import datasets, errors, predict, zoo
 import bit_common
 from bit_pytorch import train as torch_train  # torchvision before TF: see below
 from demo import run as demo
@@ -17,7 +18,7 @@ from demo import run as demo
 del torch_train
 
 NAME = 'BiT-R14x0.5-FashionMNIST'
-PROVENANCE = os.path.join(bit_common.REPO_DIR, 'bit_models', f'{NAME}.md')
+PROVENANCE = zoo.asset(f'{NAME}.md')
 
 
 def no_network(url):
@@ -26,15 +27,15 @@ def no_network(url):
 
 @pytest.fixture(scope='module')
 def weights():
-  path = bit_common.weights_path(NAME, '/nonexistent', opener=no_network)
-  return bit_common.load_npz(path)
+  path = zoo.weights_path(NAME, '/nonexistent', opener=no_network)
+  return zoo.load_npz(path)
 
 
 @pytest.fixture(scope='module')
 def digits_batch():
   """Eight validation digits at 32 px, in [-1, 1], NHWC float32."""
   from PIL import Image
-  d = bit_common.load_array_dataset('digits')
+  d = datasets.load_array_dataset('digits')
   images = [np.asarray(Image.fromarray(x).resize((32, 32), Image.BILINEAR))
             for x in d.val_images[:8]]
   return ((np.stack(images).astype(np.float32) - 127.5) / 127.5,
@@ -42,23 +43,22 @@ def digits_batch():
 
 
 def test_bundled_model_is_registered_and_offline(weights):
-  info = bit_common.model_info(NAME)
-  path = bit_common.weights_path(NAME, opener=no_network)
-  assert path == os.path.join(bit_common.REPO_DIR, info.path)
+  info = zoo.model_info(NAME)
+  path = zoo.weights_path(NAME, opener=no_network)
+  assert path == info.path and os.path.isfile(path)
   assert os.path.getsize(path) < 10 * 2**20
-  bit_common.check_weights(weights, info.architecture, info.head_size)
-  labels = bit_common.read_labels(os.path.join(bit_common.REPO_DIR,
-                                               info.labels))
+  zoo.check_weights(weights, info.architecture, info.head_size)
+  labels = predict.read_labels(info.labels)
   assert len(labels) == info.head_size == 40
   assert labels[4 * 9] == 'Ankle boot (upright)'
 
 
 def test_provenance_names_the_file_it_describes():
   text = open(PROVENANCE).read()
-  path = bit_common.weights_path(NAME)
+  path = zoo.weights_path(NAME)
   digest = hashlib.sha256(open(path, 'rb').read()).hexdigest()
   assert digest in text
-  for needed in ('recipes/bit_small_fashion_mnist.yaml',
+  for needed in ('big_transfer/recipes/bit_small_fashion_mnist.yaml',
                  'python -m bit_pytorch.pretrain', 'dataset-fashion-mnist',
                  'top-1', 'revision'):
     assert needed in text
@@ -117,7 +117,7 @@ def test_reduced_demo_upstream_beats_scratch_at_5_shot(tmp_path, capsys):
 
 def test_demo_refuses_bad_shots(capsys):
   with pytest.raises(SystemExit) as e:
-    bit_common.run_cli(demo.main, demo.argparser().parse_args(
+    errors.run_cli(demo.main, demo.argparser().parse_args(
         ['--shots', '1,five']))
   assert e.value.code == 2
   assert 'give numbers or "all"' in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Knowledge distillation (bit_distill, bit_{pytorch,jax,tf2}.distill): the
+"""Knowledge distillation (big_transfer.distill, bit_{pytorch,jax,tf2}.distill): the
 KL loss against hand-computed values, identical teacher and student inputs
 with mixup on, learning on a tiny run, the export re-loaded in every
 backend, resume after SIGTERM, the same losses in every backend (with the
@@ -22,10 +22,8 @@ import torch
 import yaml
 from PIL import Image
 
-import bit_common
-import bit_data
-import bit_distill
-import bit_zoo
+from big_transfer import datasets, datastream, errors, zoo
+from big_transfer import distill
 from conftest import REPO, synthetic_weights, write_imagefolder
 
 STEPS = 24
@@ -65,11 +63,11 @@ def recipe_file(root, name='recipe.yaml', **values):
   return path
 
 
-def distill(setup, backend, name, extra=(), **values):
+def run_distill(setup, backend, name, extra=(), **values):
   root, folder, teacher = setup
   values = {**TINY, 'teacher': teacher, 'datadir': folder, **values}
   module = importlib.import_module(f'bit_{backend}.distill')
-  args = bit_distill.argparser(backend).parse_args(
+  args = distill.argparser(backend).parse_args(
       ['--recipe', recipe_file(str(root), f'{name}.yaml', **values),
        '--name', name, '--logdir', str(root / backend), '--workers', '0',
        *extra])
@@ -87,7 +85,7 @@ def metrics(setup, backend, name):
 
 
 def exported(setup, backend, name):
-  return bit_zoo.load_npz(str(setup[0] / backend / name / 'model.npz'))
+  return zoo.load_npz(str(setup[0] / backend / name / 'model.npz'))
 
 
 # --------------------------------------------------------------------------
@@ -124,10 +122,10 @@ def test_kl_loss_against_a_hand_computed_value(t):
     p = [math.exp(v) / z for v in (3, -3, 1, 0.5)]
     assert sum(pi * math.log(4 * pi) for pi in p) == pytest.approx(
         0.7852343, abs=1e-7)
-    assert bit_distill.kl_loss(STUDENT[1:2], TEACHER[1:2]) == pytest.approx(
+    assert distill.kl_loss(STUDENT[1:2], TEACHER[1:2]) == pytest.approx(
         0.7852343, abs=1e-7)
   assert kl_by_hand(STUDENT[2:], TEACHER[2:], t) == pytest.approx(0, abs=1e-12)
-  assert bit_distill.kl_loss(STUDENT, TEACHER, t) == pytest.approx(expected,
+  assert distill.kl_loss(STUDENT, TEACHER, t) == pytest.approx(expected,
                                                                     rel=1e-12)
   s, te = (np.array(v, np.float32) for v in (STUDENT, TEACHER))
   got = {
@@ -142,7 +140,7 @@ def test_kl_loss_against_a_hand_computed_value(t):
 
 def test_eval_sums_count_agreement():
   labels = [3, 0, 1]
-  sums = bit_distill.eval_sums(STUDENT, TEACHER, labels, 1.0)
+  sums = distill.eval_sums(STUDENT, TEACHER, labels, 1.0)
   # student top-1: 3, 0 (tie: first), 0; teacher top-1: 0, 0, 0.
   assert sums[1] == 2  # rows 0 and 1 right
   assert sums[3] == 3 and sums[4] == 2 and sums[5] == 1
@@ -150,19 +148,19 @@ def test_eval_sums_count_agreement():
 
 
 def test_schedule_warms_up_then_decays_as_a_cosine():
-  r = bit_distill.Recipe(teacher='BiT-M-R152x2-teacher-224', student='R50x1',
+  r = distill.Recipe(teacher='BiT-M-R152x2-teacher-224', student='R50x1',
                          dataset='digits', batch=10, steps=110,
                          warmup_steps=10, base_lr=0.5)
-  s = bit_distill.schedule(r, 1000)
+  s = distill.schedule(r, 1000)
   assert s.factor(0) == 0 and s.factor(5) == pytest.approx(0.5)
   assert s.factor(10) == pytest.approx(1.0)
   assert s.factor(60) == pytest.approx(0.5)  # half-way through the cosine
   assert s.factor(85) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
   assert s.factor(110) == pytest.approx(0, abs=1e-12)
   assert s.lr(60) == pytest.approx(0.25)
-  r = bit_distill.Recipe(teacher='x.npz', student='R50x1', dataset='digits',
+  r = distill.Recipe(teacher='x.npz', student='R50x1', dataset='digits',
                          batch=10, epochs=2.5)
-  assert bit_distill.schedule(r, 1000).total_steps == 250
+  assert distill.schedule(r, 1000).total_steps == 250
 
 
 # --------------------------------------------------------------------------
@@ -173,21 +171,21 @@ def test_schedule_warms_up_then_decays_as_a_cosine():
                                   'distill_flowers_r50x1.yaml',
                                   'distill_digits_small.yaml'])
 def test_shipped_recipes_parse(name):
-  args = bit_distill.argparser().parse_args(
-      ['--recipe', os.path.join(REPO, 'recipes', name), '--name', 'x',
+  args = distill.argparser().parse_args(
+      ['--recipe', os.path.join(REPO, 'big_transfer', 'recipes', name), '--name', 'x',
        '--logdir', '/tmp', '--datadir', '/data'])
-  r = bit_distill.load_recipe(args)
-  assert bit_zoo.parse_arch('R14x0.5' if 'digits' in name else 'R50x1') == (
-      bit_distill.student_arch(r.student))
+  r = distill.load_recipe(args)
+  assert zoo.parse_arch('R14x0.5' if 'digits' in name else 'R50x1') == (
+      distill.student_arch(r.student))
   assert (r.epochs or r.steps) and r.mixup_alpha > 0
 
 
 def test_paper_recipe_values():
-  args = bit_distill.argparser().parse_args(
-      ['--recipe', os.path.join(REPO, 'recipes',
+  args = distill.argparser().parse_args(
+      ['--recipe', os.path.join(REPO, 'big_transfer', 'recipes',
                                 'distill_imagenet_r50x1_224.yaml'),
        '--name', 'x', '--logdir', '/tmp', '--datadir', '/data'])
-  r = bit_distill.load_recipe(args)
+  r = distill.load_recipe(args)
   assert (r.teacher, r.student, r.crop_size, r.augment) == (
       'BiT-M-R152x2-teacher-224', 'R50x1', 224, 'inception_crop')
   assert (r.batch, r.base_lr, r.weight_decay, r.grad_clip_norm,
@@ -206,10 +204,10 @@ def test_paper_recipe_values():
 def test_bad_recipe_is_refused(tmp_path, values, message):
   path = recipe_file(str(tmp_path), **{**TINY, 'teacher': 't.npz',
                                        'dataset': 'digits', **values})
-  args = bit_distill.argparser().parse_args(
+  args = distill.argparser().parse_args(
       ['--recipe', path, '--name', 'x', '--logdir', str(tmp_path)])
-  with pytest.raises(bit_common.BadInput) as e:
-    bit_distill.load_recipe(args)
+  with pytest.raises(errors.BadInput) as e:
+    distill.load_recipe(args)
   assert message in str(e.value)
 
 
@@ -229,15 +227,15 @@ def test_teacher_and_student_see_identical_mixed_inputs(setup, monkeypatch):
     return forward(self, x)
   monkeypatch.setattr(models.ResNetV2, 'forward', recording)
   steps = 3
-  distill(setup, 'pytorch', 'inputs', extra=['--no-save'], steps=steps,
+  run_distill(setup, 'pytorch', 'inputs', extra=['--no-save'], steps=steps,
           eval_every=100)
   # Per step: teacher, then student; then the final evaluation.
   train_calls = calls[:2 * steps]
   _, folder, _ = setup
-  _, split, _ = bit_data.scan_imagefolder(folder)
+  _, split, _ = datasets.scan_imagefolder(folder)
   images = np.stack([np.asarray(Image.open(p).convert('RGB'))
                      for p in split.paths]).astype(np.float32)
-  stream = bit_data.Stream(len(images), 8, 0, 1.0)
+  stream = datastream.Stream(len(images), 8, 0, 1.0)
   assert 0.2 < stream.lam(0) < 0.8  # a real mix
   for step in range(steps):
     (t_id, t_train, t_x), (s_id, s_train, s_x) = train_calls[2 * step:
@@ -245,7 +243,7 @@ def test_teacher_and_student_see_identical_mixed_inputs(setup, monkeypatch):
     assert t_id != s_id and not t_train and s_train
     assert torch.equal(t_x, s_x)  # the same tensor values, bit for bit
     idx = stream.indices(step)
-    _, _, flip = bit_data.crop_flip(stream.aug_seeds(step), 16, 16)
+    _, _, flip = datastream.crop_flip(stream.aug_seeds(step), 16, 16)
     views = images[idx]
     views[flip] = views[flip][:, :, ::-1]
     x = (views - 127.5) / 127.5
@@ -270,7 +268,7 @@ def test_inception_crop_and_a_teacher_at_another_resolution(setup,
     calls.append((self.training, x.detach().clone()))
     return forward(self, x)
   monkeypatch.setattr(models.ResNetV2, 'forward', recording)
-  result = distill(setup, 'pytorch', 'two_sizes', extra=['--no-save'],
+  result = run_distill(setup, 'pytorch', 'two_sizes', extra=['--no-save'],
                    steps=2, eval_every=100, augment='inception_crop',
                    crop_size=8, teacher_crop_size=16, crop_scale=[0.3, 1.0])
   assert result['n'] == 12
@@ -289,7 +287,7 @@ def test_inception_crop_and_a_teacher_at_another_resolution(setup,
 @pytest.fixture(scope='module')
 def reference(setup):
   """The uninterrupted PyTorch run: student from scratch."""
-  return distill(setup, 'pytorch', 'reference')
+  return run_distill(setup, 'pytorch', 'reference')
 
 
 def test_loss_falls_and_agreement_rises(setup, reference):
@@ -324,7 +322,7 @@ def test_student_export_reloads_exactly_in_every_backend(setup, reference):
   from bit_pytorch import models as torch_models
   from bit_tf2 import models as tf2_models
   weights = exported(setup, 'pytorch', 'reference')
-  bit_zoo.check_weights(weights, bit_zoo.parse_arch('R14x0.5'), 3)
+  zoo.check_weights(weights, zoo.parse_arch('R14x0.5'), 3)
   state = torch.load(setup[0] / 'pytorch' / 'reference' / 'distill.pth.tar',
                      weights_only=True)['model']
   trained = torch_models.create('R14x0.5', head_size=3)
@@ -356,11 +354,11 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(
     setup, reference, sigterm_after_step):
   sigterm_after_step(5)
   with pytest.raises(SystemExit) as stop:
-    distill(setup, 'pytorch', 'resumed')
+    run_distill(setup, 'pytorch', 'resumed')
   assert stop.value.code == 128 + signal.SIGTERM
   assert not (setup[0] / 'pytorch' / 'resumed' / 'results.json').exists()
   sigterm_after_step(None)
-  result = distill(setup, 'pytorch', 'resumed')
+  result = run_distill(setup, 'pytorch', 'resumed')
   assert result['agreement'] == reference['agreement']
   assert result['loss'] == pytest.approx(reference['loss'], rel=1e-6)
   a, b = (exported(setup, 'pytorch', n) for n in ('resumed', 'reference'))
@@ -388,7 +386,7 @@ def student_npz(setup):
 @pytest.fixture(scope='module')
 def from_weights(setup, student_npz):
   """{backend: final evaluation} of 4 steps from one student checkpoint."""
-  return {b: distill(setup, b, 'from_weights', steps=4, eval_every=4,
+  return {b: run_distill(setup, b, 'from_weights', steps=4, eval_every=4,
                      student=student_npz)
           for b in ('pytorch', 'jax', 'tf2')}
 
@@ -427,11 +425,11 @@ def test_resume_after_sigterm_in_jax_and_tf2(setup, from_weights, backend,
   student = str(setup[0] / 'student.npz')
   sigterm_after_step(2)
   with pytest.raises(SystemExit) as stop:
-    distill(setup, backend, 'resumed', steps=4, eval_every=4,
+    run_distill(setup, backend, 'resumed', steps=4, eval_every=4,
             student=student)
   assert stop.value.code == 128 + signal.SIGTERM
   sigterm_after_step(None)
-  result = distill(setup, backend, 'resumed', steps=4, eval_every=4,
+  result = run_distill(setup, backend, 'resumed', steps=4, eval_every=4,
                    student=student)
   assert result['agreement'] == from_weights[backend]['agreement']
   assert result['kl'] == pytest.approx(from_weights[backend]['kl'], rel=1e-4)
@@ -450,7 +448,7 @@ def test_resume_after_sigterm_in_jax_and_tf2(setup, from_weights, backend,
 
 def test_inception_crops_are_pytorchs_in_jax_and_tf2(tmp_path):
   """The tf.data pipeline of JAX and TF2 cuts each example's Inception
-  crop at PyTorch's box (bit_data.inception_crop of the same seed, on
+  crop at PyTorch's box (datastream.inception_crop of the same seed, on
   images of several sizes) and flips where PyTorch flips: its views are
   PyTorch's up to the resizers' rounding. (Measured: at most 1 grey level
   (0.0078) apart, mean 0.002; the views of the next seed, another box,
@@ -467,16 +465,16 @@ def test_inception_crops_are_pytorchs_in_jax_and_tf2(tmp_path):
         h, w = rng.integers(20, 48, 2)
         Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(
             tmp_path / split / c / f'{i}.png')
-  recipe = bit_distill.Recipe(teacher='t.npz', student='R14x0.5',
+  recipe = distill.Recipe(teacher='t.npz', student='R14x0.5',
                               dataset='imagefolder', datadir=str(tmp_path),
                               batch=8, steps=2, crop_scale=[0.05, 1.0])
-  args = bit_distill.data_args(argparse.Namespace(
+  args = distill.data_args(argparse.Namespace(
       skip_bad_images=False, workers=0), recipe)
   data = input_pipeline.load(args)
-  stream = bit_data.Stream(data.train_size, 8, 0)
+  stream = datastream.Stream(data.train_size, 8, 0)
   size = 12  # some boxes larger, some smaller: down- and up-sampling
   ours = input_pipeline.train_batches(
-      data, stream, 0, size, crop_scale=bit_distill.inception_scale(recipe))
+      data, stream, 0, size, crop_scale=distill.inception_scale(recipe))
   views = Views(torch_data.load(args, None).train, recipe, size)
 
   def pytorchs(i, seed):
@@ -492,7 +490,7 @@ def test_inception_crops_are_pytorchs_in_jax_and_tf2(tmp_path):
       np.testing.assert_allclose(got, pytorchs(i, seed), rtol=0,
                                  atol=1.5 / 127.5, err_msg=(step, row))
       assert np.abs(got - pytorchs(i, seed + 1)).mean() > 0.05
-      flips.append(bit_data.uniforms([seed], 40)[0] < 0.5)
+      flips.append(datastream.uniforms([seed], 40)[0] < 0.5)
   assert 0 < sum(flips) < len(flips)  # flipped and unflipped views
 
 
@@ -504,7 +502,7 @@ TWO_SIZES = dict(steps=3, eval_every=3, augment='inception_crop',
 def two_sizes(setup, student_npz):
   """{backend: final evaluation} of 3 steps with Inception crops, the
   teacher at 16 px and the student at 8 px, from one student checkpoint."""
-  return {b: distill(setup, b, 'two_sizes', student=student_npz,
+  return {b: run_distill(setup, b, 'two_sizes', student=student_npz,
                      **TWO_SIZES)
           for b in ('pytorch', 'jax', 'tf2')}
 
@@ -553,18 +551,18 @@ def test_two_resolutions_distil_as_in_pytorch(setup, two_sizes, backend):
 
 
 def pytorch_evaluations(setup, backend, name, size):
-  """{antialias: bit_distill's evaluation} of the student that `backend`
+  """{antialias: big_transfer.distill's evaluation} of the student that `backend`
   exported, in PyTorch: the teacher on the evaluation images, the student
   on them resized to `size` px with and without antialiasing."""
   import torch.nn.functional as F
   from bit_pytorch import models as torch_models
   root, folder, teacher_dir = setup
-  _, _, split = bit_data.scan_imagefolder(folder)
+  _, _, split = datasets.scan_imagefolder(folder)
   x = torch.tensor(np.stack([np.asarray(Image.open(p).convert('RGB'))
                              for p in split.paths]).astype(np.float32))
   x = (x.permute(0, 3, 1, 2) - 127.5) / 127.5
   teacher = torch_models.create(
-      't.npz', weights=bit_zoo.load_weights(teacher_dir, str(root))).eval()
+      't.npz', weights=zoo.load_weights(teacher_dir, str(root))).eval()
   student = torch_models.create(
       's.npz', weights=exported(setup, backend, name)).eval()
   with torch.no_grad():
@@ -574,7 +572,7 @@ def pytorch_evaluations(setup, backend, name, size):
         align_corners=False) for alias in (True, False)])).numpy()
   result = {}
   for alias, s in zip((True, False), np.split(s_logits, 2)):
-    sums = bit_distill.eval_sums(s, t_logits, split.labels,
+    sums = distill.eval_sums(s, t_logits, split.labels,
                                  TINY['temperature'])
     result[alias] = dict(zip(('loss', 'top1', 'top5', 'n', 'agreement',
                               'teacher_top1', 'kl'), sums / sums[3]))
@@ -630,7 +628,7 @@ def test_student_gets_the_teachers_view_at_its_size(backend):
   antialiasing."""
   import torch.nn.functional as F
   from bit_pytorch import models as torch_models
-  recipe = bit_distill.Recipe(teacher='t.npz', student='R14x0.5',
+  recipe = distill.Recipe(teacher='t.npz', student='R14x0.5',
                               dataset='digits', batch=4, steps=1,
                               temperature=2.0, **{
                                   k: TWO_SIZES[k] for k in (
@@ -650,7 +648,7 @@ def test_student_gets_the_teachers_view_at_its_size(backend):
         align_corners=False)).numpy() for name, alias in (
             ('antialiased', True), ('aliased', False))}
     s_logits['16 px'] = student(images).numpy()
-  expected = {name: bit_distill.eval_sums(s, t_logits, labels, 2.0)
+  expected = {name: distill.eval_sums(s, t_logits, labels, 2.0)
               for name, s in s_logits.items()}
   loss, sums = (jax_eval_step if backend == 'jax' else tf2_step)(
       recipe, *weights, x, labels)
@@ -680,7 +678,7 @@ def test_bad_teacher_exits_2(setup, bad_teachers, capsys):
   for teacher, message in ((ten, 'has 10 outputs but the dataset has 3'),
                            (broken, 'not a readable .npz')):
     with pytest.raises(SystemExit) as e:
-      bit_common.run_cli(distill, setup, 'pytorch', 'bad', teacher=teacher)
+      errors.run_cli(distill, setup, 'pytorch', 'bad', teacher=teacher)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith('error: ') and message in err[-1], err
@@ -690,14 +688,14 @@ def test_bad_teacher_exits_2(setup, bad_teachers, capsys):
 @pytest.mark.parametrize('backend', ['jax', 'tf2'])
 def test_bad_teacher_refused_in_jax_and_tf2(setup, bad_teachers, backend):
   ten, broken = bad_teachers
-  with pytest.raises(bit_common.BadInput, match='has 10 outputs'):
-    distill(setup, backend, 'bad', teacher=ten)
-  with pytest.raises(bit_common.BadInput, match='not a readable'):
-    distill(setup, backend, 'bad', teacher=broken)
+  with pytest.raises(errors.BadInput, match='has 10 outputs'):
+    run_distill(setup, backend, 'bad', teacher=ten)
+  with pytest.raises(errors.BadInput, match='not a readable'):
+    run_distill(setup, backend, 'bad', teacher=broken)
 
 
 def test_cli_exits_2_on_a_teacher_with_other_classes(setup, bad_teachers):
-  env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
+  env = dict(os.environ, OMP_NUM_THREADS='1')
   env.pop('WORLD_SIZE', None)
   root, folder, _ = setup
   path = recipe_file(str(root), 'cli.yaml', **{**TINY, 'teacher': 'x.npz',
@@ -728,7 +726,7 @@ def test_the_labels_baseline_trains_the_student_at_its_size(setup,
     return train_step(model, opt, scaler, seen(), *rest)
   monkeypatch.setattr(torch_engine, 'train_step', recording)
   assert torch_distill.engine is torch_engine
-  result = distill(setup, 'pytorch', 'labels_two_sizes',
+  result = run_distill(setup, 'pytorch', 'labels_two_sizes',
                    **dict(TWO_SIZES, steps=2, eval_every=2,
                           targets='labels'))
   assert sizes == [(8, 8)] * 2 and result['n'] == 12
@@ -740,7 +738,7 @@ def test_batch_split_equals_one_batch(setup, from_weights, student_npz,
   """--batch_split 2 (the recipes' way to keep the global batch on fewer
   accelerators): micro-batches of 4, each with its mixup partners and the
   teacher's logits of its own images, give `from_weights`' update."""
-  result = distill(setup, backend, 'split', ('--batch_split', '2'), steps=4,
+  result = run_distill(setup, backend, 'split', ('--batch_split', '2'), steps=4,
                    eval_every=4, student=student_npz)
   losses = [np.array([r['loss'] for r in metrics(setup, backend, name)
                       if r['split'] == 'train'])

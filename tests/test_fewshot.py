@@ -1,4 +1,4 @@
-"""Feature extraction and few-shot linear evaluation (bit_fewshot and
+"""Feature extraction and few-shot linear evaluation (big_transfer.fewshot and
 bit_{pytorch,tf2,jax}.{features,fewshot}): the same features and the same
 accuracy table in the three backends, the least-squares fit against
 scikit-learn, the bundled model against random initialisation, and bad input.
@@ -12,9 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-import bit_common
-import bit_data
-import bit_fewshot
+from big_transfer import datasets, errors
+from big_transfer import fewshot
 from conftest import synthetic_weights, write_imagefolder
 
 BUNDLED = 'BiT-R14x0.5-FashionMNIST'
@@ -26,12 +25,12 @@ def features_module(backend):
 
 
 def fewshot_args(*flags):
-  return bit_fewshot.fewshot_argparser('test').parse_args(
+  return fewshot.fewshot_argparser('test').parse_args(
       ['--workers', '0', *flags])
 
 
 def features_args(*flags):
-  return bit_fewshot.features_argparser('test').parse_args(
+  return fewshot.features_argparser('test').parse_args(
       ['--workers', '0', *flags])
 
 
@@ -39,7 +38,7 @@ def features_args(*flags):
 def digits_32px():
   """300 training and 200 evaluation digits resized by PIL to 32 px once
   (uint8), as a dict of splits."""
-  d = bit_data.load_digits()
+  d = datasets.load_digits()
   resize = lambda images: np.stack([np.asarray(Image.fromarray(x).resize(
       (32, 32), Image.BILINEAR)) for x in images])
   return {'train': (resize(d.train_images[:300]), d.train_labels[:300]),
@@ -51,7 +50,7 @@ def same_images(backend, images):
   so that every backend sees the very same pixels."""
   def load_data(args, logger):
     del args, logger
-    return bit_fewshot.Splits(10, (32, 32),
+    return fewshot.Splits(10, (32, 32),
                               {s: len(y) for s, (_, y) in images.items()},
                               {s: y for s, (_, y) in images.items()})
 
@@ -93,7 +92,7 @@ def test_ridge_equals_scikit_learn(n, d):
   labels = np.arange(n) % 5
   x = rng.normal(size=(n, d)) * rng.uniform(0.1, 3, d) + labels[:, None]
   x_test = rng.normal(size=(30, d)) + (np.arange(30) % 5)[:, None]
-  fits = bit_fewshot.fit_ridge(x, labels, 5, [0.5, 40.0])
+  fits = fewshot.fit_ridge(x, labels, 5, [0.5, 40.0])
   for l2, fit in zip([0.5, 40.0], fits):
     z = (x - x.mean(0)) / fit.std
     ref = Ridge(alpha=l2, fit_intercept=True, solver='svd').fit(
@@ -105,7 +104,7 @@ def test_ridge_equals_scikit_learn(n, d):
   # The standardisation: mean and std of the few-shot examples, the std
   # floored at STD_FLOOR times the mean std.
   s = x.std(0)
-  np.testing.assert_allclose(fits[0].std, s + bit_fewshot.STD_FLOOR * s.mean())
+  np.testing.assert_allclose(fits[0].std, s + fewshot.STD_FLOOR * s.mean())
 
 
 def test_large_fits_in_float32_agree(monkeypatch):
@@ -117,10 +116,10 @@ def test_large_fits_in_float32_agree(monkeypatch):
   x = np.maximum(centres[labels] + rng.normal(size=(400, 300)), 0)
   x_test = np.maximum(centres[np.arange(2000) % 40] +
                       rng.normal(size=(2000, 300)), 0).astype(np.float32)
-  exact = bit_fewshot.fit_ridge(x, labels, 40, [100.0])[0]
+  exact = fewshot.fit_ridge(x, labels, 40, [100.0])[0]
   exact_predictions = exact.predict(x_test)
-  monkeypatch.setattr(bit_fewshot, 'FLOAT32_ABOVE', 0)
-  fast = bit_fewshot.fit_ridge(x.astype(np.float32), labels, 40, [100.0])[0]
+  monkeypatch.setattr(fewshot, 'FLOAT32_ABOVE', 0)
+  fast = fewshot.fit_ridge(x.astype(np.float32), labels, 40, [100.0])[0]
   scale = np.abs(exact.w).max()
   np.testing.assert_allclose(fast.w, exact.w, atol=1e-5 * scale)
   assert fast.scores(x_test).dtype == np.float32
@@ -135,7 +134,7 @@ def test_fewshot_table_identical_across_backends(digits_32px, tmp_path):
     args = fewshot_args('--model', BUNDLED, '--dataset', 'digits',
                         '--shots', '1,5', '--seeds', '2', '--batch', '400',
                         '--out', str(tmp_path / f'{b}.json'))
-    out[b] = bit_fewshot.fewshot_main(
+    out[b] = fewshot.fewshot_main(
         args, same_images(features_module(b), digits_32px))
   saved = json.load(open(tmp_path / 'bit_jax.json'))
   assert set(saved['shots']) == {'1', '5'} and len(saved['shots']['5']) == 2
@@ -173,7 +172,7 @@ def test_features_cli_covers_the_split_in_order(backend, tmp_path, make_npz):
     assert f['features'].shape == (797, 1024)
     assert f['features'].dtype == np.float32
     np.testing.assert_array_equal(f['labels'],
-                                  bit_data.load_digits().val_labels)
+                                  datasets.load_digits().val_labels)
     assert json.loads(str(f['info']))['resolution'] == 16
 
 
@@ -186,7 +185,7 @@ def test_imagefolder_and_cache(tmp_path, monkeypatch):
   args = fewshot_args('--model', BUNDLED, '--dataset', 'imagefolder',
                       '--datadir', root, '--shots', '1,6', '--seeds', '2',
                       '--cache_dir', str(tmp_path / 'cache'), '--l2', '1,100')
-  first = bit_fewshot.fewshot_main(args, features)
+  first = fewshot.fewshot_main(args, features)
   assert first['resolution'] == 128  # small images: 160 -> 128
   assert (first['train_size'], first['eval_size']) == (18, 9)
   assert sorted(first['by_l2']) == ['1', '100']
@@ -197,13 +196,13 @@ def test_imagefolder_and_cache(tmp_path, monkeypatch):
   def no_extraction(*unused):
     raise AssertionError('features were extracted again')
   monkeypatch.setattr(features, 'feature_batches', no_extraction)
-  again = bit_fewshot.fewshot_main(args, features)
+  again = fewshot.fewshot_main(args, features)
   assert again['shots'] == first['shots']
 
 
 def exit_status(main, args):
   with pytest.raises(SystemExit) as e:
-    bit_common.run_cli(main, args)
+    errors.run_cli(main, args)
   return e.value.code
 
 

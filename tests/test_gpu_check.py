@@ -61,14 +61,14 @@ def test_missing_modules_and_gpu_peaks_are_found():
 
 
 def test_bf16_is_emulated_only_on_x86_cpus_without_bf16_flags(monkeypatch):
-  import bit_hardware
-  monkeypatch.setattr(bit_hardware.platform, 'machine', lambda: 'x86_64')
+  from big_transfer import hardware
+  monkeypatch.setattr(hardware.platform, 'machine', lambda: 'x86_64')
   for flags, emulated in (('fma avx2', True), ('avx2 avx512_bf16', False),
                           ('avx2 amx_bf16', False), ('', False)):
-    monkeypatch.setattr(bit_hardware, '_cpuinfo', lambda f=flags: {
+    monkeypatch.setattr(hardware, '_cpuinfo', lambda f=flags: {
         'model name': 'Some CPU', 'flags': f})
-    assert bit_hardware.bf16_emulated('cpu') is emulated, flags
-    assert bit_hardware.bf16_emulated('cuda') is False
-    assert bit_hardware.cpu_description()['bf16_emulated'] is emulated
-  monkeypatch.setattr(bit_hardware.platform, 'machine', lambda: 'aarch64')
-  assert bit_hardware.bf16_emulated('cpu') is False
+    assert hardware.bf16_emulated('cpu') is emulated, flags
+    assert hardware.bf16_emulated('cuda') is False
+    assert hardware.cpu_description()['bf16_emulated'] is emulated
+  monkeypatch.setattr(hardware.platform, 'machine', lambda: 'aarch64')
+  assert hardware.bf16_emulated('cpu') is False

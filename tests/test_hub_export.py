@@ -15,12 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-import bit_common
-import bit_predict
-import bit_plot
-import bit_tensorboard
-import bit_zoo
-from conftest import REPO, synthetic_weights
+from big_transfer import errors, predict, zoo
+from big_transfer import plot
+from big_transfer import events
+from conftest import synthetic_weights
 
 timm = pytest.importorskip('timm')
 from timm.layers import StdConv2d  # noqa: E402
@@ -146,10 +144,10 @@ def test_hub_weights_through_every_backend_match_timm(tmp_path, hub_repos,
   scale = np.abs(want).max()
   assert scale > 0.1
   timm_repo, transformers_repo = hub_repos
-  weights = bit_zoo.load_weights(timm_repo)
-  assert bit_zoo.infer_arch(weights) == (bit_common.parse_arch('R26x0.5'), 7)
+  weights = zoo.load_weights(timm_repo)
+  assert zoo.infer_arch(weights) == (zoo.parse_arch('R26x0.5'), 7)
   # The transformers file maps to the very same published weights...
-  from_transformers = bit_zoo.load_weights(transformers_repo)
+  from_transformers = zoo.load_weights(transformers_repo)
   assert sorted(from_transformers) == sorted(weights)
   for key, value in weights.items():
     np.testing.assert_array_equal(from_transformers[key], value, err_msg=key)
@@ -165,10 +163,10 @@ def test_hub_weights_through_every_backend_match_timm(tmp_path, hub_repos,
   import subprocess
   import sys
   env = dict(os.environ, HF_HUB_OFFLINE='1',
-             HF_HUB_CACHE=os.environ['HF_HUB_CACHE'], PYTHONPATH=REPO)
+             HF_HUB_CACHE=os.environ['HF_HUB_CACHE'])
   shown = subprocess.run(
-      [sys.executable, '-c', 'import bit_zoo; print(bit_zoo.infer_arch('
-       f'bit_zoo.load_weights({timm_repo!r}))[0].name)'],
+      [sys.executable, '-c', 'from big_transfer import zoo; print(zoo.infer_arch('
+       f'zoo.load_weights({timm_repo!r}))[0].name)'],
       env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
   assert shown.stdout.strip() == 'R26x0.5'
   # ... and every backend's predict command gives timm's logits.
@@ -176,7 +174,7 @@ def test_hub_weights_through_every_backend_match_timm(tmp_path, hub_repos,
                                ('tf2', tf2_predict, timm_repo),
                                ('jax', jax_predict, timm_repo)):
     out = tmp_path / f'{name}.npy'
-    args = bit_predict.predict_argparser(name).parse_args(
+    args = predict.predict_argparser(name).parse_args(
         [str(tmp_path / 'img0.png'), str(tmp_path / 'img1.png'),
          '--model', model, '--resolution', '64', '--save_logits', str(out)])
     backend.main(args)
@@ -191,7 +189,7 @@ def test_our_model_equals_timm_bitwise_at_the_same_eps(timm_model):
   remaining difference to stock timm is the eps alone (measured here)."""
   from bit_pytorch import models
   state = {k: v.numpy() for k, v in timm_model.state_dict().items()}
-  ours = models.create('hub', weights=bit_zoo.from_torch_layout(state)).eval()
+  ours = models.create('hub', weights=zoo.from_torch_layout(state)).eval()
   same_eps = timm_bit((2, 2, 2, 2), 0.5, 7, eps=1e-10)
   same_eps.load_state_dict(timm_model.state_dict())
   x = torch.from_numpy(np.random.default_rng(1).uniform(
@@ -205,17 +203,17 @@ def test_our_model_equals_timm_bitwise_at_the_same_eps(timm_model):
 def test_hub_refusals(tmp_path, offline_hub, timm_model):
   from safetensors.numpy import save_file
   state = {k: v.numpy().copy() for k, v in timm_model.state_dict().items()}
-  with pytest.raises(bit_common.BadInput, match='HF_HUB_OFFLINE'):
-    bit_zoo.load_weights('hf-hub:timm/not-in-the-cache')
-  with pytest.raises(bit_common.BadInput, match='ORG/NAME'):
-    bit_zoo.load_weights('hf-hub:just-a-name')
+  with pytest.raises(errors.BadInput, match='HF_HUB_OFFLINE'):
+    zoo.load_weights('hf-hub:timm/not-in-the-cache')
+  with pytest.raises(errors.BadInput, match='ORG/NAME'):
+    zoo.load_weights('hf-hub:just-a-name')
   # What --model takes, checked up front without the network.
   for ok in ('hf-hub:timm/x@main', 'BiT-M-R50x1', 'later.npz', 'x.h5'):
-    assert bit_zoo.check_model(ok) == ok
+    assert zoo.check_model(ok) == ok
   for bad, message in (('hf-hub:a/b/c', 'ORG/NAME'), ('BiT-Q', 'unknown'),
                        (str(tmp_path), 'without model.npz')):
-    with pytest.raises(bit_common.BadInput, match=message):
-      bit_zoo.check_model(bad)
+    with pytest.raises(errors.BadInput, match=message):
+      zoo.check_model(bad)
   # NaN: refused, naming the key.
   bad = dict(state)
   bad['stages.1.blocks.0.conv2.weight'] = bad[
@@ -223,22 +221,22 @@ def test_hub_refusals(tmp_path, offline_hub, timm_model):
   bad['stages.1.blocks.0.conv2.weight'][0, 0, 0, 0] = np.nan
   put_in_hub_cache(offline_hub, 'x/nan', {'model.safetensors': file_bytes(
       tmp_path, 'nan.safetensors', lambda p: save_file(bad, p))})
-  with pytest.raises(bit_common.BadInput,
+  with pytest.raises(errors.BadInput,
                      match='block2/unit01/b/standardized_conv2d/kernel.*NaN'):
-    bit_zoo.load_weights('hf-hub:x/nan')
+    zoo.load_weights('hf-hub:x/nan')
   # A batch-norm ResNet-v2 (timm's resnetv2_50): its first unknown key named.
   bn = dict(state, **{'norm.running_mean': np.zeros(1024, np.float32)})
   put_in_hub_cache(offline_hub, 'x/bn', {'model.safetensors': file_bytes(
       tmp_path, 'bn.safetensors', lambda p: save_file(bn, p))})
-  with pytest.raises(bit_common.BadInput, match='norm.running_mean'):
-    bit_zoo.load_weights('hf-hub:x/bn')
+  with pytest.raises(errors.BadInput, match='norm.running_mean'):
+    zoo.load_weights('hf-hub:x/bn')
   # A missing parameter: named, as for every other file.
   short = {k: v for k, v in state.items()
            if k != 'stages.0.blocks.1.norm3.bias'}
   put_in_hub_cache(offline_hub, 'x/short', {'model.safetensors': file_bytes(
       tmp_path, 'short.safetensors', lambda p: save_file(short, p))})
-  with pytest.raises(bit_common.BadInput, match='block1/unit02/c/group_norm'):
-    bit_zoo.load_weights('hf-hub:x/short')
+  with pytest.raises(errors.BadInput, match='block1/unit02/c/group_norm'):
+    zoo.load_weights('hf-hub:x/short')
   # transformers with TF 'SAME' padding: another network than BiT's.
   tr = {k: v.numpy() for k, v in to_transformers(
       timm_model.state_dict()).items()}
@@ -246,14 +244,14 @@ def test_hub_refusals(tmp_path, offline_hub, timm_model):
       'model.safetensors': file_bytes(
           tmp_path, 'same.safetensors', lambda p: save_file(tr, p)),
       'config.json': json.dumps({'global_padding': 'same'}).encode()})
-  with pytest.raises(bit_common.BadInput, match='global_padding'):
-    bit_zoo.load_weights('hf-hub:x/same')
+  with pytest.raises(errors.BadInput, match='global_padding'):
+    zoo.load_weights('hf-hub:x/same')
   # And a published-layout .npz holding an infinity (issue 10).
   w = synthetic_weights('R14x0.5', 3)
   w['resnet/group_norm/beta'][1] = np.inf
   np.savez(tmp_path / 'inf.npz', **w)
-  with pytest.raises(bit_common.BadInput, match='resnet/group_norm/beta'):
-    bit_zoo.load_weights(str(tmp_path / 'inf.npz'))
+  with pytest.raises(errors.BadInput, match='resnet/group_norm/beta'):
+    zoo.load_weights(str(tmp_path / 'inf.npz'))
 
 
 def npz(tmp_path, arch, head, name):
@@ -273,7 +271,7 @@ def test_timm_export_reloaded_by_timm(tmp_path, monkeypatch):
   reloaded = timm_bit((2, 2, 2, 2), 0.5, 5)
   reloaded.load_state_dict(load_file(os.path.join(out, 'model.safetensors')),
                            strict=True)
-  ours = models.create('w', weights=bit_zoo.load_npz(src)).eval()
+  ours = models.create('w', weights=zoo.load_npz(src)).eval()
   x = torch.from_numpy(np.random.default_rng(2).uniform(
       -1, 1, (2, 3, 64, 64)).astype(np.float32))
   with torch.no_grad():
@@ -302,7 +300,7 @@ def test_timm_export_reloaded_by_timm(tmp_path, monkeypatch):
   net = timm.create_model(f'local-dir:{tmp_path / "r50"}', pretrained=True)
   assert type(net).__name__ == 'ResNetV2' and net.num_classes == 4
   # (the export compared its logits already; here: timm holds the weights)
-  w = bit_zoo.load_npz(src)
+  w = zoo.load_npz(src)
   state = net.state_dict()
   np.testing.assert_array_equal(
       state['stages.3.blocks.2.conv2.weight'].numpy(),
@@ -328,7 +326,7 @@ def test_onnx_export_has_dynamic_batch_and_size(tmp_path):
   assert dims[1].dim_value == 3  # batch, height and width are symbolic
   session = onnxruntime.InferenceSession(out,
                                          providers=['CPUExecutionProvider'])
-  ours = models.create('w', weights=bit_zoo.load_npz(src)).eval()
+  ours = models.create('w', weights=zoo.load_npz(src)).eval()
   for shape in ((2, 3, 64, 64), (5, 3, 40, 72)):
     x = np.random.default_rng(shape[0]).uniform(-1, 1, shape).astype(
         np.float32)
@@ -342,7 +340,7 @@ def test_tf2_exports_match_the_source(tmp_path):
   import tensorflow as tf
   from bit_tf2 import export, models
   src = npz(tmp_path, 'R14x0.5', 6, 'r14.npz')
-  model = models.create('w', weights=bit_zoo.load_npz(src))
+  model = models.create('w', weights=zoo.load_npz(src))
   x = np.random.default_rng(3).uniform(-1, 1, (2, 48, 48, 3)).astype(
       np.float32)
   want = model(x).numpy()
@@ -413,8 +411,8 @@ def scalars_of(rows):
 def test_tensorboard_events_equal_metrics(tmp_path):
   run = str(tmp_path / 'run')
   write_run(run, ROWS)
-  with bit_tensorboard.TensorBoard(run) as tb:
-    for row in bit_tensorboard.read_metrics(run):
+  with events.TensorBoard(run) as tb:
+    for row in events.read_metrics(run):
       tb.scalars(row['step'], row['split'],
                  {k: v for k, v in row.items() if k not in ('step', 'split')})
   assert read_events(run) == scalars_of(ROWS)
@@ -422,17 +420,17 @@ def test_tensorboard_events_equal_metrics(tmp_path):
   # drops their lines); TensorBoard shows the new values only.
   import time
   time.sleep(1.01)  # event file names carry the second they were made
-  with bit_tensorboard.TensorBoard(run, resume_step=2) as tb:
+  with events.TensorBoard(run, resume_step=2) as tb:
     tb.scalars(3, 'train', {'loss': 1.5, 'lr': 0.0003})
   resumed = ROWS[:3] + [{'step': 3, 'split': 'train', 'loss': 1.5,
                          'lr': 0.0003}]
-  events = read_events(run)
+  shown = read_events(run)
   want = scalars_of(resumed)
-  assert {k: v for k, v in events.items() if v} == want
+  assert {k: v for k, v in shown.items() if v} == want
   # The command for older runs writes the same from metrics.jsonl alone.
   old = str(tmp_path / 'old')
   write_run(old, ROWS)
-  bit_tensorboard.main([old])
+  events.main([old])
   assert read_events(old) == scalars_of(ROWS)
 
 
@@ -440,12 +438,12 @@ def test_plot_two_runs(tmp_path):
   write_run(str(tmp_path / 'a'), ROWS)
   write_run(str(tmp_path / 'b'), [dict(r, loss=r['loss'] / 2) for r in ROWS])
   out = str(tmp_path / 'runs.png')
-  bit_plot.main([str(tmp_path / 'a'), str(tmp_path / 'b'), '--out', out])
+  plot.main([str(tmp_path / 'a'), str(tmp_path / 'b'), '--out', out])
   with Image.open(out) as im:
     assert im.format == 'PNG' and im.width > 2 * im.height
     pixels = np.asarray(im.convert('RGB'))
   # Both runs' colours (matplotlib's C0 blue, C1 orange) are drawn.
   for colour in ((31, 119, 180), (255, 127, 14)):
     assert (np.abs(pixels.astype(int) - colour).sum(-1) < 30).sum() > 50
-  with pytest.raises(bit_common.BadInput, match='metrics.jsonl'):
-    bit_plot.main([str(tmp_path / 'nothing'), '--out', out])
+  with pytest.raises(errors.BadInput, match='metrics.jsonl'):
+    plot.main([str(tmp_path / 'nothing'), '--out', out])

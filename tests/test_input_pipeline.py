@@ -4,8 +4,8 @@ few-shot subsets, augmentation, mixup, evaluation coverage, resumption."""
 import numpy as np
 import pytest
 
+from big_transfer import datasets, datastream, errors
 import bit_common
-import bit_data
 
 tf = pytest.importorskip('tensorflow')
 import input_pipeline_tf2_or_jax as ip  # noqa: E402
@@ -23,7 +23,7 @@ def _first(ds):
 
 
 def _batches(data, batch, resize, crop, seed=0, mixup_alpha=0.0, **kw):
-  stream = bit_data.Stream(data.train_size, batch, seed, mixup_alpha)
+  stream = datastream.Stream(data.train_size, batch, seed, mixup_alpha)
   return ip.train_batches(data, stream, resize, crop, **kw)
 
 
@@ -40,11 +40,11 @@ def _array_data(train_images, labels, val_images=None, val_labels=None):
 
 
 def test_imagefolder_and_fewshot_match_pytorch(imagefolder):
-  bit_data = pytest.importorskip('bit_pytorch.data')
+  torch_data = pytest.importorskip('bit_pytorch.data')
   args = _args(dataset='imagefolder', datadir=imagefolder,
                examples_per_class=3, examples_per_class_seed=5)
   data = ip.load(args)
-  ref = bit_data.fewshot(bit_data.load(args, None).train, args)
+  ref = torch_data.fewshot(torch_data.load(args, None).train, args)
   assert data.train_size == 9 and data.num_classes == 3
   assert list(data.train.table) == list(ref.paths)
   np.testing.assert_array_equal(data.train.labels, ref.labels)
@@ -56,7 +56,7 @@ def test_imagefolder_and_fewshot_match_pytorch(imagefolder):
 
 
 def test_fewshot_asks_too_many(imagefolder):
-  with pytest.raises(bit_common.BadInput, match='only 8'):
+  with pytest.raises(errors.BadInput, match='only 8'):
     ip.load(_args(dataset='imagefolder', datadir=imagefolder,
                       examples_per_class=9))
 
@@ -119,7 +119,7 @@ def test_mixup_pairs_neighbours_with_the_streams_lambda():
   plain = _first(_batches(data, 16, 10, 8, seed=1, start_step=5))
   mixed = _first(_batches(data, 16, 10, 8, seed=1, start_step=5,
                           mixup_alpha=0.5))
-  lam = bit_data.Stream(data.train_size, 16, 1, 0.5).lam(5)
+  lam = datastream.Stream(data.train_size, 16, 1, 0.5).lam(5)
   assert 0 < lam < 1
   y, x = plain['label'], plain['image']
   pair = np.arange(16) ^ 1  # positions 2k and 2k+1 are partners
@@ -206,7 +206,7 @@ def test_tfds_path_on_a_local_builder(tmp_path, monkeypatch):
   # The subset is the shared sampler's, over the whole split's labels.
   stored = Tiny(data_dir=str(tmp_path)).as_dataset('train', shuffle_files=False)
   all_labels = np.array([r['label'] for r in stored.as_numpy_iterator()])
-  idx = bit_common.fewshot_indices(all_labels, 4, 2)
+  idx = datasets.fewshot_indices(all_labels, 4, 2)
   np.testing.assert_array_equal(data.train.labels, all_labels[idx])
   batch = _first(_batches(data, 8, 24, 16, seed=0))
   assert batch['image'].shape == (8, 16, 16, 3)

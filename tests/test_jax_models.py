@@ -3,7 +3,7 @@ trip, strict loading."""
 import numpy as np
 import pytest
 
-import bit_common
+from big_transfer import errors, predict, zoo
 from conftest import synthetic_weights
 
 jnp = pytest.importorskip('jax.numpy')
@@ -64,7 +64,7 @@ def test_export_import_round_trip_is_exact(tmp_path):
     assert exported[k].dtype == np.float32
     np.testing.assert_array_equal(exported[k], weights[k])
   path = models.save_npz(str(tmp_path / 'm.npz'), params)
-  again = bit_common.load_npz(path)
+  again = zoo.load_npz(path)
   assert all(np.array_equal(again[k], weights[k]) for k in weights)
 
 
@@ -87,16 +87,16 @@ def test_strict_loading_names_the_key():
   weights = synthetic_weights('R14x0.5', head_size=10)
   missing = dict(weights)
   del missing['resnet/block2/unit01/b/group_norm/beta']
-  model = models.ResNetV2(bit_common.parse_arch('R14x0.5'), 10,
+  model = models.ResNetV2(zoo.parse_arch('R14x0.5'), 10,
                           zero_head=False)
-  with pytest.raises(bit_common.BadInput,
+  with pytest.raises(errors.BadInput,
                      match='block2/unit01/b/group_norm/beta'):
     models.load(model, missing)
   wrong = dict(weights)
   wrong['resnet/group_norm/gamma'] = np.ones(3, np.float32)
-  with pytest.raises(bit_common.BadInput, match=r'group_norm/gamma.*\(3,\)'):
+  with pytest.raises(errors.BadInput, match=r'group_norm/gamma.*\(3,\)'):
     models.load(model, wrong)
-  with pytest.raises(bit_common.BadInput, match='head'):
+  with pytest.raises(errors.BadInput, match='head'):
     models.create('x', head_size=4, weights=weights)   # file head has 10
 
 
@@ -114,7 +114,7 @@ def test_bf16_close_to_fp32():
 
 def test_predict_matches_pytorch(tmp_path, make_npz, capsys):
   torch = pytest.importorskip('torch')
-  from bit_jax import predict
+  from bit_jax import predict as jax_predict
   from bit_pytorch import models as torch_models
   from conftest import write_imagefolder
   path = make_npz('R14x0.5', head_size=3)
@@ -122,16 +122,16 @@ def test_predict_matches_pytorch(tmp_path, make_npz, capsys):
                              val=0)
   labels = tmp_path / 'labels.txt'
   labels.write_text('zero\none\ntwo\n')
-  args = bit_common.predict_argparser('JAX').parse_args(
+  args = predict.predict_argparser('JAX').parse_args(
       [folder, '--model', path, '--labels', str(labels), '--top_k', '2',
        '--resolution', '32', '--batch', '3'])
-  logits = predict.main(args)
+  logits = jax_predict.main(args)
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 4 and all(l.count('%') == 2 for l in lines)
-  files = bit_common.list_images([folder])
-  batch = bit_common.to_model_input(np.stack(
-      [bit_common.load_image(f, 32) for f in files]))
-  net = torch_models.create('x', weights=bit_common.load_npz(path)).eval()
+  files = predict.list_images([folder])
+  batch = predict.to_model_input(np.stack(
+      [predict.load_image(f, 32) for f in files]))
+  net = torch_models.create('x', weights=zoo.load_npz(path)).eval()
   with torch.no_grad():
     expected = net(torch.from_numpy(batch).permute(0, 3, 1, 2)).numpy()
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
@@ -140,13 +140,13 @@ def test_predict_matches_pytorch(tmp_path, make_npz, capsys):
 def test_the_original_known_models_table():
   """As the original's code calls it: KNOWN_MODELS[name](...) is the
   model, its parameters from init_params or loaded from the file."""
-  import bit_zoo
+  from big_transfer import zoo
   name = 'BiT-R14x0.5-FashionMNIST'
-  assert set(models.KNOWN_MODELS) == set(bit_zoo.MODELS)
+  assert set(models.KNOWN_MODELS) == set(zoo.MODELS)
   model = models.KNOWN_MODELS[name](head_size=10, zero_head=True)
   assert model.num_classes == 10 and model.zero_head
-  assert model.architecture == bit_zoo.parse_arch('R14x0.5')
-  weights = bit_zoo.load_weights(name)
+  assert model.architecture == zoo.parse_arch('R14x0.5')
+  weights = zoo.load_weights(name)
   params = models.load(model, weights, model.init_params())
   np.testing.assert_array_equal(params['head']['conv2d']['kernel'], 0)
   whole = models.KNOWN_MODELS[name]()  # the file's 40-class head

@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-import bit_common
+from big_transfer import errors
 from conftest import REPO
 # The tiny runs of the contract test: flags, image folder, model, outputs.
 from test_trainers import (STEPS, References, argv, assert_same, metrics,
@@ -45,7 +45,7 @@ def free_ports(n):
 
 
 def environment(**extra):
-  env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1',
+  env = dict(os.environ, OMP_NUM_THREADS='1',
              JAX_PLATFORMS='cpu')
   for k in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'TF_CONFIG',
             'BIT_TEST_SIGNAL_STEP'):
@@ -144,7 +144,7 @@ def test_two_processes_end_where_one_ends_also_stopped_and_resumed(
     setup, reference, backend, tmp_path):
   assert reference[backend]['top1'] >= 0.8
   # Two processes train from step 0; the second gets SIGTERM after step 4,
-  # and they agree to stop at their next vote (every bit_run.LOG_EVERY
+  # and they agree to stop at their next vote (every harness.LOG_EVERY
   # steps), with a checkpoint there. (One launch, not two: a launch costs
   # half a minute of start-up here.)
   codes, output = launch(LAUNCH[backend](setup, 'two', SIGTERM_AFTER_4),
@@ -206,6 +206,6 @@ def test_jax_distributed_flags_are_checked():
         '2', '--process_id', '2'], r'--process_id 2 is not in 0\.\.1'),
       (['--distributed', '--coordinator_address', 'h', '--num_processes',
         '2', '--process_id', '0'], 'is not HOST:PORT')):
-    with pytest.raises(bit_common.BadInput, match=message):
+    with pytest.raises(errors.BadInput, match=message):
       train.initialize_distributed(train.argparser().parse_args(
           args + extra))

@@ -5,9 +5,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-import bit_common
+from conftest import REPO
 
-COLABS = os.path.join(bit_common.REPO_DIR, 'colabs')
+COLABS = os.path.join(REPO, 'colabs')
 
 
 @pytest.mark.parametrize('backend', ['pytorch', 'tf2', 'jax'])

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-import bit_common
+from big_transfer import datasets, errors, zoo
 from bit_pytorch import models, pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,14 +40,14 @@ def run(tmp_path, name='up', extra=(), **values):
 @pytest.mark.parametrize('recipe', ['bit_s_r50x1.yaml', 'bit_m_r50x1.yaml',
                                     'bit_small_fashion_mnist.yaml'])
 def test_shipped_recipes_parse(recipe):
-  r = pretrain.load_recipe(os.path.join(REPO, 'recipes', recipe),
+  r = pretrain.load_recipe(os.path.join(REPO, 'big_transfer', 'recipes', recipe),
                            datadir='/data')
-  assert bit_common.parse_arch(r.model)
+  assert zoo.parse_arch(r.model)
   assert (r.epochs or r.steps) and r.decay_at == sorted(r.decay_at)
 
 
 def test_paper_schedule_in_steps():
-  r = pretrain.load_recipe(os.path.join(REPO, 'recipes', 'bit_s_r50x1.yaml'),
+  r = pretrain.load_recipe(os.path.join(REPO, 'big_transfer', 'recipes', 'bit_s_r50x1.yaml'),
                            datadir='/data')
   s = pretrain.schedule(r, 1_281_167)
   assert s.peak_lr == pytest.approx(0.03 * 4096 / 256)
@@ -76,7 +76,7 @@ def test_bad_recipe_is_one_line_and_status_2(tmp_path, capsys, values,
       ['--recipe', write_recipe(str(tmp_path), **values), '--name', 'x',
        '--logdir', str(tmp_path / 'runs')])
   with pytest.raises(SystemExit) as e:
-    bit_common.run_cli(pretrain.main, args)
+    errors.run_cli(pretrain.main, args)
   assert e.value.code == 2
   err = capsys.readouterr().err.strip()
   assert message in err and '\n' not in err
@@ -125,8 +125,8 @@ def test_tiny_run_writes_outputs_and_exports_exact_npz(tmp_path):
   assert config['schedule']['total_steps'] == 3 and config['classes'] == 10
 
   # The export is the checkpoint's weights, in published layout, exactly.
-  weights = bit_common.load_npz(str(out / 'model.npz'))
-  bit_common.check_weights(weights, bit_common.parse_arch('R14x0.5'), 10)
+  weights = zoo.load_npz(str(out / 'model.npz'))
+  zoo.check_weights(weights, zoo.parse_arch('R14x0.5'), 10)
   trained = models.create('R14x0.5', head_size=10)
   trained.load_state_dict(torch.load(out / pretrain.CHECKPOINT,
                                      weights_only=True)['model'])
@@ -144,13 +144,13 @@ def test_image_folder_with_rotation_labels(tmp_path, imagefolder):
                     datadir=imagefolder, augment='inception_crop',
                     downsample=[8, 12], rotations=4, decay_at=[])
   assert result['n'] == 12  # val/: 3 classes x 4 images
-  weights = bit_common.load_npz(str(out / 'model.npz'))
+  weights = zoo.load_npz(str(out / 'model.npz'))
   assert weights['resnet/head/conv2d/bias'].shape == (12,)  # 3 classes x 4
 
 
 def test_examples_follow_their_seed_and_turn_with_their_label(imagefolder):
   from bit_pytorch import data as torch_data
-  split = bit_common.scan_imagefolder(imagefolder)[1]
+  split = datasets.scan_imagefolder(imagefolder)[1]
   source = torch_data.Source(split.labels, split.paths)
   recipe = pretrain.Recipe(model='R14x0.5', dataset='imagefolder', batch=2,
                            steps=1, datadir=imagefolder, crop_size=16,
@@ -180,8 +180,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, sigterm_after_step):
   assert stop.value.code == 128 + signal.SIGTERM
   sigterm_after_step(None)
   _, out = run(tmp_path / 'b', **values)  # same name: resumes
-  a = bit_common.load_npz(str(tmp_path / 'a' / 'runs' / 'up' / 'model.npz'))
-  b = bit_common.load_npz(str(out / 'model.npz'))
+  a = zoo.load_npz(str(tmp_path / 'a' / 'runs' / 'up' / 'model.npz'))
+  b = zoo.load_npz(str(out / 'model.npz'))
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
   steps = [json.loads(l)['step'] for l in open(out / 'metrics.jsonl')
@@ -194,8 +194,8 @@ def test_batch_split_gives_the_same_update(tmp_path):
   values = dict(augment='none', steps=1, warmup_steps=0, decay_at=[])
   run(tmp_path / 'a', **values)
   _, out = run(tmp_path / 'b', extra=['--batch_split', '4'], **values)
-  a = bit_common.load_npz(str(tmp_path / 'a' / 'runs' / 'up' / 'model.npz'))
-  b = bit_common.load_npz(str(out / 'model.npz'))
+  a = zoo.load_npz(str(tmp_path / 'a' / 'runs' / 'up' / 'model.npz'))
+  b = zoo.load_npz(str(out / 'model.npz'))
   for key in a:
     np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6,
                                err_msg=key)
@@ -219,7 +219,7 @@ def test_fashion_mnist_reads_idx_files(tmp_path):
                       ('t10k-images-idx3-ubyte', test),
                       ('t10k-labels-idx1-ubyte', np.array([9, 0, 1, 2]))):
     write_idx(tmp_path / f'{stem}.gz', array)
-  d = bit_common.load_fashion_mnist(str(tmp_path))
+  d = datasets.load_fashion_mnist(str(tmp_path))
   assert d.train_images.shape == (6, 28, 28, 3)
   np.testing.assert_array_equal(d.train_images[..., 1], train)
   np.testing.assert_array_equal(d.val_labels, [9, 0, 1, 2])
@@ -227,21 +227,21 @@ def test_fashion_mnist_reads_idx_files(tmp_path):
 
 
 def test_fashion_mnist_missing_or_corrupt_says_what_to_do(tmp_path):
-  with pytest.raises(bit_common.BadInput, match='apt-get install dataset-'):
-    bit_common.load_fashion_mnist(str(tmp_path))
+  with pytest.raises(errors.BadInput, match='apt-get install dataset-'):
+    datasets.load_fashion_mnist(str(tmp_path))
   for stem in ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
                't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'):
     with gzip.open(tmp_path / f'{stem}.gz', 'wb') as f:
       f.write(b'not an idx file')
-  with pytest.raises(bit_common.BadInput, match='not an IDX file'):
-    bit_common.load_fashion_mnist(str(tmp_path))
+  with pytest.raises(errors.BadInput, match='not an IDX file'):
+    datasets.load_fashion_mnist(str(tmp_path))
 
 
-@pytest.mark.skipif(not os.path.isdir(bit_common.FASHION_MNIST_DIR),
+@pytest.mark.skipif(not os.path.isdir(datasets.FASHION_MNIST_DIR),
                     reason='Debian package dataset-fashion-mnist not '
                     'installed (make pretrain installs it)')
 def test_installed_fashion_mnist_is_the_real_one():
-  d = bit_common.load_array_dataset('fashion_mnist')
+  d = datasets.load_array_dataset('fashion_mnist')
   assert d.train_images.shape == (60000, 28, 28, 3)
   assert d.val_images.shape == (10000, 28, 28, 3)
   assert np.bincount(d.train_labels).tolist() == [6000] * 10

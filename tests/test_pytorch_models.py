@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import bit_common
+from big_transfer import errors, predict, zoo
 from bit_pytorch import models
-from conftest import REPO, synthetic_weights, write_imagefolder
+from conftest import synthetic_weights, write_imagefolder
 
 
 def images(n=2, size=64, seed=0):
@@ -26,12 +26,12 @@ def test_load_export_reload_is_exact(tmp_path, arch, head):
   model.load_from(weights)
   exported = model.export()
   # Exactly the published keys and shapes, and the very same values.
-  assert {k: v.shape for k, v in exported.items()} == bit_common.expected_shapes(
-      bit_common.parse_arch(arch), head)
+  assert {k: v.shape for k, v in exported.items()} == zoo.expected_shapes(
+      zoo.parse_arch(arch), head)
   for k, v in weights.items():
     np.testing.assert_array_equal(exported[k], v, err_msg=k)
   path = model.save_npz(str(tmp_path / 'out.npz'))
-  again = models.create('file', weights=bit_common.load_npz(path)).eval()
+  again = models.create('file', weights=zoo.load_npz(path)).eval()
   model.eval()
   x = images()
   with torch.no_grad():
@@ -42,7 +42,7 @@ def test_matches_timm_bit_loader(tmp_path, make_npz):
   timm = pytest.importorskip('timm')
   path = make_npz('R50x1', head_size=10, seed=2)
   ours = models.create('R50x1', head_size=10)
-  ours.load_from(bit_common.load_npz(path))
+  ours.load_from(zoo.load_npz(path))
   theirs = timm.create_model('resnetv2_50x1_bit', pretrained=False,
                              num_classes=10)
   theirs.load_pretrained(path)
@@ -54,13 +54,13 @@ def test_matches_timm_bit_loader(tmp_path, make_npz):
   assert a.abs().max() > 0.1   # a real comparison, not of zeros
 
 
-@pytest.mark.parametrize('arch', bit_common.PUBLISHED_ARCHS)
+@pytest.mark.parametrize('arch', zoo.PUBLISHED_ARCHS)
 def test_published_architectures_have_the_published_layout(arch):
-  info = bit_common.MODELS[f'BiT-M-{arch}']
+  info = zoo.MODELS[f'BiT-M-{arch}']
   with torch.device('meta'):
     model = models.KNOWN_MODELS[info.name]()
   shapes = {k: models.th2tf_shape(p) for k, p in model.published_parameters()}
-  assert shapes == bit_common.expected_shapes(info.architecture, 21843)
+  assert shapes == zoo.expected_shapes(info.architecture, 21843)
 
 
 def test_known_models_keep_the_original_signature():
@@ -87,18 +87,18 @@ def test_zero_head_loads_the_body_only():
 def test_load_from_is_strict(mangle, message):
   weights = synthetic_weights('R14x0.5', head_size=10)
   mangle(weights)
-  with pytest.raises(bit_common.BadInput, match=message):
+  with pytest.raises(errors.BadInput, match=message):
     models.create('R14x0.5', head_size=10).load_from(weights)
 
 
 def test_a_deeper_file_is_refused_not_truncated():
-  with pytest.raises(bit_common.BadInput, match='unit02.*another architecture'):
+  with pytest.raises(errors.BadInput, match='unit02.*another architecture'):
     models.create('R14x0.5', head_size=10).load_from(
         synthetic_weights('R26x0.5', head_size=10))
 
 
 def test_head_size_mismatch_names_both_shapes():
-  with pytest.raises(bit_common.BadInput, match=r'head/conv2d/kernel has shape '
+  with pytest.raises(errors.BadInput, match=r'head/conv2d/kernel has shape '
                      r'\(1, 1, 1024, 10\) but R14x0.5 needs \(1, 1, 1024, 21843\)'):
     models.create('R14x0.5', head_size=21843).load_from(
         synthetic_weights('R14x0.5', head_size=10))
@@ -107,7 +107,7 @@ def test_head_size_mismatch_names_both_shapes():
 # ---------------------------------------------------------------- predict
 
 def run_predict(*args, cwd):
-  env = dict(os.environ, PYTHONPATH=REPO)
+  env = dict(os.environ)
   return subprocess.run([sys.executable, '-m', 'bit_pytorch.predict', *args],
                         cwd=cwd, env=env, capture_output=True, text=True)
 
@@ -124,10 +124,10 @@ def test_predict_prints_topk_and_saves_logits(tmp_path, make_npz):
   assert len(lines) == 4 and lines[0].startswith(os.path.join(folder, 'train', 'x', '000.png'))
   logits = np.load(tmp_path / 'logits.npy')
   # The same images through the model directly give the same logits.
-  files = bit_common.list_images([folder])
-  batch = bit_common.to_model_input(np.stack(
-      [bit_common.load_image(f, 32) for f in files]))
-  model = models.create('f', weights=bit_common.load_npz(path)).eval()
+  files = predict.list_images([folder])
+  batch = predict.to_model_input(np.stack(
+      [predict.load_image(f, 32) for f in files]))
+  model = models.create('f', weights=zoo.load_npz(path)).eval()
   with torch.no_grad():
     expected = model(torch.from_numpy(batch).permute(0, 3, 1, 2)).numpy()
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)

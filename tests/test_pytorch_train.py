@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from big_transfer import datasets, errors, zoo
 import bit_common
-from bit_pytorch import data as bit_data
+from bit_pytorch import data as torch_data
 from bit_pytorch import train
 from conftest import REPO, write_imagefolder
 
@@ -30,7 +31,7 @@ def run_main(argv):
 
 
 def weights(logdir, name):
-  return bit_common.load_npz(os.path.join(logdir, name, 'model.npz'))
+  return zoo.load_npz(os.path.join(logdir, name, 'model.npz'))
 
 
 def assert_same_weights(a, b, atol=0.0):
@@ -40,7 +41,7 @@ def assert_same_weights(a, b, atol=0.0):
 
 
 def cli_env(threads=1):
-  env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS=str(threads))
+  env = dict(os.environ, OMP_NUM_THREADS=str(threads))
   env.pop('WORLD_SIZE', None)
   return env
 
@@ -76,13 +77,13 @@ def npz(tmp_path_factory):
 
 def test_fewshot_subset_is_reproducible_and_balanced():
   labels = np.repeat(np.arange(4), [10, 7, 12, 9])
-  source = bit_data.Source(labels, images=np.zeros((len(labels), 2, 2, 3),
+  source = torch_data.Source(labels, images=np.zeros((len(labels), 2, 2, 3),
                                                    np.uint8))
 
   def draw(k, seed):
     args = types.SimpleNamespace(examples_per_class=k,
                                  examples_per_class_seed=seed)
-    return bit_data.fewshot(source, args).labels, bit_common.fewshot_indices(
+    return torch_data.fewshot(source, args).labels, datasets.fewshot_indices(
         labels, k, seed)
 
   (l1, i1), (l2, i2), (_, i3) = draw(5, 1), draw(5, 1), draw(5, 2)
@@ -91,7 +92,7 @@ def test_fewshot_subset_is_reproducible_and_balanced():
   assert not np.array_equal(i1, i3)
   np.testing.assert_array_equal(np.bincount(l1), [5, 5, 5, 5])
   np.testing.assert_array_equal(labels[i1], l1)
-  with pytest.raises(bit_common.BadInput, match='class 1 has only 7'):
+  with pytest.raises(errors.BadInput, match='class 1 has only 7'):
     draw(8, 0)
 
 
@@ -185,11 +186,11 @@ def test_torchvision_datasets_are_wrapped_from_their_data(monkeypatch,
   monkeypatch.setattr(datasets, 'OxfordIIITPet', FakePets)
   args = types.SimpleNamespace(dataset='cifar10', datadir=str(tmp_path),
                                skip_bad_images=False)
-  cifar = bit_data.load(args, None)
+  cifar = torch_data.load(args, None)
   assert cifar.classes == ['a', 'b'] and cifar.original_hw == (32, 32)
   assert len(cifar.train) == 6 and len(cifar.val) == 4
   args.dataset = 'oxford_iiit_pet'
-  pets = bit_data.load(args, None)
+  pets = torch_data.load(args, None)
   assert len(pets.train) == 9 and len(pets.val) == 6
   assert pets.train.labels.tolist() == [i % 3 for i in range(9)]
   assert pets.original_hw == (120, 100)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import bit_common
+from big_transfer import errors, predict, zoo
 from bit_pytorch import models as torch_models
 from bit_tf2 import models
 from conftest import synthetic_weights
@@ -47,15 +47,15 @@ def tf2_logits(weights, images):
 
 
 def test_variable_paths_are_the_published_names():
-  arch = bit_common.parse_arch('R26x0.5')
+  arch = zoo.parse_arch('R26x0.5')
   net = models.create('R26x0.5', head_size=7)
   shapes = {v.path: tuple(v.shape) for v in net.weights}
-  assert shapes == bit_common.expected_shapes(arch, 7)
+  assert shapes == zoo.expected_shapes(arch, 7)
 
 
 def test_h5_in_keras2_layout_and_npz_load_the_same(tmp_path, make_npz):
   npz = make_npz('R14x0.5', 10)
-  h5 = write_keras2_h5(tmp_path / 'w.h5', bit_common.load_npz(npz))
+  h5 = write_keras2_h5(tmp_path / 'w.h5', zoo.load_npz(npz))
   from_npz, from_h5 = models.load_weights(npz), models.load_weights(h5)
   assert sorted(from_h5) == sorted(from_npz)
   for key in from_npz:
@@ -96,11 +96,11 @@ def test_wrong_shape_and_missing_key_are_named(tmp_path):
   bad = dict(weights)
   bad['resnet/head/conv2d/kernel'] = bad['resnet/head/conv2d/kernel'][:, :, :5]
   h5 = write_keras2_h5(tmp_path / 'bad.h5', bad)
-  with pytest.raises(bit_common.BadInput, match='head/conv2d/kernel.*shape'):
+  with pytest.raises(errors.BadInput, match='head/conv2d/kernel.*shape'):
     models.create('R14x0.5', head_size=10, weights=models.load_weights(h5))
   missing = dict(weights)
   del missing['resnet/block2/unit01/b/group_norm/beta']
-  with pytest.raises(bit_common.BadInput,
+  with pytest.raises(errors.BadInput,
                      match='no resnet/block2/unit01/b/group_norm/beta'):
     models.create('R14x0.5', weights=missing)
 
@@ -109,12 +109,12 @@ def test_h5_with_foreign_datasets_is_refused(tmp_path):
   path = tmp_path / 'other.h5'
   with h5py.File(path, 'w') as f:
     f.create_dataset('dense_1/dense_1/kernel:0', data=np.zeros((2, 2)))
-  with pytest.raises(bit_common.BadInput, match='dense_1/kernel.*no BiT'):
+  with pytest.raises(errors.BadInput, match='dense_1/kernel.*no BiT'):
     models.load_h5(str(path))
 
 
 def test_zero_head_fine_tuning_keeps_the_body(make_npz):
-  weights = bit_common.load_npz(make_npz('R14x0.5', 1000))
+  weights = zoo.load_npz(make_npz('R14x0.5', 1000))
   net = models.create('R14x0.5', head_size=5, zero_head=True, weights=weights)
   out = net.export_weights()
   assert out['resnet/head/conv2d/kernel'].shape == (1, 1, 1024, 5)
@@ -125,9 +125,9 @@ def test_zero_head_fine_tuning_keeps_the_body(make_npz):
 
 def test_export_npz_round_trip_and_saved_model(tmp_path, make_npz):
   import tensorflow as tf
-  weights = bit_common.load_npz(make_npz('R14x0.5', 10))
+  weights = zoo.load_npz(make_npz('R14x0.5', 10))
   net = models.create('weights', weights=weights)
-  exported = bit_common.load_npz(net.save_npz(str(tmp_path / 'out.npz')))
+  exported = zoo.load_npz(net.save_npz(str(tmp_path / 'out.npz')))
   assert sorted(exported) == sorted(weights)
   for key in weights:
     np.testing.assert_array_equal(exported[key], weights[key], err_msg=key)
@@ -151,7 +151,7 @@ def test_bf16_policy_keeps_float32_variables_and_is_close():
 
 
 def test_weights_file_prefers_a_local_file(tmp_path, make_npz):
-  info = bit_common.MODELS['BiT-S-R50x1']
+  info = zoo.MODELS['BiT-S-R50x1']
   h5 = tmp_path / info.filename('h5')
   h5.write_bytes(b'')
   assert models.weights_file('BiT-S-R50x1', str(tmp_path)) == str(h5)
@@ -163,9 +163,8 @@ def run_predict(*args, cwd):
   import os
   import subprocess
   import sys
-  from conftest import REPO
   return subprocess.run([sys.executable, '-m', 'bit_tf2.predict', *args],
-                        cwd=cwd, env=dict(os.environ, PYTHONPATH=REPO),
+                        cwd=cwd, env=dict(os.environ),
                         capture_output=True, text=True, check=False)
 
 
@@ -181,10 +180,10 @@ def test_predict_reads_h5_and_gives_pytorch_logits(tmp_path):
                     '--save_logits', 'logits.npy', cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-2000:]
   lines = out.stdout.strip().splitlines()
-  files = bit_common.list_images([folder])
+  files = predict.list_images([folder])
   assert [l.split(': ')[0] for l in lines] == files
-  batch = bit_common.to_model_input(np.stack(
-      [bit_common.load_image(f, 32) for f in files]))
+  batch = predict.to_model_input(np.stack(
+      [predict.load_image(f, 32) for f in files]))
   with torch.no_grad():
     expected = torch_models.create('w', weights=weights)(
         torch.from_numpy(batch).permute(0, 3, 1, 2)).numpy()
@@ -212,14 +211,14 @@ def test_predict_refuses_a_truncated_h5(tmp_path):
 def test_the_original_known_models_and_num_units_tables():
   """As the original's code calls them: KNOWN_MODELS[name](...) is a Keras
   model for the name, NUM_UNITS[name] its units per block."""
-  import bit_zoo
+  from big_transfer import zoo
   assert models.NUM_UNITS['BiT-M-R50x1'] == (3, 4, 6, 3)
   assert models.NUM_UNITS['BiT-S-R152x4'] == (3, 8, 36, 3)
-  assert set(models.KNOWN_MODELS) == set(bit_zoo.MODELS)
+  assert set(models.KNOWN_MODELS) == set(zoo.MODELS)
   name = 'BiT-R14x0.5-FashionMNIST'
   model = models.KNOWN_MODELS[name]()
-  model.load_from(bit_zoo.load_weights(name))
-  reference = torch_models.create(name, weights=bit_zoo.load_weights(name))
+  model.load_from(zoo.load_weights(name))
+  reference = torch_models.create(name, weights=zoo.load_weights(name))
   images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3))
   with torch.no_grad():
     expected = reference.eval()(torch.from_numpy(

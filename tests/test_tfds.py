@@ -1,20 +1,18 @@
-"""tfds:NAME and vtab:TASK (bit_tfds) and the validation commands.
+"""tfds:NAME and vtab:TASK (big_transfer.tfds_reader) and the validation commands.
 
 Every dataset here is made by the test itself: small TFDS builders prepared
 into a temporary data_dir (nothing is downloaded). The VTAB-1k checks use
 stand-ins of the real TFDS builders (same features, made-up examples) and
 compare with the published definitions of google-research/task_adaptation.
 """
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-import bit_common
-import bit_data
-import bit_tfds
+from big_transfer import datasets, errors, zoo
+from big_transfer import tfds_reader
 from conftest import REPO, synthetic_weights, write_imagefolder
 
 tfds = pytest.importorskip('tensorflow_datasets')
@@ -96,7 +94,7 @@ def toy_dir(tmp_path_factory):
 
 
 def _numbers(split):
-  return [_number(bit_tfds.decode(e)) for e in split.encoded]
+  return [_number(tfds_reader.decode(e)) for e in split.encoded]
 
 
 def _reference(data_dir, name, spec):
@@ -114,7 +112,7 @@ def _reference(data_dir, name, spec):
 
 def test_tfds_dataset_by_name(toy_dir):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  data = bit_tfds.resolve('tfds:bit_tfds_toy', toy_dir)
+  data = tfds_reader.resolve('tfds:bit_tfds_toy', toy_dir)
   assert (data.image_key, data.label_key) == ('image', 'label')
   assert data.classes == CLASSES
   assert (data.train_split, data.eval_split) == ('train', 'validation')
@@ -139,7 +137,7 @@ def test_tfds_dataset_by_name(toy_dir):
 def test_split_reads_lazily_and_pickles(toy_dir):
   """A Split sent to data-loader workers (pickled) reads its examples there."""
   import pickle  # pylint: disable=import-outside-toplevel
-  data = bit_tfds.resolve('tfds:bit_tfds_toy', toy_dir, train_split='train')
+  data = tfds_reader.resolve('tfds:bit_tfds_toy', toy_dir, train_split='train')
   lazy = data.read('train').subset([7, 2, 30])
   copy = pickle.loads(pickle.dumps(lazy))
   full = data.read('train')
@@ -160,15 +158,15 @@ def test_tfds_reader_needs_no_tensorflow(toy_dir):
       '    return self.inner.find_spec(name, path, target)\n'
       'sys.meta_path[:] = [Hide(f) if hasattr(f, "find_spec") else f'
       ' for f in sys.meta_path]\n'
-      'import bit_tfds\n'
-      f'd = bit_tfds.resolve("tfds:bit_tfds_toy", {toy_dir!r},'
+      'from big_transfer import tfds_reader\n'
+      f'd = tfds_reader.resolve("tfds:bit_tfds_toy", {toy_dir!r},'
       ' train_split="train[5:9]+test[:2]")\n'
       's = d.read("train")\n'
       'print(repr((s.labels.tolist(), [len(e) for e in s.encoded])))\n'
       'assert "tensorflow" not in sys.modules, "TensorFlow was imported"\n')
   out = subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True,
                        capture_output=True, text=True, timeout=120).stdout
-  here = bit_tfds.resolve('tfds:bit_tfds_toy', toy_dir,
+  here = tfds_reader.resolve('tfds:bit_tfds_toy', toy_dir,
                           train_split='train[5:9]+test[:2]').read('train')
   assert out.strip() == repr((here.labels.tolist(),
                               [len(e) for e in here.encoded]))
@@ -178,10 +176,10 @@ def test_tfrecord_files_read_like_array_record(toy_dir, tmp_path):
   """Files prepared by plain `tfds build` (tfrecord) are read through
   as_dataset, and give the same examples."""
   _prepare(BitTfdsToy, tmp_path, file_format='tfrecord')
-  old = bit_tfds.resolve('tfds:bit_tfds_toy', str(tmp_path),
+  old = tfds_reader.resolve('tfds:bit_tfds_toy', str(tmp_path),
                          eval_split='test')
   assert not old.random_access
-  new = bit_tfds.resolve('tfds:bit_tfds_toy', toy_dir, eval_split='test')
+  new = tfds_reader.resolve('tfds:bit_tfds_toy', toy_dir, eval_split='test')
   for split in ('train', 'eval'):
     a, b = old.read(split), new.read(split)
     assert _numbers(a) == _numbers(b)
@@ -195,7 +193,7 @@ def test_tfrecord_files_read_like_array_record(toy_dir, tmp_path):
     ('train[-4:]+test[50%:]', [('train', 36, 40), ('test', 4, 8)]),
 ])
 def test_split_syntax(toy_dir, spec, expected):
-  data = bit_tfds.resolve('tfds:bit_tfds_toy', toy_dir, train_split=spec,
+  data = tfds_reader.resolve('tfds:bit_tfds_toy', toy_dir, train_split=spec,
                           eval_split='test[:3]')
   # Which examples sit at which stored position is TFDS's business: ask it.
   full = {name: _reference(toy_dir, 'bit_tfds_toy', name)[0]
@@ -212,7 +210,7 @@ def test_default_eval_split_is_test_without_validation(tmp_path):
     name = 'bit_tfds_no_validation'
     splits = {'train': 8, 'test': 4}
   _prepare(NoValidation, tmp_path)
-  data = bit_tfds.resolve('tfds:bit_tfds_no_validation', str(tmp_path))
+  data = tfds_reader.resolve('tfds:bit_tfds_no_validation', str(tmp_path))
   assert (data.eval_split, data.eval_size) == ('test', 4)
 
 
@@ -226,23 +224,23 @@ def test_default_eval_split_is_test_without_validation(tmp_path):
     (dict(dataset='tfds_dtd'), 'unknown dataset'),
 ])
 def test_refused(toy_dir, kwargs, words):
-  with pytest.raises(bit_common.BadInput) as e:
-    bit_tfds.resolve(data_dir=toy_dir, prepare=False, **kwargs)
+  with pytest.raises(errors.BadInput) as e:
+    tfds_reader.resolve(data_dir=toy_dir, prepare=False, **kwargs)
   assert words in str(e.value)
   if not any('split' in k for k in kwargs):
     assert 'vtab:TASK' in str(e.value) and 'tfds:NAME' in str(e.value)
 
 
 def test_fewshot_subset_is_the_shared_one(toy_dir):
-  split = bit_tfds.resolve('tfds:bit_tfds_toy', toy_dir).read('train')
+  split = tfds_reader.resolve('tfds:bit_tfds_toy', toy_dir).read('train')
   labels = split.labels
-  idx = bit_data.fewshot_indices(labels, 3, seed=7)
+  idx = datasets.fewshot_indices(labels, 3, seed=7)
   few = split.subset(idx)
   np.testing.assert_array_equal(few.labels, labels[idx])
   assert np.bincount(few.labels).tolist() == [3] * len(CLASSES)
   assert _numbers(few) == [_numbers(split)[i] for i in idx]
   # A subset drawn before the whole split was read gives the same.
-  lazy = bit_tfds.resolve('tfds:bit_tfds_toy', toy_dir).read('train')
+  lazy = tfds_reader.resolve('tfds:bit_tfds_toy', toy_dir).read('train')
   assert _numbers(lazy.subset(idx)) == _numbers(few)
 
 
@@ -288,19 +286,19 @@ def test_vtab_natural_task_caltech101(tmp_path):
                                                                n_train + 200)),
                'test': range(10_000, 10_030),
                'val': range(n_train, 2010)}
-  data = bit_tfds.resolve('vtab:caltech101', str(tmp_path))
+  data = tfds_reader.resolve('vtab:caltech101', str(tmp_path))
   assert (data.train_split, data.eval_split) == ('train800val200', 'test')
   assert (data.train_size, data.eval_size) == (1000, 30)
   assert data.num_classes == 102
   for split, numbers in published.items():
-    data = bit_tfds.resolve('vtab:caltech101', str(tmp_path),
+    data = tfds_reader.resolve('vtab:caltech101', str(tmp_path),
                             train_split='train800', eval_split=split)
     got = data.read('eval')
     assert len(got) == data.eval_size == len(numbers)
     assert _numbers(got) == list(numbers)
     np.testing.assert_array_equal(got.labels,
                                   [n % 10_000 % 102 for n in numbers])
-  sizes = {s: bit_tfds.resolve('vtab:caltech101', str(tmp_path),
+  sizes = {s: tfds_reader.resolve('vtab:caltech101', str(tmp_path),
                                train_split=s).train_size
            for s in ('train800', 'val200', 'train800val200', 'val+test')}
   assert sizes == {'train800': 800, 'val200': 200, 'train800val200': 1000,
@@ -340,7 +338,7 @@ def test_vtab_structured_task_dsprites(dsprites_dir):
       ('dsprites-orientation', 'label_orientation',
        lambda v: int(v * 16 // 40))):
     for split, numbers in published.items():
-      data = bit_tfds.resolve(f'vtab:{task}', str(tmp_path),
+      data = tfds_reader.resolve(f'vtab:{task}', str(tmp_path),
                               eval_split=split)
       assert data.num_classes == 16 and data.eval_size == len(numbers)
       got = data.read('eval')
@@ -354,14 +352,14 @@ def test_vtab_structured_task_dsprites(dsprites_dir):
         np.testing.assert_array_equal(
             image, np.repeat(truth[j]['image'], 3, axis=2) * 255)
   # Every bin of the orientation rule is hit by its 40 values, in order.
-  rule = bit_tfds.VTAB_TASKS['dsprites-orientation'].label
+  rule = tfds_reader.VTAB_TASKS['dsprites-orientation'].label
   assert [rule({'label_orientation': v}) for v in range(40)] == [
       int(v // 2.5) for v in range(40)]
 
 
 def test_vtab_split_tables_of_published_datasets():
   """The VTAB splits computed from the real datasets' TFDS split sizes."""
-  table = bit_tfds._split_table  # pylint: disable=protected-access
+  table = tfds_reader._split_table  # pylint: disable=protected-access
   cases = {
       # task: (TFDS split sizes, expected VTAB splits)
       'caltech101': ({'train': 3060, 'test': 6084},
@@ -392,16 +390,16 @@ def test_vtab_split_tables_of_published_datasets():
                          dict(val200='validation[:200]', test='test')),
   }
   for task, (counts, expected) in cases.items():
-    kind, arg = bit_tfds.VTAB_TASKS[task].splits
+    kind, arg = tfds_reader.VTAB_TASKS[task].splits
     got = table(kind, counts, arg)
-    assert set(got) == set(bit_tfds.VTAB_SPLITS)
+    assert set(got) == set(tfds_reader.VTAB_SPLITS)
     assert got['train800'] == 'train[:800]', task
     for split, spec in expected.items():
       assert got[split] == spec, (task, split)
 
 
 def test_vtab_structured_labels_follow_the_published_rules():
-  tasks = bit_tfds.VTAB_TASKS
+  tasks = tfds_reader.VTAB_TASKS
 
   def clevr(depths):
     coords = np.array([[0.0, 0.0, d] for d in depths], np.float32)
@@ -417,7 +415,7 @@ def test_vtab_structured_labels_follow_the_published_rules():
     assert distance(clevr(depths)) == label, depths
   types = ['Car', 'Van', 'Truck', 'Pedestrian', 'Person_sitting', 'Cyclist',
            'Tram', 'Misc']
-  kitti = bit_tfds._KittiDistance(types)  # pylint: disable=protected-access
+  kitti = tfds_reader._KittiDistance(types)  # pylint: disable=protected-access
 
   def scene(objects):
     return {'objects': {
@@ -439,11 +437,10 @@ def test_vtab_structured_labels_follow_the_published_rules():
 
 
 def test_vtab_tasks_are_the_released_models_tasks():
-  import bit_zoo  # pylint: disable=import-outside-toplevel
-  assert {name: t.num_classes for name, t in bit_tfds.VTAB_TASKS.items()} == (
-      bit_zoo.VTAB_TASKS)
-  for name in bit_tfds.VTAB_TASKS:
-    assert f'BiT-M-R50x1-run0-{name}' in bit_zoo.MODELS
+  assert {name: t.num_classes for name, t in tfds_reader.VTAB_TASKS.items()} == (
+      zoo.VTAB_TASKS)
+  for name in tfds_reader.VTAB_TASKS:
+    assert f'BiT-M-R50x1-run0-{name}' in zoo.MODELS
 
 
 # --------------------------------------------------------------------------
@@ -478,8 +475,8 @@ def test_validate_agrees_across_backends(tmp_path, capsys):
 
 
 def test_validate_metrics_against_numpy():
-  from bit_run import summarize  # pylint: disable=import-outside-toplevel
-  from bit_validate import batch_sums  # pylint: disable=import-outside-toplevel
+  from big_transfer.harness import summarize  # pylint: disable=import-outside-toplevel
+  from big_transfer.validate import batch_sums  # pylint: disable=import-outside-toplevel
   logits = np.array([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
                      [5.0, 4.0, 3.0, 2.0, 1.0, 0.0],
                      [0.0, 0.0, 9.0, 0.0, 0.0, 0.0]])
@@ -508,11 +505,11 @@ def test_validate_refuses_unknown_dataset(backend, capsys):
 
 
 def _loaders_read_tfds():
-  """Whether both data loaders hand tfds:/vtab: datasets to bit_tfds."""
+  """Whether both data loaders hand tfds:/vtab: datasets to big_transfer.tfds_reader."""
   import inspect  # pylint: disable=import-outside-toplevel
   import input_pipeline_tf2_or_jax  # pylint: disable=import-outside-toplevel
   from bit_pytorch import data  # pylint: disable=import-outside-toplevel
-  return all('bit_tfds' in inspect.getsource(m)
+  return all('big_transfer.tfds_reader' in inspect.getsource(m)
              for m in (data, input_pipeline_tf2_or_jax))
 
 

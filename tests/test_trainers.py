@@ -18,8 +18,7 @@ import time
 import numpy as np
 import pytest
 
-import bit_common
-import bit_zoo
+from big_transfer import errors, zoo
 from conftest import (REPO, backend_param, synthetic_weights,
                       write_imagefolder)
 
@@ -65,7 +64,7 @@ def run(setup, backend, name, *extra, **kw):
 
 
 def cli_env(setup):
-  env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1',
+  env = dict(os.environ, OMP_NUM_THREADS='1',
              JAX_PLATFORMS='cpu',
              JAX_COMPILATION_CACHE_DIR=str(setup[0] / 'xla_cache'))
   env.pop('WORLD_SIZE', None)
@@ -85,7 +84,7 @@ def out(setup, backend, name):
 
 
 def weights(setup, backend, name):
-  return bit_zoo.load_npz(str(out(setup, backend, name) / 'model.npz'))
+  return zoo.load_npz(str(out(setup, backend, name) / 'model.npz'))
 
 
 def metrics(setup, backend, name):
@@ -165,7 +164,7 @@ def test_outputs_and_their_fields(setup, reference, backend):
   assert val[-1]['top1'] == result['top1']
   # The export is a published-layout checkpoint with a trained 3-class head.
   exported = weights(setup, backend, 'reference')
-  bit_zoo.check_weights(exported, bit_zoo.parse_arch('R14x0.5'), 3)
+  zoo.check_weights(exported, zoo.parse_arch('R14x0.5'), 3)
   assert np.abs(exported['resnet/head/conv2d/kernel']).sum() > 0
   assert 'INFO' in (run_dir / 'train.log').read_text()
 
@@ -221,7 +220,7 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_resuming_with_other_settings_is_refused(setup, reference, backend):
   del reference  # the run it would resume
-  with pytest.raises(bit_common.BadInput,
+  with pytest.raises(errors.BadInput,
                      match='base_lr: 0.01 there, 0.1 now'):
     run(setup, backend, 'reference', '--base_lr', '0.1')
 
@@ -235,7 +234,7 @@ def test_bad_input_exits_2_before_any_work(setup, backend):
   assert not out(setup, backend, 'bad').exists()
   for extra, message in ((['--mixup_alpha', '-1'], 'mixup_alpha'),
                          (['--model', 'BiT-M-R51x1'], 'unknown model')):
-    with pytest.raises(bit_common.BadInput, match=message):
+    with pytest.raises(errors.BadInput, match=message):
       run(setup, backend, 'bad', *extra)
   assert not out(setup, backend, 'bad').exists()
 
@@ -258,7 +257,7 @@ def bad_folder(tmp_path_factory):
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_bad_images_are_named_or_the_same_ones_left_out(setup, bad_folder,
                                                         backend):
-  with pytest.raises(bit_common.BadInput, match=r'broken\.png.*'
+  with pytest.raises(errors.BadInput, match=r'broken\.png.*'
                      '--skip_bad_images'):
     run(setup, backend, 'bad_images', folder=bad_folder)
   result = run(setup, backend, 'skip', '--skip_bad_images', '--total_steps',
@@ -276,14 +275,14 @@ def test_bad_images_are_named_or_the_same_ones_left_out(setup, bad_folder,
 # no checkpoint of its own) right after training step K.
 KILLED_AFTER_STEP = (
     'import importlib, os, signal, sys\n'
-    'import bit_run\n'
+    'import big_transfer.harness\n'
     'backend, k = sys.argv[1], int(sys.argv[2])\n'
-    'update = bit_run.Progress.update\n'
+    'update = harness.Progress.update\n'
     'def update_then_die(self, step):\n'
     '  update(self, step)\n'
     '  if step == k:\n'
     '    os.kill(os.getpid(), signal.SIGKILL)\n'
-    'bit_run.Progress.update = update_then_die\n'
+    'harness.Progress.update = update_then_die\n'
     'train = importlib.import_module(f"bit_{backend}.train")\n'
     'train.main(train.argparser().parse_args(sys.argv[3:]))\n')
 
@@ -332,7 +331,7 @@ def test_the_same_command_twice_gives_the_same_weights(setup, backend,
   for p in procs:
     _, err = p.communicate(timeout=900)
     assert p.returncode == 0, err[-2000:]
-  a, b = (bit_zoo.load_npz(str(root / n / 'model.npz')) for n in 'ab')
+  a, b = (zoo.load_npz(str(root / n / 'model.npz')) for n in 'ab')
   assert_same(a, b, atol=0)
 
 
@@ -373,7 +372,7 @@ def test_a_second_live_run_of_the_same_name_is_refused(setup, backend):
         break
       time.sleep(0.1)
     before = sorted(os.listdir(out(setup, backend, 'twice')))
-    with pytest.raises(bit_common.BadInput, match='still going'):
+    with pytest.raises(errors.BadInput, match='still going'):
       run(setup, backend, 'twice', '--total_steps', '100000')
     assert sorted(os.listdir(out(setup, backend, 'twice'))) == before
   finally:
@@ -383,14 +382,14 @@ def test_a_second_live_run_of_the_same_name_is_refused(setup, backend):
 
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_a_diverging_loss_stops_before_any_bad_checkpoint(setup, backend):
-  with pytest.raises(bit_common.Diverged, match=r'at step \d+') as e:
+  with pytest.raises(errors.Diverged, match=r'at step \d+') as e:
     run(setup, backend, 'nan', '--base_lr', '1e12', '--mixup_alpha', '0',
         '--save_every', '1')
   assert 'Lower --base_lr' in str(e.value)
   assert not (out(setup, backend, 'nan') / 'results.json').exists()
   assert not (out(setup, backend, 'nan') / 'model.npz').exists()
   # Resuming it finds only finite weights (or nothing) to start from.
-  with pytest.raises(bit_common.Diverged):
+  with pytest.raises(errors.Diverged):
     run(setup, backend, 'nan', '--base_lr', '1e12', '--mixup_alpha', '0',
         '--save_every', '1')
 
@@ -422,14 +421,14 @@ def test_bad_places_and_values_exit_2(setup, backend, tmp_path):
            (['--base_lr', '0'], 'base_lr'), (['--save_every', '0'],
                                              'save_every')]
   for extra, message in cases:
-    with pytest.raises(bit_common.BadInput, match=message):
+    with pytest.raises(errors.BadInput, match=message):
       run(setup, backend, 'places', *extra)
   assert not out(setup, backend, 'places').exists()
   empty = write_imagefolder(tmp_path / 'empty', train=2, val=1,
                             size=(32, 32))
   for f in os.listdir(os.path.join(empty, 'val', 'owl')):
     os.remove(os.path.join(empty, 'val', 'owl', f))
-  with pytest.raises(bit_common.BadInput, match=r'val/owl has no images'):
+  with pytest.raises(errors.BadInput, match=r'val/owl has no images'):
     run(setup, backend, 'places', folder=empty)
 
 
@@ -443,7 +442,7 @@ def test_a_truncated_image_is_named(setup, backend, tmp_path):
   with open(path, 'wb') as f:
     f.write(head)
   # In-process data workers would fork after JAX/TF started threads.
-  with pytest.raises(bit_common.BadInput, match=r'val/cat/000\.png'):
+  with pytest.raises(errors.BadInput, match=r'val/cat/000\.png'):
     run(setup, backend, 'truncated', '--total_steps', '1', '--workers', '0',
         folder=folder)
 
@@ -509,7 +508,7 @@ def test_tf2_fp16_with_loss_scaling_learns_and_exports_a_saved_model(setup):
 
 
 def test_jax_refuses_fp16(setup):
-  with pytest.raises(bit_common.BadInput, match='use bf16'):
+  with pytest.raises(errors.BadInput, match='use bf16'):
     run(setup, 'jax', 'fp16', '--precision', 'fp16')
 
 
@@ -527,7 +526,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(setup, monkeypatch):
       raise OSError(errno.ENOSPC, 'No space left on device')
     save(self, step)
   monkeypatch.setattr(engine.Checkpoint, 'save', save_then_fail)
-  with pytest.raises(bit_common.RunFailed,
+  with pytest.raises(errors.RunFailed,
                      match='checkpoint of step 4.*No space left.*'
                      'checkpoint of step 2 is intact'):
     run(setup, 'pytorch', 'full', '--save_every', '2')

@@ -8,8 +8,7 @@ import sys
 
 import numpy as np
 
-import bit_common
-import bit_zoo
+from big_transfer import errors, zoo
 
 logger = logging.getLogger('bit.export')
 
@@ -37,7 +36,7 @@ def argparser(framework, formats, model_help, out_help):
 def default_name(model):
   """The name an export of `model` gets: the registered name, the file's
   name without its extension, or a run folder's name."""
-  if model.startswith(bit_zoo.HF_HUB_PREFIX):
+  if model.startswith(zoo.HF_HUB_PREFIX):
     return model.split('/')[-1].split('@')[0]
   path = os.path.normpath(model)
   base = os.path.basename(path)
@@ -73,4 +72,4 @@ def cli(main, argparser_fn, argv=None):
   logger.addHandler(logging.StreamHandler(sys.stderr))
   logger.setLevel(logging.INFO)
   logger.propagate = False  # TF/absl give the root logger a handler too
-  return bit_common.run_cli(lambda: main(argparser_fn().parse_args(argv)))
+  return errors.run_cli(lambda: main(argparser_fn().parse_args(argv)))

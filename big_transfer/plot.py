@@ -1,6 +1,6 @@
 """Curves of one or several runs, side by side, from their metrics.jsonl:
 
-  python -m bit_plot RUN_DIR [RUN_DIR...] --out runs.png
+  python -m big_transfer.plot RUN_DIR [RUN_DIR...] --out runs.png
 
 Three panels: loss (training solid, validation dashed with markers), learning
 rate, and validation accuracy (top-1 solid, top-5 dotted); one colour per
@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from bit_common import BadInput, run_cli
+from big_transfer.errors import BadInput, run_cli
 
 PANELS = (('loss', 'loss'), ('lr', 'learning rate'),
           ('accuracy', 'validation accuracy'))

@@ -1,7 +1,7 @@
 """Knowledge distillation as in "Knowledge distillation: A good teacher is
 patient and consistent" (Beyer et al., 2022): the part every backend shares.
 
-  python -m bit_pytorch.distill --recipe recipes/distill_digits_small.yaml \\
+  python -m bit_pytorch.distill --recipe distill_digits_small \\
       --name student --logdir runs --teacher runs/teacher
   (the same flags for bit_jax.distill and bit_tf2.distill)
 
@@ -13,7 +13,7 @@ weights then initialise it under a new zero head) is trained to match the
 teacher's outputs ("function matching"):
 
 - consistent: teacher and student see the same augmented image: one crop,
-  one flip and one mixup (the shared data stream's, bit_data.Stream) per
+  one flip and one mixup (the shared data stream's, datastream.Stream) per
   example, fed to both;
 - the loss (`kl_loss`) is the Kullback-Leibler divergence from the
   teacher's softmax to the student's, at temperature T (1 by default):
@@ -48,63 +48,13 @@ import math
 import os
 
 import numpy as np
-import yaml
 
-import bit_common
-import bit_data
-import bit_run
-import bit_zoo
-from bit_common import BadInput
+from big_transfer import datasets, errors, harness, recipes, zoo
+from big_transfer.errors import BadInput
 
-# What an evaluation sums after bit_run's four [loss, top-1, top-5, n]; each
+# What an evaluation sums after the harness's four [loss, top-1, top-5, n]; each
 # is reported as its share of the examples (metrics.jsonl, results.json).
 EVAL_EXTRAS = ('agreement', 'teacher_top1', 'kl')
-
-
-# --------------------------------------------------------------------------
-# Recipes as data: any dataclass from a YAML mapping.
-
-def check_fields(obj, where='recipe'):
-  """Refuses a dataclass field whose value is not of its declared type
-  (int accepted for float; None always)."""
-  for f in dataclasses.fields(obj):
-    value = getattr(obj, f.name)
-    kind = (int, float) if f.type is float else f.type
-    if value is not None and (not isinstance(value, kind) or
-                              isinstance(value, bool)):
-      raise BadInput(f'{where}: {f.name} must be a {f.type.__name__}, got '
-                     f'{value!r}.')
-
-
-def load_dataclass(cls, path, overrides=(), datadir=None):
-  """`cls(**values)` from the YAML mapping in `path`, with KEY=VALUE
-  overrides (values read as YAML) and `datadir` (when given) applied first.
-  An unreadable file, an unknown or missing key and an override without
-  '=' are refused (BadInput). Pre-training's and distillation's recipes
-  are read this way."""
-  try:
-    with open(path) as f:
-      values = yaml.safe_load(f) or {}
-  except (OSError, yaml.YAMLError) as e:
-    raise BadInput(f'cannot read recipe {path} ({e}).') from e
-  if not isinstance(values, dict):
-    raise BadInput(f'recipe {path} is not a mapping of keys.')
-  for item in overrides:
-    key, sep, value = item.partition('=')
-    if not sep:
-      raise BadInput(f'--set {item!r}: write KEY=VALUE.')
-    values[key] = yaml.safe_load(value)
-  if datadir:
-    values['datadir'] = datadir
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise BadInput(f'recipe {path}: unknown key(s) {unknown}; '
-                   f'known: {sorted(known)}.')
-  try:
-    return cls(**values)
-  except TypeError as e:  # a required key is missing
-    raise BadInput(f'recipe {path}: {e}.') from e
 
 
 AUGMENTATIONS = ('inception_crop', 'crop_flip')
@@ -122,7 +72,7 @@ class Recipe:
   batch: int                     # global batch size
   datadir: str = None
   examples_per_class: int = None  # few-shot: train on this many per class
-  examples_per_class_seed: int = 0  # (bit_data.fewshot_indices)
+  examples_per_class_seed: int = 0  # (datasets.fewshot_indices)
   epochs: float = None           # length, in epochs ...
   steps: int = None              # ... or in steps (exactly one of the two)
   augment: str = 'inception_crop'  # inception_crop | crop_flip
@@ -142,7 +92,7 @@ class Recipe:
   batch_eval: int = None         # default: batch
 
   def __post_init__(self):
-    check_fields(self)
+    recipes.check_fields(self)
     if (self.epochs is None) == (self.steps is None):
       raise BadInput('recipe: give exactly one of epochs and steps.')
     for name in ('batch', 'epochs', 'steps', 'resize_size', 'crop_size',
@@ -169,15 +119,15 @@ class Recipe:
       raise BadInput(f'recipe: crop_scale must be [min, max] with 0 < min <= '
                      f'max <= 1, got {self.crop_scale}.')
     try:
-      bit_data.dataset_name(self.dataset)
+      datasets.dataset_name(self.dataset)
     except argparse.ArgumentTypeError as e:
       raise BadInput(f'recipe: {e}.') from None
     if self.dataset in ('imagenet2012', 'imagefolder') and not self.datadir:
       raise BadInput(f'{self.dataset} needs --datadir (a folder with '
                      'train/<class>/* and val/<class>/*).')
-    bit_zoo.check_model(self.teacher)
+    zoo.check_model(self.teacher)
     if student_arch(self.student) is None:
-      bit_zoo.check_model(self.student)
+      zoo.check_model(self.student)
 
   @property
   def teacher_size(self):
@@ -188,7 +138,7 @@ def student_arch(student):
   """The Architecture of a student given as an architecture name (trained
   from scratch), else None (a --model form that initialises it)."""
   try:
-    return bit_zoo.parse_arch(student)
+    return zoo.parse_arch(student)
   except BadInput:
     return None
 
@@ -200,7 +150,7 @@ def load_recipe(args):
   for key in ('teacher', 'student', 'temperature'):
     if getattr(args, key, None) is not None:
       overrides.append(f'{key}={getattr(args, key)}')
-  return load_dataclass(Recipe, args.recipe, overrides, args.datadir)
+  return recipes.load(Recipe, args.recipe, overrides, args.datadir)
 
 
 def inception_scale(recipe):
@@ -299,14 +249,14 @@ def eval_sums(student_logits, teacher_logits, labels, temperature=1.0):
 # --------------------------------------------------------------------------
 # The run harness, with the extra evaluation sums.
 
-class Run(bit_run.Run):
-  """bit_run.Run whose `evaluate()` returns [loss, top-1, top-5, n,
+class Run(harness.Run):
+  """harness.Run whose `evaluate()` returns [loss, top-1, top-5, n,
   *EVAL_EXTRAS] sums; the extras are logged and written beside the others
   (as shares of n) in metrics.jsonl and results.json."""
 
   def _evaluate(self, step, evaluate):
     sums = np.asarray(evaluate(), np.float64)
-    result = bit_run.summarize(sums[:4])
+    result = harness.summarize(sums[:4])
     result.update({k: float(v) / result['n']
                    for k, v in zip(EVAL_EXTRAS, sums[4:])})
     self.logger.info(
@@ -360,7 +310,7 @@ def argparser(backend='pytorch'):
       '(Beyer et al., 2022): the same augmented image to both, KL loss.',
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument('--recipe', required=True,
-                      help='YAML recipe (see recipes/distill_*.yaml): teacher, '
+                      help='YAML recipe (see big_transfer/recipes/distill_*.yaml): teacher, '
                       'student, data, length, batch, augmentation, mixup, '
                       'temperature, optimiser.')
   parser.add_argument('--name', required=True,
@@ -434,4 +384,4 @@ def data_args(args, recipe):
 
 def main_cli(main, backend):
   """python -m bit_BACKEND.distill: one line and exit 2 on bad input."""
-  bit_common.run_cli(lambda: main(argparser(backend).parse_args()))
+  errors.run_cli(lambda: main(argparser(backend).parse_args()))

@@ -5,7 +5,7 @@ A trainer (`bit_pytorch.train`, `bit_tf2.train`, `bit_jax.train`,
 `bit_pytorch.pretrain`) keeps only what its framework needs: the devices,
 the compiled step, its checkpoint format. It hands the rest to a `Run`:
 
-  run = bit_run.Run(args, lead=...)           # run folder, logger
+  run = harness.Run(args, lead=...)           # run folder, logger
   step = run.resume(checkpoints, settings)    # the newest readable checkpoint
   run.start(step, config, summary)            # config.json, metrics.jsonl
   result, step = run.fit(step, total, lr_at, train, evaluate, checkpoints)
@@ -32,11 +32,12 @@ import time
 
 import numpy as np
 
-import bit_data
-import bit_hardware
+from big_transfer import datastream
+from big_transfer import hardware
 import bit_hyperrule
-import bit_tensorboard
-from bit_common import BadInput, Diverged, RunFailed, run_dir, run_logger
+from big_transfer import events
+from big_transfer.errors import BadInput, Diverged, RunFailed
+from bit_common import run_dir, run_logger
 
 LOG_EVERY = 10       # steps between reading losses back from the device
 SAVE_MINUTES = 10    # a checkpoint at least this often (of training time)
@@ -84,7 +85,7 @@ the same scalars to a TensorBoard event file beside it.
       f.writelines(kept)
     os.replace(tmp, self.path)
     self._file = open(self.path, 'a')
-    self._tensorboard = bit_tensorboard.TensorBoard(run_dir(args),
+    self._tensorboard = events.TensorBoard(run_dir(args),
                                                     resume_step)
 
   def write(self, step, split, **values):
@@ -186,8 +187,8 @@ class HyperRule:
                                 self.total_steps)
 
   def stream(self, args):
-    """The run's data stream (bit_data.Stream)."""
-    return bit_data.Stream(self.dataset_size, args.batch, args.seed,
+    """The run's data stream (datastream.Stream)."""
+    return datastream.Stream(self.dataset_size, args.batch, args.seed,
                            self.mixup)
 
   def settings(self, args, classes):
@@ -288,8 +289,8 @@ class Run:
       self.metrics = Metrics(self.args, step)
     self.logger.info(summary)
     if (getattr(self.args, 'precision', None) == 'bf16' and
-        bit_hardware.bf16_emulated(device)):
-      self.logger.warning(bit_hardware.BF16_EMULATED_WARNING)
+        hardware.bf16_emulated(device)):
+      self.logger.warning(hardware.BF16_EMULATED_WARNING)
 
   # ------------------------------------------------------------------- fit
 

@@ -5,10 +5,10 @@ import os
 
 import numpy as np
 
-import bit_data
+from big_transfer import datasets
 import bit_hyperrule
-import bit_zoo
-from bit_common import BadInput
+from big_transfer import zoo
+from big_transfer.errors import BadInput
 
 
 def predict_argparser(framework):
@@ -46,7 +46,7 @@ def list_images(inputs):
   for item in inputs:
     if os.path.isdir(item):
       paths += sorted(os.path.join(d, f) for d, _, files in os.walk(item)
-                      for f in files if f.lower().endswith(bit_data.IMAGE_EXTENSIONS))
+                      for f in files if f.lower().endswith(datasets.IMAGE_EXTENSIONS))
     elif os.path.isfile(item):
       paths.append(item)
     else:
@@ -80,14 +80,14 @@ def read_labels(path):
 def label_names(args, head_size, logger=None):
   """Class names for a head of `head_size`, or None where none are known."""
   path = args.labels
-  info = bit_zoo.MODELS.get(args.model)
+  info = zoo.MODELS.get(args.model)
   if path is None and info is not None and info.labels:
-    path = os.path.join(bit_zoo.REPO_DIR, info.labels)
-  if path is None and head_size in bit_zoo.LABEL_FILES:
-    path = os.path.join(args.bit_pretrained_dir, bit_zoo.LABEL_FILES[head_size])
+    path = info.labels
+  if path is None and head_size in zoo.LABEL_FILES:
+    path = os.path.join(args.bit_pretrained_dir, zoo.LABEL_FILES[head_size])
     if not os.path.exists(path):
       if logger:
-        logger.info(f'no label names: fetch {bit_zoo.LABEL_URLS[bit_zoo.LABEL_FILES[head_size]]}'
+        logger.info(f'no label names: fetch {zoo.LABEL_URLS[zoo.LABEL_FILES[head_size]]}'
                     f' into {args.bit_pretrained_dir} to see them.')
       return None
   if path is None:
@@ -105,16 +105,16 @@ def predict(args, load_model, logger=None, read_weights=None):
   """The predict CLI's work, given the backend's `load_model(weights)` that
   returns (head_size, logits_fn: float32 NHWC batch -> numpy logits), and
   optionally its `read_weights(model, pretrained_dir)` -> {key: array}
-  (default: bit_zoo.load_weights: registered names, .npz files, hf-hub:)."""
+  (default: zoo.load_weights: registered names, .npz files, hf-hub:)."""
   if args.top_k < 1 or args.batch < 1:
     raise BadInput('--top_k and --batch must be positive.')
   paths = list_images(args.inputs)
-  read_weights = read_weights or bit_zoo.load_weights
+  read_weights = read_weights or zoo.load_weights
   weights = read_weights(args.model, args.bit_pretrained_dir)
   head_size, logits_fn = load_model(weights)
   names = label_names(args, head_size, logger)
   size = args.resolution or bit_hyperrule.get_resolution_from_image_sizes(
-      bit_data.image_sizes(paths))[1]
+      datasets.image_sizes(paths))[1]
   logits = []
   for i in range(0, len(paths), args.batch):
     batch = np.stack([load_image(p, size) for p in paths[i:i + args.batch]])

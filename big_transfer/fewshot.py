@@ -9,7 +9,7 @@ pass and the backend's own data loader.
 
 The few-shot evaluation follows the method of big_vision's linear few-shot
 evaluator: pre-logit features of k training examples per class (drawn by the
-shared sampler, `bit_data.fewshot_indices`, with seeds 0, 1, ...), each
+shared sampler, `datasets.fewshot_indices`, with seeds 0, 1, ...), each
 feature standardised with the mean and standard deviation of those k-shot
 examples, a closed-form L2-regularised least-squares fit to one-hot targets
 (with an intercept that is not regularised), and top-1 of its argmax on the
@@ -35,11 +35,10 @@ import time
 
 import numpy as np
 
+from big_transfer import datasets, zoo
 import bit_common
-import bit_data
 import bit_hyperrule
-import bit_zoo
-from bit_common import BadInput
+from big_transfer.errors import BadInput
 
 SPLITS = ('train', 'eval')
 DEFAULT_SHOTS = '1,5,10,25'
@@ -133,7 +132,7 @@ def _check_common(args):
   if args.datadir and args.dataset == 'imagefolder' and not os.path.isdir(
       args.datadir):
     raise BadInput(f'--datadir {args.datadir} is not a folder.')
-  bit_zoo.check_model(args.model)
+  zoo.check_model(args.model)
 
 
 def _check_writable(path):
@@ -177,7 +176,7 @@ def resolution(args, splits):
 
 
 def read_weights(backend, args):
-  read = getattr(backend, 'read_weights', None) or bit_zoo.load_weights
+  read = getattr(backend, 'read_weights', None) or zoo.load_weights
   return read(args.model, args.bit_pretrained_dir)
 
 
@@ -218,7 +217,7 @@ def extract(backend, model, splits, split, crop, batch, args, logger):
 
 def save_features(path, feats, info):
   """features, labels (and info, a JSON string) as an .npz, atomically."""
-  return bit_zoo.save_npz(path, {'features': feats.features,
+  return zoo.save_npz(path, {'features': feats.features,
                                  'labels': feats.labels,
                                  'info': np.array(json.dumps(info))})
 
@@ -248,11 +247,11 @@ def _weights_file(args):
     return os.path.join(args.model, 'model.npz')
   if os.path.isfile(args.model):
     return args.model
-  info = bit_zoo.MODELS.get(args.model)
+  info = zoo.MODELS.get(args.model)
   if info is None:
     return None  # hf-hub:...: no cache
   if info.path:
-    return os.path.join(bit_zoo.REPO_DIR, info.path)
+    return info.path
   for fmt, url in (('npz', info.url), ('h5', info.h5_url)):
     path = url and os.path.join(args.bit_pretrained_dir, info.filename(fmt))
     if path and os.path.exists(path):
@@ -369,7 +368,7 @@ def fit_ridge(x, labels, num_classes, l2s):
 def check_shots(labels, shots):
   """BadInput (exit 2) when a class has fewer training examples than the
   largest k; cheap, so it runs before any feature is extracted."""
-  bit_data.fewshot_indices(labels, max(shots), 0)
+  datasets.fewshot_indices(labels, max(shots), 0)
 
 
 def evaluate(train, test, num_classes, shots, seeds, l2s, logger=None):
@@ -378,7 +377,7 @@ def evaluate(train, test, num_classes, shots, seeds, l2s, logger=None):
   fit_seconds = []
   for k in shots:
     for seed in range(seeds):
-      idx = bit_data.fewshot_indices(train.labels, k, seed)
+      idx = datasets.fewshot_indices(train.labels, k, seed)
       start = time.perf_counter()
       models = fit_ridge(train.features[idx], train.labels[idx], num_classes,
                          l2s)
@@ -467,8 +466,8 @@ def fewshot_main(args, backend):
         f'({out["eval_size"]} evaluation images, {crop} px, {args.seeds} '
         f'seeds; {backend.NAME})\n\n{text}\n', flush=True)
   if args.out:
-    import bit_run
-    bit_run.write_json(args.out, out)
+    from big_transfer import harness
+    harness.write_json(args.out, out)
   return out
 
 

@@ -13,7 +13,7 @@ shows every run under LOGDIR by its name, with tags `train/loss`,
 Also a command that writes the event files of finished runs from their
 metrics.jsonl (for runs made before this writer existed):
 
-  python -m bit_tensorboard RUN_DIR...
+  python -m big_transfer.events RUN_DIR...
 """
 import argparse
 import json

@@ -16,10 +16,8 @@ import sys
 
 import numpy as np
 
-import bit_common
-import bit_data
-import bit_run
-import bit_tfds
+from big_transfer import datasets, errors, harness
+from big_transfer import tfds_reader
 
 
 def argparser(framework, precisions=('fp32', 'bf16', 'fp16'),
@@ -32,8 +30,8 @@ def argparser(framework, precisions=('fp32', 'bf16', 'fp16'),
                       help=checkpoint_help + 'A .npz file, a registered '
                       'model name (e.g. BiT-M-R50x1-run0-dtd) or '
                       'hf-hub:ORG/NAME.')
-  parser.add_argument('--dataset', default='cifar10', type=bit_data.dataset_name,
-                      help='One of ' + bit_data.dataset_forms() + '.')
+  parser.add_argument('--dataset', default='cifar10', type=datasets.dataset_name,
+                      help='One of ' + datasets.dataset_forms() + '.')
   parser.add_argument('--datadir', default=None,
                       help='As for training: the image folder, ImageNet '
                       'root, the TFDS data_dir, or where torchvision keeps '
@@ -47,7 +45,7 @@ def argparser(framework, precisions=('fp32', 'bf16', 'fp16'),
   parser.add_argument('--eval_split', default=None,
                       help='tfds:/vtab: datasets: the split evaluated (TFDS '
                       'split syntax, e.g. validation or train[800:1000]; for '
-                      'vtab: one of ' + ', '.join(bit_tfds.VTAB_SPLITS) +
+                      'vtab: one of ' + ', '.join(tfds_reader.VTAB_SPLITS) +
                       '). Default: validation where it exists, else test; '
                       'test for vtab:.')
   parser.add_argument('--bit_pretrained_dir', default='.',
@@ -74,7 +72,7 @@ def check(args):
   for flag in ('batch_eval', 'crop_size', 'workers'):
     value = getattr(args, flag, None)
     if value is not None and value < (0 if flag == 'workers' else 1):
-      raise bit_common.BadInput(f'--{flag} must be positive, got {value}.')
+      raise errors.BadInput(f'--{flag} must be positive, got {value}.')
 
 
 def logger():
@@ -87,7 +85,7 @@ def logger():
 
 def check_head(head_size, classes, args):
   if head_size != len(classes):
-    raise bit_common.BadInput(
+    raise errors.BadInput(
         f'{args.ckpt_path} has a {head_size}-class head, but {args.dataset} '
         f'has {len(classes)} classes.')
 
@@ -117,7 +115,7 @@ def report(result, args):
   """Prints the result as JSON (and writes it to --output)."""
   print(json.dumps(result), flush=True)
   if getattr(args, 'output', None):
-    bit_run.write_json(args.output, result)
+    harness.write_json(args.output, result)
   return result
 
 
@@ -142,4 +140,4 @@ def main_tf_data(args, load_model, read_weights):
                                  pipeline.eval_files(data)):
     sums += batch_sums(np.asarray(logits_fn(b['image'])), b['label'],
                        b['mask'])
-  return report(bit_run.summarize(sums), args)
+  return report(harness.summarize(sums), args)

@@ -6,6 +6,7 @@ Weights travel between the three backends as {published key: array} in the
 layout of the published `.npz` files (kernels HWIO).
 """
 import dataclasses
+import importlib.resources
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import zipfile
 
 import numpy as np
 
-from bit_common import BadInput
+from big_transfer.errors import BadInput
 
 
 BASE_URL = 'https://storage.googleapis.com/bit_models/'
@@ -82,8 +83,8 @@ class ModelInfo:
   head_size: int     # classes of the file's head
   url: str = None    # where the .npz is published (None: ships with us)
   h5_url: str = None
-  path: str = None   # a bundled file, relative to this repository
-  labels: str = None  # its class names, one a line (relative to the repo)
+  path: str = None   # the file, where it ships with the package
+  labels: str = None  # its class names, one a line (a shipped file)
 
   @property
   def architecture(self):
@@ -125,13 +126,19 @@ def _register_published():
 
 
 _register_published()
-# Bundled with this repository, so it works offline: an R14x0.5 pre-trained
-# on Fashion-MNIST (class x quarter-turn: 40 classes). Provenance:
-# bit_models/BiT-R14x0.5-FashionMNIST.md.
+
+
+def asset(name):
+  """The path of a file that ships inside the package (big_transfer/assets)."""
+  return str(importlib.resources.files(__package__).joinpath('assets', name))
+
+
+# Bundled with the package, so it works offline: an R14x0.5 pre-trained on
+# Fashion-MNIST (class x quarter-turn: 40 classes). Provenance:
+# big_transfer/assets/BiT-R14x0.5-FashionMNIST.md.
 register(ModelInfo('BiT-R14x0.5-FashionMNIST', 'R14x0.5', 40,
-                   path='bit_models/BiT-R14x0.5-FashionMNIST.npz',
-                   labels='bit_models/BiT-R14x0.5-FashionMNIST.labels.txt'))
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+                   path=asset('BiT-R14x0.5-FashionMNIST.npz'),
+                   labels=asset('BiT-R14x0.5-FashionMNIST.labels.txt')))
 
 
 def model_info(name):
@@ -194,7 +201,7 @@ def weights_path(model, pretrained_dir='.', fmt='npz', opener=None):
     return model
   info = model_info(model)
   if info.path:
-    return os.path.join(REPO_DIR, info.path)
+    return info.path
   url = info.h5_url if fmt == 'h5' else info.url
   if url is None:
     raise BadInput(f'{model} is not published as .{fmt}; use its .npz.')

@@ -14,7 +14,7 @@ API (framework-neutral; the pipelines of the three backends build on it):
           eval_split=None, prepare=True) -> Dataset
       Finds the builder, prepares it when it is not (as array_record, which
       every backend reads), finds the image and label features and checks
-      both splits. Bad input raises bit_common.BadInput.
+      both splits. Bad input raises errors.BadInput.
   Dataset: name, classes, num_classes, train_split, eval_split, train_size,
       eval_size, original_hw (typical (height, width)), random_access,
       describe() (a dict for config.json), read('train' | 'eval') -> Split
@@ -26,7 +26,7 @@ API (framework-neutral; the pipelines of the three backends build on it):
   decode(encoded) -> uint8 [h, w, 3]   (grey images repeated on 3 channels)
   VTAB_TASKS {task: VtabTask}, VTAB_SPLITS, VTAB_DEFAULT_SPLITS
 
-  python -m bit_tfds DATASET... [--datadir D] [--tfds_manual_dir M]
+  python -m big_transfer.tfds_reader DATASET... [--datadir D] [--tfds_manual_dir M]
       prepares datasets ahead of a run (`vtab` stands for the 19 tasks).
 
 Prepared files in array_record format are read through TFDS's random-access
@@ -40,7 +40,7 @@ import os
 
 import numpy as np
 
-from bit_common import BadInput
+from big_transfer.errors import BadInput
 
 TFDS_PREFIX = 'tfds:'
 VTAB_PREFIX = 'vtab:'
@@ -365,7 +365,7 @@ class Split:
     return decode(self[i][0])
 
   def subset(self, indices):
-    """The examples at `indices` (e.g. bit_data.fewshot_indices), in that
+    """The examples at `indices` (e.g. datasets.fewshot_indices), in that
     order."""
     indices = np.asarray(indices, np.int64)
     out = Split(self.spec, len(indices), self._reader, self._convert,
@@ -629,7 +629,7 @@ def _finish(data, builder):
       raise BadInput(
           f'{data.tfds_name} in {builder.data_dir} is prepared as tfrecord, '
           'which only TensorFlow reads; install tensorflow, or prepare it '
-          'again as array_record into another --datadir (python -m bit_tfds '
+          'again as array_record into another --datadir (python -m big_transfer.tfds_reader '
           f'{data.name} --datadir NEW_DIR).') from e
   shape = info.features[data.image_key].shape
   if shape[0] and shape[1]:
@@ -659,7 +659,7 @@ class _Convert:
 
 
 def main(argv=None):
-  """python -m bit_tfds DATASET... [--datadir D] [--tfds_manual_dir M]:
+  """python -m big_transfer.tfds_reader DATASET... [--datadir D] [--tfds_manual_dir M]:
   prepares each dataset (as array_record, which every backend reads) and
   prints what the backends will see; `vtab` stands for the 19 tasks."""
   import argparse  # pylint: disable=import-outside-toplevel
@@ -686,5 +686,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  import bit_common  # pylint: disable=import-outside-toplevel
-  bit_common.run_cli(main)
+  from big_transfer import errors  # pylint: disable=import-outside-toplevel
+  errors.run_cli(main)

@@ -8,98 +8,24 @@ import os
 import sys
 import tempfile
 
-from big_transfer import datasets, zoo
+from big_transfer import flags, zoo
 from big_transfer.errors import BadInput
 
 
 # --------------------------------------------------------------------------
 # Command line.
 
-
-
-def argparser(known_models=None):
-  """The CLI every `bit_*.train` shares (the original flags, then ours)."""
-  known_models = list(known_models or zoo.MODELS)
-  parser = argparse.ArgumentParser(
-      description='Fine-tune a BiT model with the BiT-HyperRule.',
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('--name', required=True,
-                      help='Name of this run; outputs go to LOGDIR/NAME, and '
-                      'a run started again with the same name resumes.')
-  parser.add_argument('--model', default='BiT-M-R50x1',
-                      help='A registered model (e.g. ' +
-                      ', '.join(known_models[:4]) + ', ...; the full list is '
-                      'in the README), a weights file (.npz, .h5, '
-                      '.safetensors), a run folder, or hf-hub:ORG/NAME.')
-  parser.add_argument('--logdir', required=True,
-                      help='Where the log, metrics and checkpoints go.')
-  parser.add_argument('--bit_pretrained_dir', default='.',
-                      help='Where pre-trained weights are looked for, and '
-                      'downloaded to when missing.')
-  parser.add_argument('--dataset', default='cifar10',
-                      type=datasets.dataset_name,
-                      help='One of ' + datasets.dataset_forms() + '; '
-                      'imagefolder reads DATADIR/train/<class>/* and '
-                      'DATADIR/val (or test)/<class>/*.')
-  parser.add_argument('--datadir', default=None,
-                      help='Dataset folder: the image folder, the ImageNet '
-                      'root, or where a downloadable dataset is stored.')
-  parser.add_argument('--tfds_manual_dir', default=None,
-                      help='TFDS manual_dir, for datasets TFDS cannot '
-                      'download itself.')
-  parser.add_argument('--train_split', default=None,
-                      help='tfds:/vtab: datasets: the training split (TFDS '
-                      'split syntax, e.g. train[:800]; VTAB split names '
-                      'for vtab:). Default: train; train800val200 for vtab:.')
-  parser.add_argument('--eval_split', default=None,
-                      help='tfds:/vtab: datasets: the split evaluated (e.g. '
-                      'validation or train[800:1000]+validation). Default: '
-                      'validation where it exists, else test; test for '
-                      'vtab:.')
-  parser.add_argument('--examples_per_class', type=int, default=None,
-                      help='Few-shot: draw this many training examples from '
-                      'each class.')
-  parser.add_argument('--examples_per_class_seed', type=int, default=0,
-                      help='Seed of the few-shot draw.')
-  parser.add_argument('--batch', type=int, default=512,
-                      help='Global batch size.')
-  parser.add_argument('--batch_split', type=int, default=1,
-                      help='Split each batch into this many micro-batches and '
-                      'accumulate their gradients (saves memory).')
-  parser.add_argument('--batch_eval', type=int, default=None,
-                      help='Evaluation batch size (default: BATCH / '
-                      'BATCH_SPLIT).')
-  parser.add_argument('--base_lr', type=float, default=0.003,
-                      help='Base learning rate of the HyperRule schedule.')
-  parser.add_argument('--eval_every', type=int, default=None,
-                      help='Evaluate every N steps (and always at the end).')
-  parser.add_argument('--workers', type=int, default=min(8, os.cpu_count()),
-                      help='Data-loading workers.')
-  parser.add_argument('--no-save', dest='save', action='store_false',
-                      help='Write no checkpoint.')
-  parser.add_argument('--total_steps', type=int, default=None,
-                      help='Stretch or compress the HyperRule schedule to this '
-                      'many steps, keeping its shape.')
-  parser.add_argument('--resize_size', type=int, default=None,
-                      help='Override the HyperRule resize resolution.')
-  parser.add_argument('--crop_size', type=int, default=None,
-                      help='Override the HyperRule crop resolution.')
-  parser.add_argument('--seed', type=int, default=0,
-                      help='Seed of every random choice of the run.')
-  parser.add_argument('--precision', default='fp32',
-                      choices=('fp32', 'bf16', 'fp16'),
-                      help='Compute precision.')
-  parser.add_argument('--skip_bad_images', action='store_true',
-                      help='Check every image file whole before training and '
-                      'leave out those that cannot be read, instead of '
-                      'stopping.')
-  parser.add_argument('--mixup_alpha', type=float, default=None,
-                      help='Override the HyperRule\'s mixup alpha (0: no '
-                      'mixup).')
-  parser.add_argument('--save_every', type=int, default=None,
-                      help='Also checkpoint every N steps (besides every '
-                      'evaluation, every 10 minutes and SIGINT/SIGTERM).')
-  return parser
+def argparser(known_models=None, backend_flags=None):
+  """The CLI every `bit_*.train` shares: the original flags, then ours, then
+  `backend_flags` (a backend's own group, from flags.group). `known_models`
+  (the original's argument: a backend's KNOWN_MODELS) are the registered
+  names the help shows first."""
+  examples = tuple(list(known_models or [])[:4]) or flags.EXAMPLE_MODELS
+  return flags.parser(
+      'Fine-tune a BiT model with the BiT-HyperRule.', flags.run(),
+      flags.model(examples=examples), flags.dataset(), flags.loading(),
+      flags.fewshot(), flags.batches(), flags.batch_split(), flags.schedule(),
+      flags.precision(), *([backend_flags] if backend_flags else []))
 
 
 def check_args(args, devices=1):
@@ -158,17 +84,11 @@ def check_writable(args, keep=False):
         pass  # another process of the run uses it, or removed it already
 
 
-def backend_argparser(add_flags):
-  """The shared parser plus a backend's own flags (`add_flags(parser)`)."""
-  return add_flags(argparser())
-
-
-def with_backend_defaults(args, add_flags):
-  """`args` from the shared parser, completed with the defaults of the
-  backend's own flags (for in-process use)."""
-  defaults = add_flags(argparse.ArgumentParser()).parse_args([])
-  return argparse.Namespace(**{**vars(defaults), **vars(args)})
-
+def with_backend_defaults(args, backend_flags):
+  """`args` of the shared parser, completed with the defaults of a backend's
+  own flags (for in-process use)."""
+  return argparse.Namespace(**{**vars(backend_flags.parse_args([])),
+                               **vars(args)})
 
 
 # --------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import os
 
 import numpy as np
 
-from big_transfer import datasets, errors, harness, recipes, zoo
+from big_transfer import datasets, errors, flags, harness, recipes, zoo
 from big_transfer.errors import BadInput
 
 # What an evaluation sums after the harness's four [loss, top-1, top-5, n]; each
@@ -304,62 +304,27 @@ def export_path(args, run):
 # The command line of python -m bit_{pytorch,jax,tf2}.distill.
 
 def argparser(backend='pytorch'):
-  parser = argparse.ArgumentParser(
-      prog=f'python -m bit_{backend}.distill',
-      description='Distil a BiT teacher into a student by function matching '
-      '(Beyer et al., 2022): the same augmented image to both, KL loss.',
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('--recipe', required=True,
-                      help='YAML recipe (see big_transfer/recipes/distill_*.yaml): teacher, '
-                      'student, data, length, batch, augmentation, mixup, '
-                      'temperature, optimiser.')
-  parser.add_argument('--name', required=True,
-                      help='Name of this run; outputs go to LOGDIR/NAME, and '
-                      'a run started again with the same name resumes.')
-  parser.add_argument('--logdir', required=True,
-                      help='Where the log, metrics and checkpoints go.')
-  parser.add_argument('--teacher', default=None,
-                      help='Overrides the recipe\'s teacher: a registered '
-                      'model, a weights file (.npz, ...), a run folder, or '
-                      'hf-hub:ORG/NAME; its head must have one output per '
-                      'class of the dataset.')
-  parser.add_argument('--student', default=None,
-                      help='Overrides the recipe\'s student: an architecture '
-                      '(R50x1: random initialisation) or any --teacher form '
-                      '(its weights initialise the student; new zero head).')
-  parser.add_argument('--temperature', type=float, default=None,
-                      help='Overrides the recipe\'s temperature T of the KL '
-                      'loss (1 in the paper\'s ImageNet setting).')
-  parser.add_argument('--datadir', default=None,
-                      help='Dataset folder (overrides the recipe\'s).')
-  parser.add_argument('--set', dest='overrides', action='append', default=[],
-                      metavar='KEY=VALUE',
-                      help='Override a recipe value, e.g. --set steps=100.')
-  parser.add_argument('--bit_pretrained_dir', default='.',
-                      help='Where registered weights are looked for, and '
-                      'downloaded to when missing.')
-  parser.add_argument('--export', default=None,
-                      help='Where to write the student\'s .npz (default '
-                      'LOGDIR/NAME/model.npz).')
-  parser.add_argument('--seed', type=int, default=0,
-                      help='Seed of the student\'s initialisation, the data '
-                      'order, augmentation and mixup.')
-  parser.add_argument('--batch_split', type=int, default=1,
-                      help='Split each batch into this many micro-batches and '
-                      'accumulate their gradients (saves memory).')
-  parser.add_argument('--workers', type=int, default=min(8, os.cpu_count()),
-                      help='Data-loading workers.')
-  parser.add_argument('--precision', default='fp32', choices=('fp32', 'bf16'),
-                      help='Compute precision of both networks\' forward '
-                      'passes (the loss and the optimiser stay float32).')
-  parser.add_argument('--save_every', type=int, default=None,
-                      help='Also checkpoint every N steps (besides every '
-                      'evaluation, every 10 minutes and SIGINT/SIGTERM).')
-  parser.add_argument('--skip_bad_images', action='store_true',
-                      help='Leave out images that cannot be read.')
-  parser.add_argument('--no-save', dest='save', action='store_false',
-                      help='Write no checkpoint and no export.')
-  return parser
+  """The command line of python -m bit_BACKEND.distill."""
+  parent, g = flags.group('teacher and student')
+  g.add_argument('--teacher', default=None,
+                 help='Overrides the recipe\'s teacher: a registered model, a '
+                 'weights file (.npz, ...), a run folder, or hf-hub:ORG/NAME; '
+                 'its head must have one output per class of the dataset.')
+  g.add_argument('--student', default=None,
+                 help='Overrides the recipe\'s student: an architecture '
+                 '(R50x1: random initialisation) or any --teacher form (its '
+                 'weights initialise the student; new zero head).')
+  g.add_argument('--temperature', type=float, default=None,
+                 help='Overrides the recipe\'s temperature T of the KL loss '
+                 '(1 in the paper\'s ImageNet setting).')
+  return flags.parser(
+      'Distil a BiT teacher into a student by function matching (Beyer et '
+      'al., 2022): the same augmented image to both, KL loss.',
+      flags.recipe('teacher, student, data, length, batch, augmentation, '
+                   'mixup, temperature, optimiser'),
+      flags.run(), parent, flags.pretrained_dir(), flags.batch_split(),
+      flags.loading(), flags.precision(('fp32', 'bf16')),
+      prog=f'python -m bit_{backend}.distill')
 
 
 def check_args(args, recipe, devices=1):

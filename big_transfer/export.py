@@ -1,36 +1,31 @@
 """What the two export commands (bit_pytorch.export, bit_tf2.export)
 share: their command line, the default name of an export, the check of an
 export's logits against the source's, and the command's logging."""
-import argparse
 import logging
 import os
 import sys
 
 import numpy as np
 
-from big_transfer import errors, zoo
+from big_transfer import errors, flags, zoo
 
 logger = logging.getLogger('bit.export')
 
 
-def argparser(framework, formats, model_help, out_help):
-  """The export command line of `framework`, with its `formats`."""
-  parser = argparse.ArgumentParser(
-      description=f'Export a BiT model ({framework}), checked against the '
-      'source when written.',
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('--model', required=True, help=model_help)
-  parser.add_argument('--format', required=True, choices=formats)
-  parser.add_argument('--out', default=None, help=out_help)
-  parser.add_argument('--bit_pretrained_dir', default='.',
-                      help='Where registered weights are looked for (and '
-                      'downloaded to when missing).')
-  parser.add_argument('--resolution', type=int, default=224,
-                      help='Image size of the check.')
-  parser.add_argument('--tolerance', type=float, default=1e-4,
-                      help='Largest logit difference allowed by the check, '
-                      'relative to the largest logit (at least 1).')
-  return parser
+def argparser(framework, formats, forms, out_help):
+  """The export command line of `framework`, with its `formats`; `forms`:
+  what --model takes besides registered names and hf-hub:."""
+  parent, g = flags.group('export')
+  g.add_argument('--format', required=True, choices=formats)
+  g.add_argument('--out', default=None, help=out_help)
+  g.add_argument('--resolution', type=int, default=224,
+                 help='Image size of the check.')
+  g.add_argument('--tolerance', type=float, default=1e-4,
+                 help='Largest logit difference allowed by the check, '
+                 'relative to the largest logit (at least 1).')
+  return flags.parser(
+      f'Export a BiT model ({framework}), checked against the source when '
+      'written.', flags.model(required=True, forms=forms), parent)
 
 
 def default_name(model):

@@ -24,7 +24,6 @@ A backend is a module with
       -> iterator of (features (b, D), labels (b,)) numpy batches, in order
   and optionally read_weights(model, pretrained_dir) -> {key: array}.
 """
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -35,12 +34,12 @@ import time
 
 import numpy as np
 
-from big_transfer import datasets, zoo
-import bit_common
 import bit_hyperrule
+from big_transfer import datasets, errors, flags, zoo
 from big_transfer.errors import BadInput
 
 SPLITS = ('train', 'eval')
+FRAMEWORK_NAMES = {'pytorch': 'PyTorch', 'tf2': 'TF2', 'jax': 'JAX'}
 DEFAULT_SHOTS = '1,5,10,25'
 # big_vision's default regularisation for its linear few-shot evaluator.
 DEFAULT_L2 = '1024'
@@ -51,64 +50,49 @@ DEFAULT_L2 = '1024'
 # on rounding (1-shot digits: 4.6 points between two backends whose images
 # differ by less than one grey level; with this floor, 0.1).
 STD_FLOOR = 0.1
-# Flags taken as they are from the trainers' shared parser.
-_SHARED_FLAGS = ('model', 'bit_pretrained_dir', 'dataset', 'datadir',
-                 'tfds_manual_dir', 'workers', 'skip_bad_images',
-                 # TFDS split syntax, where the trainers have these flags.
-                 'train_split', 'eval_split')
 
 
 # --------------------------------------------------------------------------
 # Command lines.
 
-def _parser(description):
-  parser = argparse.ArgumentParser(
-      description=description,
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  shared = {a.dest: a for a in bit_common.argparser()._actions}  # pylint: disable=protected-access
-  for dest in (d for d in _SHARED_FLAGS if d in shared):
-    # The same action object, as argparse's `parents=` shares them, so the
-    # choices (datasets, ...) stay those of fine-tuning.
-    parser._add_action(shared[dest])  # pylint: disable=protected-access
-  parser.add_argument('--resolution', type=int, default=None,
-                      help='Resize images to this square size (default: the '
-                      'HyperRule evaluation (crop) size for the dataset).')
-  parser.add_argument('--batch', type=int, default=64,
-                      help='Images per forward pass, over all local devices.')
+def _parser(description, *groups):
+  parser = flags.parser(
+      description, flags.model(), flags.dataset(), flags.loading(),
+      flags.images(64, 'Resize images to this square size (default: the '
+                   'HyperRule evaluation (crop) size for the dataset).'),
+      *groups)
   # What the data loaders expect of fine-tuning's arguments.
   parser.set_defaults(examples_per_class=None, examples_per_class_seed=0)
   return parser
 
 
 def features_argparser(framework):
-  parser = _parser(f'Write the pre-logit features of every example of a '
-                   f'dataset split ({framework}).')
-  parser.add_argument('--split', required=True, choices=SPLITS,
-                      help='train, or eval: the split fine-tuning evaluates '
-                      'on.')
-  parser.add_argument('--out', required=True, metavar='FILE.npz',
-                      help='Where the arrays features (N, D) and labels (N,) '
-                      'go.')
-  return parser
+  parent, g = flags.group('features')
+  g.add_argument('--split', required=True, choices=SPLITS,
+                 help='train, or eval: the split fine-tuning evaluates on.')
+  g.add_argument('--out', required=True, metavar='FILE.npz',
+                 help='Where the arrays features (N, D) and labels (N,) go.')
+  return _parser(f'Write the pre-logit features of every example of a '
+                 f'dataset split ({framework}).', parent)
 
 
 def fewshot_argparser(framework):
-  parser = _parser(f'Few-shot linear evaluation of a BiT model\'s pre-logit '
-                   f'features ({framework}).')
-  parser.add_argument('--shots', default=DEFAULT_SHOTS,
-                      help='Examples per class, comma-separated.')
-  parser.add_argument('--seeds', type=int, default=3,
-                      help='Draws of each few-shot subset (seeds 0, 1, ...).')
-  parser.add_argument('--l2', default=DEFAULT_L2,
-                      help='L2 regularisation of the least-squares fit; '
-                      'several comma-separated values give a row each (the '
-                      'first is the one reported under "shots").')
-  parser.add_argument('--out', default=None, metavar='FILE.json',
-                      help='Also write the results here as JSON.')
-  parser.add_argument('--cache_dir', default=None,
-                      help='Keep features here and reuse them when model '
-                      'file, data, split and resolution are the same.')
-  return parser
+  parent, g = flags.group('few-shot linear evaluation')
+  g.add_argument('--shots', default=DEFAULT_SHOTS,
+                 help='Examples per class, comma-separated.')
+  g.add_argument('--seeds', type=int, default=3,
+                 help='Draws of each few-shot subset (seeds 0, 1, ...).')
+  g.add_argument('--l2', default=DEFAULT_L2,
+                 help='L2 regularisation of the least-squares fit; several '
+                 'comma-separated values give a row each (the first is the one '
+                 'reported under "shots").')
+  g.add_argument('--out', default=None, metavar='FILE.json',
+                 help='Also write the results here as JSON.')
+  g.add_argument('--cache_dir', default=None,
+                 help='Keep features here and reuse them when model file, '
+                 'data, split and resolution are the same.')
+  return _parser(f'Few-shot linear evaluation of a BiT model\'s pre-logit '
+                 f'features ({framework}).', parent)
 
 
 def parse_list(text, flag, kind):
@@ -425,6 +409,21 @@ def split_features(backend, model, splits, split, crop, args, logger):
     save_features(path, feats, _info(args, backend.NAME, split, crop,
                                      len(feats.labels)))
   return feats
+
+
+def command(backend):
+  """(argparser, main, cli) of `python -m bit_BACKEND.fewshot`, where
+  `backend` is that backend's features module: its `cli(argv)` runs the
+  command with one line and exit status 2 on bad input."""
+  def argparser():
+    return fewshot_argparser(FRAMEWORK_NAMES[backend.NAME])
+
+  def main(args):
+    return fewshot_main(args, backend)
+
+  def cli(argv=None):
+    errors.run_cli(lambda: main(argparser().parse_args(argv)))
+  return argparser, main, cli
 
 
 def fewshot_main(args, backend):

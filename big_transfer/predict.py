@@ -1,43 +1,31 @@
 """Prediction: everything but the forward pass, shared by the three
 `bit_*.predict` command lines."""
-import argparse
 import os
 
 import numpy as np
 
-from big_transfer import datasets
 import bit_hyperrule
-from big_transfer import zoo
+from big_transfer import datasets, flags, zoo
 from big_transfer.errors import BadInput
 
 
 def predict_argparser(framework):
-  parser = argparse.ArgumentParser(
-      description=f'Classify images with a BiT model ({framework}).',
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('inputs', nargs='+',
-                      help='Image files and/or folders (searched recursively).')
-  parser.add_argument('--model', default='BiT-M-R50x1-ILSVRC2012',
-                      help='A registered model, a path to a .npz file (or '
-                      'a run folder holding model.npz) or hf-hub:ORG/NAME '
-                      '(a timm or transformers BiT on the Hugging Face Hub).')
-  parser.add_argument('--bit_pretrained_dir', default='.',
-                      help='Where weights and label files are looked for; '
-                      'missing registered weights are downloaded there.')
-  parser.add_argument('--resolution', type=int, default=None,
-                      help='Resize images to this square size (default: the '
-                      'HyperRule crop size for the images given).')
-  parser.add_argument('--labels', default=None,
-                      help='Class names, one a line (default: the model\'s '
-                      'own, or the ImageNet label file in '
-                      '--bit_pretrained_dir for 1000/21843-class heads).')
-  parser.add_argument('--top_k', type=int, default=5,
-                      help='How many classes to print per image.')
-  parser.add_argument('--batch', type=int, default=32,
-                      help='Images per forward pass.')
-  parser.add_argument('--save_logits', default=None, metavar='FILE.npy',
-                      help='Also save the logits, (images, classes), here.')
-  return parser
+  parent, g = flags.group('prediction')
+  g.add_argument('inputs', nargs='+',
+                 help='Image files and/or folders (searched recursively).')
+  g.add_argument('--labels', default=None,
+                 help='Class names, one a line (default: the model\'s own, '
+                 'or the ImageNet label file in --bit_pretrained_dir for '
+                 '1000/21843-class heads).')
+  g.add_argument('--top_k', type=int, default=5,
+                 help='How many classes to print per image.')
+  g.add_argument('--save_logits', default=None, metavar='FILE.npy',
+                 help='Also save the logits, (images, classes), here.')
+  return flags.parser(
+      f'Classify images with a BiT model ({framework}).', parent,
+      flags.model(default='BiT-M-R50x1-ILSVRC2012'),
+      flags.images(32, 'Resize images to this square size (default: the '
+                   'HyperRule crop size for the images given).'))
 
 
 def list_images(inputs):

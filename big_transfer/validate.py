@@ -8,59 +8,34 @@ print {"loss", "top1", "top5", "n"} as one line of JSON: the mean
 cross-entropy and the top-1 / top-5 accuracy over every example of the
 evaluation split.
 """
-import argparse
 import json
 import logging
-import os
 import sys
 
 import numpy as np
 
-from big_transfer import datasets, errors, harness
-from big_transfer import tfds_reader
+from big_transfer import errors, flags, harness
 
 
 def argparser(framework, precisions=('fp32', 'bf16', 'fp16'),
               checkpoint_help=''):
   """The validation command line of `framework` ('PyTorch', 'TF2', 'JAX')."""
-  parser = argparse.ArgumentParser(
-      description=f'Evaluate a BiT model on a dataset ({framework}).',
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('--ckpt_path', required=True,
-                      help=checkpoint_help + 'A .npz file, a registered '
-                      'model name (e.g. BiT-M-R50x1-run0-dtd) or '
-                      'hf-hub:ORG/NAME.')
-  parser.add_argument('--dataset', default='cifar10', type=datasets.dataset_name,
-                      help='One of ' + datasets.dataset_forms() + '.')
-  parser.add_argument('--datadir', default=None,
-                      help='As for training: the image folder, ImageNet '
-                      'root, the TFDS data_dir, or where torchvision keeps '
-                      'the dataset.')
-  parser.add_argument('--tfds_manual_dir', default=None,
-                      help='TFDS manual_dir, for datasets TFDS cannot '
-                      'download itself.')
-  parser.add_argument('--train_split', default=None,
-                      help='tfds:/vtab: datasets: the training split (TFDS '
-                      'split syntax; VTAB split names for vtab:).')
-  parser.add_argument('--eval_split', default=None,
-                      help='tfds:/vtab: datasets: the split evaluated (TFDS '
-                      'split syntax, e.g. validation or train[800:1000]; for '
-                      'vtab: one of ' + ', '.join(tfds_reader.VTAB_SPLITS) +
-                      '). Default: validation where it exists, else test; '
-                      'test for vtab:.')
-  parser.add_argument('--bit_pretrained_dir', default='.',
-                      help='Where a registered model is looked for (and '
-                      'downloaded to when missing).')
-  parser.add_argument('--crop_size', type=int, default=None,
-                      help='Evaluation resolution (default: the one the '
-                      'checkpoint was trained at where known, else the '
-                      'HyperRule\'s for the dataset).')
-  parser.add_argument('--batch_eval', type=int, default=64)
-  parser.add_argument('--workers', type=int, default=min(8, os.cpu_count()))
-  parser.add_argument('--precision', default='fp32', choices=precisions)
-  parser.add_argument('--skip_bad_images', action='store_true')
-  parser.add_argument('--output', default=None,
-                      help='Also write the result to this JSON file.')
+  parent, g = flags.group('evaluation')
+  g.add_argument('--ckpt_path', required=True,
+                 help=checkpoint_help + 'A .npz file, a registered model name '
+                 '(e.g. BiT-M-R50x1-run0-dtd) or hf-hub:ORG/NAME.')
+  g.add_argument('--crop_size', type=int, default=None,
+                 help='Evaluation resolution (default: the one the checkpoint '
+                 'was trained at where known, else the HyperRule\'s for the '
+                 'dataset).')
+  g.add_argument('--batch_eval', type=int, default=64,
+                 help='Evaluation batch size.')
+  g.add_argument('--output', default=None,
+                 help='Also write the result to this JSON file.')
+  parser = flags.parser(
+      f'Evaluate a BiT model on a dataset ({framework}).', parent,
+      flags.pretrained_dir(), flags.dataset(), flags.loading(),
+      flags.precision(precisions))
   # The data loaders read these training flags; validation uses every
   # example of the evaluation split.
   parser.set_defaults(examples_per_class=None, examples_per_class_seed=0)

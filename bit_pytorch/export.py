@@ -44,8 +44,7 @@ TIMM_ARCHS = ('R50x1', 'R50x3', 'R101x1', 'R101x3', 'R152x2', 'R152x4')
 def argparser():
   return export.argparser(
       'PyTorch: timm safetensors or ONNX', ('timm', 'onnx'),
-      'A registered model, a .npz file, a run folder, a bit.pth.tar '
-      'checkpoint or hf-hub:ORG/NAME.',
+      'a .npz file, a run folder, a bit.pth.tar checkpoint',
       'Where to write: a folder for timm, a .onnx file for onnx (default: '
       'exports/NAME-timm or exports/NAME.onnx).')
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-from big_transfer import datasets, datastream, errors, harness, recipes, zoo
+from big_transfer import datasets, datastream, errors, flags, harness, recipes, zoo
 from bit_pytorch import data as torch_data
 from bit_pytorch import engine
 from bit_pytorch import models
@@ -207,43 +207,12 @@ def optimizer(model, recipe):
 # The run.
 
 def argparser():
-  parser = argparse.ArgumentParser(
-      description='Pre-train a BiT ResNet-v2 from scratch with a recipe file.',
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('--recipe', required=True,
-                      help='YAML recipe (see big_transfer/recipes/): architecture, data, '
-                      'length, batch, lr, warm-up, decays, weight decay, loss, '
-                      'augmentation.')
-  parser.add_argument('--name', required=True,
-                      help='Name of this run; outputs go to LOGDIR/NAME, and '
-                      'a run started again with the same name resumes.')
-  parser.add_argument('--logdir', required=True,
-                      help='Where the log, metrics and checkpoints go.')
-  parser.add_argument('--datadir', default=None,
-                      help='Dataset folder (overrides the recipe\'s).')
-  parser.add_argument('--set', dest='overrides', action='append', default=[],
-                      metavar='KEY=VALUE',
-                      help='Override a recipe value, e.g. --set steps=100.')
-  parser.add_argument('--export', default=None,
-                      help='Where to write the .npz (default LOGDIR/NAME/'
-                      'model.npz).')
-  parser.add_argument('--seed', type=int, default=0,
-                      help='Seed of initialisation, data order and '
-                      'augmentation.')
-  parser.add_argument('--batch_split', type=int, default=1,
-                      help='Split each batch into this many micro-batches and '
-                      'accumulate their gradients (saves memory).')
-  parser.add_argument('--workers', type=int, default=min(8, os.cpu_count()),
-                      help='Data-loading worker processes.')
-  parser.add_argument('--precision', default='fp32', choices=('fp32', 'bf16'),
-                      help='Compute precision (bf16 autocast).')
-  parser.add_argument('--save_every', type=int, default=None,
-                      help='Also checkpoint every N steps (besides every '
-                      'evaluation, every 10 minutes and SIGINT/SIGTERM).')
-  parser.add_argument('--skip_bad_images', action='store_true',
-                      help='Leave out images that cannot be read.')
-  parser.set_defaults(save=True)
-  return parser
+  return flags.parser(
+      'Pre-train a BiT ResNet-v2 from scratch with a recipe.',
+      flags.recipe('architecture, data, length, batch, lr, warm-up, decays, '
+                   'weight decay, loss, augmentation'),
+      flags.run(), flags.batch_split(), flags.loading(),
+      flags.precision(('fp32', 'bf16')))
 
 
 CHECKPOINT = 'pretrain.pth.tar'

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from big_transfer import errors, harness, zoo
+from big_transfer import errors, flags, harness, zoo
 import bit_common
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
@@ -41,16 +41,17 @@ CHECKPOINT = 'bit.pth.tar'
 EXPORT = 'model.npz'
 
 
-def add_torch_flags(parser):
+def torch_flags():
   """Flags of the PyTorch backend only."""
-  parser.add_argument('--compile', action='store_true',
-                      help='PyTorch only: run the model through '
-                      'torch.compile (slow start, faster steps on GPU).')
-  return parser
+  parent, g = flags.group('PyTorch')
+  g.add_argument('--compile', action='store_true',
+                 help='PyTorch only: run the model through torch.compile '
+                 '(slow start, faster steps on GPU).')
+  return parent
 
 
 def argparser():
-  return bit_common.backend_argparser(add_torch_flags)
+  return bit_common.argparser(backend_flags=torch_flags())
 
 
 # --------------------------------------------------------------------------
@@ -59,7 +60,7 @@ def argparser():
 
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
-  args = bit_common.with_backend_defaults(args, add_torch_flags)
+  args = bit_common.with_backend_defaults(args, torch_flags())
   with process_group() as (rank, device):
     # One process after the other: the checks make and remove folders.
     local_first(bit_common.check_args, args, world_size())

@@ -31,8 +31,7 @@ from bit_tf2 import models
 def argparser():
   return export.argparser(
       'TF2: SavedModel or TFLite', ('saved_model', 'tflite'),
-      'A registered model, a .npz or .h5 file, a run folder or '
-      'hf-hub:ORG/NAME.',
+      'a .npz or .h5 file, a run folder',
       'Where to write: a folder for saved_model, a .tflite file for tflite '
       '(default: exports/NAME-saved_model or exports/NAME.tflite).')
 

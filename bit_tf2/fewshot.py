@@ -3,19 +3,14 @@
   python -m bit_tf2.fewshot --model BiT-M-R50x1 --dataset cifar10 \\
       [--shots 1,5,10,25] [--seeds 3] [--l2 1024] [--out fewshot.json]
 
-Features of the training and evaluation splits come from
-bit_tf2.features; the draws, the least-squares fits and the table are
-big_transfer.fewshot's, the same in every backend.
+The features come from bit_tf2.features; the draws, the least-squares fits,
+the table and the command line are big_transfer.fewshot's, the same in
+every backend.
 """
-from big_transfer import errors
 from big_transfer import fewshot
 from bit_tf2 import features
 
-
-def main(args):
-  return fewshot.fewshot_main(args, features)
-
+argparser, main, cli = fewshot.command(features)
 
 if __name__ == '__main__':
-  errors.run_cli(
-      lambda: main(fewshot.fewshot_argparser('TF2').parse_args()))
+  cli()

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from big_transfer import errors, harness
+from big_transfer import errors, flags, harness
 import bit_common
 import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import engine
@@ -45,16 +45,17 @@ EXPORT = 'model.npz'
 SAVED_MODEL = 'saved_model'
 
 
-def add_tf2_flags(parser):
+def tf2_flags():
   """Flags of the TF2 backend only."""
-  parser.add_argument('--export_saved_model', action='store_true',
-                      help='TF2 only: also export the fine-tuned model as a '
-                      f'SavedModel for serving, to LOGDIR/NAME/{SAVED_MODEL}.')
-  return parser
+  parent, g = flags.group('TF2')
+  g.add_argument('--export_saved_model', action='store_true',
+                 help='TF2 only: also export the fine-tuned model as a '
+                 f'SavedModel for serving, to LOGDIR/NAME/{SAVED_MODEL}.')
+  return parent
 
 
 def argparser():
-  return bit_common.backend_argparser(add_tf2_flags)
+  return bit_common.argparser(backend_flags=tf2_flags())
 
 
 # --------------------------------------------------------------------------
@@ -160,7 +161,7 @@ def make_steps(strategy, model, optimizer, lr, batch, batch_split,
 
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
-  args = bit_common.with_backend_defaults(args, add_tf2_flags)
+  args = bit_common.with_backend_defaults(args, tf2_flags())
   deterministic = engine.deterministic()
   keras.utils.set_random_seed(args.seed)
   strategy = make_strategy()

@@ -122,7 +122,7 @@ def linear_probe(args, init):
   sys.stderr = open(os.devnull, 'w')
   model = (args.model if init == 'upstream' else
            scratch_weights(args.model, args.logdir, 0))
-  result = torch_fewshot.main(fewshot.fewshot_argparser('PyTorch').parse_args(
+  result = torch_fewshot.main(torch_fewshot.argparser().parse_args(
       ['--model', model, '--dataset', DATASET, '--resolution',
        str(args.crop_size), '--shots', args.linear_shots, '--seeds',
        str(args.seeds), '--workers', '0', '--batch', '200',

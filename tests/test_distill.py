@@ -678,7 +678,7 @@ def test_bad_teacher_exits_2(setup, bad_teachers, capsys):
   for teacher, message in ((ten, 'has 10 outputs but the dataset has 3'),
                            (broken, 'not a readable .npz')):
     with pytest.raises(SystemExit) as e:
-      errors.run_cli(distill, setup, 'pytorch', 'bad', teacher=teacher)
+      errors.run_cli(run_distill, setup, 'pytorch', 'bad', teacher=teacher)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith('error: ') and message in err[-1], err

@@ -1,0 +1,201 @@
+"""The command-line flags, defined once, in groups that every command
+composes (argparse `parents=`): a flag has the same name, meaning and help in
+every command that takes it.
+
+  parser = flags.parser('Fine-tune a BiT model.', flags.run(),
+                        flags.model(), flags.dataset(), flags.loading())
+
+Each group function returns a new parent parser, so a command may change a
+default with `parser.set_defaults(...)` without touching the others.
+"""
+import argparse
+import os
+
+from big_transfer import datasets, tfds_reader
+
+
+def parser(description, *groups, prog=None):
+  """A command's parser made of `groups` (parent parsers), showing defaults
+  in --help."""
+  return argparse.ArgumentParser(
+      prog=prog, description=description, parents=groups,
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def group(title):
+  """(parent parser, its titled argument group)."""
+  parent = argparse.ArgumentParser(add_help=False)
+  return parent, parent.add_argument_group(title)
+
+
+def run():
+  """Where a run writes, how it saves, its seed."""
+  parent, g = group('run')
+  g.add_argument('--name', required=True,
+                 help='Name of this run; outputs go to LOGDIR/NAME, and a run '
+                 'started again with the same name resumes.')
+  g.add_argument('--logdir', required=True,
+                 help='Where the log, metrics and checkpoints go.')
+  g.add_argument('--seed', type=int, default=0,
+                 help='Seed of every random choice of the run: initialisation '
+                 'of anything new, data order, augmentation, mixup.')
+  g.add_argument('--save_every', type=int, default=None,
+                 help='Also checkpoint every N steps (besides every '
+                 'evaluation, every 10 minutes and SIGINT/SIGTERM).')
+  g.add_argument('--no-save', dest='save', action='store_false',
+                 help='Write no checkpoint and no exported model.')
+  return parent
+
+
+EXAMPLE_MODELS = ('BiT-M-R50x1', 'BiT-S-R101x3', 'BiT-M-R50x1-ILSVRC2012',
+                  'BiT-M-R50x1-run0-dtd')
+
+
+def model(default='BiT-M-R50x1', required=False, examples=EXAMPLE_MODELS,
+          forms='a weights file (.npz, .h5, .safetensors), a run folder '
+          'holding model.npz'):
+  """The weights a command starts from, and where registered ones live;
+  `examples`: registered names the help shows; `forms`: the other forms the
+  command takes."""
+  parent, g = group('model')
+  g.add_argument('--model', default=None if required else default,
+                 required=required,
+                 help=f'A registered model (e.g. {", ".join(examples)}), '
+                 f'{forms}, or hf-hub:ORG/NAME.')
+  _pretrained_dir(g)
+  return parent
+
+
+def pretrained_dir():
+  """Where registered weights live (for commands that name weights with
+  flags of their own)."""
+  parent, g = group('model')
+  _pretrained_dir(g)
+  return parent
+
+
+def _pretrained_dir(g):
+  g.add_argument('--bit_pretrained_dir', default='.',
+                 help='Where registered weights (and label files) are looked '
+                 'for, and downloaded to when missing.')
+
+
+def dataset():
+  """Which dataset, where it is, and its splits."""
+  parent, g = group('dataset')
+  g.add_argument('--dataset', default='cifar10', type=datasets.dataset_name,
+                 help='One of ' + datasets.dataset_forms() + '; imagefolder '
+                 'reads DATADIR/train/<class>/* and DATADIR/val (or '
+                 'test)/<class>/*.')
+  g.add_argument('--datadir', default=None,
+                 help='Dataset folder: the image folder, the ImageNet root, '
+                 'the TFDS data_dir, or where a downloadable dataset is '
+                 'stored.')
+  g.add_argument('--tfds_manual_dir', default=None,
+                 help='TFDS manual_dir, for datasets TFDS cannot download '
+                 'itself.')
+  g.add_argument('--train_split', default=None,
+                 help='tfds:/vtab: datasets: the training split (TFDS split '
+                 'syntax, e.g. train[:800]; for vtab: one of '
+                 f'{", ".join(tfds_reader.VTAB_SPLITS)}). Default: train; '
+                 'train800val200 for vtab:.')
+  g.add_argument('--eval_split', default=None,
+                 help='tfds:/vtab: datasets: the split evaluated (e.g. '
+                 'validation or train[800:1000]+validation). Default: '
+                 'validation where it exists, else test; test for vtab:.')
+  return parent
+
+
+def loading():
+  """How images are read."""
+  parent, g = group('loading')
+  g.add_argument('--workers', type=int, default=min(8, os.cpu_count()),
+                 help='Data-loading workers.')
+  g.add_argument('--skip_bad_images', action='store_true',
+                 help='Check every image file whole before starting and leave '
+                 'out those that cannot be read, instead of stopping.')
+  return parent
+
+
+def fewshot():
+  """The few-shot subset of the training split."""
+  parent, g = group('few-shot')
+  g.add_argument('--examples_per_class', type=int, default=None,
+                 help='Few-shot: draw this many training examples from each '
+                 'class.')
+  g.add_argument('--examples_per_class_seed', type=int, default=0,
+                 help='Seed of the few-shot draw.')
+  return parent
+
+
+def batch_split():
+  """Gradient accumulation."""
+  parent, g = group('batch split')
+  g.add_argument('--batch_split', type=int, default=1,
+                 help='Split each batch into this many micro-batches and '
+                 'accumulate their gradients (saves memory).')
+  return parent
+
+
+def batches():
+  """Fine-tuning's batch sizes."""
+  parent, g = group('batches')
+  g.add_argument('--batch', type=int, default=512, help='Global batch size.')
+  g.add_argument('--batch_eval', type=int, default=None,
+                 help='Evaluation batch size (default: BATCH / BATCH_SPLIT).')
+  return parent
+
+
+def schedule():
+  """The BiT-HyperRule and what overrides it."""
+  parent, g = group('BiT-HyperRule')
+  g.add_argument('--base_lr', type=float, default=0.003,
+                 help='Base learning rate of the HyperRule schedule.')
+  g.add_argument('--total_steps', type=int, default=None,
+                 help='Stretch or compress the HyperRule schedule to this '
+                 'many steps, keeping its shape.')
+  g.add_argument('--eval_every', type=int, default=None,
+                 help='Evaluate every N steps (and always at the end).')
+  g.add_argument('--resize_size', type=int, default=None,
+                 help='Override the HyperRule resize resolution.')
+  g.add_argument('--crop_size', type=int, default=None,
+                 help='Override the HyperRule crop resolution.')
+  g.add_argument('--mixup_alpha', type=float, default=None,
+                 help='Override the HyperRule\'s mixup alpha (0: no mixup).')
+  return parent
+
+
+def precision(choices=('fp32', 'bf16', 'fp16')):
+  """Compute precision; `choices`: those the command supports."""
+  parent, g = group('precision')
+  g.add_argument('--precision', default='fp32', choices=choices,
+                 help='Compute precision (weights, loss and optimiser stay '
+                 'float32).')
+  return parent
+
+
+def recipe(what):
+  """A run described by a YAML recipe (pre-training, distillation); `what`
+  says what the recipe holds."""
+  parent, g = group('recipe')
+  g.add_argument('--recipe', required=True,
+                 help=f'A shipped recipe by name (big_transfer/recipes/) or a '
+                 f'YAML file: {what}.')
+  g.add_argument('--set', dest='overrides', action='append', default=[],
+                 metavar='KEY=VALUE',
+                 help='Override a recipe value, e.g. --set steps=100.')
+  g.add_argument('--datadir', default=None,
+                 help='Dataset folder (overrides the recipe\'s).')
+  g.add_argument('--export', default=None,
+                 help='Where to write the trained .npz (default '
+                 'LOGDIR/NAME/model.npz).')
+  return parent
+
+
+def images(batch, resolution_help):
+  """Inference over images: the resolution and the forward batch."""
+  parent, g = group('images')
+  g.add_argument('--resolution', type=int, default=None, help=resolution_help)
+  g.add_argument('--batch', type=int, default=batch,
+                 help='Images per forward pass, over all local devices.')
+  return parent

@@ -27,6 +27,16 @@ def get_resolution(original_resolution):
   return (160, 128) if area < SMALL_AREA else (512, 480)
 
 
+def resolution(original_resolution, resize_size=None, crop_size=None):
+  """(resize, crop) for images of (height, width) `original_resolution`,
+  with the --resize_size/--crop_size overrides: a crop given alone keeps
+  the HyperRule's ratio of resize to crop. Evaluation uses the crop."""
+  resize, crop = get_resolution(original_resolution)
+  if crop_size and not resize_size:
+    resize = max(crop_size, round(crop_size * resize / crop))
+  return resize_size or resize, crop_size or crop
+
+
 def get_resolution_from_dataset(dataset):
   if dataset not in KNOWN_DATASET_RESOLUTIONS:
     raise ValueError(f'Unknown dataset {dataset!r}: give its images\' sizes '

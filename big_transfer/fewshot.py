@@ -155,8 +155,8 @@ class Splits:
 
 def resolution(args, splits):
   """The evaluation resolution: --resolution, or the HyperRule's crop."""
-  return args.resolution or bit_hyperrule.get_resolution(
-      splits.original_hw)[1]
+  return bit_hyperrule.resolution(splits.original_hw,
+                                  crop_size=args.resolution)[1]
 
 
 def read_weights(backend, args):

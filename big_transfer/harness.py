@@ -149,15 +149,6 @@ class Progress:
 # Fine-tuning settings: the BiT-HyperRule for the data, with the command
 # line's overrides.
 
-def resolution(args, original_hw):
-  """(resize, crop): the HyperRule's for images of `original_hw`, with the
-  --resize_size/--crop_size overrides."""
-  resize, crop = bit_hyperrule.get_resolution(original_hw)
-  if args.crop_size and not args.resize_size:
-    resize = max(args.crop_size, round(args.crop_size * resize / crop))
-  return args.resize_size or resize, args.crop_size or crop
-
-
 @dataclasses.dataclass
 class HyperRule:
   """What the BiT-HyperRule (and the flags that override it) resolve to for
@@ -173,7 +164,8 @@ class HyperRule:
   @classmethod
   def of(cls, args, dataset_size, original_hw):
     mixup = getattr(args, 'mixup_alpha', None)
-    return cls(*resolution(args, original_hw),
+    return cls(*bit_hyperrule.resolution(original_hw, args.resize_size,
+                                         args.crop_size),
                bit_hyperrule.get_schedule(dataset_size, args.total_steps),
                bit_hyperrule.get_mixup(dataset_size) if mixup is None
                else mixup, dataset_size, args.base_lr, args.total_steps)

@@ -106,7 +106,8 @@ def main_tf_data(args, load_model, read_weights):
   head_size, logits_fn = load_model(read_weights(args.ckpt_path,
                                                  args.bit_pretrained_dir))
   check_head(head_size, data.classes or range(data.num_classes), args)
-  crop = args.crop_size or bit_hyperrule.get_resolution(data.original_hw)[1]
+  crop = bit_hyperrule.resolution(data.original_hw,
+                                  crop_size=args.crop_size)[1]
   log.info(f'evaluating {args.ckpt_path} on {data.eval_size} '
            f'{args.dataset} images at {crop} px')
   sums = np.zeros(4)

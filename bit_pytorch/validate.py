@@ -56,8 +56,8 @@ def main(args):
   logger = validate.logger()
   data = torch_data.load(args, logger, check_train=False)
   net, trained_crop = load_model(args, data.classes)
-  crop = (args.crop_size or trained_crop or
-          bit_hyperrule.get_resolution(data.original_hw)[1])
+  crop = bit_hyperrule.resolution(
+      data.original_hw, crop_size=args.crop_size or trained_crop)[1]
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   net, channels_last = engine.to_device(net, device)
   loader = torch.utils.data.DataLoader(

@@ -245,11 +245,16 @@ def test_batch_must_divide_over_devices():
 
 def test_resolution_overrides():
   p = bit_common.argparser()
-  base = ['--name', 'n', '--logdir', 'l']
-  assert harness.resolution(p.parse_args(base), (32, 32)) == (160, 128)
-  assert harness.resolution(p.parse_args(base + ['--crop_size', '64']), (32, 32)) == (80, 64)
-  assert harness.resolution(
-      p.parse_args(base + ['--resize_size', '40', '--crop_size', '32']), (500, 500)) == (40, 32)
+
+  def resolution(flags, hw):
+    rule = harness.HyperRule.of(
+        p.parse_args(['--name', 'n', '--logdir', 'l'] + flags), 100, hw)
+    return rule.resize, rule.crop
+  assert resolution([], (32, 32)) == (160, 128)
+  assert resolution(['--crop_size', '64'], (32, 32)) == (80, 64)  # 160:128
+  assert resolution(['--resize_size', '40', '--crop_size', '32'],
+                    (500, 500)) == (40, 32)
+  assert resolution(['--resize_size', '600'], (500, 500)) == (600, 480)
 
 
 # ---------------------------------------------------------------- few-shot

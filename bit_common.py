@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 
-from big_transfer import flags, zoo
+from big_transfer import flags, runfiles, zoo
 from big_transfer.errors import BadInput
 
 
@@ -110,7 +110,7 @@ def setup_logger(args):
   fmt = logging.Formatter('%(asctime)s %(levelname)s %(message)s',
                           '%Y-%m-%d %H:%M:%S')
   for h in (logging.StreamHandler(sys.stderr),
-            logging.FileHandler(os.path.join(run_dir(args), 'train.log'))):
+            logging.FileHandler(os.path.join(run_dir(args), runfiles.LOG))):
     h.setFormatter(fmt)
     logger.addHandler(h)
   return logger

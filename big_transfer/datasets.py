@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from big_transfer import tfds_reader
+from big_transfer import tfds_reader, vtab
 from big_transfer.errors import BadInput
 
 # Datasets known by name: torchvision's in PyTorch, TFDS's in TF2/JAX.
@@ -31,7 +31,7 @@ def dataset_name(value):
       len(value) > len(tfds_reader.TFDS_PREFIX)):
     return value
   if (value.startswith(tfds_reader.VTAB_PREFIX) and
-      value[len(tfds_reader.VTAB_PREFIX):] in tfds_reader.VTAB_TASKS):
+      value[len(tfds_reader.VTAB_PREFIX):] in vtab.TASKS):
     return value
   raise argparse.ArgumentTypeError(
       f'unknown dataset {value!r}; give one of {dataset_forms()}')

@@ -49,7 +49,7 @@ import os
 
 import numpy as np
 
-from big_transfer import datasets, errors, flags, harness, recipes, zoo
+from big_transfer import datasets, errors, flags, harness, recipes, runfiles, zoo
 from big_transfer.errors import BadInput
 
 # What an evaluation sums after the harness's four [loss, top-1, top-5, n]; each
@@ -297,7 +297,7 @@ def eval_every(recipe, sched):
 
 
 def export_path(args, run):
-  return args.export or os.path.join(run.dir, 'model.npz')
+  return args.export or os.path.join(run.dir, runfiles.MODEL)
 
 
 # --------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from big_transfer import runfiles
+
 EVENTS_PREFIX = 'events.out.tfevents.'
 
 
@@ -94,7 +96,7 @@ def is_scalar(value):
 
 def read_metrics(run_dir):
   """The rows of a run's metrics.jsonl, in order."""
-  path = os.path.join(run_dir, 'metrics.jsonl')
+  path = os.path.join(run_dir, runfiles.METRICS)
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
 
@@ -119,7 +121,7 @@ def main(argv=None):
   parser.add_argument('run_dirs', nargs='+', metavar='RUN_DIR')
   args = parser.parse_args(argv)
   for run_dir in args.run_dirs:
-    if not os.path.isfile(os.path.join(run_dir, 'metrics.jsonl')):
+    if not os.path.isfile(os.path.join(run_dir, runfiles.METRICS)):
       print(f'error: {run_dir} has no metrics.jsonl.', file=sys.stderr)
       sys.exit(2)
   for run_dir in args.run_dirs:

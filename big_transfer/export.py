@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from big_transfer import errors, flags, zoo
+from big_transfer import errors, flags, runfiles, zoo
 
 logger = logging.getLogger('bit.export')
 
@@ -35,7 +35,7 @@ def default_name(model):
     return model.split('/')[-1].split('@')[0]
   path = os.path.normpath(model)
   base = os.path.basename(path)
-  if base in ('model.npz', 'bit.pth.tar'):
+  if base in (runfiles.MODEL, runfiles.TORCH_CHECKPOINT):
     base = os.path.basename(os.path.dirname(os.path.abspath(path)))
   for ext in ('.npz', '.h5', '.pth.tar', '.tar', '.pth', '.safetensors',
               '.bin'):

@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 import bit_hyperrule
-from big_transfer import datasets, errors, flags, zoo
+from big_transfer import datasets, errors, flags, runfiles, zoo
 from big_transfer.errors import BadInput
 
 SPLITS = ('train', 'eval')
@@ -228,7 +228,7 @@ def _weights_file(args):
   # The file the features come from (for the cache key); registered names
   # resolve to the file in --bit_pretrained_dir (or the bundled one).
   if os.path.isdir(args.model):
-    return os.path.join(args.model, 'model.npz')
+    return os.path.join(args.model, runfiles.MODEL)
   if os.path.isfile(args.model):
     return args.model
   info = zoo.MODELS.get(args.model)

@@ -11,7 +11,7 @@ default with `parser.set_defaults(...)` without touching the others.
 import argparse
 import os
 
-from big_transfer import datasets, tfds_reader
+from big_transfer import datasets, vtab
 
 
 def parser(description, *groups, prog=None):
@@ -97,7 +97,7 @@ def dataset():
   g.add_argument('--train_split', default=None,
                  help='tfds:/vtab: datasets: the training split (TFDS split '
                  'syntax, e.g. train[:800]; for vtab: one of '
-                 f'{", ".join(tfds_reader.VTAB_SPLITS)}). Default: train; '
+                 f'{", ".join(vtab.SPLITS)}). Default: train; '
                  'train800val200 for vtab:.')
   g.add_argument('--eval_split', default=None,
                  help='tfds:/vtab: datasets: the split evaluated (e.g. '

@@ -26,16 +26,13 @@ import os
 import platform
 import signal
 import sys
-import tempfile
 import threading
 import time
 
 import numpy as np
 
-from big_transfer import datastream
-from big_transfer import hardware
 import bit_hyperrule
-from big_transfer import events
+from big_transfer import datastream, events, hardware, runfiles
 from big_transfer.errors import BadInput, Diverged, RunFailed
 from bit_common import run_dir, run_logger
 
@@ -47,14 +44,10 @@ SAVE_MINUTES = 10    # a checkpoint at least this often (of training time)
 # Files under LOGDIR/NAME.
 
 def write_json(path, obj):
-  """Writes `obj` as JSON atomically (temporary file, then rename)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, suffix='.json.part')
-  with os.fdopen(fd, 'w') as f:
+  """Writes `obj` as JSON, whole or not at all (runfiles.replaced)."""
+  with runfiles.replaced(path) as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
     f.write('\n')
-  os.replace(tmp, path)
 
 
 def _json_default(obj):
@@ -74,16 +67,14 @@ the same scalars to a TensorBoard event file beside it.
   """
 
   def __init__(self, args, resume_step=0):
-    self.path = os.path.join(run_dir(args), 'metrics.jsonl')
+    self.path = os.path.join(run_dir(args), runfiles.METRICS)
     kept = []
     if resume_step and os.path.exists(self.path):
       with open(self.path) as f:
         kept = [l for l in f if l.strip() and
                 json.loads(l)['step'] <= resume_step]
-    fd, tmp = tempfile.mkstemp(dir=run_dir(args), suffix='.jsonl.part')
-    with os.fdopen(fd, 'w') as f:
+    with runfiles.replaced(self.path) as f:
       f.writelines(kept)
-    os.replace(tmp, self.path)
     self._file = open(self.path, 'a')
     self._tensorboard = events.TensorBoard(run_dir(args),
                                                     resume_step)
@@ -276,7 +267,7 @@ class Run:
     metrics.jsonl and logs the one-line summary of the run; warns once
     where --precision bf16 is emulated on `device` ('cpu', 'gpu', ...)."""
     if self.lead:
-      write_json(os.path.join(self.dir, 'config.json'),
+      write_json(os.path.join(self.dir, runfiles.CONFIG),
                  dict(vars(self.args), **config, resumed_from_step=step))
       self.metrics = Metrics(self.args, step)
     self.logger.info(summary)
@@ -415,8 +406,8 @@ class Run:
     self.metrics.close()
     try:
       if export and self.args.save:
-        export(os.path.join(self.dir, 'model.npz'))
-      write_json(os.path.join(self.dir, 'results.json'), dict(
+        export(os.path.join(self.dir, runfiles.MODEL))
+      write_json(os.path.join(self.dir, runfiles.RESULTS), dict(
           result, step=step, split='val', name=self.args.name, **results))
     except OSError as e:
       raise RunFailed(f'could not write the results into {self.dir} '
@@ -434,7 +425,7 @@ _LOCKS = {}
 
 
 def _lock(folder):
-  path = os.path.abspath(os.path.join(folder, '.lock'))
+  path = os.path.abspath(os.path.join(folder, runfiles.LOCK))
   if path in _LOCKS:
     _LOCKS.pop(path).close()
   os.makedirs(folder, exist_ok=True)

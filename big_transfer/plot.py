@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from big_transfer import runfiles
 from big_transfer.errors import BadInput, run_cli
 
 PANELS = (('loss', 'loss'), ('lr', 'learning rate'),
@@ -19,7 +20,7 @@ PANELS = (('loss', 'loss'), ('lr', 'learning rate'),
 
 def read_run(run_dir):
   """{split: {name: ([steps], [values])}} from RUN_DIR/metrics.jsonl."""
-  path = os.path.join(run_dir, 'metrics.jsonl')
+  path = os.path.join(run_dir, runfiles.METRICS)
   if not os.path.isfile(path):
     raise BadInput(f'{run_dir} has no metrics.jsonl; give run folders '
                    '(LOGDIR/NAME).')

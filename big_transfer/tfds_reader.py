@@ -24,7 +24,7 @@ API (framework-neutral; the pipelines of the three backends build on it):
       split.decode(i) -> uint8 [h, w, 3]. With array_record files a Split
       reads nothing until asked and pickles (for data-loader workers).
   decode(encoded) -> uint8 [h, w, 3]   (grey images repeated on 3 channels)
-  VTAB_TASKS {task: VtabTask}, VTAB_SPLITS, VTAB_DEFAULT_SPLITS
+  (The VTAB-1k tasks, their splits and labels are big_transfer.vtab's.)
 
   python -m big_transfer.tfds_reader DATASET... [--datadir D] [--tfds_manual_dir M]
       prepares datasets ahead of a run (`vtab` stands for the 19 tasks).
@@ -40,6 +40,7 @@ import os
 
 import numpy as np
 
+from big_transfer import vtab
 from big_transfer.errors import BadInput
 
 TFDS_PREFIX = 'tfds:'
@@ -53,176 +54,12 @@ def accepted_forms():
   return ('tfds:NAME (any prepared or downloadable TFDS dataset with an '
           'image and a class label, e.g. tfds:dtd, tfds:eurosat/rgb, '
           'tfds:svhn_cropped; --datadir is the TFDS data_dir) or vtab:TASK '
-          f'with TASK one of {", ".join(VTAB_TASKS)}')
+          f'with TASK one of {", ".join(vtab.TASKS)}')
 
 
 def is_tfds(dataset):
   """Whether `dataset` (a --dataset value) is read by this module."""
   return dataset.startswith((TFDS_PREFIX, VTAB_PREFIX))
-
-
-# --------------------------------------------------------------------------
-# VTAB-1k: which TFDS dataset, which splits, which labels. Written from the
-# definitions of google-research/task_adaptation (task_adaptation/data/).
-
-def _split_table(kind, counts, arg=None):
-  """The seven VTAB splits as TFDS split expressions.
-
-  `counts` maps TFDS split names to their sizes. Kinds:
-    given    the dataset's own train/validation/test splits
-    carve    validation carved from the end of TFDS train (the first `arg`
-             percent stay train); test is TFDS test, or `test_from`
-    three    train, validation and test all carved from TFDS train
-             (`arg` = (train percent, validation percent))
-    norb     validation is the first half of TFDS test, test the second
-  """
-  if kind == 'given':
-    return dict(train='train', val='validation', trainval='train+validation',
-                test='test', train800='train[:800]', val200='validation[:200]',
-                train800val200='train[:800]+validation[:200]')
-  if kind == 'norb':
-    return dict(train='train', val='test[:50%]', trainval='train+test[:50%]',
-                test='test[50%:]', train800='train[:800]', val200='test[:200]',
-                train800val200='train[:800]+test[:200]')
-  total = counts['train']
-  if kind == 'three':
-    n_train, n_val = (p * total // 100 for p in arg)
-    table = dict(train=f'train[:{n_train}]',
-                 val=f'train[{n_train}:{n_train + n_val}]',
-                 trainval=f'train[:{n_train + n_val}]',
-                 test=f'train[{n_train + n_val}:]')
-  else:  # carve
-    percent, test = arg
-    n_train = percent * total // 100
-    table = dict(train=f'train[:{n_train}]', val=f'train[{n_train}:]',
-                 trainval='train', test=test)
-  table.update(train800='train[:800]',
-               val200=f'train[{n_train}:{n_train + 200}]',
-               train800val200=f'train[:800]+train[{n_train}:{n_train + 200}]')
-  return table
-
-
-class _Feature:
-  """The label is a class-label feature of the record."""
-
-  def __init__(self, name):
-    self.name = name
-
-  def __call__(self, r):
-    return int(r[self.name])
-
-
-class _Binned:
-  """Class `name` of `original` classes merged into `bins` equal bins."""
-
-  def __init__(self, name, original, bins):
-    self.name, self.width = name, original / bins
-
-  def __call__(self, r):
-    return int(np.floor(float(r[self.name]) / self.width))
-
-
-def _count_objects(r):
-  """CLEVR: 3 to 10 objects -> classes 0 to 7."""
-  return len(r['objects']['pixel_coords']) - 3
-
-
-# Bin edges: the label is the last edge below the value.
-CLEVR_DISTANCE_EDGES = (0.0, 8.0, 8.5, 9.0, 9.5, 10.0, 100.0)
-KITTI_DISTANCE_EDGES = (-100.0, 8.0, 20.0, 999.0)
-KITTI_VEHICLES = ('Car', 'Van', 'Truck')
-
-
-def _last_edge_below(edges, value):
-  return int(np.searchsorted(np.asarray(edges), value, side='left')) - 1
-
-
-def _clevr_distance(r):
-  """CLEVR: depth of the closest object, binned."""
-  return _last_edge_below(CLEVR_DISTANCE_EDGES,
-                          np.min(np.asarray(r['objects']['pixel_coords'])[:, 2]))
-
-
-class _KittiDistance:
-  """KITTI: depth of the closest vehicle (car, van, truck; 1000 m when there
-  is none), binned. `types` are the class names of objects/type."""
-
-  def __init__(self, types=None):
-    self.vehicle = None if types is None else np.isin(np.asarray(types),
-                                                      KITTI_VEHICLES)
-
-  def __call__(self, r):
-    kind = np.asarray(r['objects']['type'], np.int64)
-    depth = np.asarray(r['objects']['location'],
-                       np.float64).reshape(-1, 3)[:, 2]
-    nearest = min([1000.0] + list(depth[self.vehicle[kind]]))
-    return _last_edge_below(KITTI_DISTANCE_EDGES, nearest)
-
-
-def _range_names(edges, unit=''):
-  return [f'{a:g}-{b:g}{unit}' for a, b in zip(edges[:-1], edges[1:])]
-
-
-@dataclasses.dataclass(frozen=True)
-class VtabTask:
-  name: str
-  tfds_name: str
-  num_classes: int
-  splits: tuple                  # (kind, arg) of _split_table
-  label: object = None           # record -> int; None: the 'label' feature
-  class_names: tuple = None      # None: the label feature's names
-  binary_pixels: bool = False    # images hold 0/1 and are scaled to 0/255
-  image_key: str = 'image'
-
-
-def _vtab_tasks():
-  natural = [
-      VtabTask('caltech101', 'caltech101', 102, ('carve', (90, 'test'))),
-      VtabTask('cifar100', 'cifar100', 100, ('carve', (90, 'test'))),
-      VtabTask('dtd', 'dtd', 47, ('given', None)),
-      VtabTask('oxford_flowers102', 'oxford_flowers102', 102, ('given', None)),
-      VtabTask('oxford_iiit_pet', 'oxford_iiit_pet', 37,
-               ('carve', (80, 'test'))),
-      VtabTask('sun397', 'sun397/tfds', 397, ('given', None)),
-      VtabTask('svhn', 'svhn_cropped', 10, ('carve', (90, 'test'))),
-  ]
-  specialized = [
-      VtabTask('patch_camelyon', 'patch_camelyon', 2, ('given', None)),
-      VtabTask('eurosat', 'eurosat/rgb', 10, ('three', (60, 20))),
-      VtabTask('resisc45', 'resisc45', 45, ('three', (60, 20))),
-      VtabTask('diabetic_retinopathy',
-               'diabetic_retinopathy_detection/btgraham-300', 5,
-               ('given', None)),
-  ]
-  bins16 = tuple(f'bin {i}' for i in range(16))
-  structured = [
-      VtabTask('clevr-count', 'clevr', 8, ('carve', (90, 'validation')),
-               _count_objects, tuple(f'{n} objects' for n in range(3, 11))),
-      VtabTask('clevr-distance', 'clevr', 6, ('carve', (90, 'validation')),
-               _clevr_distance, tuple(_range_names(CLEVR_DISTANCE_EDGES))),
-      VtabTask('dmlab', 'dmlab', 6, ('given', None)),
-      VtabTask('kitti-distance', 'kitti', 4, ('given', None), _KittiDistance(),
-               tuple(_range_names(KITTI_DISTANCE_EDGES, ' m'))),
-      VtabTask('dsprites-xpos', 'dsprites', 16, ('three', (80, 10)),
-               _Binned('label_x_position', 32, 16), bins16, True),
-      VtabTask('dsprites-orientation', 'dsprites', 16, ('three', (80, 10)),
-               _Binned('label_orientation', 40, 16), bins16, True),
-      VtabTask('smallnorb-azimuth', 'smallnorb', 18, ('norb', None),
-               _Feature('label_azimuth')),
-      VtabTask('smallnorb-elevation', 'smallnorb', 9, ('norb', None),
-               _Feature('label_elevation')),
-  ]
-  return {t.name: t for t in natural + specialized + structured}
-
-
-VTAB_TASKS = _vtab_tasks()
-VTAB_SPLITS = ('train800', 'val200', 'train800val200', 'test', 'train', 'val',
-               'trainval')
-# VTAB-1k as published: fit on the 1,000 examples, report on test.
-VTAB_DEFAULT_SPLITS = ('train800val200', 'test')
-# The structured labels that are single features (their names come from it).
-_FEATURE_OF = {'smallnorb-azimuth': 'label_azimuth',
-               'smallnorb-elevation': 'label_elevation'}
 
 
 # --------------------------------------------------------------------------
@@ -570,7 +407,7 @@ def resolve(dataset, data_dir=None, manual_dir=None, train_split=None,
 def _resolve_vtab(dataset, data_dir, manual_dir, train_split, eval_split,
                   prepare):
   task_name = dataset[len(VTAB_PREFIX):]
-  task = VTAB_TASKS.get(task_name)
+  task = vtab.TASKS.get(task_name)
   if task is None:
     raise BadInput(f'unknown VTAB-1k task {task_name!r}; --dataset takes '
                    f'{accepted_forms()}.')
@@ -578,12 +415,12 @@ def _resolve_vtab(dataset, data_dir, manual_dir, train_split, eval_split,
   info = builder.info
   counts = {k: v.num_examples for k, v in info.splits.items()}
   try:
-    table = _split_table(task.splits[0], counts, task.splits[1])
+    table = vtab.split_table(task.splits[0], counts, task.splits[1])
   except KeyError as e:
     raise BadInput(f'{task.tfds_name} in {builder.data_dir} has no {e} '
                    f'split, which {dataset} needs.') from e
-  train_split = train_split or VTAB_DEFAULT_SPLITS[0]
-  eval_split = eval_split or VTAB_DEFAULT_SPLITS[1]
+  train_split = train_split or vtab.DEFAULT_SPLITS[0]
+  eval_split = eval_split or vtab.DEFAULT_SPLITS[1]
   tfds_splits, sizes = {}, {}
   for split, flag in ((train_split, '--train_split'),
                       (eval_split, '--eval_split')):
@@ -591,11 +428,10 @@ def _resolve_vtab(dataset, data_dir, manual_dir, train_split, eval_split,
     unknown = [p for p in parts if p not in table]
     if unknown:
       raise BadInput(f'{flag} {split!r}: {dataset} splits are '
-                     f'{", ".join(VTAB_SPLITS)} (or several joined by +).')
+                     f'{", ".join(vtab.SPLITS)} (or several joined by +).')
     tfds_splits[split] = '+'.join(table[p] for p in parts)
     sizes[split] = _split_size(tfds_splits[split], info, dataset, flag)
-  label_key = 'label' if task.label is None else _FEATURE_OF.get(
-      task.name, 'derived')
+  label_key = vtab.label_feature(task)
   if task.label is None:
     classes = _label_names(info.features['label'])
   elif task.class_names is None:
@@ -607,8 +443,8 @@ def _resolve_vtab(dataset, data_dir, manual_dir, train_split, eval_split,
                    f'{len(classes)} classes; {dataset} expects '
                    f'{task.num_classes}.')
   label = task.label
-  if isinstance(label, _KittiDistance):
-    label = _KittiDistance(info.features['objects']['type'].names)
+  if isinstance(label, vtab.KittiDistance):
+    label = vtab.KittiDistance(info.features['objects']['type'].names)
   convert = _Convert(task.image_key, 'label' if label is None else None,
                      label, task.binary_pixels)
   return _finish(Dataset(
@@ -677,7 +513,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   names = []
   for name in args.datasets:
-    names += ([VTAB_PREFIX + t for t in VTAB_TASKS] if name == 'vtab'
+    names += ([VTAB_PREFIX + t for t in vtab.TASKS] if name == 'vtab'
               else [name])
   for name in names:
     data = resolve(name, args.datadir, args.tfds_manual_dir,

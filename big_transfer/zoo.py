@@ -18,6 +18,7 @@ import zipfile
 
 import numpy as np
 
+from big_transfer import runfiles, vtab
 from big_transfer.errors import BadInput
 
 
@@ -34,15 +35,6 @@ DEPTHS = {
 PUBLISHED_ARCHS = ('R50x1', 'R50x3', 'R101x1', 'R101x3', 'R152x2', 'R152x4')
 H5_ARCHS = ('R50x1', 'R50x3', 'R101x1', 'R101x3', 'R152x4')
 VTAB_ARCHS = ('R50x1', 'R101x1', 'R50x3', 'R101x3', 'R152x4')
-# VTAB-1k task -> number of classes.
-VTAB_TASKS = {
-    'caltech101': 102, 'diabetic_retinopathy': 5, 'dtd': 47,
-    'oxford_flowers102': 102, 'oxford_iiit_pet': 37, 'resisc45': 45,
-    'sun397': 397, 'cifar100': 100, 'eurosat': 10, 'patch_camelyon': 2,
-    'smallnorb-elevation': 9, 'svhn': 10, 'dsprites-orientation': 16,
-    'smallnorb-azimuth': 18, 'clevr-distance': 6, 'clevr-count': 8,
-    'dmlab': 6, 'kitti-distance': 4, 'dsprites-xpos': 16,
-}
 LABEL_FILES = {
     1000: 'ilsvrc2012_wordnet_lemmas.txt',
     21843: 'imagenet21k_wordnet_lemmas.txt',
@@ -115,9 +107,10 @@ def _register_published():
                      f'{BASE_URL}BiT-M-R50x1-CIFAR10.npz'))
   for arch in VTAB_ARCHS:
     for run in range(3):
-      for task, classes in VTAB_TASKS.items():
-        name = f'BiT-M-{arch}-run{run}-{task}'
-        register(ModelInfo(name, arch, classes, f'{BASE_URL}vtab/{name}.npz'))
+      for task in vtab.TASKS.values():
+        name = f'BiT-M-{arch}-run{run}-{task.name}'
+        register(ModelInfo(name, arch, task.num_classes,
+                           f'{BASE_URL}vtab/{name}.npz'))
   for arch, file, alias in (('R50x1', 'R50x1_224', 'BiT-M-R50x1-distilled-224'),
                             ('R50x1', 'R50x1_160', 'BiT-M-R50x1-distilled-160'),
                             ('R152x2', 'R152x2_T_224', 'BiT-M-R152x2-teacher-224'),
@@ -232,17 +225,10 @@ def load_npz(path):
 
 
 def save_npz(path, weights):
-  """Writes {key: array} atomically as an uncompressed .npz."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, suffix='.npz.part')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **weights)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  """Writes {key: array} as an uncompressed .npz, whole or not at all
+  (runfiles.replaced)."""
+  with runfiles.replaced(path, 'wb') as f:
+    np.savez(f, **weights)
   return path
 
 
@@ -372,9 +358,9 @@ def load_weights(model, pretrained_dir='.'):
     arch, head = infer_arch(weights)
     check_weights(weights, arch, head, source=path)
   else:
-    if os.path.isdir(model) and os.path.isfile(os.path.join(model,
-                                                            'model.npz')):
-      model = os.path.join(model, 'model.npz')
+    if os.path.isdir(model) and os.path.isfile(os.path.join(
+        model, runfiles.MODEL)):
+      model = os.path.join(model, runfiles.MODEL)
     if model.endswith(('.safetensors', '.bin')):
       path = model
       if not os.path.isfile(path):
@@ -400,7 +386,7 @@ def check_model(model):
                      '(optionally @REVISION), e.g. '
                      'hf-hub:timm/resnetv2_50x1_bit.goog_in21k')
   elif os.path.isdir(model):
-    if not os.path.isfile(os.path.join(model, 'model.npz')):
+    if not os.path.isfile(os.path.join(model, runfiles.MODEL)):
       raise BadInput(f'{model} is a folder without model.npz; give a run '
                      'folder, a weights file or a registered name.')
   elif not model.endswith(('.npz', '.h5', '.safetensors', '.bin')):

@@ -30,14 +30,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from big_transfer import errors, flags, harness, zoo
+from big_transfer import errors, flags, harness, runfiles, zoo
 import bit_common
 from bit_jax import models
 from bit_jax.engine import (DTYPES, Checkpoints, accumulate, any_process,
                             initialize_distributed, lead_first, local)
-
-CHECKPOINTS = 'checkpoints'
-EXPORT = 'model.npz'
 
 
 def jax_flags():
@@ -150,7 +147,8 @@ def main(args):
 
   classes = list(data.classes) if data.classes else data.num_classes
   settings = hyper.settings(args, classes)
-  ckpt = Checkpoints(os.path.join(run.dir, CHECKPOINTS), settings, state)
+  ckpt = Checkpoints(os.path.join(run.dir, runfiles.CHECKPOINTS), settings,
+                     state)
   step = run.resume(ckpt, settings)
   state = ckpt.state
   run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),

@@ -20,13 +20,12 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-from big_transfer import datastream, harness, zoo
-from big_transfer import distill
+from big_transfer import datastream, distill, harness, runfiles, zoo
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
 from bit_pytorch import engine
 
-CHECKPOINT = 'distill.pth.tar'
+CHECKPOINT = runfiles.DISTILL_CHECKPOINT
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-from big_transfer import datasets, datastream, errors, flags, harness, recipes, zoo
+from big_transfer import (datasets, datastream, errors, flags, harness, recipes,
+                          runfiles, zoo)
 from bit_pytorch import data as torch_data
 from bit_pytorch import engine
 from bit_pytorch import models
@@ -215,7 +216,7 @@ def argparser():
       flags.precision(('fp32', 'bf16')))
 
 
-CHECKPOINT = 'pretrain.pth.tar'
+CHECKPOINT = runfiles.PRETRAIN_CHECKPOINT
 
 
 def main(args):
@@ -252,7 +253,7 @@ def _pretrain(args, recipe, rank, world, device):
   ckpt = engine.Checkpoint(os.path.join(run.dir, CHECKPOINT), settings,
                           run.lead, model=net, optimizer=optim)
   step = engine.same_everywhere(run.resume(ckpt, settings))
-  export = args.export or os.path.join(run.dir, 'model.npz')
+  export = args.export or os.path.join(run.dir, runfiles.MODEL)
   run.start(step, {
       'recipe': dataclasses.asdict(recipe),
       'schedule': dataclasses.asdict(sched), 'dataset_size': len(train_src),

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from big_transfer import errors, flags, harness, zoo
+from big_transfer import errors, flags, harness, runfiles, zoo
 import bit_common
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
@@ -37,8 +37,7 @@ from bit_pytorch.engine import (Checkpoint, any_process, autocast_for,
                                 process_group, same_everywhere, to_device,
                                 train_step, world_size)
 
-CHECKPOINT = 'bit.pth.tar'
-EXPORT = 'model.npz'
+CHECKPOINT = runfiles.TORCH_CHECKPOINT
 
 
 def torch_flags():

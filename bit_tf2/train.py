@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from big_transfer import errors, flags, harness
+from big_transfer import errors, flags, harness, runfiles
 import bit_common
 import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import engine
@@ -40,8 +40,6 @@ from bit_tf2.engine import (POLICIES, Checkpoints, accumulate, any_process,
                             chief_first, device_kind, distribute, is_chief,
                             make_strategy, uses_xla)
 
-CHECKPOINTS = 'checkpoints'
-EXPORT = 'model.npz'
 SAVED_MODEL = 'saved_model'
 
 
@@ -187,7 +185,7 @@ def main(args):
 
   classes = list(data.classes) if data.classes else data.num_classes
   settings = hyper.settings(args, classes)
-  ckpt = Checkpoints(os.path.join(run.dir, CHECKPOINTS), settings, run.lead,
+  ckpt = Checkpoints(os.path.join(run.dir, runfiles.CHECKPOINTS), settings, run.lead,
                      tf.train.Checkpoint(model=model, optimizer=optimizer,
                                          step=step_var))
   step = run.resume(ckpt, settings)

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 import bit_common
-from big_transfer import errors, fewshot, harness, zoo
+from big_transfer import errors, fewshot, harness, runfiles, zoo
 
 MODEL = 'BiT-R14x0.5-FashionMNIST'
 DATASET = 'digits'
@@ -106,7 +106,7 @@ def fine_tune(args, init, shots, seed):
   if shots is not None:
     flags += ['--examples_per_class', str(shots)]
   result = train.main(bit_common.argparser().parse_args(flags))
-  with open(os.path.join(args.logdir, name, 'metrics.jsonl')) as f:
+  with open(os.path.join(args.logdir, name, runfiles.METRICS)) as f:
     curve = [(r['step'], r['top1']) for r in map(json.loads, f)
              if r['split'] == 'val']
   return result['top1'], curve

@@ -1,4 +1,5 @@
-"""The colabs run top to bottom, offline, in reduced-step mode."""
+"""The colabs run top to bottom, offline, in reduced-step mode, from a
+folder outside the checkout."""
 import os
 
 import nbformat
@@ -17,7 +18,7 @@ def test_notebook_runs_offline(backend, tmp_path, monkeypatch):
   path = os.path.join(COLABS, f'big_transfer_{backend}.ipynb')
   nb = nbformat.read(path, as_version=4)
   NotebookClient(nb, timeout=600, kernel_name='python3',
-                 resources={'metadata': {'path': COLABS}}).execute()
+                 resources={'metadata': {'path': str(tmp_path)}}).execute()
   outputs = [o for cell in nb.cells if cell.cell_type == 'code'
              for o in cell.get('outputs', [])]
   assert not [o for o in outputs if o.output_type == 'error']

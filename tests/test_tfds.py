@@ -11,8 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from big_transfer import datasets, errors, zoo
-from big_transfer import tfds_reader
+from big_transfer import datasets, errors, tfds_reader, vtab, zoo
 from conftest import REPO, synthetic_weights, write_imagefolder
 
 tfds = pytest.importorskip('tensorflow_datasets')
@@ -352,14 +351,14 @@ def test_vtab_structured_task_dsprites(dsprites_dir):
         np.testing.assert_array_equal(
             image, np.repeat(truth[j]['image'], 3, axis=2) * 255)
   # Every bin of the orientation rule is hit by its 40 values, in order.
-  rule = tfds_reader.VTAB_TASKS['dsprites-orientation'].label
+  rule = vtab.TASKS['dsprites-orientation'].label
   assert [rule({'label_orientation': v}) for v in range(40)] == [
       int(v // 2.5) for v in range(40)]
 
 
 def test_vtab_split_tables_of_published_datasets():
   """The VTAB splits computed from the real datasets' TFDS split sizes."""
-  table = tfds_reader._split_table  # pylint: disable=protected-access
+  table = vtab.split_table
   cases = {
       # task: (TFDS split sizes, expected VTAB splits)
       'caltech101': ({'train': 3060, 'test': 6084},
@@ -390,16 +389,16 @@ def test_vtab_split_tables_of_published_datasets():
                          dict(val200='validation[:200]', test='test')),
   }
   for task, (counts, expected) in cases.items():
-    kind, arg = tfds_reader.VTAB_TASKS[task].splits
+    kind, arg = vtab.TASKS[task].splits
     got = table(kind, counts, arg)
-    assert set(got) == set(tfds_reader.VTAB_SPLITS)
+    assert set(got) == set(vtab.SPLITS)
     assert got['train800'] == 'train[:800]', task
     for split, spec in expected.items():
       assert got[split] == spec, (task, split)
 
 
 def test_vtab_structured_labels_follow_the_published_rules():
-  tasks = tfds_reader.VTAB_TASKS
+  tasks = vtab.TASKS
 
   def clevr(depths):
     coords = np.array([[0.0, 0.0, d] for d in depths], np.float32)
@@ -415,7 +414,7 @@ def test_vtab_structured_labels_follow_the_published_rules():
     assert distance(clevr(depths)) == label, depths
   types = ['Car', 'Van', 'Truck', 'Pedestrian', 'Person_sitting', 'Cyclist',
            'Tram', 'Misc']
-  kitti = tfds_reader._KittiDistance(types)  # pylint: disable=protected-access
+  kitti = vtab.KittiDistance(types)
 
   def scene(objects):
     return {'objects': {
@@ -436,11 +435,24 @@ def test_vtab_structured_labels_follow_the_published_rules():
                                                                    15]
 
 
+# The tasks of the published VTAB-1k models (their download addresses:
+# bit_models/vtab/BiT-M-{arch}-run{0,1,2}-{task}.npz).
+PUBLISHED_VTAB_TASKS = (
+    'caltech101', 'diabetic_retinopathy', 'dtd', 'oxford_flowers102',
+    'oxford_iiit_pet', 'resisc45', 'sun397', 'cifar100', 'eurosat',
+    'patch_camelyon', 'smallnorb-elevation', 'svhn', 'dsprites-orientation',
+    'smallnorb-azimuth', 'clevr-distance', 'clevr-count', 'dmlab',
+    'kitti-distance', 'dsprites-xpos')
+
+
 def test_vtab_tasks_are_the_released_models_tasks():
-  assert {name: t.num_classes for name, t in tfds_reader.VTAB_TASKS.items()} == (
-      zoo.VTAB_TASKS)
-  for name in tfds_reader.VTAB_TASKS:
-    assert f'BiT-M-R50x1-run0-{name}' in zoo.MODELS
+  assert sorted(vtab.TASKS) == sorted(PUBLISHED_VTAB_TASKS)
+  for arch in ('R50x1', 'R101x1', 'R50x3', 'R101x3', 'R152x4'):
+    for run in range(3):
+      for name, task in vtab.TASKS.items():
+        info = zoo.MODELS[f'BiT-M-{arch}-run{run}-{name}']
+        assert info.head_size == task.num_classes
+        assert info.url.endswith(f'/vtab/BiT-M-{arch}-run{run}-{name}.npz')
 
 
 # --------------------------------------------------------------------------
@@ -504,17 +516,6 @@ def test_validate_refuses_unknown_dataset(backend, capsys):
     assert form in err
 
 
-def _loaders_read_tfds():
-  """Whether both data loaders hand tfds:/vtab: datasets to big_transfer.tfds_reader."""
-  import inspect  # pylint: disable=import-outside-toplevel
-  import input_pipeline_tf2_or_jax  # pylint: disable=import-outside-toplevel
-  from bit_pytorch import data  # pylint: disable=import-outside-toplevel
-  return all('big_transfer.tfds_reader' in inspect.getsource(m)
-             for m in (data, input_pipeline_tf2_or_jax))
-
-
-@pytest.mark.skipif(not _loaders_read_tfds(),
-                    reason='the data loaders do not read tfds:/vtab: yet')
 @pytest.mark.parametrize('dataset', ['tfds', 'vtab'])
 def test_validate_tfds_and_vtab_agree_across_backends(dataset, tmp_path,
                                                       dsprites_dir):

@@ -275,7 +275,7 @@ def test_bad_images_are_named_or_the_same_ones_left_out(setup, bad_folder,
 # no checkpoint of its own) right after training step K.
 KILLED_AFTER_STEP = (
     'import importlib, os, signal, sys\n'
-    'import big_transfer.harness\n'
+    'from big_transfer import harness\n'
     'backend, k = sys.argv[1], int(sys.argv[2])\n'
     'update = harness.Progress.update\n'
     'def update_then_die(self, step):\n'

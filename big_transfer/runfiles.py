@@ -1,0 +1,63 @@
+"""What a run writes under LOGDIR/NAME, by name, and the one way the shared
+layer writes a file whole: `replaced(path)`.
+
+A run folder holds:
+
+  train.log       LOG: the human log (also on stderr)
+  config.json     CONFIG: every flag and the resolved settings
+  metrics.jsonl   METRICS: one JSON object per training step and evaluation
+  model.npz       MODEL: the trained weights in the published layout, which
+                  every backend (and --model RUN_FOLDER) loads
+  results.json    RESULTS: the final evaluation, written last
+  .lock           LOCK: held by the live run
+  and the framework's checkpoint: TORCH_CHECKPOINT (PyTorch fine-tuning),
+  DISTILL_CHECKPOINT and PRETRAIN_CHECKPOINT (PyTorch distillation and
+  pre-training), CHECKPOINTS (a folder: JAX's and TF2's).
+"""
+import contextlib
+import os
+import tempfile
+
+LOG = 'train.log'
+CONFIG = 'config.json'
+METRICS = 'metrics.jsonl'
+MODEL = 'model.npz'
+RESULTS = 'results.json'
+LOCK = '.lock'
+TORCH_CHECKPOINT = 'bit.pth.tar'
+DISTILL_CHECKPOINT = 'distill.pth.tar'
+PRETRAIN_CHECKPOINT = 'pretrain.pth.tar'
+CHECKPOINTS = 'checkpoints'
+
+
+@contextlib.contextmanager
+def replaced(path, mode='w'):
+  """A new file whose content replaces `path` when the block ends without
+  an error: written to a temporary file beside it, flushed and synced to
+  disk, renamed over `path`, and the folder synced, so that `path` is
+  either its old content or the whole new one after a crash or a power
+  cut. On an error nothing changes and the temporary file is removed."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.',
+                             suffix='.part')
+  try:
+    with os.fdopen(fd, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  sync_folder(folder)
+
+
+def sync_folder(folder):
+  """Syncs a folder's entries (a rename in it) to disk."""
+  fd = os.open(folder, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)

@@ -185,9 +185,10 @@ def main(args):
 
   classes = list(data.classes) if data.classes else data.num_classes
   settings = hyper.settings(args, classes)
-  ckpt = Checkpoints(os.path.join(run.dir, runfiles.CHECKPOINTS), settings, run.lead,
-                     tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                         step=step_var))
+  ckpt = Checkpoints(os.path.join(run.dir, runfiles.CHECKPOINTS), settings,
+                     run.lead, tf.train.Checkpoint(model=model,
+                                                   optimizer=optimizer,
+                                                   step=step_var))
   step = run.resume(ckpt, settings)
   xla = uses_xla(strategy)
   run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),

@@ -49,7 +49,8 @@ import os
 
 import numpy as np
 
-from big_transfer import datasets, errors, flags, harness, recipes, runfiles, zoo
+from big_transfer import (datasets, errors, flags, harness, metrics, recipes,
+                          runfiles, zoo)
 from big_transfer.errors import BadInput
 
 # What an evaluation sums after the harness's four [loss, top-1, top-5, n]; each
@@ -236,14 +237,11 @@ def eval_sums(student_logits, teacher_logits, labels, temperature=1.0):
   processes)."""
   s = np.asarray(student_logits, np.float64)
   labels = np.asarray(labels)
-  loss = -log_softmax(s)[np.arange(len(s)), labels]
-  k = min(5, s.shape[1])
-  top = np.argsort(-s, axis=1, kind='stable')[:, :k] == labels[:, None]
   agree = s.argmax(1) == np.asarray(teacher_logits).argmax(1)
   kl = kl_loss(s, teacher_logits, temperature) * len(s)
-  return np.array([loss.sum(), top[:, 0].sum(), top.any(1).sum(), len(s),
-                   agree.sum(), (np.asarray(teacher_logits).argmax(1) ==
-                                 labels).sum(), kl], np.float64)
+  return np.concatenate([metrics.batch_sums(s, labels), [
+      agree.sum(), (np.asarray(teacher_logits).argmax(1) == labels).sum(),
+      kl]]).astype(np.float64)
 
 
 # --------------------------------------------------------------------------
@@ -256,7 +254,7 @@ class Run(harness.Run):
 
   def _evaluate(self, step, evaluate):
     sums = np.asarray(evaluate(), np.float64)
-    result = harness.summarize(sums[:4])
+    result = metrics.summarize(sums[:4])
     result.update({k: float(v) / result['n']
                    for k, v in zip(EVAL_EXTRAS, sums[4:])})
     self.logger.info(

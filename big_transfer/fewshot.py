@@ -465,8 +465,7 @@ def fewshot_main(args, backend):
         f'({out["eval_size"]} evaluation images, {crop} px, {args.seeds} '
         f'seeds; {backend.NAME})\n\n{text}\n', flush=True)
   if args.out:
-    from big_transfer import harness
-    harness.write_json(args.out, out)
+    runfiles.write_json(args.out, out)
   return out
 
 

@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 import bit_hyperrule
-from big_transfer import datastream, events, hardware, runfiles
+from big_transfer import datastream, events, hardware, metrics, runfiles
 from big_transfer.errors import BadInput, Diverged, RunFailed
 from bit_common import run_dir, run_logger
 
@@ -42,21 +42,6 @@ SAVE_MINUTES = 10    # a checkpoint at least this often (of training time)
 
 # --------------------------------------------------------------------------
 # Files under LOGDIR/NAME.
-
-def write_json(path, obj):
-  """Writes `obj` as JSON, whole or not at all (runfiles.replaced)."""
-  with runfiles.replaced(path) as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-    f.write('\n')
-
-
-def _json_default(obj):
-  if isinstance(obj, np.generic):
-    return obj.item()
-  if isinstance(obj, (np.ndarray, tuple, set)):
-    return list(obj)
-  return str(obj)
-
 
 class Metrics:
   """Appends one JSON object per line to LOGDIR/NAME/metrics.jsonl, and
@@ -81,7 +66,7 @@ the same scalars to a TensorBoard event file beside it.
 
   def write(self, step, split, **values):
     record = {'step': int(step), 'split': split}
-    record.update({k: _json_default(v) if isinstance(v, np.generic) else v
+    record.update({k: v.item() if isinstance(v, np.generic) else v
                    for k, v in values.items()})
     self._file.write(json.dumps(record) + '\n')
     self._file.flush()
@@ -267,7 +252,7 @@ class Run:
     metrics.jsonl and logs the one-line summary of the run; warns once
     where --precision bf16 is emulated on `device` ('cpu', 'gpu', ...)."""
     if self.lead:
-      write_json(os.path.join(self.dir, runfiles.CONFIG),
+      runfiles.write_json(os.path.join(self.dir, runfiles.CONFIG),
                  dict(vars(self.args), **config, resumed_from_step=step))
       self.metrics = Metrics(self.args, step)
     self.logger.info(summary)
@@ -388,7 +373,7 @@ class Run:
             'check the data.')
 
   def _evaluate(self, step, evaluate):
-    result = summarize(evaluate())
+    result = metrics.summarize(evaluate())
     self.logger.info(f'step {step}: validation loss {result["loss"]:.4f}, '
                      f'top-1 {result["top1"]:.2%}, top-5 {result["top5"]:.2%} '
                      f'({result["n"]} examples)')
@@ -407,7 +392,7 @@ class Run:
     try:
       if export and self.args.save:
         export(os.path.join(self.dir, runfiles.MODEL))
-      write_json(os.path.join(self.dir, runfiles.RESULTS), dict(
+      runfiles.write_json(os.path.join(self.dir, runfiles.RESULTS), dict(
           result, step=step, split='val', name=self.args.name, **results))
     except OSError as e:
       raise RunFailed(f'could not write the results into {self.dir} '
@@ -444,15 +429,6 @@ def _lock(folder):
   f.write(f'{os.getpid()}\n')
   f.flush()
   _LOCKS[path] = f
-
-
-def summarize(sums):
-  """{loss, top1, top5, n} from the sums [loss, top-1 hits, top-5 hits,
-  examples] of an evaluation."""
-  loss, top1, top5, n = (float(v) for v in sums)
-  if not n:
-    raise BadInput('the evaluation split has no examples.')
-  return dict(loss=loss / n, top1=top1 / n, top5=top5 / n, n=int(n))
 
 
 # --------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """What a run writes under LOGDIR/NAME, by name, and the one way the shared
-layer writes a file whole: `replaced(path)`.
+layer writes a file whole: `replaced(path)` (and `write_json` on it).
 
 A run folder holds:
 
@@ -15,8 +15,11 @@ A run folder holds:
   pre-training), CHECKPOINTS (a folder: JAX's and TF2's).
 """
 import contextlib
+import json
 import os
 import tempfile
+
+import numpy as np
 
 LOG = 'train.log'
 CONFIG = 'config.json'
@@ -52,6 +55,22 @@ def replaced(path, mode='w'):
       os.remove(tmp)
     raise
   sync_folder(folder)
+
+
+def write_json(path, obj):
+  """Writes `obj` as indented JSON (NumPy values as numbers and lists),
+  whole or not at all."""
+  with replaced(path) as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+    f.write('\n')
+
+
+def _json_default(obj):
+  if isinstance(obj, np.generic):
+    return obj.item()
+  if isinstance(obj, (np.ndarray, tuple, set)):
+    return list(obj)
+  return str(obj)
 
 
 def sync_folder(folder):

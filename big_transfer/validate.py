@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from big_transfer import errors, flags, harness
+from big_transfer import errors, flags, metrics, runfiles
 
 
 def argparser(framework, precisions=('fp32', 'bf16', 'fp16'),
@@ -65,32 +65,11 @@ def check_head(head_size, classes, args):
         f'has {len(classes)} classes.')
 
 
-def batch_sums(logits, labels, mask=None):
-  """[summed cross-entropy, top-1 hits, top-5 hits, examples] of a batch
-  of logits [b, classes] and int labels [b]; rows with mask False left
-  out."""
-  logits = np.asarray(logits, np.float64)
-  labels = np.asarray(labels, np.int64)
-  if mask is not None:
-    mask = np.asarray(mask, bool)
-    logits, labels = logits[mask], labels[mask]
-  if not len(labels):
-    return np.zeros(4)
-  top = logits.max(1, keepdims=True)
-  log_z = top[:, 0] + np.log(np.exp(logits - top).sum(1))
-  loss = log_z - logits[np.arange(len(labels)), labels]
-  mine = logits[np.arange(len(labels)), labels][:, None]
-  # Rank of the true class: how many classes score higher.
-  rank = (logits > mine).sum(1)
-  return np.array([loss.sum(), (rank < 1).sum(), (rank < 5).sum(),
-                   len(labels)], np.float64)
-
-
 def report(result, args):
   """Prints the result as JSON (and writes it to --output)."""
   print(json.dumps(result), flush=True)
   if getattr(args, 'output', None):
-    harness.write_json(args.output, result)
+    runfiles.write_json(args.output, result)
   return result
 
 
@@ -114,6 +93,6 @@ def main_tf_data(args, load_model, read_weights):
   for b in pipeline.named_errors(pipeline.eval_batches(
       data, args.batch_eval, crop).as_numpy_iterator(),
                                  pipeline.eval_files(data)):
-    sums += batch_sums(np.asarray(logits_fn(b['image'])), b['label'],
+    sums += metrics.batch_sums(np.asarray(logits_fn(b['image'])), b['label'],
                        b['mask'])
-  return report(harness.summarize(sums), args)
+  return report(metrics.summarize(sums), args)

@@ -91,17 +91,13 @@ def make_steps(student, teacher, recipe, tx, mesh, batch_split):
         images, recipe.crop_size)).astype(jnp.float32)
     te = teacher.apply({'params': teacher_params}, images).astype(
         jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(s, labels)
-    k = min(5, s.shape[-1])
-    top = jax.lax.top_k(s, k)[1] == labels[:, None]
     log_p = jax.nn.log_softmax(te / t)
     kl = t * t * jnp.sum(jnp.exp(log_p) * (log_p - jax.nn.log_softmax(
         s / t)), -1)
     m = mask.astype(jnp.float32)
-    return jnp.stack([
-        (loss * m).sum(), (top[:, 0] * m).sum(), (top.any(1) * m).sum(),
-        m.sum(), ((s.argmax(1) == te.argmax(1)) * m).sum(),
-        ((te.argmax(1) == labels) * m).sum(), (kl * m).sum()])
+    return jnp.concatenate([engine.eval_sums(s, labels, mask), jnp.stack([
+        ((s.argmax(1) == te.argmax(1)) * m).sum(),
+        ((te.argmax(1) == labels) * m).sum(), (kl * m).sum()])])
 
   train = jax.jit(train_step, donate_argnums=(0, 1),
                   in_shardings=(replicated, replicated, replicated, sharded,

@@ -7,16 +7,32 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from big_transfer import errors
+from big_transfer import errors, metrics
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
 
 
 # --------------------------------------------------------------------------
 # Processes.
+
+
+def eval_sums(logits, labels, mask):
+  """[summed cross-entropy, top-1 hits, top-5 hits, examples] over the rows
+  of a batch where `mask` holds, by big_transfer.metrics's rule (ties
+  broken by class index)."""
+  logits = logits.astype(jnp.float32)
+  mine = jnp.take_along_axis(logits, labels[:, None], axis=1)
+  lower = jnp.arange(logits.shape[1])[None] < labels[:, None]
+  rank = ((logits > mine) | ((logits == mine) & lower)).sum(1)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  m = mask.astype(jnp.float32)
+  return jnp.stack([(loss * m).sum(),
+                    *(((rank < k) * m).sum() for k in metrics.TOP_K),
+                    m.sum()])
 
 def initialize_distributed(args):
   """Joins the job's processes (--distributed): the cluster's own settings

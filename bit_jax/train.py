@@ -34,7 +34,8 @@ from big_transfer import errors, flags, harness, runfiles, zoo
 import bit_common
 from bit_jax import models
 from bit_jax.engine import (DTYPES, Checkpoints, accumulate, any_process,
-                            initialize_distributed, lead_first, local)
+                            eval_sums, initialize_distributed, lead_first,
+                            local)
 
 
 def jax_flags():
@@ -87,13 +88,7 @@ def make_steps(model, tx, mesh, batch_split):
 
   def eval_step(params, images, labels, mask):
     """Sums over the real rows: loss, top-1 hits, top-5 hits, count."""
-    logits = model.apply({'params': params}, images).astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    k = min(5, logits.shape[-1])
-    top = jax.lax.top_k(logits, k)[1] == labels[:, None]
-    m = mask.astype(jnp.float32)
-    return jnp.stack([(loss * m).sum(), (top[:, 0] * m).sum(),
-                      (top.any(1) * m).sum(), m.sum()])
+    return eval_sums(model.apply({'params': params}, images), labels, mask)
 
   train = jax.jit(train_step, donate_argnums=(0, 1),
                   in_shardings=(replicated, replicated, sharded, sharded,

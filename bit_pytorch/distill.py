@@ -190,14 +190,11 @@ def evaluate(student, teacher, loader, device, autocast, temperature,
     with autocast:
       t = teacher(x).float()
       s = student(student_view(x, size)).float()
-    top = s.topk(min(5, s.shape[1]), dim=1).indices == y[:, None]
-    n = torch.tensor(len(y), device=device).double()
-    sums += torch.stack([
-        F.cross_entropy(s, y, reduction='sum').double(),
-        top[:, 0].sum().double(), top.any(1).sum().double(), n,
-        (s.argmax(1) == t.argmax(1)).sum().double(),
-        (t.argmax(1) == y).sum().double(),
-        kl_loss(s, t, temperature).double() * n])
+    sums += torch.cat([
+        engine.eval_sums(s, y, F.cross_entropy), torch.stack([
+            (s.argmax(1) == t.argmax(1)).sum().double(),
+            (t.argmax(1) == y).sum().double(),
+            kl_loss(s, t, temperature).double() * len(y)])])
   if engine.world_size() > 1:
     torch.distributed.all_reduce(sums)
   student.train()

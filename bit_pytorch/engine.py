@@ -12,7 +12,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-from big_transfer import errors
+from big_transfer import errors, metrics
 from bit_pytorch import data as torch_data
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -154,6 +154,22 @@ def train_step(model, opt, scaler, micro_batches, n_micro, autocast, loss_fn):
   return loss
 
 
+def eval_sums(logits, labels, loss_fn):
+  """[summed loss, top-1 hits, top-5 hits, examples] of a batch of logits
+  and int labels, float64 on their device, by big_transfer.metrics's rule
+  (ties broken by class index); `loss_fn(logits, labels)` is a mean."""
+  logits = logits.float()
+  mine = logits.gather(1, labels[:, None])
+  lower = (torch.arange(logits.shape[1], device=logits.device)[None] <
+           labels[:, None])
+  rank = ((logits > mine) | ((logits == mine) & lower)).sum(1)
+  n = len(labels)
+  return torch.stack([loss_fn(logits, labels).double() * n,
+                      *((rank < k).sum().double() for k in metrics.TOP_K),
+                      torch.tensor(n, dtype=torch.float64,
+                                   device=logits.device)])
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, channels_last, autocast, loss_fn):
   """Sums [loss, top-1 hits, top-5 hits, examples] over every example of
@@ -165,10 +181,7 @@ def evaluate(model, loader, device, channels_last, autocast, loss_fn):
     y = y.to(device, non_blocking=True)
     with autocast:
       logits = model(x).float()
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
-    sums += torch.stack([loss_fn(logits, y).double() * len(y),
-                         top[:, 0].sum().double(), top.any(1).sum().double(),
-                         torch.tensor(len(y), device=device).double()])
+    sums += eval_sums(logits, y, loss_fn)
   if world_size() > 1:
     dist.all_reduce(sums)
   model.train()

@@ -10,9 +10,8 @@ training:
 """
 import torch
 
-from big_transfer import errors, harness, zoo
 import bit_hyperrule
-from big_transfer import validate
+from big_transfer import errors, metrics, validate, zoo
 from bit_pytorch import data as torch_data
 from bit_pytorch import engine
 from bit_pytorch import models
@@ -69,7 +68,7 @@ def main(args):
   sums = engine.evaluate(net, loader, device, channels_last,
                         engine.autocast_for(device, args.precision),
                         torch.nn.functional.cross_entropy)
-  return validate.report(harness.summarize(sums), args)
+  return validate.report(metrics.summarize(sums), args)
 
 
 def cli(argv=None):

@@ -120,15 +120,11 @@ def make_steps(strategy, student, teacher, adam, recipe, batch_split):
                         training=False), tf.float32)
     te = tf.cast(teacher(images, training=False), tf.float32)
     labels = tf.cast(labels, tf.int64)
-    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, s)
-    k = min(5, s.shape[-1])
-    top = tf.math.top_k(s, k).indices == tf.cast(labels, tf.int32)[:, None]
     m = tf.cast(mask, tf.float32)
     f = lambda b: tf.reduce_sum(tf.cast(b, tf.float32) * m)
-    return tf.stack([
-        f(loss), f(top[:, 0]), f(tf.reduce_any(top, 1)), tf.reduce_sum(m),
+    return tf.concat([engine.eval_sums(s, labels, mask), tf.stack([
         f(tf.argmax(s, 1) == tf.argmax(te, 1)), f(tf.argmax(te, 1) == labels),
-        f(kl_per_example(s, te, t))])
+        f(kl_per_example(s, te, t))])], 0)
 
   @tf.function
   def eval_step(dist_batch):

@@ -1,7 +1,7 @@
-"""What every TF2 program on the run harness (big_transfer.harness) shares: fine-tuning
-(train.py) and distillation (distill.py). The tf.distribute strategy for the
-machine, per-replica datasets, the collectives the harness asks for, and the
-checkpoint format.
+"""What every TF2 program on the run harness (big_transfer.harness) shares:
+fine-tuning (train.py) and distillation (distill.py). The tf.distribute
+strategy for the machine, per-replica datasets, the collectives the harness
+asks for, the evaluation sums, and the checkpoint format.
 """
 import atexit
 import glob
@@ -12,7 +12,7 @@ import tempfile
 
 import tensorflow as tf
 
-from big_transfer import errors, harness
+from big_transfer import errors, metrics, runfiles
 
 POLICIES = {'fp32': 'float32', 'bf16': 'mixed_bfloat16',
             'fp16': 'mixed_float16'}
@@ -20,6 +20,24 @@ POLICIES = {'fp32': 'float32', 'bf16': 'mixed_bfloat16',
 
 # --------------------------------------------------------------------------
 # Devices and processes.
+
+
+def eval_sums(logits, labels, mask):
+  """[summed cross-entropy, top-1 hits, top-5 hits, examples] over the rows
+  of a batch where `mask` holds, by big_transfer.metrics's rule (ties
+  broken by class index)."""
+  logits = tf.cast(logits, tf.float32)
+  labels = tf.cast(labels, tf.int32)
+  mine = tf.gather(logits, labels, batch_dims=1)[:, None]
+  lower = tf.range(tf.shape(logits)[1])[None] < labels[:, None]
+  rank = tf.reduce_sum(tf.cast((logits > mine) | ((logits == mine) & lower),
+                               tf.int32), 1)
+  m = tf.cast(mask, tf.float32)
+  loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+  return tf.stack([tf.reduce_sum(loss * m),
+                   *(tf.reduce_sum(tf.cast(rank < k, tf.float32) * m)
+                     for k in metrics.TOP_K),
+                   tf.reduce_sum(m)])
 
 def deterministic():
   """Asks TensorFlow for the same result from the same command: op
@@ -207,6 +225,6 @@ class Checkpoints:
                for v in self.checkpoint.model.trainable_variables):
       raise FloatingPointError('weights are not finite')
     if not os.path.exists(self.run_file):
-      harness.write_json(self.run_file, self.settings)
+      runfiles.write_json(self.run_file, self.settings)
     self.checkpoint.step.assign(step)
     self.manager.save(checkpoint_number=step)

@@ -37,8 +37,8 @@ import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import engine
 from bit_tf2 import models
 from bit_tf2.engine import (POLICIES, Checkpoints, accumulate, any_process,
-                            chief_first, device_kind, distribute, is_chief,
-                            make_strategy, uses_xla)
+                            chief_first, device_kind, distribute, eval_sums,
+                            is_chief, make_strategy, uses_xla)
 
 SAVED_MODEL = 'saved_model'
 
@@ -132,17 +132,7 @@ def make_steps(strategy, model, optimizer, lr, batch, batch_split,
 
   @tf.function(jit_compile=xla[1])
   def replica_eval(images, labels, mask):
-    logits = tf.cast(model(images, training=False), tf.float32)
-    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
-    k = min(5, logits.shape[-1])
-    top = tf.math.top_k(logits, k).indices == tf.cast(labels, tf.int32)[:,
-                                                                         None]
-    m = tf.cast(mask, tf.float32)
-    return tf.stack([
-        tf.reduce_sum(loss * m),
-        tf.reduce_sum(tf.cast(top[:, 0], tf.float32) * m),
-        tf.reduce_sum(tf.cast(tf.reduce_any(top, 1), tf.float32) * m),
-        tf.reduce_sum(m)])
+    return eval_sums(model(images, training=False), labels, mask)
 
   @tf.function
   def eval_step(dist_batch):

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 import bit_common
-from big_transfer import errors, fewshot, harness, runfiles, zoo
+from big_transfer import errors, fewshot, runfiles, zoo
 
 MODEL = 'BiT-R14x0.5-FashionMNIST'
 DATASET = 'digits'
@@ -241,7 +241,7 @@ def main(args):
   plot(results, shots_list, png, title)
   minutes = (time.time() - t0) / 60
   linear_text = linear and linear_table(linear, args.model)
-  harness.write_json(os.path.join(args.logdir, 'demo.json'), dict(
+  runfiles.write_json(os.path.join(args.logdir, 'demo.json'), dict(
       vars(args), results=results, table=text, minutes=minutes,
       linear=linear, linear_table=linear_text))
   print(f'\nTop-1 on {DATASET} validation (797 images), %: median (min-max) '

@@ -487,8 +487,7 @@ def test_validate_agrees_across_backends(tmp_path, capsys):
 
 
 def test_validate_metrics_against_numpy():
-  from big_transfer.harness import summarize  # pylint: disable=import-outside-toplevel
-  from big_transfer.validate import batch_sums  # pylint: disable=import-outside-toplevel
+  from big_transfer.metrics import batch_sums, summarize  # pylint: disable=import-outside-toplevel
   logits = np.array([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
                      [5.0, 4.0, 3.0, 2.0, 1.0, 0.0],
                      [0.0, 0.0, 9.0, 0.0, 0.0, 0.0]])

@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 
 import numpy as np
 
@@ -192,6 +193,34 @@ def check_same_run(saved, run, where):
 
 
 # --------------------------------------------------------------------------
+# The checkpoint protocol: what the harness asks of a trainer's checkpoint
+# format (bit_pytorch.engine.Checkpoint, bit_tf2.engine.Checkpoints,
+# bit_jax.engine.Checkpoints). A checkpoint is named by the format.
+
+class Checkpoints(typing.Protocol):
+  """A trainer's checkpoints of one run, as `Run.resume` and `Run.fit` use
+  them."""
+
+  def newest_first(self) -> list:
+    """The names of the run's checkpoints, the newest first."""
+
+  def read(self, name) -> tuple:
+    """Reads checkpoint `name` (raising when it cannot be read) and returns
+    (its step, the settings saved with it)."""
+
+  def load(self) -> None:
+    """Puts the state read last into the run (weights, optimiser, ...)."""
+
+  def set_aside(self, name) -> None:
+    """Moves an unreadable checkpoint out of the way, keeping it."""
+
+  def save(self, step) -> None:
+    """Writes the run's state at `step`, whole or not at all; raises
+    FloatingPointError, writing nothing, when the weights are not
+    finite."""
+
+
+# --------------------------------------------------------------------------
 # The run.
 
 class Run:
@@ -220,11 +249,7 @@ class Run:
     is set aside with a warning, and the one before it is tried; one of a
     run with other settings is refused (BadInput).
 
-    `checkpoints` is the trainer's format: `newest_first()` names its
-    checkpoints, `read(name)` reads one (raising when it cannot) and returns
-    (step, settings), `load()` puts the state read into the run,
-    `set_aside(name)`, and `save(step)` for `fit` (atomic; it raises
-    FloatingPointError, writing nothing, when the weights are not finite).
+    `checkpoints`: the trainer's format (a `Checkpoints`).
     """
     if not self.args.save:
       return 0

@@ -11,7 +11,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from big_transfer import errors, metrics
+from big_transfer import errors, harness, metrics
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
 
@@ -141,8 +141,8 @@ def accumulate(grad_fn, params, images, labels, batch_split, mesh):
 # complete. The data order, crops, flips and mixup follow from (--seed,
 # step), so the step is the data state.
 
-class Checkpoints:
-  """the harness's checkpoint format for JAX; `state` is the run's state (the
+class Checkpoints(harness.Checkpoints):
+  """The checkpoint format (harness.Checkpoints) of JAX; `state` is the run's state (the
   trainer updates it at every step; `load` puts a checkpoint's there)."""
 
   def __init__(self, path, settings, state):

@@ -12,7 +12,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-from big_transfer import errors, metrics
+from big_transfer import errors, harness, metrics
 from bit_pytorch import data as torch_data
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -243,8 +243,8 @@ def same_everywhere(step):
 # (bit.prev.pth.tar). The data order, crops, flips and mixup follow from
 # (--seed, step), so the step is the data-order state.
 
-class Checkpoint:
-  """the harness's checkpoint format for PyTorch: `objects` (name -> object
+class Checkpoint(harness.Checkpoints):
+  """The checkpoint format (harness.Checkpoints) of PyTorch: `objects` (name -> object
   with state_dict/load_state_dict) saved by the lead process."""
 
   def __init__(self, path, settings, lead, **objects):

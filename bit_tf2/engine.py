@@ -12,7 +12,7 @@ import tempfile
 
 import tensorflow as tf
 
-from big_transfer import errors, metrics, runfiles
+from big_transfer import errors, harness, metrics, runfiles
 
 POLICIES = {'fp32': 'float32', 'bf16': 'mixed_bfloat16',
             'fp16': 'mixed_float16'}
@@ -181,8 +181,8 @@ def any_process(strategy):
 RUN = 'run.json'
 
 
-class Checkpoints:
-  """the harness's checkpoint format for TF2. Every worker saves (TF's
+class Checkpoints(harness.Checkpoints):
+  """The checkpoint format (harness.Checkpoints) of TF2. Every worker saves (TF's
   collectives need all of them); only the chief's copy is kept."""
 
   def __init__(self, directory, settings, chief, checkpoint):

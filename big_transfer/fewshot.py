@@ -47,8 +47,8 @@ DEFAULT_L2 = '1024'
 # fraction of the features' mean standard deviation. big_vision adds 1e-5;
 # with few examples, a feature that is almost constant over them is then
 # scaled up to the weight of the informative ones, and the accuracy hangs
-# on rounding (1-shot digits: 4.6 points between two backends whose images
-# differ by less than one grey level; with this floor, 0.1).
+# on rounding between backends whose images differ by less than one grey
+# level (docs/fewshot.md gives the figures).
 STD_FLOOR = 0.1
 
 

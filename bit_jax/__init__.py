@@ -5,9 +5,9 @@ faster to XLA_FLAGS, unless the environment already sets them; XLA reads the
 variable when it first starts a backend, so they apply in every process that
 imports bit_jax before it runs any JAX computation. Today there is one: the
 YNNPACK library takes only dot products, where by default it also takes
-element-wise and reduction fusions, which XLA's own code runs faster here
-(R50x1, 128 px, batch 16, fp32 on a 2-core AVX-512 EPYC: training step +15%,
-evaluation +30%; README "Measured speed"). The options touch only the CPU backend.
+element-wise and reduction fusions, which XLA's own code runs faster
+(docs/performance.md has the figures). The options touch only the CPU
+backend.
 """
 import os
 

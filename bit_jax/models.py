@@ -65,8 +65,7 @@ class GroupNorm(nn.Module):
 def column_sums(x):
   """Sums over the first axis of a 2-D array. On CPUs as a product with a
   row of ones: XLA's CPU code sums over a leading axis slowly, its matrix
-  library does not (with `_affine`, R50x1 trains 20% faster; README
-  "Measured speed")."""
+  library does not (docs/performance.md measures it, with `_affine`)."""
   if jax.default_backend() != 'cpu':
     return x.sum(0)
   ones = jnp.ones((1, x.shape[0]), x.dtype)

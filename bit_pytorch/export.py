@@ -19,8 +19,8 @@ The weight standardisation is folded into the kernels (it is constant at
 inference). Checked with onnxruntime at two batch sizes and image shapes.
 
 timm standardises kernels with eps 1e-8 and BiT with 1e-10: timm's logits
-differ from this package's by float32 rounding plus that (measured in the
-README); the check allows --tolerance of the logits' scale.
+differ from this package's by float32 rounding plus that
+(docs/exports.md); the check allows --tolerance of the logits' scale.
 """
 import contextlib
 import copy

@@ -107,9 +107,8 @@ def chief_first(strategy, fn, *args):
 def uses_xla(strategy):
   """(train, evaluate): whether XLA compiles the training step and the
   evaluation step. Both on accelerators. On CPUs TF's own kernels train
-  faster and XLA evaluates faster (R50x1, 128 px, fp32: 14.1 vs 11.7 and
-  37 vs 45 img/s; README "Measured speed"), but XLA cannot run on several
-  logical CPU devices of one process."""
+  faster and XLA evaluates faster (docs/performance.md), but XLA cannot run
+  on several logical CPU devices of one process."""
   accelerated = (isinstance(strategy, tf.distribute.TPUStrategy) or
                  bool(tf.config.list_logical_devices('GPU')))
   return accelerated, accelerated or len(strategy.extended.worker_devices) == 1

@@ -26,7 +26,8 @@ API (framework-neutral; the pipelines of the three backends build on it):
   decode(encoded) -> uint8 [h, w, 3]   (grey images repeated on 3 channels)
   (The VTAB-1k tasks, their splits and labels are big_transfer.vtab's.)
 
-  python -m big_transfer.tfds_reader DATASET... [--datadir D] [--tfds_manual_dir M]
+  python -m big_transfer.tfds_reader DATASET... [--datadir D]
+      [--tfds_manual_dir M]
       prepares datasets ahead of a run (`vtab` stands for the 19 tasks).
 
 Prepared files in array_record format are read through TFDS's random-access
@@ -465,8 +466,8 @@ def _finish(data, builder):
       raise BadInput(
           f'{data.tfds_name} in {builder.data_dir} is prepared as tfrecord, '
           'which only TensorFlow reads; install tensorflow, or prepare it '
-          'again as array_record into another --datadir (python -m big_transfer.tfds_reader '
-          f'{data.name} --datadir NEW_DIR).') from e
+          'again as array_record into another --datadir (python -m '
+          f'big_transfer.tfds_reader {data.name} --datadir NEW_DIR).') from e
   shape = info.features[data.image_key].shape
   if shape[0] and shape[1]:
     data.original_hw = (int(shape[0]), int(shape[1]))
@@ -495,8 +496,8 @@ class _Convert:
 
 
 def main(argv=None):
-  """python -m big_transfer.tfds_reader DATASET... [--datadir D] [--tfds_manual_dir M]:
-  prepares each dataset (as array_record, which every backend reads) and
+  """python -m big_transfer.tfds_reader DATASET... [--datadir D]
+  [--tfds_manual_dir M]: prepares each dataset (as array_record, which every backend reads) and
   prints what the backends will see; `vtab` stands for the 19 tasks."""
   import argparse  # pylint: disable=import-outside-toplevel
   import json  # pylint: disable=import-outside-toplevel

@@ -1,5 +1,5 @@
-"""Knowledge distillation in JAX/Flax (see big_transfer.distill for the method, the
-recipe and the flags):
+"""Knowledge distillation in JAX/Flax (see big_transfer.distill for the
+method, the recipe and the flags):
 
   python -m bit_jax.distill --recipe distill_digits_small \\
       --name student --logdir runs --teacher runs/teacher
@@ -36,8 +36,8 @@ def kl_loss(student_logits, teacher_logits, temperature=1.0):
 
 
 def optimizer(recipe):
-  """Clipping and Adam's moments (big_transfer.distill's optimiser); the step scales
-  and applies the result (`apply`)."""
+  """Clipping and Adam's moments (big_transfer.distill's optimiser); the
+  step scales and applies the result (`apply`)."""
   clip = (optax.clip_by_global_norm(recipe.grad_clip_norm)
           if recipe.grad_clip_norm else optax.identity())
   return optax.chain(clip, optax.scale_by_adam(

@@ -1,6 +1,7 @@
-"""What every JAX program on the run harness (big_transfer.harness) shares: fine-tuning
-(train.py) and distillation (distill.py). Joining the processes of a job,
-the collectives the harness asks for, and the checkpoint format (orbax).
+"""What every JAX program on the run harness (big_transfer.harness) shares:
+fine-tuning (train.py) and distillation (distill.py). Joining the processes
+of a job, the collectives the harness asks for, the evaluation sums, and the
+checkpoint format (orbax).
 """
 import os
 
@@ -142,8 +143,9 @@ def accumulate(grad_fn, params, images, labels, batch_split, mesh):
 # step), so the step is the data state.
 
 class Checkpoints(harness.Checkpoints):
-  """The checkpoint format (harness.Checkpoints) of JAX; `state` is the run's state (the
-  trainer updates it at every step; `load` puts a checkpoint's there)."""
+  """The checkpoint format (harness.Checkpoints) of JAX; `state` is the
+  run's state (the trainer updates it at every step; `load` puts a
+  checkpoint's there)."""
 
   def __init__(self, path, settings, state):
     self.settings, self.state = settings, state

@@ -1,5 +1,5 @@
-"""Knowledge distillation in PyTorch (see big_transfer.distill for the method, the
-recipe and the flags):
+"""Knowledge distillation in PyTorch (see big_transfer.distill for the
+method, the recipe and the flags):
 
   python -m bit_pytorch.distill --recipe distill_digits_small \\
       --name student --logdir runs --teacher runs/teacher
@@ -38,8 +38,8 @@ def kl_loss(student_logits, teacher_logits, temperature=1.0):
 
 
 class Adam(torch.optim.Optimizer):
-  """The optimiser of big_transfer.distill (big_vision's chain): the gradient clipped
-  to global norm `clip`, Adam's bias-corrected moments, and
+  """The optimiser of big_transfer.distill (big_vision's chain): the
+  gradient clipped to global norm `clip`, Adam's bias-corrected moments, and
   w <- w - f * (lr * m_hat / (sqrt(v_hat) + eps) + wd * w), the
   learning rate lr * f and the factor f set per step (`set_step`); `wd`
   per parameter group (kernels only)."""

@@ -244,8 +244,9 @@ def same_everywhere(step):
 # (--seed, step), so the step is the data-order state.
 
 class Checkpoint(harness.Checkpoints):
-  """The checkpoint format (harness.Checkpoints) of PyTorch: `objects` (name -> object
-  with state_dict/load_state_dict) saved by the lead process."""
+  """The checkpoint format (harness.Checkpoints) of PyTorch: `objects`
+  (name -> object with state_dict/load_state_dict) saved by the lead
+  process."""
 
   def __init__(self, path, settings, lead, **objects):
     self.path, self.settings, self.lead = path, settings, lead

@@ -1,5 +1,5 @@
-"""Knowledge distillation in TensorFlow 2 / Keras 3 (see big_transfer.distill for the
-method, the recipe and the flags):
+"""Knowledge distillation in TensorFlow 2 / Keras 3 (see big_transfer.distill
+for the method, the recipe and the flags):
 
   python -m bit_tf2.distill --recipe distill_digits_small \\
       --name student --logdir runs --teacher runs/teacher
@@ -36,8 +36,8 @@ def kl_per_example(student_logits, teacher_logits, temperature=1.0):
 
 
 class Adam(tf.Module):
-  """big_transfer.distill's optimiser: the summed gradient clipped to global norm,
-  Adam's bias-corrected moments, w <- w - f * (lr * m_hat / (sqrt(v_hat)
+  """big_transfer.distill's optimiser: the summed gradient clipped to global
+  norm, Adam's bias-corrected moments, w <- w - f * (lr * m_hat / (sqrt(v_hat)
   + eps) + wd * w) with wd on kernels only. Create and apply under the
   strategy's scope (applied in cross-replica context)."""
 

@@ -181,8 +181,8 @@ RUN = 'run.json'
 
 
 class Checkpoints(harness.Checkpoints):
-  """The checkpoint format (harness.Checkpoints) of TF2. Every worker saves (TF's
-  collectives need all of them); only the chief's copy is kept."""
+  """The checkpoint format (harness.Checkpoints) of TF2. Every worker saves
+  (TF's collectives need all of them); only the chief's copy is kept."""
 
   def __init__(self, directory, settings, chief, checkpoint):
     self.settings, self.checkpoint = settings, checkpoint

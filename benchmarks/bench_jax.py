@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from timing import images_per_sec
+from benchmarks.timing import images_per_sec
 
 
 def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,

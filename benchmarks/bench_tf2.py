@@ -5,7 +5,7 @@ pipeline is not timed)."""
 import numpy as np
 import tensorflow as tf
 
-from timing import RssPeak, images_per_sec
+from benchmarks.timing import RssPeak, images_per_sec
 
 
 def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,

@@ -1,11 +1,11 @@
 """The peer: timm's resnetv2_50x1_bit (with the chosen architecture's units
-and width), trained and evaluated the way bench_pytorch runs ours (SGD step
+and width), trained and evaluated the way bench_pytorch runs ours (torch_timing) (SGD step
 on cross-entropy; forward without gradients), in timm's default memory
 format unless `channels_last` (as timm's training script runs on GPUs with
 --channels-last)."""
 import functools
 
-import bench_pytorch
+from benchmarks import torch_timing
 
 
 def create(arch):
@@ -24,6 +24,6 @@ def create(arch):
 
 def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
             evaluate=True, channels_last=False):
-  return bench_pytorch.time_model(create(arch), resolution, batch, precision,
-                                  steps, warmup, channels_last=channels_last,
-                                  batch_split=batch_split, evaluate=evaluate)
+  return torch_timing.time_model(create(arch), resolution, batch, precision,
+                                 steps, warmup, channels_last=channels_last,
+                                 batch_split=batch_split, evaluate=evaluate)

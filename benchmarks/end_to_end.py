@@ -1,7 +1,7 @@
 """End-to-end training throughput of each backend's real trainer, next to
-the pure training step of the same settings (issue 15).
+the pure training step of the same settings.
 
-  python benchmarks/end_to_end.py --arch R50x1 --resolution 128 --batch 16 \\
+  python -m benchmarks.end_to_end --arch R50x1 --resolution 128 --batch 16 \\
       --frameworks pytorch,jax,tf2 --precisions fp32 --steps 30 --json out.json
 
 For every framework and precision this runs `python -m bit_<framework>.train`
@@ -9,7 +9,7 @@ as a user would, on a generated image folder (JPEG files larger than the
 crop, so the HyperRule resizes and crops them), from a generated BiT
 checkpoint of the architecture (no network), with mixup on (alpha 0.1),
 checkpoints every --save_every steps and an evaluation at the end; then it
-times the training step alone (benchmarks/throughput.py, random data, in
+times the training step alone (benchmarks.measure, random data, in
 its own process) and prints both rates and their ratio, end to end / step.
 
 What the end-to-end rate counts. The trainers' harness (harness.Run.fit)
@@ -46,12 +46,8 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path[:0] = [HERE, REPO]
-from big_transfer import hardware  # noqa: E402  pylint: disable=wrong-import-position
-from big_transfer import zoo  # noqa: E402  pylint: disable=wrong-import-position
-import throughput  # noqa: E402  pylint: disable=wrong-import-position
+from benchmarks.measure import REPO, chosen, measure_in_subprocess
+from big_transfer import hardware, zoo
 
 FRAMEWORKS = ('pytorch', 'jax', 'tf2')
 MIXUP_ALPHA = 0.1   # the HyperRule's alpha for large datasets
@@ -169,8 +165,6 @@ def measure_end_to_end(framework, arch, resolution, batch, precision, steps,
   command += ['--eval_every', str(eval_every)] if eval_every else []
   command += ['--workers', str(workers)] if workers is not None else []
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', **(env or {}))
-  env['PYTHONPATH'] = os.pathsep.join(
-      [REPO] + [p for p in [env.get('PYTHONPATH')] if p])
   run_dir = os.path.join(logdir, name)
   t0 = time.perf_counter()
   try:
@@ -314,13 +308,13 @@ def measure(framework, arch, resolution, batch, precision, steps, folder,
             **options):
   """measure_end_to_end(...) (its keys, or 'e2e_error') with the pure
   step's rate of the same framework, architecture, crop, batch and
-  precision (`step_img_s`: throughput.measure_in_subprocess, `step_steps`
+  precision (`step_img_s`: measure.measure_in_subprocess, `step_steps`
   timed after `step_warmup`; or 'step_error') and `ratio` = e2e_img_s /
   step_img_s. `options` go to measure_end_to_end."""
   e2e = measure_end_to_end(framework, arch, resolution, batch, precision,
                            steps, folder, workdir, timeout=timeout, env=env,
                            **options)
-  step = throughput.measure_in_subprocess(
+  step = measure_in_subprocess(
       framework, arch, resolution, batch, precision, step_steps, step_warmup,
       timeout=timeout, env=env, evaluate=False)
   out = {k: v for k, v in e2e.items() if k != 'error'}
@@ -399,7 +393,7 @@ def main(argv=None):
                       '(default: a temporary folder, removed at the end)')
   parser.add_argument('--json', default=None, help='also write results here')
   args = parser.parse_args(argv)
-  frameworks = throughput.chosen(parser, args.frameworks, FRAMEWORKS)
+  frameworks = chosen(parser, args.frameworks, FRAMEWORKS)
   size = (tuple(int(v) for v in args.image_size.lower().split('x'))
           if args.image_size else image_size(args.resolution))
   if min(size) <= args.resolution:

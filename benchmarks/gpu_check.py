@@ -38,13 +38,9 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path[:0] = [HERE, REPO]
-
-from big_transfer import hardware  # noqa: E402
-import end_to_end  # noqa: E402
-import throughput  # noqa: E402
+from benchmarks import end_to_end
+from benchmarks.measure import REPO, measure_in_subprocess
+from big_transfer import hardware
 
 BACKENDS = ('pytorch', 'jax', 'tf2')
 # What each contender needs importable: for its throughput, and for its
@@ -157,7 +153,7 @@ def main(argv=None):
           'skipped': 'not installed: ' + ', '.join(missing[framework])}
     else:
       print(f'measuring {name} ...', flush=True)
-      results[name] = throughput.measure_in_subprocess(
+      results[name] = measure_in_subprocess(
           framework, size['arch'], size['resolution'], size['batch'], 'bf16',
           size['steps'], size['warmup'], timeout=left(size['measure_s']),
           env=env, **options)
@@ -175,7 +171,7 @@ def main(argv=None):
     memory[b] = {'1': results[b]['train_mem_bytes']}
     for split in size['splits']:
       print(f'memory of {b} at --batch_split {split} ...', flush=True)
-      res = throughput.measure_in_subprocess(
+      res = measure_in_subprocess(
           b, size['arch'], size['resolution'], size['batch'], 'bf16', 1, 1,
           timeout=left(size['measure_s']), env=env, batch_split=split,
           evaluate=False)
@@ -278,17 +274,16 @@ def _flops(arch, resolution):
   if _missing(('torch',)):
     return {'skipped': 'torch not installed'}
   code = (
-      'import sys, torch; sys.path.insert(0, {repo!r}); '
+      'import torch; '
       'from torch.utils.flop_counter import FlopCounterMode; '
       'from bit_pytorch import models; '
       'net = models.create({arch!r}, head_size=1000).eval(); '
       'counter = FlopCounterMode(display=False); '
       'x = torch.zeros(1, 3, {res}, {res})\n'
       'with torch.no_grad(), counter: net(x)\n'
-      'print(counter.get_total_flops())').format(repo=REPO, arch=arch,
-                                                 res=resolution)
+      'print(counter.get_total_flops())').format(arch=arch, res=resolution)
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                        text=True, check=False, timeout=120,
+                        text=True, check=False, timeout=120, cwd=REPO,
                         env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))
   if proc.returncode:
     return {'error': (proc.stderr.strip().splitlines() or ['?'])[-1]}

@@ -19,4 +19,4 @@ if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=$(command -v python3 || command -v python)
   fi
 fi
-exec "$PYTHON" benchmarks/gpu_check.py "$@"
+exec "$PYTHON" -m benchmarks.gpu_check "$@"

@@ -1,6 +1,6 @@
 """Training-step and evaluation throughput of each backend, against timm.
 
-  python benchmarks/throughput.py --arch R50x1 --resolution 128 --batch 32 \\
+  python -m benchmarks.throughput --arch R50x1 --resolution 128 --batch 32 \\
       --frameworks pytorch --precisions fp32,bf16 --repeat 3
 
 Every measurement runs in its own subprocess (one framework per process, so
@@ -27,66 +27,17 @@ run's training images/s next to its pure step's (benchmarks/end_to_end.py).
 
 A framework is a module `benchmarks/bench_<name>.py` with
 `measure(arch, resolution, batch, precision, steps, warmup) -> dict` holding
-at least `train_img_s` and `eval_img_s`; register it in FRAMEWORKS.
+at least `train_img_s` and `eval_img_s`; register it in
+benchmarks.measure.FRAMEWORKS.
 """
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from big_transfer import hardware  # noqa: E402  pylint: disable=wrong-import-position
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-# Framework name -> module in this folder.
-FRAMEWORKS = {
-    'timm': 'bench_timm',
-    'pytorch': 'bench_pytorch',
-    'jax': 'bench_jax',
-    'tf2': 'bench_tf2',
-}
-PEER = 'timm'
-KEYS = ('train_img_s', 'eval_img_s')
-
-
-def chosen(parser, text, known):
-  """The comma-separated names of `text`; a parser error names any not in
-  `known`."""
-  names = [f for f in text.split(',') if f]
-  unknown = set(names) - set(known)
-  if unknown:
-    parser.error(f'unknown framework(s) {sorted(unknown)}; known: '
-                 f'{", ".join(known)}')
-  return names
-
-
-def measure_in_subprocess(framework, arch, resolution, batch, precision,
-                          steps, warmup, timeout=None, env=None, **options):
-  """Runs bench_<framework>.measure(...) in a fresh Python (environment
-  `env` added to this one's, at most `timeout` seconds); returns its dict,
-  or {'error': the last line of its output}."""
-  code = ('import json, sys; sys.path[:0] = [{here!r}, {repo!r}]; '
-          'import {module} as m; print("RESULT " + json.dumps(m.measure('
-          '{arch!r}, {res}, {batch}, {precision!r}, {steps}, {warmup}, '
-          '**{options!r})))'
-          ).format(here=HERE, repo=os.path.dirname(HERE),
-                   module=FRAMEWORKS[framework], arch=arch, res=resolution,
-                   batch=batch, precision=precision, steps=steps,
-                   warmup=warmup, options=options)
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', **(env or {}))
-  try:
-    proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                          text=True, env=env, check=False, timeout=timeout)
-  except subprocess.TimeoutExpired:
-    return {'error': f'did not finish in {timeout:.0f} s'}
-  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-  if proc.returncode or not lines:
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['?']
-    return {'error': tail[0]}
-  return json.loads(lines[-1][len('RESULT '):])
-
+from benchmarks import end_to_end
+from benchmarks.measure import (FRAMEWORKS, KEYS, PEER, chosen,
+                                measure_in_subprocess)
+from big_transfer import hardware
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -184,7 +135,6 @@ def _end_to_end(args, frameworks):
   ours = [f for f in frameworks if f != PEER]
   if not args.end_to_end or not ours:
     return []
-  import end_to_end  # pylint: disable=import-outside-toplevel
   print(f'end to end, {args.end_to_end} steps of each trainer:', flush=True)
   return end_to_end.main([
       '--arch', args.arch, '--resolution', str(args.resolution),

@@ -1,4 +1,4 @@
-"""benchmarks/end_to_end.py: the end-to-end benchmark runs each backend's
+"""benchmarks.end_to_end: the end-to-end benchmark runs each backend's
 real trainer on a generated JPEG folder larger than the crop, with mixup
 and periodic checkpoints, and reports its rate next to the pure step's.
 
@@ -10,16 +10,12 @@ run and recorded.
 """
 import json
 import os
-import sys
 from unittest import mock
 
 import pytest
 from PIL import Image
 
-from conftest import REPO
-
-sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
-import end_to_end  # noqa: E402  pylint: disable=wrong-import-position
+from benchmarks import end_to_end
 
 BACKENDS = ('pytorch',)
 STEPS, SAVE_EVERY, SKIP, CROP = 12, 4, 4, 32

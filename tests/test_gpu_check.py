@@ -8,10 +8,8 @@ import sys
 
 import pytest
 
+from benchmarks import gpu_check
 from conftest import REPO
-
-sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
-import gpu_check  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def test_cpu_mode_writes_every_figure(tmp_path):

@@ -1,6 +1,10 @@
-"""The tf.data input pipeline shared by `bit_tf2` and `bit_jax`.
+"""The tf.data input pipeline of `bit_tf2`, under the original repository's
+module name (with its `get_data` and `get_dataset_info`, which return tf.data
+datasets for TF2 and JAX code alike). The JAX backend itself reads through
+big_transfer.loader, which needs no TensorFlow; both follow the one data
+stream, so their batches hold the same examples, crops, flips and mixup.
 
-API (stable; both backends rely on it):
+API:
 
   data = load(args)
       Resolves `--dataset` (TFDS names, `imagefolder`, the offline arrays of
@@ -400,9 +404,10 @@ def _streamed(src, stream, rows, start_step, plan, plan_types):
 
   def epoch(e):
     # The order must not depend on TF's global seed, which bit_tf2 sets from
-    # --seed and JAX leaves unset (and with which, when it is 0, TF cannot
-    # take a tensor as the shuffle's seed): no graph-level seed in this
-    # traced function, so the shuffle's seeds are TF's default and `seed`.
+    # --seed and get_data leaves unset (and with which, when it is 0, TF
+    # cannot take a tensor as the shuffle's seed): no graph-level seed in
+    # this traced function, so the shuffle's seeds are TF's default and
+    # `seed`.
     tf.compat.v1.get_default_graph().seed = None
     return src.records.shuffle(SHUFFLE_BUFFER,
                                seed=stream.seed * 1_000_003 + e,

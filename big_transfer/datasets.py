@@ -1,9 +1,11 @@
-"""Data that is not framework-specific: the few-shot sampler, image folders
-(read the same way by every backend), image-file checks, and the datasets
-that ship offline as arrays.
+"""The datasets --dataset names, read the same way by every backend: their
+names, image folders, image-file checks, the datasets that ship offline as
+arrays, TFDS and VTAB-1k datasets (through tfds_reader), and each as Data:
+two Sources (labels, and image i as a PIL image). Also the few-shot sampler.
 """
 import argparse
 import dataclasses
+import io
 import os
 
 import numpy as np
@@ -259,3 +261,130 @@ ARRAY_DATASETS = {'digits': load_digits, 'fashion_mnist': load_fashion_mnist}
 
 def load_array_dataset(name):
   return ARRAY_DATASETS[name]()
+
+
+# --------------------------------------------------------------------------
+# A dataset as every framework-neutral reader sees it: two Sources.
+
+@dataclasses.dataclass
+class Source:
+  """The examples of one split: int64 `labels` and `load(i)`, image i as a
+  PIL RGB image, from image files (`paths`), uint8 arrays (`images`,
+  (N, H, W, 3)) or a big_transfer.tfds_reader Split (`split`). Pickles for
+  data-loader workers."""
+  labels: np.ndarray = None
+  paths: list = None
+  images: np.ndarray = None
+  split: object = None
+
+  def __post_init__(self):
+    if self.split is not None and self.labels is None:
+      self.labels = self.split.labels
+
+  def __len__(self):
+    return len(self.labels)
+
+  def load(self, i):
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    if self.images is not None:
+      return Image.fromarray(self.images[i])
+    if self.split is not None:
+      with Image.open(io.BytesIO(self.split[i][0])) as im:
+        return im.convert('RGB')
+    try:
+      with Image.open(self.paths[i]) as im:
+        return im.convert('RGB')
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+      raise BadImage.of(self.paths[i], e) from e
+
+  def subset(self, indices):
+    return Source(self.labels[indices],
+                  None if self.paths is None else
+                  [self.paths[i] for i in indices],
+                  None if self.images is None else self.images[indices],
+                  None if self.split is None else self.split.subset(indices))
+
+
+@dataclasses.dataclass
+class Data:
+  """A dataset: class names, training and evaluation Sources, the typical
+  (height, width) of its images (for the HyperRule), the evaluation split's
+  name, and the training split's size before any few-shot draw."""
+  name: str
+  classes: list
+  train: Source
+  val: Source
+  original_hw: tuple
+  eval_split: str = 'val'
+  full_train_size: int = None
+
+  def __post_init__(self):
+    if self.full_train_size is None:
+      self.full_train_size = len(self.train)
+
+  @property
+  def num_classes(self):
+    return len(self.classes)
+
+  def describe(self):
+    """What config.json records of the data."""
+    return {'dataset': self.name, 'train_size': len(self.train),
+            'full_train_size': self.full_train_size,
+            'eval_size': len(self.val), 'eval_split': self.eval_split,
+            'num_classes': self.num_classes,
+            'original_hw': list(self.original_hw)}
+
+
+def load(args, logger=None, check_train=True, named=None):
+  """The dataset of --dataset (Data), checked (BadInput on bad data):
+  image folders (their files checked first; `check_train=False` checks
+  only the evaluation files), the offline arrays, tfds:NAME and vtab:TASK.
+  `named(args)` gives the Data of a named dataset (cifar10, ...), where a
+  backend has its own downloader; without it they are read as tfds:NAME."""
+  if args.dataset in ARRAY_DATASETS:
+    d = load_array_dataset(args.dataset)
+    return Data(args.dataset, list(d.classes),
+                Source(d.train_labels, images=d.train_images),
+                Source(d.val_labels, images=d.val_images),
+                tuple(d.train_images.shape[1:3]))
+  if args.dataset == 'imagefolder' or (args.dataset == 'imagenet2012' and
+                                       named is not None):
+    classes, train, val = scan_imagefolder(args.datadir)
+    if check_train:
+      train = _readable(train, args, logger)
+    val = _readable(val, args, logger)
+    import bit_hyperrule  # pylint: disable=import-outside-toplevel
+    return Data(args.dataset, classes, Source(train.labels, train.paths),
+                Source(val.labels, val.paths),
+                bit_hyperrule.typical_size(image_sizes(train.paths)),
+                os.path.basename(os.path.dirname(os.path.dirname(
+                    val.paths[0]))))
+  if args.dataset in NAMED_DATASETS and named is not None:
+    return named(args)
+  dataset = (args.dataset if tfds_reader.is_tfds(args.dataset) else
+             tfds_reader.TFDS_PREFIX + args.dataset)
+  d = tfds_reader.resolve(dataset, args.datadir,
+                          getattr(args, 'tfds_manual_dir', None),
+                          getattr(args, 'train_split', None),
+                          getattr(args, 'eval_split', None))
+  return Data(args.dataset, list(d.classes), Source(split=d.read('train')),
+              Source(split=d.read('eval')), d.original_hw, d.eval_split)
+
+
+def _readable(split, args, logger):
+  """The FileSplit without unreadable files (--skip_bad_images), or
+  BadImage."""
+  keep = readable_images(split.paths, getattr(args, 'skip_bad_images', False),
+                         logger)
+  if len(keep) == len(split.paths):
+    return split
+  return FileSplit([split.paths[i] for i in keep], split.labels[keep])
+
+
+def fewshot(source, args):
+  """The --examples_per_class subset of a Source, drawn by the shared
+  sampler (the Source itself without the flag)."""
+  if not getattr(args, 'examples_per_class', None):
+    return source
+  return source.subset(fewshot_indices(
+      source.labels, args.examples_per_class, args.examples_per_class_seed))

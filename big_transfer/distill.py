@@ -155,7 +155,7 @@ def load_recipe(args):
 
 
 def inception_scale(recipe):
-  """The Inception crop's range of area shares (the tf.data pipeline's
+  """The Inception crop's range of area shares (the loaders'
   `crop_scale`), or None when the recipe's augmentation is crop_flip."""
   if recipe.augment == 'inception_crop':
     return tuple(recipe.crop_scale)

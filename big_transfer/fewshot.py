@@ -415,11 +415,21 @@ def command(backend):
   """(argparser, main, cli) of `python -m bit_BACKEND.fewshot`, where
   `backend` is that backend's features module: its `cli(argv)` runs the
   command with one line and exit status 2 on bad input."""
+  return _command(fewshot_argparser, fewshot_main, backend)
+
+
+def features_command(backend):
+  """(argparser, main, cli) of `python -m bit_BACKEND.features`, where
+  `backend` is that features module."""
+  return _command(features_argparser, features_main, backend)
+
+
+def _command(make_parser, run, backend):
   def argparser():
-    return fewshot_argparser(FRAMEWORK_NAMES[backend.NAME])
+    return make_parser(FRAMEWORK_NAMES[backend.NAME])
 
   def main(args):
-    return fewshot_main(args, backend)
+    return run(args, backend)
 
   def cli(argv=None):
     errors.run_cli(lambda: main(argparser().parse_args(argv)))
@@ -470,30 +480,18 @@ def fewshot_main(args, backend):
 
 
 # --------------------------------------------------------------------------
-# The data of the two tf.data backends (TF2 and JAX).
+# The data of the backends that read big_transfer.datasets (PyTorch, JAX).
 
-def load_tfdata(args, logger):
-  """Splits of input_pipeline_tf2_or_jax's dataset (both its splits)."""
-  import input_pipeline_tf2_or_jax as input_pipeline
-  data = input_pipeline.load(args, logger)
-  return Splits(data.num_classes, data.original_hw,
-                {'train': data.train.n, 'eval': data.eval.n},
-                {'train': data.train.labels, 'eval': data.eval.labels}, data)
+def splits_of(data):
+  """The Splits of a datasets.Data (its `handle`)."""
+  return Splits(data.num_classes, tuple(data.original_hw),
+                {'train': len(data.train), 'eval': len(data.val)},
+                {'train': data.train.labels, 'eval': data.val.labels}, data)
 
 
-def tfdata_feature_batches(features_fn, splits, split, crop, batch):
-  """(features, labels) of `split` through input_pipeline_tf2_or_jax's
-  evaluation batches (in order, the last one padded): `features_fn` maps a
-  float32 NHWC batch of `batch` images to numpy features; padding is
-  dropped."""
-  import input_pipeline_tf2_or_jax as input_pipeline
-  data = splits.handle
-  if split == 'train':
-    data = dataclasses.replace(data, eval=data.train)
-  batches = input_pipeline.eval_batches(data, batch, crop).as_numpy_iterator()
-  for b in input_pipeline.named_errors(batches):
-    feats = np.asarray(features_fn(b['image']))
-    yield feats[b['mask']], b['label'][b['mask']]
+def source_of(splits, split):
+  """The datasets.Source of `split` ('train' or 'eval')."""
+  return splits.handle.train if split == 'train' else splits.handle.val
 
 
 def round_up(batch, devices):

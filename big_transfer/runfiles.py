@@ -34,12 +34,13 @@ CHECKPOINTS = 'checkpoints'
 
 
 @contextlib.contextmanager
-def replaced(path, mode='w'):
+def replaced(path, mode='w', keep=None):
   """A new file whose content replaces `path` when the block ends without
   an error: written to a temporary file beside it, flushed and synced to
   disk, renamed over `path`, and the folder synced, so that `path` is
   either its old content or the whole new one after a crash or a power
-  cut. On an error nothing changes and the temporary file is removed."""
+  cut. With `keep`, the old file is renamed to `keep` first. On an error
+  nothing changes and the temporary file is removed."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.',
@@ -49,6 +50,8 @@ def replaced(path, mode='w'):
       yield f
       f.flush()
       os.fsync(f.fileno())
+    if keep and os.path.exists(path):
+      os.replace(path, keep)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

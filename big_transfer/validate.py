@@ -73,26 +73,25 @@ def report(result, args):
   return result
 
 
-def main_tf_data(args, load_model, read_weights):
-  """The validate command of the two tf.data backends (TF2, JAX), given
-  the backend's `load_model(weights)` -> (head size, logits_fn) and
-  `read_weights(model, pretrained_dir)` -> {published key: array}."""
+def main_numpy(args, load_model, read_weights, read_data):
+  """The validate command of a backend whose model takes NumPy batches (TF2,
+  JAX), given its `load_model(weights)` -> (head size, logits_fn),
+  `read_weights(model, pretrained_dir)` -> {published key: array} and
+  `read_data(args, logger)` -> (class names, typical (height, width),
+  evaluation size, batches(crop)), where batches(crop) yields the
+  evaluation split once as {'image', 'label', 'mask'}."""
   import bit_hyperrule  # pylint: disable=import-outside-toplevel
-  import input_pipeline_tf2_or_jax as pipeline  # pylint: disable=import-outside-toplevel
   check(args)
   log = logger()
-  data = pipeline.load(args, log)
+  classes, original_hw, size, batches = read_data(args, log)
   head_size, logits_fn = load_model(read_weights(args.ckpt_path,
                                                  args.bit_pretrained_dir))
-  check_head(head_size, data.classes or range(data.num_classes), args)
-  crop = bit_hyperrule.resolution(data.original_hw,
-                                  crop_size=args.crop_size)[1]
-  log.info(f'evaluating {args.ckpt_path} on {data.eval_size} '
-           f'{args.dataset} images at {crop} px')
+  check_head(head_size, classes, args)
+  crop = bit_hyperrule.resolution(original_hw, crop_size=args.crop_size)[1]
+  log.info(f'evaluating {args.ckpt_path} on {size} {args.dataset} images at '
+           f'{crop} px')
   sums = np.zeros(4)
-  for b in pipeline.named_errors(pipeline.eval_batches(
-      data, args.batch_eval, crop).as_numpy_iterator(),
-                                 pipeline.eval_files(data)):
+  for b in batches(crop):
     sums += metrics.batch_sums(np.asarray(logits_fn(b['image'])), b['label'],
-                       b['mask'])
+                               b['mask'])
   return report(metrics.summarize(sums), args)

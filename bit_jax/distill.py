@@ -6,7 +6,7 @@ method, the recipe and the flags):
 
 One compiled step, data-parallel over every device as fine-tuning's
 (bit_jax.train): the teacher's logits of the step's images (after crop,
-flip and mixup, from the shared data stream through the tf.data pipeline,
+flip and mixup, from the shared data stream through big_transfer.loader,
 at the teacher's resolution) are computed inside it without gradients
 (stop_gradient), and the student is trained on the same images, resized
 to its own resolution when the teacher's differs (bilinear, antialiased).
@@ -18,11 +18,11 @@ import os
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from big_transfer import datastream, distill, harness, zoo
+from big_transfer import (datasets, datastream, distill, harness, loader,
+                          runfiles, zoo)
 from bit_jax import engine
 from bit_jax import models
 
@@ -129,73 +129,59 @@ def build_nets(args, recipe, classes, dtype):
 def main(args):
   """Distils as the recipe says; returns the final evaluation."""
   recipe = distill.load_recipe(args)
-  devices = jax.devices()
+  parallel = engine.DataParallel()
+  devices = parallel.devices
   distill.check_args(args, recipe, len(devices))
-  import tensorflow as tf  # the pipeline's; accelerators are JAX's
-  tf.config.set_visible_devices([], 'GPU')
-  import input_pipeline_tf2_or_jax as input_pipeline
 
   pid, nproc = jax.process_index(), jax.process_count()
   run = distill.Run(args, pid == 0,
-                        engine.any_process if nproc > 1 else None)
+                    engine.any_process if nproc > 1 else None)
   run.logger.info(f'recipe {args.recipe}: {recipe}')
-  data = input_pipeline.load(distill.data_args(args, recipe), run.logger)
-  sched = distill.schedule(recipe, data.train_size)
+  data_args = distill.data_args(args, recipe)
+  data = datasets.load(data_args, run.logger)
+  data.train = datasets.fewshot(data.train, data_args)
+  train_size = len(data.train)
+  sched = distill.schedule(recipe, train_size)
   (teacher, teacher_params), (student, params) = build_nets(
       args, recipe, data.num_classes, engine.DTYPES[args.precision])
   tx = optimizer(recipe)
-  mesh = Mesh(np.array(devices), ('data',))
-  replicated = NamedSharding(mesh, P())
-  sharded = NamedSharding(mesh, P('data'))
-  teacher_params = jax.device_put(teacher_params, replicated)
+  teacher_params = jax.device_put(teacher_params, parallel.replicated)
   state = jax.device_put({'params': params, 'opt_state': tx.init(params)},
-                         replicated)
+                         parallel.replicated)
 
   settings = distill.settings(recipe, args, sched)
-  ckpt = engine.Checkpoints(os.path.join(run.dir, 'checkpoints'),
-                               settings, state)
+  ckpt = engine.Checkpoints(os.path.join(run.dir, runfiles.CHECKPOINTS),
+                            settings, state)
   step = run.resume(ckpt, settings)
   export = distill.export_path(args, run)
-  classes = list(data.classes) if data.classes else data.num_classes
+  classes = list(data.classes)
   run.start(step, distill.config(
-      recipe, sched, data.train_size, data.eval_size, classes, export,
+      recipe, sched, train_size, len(data.val), classes, export,
       devices=len(devices), device_kind=devices[0].device_kind,
-      processes=nproc, versions=harness.versions(jax, flax, optax, tf)),
-            distill.describe(recipe, sched, data.train_size,
-                                 data.num_classes) +
+      processes=nproc, versions=harness.versions(jax, flax, optax)),
+            distill.describe(recipe, sched, train_size, data.num_classes) +
             f'; {len(devices)} {devices[0].platform} device(s) in {nproc} '
             f'process(es), {args.precision}')
 
-  train_step, eval_step = make_steps(student, teacher, recipe, tx, mesh,
-                                     args.batch_split)
-  eval_batch = recipe.batch_eval or recipe.batch
-  eval_batch = -(-eval_batch // len(devices)) * len(devices)
-
-  def to_global(batch):
-    return {k: jax.make_array_from_process_local_data(sharded, v)
-            for k, v in batch.items()}
+  train_step, eval_step = make_steps(student, teacher, recipe, tx,
+                                     parallel.mesh, args.batch_split)
+  eval_batch = parallel.batch_size(recipe.batch_eval or recipe.batch)
 
   def evaluate():
-    sums = []
-    for batch in input_pipeline.named_errors(input_pipeline.eval_batches(
-        data, eval_batch, recipe.teacher_size, pid,
-        nproc).as_numpy_iterator()):
-      b = to_global(batch)
-      sums.append(eval_step(ckpt.state['params'], teacher_params, b['image'],
-                            b['label'], b['mask']))
-    return np.sum([engine.local(s) for s in sums], axis=0,
-                  dtype=np.float64)
+    return parallel.evaluate(eval_step, loader.eval_batches(
+        data.val, eval_batch, recipe.teacher_size, pid, nproc, args.workers),
+                             ckpt.state['params'], teacher_params)
 
-  stream = datastream.Stream(data.train_size, recipe.batch, args.seed,
-                           recipe.mixup_alpha)
-  train_data = input_pipeline.train_batches(
-      data, stream, recipe.resize_size, recipe.teacher_size, step, pid,
-      nproc, crop_scale=distill.inception_scale(recipe))
-  batches = input_pipeline.named_errors(train_data.as_numpy_iterator())
+  stream = datastream.Stream(train_size, recipe.batch, args.seed,
+                             recipe.mixup_alpha)
+  batches = loader.train_batches(
+      data.train, data.num_classes, stream, recipe.resize_size,
+      recipe.teacher_size, step, pid, nproc,
+      crop_scale=distill.inception_scale(recipe), workers=args.workers)
 
   def train(step, lr):
     del lr  # the step takes the schedule's factor
-    b = to_global(next(batches))
+    b = parallel.to_global(next(batches))
     params, opt_state, loss = train_step(
         ckpt.state['params'], ckpt.state['opt_state'], teacher_params,
         b['image'], b['label'], jnp.float32(sched.factor(step)))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from big_transfer import errors, harness, metrics
 
@@ -19,6 +19,36 @@ DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
 
 # --------------------------------------------------------------------------
 # Processes.
+
+
+class DataParallel:
+  """The one-axis mesh of every device of the job ('data'): parameters
+  replicated, batches sharded along their first axis."""
+
+  def __init__(self):
+    self.devices = jax.devices()
+    self.mesh = Mesh(np.array(self.devices), ('data',))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.sharded = NamedSharding(self.mesh, P('data'))
+
+  def batch_size(self, batch):
+    """`batch` rounded up to a multiple of the device count."""
+    return -(-batch // len(self.devices)) * len(self.devices)
+
+  def to_global(self, batch):
+    """This process's rows of a batch ({name: array}) as global arrays."""
+    return {k: jax.make_array_from_process_local_data(self.sharded, v)
+            for k, v in batch.items()}
+
+  def evaluate(self, eval_step, batches, *params):
+    """The sums of `eval_step(*params, image, label, mask)` over `batches`
+    (this process's share of each evaluation batch), read back once at the
+    end, in float64."""
+    sums = []
+    for batch in batches:
+      b = self.to_global(batch)
+      sums.append(eval_step(*params, b['image'], b['label'], b['mask']))
+    return np.sum([local(s) for s in sums], axis=0, dtype=np.float64)
 
 
 def eval_sums(logits, labels, mask):

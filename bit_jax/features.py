@@ -13,12 +13,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from big_transfer import errors
-from big_transfer import fewshot
+from big_transfer import datasets, fewshot, loader
 from bit_jax import models
 
 NAME = 'jax'
-load_data = fewshot.load_tfdata
+
+
+def load_data(args, logger):
+  return fewshot.splits_of(datasets.load(args, logger))
 
 
 class FeatureModel:
@@ -49,15 +51,14 @@ load_model = FeatureModel
 
 
 def feature_batches(model, splits, split, crop, batch, args):
-  del args
-  return fewshot.tfdata_feature_batches(
-      model, splits, split, crop, fewshot.round_up(batch, model.devices))
+  """(features, labels) of `split` in order (big_transfer.loader)."""
+  for b in loader.eval_batches(fewshot.source_of(splits, split),
+                               fewshot.round_up(batch, model.devices), crop,
+                               workers=args.workers):
+    yield model(b['image'])[b['mask']], b['label'][b['mask']]
 
 
-def main(args):
-  return fewshot.features_main(args, sys.modules[__name__])
-
+argparser, main, cli = fewshot.features_command(sys.modules[__name__])
 
 if __name__ == '__main__':
-  errors.run_cli(
-      lambda: main(fewshot.features_argparser('JAX').parse_args()))
+  cli()

@@ -12,10 +12,11 @@ devices. --batch_split accumulates micro-batch gradients inside the step.
 
 The training loop, the run's outputs, checkpoint cadence and signals live in
 the shared harness (harness.Run); the batches come from the shared data
-stream (datastream.Stream) through the tf.data pipeline
-(input_pipeline_tf2_or_jax); joining processes, collectives and the
-checkpoint format are those every JAX program shares (bit_jax.engine). This
-file holds the compiled steps and puts them together for fine-tuning.
+stream (datastream.Stream) through the framework-neutral loader
+(big_transfer.loader: no TensorFlow), decoded as PyTorch decodes them;
+joining processes, the mesh, collectives, evaluation and the checkpoint
+format are those every JAX program shares (bit_jax.engine). This file holds
+the compiled steps and puts them together for fine-tuning.
 
 In-process use: `main(args)` with `args = argparser().parse_args([...])` (or
 `bit_common.argparser()`'s) runs one fine-tuning and returns the final
@@ -26,16 +27,16 @@ import os
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from big_transfer import errors, flags, harness, runfiles, zoo
+from big_transfer import (datasets, errors, flags, harness, loader, runfiles,
+                          zoo)
 import bit_common
 from bit_jax import models
-from bit_jax.engine import (DTYPES, Checkpoints, accumulate, any_process,
-                            eval_sums, initialize_distributed, lead_first,
-                            local)
+from bit_jax.engine import (DTYPES, Checkpoints, DataParallel, accumulate,
+                            any_process, eval_sums, initialize_distributed,
+                            lead_first, local)
 
 
 def jax_flags():
@@ -117,30 +118,26 @@ def main(args):
         '--precision fp16 is not supported by the JAX backend (it has no '
         'loss scaling, and fp16 without it under- and overflows); use bf16.')
   initialize_distributed(args)
-  devices = jax.devices()
+  parallel = DataParallel()
+  devices = parallel.devices
   lead_first(bit_common.check_args, args, len(devices))
-  # The pipeline's TensorFlow must leave accelerators to JAX.
-  import tensorflow as tf
-  tf.config.set_visible_devices([], 'GPU')
-  import input_pipeline_tf2_or_jax as input_pipeline
 
   pid, nproc = jax.process_index(), jax.process_count()
   run = harness.Run(args, pid == 0, any_process if nproc > 1 else None)
-  data = input_pipeline.load(args, run.logger)
-  hyper = harness.HyperRule.of(args, data.train_size, data.original_hw)
+  data = datasets.load(args, run.logger)
+  data.train = datasets.fewshot(data.train, args)
+  train_size = len(data.train)
+  hyper = harness.HyperRule.of(args, train_size, data.original_hw)
   weights = zoo.load_weights(args.model, args.bit_pretrained_dir)
   model, params = models.create(args.model, head_size=data.num_classes,
                                 zero_head=True, weights=weights,
                                 dtype=DTYPES[args.precision])
   del weights
   tx = optimizer()
-  mesh = Mesh(np.array(devices), ('data',))
-  replicated = NamedSharding(mesh, P())
-  sharded = NamedSharding(mesh, P('data'))
   state = jax.device_put({'params': params, 'opt_state': tx.init(params)},
-                         replicated)
+                         parallel.replicated)
 
-  classes = list(data.classes) if data.classes else data.num_classes
+  classes = list(data.classes)
   settings = hyper.settings(args, classes)
   ckpt = Checkpoints(os.path.join(run.dir, runfiles.CHECKPOINTS), settings,
                      state)
@@ -149,40 +146,30 @@ def main(args):
   run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),
                        devices=len(devices),
                        device_kind=devices[0].device_kind, processes=nproc,
-                       versions=harness.versions(jax, flax, optax, tf)),
-            f'{args.dataset}: {data.train_size} training, {data.eval_size} '
+                       versions=harness.versions(jax, flax, optax)),
+            f'{args.dataset}: {train_size} training, {len(data.val)} '
             f'{data.eval_split} examples, {data.num_classes} classes; '
             f'{hyper.describe()}, {len(devices)} {devices[0].platform} '
             f'device(s) in {nproc} process(es), {args.precision}',
             devices[0].platform)
 
-  train_step, eval_step = make_steps(model, tx, mesh, args.batch_split)
-  eval_batch = args.batch_eval or args.batch // args.batch_split
-  eval_batch = -(-eval_batch // len(devices)) * len(devices)
-
-  def to_global(batch):
-    return {k: jax.make_array_from_process_local_data(sharded, v)
-            for k, v in batch.items()}
+  train_step, eval_step = make_steps(model, tx, parallel.mesh,
+                                     args.batch_split)
+  eval_batch = parallel.batch_size(args.batch_eval or
+                                   args.batch // args.batch_split)
 
   def evaluate():
-    sums = []  # replicated; read back once, at the end
-    for batch in input_pipeline.named_errors(input_pipeline.eval_batches(
-        data, eval_batch, hyper.crop, pid, nproc).as_numpy_iterator(),
-                                             input_pipeline.eval_files(data)):
-      b = to_global(batch)
-      sums.append(eval_step(ckpt.state['params'], b['image'], b['label'],
-                            b['mask']))
-    return np.sum([local(s) for s in sums], axis=0, dtype=np.float64)
+    return parallel.evaluate(eval_step, loader.eval_batches(
+        data.val, eval_batch, hyper.crop, pid, nproc, args.workers),
+                             ckpt.state['params'])
 
-  stream = hyper.stream(args)
-  batches = input_pipeline.named_errors(input_pipeline.train_batches(
-      data, stream, hyper.resize, hyper.crop, step, pid,
-      nproc).as_numpy_iterator(), input_pipeline.train_files(data, stream,
-                                                             step))
+  batches = loader.train_batches(data.train, data.num_classes,
+                                 hyper.stream(args), hyper.resize, hyper.crop,
+                                 step, pid, nproc, workers=args.workers)
 
   def train(step, lr):
-    del step  # The pipeline yields the batch of each step in turn.
-    b = to_global(next(batches))
+    del step  # The loader yields the batch of each step in turn.
+    b = parallel.to_global(next(batches))
     params, opt_state, loss = train_step(
         ckpt.state['params'], ckpt.state['opt_state'], b['image'],
         b['label'], jnp.float32(lr))
@@ -197,7 +184,7 @@ def main(args):
       result, step,
       lambda path: models.save_npz(path, jax.tree.map(local,
                                                       ckpt.state['params'])),
-      model=args.model, dataset=args.dataset, dataset_size=data.train_size,
+      model=args.model, dataset=args.dataset, dataset_size=train_size,
       examples_per_class=args.examples_per_class)
 
 

@@ -7,8 +7,7 @@
 registered model name or hf-hub:ORG/NAME. Prints (and with --output writes)
 {"loss", "top1", "top5", "n"} as JSON, as bit_pytorch.validate does.
 """
-from big_transfer import errors, zoo
-from big_transfer import validate
+from big_transfer import datasets, errors, loader, validate, zoo
 from bit_jax import predict
 
 
@@ -16,9 +15,18 @@ def argparser():
   return validate.argparser('JAX', precisions=('fp32',))
 
 
+def read_data(args, logger):
+  """(classes, typical size, evaluation size, batches(crop)) of --dataset,
+  through big_transfer.loader."""
+  data = datasets.load(args, logger, check_train=False)
+  return (data.classes, data.original_hw, len(data.val),
+          lambda crop: loader.eval_batches(data.val, args.batch_eval, crop,
+                                           workers=args.workers))
+
+
 def main(args):
-  return validate.main_tf_data(args, predict.load_model,
-                                   zoo.load_weights)
+  return validate.main_numpy(args, predict.load_model, zoo.load_weights,
+                             read_data)
 
 
 def cli(argv=None):

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from torchvision.transforms import v2
 
-from big_transfer import datastream, distill, harness, runfiles, zoo
+from big_transfer import datasets, datastream, distill, harness, runfiles, zoo
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
 from bit_pytorch import engine
@@ -92,43 +91,17 @@ def optimizer(net, recipe):
 
 
 # --------------------------------------------------------------------------
-# Data: one view per example (crop and flip from its stream seed), at the
+# Data: one view per example (bit_pytorch.data.TrainSet: the recipe's crop
+# and flip, or its Inception crop, from the example's stream seed), at the
 # teacher's resolution; mixup on the device (engine.mixed), then the student
 # gets the same images (resized when its resolution differs).
-
-class Views(torch.utils.data.Dataset):
-  """Training examples indexed by (example, augmentation seed): uint8 CHW
-  images of `size` px and labels. inception_crop: datastream.inception_crop
-  of the seed, resized to `size`, flipped when the seed's 40th uniform is
-  under 0.5; crop_flip: the HyperRule's (bit_pytorch.data.TrainSet)."""
-
-  def __init__(self, source, recipe, size):
-    self.source, self.recipe, self.size = source, recipe, size
-    self._crop_flip = torch_data.TrainSet(source, recipe.resize_size, size)
-
-  def __len__(self):
-    return len(self.source)
-
-  def __getitem__(self, key):
-    if self.recipe.augment == 'crop_flip':
-      return self._crop_flip[key]
-    i, seed = key
-    image = v2.functional.pil_to_tensor(self.source.load(i))
-    top, left, h, w = datastream.inception_crop(
-        seed, image.shape[1], image.shape[2], tuple(self.recipe.crop_scale))
-    image = v2.functional.resized_crop(image, top, left, h, w,
-                                       [self.size] * 2, antialias=True)
-    if datastream.uniforms([seed], 40)[0] < 0.5:
-      image = v2.functional.horizontal_flip(image)
-    return image, int(self.source.labels[i])
-
 
 def load_data(args, recipe, logger):
   """(train split (the few-shot subset where the recipe asks), eval split,
   class count, class names)."""
   data_args = distill.data_args(args, recipe)
   data = torch_data.load(data_args, logger)
-  return (torch_data.fewshot(data.train, data_args), data.val,
+  return (datasets.fewshot(data.train, data_args), data.val,
           len(data.classes), data.classes)
 
 
@@ -244,7 +217,8 @@ def _distill(args, recipe, rank, world, device):
   sampler = torch_data.TrainBatches(stream, step, sched.total_steps, rank,
                                     world, args.batch_split)
   batches = engine.data_errors_named(iter(engine.loader(
-      Views(train_src, recipe, recipe.teacher_size), args, device,
+      torch_data.TrainSet(train_src, recipe.resize_size, recipe.teacher_size,
+                          distill.inception_scale(recipe)), args, device,
       batch_sampler=sampler)))
   lo, hi = (len(val_src) * r // world for r in (rank, rank + 1))
   val_loader = engine.loader(

@@ -7,12 +7,11 @@ collectives the harness asks for, and the checkpoint format.
 import contextlib
 import os
 import signal
-import tempfile
 
 import torch
 import torch.distributed as dist
 
-from big_transfer import errors, harness, metrics
+from big_transfer import errors, harness, metrics, runfiles
 from bit_pytorch import data as torch_data
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -270,8 +269,8 @@ class Checkpoint(harness.Checkpoints):
     os.replace(path, path + '.unreadable')
 
   def save(self, step):
-    """Atomic: the new file is complete before it takes the name; the
-    previous one stays as bit.prev.pth.tar."""
+    """Whole or not at all (runfiles.replaced); the previous checkpoint
+    stays as *.prev.pth.tar."""
     if not all(torch.isfinite(p).all() for p in
                self.objects['model'].parameters()):
       raise FloatingPointError('weights are not finite')
@@ -279,16 +278,7 @@ class Checkpoint(harness.Checkpoints):
       return
     state = {name: obj.state_dict() for name, obj in self.objects.items()}
     state.update(step=step, rng=torch.get_rng_state(), run=self.settings)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path),
-                               suffix='.part')
-    os.close(fd)
-    try:
-      torch.save(state, tmp)
-      if os.path.exists(self.path):
-        os.replace(self.path, self.prev)
-      os.replace(tmp, self.path)
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+    with runfiles.replaced(self.path, 'wb', keep=self.prev) as f:
+      torch.save(state, f)
 
 

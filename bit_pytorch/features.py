@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import torch
 
-from big_transfer import errors
 from big_transfer import fewshot
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
@@ -62,15 +61,11 @@ load_model = FeatureModel
 
 
 def load_data(args, logger):
-  data = torch_data.load(args, logger)
-  return fewshot.Splits(
-      len(data.classes), tuple(data.original_hw),
-      {'train': len(data.train), 'eval': len(data.val)},
-      {'train': data.train.labels, 'eval': data.val.labels}, data)
+  return fewshot.splits_of(torch_data.load(args, logger))
 
 
 def feature_batches(model, splits, split, crop, batch, args):
-  source = splits.handle.train if split == 'train' else splits.handle.val
+  source = fewshot.source_of(splits, split)
   loader = torch.utils.data.DataLoader(
       torch_data.EvalSet(source, crop),
       batch_size=batch, num_workers=args.workers,
@@ -80,10 +75,7 @@ def feature_batches(model, splits, split, crop, batch, args):
     yield model.features_of(x), labels.numpy()
 
 
-def main(args):
-  return fewshot.features_main(args, sys.modules[__name__])
-
+argparser, main, cli = fewshot.features_command(sys.modules[__name__])
 
 if __name__ == '__main__':
-  errors.run_cli(
-      lambda: main(fewshot.features_argparser('PyTorch').parse_args()))
+  cli()

@@ -95,7 +95,7 @@ def load_recipe(path, overrides=(), datadir=None):
 # one's augmentation seed, from which the recipe's augmentation draws.
 
 class Examples(torch.utils.data.Dataset):
-  """A split (bit_pytorch.data.Source) as float32 CHW tensors in [-1, 1]
+  """A split (big_transfer.datasets.Source) as float32 CHW tensors in [-1, 1]
   with labels, augmented as the recipe says. Training examples are indexed
   by (example, augmentation seed) and every random choice (crop, flip,
   down-sampling, quarter-turns) follows from the seed; evaluation examples

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from big_transfer import errors, flags, harness, runfiles, zoo
+from big_transfer import datasets, errors, flags, harness, runfiles, zoo
 import bit_common
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
@@ -71,7 +71,7 @@ def _train(args, rank, device):
   run = harness.Run(args, rank == 0, any_process(device))
   torch.manual_seed(args.seed)
   data = local_first(torch_data.load, args, run.logger)
-  train_src = torch_data.fewshot(data.train, args)
+  train_src = datasets.fewshot(data.train, args)
   hyper = harness.HyperRule.of(args, len(train_src), data.original_hw)
   weights = local_first(zoo.load_weights, args.model,
                         args.bit_pretrained_dir)

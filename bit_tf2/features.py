@@ -8,17 +8,26 @@ HyperRule's evaluation resolution (or --resolution), over every local GPU
 (MirroredStrategy, XLA) or the CPU. Reads `.npz` and the published `.h5`
 files. The shared part is big_transfer.fewshot.
 """
+import dataclasses
 import sys
 
 import numpy as np
 import tensorflow as tf
 
-from big_transfer import errors
+import input_pipeline_tf2_or_jax as input_pipeline
 from big_transfer import fewshot
 from bit_tf2 import models
 
 NAME = 'tf2'
-load_data = fewshot.load_tfdata
+
+
+def load_data(args, logger):
+  """Splits of the tf.data pipeline's dataset (its `handle`)."""
+  data = input_pipeline.load(args, logger)
+  return fewshot.Splits(data.num_classes, data.original_hw,
+                        {'train': data.train.n, 'eval': data.eval.n},
+                        {'train': data.train.labels, 'eval': data.eval.labels},
+                        data)
 
 
 def read_weights(model, pretrained_dir):
@@ -58,15 +67,19 @@ load_model = FeatureModel
 
 
 def feature_batches(model, splits, split, crop, batch, args):
+  """(features, labels) of `split` in order: the tf.data pipeline's
+  evaluation batches (the last one padded; the padding dropped)."""
   del args
-  return fewshot.tfdata_feature_batches(
-      model, splits, split, crop, fewshot.round_up(batch, model.devices))
+  data = splits.handle
+  if split == 'train':
+    data = dataclasses.replace(data, eval=data.train)
+  batches = input_pipeline.eval_batches(
+      data, fewshot.round_up(batch, model.devices), crop).as_numpy_iterator()
+  for b in input_pipeline.named_errors(batches):
+    yield model(b['image'])[b['mask']], b['label'][b['mask']]
 
 
-def main(args):
-  return fewshot.features_main(args, sys.modules[__name__])
-
+argparser, main, cli = fewshot.features_command(sys.modules[__name__])
 
 if __name__ == '__main__':
-  errors.run_cli(
-      lambda: main(fewshot.features_argparser('TF2').parse_args()))
+  cli()

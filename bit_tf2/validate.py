@@ -8,8 +8,8 @@ published .h5, a registered model name or hf-hub:ORG/NAME. Prints (and with
 --output writes) {"loss", "top1", "top5", "n"} as JSON, as
 bit_pytorch.validate does.
 """
-from big_transfer import errors
-from big_transfer import validate
+import input_pipeline_tf2_or_jax as input_pipeline
+from big_transfer import errors, validate
 from bit_tf2 import predict
 
 
@@ -17,9 +17,22 @@ def argparser():
   return validate.argparser('TF2', precisions=('fp32',))
 
 
+def read_data(args, logger):
+  """(classes, typical size, evaluation size, batches(crop)) of --dataset,
+  through the tf.data pipeline."""
+  data = input_pipeline.load(args, logger)
+
+  def batches(crop):
+    return input_pipeline.named_errors(input_pipeline.eval_batches(
+        data, args.batch_eval, crop).as_numpy_iterator(),
+                                       input_pipeline.eval_files(data))
+  return (data.classes or range(data.num_classes), data.original_hw,
+          data.eval_size, batches)
+
+
 def main(args):
-  return validate.main_tf_data(args, predict.load_model,
-                                   predict.read_weights)
+  return validate.main_numpy(args, predict.load_model, predict.read_weights,
+                             read_data)
 
 
 def cli(argv=None):

@@ -23,19 +23,57 @@ from bit_tf2 import engine as tf2_engine  # noqa: E402
 
 tf2_engine.deterministic()
 
-from big_transfer import harness, zoo  # noqa: E402
+from big_transfer import harness  # noqa: E402
+
+
+# Units per block of each depth: R50, R101 and R152 as published; the
+# smaller R14 and R26 of the tests follow depth = 3 x units + 2 as they do.
+UNITS = {14: (1, 1, 1, 1), 26: (2, 2, 2, 2), 50: (3, 4, 6, 3),
+         101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+
+def published_shapes(arch, head_size):
+  """{key: shape} of a BiT checkpoint of `arch` ('R50x1'), written from the
+  published layout (the original repository's .npz files) and nothing of
+  this project: keys under resnet/; kernels HWIO; the root convolution
+  7x7 to 64w channels; in block b, cmid = 64 w 2^(b-1) and cout = 4 cmid;
+  each unit's a, b, c parts a GroupNorm then a standardised convolution
+  (1x1 cin->cmid, 3x3 cmid->cmid, 1x1 cmid->cout), the first unit of a
+  block with a 1x1 projection cin->cout; a final GroupNorm; a 1x1 head."""
+  depth, width = arch[1:].split('x')
+  w = float(width)
+  shapes = {'resnet/root_block/standardized_conv2d/kernel':
+                (7, 7, 3, int(64 * w))}
+  cin = int(64 * w)
+  for b, units in enumerate(UNITS[int(depth)], start=1):
+    cmid = int(64 * w * 2 ** (b - 1))
+    cout = 4 * cmid
+    for u in range(1, units + 1):
+      unit = f'resnet/block{b}/unit{u:02d}'
+      for part, channels, kernel in (('a', cin, (1, 1, cin, cmid)),
+                                     ('b', cmid, (3, 3, cmid, cmid)),
+                                     ('c', cmid, (1, 1, cmid, cout))):
+        shapes[f'{unit}/{part}/group_norm/gamma'] = (channels,)
+        shapes[f'{unit}/{part}/group_norm/beta'] = (channels,)
+        shapes[f'{unit}/{part}/standardized_conv2d/kernel'] = kernel
+      if u == 1:
+        shapes[f'{unit}/a/proj/standardized_conv2d/kernel'] = (1, 1, cin,
+                                                               cout)
+      cin = cout
+  shapes['resnet/group_norm/gamma'] = shapes['resnet/group_norm/beta'] = (
+      cin,)
+  shapes['resnet/head/conv2d/kernel'] = (1, 1, cin, head_size)
+  shapes['resnet/head/conv2d/bias'] = (head_size,)
+  return shapes
 
 
 def synthetic_weights(arch='R14x0.5', head_size=10, seed=0):
-  """{published key: array} for `arch`, drawn at random from its layout.
-
-  Made from the published key table alone (zoo.expected_shapes), not
-  from any backend's model, so it checks the loaders independently.
-  """
+  """{published key: array} for `arch`, drawn at random from the published
+  layout (published_shapes), not from this project's table nor any
+  backend's model, so it checks the loaders independently."""
   rng = np.random.default_rng(seed)
   weights = {}
-  for key, shape in zoo.expected_shapes(
-      zoo.parse_arch(arch), head_size).items():
+  for key, shape in published_shapes(arch, head_size).items():
     if key.endswith('gamma'):
       value = 1 + 0.1 * rng.standard_normal(shape)
     elif key.endswith(('beta', 'bias')):

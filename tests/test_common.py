@@ -11,7 +11,7 @@ import pytest
 
 from big_transfer import datasets, errors, harness, predict, zoo
 import bit_common
-from conftest import synthetic_weights, write_imagefolder
+from conftest import published_shapes, synthetic_weights, write_imagefolder
 
 
 # ---------------------------------------------------------------- registry
@@ -205,6 +205,15 @@ def test_expected_shapes_follow_the_published_table():
   assert shapes['resnet/head/conv2d/kernel'] == (1, 1, 2048, 21843)
   assert 'resnet/block1/unit02/a/proj/standardized_conv2d/kernel' not in shapes
   assert sum(k.endswith('kernel') for k in shapes) == 1 + 16 * 3 + 4 + 1
+
+
+@pytest.mark.parametrize('arch', ['R14x0.5', 'R26x1', 'R50x1', 'R101x3',
+                                  'R152x2'])
+def test_expected_shapes_equal_the_published_layout(arch):
+  """The registry's table against the one the tests write from the
+  published layout alone (conftest.published_shapes)."""
+  assert zoo.expected_shapes(zoo.parse_arch(arch), 9) == published_shapes(
+      arch, 9)
 
 
 # ---------------------------------------------------------------- CLI

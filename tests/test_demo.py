@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from big_transfer import datasets, errors, predict, zoo
+from big_transfer import datasets, errors, harness, predict, zoo
 import bit_common
 from bit_pytorch import train as torch_train  # torchvision before TF: see below
 from demo import run as demo
@@ -85,14 +85,26 @@ def test_bundled_model_same_logits_in_three_backends(weights, digits_batch):
 
 
 @pytest.mark.parametrize('backend', ['bit_pytorch', 'bit_tf2', 'bit_jax'])
-def test_every_backend_accepts_the_bundled_model_and_digits(backend):
+def test_every_backend_resolves_the_bundled_model_and_digits(backend,
+                                                             tmp_path):
+  """What `python -m BACKEND.train --model NAME --dataset digits` starts
+  from, offline: the bundled weights (a 40-class head, replaced by the
+  run), digits' 1000 training images of 10 classes, and the HyperRule of a
+  small dataset of small images (resize 160, crop 128, 500 steps, no
+  mixup), as published."""
   import importlib
   train = importlib.import_module(f'{backend}.train')
   args = train.argparser().parse_args(
-      ['--name', 'x', '--logdir', '/tmp', '--model', NAME, '--dataset',
-       'digits'])
+      ['--name', 'x', '--logdir', str(tmp_path), '--model', NAME,
+       '--dataset', 'digits', '--bit_pretrained_dir', '/nonexistent'])
   bit_common.check_args(args)
-  assert args.model == NAME and args.dataset == 'digits'
+  weights = zoo.load_weights(args.model, args.bit_pretrained_dir)
+  assert zoo.infer_arch(weights)[1] == 40
+  data = datasets.load(args)
+  assert (len(data.train), data.num_classes) == (1000, 10)
+  hyper = harness.HyperRule.of(args, len(data.train), data.original_hw)
+  assert (hyper.resize, hyper.crop, hyper.total, hyper.mixup) == (
+      160, 128, 500, 0.0)
 
 
 def test_reduced_demo_upstream_beats_scratch_at_5_shot(tmp_path, capsys):

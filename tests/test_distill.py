@@ -446,9 +446,9 @@ def test_resume_after_sigterm_in_jax_and_tf2(setup, from_weights, backend,
 # --------------------------------------------------------------------------
 # Every backend: the Inception crop, and a teacher at another resolution.
 
-def test_inception_crops_are_pytorchs_in_jax_and_tf2(tmp_path):
-  """The tf.data pipeline of JAX and TF2 cuts each example's Inception
-  crop at PyTorch's box (datastream.inception_crop of the same seed, on
+def test_inception_crops_are_pytorchs_in_tf2(tmp_path):
+  """The tf.data pipeline of TF2 cuts each example's Inception crop at
+  PyTorch's box (datastream.inception_crop of the same seed, on
   images of several sizes) and flips where PyTorch flips: its views are
   PyTorch's up to the resizers' rounding. (Measured: at most 1 grey level
   (0.0078) apart, mean 0.002; the views of the next seed, another box,
@@ -456,7 +456,6 @@ def test_inception_crops_are_pytorchs_in_jax_and_tf2(tmp_path):
   import argparse
   import input_pipeline_tf2_or_jax as input_pipeline
   from bit_pytorch import data as torch_data
-  from bit_pytorch.distill import Views
   rng = np.random.default_rng(0)
   for c in ('a', 'b'):
     for split in ('train', 'val'):
@@ -475,7 +474,8 @@ def test_inception_crops_are_pytorchs_in_jax_and_tf2(tmp_path):
   size = 12  # some boxes larger, some smaller: down- and up-sampling
   ours = input_pipeline.train_batches(
       data, stream, 0, size, crop_scale=distill.inception_scale(recipe))
-  views = Views(torch_data.load(args, None).train, recipe, size)
+  views = torch_data.TrainSet(torch_data.load(args, None).train, None, size,
+                              distill.inception_scale(recipe))
 
   def pytorchs(i, seed):
     image = views[(int(i), int(seed))][0].permute(1, 2, 0).numpy()
@@ -515,25 +515,24 @@ def test_two_resolutions_distil_as_in_pytorch(setup, two_sizes, backend):
                          if r['split'] == 'train'])
             for b in ('pytorch', 'jax', 'tf2')}
   assert len(losses[backend]) == 3
-  # JAX and TF2 share the views: their losses are one another's.
-  np.testing.assert_allclose(losses[backend], losses['jax'], rtol=1e-3)
-  # The first step's loss is the teacher's alone (the student's head is
-  # zero): its views are PyTorch's up to the resizers' rounding
-  # (test_inception_crops_are_pytorchs_in_jax_and_tf2), which moves this
-  # small teacher's KL by 2% (measured: PyTorch's views 0.8629, the
-  # pipeline's 0.8894, the pipeline's rounded to integers 0.8793; PyTorch's
-  # plus half a grey level of uniform noise 0.8642).
+  if backend == 'jax':
+    # JAX reads as PyTorch does (big_transfer.loader): the same views, so
+    # the same losses and evaluation, up to float32 rounding.
+    np.testing.assert_allclose(losses['jax'], losses['pytorch'], rtol=1e-4)
+    for key in ('loss', 'top1', 'agreement', 'teacher_top1', 'kl'):
+      assert two_sizes['jax'][key] == pytest.approx(
+          two_sizes['pytorch'][key], rel=1e-4), key
+  # TF2's tf.data views are PyTorch's up to the resizers' rounding
+  # (test_inception_crops_are_pytorchs_in_tf2). The first step's
+  # loss is the teacher's alone (the student's head is zero), which that
+  # rounding moves by about 2% for this small teacher.
   assert losses[backend][0] == pytest.approx(losses['pytorch'][0], rel=0.04)
   # The evaluation's teacher sees the same 16 px images in every backend;
-  # the students, trained on slightly different views, agree with it alike
-  # (measured: 75% in all three; KL 1.465 in PyTorch, 1.2345 and 1.2349 in
-  # JAX and TF2).
+  # the students, trained on slightly different views, agree with it alike.
   for key in ('teacher_top1', 'n'):
     assert two_sizes[backend][key] == two_sizes['pytorch'][key], key
   assert abs(two_sizes[backend]['agreement'] -
              two_sizes['pytorch']['agreement']) <= 1 / 12
-  assert two_sizes[backend]['kl'] == pytest.approx(two_sizes['jax']['kl'],
-                                                   rel=1e-3)
   config = json.loads((setup[0] / backend / 'two_sizes' /
                        'config.json').read_text())
   assert config['recipe']['augment'] == 'inception_crop'

@@ -15,21 +15,19 @@ import pytest
 import torch
 from PIL import Image
 
-from big_transfer import errors, predict, zoo
-from big_transfer import plot
-from big_transfer import events
+from big_transfer import errors, events, plot, predict, zoo
 from conftest import synthetic_weights
-
-timm = pytest.importorskip('timm')
-from timm.layers import StdConv2d  # noqa: E402
-from timm.models.resnetv2 import ResNetV2  # noqa: E402
 
 COMMIT = 'a' * 40
 
 
 def timm_bit(layers, width, classes, eps=1e-8):
   """timm's BiT ResNetV2 (as timm.create_model('resnetv2_50x1_bit') builds
-  it, at another depth and width)."""
+  it, at another depth and width); the tests that use it skip without
+  timm."""
+  pytest.importorskip('timm')
+  from timm.layers import StdConv2d  # pylint: disable=import-outside-toplevel
+  from timm.models.resnetv2 import ResNetV2  # pylint: disable=import-outside-toplevel
   return ResNetV2(layers=list(layers), num_classes=classes,
                   width_factor=width, stem_type='fixed',
                   conv_layer=functools.partial(StdConv2d, eps=eps)).eval()
@@ -167,7 +165,8 @@ def test_hub_weights_through_every_backend_match_timm(tmp_path, hub_repos,
   shown = subprocess.run(
       [sys.executable, '-c', 'from big_transfer import zoo; print(zoo.infer_arch('
        f'zoo.load_weights({timm_repo!r}))[0].name)'],
-      env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
+      env=env, capture_output=True, text=True, check=True, cwd=tmp_path,
+      timeout=300)
   assert shown.stdout.strip() == 'R26x0.5'
   # ... and every backend's predict command gives timm's logits.
   for name, backend, model in (('pytorch', torch_predict, transformers_repo),
@@ -261,6 +260,7 @@ def npz(tmp_path, arch, head, name):
 
 
 def test_timm_export_reloaded_by_timm(tmp_path, monkeypatch):
+  timm = pytest.importorskip('timm')
   from safetensors.torch import load_file
   from bit_pytorch import export, models
   src = npz(tmp_path, 'R26x0.5', 5, 'r26.npz')

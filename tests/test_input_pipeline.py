@@ -1,5 +1,6 @@
-"""The shared tf.data pipeline (input_pipeline_tf2_or_jax): datasets,
-few-shot subsets, augmentation, mixup, evaluation coverage, resumption."""
+"""TF2's tf.data pipeline (input_pipeline_tf2_or_jax): datasets, few-shot
+subsets, augmentation, mixup, evaluation coverage, resumption. Every test
+here is of that pipeline, so the file needs TensorFlow."""
 
 import numpy as np
 import pytest
@@ -44,7 +45,7 @@ def test_imagefolder_and_fewshot_match_pytorch(imagefolder):
   args = _args(dataset='imagefolder', datadir=imagefolder,
                examples_per_class=3, examples_per_class_seed=5)
   data = ip.load(args)
-  ref = torch_data.fewshot(torch_data.load(args, None).train, args)
+  ref = datasets.fewshot(torch_data.load(args, None).train, args)
   assert data.train_size == 9 and data.num_classes == 3
   assert list(data.train.table) == list(ref.paths)
   np.testing.assert_array_equal(data.train.labels, ref.labels)

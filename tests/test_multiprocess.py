@@ -77,7 +77,7 @@ def launch(commands, tmp_path):
     for p in procs:
       if p.poll() is None:
         p.kill()
-        p.wait()
+        p.wait(timeout=60)
   tails = []
   for log in logs:
     log.seek(0)

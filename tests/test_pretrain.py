@@ -149,9 +149,8 @@ def test_image_folder_with_rotation_labels(tmp_path, imagefolder):
 
 
 def test_examples_follow_their_seed_and_turn_with_their_label(imagefolder):
-  from bit_pytorch import data as torch_data
   split = datasets.scan_imagefolder(imagefolder)[1]
-  source = torch_data.Source(split.labels, split.paths)
+  source = datasets.Source(split.labels, split.paths)
   recipe = pretrain.Recipe(model='R14x0.5', dataset='imagefolder', batch=2,
                            steps=1, datadir=imagefolder, crop_size=16,
                            downsample=[8, 12], rotations=4)

@@ -109,7 +109,8 @@ def test_head_size_mismatch_names_both_shapes():
 def run_predict(*args, cwd):
   env = dict(os.environ)
   return subprocess.run([sys.executable, '-m', 'bit_pytorch.predict', *args],
-                        cwd=cwd, env=env, capture_output=True, text=True)
+                        cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=300)
 
 
 def test_predict_prints_topk_and_saves_logits(tmp_path, make_npz):

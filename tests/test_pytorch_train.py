@@ -77,13 +77,13 @@ def npz(tmp_path_factory):
 
 def test_fewshot_subset_is_reproducible_and_balanced():
   labels = np.repeat(np.arange(4), [10, 7, 12, 9])
-  source = torch_data.Source(labels, images=np.zeros((len(labels), 2, 2, 3),
+  source = datasets.Source(labels, images=np.zeros((len(labels), 2, 2, 3),
                                                    np.uint8))
 
   def draw(k, seed):
     args = types.SimpleNamespace(examples_per_class=k,
                                  examples_per_class_seed=seed)
-    return torch_data.fewshot(source, args).labels, datasets.fewshot_indices(
+    return datasets.fewshot(source, args).labels, datasets.fewshot_indices(
         labels, k, seed)
 
   (l1, i1), (l2, i2), (_, i3) = draw(5, 1), draw(5, 1), draw(5, 2)

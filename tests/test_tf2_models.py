@@ -165,7 +165,8 @@ def run_predict(*args, cwd):
   import sys
   return subprocess.run([sys.executable, '-m', 'bit_tf2.predict', *args],
                         cwd=cwd, env=dict(os.environ),
-                        capture_output=True, text=True, check=False)
+                        capture_output=True, text=True, check=False,
+                        timeout=300)
 
 
 def test_predict_reads_h5_and_gives_pytorch_logits(tmp_path):

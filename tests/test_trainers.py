@@ -377,7 +377,7 @@ def test_a_second_live_run_of_the_same_name_is_refused(setup, backend):
     assert sorted(os.listdir(out(setup, backend, 'twice'))) == before
   finally:
     first.kill()
-    first.wait()
+    first.wait(timeout=60)
 
 
 @pytest.mark.parametrize('backend', BACKENDS)

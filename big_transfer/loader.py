@@ -1,0 +1,114 @@
+"""Batches of the data stream as NumPy, decoded on the host with
+big_transfer.preprocess, in order and in parallel (grain's MapDataset): the
+input pipeline of the JAX backend, which needs no TensorFlow.
+
+  train_batches(source, num_classes, stream, resize, crop, start_step=0,
+                process_index=0, process_count=1, crop_scale=None,
+                workers=None)
+      An endless iterator; its k-th element is this process's share of the
+      global batch of step `start_step + k`: {'image': float32 [b, crop,
+      crop, 3] in [-1, 1], 'label': float32 [b, num_classes] one-hot, mixed
+      up when the stream's mixup is on}, b = batch / process_count. The
+      examples, crops, flips, mixup lambdas and partners are the stream's,
+      so they are those of every other backend. With `crop_scale` (min,
+      max) the view is the Inception crop (distillation's), at `crop`.
+
+  eval_batches(source, batch, crop, process_index=0, process_count=1,
+               workers=None)
+      Every example of `source` once, in order, this process's rows i with
+      i % process_count == process_index: {'image': float32 [b, crop, crop,
+      3], 'label': int64 [b], 'mask': bool [b]}, b = batch /
+      process_count; every process runs the same number of batches, the
+      last ones padded with rows whose mask is False.
+
+A `source` is a big_transfer.datasets.Source. An image that cannot be read
+ends the run with datasets.BadImage naming its file. `workers` threads
+decode (default: the CPU count).
+"""
+import os
+
+import grain
+import numpy as np
+
+from big_transfer import preprocess
+from big_transfer.errors import BadInput
+
+ENDLESS = 2**62  # records of a training pipeline: more than any run takes
+
+
+def to_unit_range(images):
+  """uint8 images -> float32 in [-1, 1]."""
+  return (images.astype(np.float32) - 127.5) / 127.5
+
+
+def _iterate(dataset, workers):
+  workers = workers or os.cpu_count()
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=workers, prefetch_buffer_size=2 * workers)))
+
+
+def train_batches(source, num_classes, stream, resize, crop, start_step=0,
+                  process_index=0, process_count=1, crop_scale=None,
+                  workers=None):
+  """This process's training batches of `stream` (see the module doc)."""
+  if stream.batch % process_count:
+    raise BadInput(f'--batch {stream.batch} is not divisible by the '
+                   f'{process_count} processes.')
+  local = stream.batch // process_count
+  rows, partner = stream.rows(process_index * local,
+                              (process_index + 1) * local)
+  scale = tuple(crop_scale) if crop_scale else None
+
+  def example(k):
+    """(view, label, step) of row k % len(rows) of step k // len(rows)."""
+    step = start_step + k // len(rows)
+    position = rows[k % len(rows)]
+    i = int(stream.indices(step)[position])
+    seed = int(stream.aug_seeds(step)[position])
+    image = source.load(i)
+    view = (preprocess.inception_view(image, seed, crop, scale) if scale else
+            preprocess.train_view(image, seed, resize, crop))
+    return view, source.labels[i], step
+
+  def mix(batch):
+    images, labels, steps = batch
+    x = to_unit_range(images)
+    y = np.eye(num_classes, dtype=np.float32)[labels]
+    own = slice(0, local)
+    lam = stream.lam(int(steps[0]))
+    if lam == 1.0:
+      return {'image': x[own], 'label': y[own]}
+    return {'image': lam * x[own] + (1 - lam) * x[partner],
+            'label': lam * y[own] + (1 - lam) * y[partner]}
+
+  dataset = grain.MapDataset.range(ENDLESS).map(example).batch(
+      len(rows), drop_remainder=True).map(mix)
+  return _iterate(dataset, workers)
+
+
+def eval_batches(source, batch, crop, process_index=0, process_count=1,
+                 workers=None):
+  """This process's evaluation batches of `source` (see the module doc)."""
+  if batch % process_count:
+    raise BadInput(f'evaluation batch {batch} is not divisible by the '
+                   f'{process_count} processes.')
+  local = batch // process_count
+  mine = range(process_index, len(source), process_count)
+  longest = len(range(0, len(source), process_count))
+  padded = -(-longest // local) * local
+  blank = np.zeros((crop, crop, 3), np.uint8)
+
+  def example(j):
+    if j >= len(mine):
+      return blank, np.int64(0), False
+    i = mine[j]
+    return (preprocess.eval_view(source.load(i), crop),
+            np.int64(source.labels[i]), True)
+
+  def finish(batch):
+    images, labels, mask = batch
+    return {'image': to_unit_range(images), 'label': labels, 'mask': mask}
+
+  dataset = grain.MapDataset.range(padded).map(example).batch(local).map(
+      finish)
+  return _iterate(dataset, workers)

@@ -1,0 +1,47 @@
+"""The pre-processing of one example, in PIL: the same pixels for every
+reader that decodes on the host (PyTorch's DataLoader and the JAX loader,
+big_transfer.loader). Each view takes a PIL RGB image and returns uint8
+(height, width, 3); where it is random, the draws are those of the
+example's augmentation seed in the data stream (big_transfer.datastream).
+
+  train_view      the BiT-HyperRule's: resize to (resize, resize), crop
+                  (crop, crop) at the seed's place, flip when it says
+  eval_view       resize to (crop, crop)
+  inception_view  distillation's: the Inception crop of the seed, resized
+                  to (size, size), flipped when the seed's 40th uniform is
+                  under 0.5
+
+Resizing is PIL's bilinear filter, which averages over the source pixels
+when it shrinks (antialiasing).
+"""
+import numpy as np
+from PIL import Image
+
+from big_transfer import datastream
+
+# The uniform of an example's seed that decides the Inception view's flip
+# (the crop's box draws from the first 40).
+INCEPTION_FLIP_UNIFORM = 40
+
+
+def train_view(image, seed, resize, crop):
+  (top,), (left,), (flip,) = datastream.crop_flip([seed], resize, crop)
+  image = image.resize((resize, resize), Image.BILINEAR)
+  image = image.crop((left, top, left + crop, top + crop))
+  if flip:
+    image = image.transpose(Image.FLIP_LEFT_RIGHT)
+  return np.array(image, np.uint8)
+
+
+def eval_view(image, crop):
+  return np.array(image.resize((crop, crop), Image.BILINEAR), np.uint8)
+
+
+def inception_view(image, seed, size, scale):
+  top, left, h, w = datastream.inception_crop(seed, image.height, image.width,
+                                              tuple(scale))
+  image = image.crop((left, top, left + w, top + h)).resize(
+      (size, size), Image.BILINEAR)
+  if datastream.uniforms([seed], INCEPTION_FLIP_UNIFORM)[0] < 0.5:
+    image = image.transpose(Image.FLIP_LEFT_RIGHT)
+  return np.array(image, np.uint8)

@@ -1,0 +1,142 @@
+"""big_transfer.loader (JAX's input pipeline, no TensorFlow) against
+PyTorch's DataLoader path (bit_pytorch.data and engine.mixed): the same
+pixels, labels and mixup for training, evaluation and the Inception crop,
+from any start step and on any share of the batch; bad images named."""
+import argparse
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from big_transfer import datasets, datastream, errors, loader
+from bit_pytorch import data as torch_data
+from bit_pytorch import engine
+from conftest import REPO, write_imagefolder
+
+CLASSES = 3
+
+
+@pytest.fixture(scope='module')
+def source(tmp_path_factory):
+  """A folder of images of several sizes (so the resize is real)."""
+  root = tmp_path_factory.mktemp('loader')
+  rng = np.random.default_rng(0)
+  for split, n in (('train', 6), ('val', 4)):
+    for c in range(CLASSES):
+      os.makedirs(root / split / f'c{c}')
+      for i in range(n):
+        h, w = rng.integers(20, 40, 2)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(
+            root / split / f'c{c}' / f'{i}.png')
+  return datasets.load(argparse.Namespace(dataset='imagefolder',
+                                          datadir=str(root)))
+
+
+def pytorchs_batch(data, stream, step, lo, hi, resize, crop, crop_scale=None):
+  """PyTorch's images (NHWC) and soft labels of rows [lo, hi) of `step`."""
+  rows, partner = stream.rows(lo, hi)
+  views = torch_data.TrainSet(data.train, resize, crop, crop_scale)
+  idx, seeds = stream.indices(step), stream.aug_seeds(step)
+  x, y = torch.utils.data.default_collate(
+      [views[(int(idx[p]), int(seeds[p]))] for p in rows])
+  (x, y, y2, lam), = engine.mixed([(x, y)], [(rows, partner)],
+                                  stream.lam(step), 'cpu')
+  eye = np.eye(CLASSES, dtype=np.float32)
+  return (x.permute(0, 2, 3, 1).numpy(),
+          lam * eye[y.numpy()] + (1 - lam) * eye[y2.numpy()])
+
+
+@pytest.mark.parametrize('processes', [1, 2])
+def test_training_batches_are_pytorchs(source, processes):
+  stream = datastream.Stream(len(source.train), 6, seed=4, mixup_alpha=0.5)
+  local = stream.batch // processes
+  for pid in range(processes):
+    batches = loader.train_batches(source.train, CLASSES, stream, 24, 16,
+                                   start_step=3, process_index=pid,
+                                   process_count=processes, workers=2)
+    for step in (3, 4, 5):
+      got = next(batches)
+      want_x, want_y = pytorchs_batch(source, stream, step, pid * local,
+                                      (pid + 1) * local, 24, 16)
+      assert got['image'].shape == (local, 16, 16, 3)
+      np.testing.assert_allclose(got['image'], want_x, rtol=0, atol=1e-6)
+      np.testing.assert_allclose(got['label'], want_y, rtol=0, atol=1e-6)
+  assert 0 < stream.lam(3) < 1  # the batches were mixed
+
+
+def test_a_resumed_start_gives_the_same_batches(source):
+  stream = datastream.Stream(len(source.train), 4, seed=1, mixup_alpha=0.2)
+  whole = loader.train_batches(source.train, CLASSES, stream, 24, 16,
+                               workers=1)
+  first = [next(whole) for _ in range(5)]
+  resumed = loader.train_batches(source.train, CLASSES, stream, 24, 16,
+                                 start_step=3, workers=2)
+  for want in first[3:]:
+    got = next(resumed)
+    np.testing.assert_array_equal(got['image'], want['image'])
+    np.testing.assert_array_equal(got['label'], want['label'])
+
+
+def test_inception_views_are_pytorchs(source):
+  stream = datastream.Stream(len(source.train), 6, seed=2)
+  got = next(loader.train_batches(source.train, CLASSES, stream, None, 12,
+                                  crop_scale=(0.1, 1.0), workers=2))
+  want_x, _ = pytorchs_batch(source, stream, 0, 0, 6, None, 12, (0.1, 1.0))
+  np.testing.assert_allclose(got['image'], want_x, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('processes', [1, 2])
+def test_evaluation_covers_the_split_once_in_order(source, processes):
+  views = torch_data.EvalSet(source.val, 16)
+  want = np.stack([views[i][0].permute(1, 2, 0).numpy()
+                   for i in range(len(source.val))])
+  want = (want.astype(np.float32) - 127.5) / 127.5
+  seen = {}
+  counts = []
+  for pid in range(processes):
+    batches = list(loader.eval_batches(source.val, 4, 16, pid, processes,
+                                       workers=2))
+    counts.append(len(batches))
+    rows = range(pid, len(source.val), processes)
+    images = np.concatenate([b['image'] for b in batches])
+    labels = np.concatenate([b['label'] for b in batches])
+    mask = np.concatenate([b['mask'] for b in batches])
+    assert mask.sum() == len(rows) and not mask[len(rows):].any()
+    for r, i in enumerate(rows):
+      seen[i] = True
+      np.testing.assert_array_equal(images[r], want[i])
+      assert labels[r] == source.val.labels[i]
+  assert len(seen) == len(source.val) and len(set(counts)) == 1
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+  root = write_imagefolder(tmp_path / 'f', train=2, val=1)
+  bad = os.path.join(root, 'train', 'cat', '001.png')
+  with open(bad, 'r+b') as f:  # a header that reads, pixels that do not
+    f.truncate(60)
+  data = datasets.load(argparse.Namespace(dataset='imagefolder',
+                                          datadir=root))
+  stream = datastream.Stream(len(data.train), 6)
+  with pytest.raises(errors.BadInput, match='001.png'):
+    next(loader.train_batches(data.train, 3, stream, 24, 16, workers=2))
+
+
+def test_jax_fine_tunes_without_tensorflow_or_torch(tmp_path):
+  """bit_jax.train to its results with TensorFlow and PyTorch hidden, as on
+  a machine with only the jax extra installed."""
+  folder = write_imagefolder(tmp_path / 'images', train=4, val=2)
+  cmd = [sys.executable, os.path.join(REPO, 'tests', 'without.py'),
+         'tensorflow,torch,torchvision', '-m', 'bit_jax.train',
+         '--name', 'run', '--logdir', str(tmp_path), '--dataset',
+         'imagefolder', '--datadir', folder, '--model',
+         'BiT-R14x0.5-FashionMNIST', '--batch', '6', '--total_steps', '3',
+         '--crop_size', '32', '--workers', '2']
+  done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True,
+                        timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1'))
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert (tmp_path / 'run' / 'results.json').exists()
+  assert (tmp_path / 'run' / 'model.npz').exists()

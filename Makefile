@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_ENABLE_ONEDNN_OPTS ?= 0
 
-.PHONY: demo test install pretrain
+.PHONY: demo test test-fast install pretrain
 install: $(VENV)/.installed
 
 # The package, editable, with every backend and the test tools, at the
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+# The unit tests alone (no whole runs; docs/development.md), for the edit loop.
+test-fast: install
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
 
 demo: install
 	$(PY) -m demo.run

@@ -23,7 +23,7 @@ input pipeline of the JAX backend, which needs no TensorFlow.
 
 A `source` is a big_transfer.datasets.Source. An image that cannot be read
 ends the run with datasets.BadImage naming its file. `workers` threads
-decode (default: the CPU count).
+decode (0: the calling thread; default: one per CPU).
 """
 import os
 
@@ -42,7 +42,9 @@ def to_unit_range(images):
 
 
 def _iterate(dataset, workers):
-  workers = workers or os.cpu_count()
+  """Iterates `dataset` with `workers` threads reading ahead (0: in the
+  calling thread; None: one per CPU)."""
+  workers = os.cpu_count() if workers is None else workers
   return iter(dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=workers, prefetch_buffer_size=2 * workers)))
 

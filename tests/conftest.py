@@ -50,12 +50,15 @@ def published_shapes(arch, head_size):
     cout = 4 * cmid
     for u in range(1, units + 1):
       unit = f'resnet/block{b}/unit{u:02d}'
-      for part, channels, kernel in (('a', cin, (1, 1, cin, cmid)),
-                                     ('b', cmid, (3, 3, cmid, cmid)),
-                                     ('c', cmid, (1, 1, cmid, cout))):
-        shapes[f'{unit}/{part}/group_norm/gamma'] = (channels,)
-        shapes[f'{unit}/{part}/group_norm/beta'] = (channels,)
-        shapes[f'{unit}/{part}/standardized_conv2d/kernel'] = kernel
+      # (The order of the keys decides which random draw goes where.)
+      shapes[f'{unit}/a/group_norm/gamma'] = (cin,)
+      shapes[f'{unit}/a/group_norm/beta'] = (cin,)
+      shapes[f'{unit}/a/standardized_conv2d/kernel'] = (1, 1, cin, cmid)
+      for part in 'bc':
+        shapes[f'{unit}/{part}/group_norm/gamma'] = (cmid,)
+        shapes[f'{unit}/{part}/group_norm/beta'] = (cmid,)
+      shapes[f'{unit}/b/standardized_conv2d/kernel'] = (3, 3, cmid, cmid)
+      shapes[f'{unit}/c/standardized_conv2d/kernel'] = (1, 1, cmid, cout)
       if u == 1:
         shapes[f'{unit}/a/proj/standardized_conv2d/kernel'] = (1, 1, cin,
                                                                cout)
@@ -172,4 +175,9 @@ def pytest_collection_modifyitems(items):
   rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
   for item in items:
     item.add_marker(pytest.mark.xdist_group(xdist_group_of(item)))
+    # test_distill's tests of its runs (the `setup` fixture: a teacher, a
+    # folder) are whole distillation runs.
+    if item.path.name == 'test_distill.py' and 'setup' in getattr(
+        item, 'fixturenames', ()):
+      item.add_marker(pytest.mark.slow)
   items.sort(key=lambda item: rank.get(xdist_group_of(item), len(rank)))

@@ -107,6 +107,7 @@ def test_every_backend_resolves_the_bundled_model_and_digits(backend,
       160, 128, 500, 0.0)
 
 
+@pytest.mark.slow
 def test_reduced_demo_upstream_beats_scratch_at_5_shot(tmp_path, capsys):
   args = demo.argparser().parse_args(
       ['--logdir', str(tmp_path), '--shots', '5', '--seeds', '2',

@@ -17,6 +17,8 @@ from PIL import Image
 
 from benchmarks import end_to_end
 
+pytestmark = pytest.mark.slow  # whole runs: left out of make test-fast
+
 BACKENDS = ('pytorch',)
 STEPS, SAVE_EVERY, SKIP, CROP = 12, 4, 4, 32
 

@@ -11,6 +11,8 @@ import pytest
 from benchmarks import gpu_check
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # whole runs: left out of make test-fast
+
 
 def test_cpu_mode_writes_every_figure(tmp_path):
   out = tmp_path / 'check.json'

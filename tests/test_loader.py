@@ -125,6 +125,7 @@ def test_an_unreadable_image_is_named(tmp_path):
     next(loader.train_batches(data.train, 3, stream, 24, 16, workers=2))
 
 
+@pytest.mark.slow
 def test_jax_fine_tunes_without_tensorflow_or_torch(tmp_path):
   """bit_jax.train to its results with TensorFlow and PyTorch hidden, as on
   a machine with only the jax extra installed."""

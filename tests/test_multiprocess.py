@@ -30,6 +30,8 @@ from conftest import REPO
 from test_trainers import (STEPS, References, argv, assert_same, metrics,
                            out, setup, weights)  # noqa: F401  (setup: fixture)
 
+pytestmark = pytest.mark.slow  # whole runs: left out of make test-fast
+
 WORKER = os.path.join(REPO, 'tests', 'multiprocess_worker.py')
 TIMEOUT = 600
 

@@ -8,6 +8,8 @@ from nbclient import NotebookClient
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # whole runs: left out of make test-fast
+
 COLABS = os.path.join(REPO, 'colabs')
 
 

@@ -22,6 +22,8 @@ from big_transfer import errors, zoo
 from conftest import (REPO, backend_param, synthetic_weights,
                       write_imagefolder)
 
+pytestmark = pytest.mark.slow  # whole runs: left out of make test-fast
+
 BACKENDS = ('pytorch', 'tf2', 'jax')
 STEPS = 12
 # Mixup on, images at the crop size (nothing resampled): every backend

@@ -82,8 +82,8 @@ def _last_edge_below(edges, value):
 
 def _clevr_distance(r):
   """CLEVR: depth of the closest object, binned."""
-  return _last_edge_below(CLEVR_DISTANCE_EDGES,
-                          np.min(np.asarray(r['objects']['pixel_coords'])[:, 2]))
+  depths = np.asarray(r['objects']['pixel_coords'])[:, 2]
+  return _last_edge_below(CLEVR_DISTANCE_EDGES, np.min(depths))
 
 
 class KittiDistance:

@@ -4,8 +4,8 @@ packages cannot be imported, as on a machine where they are not installed:
   python tests/without.py tensorflow,torch -m bit_jax.train --help
 
 Importing a hidden package (or any of its submodules) raises
-ModuleNotFoundError, and importlib.util.find_spec finds none. The tests use this to show that each backend works
-without the other frameworks.
+ModuleNotFoundError, and importlib.util.find_spec finds none. The tests use
+this to show that each backend works without the other frameworks.
 """
 import importlib.abc
 import runpy

@@ -16,6 +16,7 @@ metrics.jsonl (for runs made before this writer existed):
   python -m big_transfer.events RUN_DIR...
 """
 import argparse
+import itertools
 import json
 import os
 import socket
@@ -41,12 +42,18 @@ class TensorBoard:
 
   def __init__(self, run_dir, resume_step=0):
     os.makedirs(run_dir, exist_ok=True)
-    # The name TensorBoard's own writers use; the pid keeps two processes
-    # of one run in the same second apart.
-    name = (f'{EVENTS_PREFIX}{int(time.time()):010d}.{socket.gethostname()}'
-            f'.{os.getpid()}.bit')
-    self.path = os.path.join(run_dir, name)
-    self._file = open(self.path, 'wb')
+    # TensorBoard's own naming (time, host, pid), then a count that keeps
+    # the files of one process in one second apart, in the order written:
+    # a file is only ever created, never overwritten.
+    stem = (f'{EVENTS_PREFIX}{int(time.time()):010d}.{socket.gethostname()}'
+            f'.{os.getpid()}')
+    for n in itertools.count():
+      self.path = os.path.join(run_dir, f'{stem}.{n:03d}.bit')
+      try:
+        self._file = open(self.path, 'xb')
+        break
+      except FileExistsError:
+        continue
     self._writer = RecordWriter(self._file)
     self._write(event_pb2.Event(wall_time=time.time(),
                                 file_version='brain.Event:2'))

@@ -45,15 +45,16 @@ def default_name(model):
 
 
 def compare(name, got, want, tolerance):
-  """Max |got - want|; raises unless within tolerance of the logits' scale."""
+  """Max |got - want|; raises errors.RunFailed (exit 3, one line) unless
+  within tolerance of the logits' scale."""
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   if got.shape != want.shape:
-    raise RuntimeError(f'{name}: logits of shape {got.shape}, the source '
+    raise errors.RunFailed(f'{name}: logits of shape {got.shape}, the source '
                        f'gives {want.shape}.')
   diff = float(np.abs(got - want).max())
   scale = max(1.0, float(np.abs(want).max()))
   if not diff <= tolerance * scale:
-    raise RuntimeError(f'{name}: logits differ from the source by {diff:.3g} '
+    raise errors.RunFailed(f'{name}: logits differ from the source by {diff:.3g} '
                        f'(allowed {tolerance * scale:.3g}); the export is '
                        'wrong and was not kept.')
   logger.info(f'{name}: max |logit difference| to the source {diff:.3g} '

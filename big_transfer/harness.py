@@ -22,6 +22,7 @@ number, before any checkpoint could hold its weights.
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import platform
 import signal
@@ -49,16 +50,30 @@ class Metrics:
 the same scalars to a TensorBoard event file beside it.
 
   On resume, lines from steps after the checkpoint are dropped first (the
-  file is rewritten atomically), so it reads as one uninterrupted run.
+  file is rewritten whole or not at all), so it reads as one uninterrupted
+  run; a last line that a killed process left half-written is cut off with
+  a warning to `logger`.
   """
 
-  def __init__(self, args, resume_step=0):
+  def __init__(self, args, resume_step=0, logger=None):
     self.path = os.path.join(run_dir(args), runfiles.METRICS)
     kept = []
     if resume_step and os.path.exists(self.path):
       with open(self.path) as f:
-        kept = [l for l in f if l.strip() and
-                json.loads(l)['step'] <= resume_step]
+        lines = [l for l in f if l.strip()]
+      for i, line in enumerate(lines):
+        try:
+          record = json.loads(line)
+        except ValueError:
+          if i < len(lines) - 1:
+            raise BadInput(f'{self.path}, line {i + 1}, is not JSON; the '
+                           'file is damaged: move it away to resume.') from None
+          if logger:
+            logger.warning(f'{self.path}: cut off its last line, which a '
+                           'stopped process left half-written.')
+          break
+        if record['step'] <= resume_step:
+          kept.append(line if line.endswith('\n') else line + '\n')
     with runfiles.replaced(self.path) as f:
       f.writelines(kept)
     self._file = open(self.path, 'a')
@@ -237,6 +252,8 @@ class Run:
     if lead:
       _lock(self.dir)
     self.logger = run_logger(args, lead)
+    if lead:
+      runfiles.remove_leftovers(self.dir, self.logger)
     self.any_process = any_process
     self.metrics = None
     self.saved_step = None  # newest checkpoint of this run
@@ -279,7 +296,7 @@ class Run:
     if self.lead:
       runfiles.write_json(os.path.join(self.dir, runfiles.CONFIG),
                  dict(vars(self.args), **config, resumed_from_step=step))
-      self.metrics = Metrics(self.args, step)
+      self.metrics = Metrics(self.args, step, self.logger)
     self.logger.info(summary)
     if (getattr(self.args, 'precision', None) == 'bf16' and
         hardware.bf16_emulated(device)):
@@ -372,6 +389,10 @@ class Run:
       flush()
     except RunFailed as e:
       self.logger.error(str(e))
+      self.close()
+      raise
+    except BaseException:  # a signal's stop, an interrupt, a bug
+      self.close()
       raise
     if progress:
       progress.close()
@@ -425,13 +446,32 @@ class Run:
                       f'{self.saved_step} is there: free space and run the '
                       'same command again.') from e
     self.logger.info(f'done: top-1 {result["top1"]:.2%} after {step} steps.')
+    self.close()
     return dict(result, step=step)
+
+  def close(self):
+    """Closes the run's files (metrics, TensorBoard, the log file) and
+    releases its lock; safe to call more than once."""
+    if self.metrics is not None:
+      self.metrics.close()
+    for handler in list(self.logger.handlers):
+      if isinstance(handler, logging.FileHandler):
+        self.logger.removeHandler(handler)
+        handler.close()
+    if self.lead:
+      _unlock(self.dir)
 
 
 # One live run per folder: the lead process holds an exclusive lock on
 # LOGDIR/NAME/.lock while it lives (the system releases it when the process
 # ends, however it ends). A later run in the same process takes it over.
 _LOCKS = {}
+
+
+def _unlock(folder):
+  lock = _LOCKS.pop(os.path.abspath(os.path.join(folder, runfiles.LOCK)), None)
+  if lock is not None:
+    lock.close()
 
 
 def _lock(folder):

@@ -15,6 +15,7 @@ A run folder holds:
   pre-training), CHECKPOINTS (a folder: JAX's and TF2's).
 """
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -58,6 +59,15 @@ def replaced(path, mode='w', keep=None):
       os.remove(tmp)
     raise
   sync_folder(folder)
+
+
+def remove_leftovers(folder, logger=None):
+  """Removes the temporary files that a process killed while writing left
+  in `folder` (replaced's `.NAME.*.part`)."""
+  for path in glob.glob(os.path.join(folder, '.*.part')):
+    os.remove(path)
+    if logger:
+      logger.info(f'removed {path}, left by a write that did not finish')
 
 
 def write_json(path, obj):

@@ -3,6 +3,7 @@ fine-tuning (train.py) and distillation (distill.py). Joining the processes
 of a job, the collectives the harness asks for, the evaluation sums, and the
 checkpoint format (orbax).
 """
+import itertools
 import os
 
 import jax
@@ -202,7 +203,12 @@ class Checkpoints(harness.Checkpoints):
     self.state, self._read = self._read, None
 
   def set_aside(self, name):
-    os.replace(name, name + '.unreadable')
+    aside = name + '.unreadable'
+    for n in itertools.count(1):  # earlier ones set aside stay
+      if not os.path.exists(aside):
+        break
+      aside = f'{name}.unreadable-{n}'
+    os.replace(name, aside)
     self.manager.reload()
 
   def save(self, step):

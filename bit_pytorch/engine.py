@@ -32,6 +32,10 @@ def process_group():
   if world == 1:
     yield 0, torch.device('cuda' if cuda else 'cpu')
     return
+  if 'LOCAL_RANK' not in os.environ:
+    raise errors.BadInput(f'WORLD_SIZE is {world} but LOCAL_RANK is not set: '
+                          'start several processes with torchrun, or unset '
+                          'WORLD_SIZE for one.')
   local = int(os.environ['LOCAL_RANK'])
   device = torch.device('cuda', local) if cuda else torch.device('cpu')
   if cuda:

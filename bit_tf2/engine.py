@@ -223,7 +223,6 @@ class Checkpoints(harness.Checkpoints):
     if not all(bool(tf.reduce_all(tf.math.is_finite(v)))
                for v in self.checkpoint.model.trainable_variables):
       raise FloatingPointError('weights are not finite')
-    if not os.path.exists(self.run_file):
-      runfiles.write_json(self.run_file, self.settings)
+    runfiles.write_json(self.run_file, self.settings)
     self.checkpoint.step.assign(step)
     self.manager.save(checkpoint_number=step)

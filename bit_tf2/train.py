@@ -217,7 +217,7 @@ def main(args):
     return train_step(next(batches), tf.constant(rate, tf.float32))
 
   result, step = run.fit(step, hyper.total, hyper.lr, train, evaluate, ckpt)
-  if run.lead and args.export_saved_model:
+  if run.lead and args.export_saved_model and args.save:
     model.export_saved_model(os.path.join(run.dir, SAVED_MODEL))
   return run.finish(result, step, model.save_npz, model=args.model,
                     dataset=args.dataset, dataset_size=data.train_size,

@@ -285,7 +285,7 @@ def test_timm_export_reloaded_by_timm(tmp_path, monkeypatch):
     return net
   good_timm = export.timm_model
   monkeypatch.setattr(export, 'timm_model', wrong_timm)
-  with pytest.raises(RuntimeError, match='not kept'):
+  with pytest.raises(errors.RunFailed, match='not kept'):
     export.main(export.argparser().parse_args(
         ['--model', src, '--format', 'timm', '--out', str(tmp_path / 'bad'),
          '--resolution', '32']))
@@ -416,10 +416,10 @@ def test_tensorboard_events_equal_metrics(tmp_path):
       tb.scalars(row['step'], row['split'],
                  {k: v for k, v in row.items() if k not in ('step', 'split')})
   assert read_events(run) == scalars_of(ROWS)
-  # A run resumed from step 2 rewrites steps 3 and 4 (as metrics.jsonl
-  # drops their lines); TensorBoard shows the new values only.
-  import time
-  time.sleep(1.01)  # event file names carry the second they were made
+  # A run resumed from step 2, in the same process and second, rewrites
+  # steps 3 and 4 (as metrics.jsonl drops their lines); TensorBoard shows
+  # the new values only, and the first file is kept whole.
+  first = sorted(os.listdir(run))
   with events.TensorBoard(run, resume_step=2) as tb:
     tb.scalars(3, 'train', {'loss': 1.5, 'lr': 0.0003})
   resumed = ROWS[:3] + [{'step': 3, 'split': 'train', 'loss': 1.5,
@@ -427,6 +427,7 @@ def test_tensorboard_events_equal_metrics(tmp_path):
   shown = read_events(run)
   want = scalars_of(resumed)
   assert {k: v for k, v in shown.items() if v} == want
+  assert set(first) < set(os.listdir(run))
   # The command for older runs writes the same from metrics.jsonl alone.
   old = str(tmp_path / 'old')
   write_run(old, ROWS)

@@ -153,3 +153,21 @@ def test_the_original_known_models_table():
   loaded = models.load(whole, weights)
   np.testing.assert_array_equal(loaded['head']['conv2d']['bias'],
                                 weights['resnet/head/conv2d/bias'])
+
+
+def test_a_checkpoint_set_aside_twice_keeps_both(tmp_path):
+  """A damaged checkpoint whose step was set aside before (a run that
+  failed again at the same place) goes beside the earlier one."""
+  from bit_jax import engine
+  state = {'params': {'w': jnp.ones(3)}}
+  ckpt = engine.Checkpoints(tmp_path / 'checkpoints', {'seed': 0}, state)
+  ckpt.save(4)
+  ckpt.close()
+  newest, = ckpt.newest_first()
+  earlier = tmp_path / 'checkpoints' / '4.unreadable'
+  earlier.mkdir()
+  (earlier / 'kept').write_text('the first one set aside')
+  ckpt.set_aside(newest)
+  assert (earlier / 'kept').exists()
+  assert (tmp_path / 'checkpoints' / '4.unreadable-1').is_dir()
+  assert ckpt.newest_first() == []

@@ -198,3 +198,15 @@ def test_torchvision_datasets_are_wrapped_from_their_data(monkeypatch,
   assert calls == [(str(tmp_path), True, True), (str(tmp_path), False, True),
                    (str(tmp_path), 'trainval', True),
                    (str(tmp_path), 'test', True)]
+
+
+def test_world_size_without_local_rank_is_one_line(tmp_path, monkeypatch,
+                                                   capsys):
+  monkeypatch.setenv('WORLD_SIZE', '2')
+  monkeypatch.delenv('LOCAL_RANK', raising=False)
+  with pytest.raises(SystemExit) as e:
+    train.cli(['--name', 'x', '--logdir', str(tmp_path), '--model',
+               'BiT-R14x0.5-FashionMNIST', '--dataset', 'digits'])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith('error: WORLD_SIZE is 2 but LOCAL_RANK')

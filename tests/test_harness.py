@@ -1,0 +1,124 @@
+"""The run harness (big_transfer.harness) with a stand-in trainer, no
+framework: what a resumed run does with files a killed process left, and
+that a failing run closes its files and releases its lock."""
+import json
+import logging
+import math
+import os
+
+import pytest
+
+import bit_common
+from big_transfer import errors, harness, runfiles
+
+
+class JsonCheckpoints(harness.Checkpoints):
+  """A checkpoint format for the tests: the step and a number, as JSON."""
+
+  def __init__(self, folder, settings):
+    self.path = os.path.join(folder, 'ckpt.json')
+    self.settings, self.value, self._read = settings, 0.0, None
+
+  def newest_first(self):
+    return [self.path] if os.path.exists(self.path) else []
+
+  def read(self, name):
+    with open(name) as f:
+      self._read = json.load(f)
+    return self._read['step'], self._read['settings']
+
+  def load(self):
+    self.value = self._read['value']
+
+  def set_aside(self, name):
+    os.replace(name, name + '.unreadable')
+
+  def save(self, step):
+    runfiles.write_json(self.path, {'step': step, 'value': self.value,
+                                    'settings': self.settings})
+
+
+def args_for(tmp_path, **flags):
+  argv = ['--name', 'run', '--logdir', str(tmp_path), '--total_steps', '12']
+  for k, v in flags.items():
+    argv += [f'--{k}', str(v)]
+  return bit_common.argparser().parse_args(argv)
+
+
+def run(args, losses=lambda step: 1.0 / (step + 1), stop_at=None):
+  """A stand-in fine-tuning: a number that grows each step, the given
+  losses, an evaluation of fixed sums; returns (Run, result)."""
+  r = harness.Run(args)
+  ckpt = JsonCheckpoints(r.dir, {'seed': args.seed})
+  step = r.resume(ckpt, {'seed': args.seed})
+  r.start(step, {}, 'stand-in run')
+
+  def train(step, lr):
+    del lr
+    if stop_at is not None and step == stop_at:
+      raise KeyboardInterrupt  # a kill, as far as the files can tell
+    ckpt.value += 1
+    return losses(step)
+
+  result, step = r.fit(step, args.total_steps, lambda s: 0.1, train,
+                       lambda: [4.0, 2, 3, 4], ckpt)
+  return r, r.finish(result, step)
+
+
+def metrics_lines(tmp_path):
+  with open(tmp_path / 'run' / runfiles.METRICS) as f:
+    return f.read().splitlines()
+
+
+def test_a_torn_last_metrics_line_is_cut_off_at_resume(tmp_path):
+  args = args_for(tmp_path, save_every=4)
+  with pytest.raises(KeyboardInterrupt):
+    run(args, stop_at=6)
+  lines = metrics_lines(tmp_path)
+  # Rows are written as the losses are read back: at the checkpoint of 4.
+  assert [json.loads(l)['step'] for l in lines][-1] == 4
+  # The process was killed in the middle of writing step 5's line.
+  with open(tmp_path / 'run' / runfiles.METRICS, 'a') as f:
+    f.write('{"step": 5, "split": "tra')
+  _, result = run(args)
+  assert result['step'] == 12
+  steps = [json.loads(l)['step'] for l in metrics_lines(tmp_path)
+           if json.loads(l)['split'] == 'train']
+  assert steps == list(range(1, 13))  # resumed at 4, each step once
+  assert 'half-written' in (tmp_path / 'run' / runfiles.LOG).read_text()
+
+
+def test_a_damaged_line_before_the_last_is_refused(tmp_path):
+  args = args_for(tmp_path, save_every=4)
+  with pytest.raises(KeyboardInterrupt):
+    run(args, stop_at=6)
+  lines = metrics_lines(tmp_path)
+  lines[1] = lines[1][:10]
+  (tmp_path / 'run' / runfiles.METRICS).write_text('\n'.join(lines) + '\n')
+  with pytest.raises(errors.BadInput, match='line 2, is not JSON'):
+    run(args)
+
+
+def test_leftover_temporary_files_are_removed_at_start(tmp_path):
+  folder = tmp_path / 'run'
+  folder.mkdir()
+  leftover = folder / f'.{runfiles.RESULTS}.abc123.part'
+  leftover.write_text('{"top1": ')
+  mine = folder / 'notes.part'  # not a name of runfiles.replaced
+  mine.write_text('kept')
+  run(args_for(tmp_path))
+  assert not leftover.exists() and mine.exists()
+
+
+def test_a_failing_run_closes_its_files_and_lock(tmp_path):
+  args = args_for(tmp_path)
+  with pytest.raises(errors.Diverged):
+    run(args, losses=lambda step: math.nan if step == 3 else 1.0)
+  lock = os.path.abspath(tmp_path / 'run' / runfiles.LOCK)
+  assert lock not in harness._LOCKS  # pylint: disable=protected-access
+  logger = logging.getLogger('bit.run')
+  assert not [h for h in logger.handlers
+              if isinstance(h, logging.FileHandler)]
+  # The same command again runs (the lock was released, nothing is open).
+  _, result = run(args)
+  assert result['step'] == 12

@@ -21,8 +21,8 @@ A backend is a module with
   load_model(weights) -> a model handle, callable on float32 NHWC images in
       [-1, 1] (numpy), returning numpy features (N, D)
   feature_batches(model, splits, split, crop, batch, args)
-      -> iterator of (features (b, D), labels (b,)) numpy batches, in order
-  and optionally read_weights(model, pretrained_dir) -> {key: array}.
+      -> iterator of (features (b, D), labels (b,)) numpy batches, in order.
+The weights are zoo.load_weights's (every --model form, in every backend).
 """
 import dataclasses
 import hashlib
@@ -159,11 +159,6 @@ def resolution(args, splits):
                                   crop_size=args.resolution)[1]
 
 
-def read_weights(backend, args):
-  read = getattr(backend, 'read_weights', None) or zoo.load_weights
-  return read(args.model, args.bit_pretrained_dir)
-
-
 @dataclasses.dataclass
 class Features:
   features: np.ndarray   # float32 (N, D)
@@ -254,7 +249,8 @@ def features_main(args, backend):
   _check_writable(args.out)
   logger = make_logger()
   splits = backend.load_data(args, logger)
-  model = backend.load_model(read_weights(backend, args))
+  model = backend.load_model(zoo.load_weights(args.model,
+                                              args.bit_pretrained_dir))
   crop = resolution(args, splits)
   feats = extract(backend, model, splits, args.split, crop, args.batch, args,
                   logger)
@@ -449,7 +445,8 @@ def fewshot_main(args, backend):
   splits = backend.load_data(args, logger)
   if splits.labels['train'] is not None:
     check_shots(splits.labels['train'], shots)
-  model = backend.load_model(read_weights(backend, args))
+  model = backend.load_model(zoo.load_weights(args.model,
+                                              args.bit_pretrained_dir))
   crop = resolution(args, splits)
   feats = {split: split_features(backend, model, splits, split, crop, args,
                                  logger) for split in SPLITS}

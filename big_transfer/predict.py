@@ -89,16 +89,14 @@ def label_names(args, head_size, logger=None):
   return names
 
 
-def predict(args, load_model, logger=None, read_weights=None):
+def predict(args, load_model, logger=None):
   """The predict CLI's work, given the backend's `load_model(weights)` that
-  returns (head_size, logits_fn: float32 NHWC batch -> numpy logits), and
-  optionally its `read_weights(model, pretrained_dir)` -> {key: array}
-  (default: zoo.load_weights: registered names, .npz files, hf-hub:)."""
+  returns (head_size, logits_fn: float32 NHWC batch -> numpy logits); the
+  weights are zoo.load_weights's (every --model form)."""
   if args.top_k < 1 or args.batch < 1:
     raise BadInput('--top_k and --batch must be positive.')
   paths = list_images(args.inputs)
-  read_weights = read_weights or zoo.load_weights
-  weights = read_weights(args.model, args.bit_pretrained_dir)
+  weights = zoo.load_weights(args.model, args.bit_pretrained_dir)
   head_size, logits_fn = load_model(weights)
   names = label_names(args, head_size, logger)
   size = args.resolution or bit_hyperrule.get_resolution_from_image_sizes(

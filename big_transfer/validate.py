@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from big_transfer import errors, flags, metrics, runfiles
+from big_transfer import errors, flags, metrics, runfiles, zoo
 
 
 def argparser(framework, precisions=('fp32', 'bf16', 'fp16'),
@@ -73,10 +73,9 @@ def report(result, args):
   return result
 
 
-def main_numpy(args, load_model, read_weights, read_data):
+def main_numpy(args, load_model, read_data):
   """The validate command of a backend whose model takes NumPy batches (TF2,
-  JAX), given its `load_model(weights)` -> (head size, logits_fn),
-  `read_weights(model, pretrained_dir)` -> {published key: array} and
+  JAX), given its `load_model(weights)` -> (head size, logits_fn) and
   `read_data(args, logger)` -> (class names, typical (height, width),
   evaluation size, batches(crop)), where batches(crop) yields the
   evaluation split once as {'image', 'label', 'mask'}."""
@@ -84,8 +83,8 @@ def main_numpy(args, load_model, read_weights, read_data):
   check(args)
   log = logger()
   classes, original_hw, size, batches = read_data(args, log)
-  head_size, logits_fn = load_model(read_weights(args.ckpt_path,
-                                                 args.bit_pretrained_dir))
+  head_size, logits_fn = load_model(zoo.load_weights(args.ckpt_path,
+                                                    args.bit_pretrained_dir))
   check_head(head_size, classes, args)
   crop = bit_hyperrule.resolution(original_hw, crop_size=args.crop_size)[1]
   log.info(f'evaluating {args.ckpt_path} on {size} {args.dataset} images at '

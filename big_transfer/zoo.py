@@ -183,10 +183,13 @@ def download(url, dest, opener=urllib.request.urlopen, verify=None):
   return dest
 
 
-def weights_path(model, pretrained_dir='.', fmt='npz', opener=None):
+def weights_path(model, pretrained_dir='.', fmt=None, opener=None):
   """The local file for `model` (a registered name or a file path).
 
-  A registered model missing from `pretrained_dir` is downloaded there.
+  A registered model is read from `pretrained_dir` in format `fmt` ('npz'
+  or 'h5'); with `fmt` None, as `.npz` where that file is there, else as
+  the published `.h5` where that one is. A file missing from
+  `pretrained_dir` is downloaded there (the `.npz` when `fmt` is None).
   """
   if model.endswith(('.npz', '.h5')):
     if not os.path.isfile(model):
@@ -195,6 +198,12 @@ def weights_path(model, pretrained_dir='.', fmt='npz', opener=None):
   info = model_info(model)
   if info.path:
     return info.path
+  if fmt is None:
+    local_h5 = info.h5_url and os.path.join(pretrained_dir,
+                                            info.filename('h5'))
+    fmt = ('h5' if local_h5 and os.path.exists(local_h5) and not
+           os.path.exists(os.path.join(pretrained_dir, info.filename('npz')))
+           else 'npz')
   url = info.h5_url if fmt == 'h5' else info.url
   if url is None:
     raise BadInput(f'{model} is not published as .{fmt}; use its .npz.')
@@ -230,6 +239,61 @@ def save_npz(path, weights):
   with runfiles.replaced(path, 'wb') as f:
     np.savez(f, **weights)
   return path
+
+
+# --------------------------------------------------------------------------
+# Published Keras-2 .h5 files, read by variable name.
+
+# Where a Keras-2 variable name ends, e.g. the tail of
+# 'block1/resnet/block1/unit01/a/group_norm/gamma:0'.
+_H5_VARIABLE = re.compile(
+    r'(root_block/standardized_conv2d(?:_\d+)?/kernel'
+    r'|block\d+/unit\d+/[abc]/(?:proj/)?(?:group_norm/(?:gamma|beta)'
+    r'|standardized_conv2d(?:_\d+)?/kernel)'
+    r'|group_norm/(?:gamma|beta)'
+    r'|head/(?:dense|conv2d)/(?:kernel|bias))(?::\d+)?$')
+
+
+def load_h5(path):
+  """{published key: array} from a BiT Keras-2 `.h5` weights file.
+
+  Every dataset is matched by the ending of its name, so the file's group
+  layout and layer order do not matter; a Dense head (C, K) becomes the
+  published 1x1 convolution (1, 1, C, K). Refuses unknown datasets.
+  """
+  try:
+    import h5py  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise BadInput(f'{path} is an .h5 file: reading it needs h5py '
+                   '(pip install h5py).') from e
+  weights = {}
+
+  def visit(name, obj):
+    if not isinstance(obj, h5py.Dataset) or name.startswith(
+        'optimizer_weights'):
+      return
+    m = _H5_VARIABLE.search(name)
+    if not m:
+      raise BadInput(f'{path}: dataset {name} is no BiT ResNet variable; '
+                     'is this a BiT .h5 file?')
+    key = _canonical_key('resnet/' + m.group(1).split(':')[0])
+    array = obj[()]
+    if key == 'resnet/head/dense/kernel':
+      key, array = 'resnet/head/conv2d/kernel', array[None, None]
+    key = key.replace('head/dense/', 'head/conv2d/')
+    if key in weights:
+      raise BadInput(f'{path}: {key} appears twice (again as {name}).')
+    weights[key] = array
+
+  try:
+    with h5py.File(path, 'r') as f:
+      f.visititems(visit)
+  except OSError as e:
+    raise BadInput(f'{path} is not a readable .h5 file ({e}); delete it '
+                   'and download it again.') from e
+  if not weights:
+    raise BadInput(f'{path} holds no BiT weights.')
+  return weights
 
 
 def unit_name(block, unit):
@@ -340,8 +404,10 @@ HF_HUB_FILES = ('model.safetensors', 'pytorch_model.bin')
 def load_weights(model, pretrained_dir='.'):
   """{published key: float32 array} for `model`, checked for NaN/inf.
 
-  `model` is a registered name (its file downloaded into `pretrained_dir`
-  when missing), a `.npz` path, a run folder holding `model.npz`, or
+  `model` is a registered name (its `.npz` or published `.h5` in
+  `pretrained_dir`, the `.npz` downloaded there when missing), a `.npz` or
+  `.h5` path (the published Keras-2 files), a run folder holding
+  `model.npz`, or
   `hf-hub:ORG/NAME[@REVISION]`: a timm or transformers BiT checkpoint on the
   Hugging Face Hub (safetensors or .bin), fetched and cached by
   huggingface_hub (its cache, HF_HUB_OFFLINE honoured) and mapped to the
@@ -368,7 +434,7 @@ def load_weights(model, pretrained_dir='.'):
       weights = from_torch_layout(read_torch_file(path), source=path)
     else:
       path = weights_path(model, pretrained_dir)
-      weights = load_npz(path)
+      weights = load_h5(path) if path.endswith('.h5') else load_npz(path)
   weights = {k: np.asarray(v, np.float32) for k, v in weights.items()}
   check_finite(weights, path)
   return weights

@@ -7,7 +7,7 @@
 registered model name or hf-hub:ORG/NAME. Prints (and with --output writes)
 {"loss", "top1", "top5", "n"} as JSON, as bit_pytorch.validate does.
 """
-from big_transfer import datasets, errors, loader, validate, zoo
+from big_transfer import datasets, errors, loader, validate
 from bit_jax import predict
 
 
@@ -25,8 +25,7 @@ def read_data(args, logger):
 
 
 def main(args):
-  return validate.main_numpy(args, predict.load_model, zoo.load_weights,
-                             read_data)
+  return validate.main_numpy(args, predict.load_model, read_data)
 
 
 def cli(argv=None):

@@ -135,16 +135,9 @@ def make_steps(strategy, student, teacher, adam, recipe, batch_split):
   return train_step, eval_step
 
 
-def read_weights(model, pretrained_dir):
-  """Published weights of any --model form, a TF2 .h5 file included."""
-  if model.endswith('.h5') or model in zoo.MODELS:
-    return models.load_weights(models.weights_file(model, pretrained_dir))
-  return zoo.load_weights(model, pretrained_dir)
-
-
 def build_nets(args, recipe, classes, dtype):
   """(teacher, student), under the strategy's scope."""
-  weights = read_weights(recipe.teacher, args.bit_pretrained_dir)
+  weights = zoo.load_weights(recipe.teacher, args.bit_pretrained_dir)
   _, head = zoo.model_arch(recipe.teacher, weights=weights)
   distill.check_teacher(head, classes, recipe.teacher)
   teacher = models.create(recipe.teacher, weights=weights, dtype=dtype)
@@ -154,7 +147,7 @@ def build_nets(args, recipe, classes, dtype):
     student = models.create(recipe.student, head_size=classes,
                             zero_head=True, dtype=dtype)
   else:
-    weights = read_weights(recipe.student, args.bit_pretrained_dir)
+    weights = zoo.load_weights(recipe.student, args.bit_pretrained_dir)
     student = models.create(recipe.student, head_size=classes,
                             zero_head=True, weights=weights, dtype=dtype)
   return teacher, student

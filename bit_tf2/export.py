@@ -36,12 +36,6 @@ def argparser():
       '(default: exports/NAME-saved_model or exports/NAME.tflite).')
 
 
-def read_weights(model, pretrained_dir='.'):
-  if model.endswith('.h5') or (model in zoo.MODELS):
-    return models.load_weights(models.weights_file(model, pretrained_dir))
-  return zoo.load_weights(model, pretrained_dir)
-
-
 def check_inputs(resolution, batch, seed=0):
   rng = np.random.default_rng(seed)
   return rng.uniform(-1, 1, (batch, resolution, resolution, 3)).astype(
@@ -121,7 +115,7 @@ def export_tflite(model, out, resolution, tolerance):
 def main(args):
   if args.resolution < 32:
     raise BadInput('--resolution must be at least 32.')
-  weights = read_weights(args.model, args.bit_pretrained_dir)
+  weights = zoo.load_weights(args.model, args.bit_pretrained_dir)
   model = models.create('weights', weights=weights)
   name = export.default_name(args.model)
   if args.format == 'saved_model':

@@ -30,10 +30,6 @@ def load_data(args, logger):
                         data)
 
 
-def read_weights(model, pretrained_dir):
-  return models.load_weights(models.weights_file(model, pretrained_dir))
-
-
 class FeatureModel:
   """model(images) -> features: float32 NHWC numpy images in [-1, 1] to
   numpy pre-logits (N, D); the batch is split over the local GPUs."""

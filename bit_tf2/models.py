@@ -1,17 +1,14 @@
 """BiT ResNet-v2 in Keras 3: pre-activation bottlenecks, GroupNorm and
 weight-standardised convolutions. Variable paths mirror the published names
 (`resnet/block1/unit01/a/group_norm/gamma`, ...), so loading and exporting
-the published `.npz` (and reading the published Keras-2 `.h5`) is a matter
-of matching names."""
-import os
-import re
+the published `.npz` (and the published Keras-2 `.h5`, which
+big_transfer.zoo reads for every backend) is a matter of matching names."""
 
-import h5py
 import numpy as np
 import keras
 from keras import layers, ops
 
-from big_transfer import errors, zoo
+from big_transfer import zoo
 
 GN_GROUPS = 32
 GN_EPS = 1e-5
@@ -222,83 +219,6 @@ class ResNetV2(keras.Model):
         [keras.InputSpec(shape=(None, None, None, 3), dtype='float32')])
     archive.write_out(path, verbose=False)
     return path
-
-
-# --------------------------------------------------------------------------
-# Published Keras-2 .h5 files, read by variable name.
-
-# Where a Keras-2 variable name ends, e.g. the tail of
-# 'block1/resnet/block1/unit01/a/group_norm/gamma:0'.
-_H5_VARIABLE = re.compile(
-    r'(root_block/standardized_conv2d(?:_\d+)?/kernel'
-    r'|block\d+/unit\d+/[abc]/(?:proj/)?(?:group_norm/(?:gamma|beta)'
-    r'|standardized_conv2d(?:_\d+)?/kernel)'
-    r'|group_norm/(?:gamma|beta)'
-    r'|head/(?:dense|conv2d)/(?:kernel|bias))(?::\d+)?$')
-
-
-def load_h5(path):
-  """{published key: array} from a BiT Keras-2 `.h5` weights file.
-
-  Every dataset is matched by the ending of its name, so the file's group
-  layout and layer order do not matter; a Dense head (C, K) becomes the
-  published 1x1 convolution (1, 1, C, K). Refuses unknown datasets.
-  """
-  weights = {}
-
-  def visit(name, obj):
-    if not isinstance(obj, h5py.Dataset) or name.startswith(
-        'optimizer_weights'):
-      return
-    m = _H5_VARIABLE.search(name)
-    if not m:
-      raise errors.BadInput(f'{path}: dataset {name} is no BiT ResNet '
-                                'variable; is this a BiT .h5 file?')
-    key = zoo._canonical_key('resnet/' + m.group(1).split(':')[0])
-    array = obj[()]
-    if key == 'resnet/head/dense/kernel':
-      key, array = 'resnet/head/conv2d/kernel', array[None, None]
-    key = key.replace('head/dense/', 'head/conv2d/')
-    if key in weights:
-      raise errors.BadInput(f'{path}: {key} appears twice (again as '
-                                f'{name}).')
-    weights[key] = array
-
-  try:
-    with h5py.File(path, 'r') as f:
-      f.visititems(visit)
-  except OSError as e:
-    raise errors.BadInput(f'{path} is not a readable .h5 file ({e}); '
-                              'delete it and download it again.') from e
-  if not weights:
-    raise errors.BadInput(f'{path} holds no BiT weights.')
-  return weights
-
-
-def load_weights(path):
-  """{published key: array} from a `.h5` file, or from anything
-  zoo.load_weights reads (`.npz`, hf-hub:...); NaN/inf refused."""
-  if path.endswith('.h5'):
-    return zoo.check_finite(load_h5(path), path)
-  return zoo.load_weights(path)
-
-
-def weights_file(model, pretrained_dir='.'):
-  """The weights file for `model` (a registered name or a file path).
-
-  A registered model already in `pretrained_dir` as `.npz` or `.h5` is read
-  from there; a missing one is downloaded as `.npz` (published for every
-  model, and shared with the other backends).
-  """
-  if model.startswith(zoo.HF_HUB_PREFIX):
-    return model  # read through huggingface_hub's cache by load_weights
-  info = zoo.MODELS.get(model)
-  if info is not None and info.h5_url and not info.path:
-    npz = os.path.join(pretrained_dir, info.filename('npz'))
-    h5 = os.path.join(pretrained_dir, info.filename('h5'))
-    if os.path.exists(h5) and not os.path.exists(npz):
-      return h5
-  return zoo.weights_path(model, pretrained_dir, 'npz')
 
 
 def create(model, head_size=None, zero_head=False, weights=None, dtype=None):

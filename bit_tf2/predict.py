@@ -8,10 +8,6 @@ from big_transfer import errors, predict
 from bit_tf2 import models
 
 
-def read_weights(model, pretrained_dir):
-  return models.load_weights(models.weights_file(model, pretrained_dir))
-
-
 def load_model(weights):
   """(head size, logits function) of the model in `weights`."""
   model = models.create('weights', weights=weights)
@@ -26,7 +22,7 @@ def load_model(weights):
 
 
 def main(args):
-  return predict.predict(args, load_model, read_weights=read_weights)
+  return predict.predict(args, load_model)
 
 
 if __name__ == '__main__':

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from big_transfer import errors, flags, harness, runfiles
+from big_transfer import errors, flags, harness, runfiles, zoo
 import bit_common
 import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import engine
@@ -162,8 +162,7 @@ def main(args):
                        'may differ in their last digits.')
   data = input_pipeline.load(args, run.logger)
   hyper = harness.HyperRule.of(args, data.train_size, data.original_hw)
-  weights = models.load_weights(models.weights_file(args.model,
-                                                    args.bit_pretrained_dir))
+  weights = zoo.load_weights(args.model, args.bit_pretrained_dir)
   with strategy.scope():
     model = models.create(args.model, head_size=data.num_classes,
                           zero_head=True, weights=weights,

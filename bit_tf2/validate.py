@@ -31,8 +31,7 @@ def read_data(args, logger):
 
 
 def main(args):
-  return validate.main_numpy(args, predict.load_model, predict.read_weights,
-                             read_data)
+  return validate.main_numpy(args, predict.load_model, read_data)
 
 
 def cli(argv=None):

@@ -216,6 +216,16 @@ def test_expected_shapes_equal_the_published_layout(arch):
       arch, 9)
 
 
+def test_a_registered_model_is_read_from_a_local_npz_or_else_h5(tmp_path,
+                                                                make_npz):
+  info = zoo.MODELS['BiT-S-R50x1']
+  h5 = tmp_path / info.filename('h5')
+  h5.write_bytes(b'')
+  assert zoo.weights_path('BiT-S-R50x1', str(tmp_path)) == str(h5)
+  npz = make_npz(name=info.filename('npz'))
+  assert zoo.weights_path('BiT-S-R50x1', str(tmp_path)) == npz
+
+
 # ---------------------------------------------------------------- CLI
 
 def test_original_flags_keep_their_names_and_defaults():

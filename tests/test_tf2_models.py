@@ -56,7 +56,7 @@ def test_variable_paths_are_the_published_names():
 def test_h5_in_keras2_layout_and_npz_load_the_same(tmp_path, make_npz):
   npz = make_npz('R14x0.5', 10)
   h5 = write_keras2_h5(tmp_path / 'w.h5', zoo.load_npz(npz))
-  from_npz, from_h5 = models.load_weights(npz), models.load_weights(h5)
+  from_npz, from_h5 = zoo.load_weights(npz), zoo.load_weights(h5)
   assert sorted(from_h5) == sorted(from_npz)
   for key in from_npz:
     np.testing.assert_array_equal(from_h5[key], from_npz[key], err_msg=key)
@@ -70,7 +70,7 @@ def test_h5_in_keras2_layout_and_npz_load_the_same(tmp_path, make_npz):
 def test_bit_s_and_bit_m_shaped_h5_files_load(tmp_path, head_size):
   weights = synthetic_weights('R14x0.5', head_size)
   h5 = write_keras2_h5(tmp_path / f'{head_size}.h5', weights, numbered=False)
-  net = models.create('weights', weights=models.load_weights(h5))
+  net = models.create('weights', weights=zoo.load_weights(h5))
   assert net.head_size == head_size
   np.testing.assert_array_equal(
       net.export_weights()['resnet/head/conv2d/bias'],
@@ -97,7 +97,7 @@ def test_wrong_shape_and_missing_key_are_named(tmp_path):
   bad['resnet/head/conv2d/kernel'] = bad['resnet/head/conv2d/kernel'][:, :, :5]
   h5 = write_keras2_h5(tmp_path / 'bad.h5', bad)
   with pytest.raises(errors.BadInput, match='head/conv2d/kernel.*shape'):
-    models.create('R14x0.5', head_size=10, weights=models.load_weights(h5))
+    models.create('R14x0.5', head_size=10, weights=zoo.load_weights(h5))
   missing = dict(weights)
   del missing['resnet/block2/unit01/b/group_norm/beta']
   with pytest.raises(errors.BadInput,
@@ -110,7 +110,7 @@ def test_h5_with_foreign_datasets_is_refused(tmp_path):
   with h5py.File(path, 'w') as f:
     f.create_dataset('dense_1/dense_1/kernel:0', data=np.zeros((2, 2)))
   with pytest.raises(errors.BadInput, match='dense_1/kernel.*no BiT'):
-    models.load_h5(str(path))
+    zoo.load_h5(str(path))
 
 
 def test_zero_head_fine_tuning_keeps_the_body(make_npz):
@@ -148,15 +148,6 @@ def test_bf16_policy_keeps_float32_variables_and_is_close():
   assert out.dtype == np.float32
   reference = tf2_logits(weights, images)
   assert np.abs(out - reference).max() < 0.05 * np.abs(reference).max()
-
-
-def test_weights_file_prefers_a_local_file(tmp_path, make_npz):
-  info = zoo.MODELS['BiT-S-R50x1']
-  h5 = tmp_path / info.filename('h5')
-  h5.write_bytes(b'')
-  assert models.weights_file('BiT-S-R50x1', str(tmp_path)) == str(h5)
-  npz = make_npz(name=info.filename('npz'))
-  assert models.weights_file('BiT-S-R50x1', str(tmp_path)) == npz
 
 
 def run_predict(*args, cwd):
@@ -226,3 +217,29 @@ def test_the_original_known_models_and_num_units_tables():
         images.transpose(0, 3, 1, 2)).float()).numpy()
   np.testing.assert_allclose(model(images.astype(np.float32)).numpy(),
                              expected, atol=2e-4)
+
+
+@pytest.mark.parametrize('backend', ['pytorch', 'jax'])
+def test_the_published_h5_loads_in_every_backend(tmp_path, backend, capsys):
+  """The Keras-2 .h5 files are read by big_transfer.zoo, so PyTorch's and
+  JAX's predict take them as TF2's does, with the logits of the same
+  weights from a .npz."""
+  import importlib
+  from conftest import write_imagefolder
+  weights = synthetic_weights('R14x0.5', 3)
+  h5 = write_keras2_h5(tmp_path / 'w.h5', weights)
+  npz = tmp_path / 'w.npz'
+  np.savez(npz, **weights)
+  folder = write_imagefolder(tmp_path / 'f', classes=('x', 'y'), train=2,
+                             val=0)
+  command = importlib.import_module(f'bit_{backend}.predict')
+  logits = {}
+  for name, model in (('h5', h5), ('npz', str(npz))):
+    out = str(tmp_path / f'{name}.npy')
+    command.main(predict.predict_argparser(backend).parse_args(
+        [folder, '--model', model, '--resolution', '32', '--save_logits',
+         out]))
+    logits[name] = np.load(out)
+  capsys.readouterr()
+  np.testing.assert_array_equal(logits['h5'], logits['npz'])
+  assert logits['h5'].shape == (4, 3)

@@ -11,8 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
-
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = [os.path.join(REPO, 'README.md')] + sorted(
     glob.glob(os.path.join(REPO, 'docs', '*.md')))
 CLI_PAGE = os.path.join(REPO, 'docs', 'cli.md')
@@ -94,7 +93,8 @@ def help_text(module):
 # runpy warns that a command's module was imported before (by another).
 @pytest.mark.filterwarnings('ignore:.*found in sys.modules:RuntimeWarning')
 def test_the_cli_reference_names_every_flag_and_no_other():
-  import torch  # noqa: F401  (before TensorFlow)
+  import torch  # noqa: F401  (torch and torchvision before TensorFlow)
+  import torchvision  # noqa: F401
   flags = set()
   for module in COMMANDS:
     text = help_text(module)

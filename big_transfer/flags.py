@@ -14,12 +14,22 @@ import os
 from big_transfer import datasets, vtab
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+  """--help with each flag's default, but for switches (a default of True
+  beside --no-save reads as if saving were off)."""
+
+  def _get_help_string(self, action):
+    if action.nargs == 0:
+      return action.help
+    return super()._get_help_string(action)
+
+
 def parser(description, *groups, prog=None):
   """A command's parser made of `groups` (parent parsers), showing defaults
   in --help."""
   return argparse.ArgumentParser(
       prog=prog, description=description, parents=groups,
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      formatter_class=_Help)
 
 
 def group(title):

@@ -1,11 +1,12 @@
 """Prediction: everything but the forward pass, shared by the three
 `bit_*.predict` command lines."""
+import json
 import os
 
 import numpy as np
 
 import bit_hyperrule
-from big_transfer import datasets, flags, zoo
+from big_transfer import datasets, flags, runfiles, zoo
 from big_transfer.errors import BadInput
 
 
@@ -15,8 +16,8 @@ def predict_argparser(framework):
                  help='Image files and/or folders (searched recursively).')
   g.add_argument('--labels', default=None,
                  help='Class names, one a line (default: the model\'s own, '
-                 'or the ImageNet label file in --bit_pretrained_dir for '
-                 '1000/21843-class heads).')
+                 'a run folder\'s classes, or the ImageNet label file in '
+                 '--bit_pretrained_dir for 1000/21843-class heads).')
   g.add_argument('--top_k', type=int, default=5,
                  help='How many classes to print per image.')
   g.add_argument('--save_logits', default=None, metavar='FILE.npy',
@@ -65,12 +66,30 @@ def read_labels(path):
     return [line.strip() for line in f if line.strip()]
 
 
+def run_classes(model):
+  """The class names a run folder's config.json records (None elsewhere,
+  or where the run had classes without names)."""
+  config = os.path.join(model, runfiles.CONFIG)
+  if not os.path.isfile(config):
+    return None
+  try:
+    with open(config) as f:
+      classes = json.load(f).get('classes')
+  except (OSError, ValueError):
+    return None
+  return [str(c) for c in classes] if isinstance(classes, list) else None
+
+
 def label_names(args, head_size, logger=None):
   """Class names for a head of `head_size`, or None where none are known."""
   path = args.labels
   info = zoo.MODELS.get(args.model)
   if path is None and info is not None and info.labels:
     path = info.labels
+  if path is None:
+    names = run_classes(args.model)
+    if names is not None and len(names) == head_size:
+      return names
   if path is None and head_size in zoo.LABEL_FILES:
     path = os.path.join(args.bit_pretrained_dir, zoo.LABEL_FILES[head_size])
     if not os.path.exists(path):

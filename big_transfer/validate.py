@@ -22,8 +22,9 @@ def argparser(framework, precisions=('fp32', 'bf16', 'fp16'),
   """The validation command line of `framework` ('PyTorch', 'TF2', 'JAX')."""
   parent, g = flags.group('evaluation')
   g.add_argument('--ckpt_path', required=True,
-                 help=checkpoint_help + 'A .npz file, a registered model name '
-                 '(e.g. BiT-M-R50x1-run0-dtd) or hf-hub:ORG/NAME.')
+                 help=checkpoint_help + 'A .npz file (a run\'s model.npz), a '
+                 'published .h5, a run folder, a registered model name (e.g. '
+                 'BiT-M-R50x1-run0-dtd) or hf-hub:ORG/NAME.')
   g.add_argument('--crop_size', type=int, default=None,
                  help='Evaluation resolution (default: the one the checkpoint '
                  'was trained at where known, else the HyperRule\'s for the '

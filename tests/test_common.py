@@ -1,7 +1,9 @@
 """bit_common: registry, downloads, checkpoint checks, CLI, few-shot, folders."""
+import argparse
 import functools
 import http.server
 import io
+import json
 import os
 import threading
 import urllib.error
@@ -9,7 +11,7 @@ import urllib.error
 import numpy as np
 import pytest
 
-from big_transfer import datasets, errors, harness, predict, zoo
+from big_transfer import datasets, errors, harness, predict, runfiles, zoo
 import bit_common
 from conftest import published_shapes, synthetic_weights, write_imagefolder
 
@@ -348,3 +350,15 @@ def test_readable_images_names_or_leaves_out_bad_files(tmp_path):
     datasets.readable_images(paths)
   # With skip, whole files are decoded: the truncated one is left out too.
   assert datasets.readable_images(paths, skip=True).tolist() == [0, 2, 3, 5]
+
+
+def test_a_run_folder_names_its_classes_for_predict(tmp_path):
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / runfiles.CONFIG).write_text(json.dumps({'classes': ['blue', 'red']}))
+  args = argparse.Namespace(labels=None, model=str(run),
+                            bit_pretrained_dir=str(tmp_path))
+  assert predict.label_names(args, 2) == ['blue', 'red']
+  assert predict.label_names(args, 3) is None  # not this model's classes
+  (run / runfiles.CONFIG).write_text(json.dumps({'classes': 10}))
+  assert predict.label_names(args, 10) is None

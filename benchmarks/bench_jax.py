@@ -7,6 +7,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from benchmarks.timing import images_per_sec
+from bit_jax import models, train
 
 
 def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
@@ -16,7 +17,6 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
   aliased to them, temporaries), on any platform. (The accelerator
   allocator's peak cannot be reset in JAX and holds the autotuning's
   scratch; the CPU's resident memory holds the compiler's.)"""
-  from bit_jax import models, train
   if precision not in train.DTYPES:
     raise ValueError(f'bit_jax does not support {precision}')
   model, params = models.create(arch, head_size=1000,

@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks.timing import RssPeak, images_per_sec
+from bit_tf2 import engine, models, train
 
 
 def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
@@ -13,7 +14,6 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
   """{train_img_s, train_mem_bytes, eval_img_s, ...}; train_mem_bytes: on a
   GPU the allocator's peak during the training steps, on the CPU the growth
   of peak resident memory over them."""
-  from bit_tf2 import engine, models, train
   strategy = engine.make_strategy()
   with strategy.scope():
     model = models.create(arch, head_size=1000,

@@ -1,17 +1,18 @@
 """The peer: timm's resnetv2_50x1_bit (with the chosen architecture's units
-and width), trained and evaluated the way bench_pytorch runs ours (torch_timing) (SGD step
-on cross-entropy; forward without gradients), in timm's default memory
-format unless `channels_last` (as timm's training script runs on GPUs with
---channels-last)."""
+and width), trained and evaluated the way bench_pytorch runs ours
+(torch_timing: an SGD step on cross-entropy; forward passes without
+gradients), in timm's default memory format unless `channels_last` (as
+timm's training script runs on GPUs with --channels-last)."""
 import functools
 
+import timm
+from timm.models import resnetv2
+
 from benchmarks import torch_timing
+from big_transfer import zoo
 
 
 def create(arch):
-  import timm
-  from timm.models import resnetv2
-  from big_transfer import zoo
   a = zoo.parse_arch(arch)
   if a == zoo.parse_arch('R50x1'):
     return timm.create_model('resnetv2_50x1_bit', num_classes=1000)

@@ -45,6 +45,7 @@ import tempfile
 import time
 
 import numpy as np
+from PIL import Image
 
 from benchmarks.measure import REPO, chosen, measure_in_subprocess
 from big_transfer import hardware, zoo
@@ -75,7 +76,6 @@ def make_folder(root, classes=10, per_class=32, size=(160, 200), seed=0,
   the task can be learnt and the files compress like photographs rather
   than like noise or flat colour.
   """
-  from PIL import Image
   height, width = (size, size) if isinstance(size, int) else size
   val_per_class = val_per_class or max(2, per_class // 4)
   rng = np.random.default_rng(seed)
@@ -186,7 +186,6 @@ def measure_end_to_end(framework, arch, resolution, batch, precision, steps,
 
 def first_image_size(folder):
   """[height, width] of the first training image of an image folder."""
-  from PIL import Image
   train = os.path.join(folder, 'train')
   first = os.path.join(train, sorted(os.listdir(train))[0])
   with Image.open(os.path.join(first, sorted(os.listdir(first))[0])) as im:
@@ -283,7 +282,9 @@ def kept_checkpoint_steps(framework, run_dir):
   checkpoints/ckpt-<step>.index, JAX's (Orbax) checkpoints/<step>/."""
   folder = os.path.join(run_dir, 'checkpoints')
   if framework == 'pytorch':
-    import torch
+    # Imported here only: this module (and the GPU check, which imports
+    # it) also runs where PyTorch is not installed.
+    import torch  # pylint: disable=import-outside-toplevel
     steps = []
     for f in ('bit.pth.tar', 'bit.prev.pth.tar'):
       path = os.path.join(run_dir, f)

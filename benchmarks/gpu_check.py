@@ -1,6 +1,6 @@
 """The GPU check (run through benchmarks/gpu_check.sh): on a machine with one
-NVIDIA GPU and the frameworks installed, with no network, in under 8
-minutes, one JSON file holding
+NVIDIA GPU and the frameworks installed, with no network, within the time
+limit of SIZES (total_s), one JSON file holding
 
 - each backend's training and evaluation throughput (R50x1, 224 px, bf16,
   batch 128, random data) against timm's resnetv2_50x1_bit with AMP and

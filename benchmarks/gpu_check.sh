@@ -4,7 +4,8 @@
 # same run, model FLOP utilisation, peak GPU memory, and a short fine-tuning
 # in each backend on a generated image folder; one JSON file. Needs one
 # NVIDIA GPU and the frameworks installed (a missing one is skipped, and
-# the JSON says why); no network. Takes under 8 minutes.
+# the JSON says why); no network. Its measurements stop at a time limit
+# (gpu_check.SIZES: total_s), leaving what they measured.
 #
 #   benchmarks/gpu_check.sh [--out gpu_check.json] [--backends pytorch,jax,tf2]
 #   benchmarks/gpu_check.sh --cpu --out /tmp/check.json   # tiny, on the CPU

@@ -2,11 +2,12 @@
 model: one training step as bit_pytorch.train runs it, one evaluation
 forward pass, on random data, synchronised with the GPU where there is one.
 """
-
 import torch
 import torch.nn.functional as F
 
 from benchmarks.timing import RssPeak, images_per_sec
+from bit_pytorch import engine
+from bit_pytorch import train
 
 
 def steps_for(net, resolution, batch, precision, channels_last=None,
@@ -14,8 +15,6 @@ def steps_for(net, resolution, batch, precision, channels_last=None,
   """(train_step, eval_step, device): callables that run one training step
   (as bit_pytorch.train does, the batch in `batch_split` micro-batches) or
   one evaluation forward pass of `net`."""
-  from bit_pytorch import engine
-  from bit_pytorch import train
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   net, auto_cl = engine.to_device(net, device)
   channels_last = auto_cl if channels_last is None else channels_last

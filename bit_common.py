@@ -74,8 +74,8 @@ def check_writable(args, keep=False):
     with tempfile.TemporaryFile(dir=folder):
       pass
   except OSError as e:
-    raise BadInput(f'cannot write to {folder} ({e.strerror or e}); give a '
-                   '--logdir you can write to.') from None
+    raise BadInput(f'cannot write to {folder} ({e.strerror or e}); make it '
+                   'writable or give another --logdir.') from None
   finally:
     for made in [] if keep else missing:
       try:
@@ -110,11 +110,35 @@ def setup_logger(args):
   fmt = logging.Formatter('%(asctime)s %(levelname)s %(message)s',
                           '%Y-%m-%d %H:%M:%S')
   for h in (logging.StreamHandler(sys.stderr),
-            logging.FileHandler(os.path.join(run_dir(args), runfiles.LOG))):
+            LogFile(os.path.join(run_dir(args), runfiles.LOG))):
     h.setFormatter(fmt)
     logger.addHandler(h)
   return logger
 
+
+class LogFile(logging.FileHandler):
+  """train.log. When a write fails (a full disk), says so once on stderr
+  and writes no more to it, instead of a traceback per message."""
+  failed = False
+
+  def emit(self, record):
+    if not self.failed:
+      super().emit(record)
+
+  def handleError(self, record):
+    err = sys.exc_info()[1]
+    if self.failed or not isinstance(err, OSError):
+      return super().handleError(record)
+    self.failed = True
+    print(f'warning: cannot write to {self.baseFilename} '
+          f'({err.strerror or err}); logging on stderr only.', file=sys.stderr)
+    return None
+
+  def close(self):
+    try:
+      super().close()
+    except OSError:  # closed; its last lines are lost with the full disk
+      pass
 
 
 def run_logger(args, lead=True):

@@ -55,4 +55,4 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
         lambda: eval_step(state[0], x, y_int, mask).block_until_ready(),
         batch, steps, warmup)
   return dict(out, device=device.platform, devices=jax.device_count(),
-              jax=jax.__version__)
+              jax=jax.__version__, kernels=f'XLA ({device.platform})')

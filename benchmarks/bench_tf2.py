@@ -2,6 +2,8 @@
 distributed over all local devices by its strategy, XLA on accelerators,
 Keras mixed precision) and the evaluation step, on random data (the data
 pipeline is not timed)."""
+import os
+
 import numpy as np
 import tensorflow as tf
 
@@ -52,5 +54,9 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
   if evaluate:
     out['eval_img_s'] = images_per_sec(
         lambda: eval_step(next(eval_batches)).numpy(), batch, steps, warmup)
+  onednn = os.environ.get('TF_ENABLE_ONEDNN_OPTS') not in ('0', 'false')
   return dict(out, device=device, devices=strategy.num_replicas_in_sync,
-              xla=xla, tensorflow=tf.__version__)
+              xla=xla, tensorflow=tf.__version__, kernels=', '.join(
+                  [f'oneDNN {"on" if onednn else "off"}'] +
+                  [f'XLA {part}' for part, on in zip(('train', 'eval'), xla)
+                   if on]))

@@ -7,7 +7,9 @@ Every measurement runs in its own subprocess (one framework per process, so
 none slows another), in rounds: each round measures timm's
 resnetv2_50x1_bit-style peer (`timm`, always fp32) and then every chosen
 framework and precision. Each result is printed with its ratio to the timm
-fp32 figure of the same round; the summary gives medians over the rounds.
+fp32 figure of the same round; the summary gives medians over the rounds,
+the range of the per-round ratios, and the kernels each framework used
+(oneDNN on or off, cuDNN, XLA, torch.compile).
 The machine is not assumed to be quiet: repeat, and read the spread. The
 CPU's model and SIMD flags are printed and recorded with the figures; on a
 CPU that emulates bf16 a warning says so once, at the start.
@@ -92,11 +94,13 @@ def main(argv=None):
         ratios = [x[k] / p[k] for x, p in zip(results, table[(PEER, 'fp32')])
                   if 'error' not in x and 'error' not in p]
         row[k + '_ratio'] = statistics.median(ratios) if ratios else None
+        row[k + '_ratio_range'] = [min(ratios), max(ratios)] if ratios else None
+    row['kernels'] = sorted({x.get('kernels', '?') for x in good})
     summary.append(row)
     print(f'  {fw:>8} {prec:<5} ' + (' '.join(
-        f'{k}={row[k]:.1f}' + (f' (x{row[k + "_ratio"]:.2f})'
-                               if row[k + '_ratio'] else '') for k in KEYS)
-        if good else 'failed'), flush=True)
+        f'{k}={row[k]:.1f}' + _ratio(row, k) for k in KEYS) +
+                                        f'  [{"; ".join(row["kernels"])}]'
+                                        if good else 'failed'), flush=True)
   memory = _memory_by_split(args, runs)
   end_to_end = _end_to_end(args, frameworks)
   if args.json:
@@ -140,6 +144,14 @@ def _end_to_end(args, frameworks):
       '--arch', args.arch, '--resolution', str(args.resolution),
       '--batch', str(args.batch), '--frameworks', ','.join(ours),
       '--precisions', args.precisions, '--steps', str(args.end_to_end)])
+
+
+def _ratio(row, key):
+  """' (xMEDIAN, rounds xMIN..MAX)' of a summary row's ratio to the peer."""
+  if not row[key + '_ratio']:
+    return ''
+  low, high = row[key + '_ratio_range']
+  return f' (x{row[key + "_ratio"]:.2f}, rounds x{low:.2f}..{high:.2f})'
 
 
 def _describe(res, peer):

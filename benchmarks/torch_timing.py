@@ -78,5 +78,10 @@ def time_model(net, resolution, batch, precision, steps, warmup,
   if evaluate:
     out['eval_img_s'] = images_per_sec(synced(eval_step, device), batch,
                                        steps, warmup)
+  onednn = torch.backends.mkldnn.is_available() and (
+      torch.backends.mkldnn.enabled)
   return dict(out, device=str(device), threads=torch.get_num_threads(),
-              torch=torch.__version__)
+              torch=torch.__version__, kernels=(
+                  ('cuDNN' if device.type == 'cuda' else
+                   f'oneDNN {"on" if onednn else "off"}') +
+                  (', torch.compile' if compile else '')))

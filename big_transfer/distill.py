@@ -252,8 +252,8 @@ class Run(harness.Run):
   *EVAL_EXTRAS] sums; the extras are logged and written beside the others
   (as shares of n) in metrics.jsonl and results.json."""
 
-  def _evaluate(self, step, evaluate):
-    sums = np.asarray(evaluate(), np.float64)
+  def summarize(self, step, sums):
+    sums = np.asarray(sums, np.float64)
     result = metrics.summarize(sums[:4])
     result.update({k: float(v) / result['n']
                    for k, v in zip(EVAL_EXTRAS, sums[4:])})
@@ -263,8 +263,6 @@ class Run(harness.Run):
         f'the teacher {result["agreement"]:.2%} (teacher top-1 '
         f'{result["teacher_top1"]:.2%}), KL {result["kl"]:.4f} '
         f'({result["n"]} examples)')
-    if self.lead:
-      self.metrics.write(step, 'val', **result)
     return result
 
 

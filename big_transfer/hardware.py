@@ -1,10 +1,18 @@
-"""What the machine's CPU can do, as far as the choice of precision cares.
+"""What the machine can do, as far as a run's speed cares: whether its CPU
+computes bf16 natively, and whether it has NVIDIA GPUs that the framework
+does not see.
 
 bf16 on an x86 CPU is fast only with the AVX512_BF16 or AMX-BF16
 instructions; without them every framework emulates it, far slower than
 fp32 (on an AVX2-only EPYC, one bf16 benchmark measurement took minutes).
+
+A framework installed without its CUDA build (JAX's and TensorFlow's
+default wheels) trains on the CPU of a GPU machine without a word; the
+driver's `nvidia-smi -L` lists the GPUs all the same.
 """
 import platform
+import shutil
+import subprocess
 
 BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
 BF16_EMULATED_WARNING = (
@@ -58,3 +66,41 @@ def cpu_description():
                 if f.startswith(('avx', 'amx', 'fma', 'f16c')))
   return {'model': cpu_model(), 'machine': platform.machine(),
           'simd_flags': simd, 'bf16_emulated': bf16_emulated('cpu')}
+
+
+# The install that gives each backend's framework the GPUs (the package's
+# extras; PyTorch's wheels on PyPI are its CUDA builds).
+GPU_INSTALLS = {
+    'pytorch': "pip install 'big-transfer[pytorch]' (PyTorch's CUDA wheels "
+               'from PyPI, not the CPU index)',
+    'jax': "pip install 'big-transfer[jax-cuda]'",
+    'tf2': "pip install 'big-transfer[tf2-cuda]'",
+}
+FRAMEWORKS = {'pytorch': 'PyTorch', 'jax': 'JAX', 'tf2': 'TensorFlow'}
+
+
+def nvidia_gpus():
+  """The GPUs that the NVIDIA driver lists (`nvidia-smi -L`: 'GPU 0: ...'
+  lines); none where nvidia-smi is missing or fails."""
+  exe = shutil.which('nvidia-smi')
+  if not exe:
+    return []
+  try:
+    listed = subprocess.run([exe, '-L'], capture_output=True, text=True,
+                            timeout=20, check=False)
+  except (OSError, subprocess.SubprocessError):
+    return []
+  return [line for line in listed.stdout.splitlines()
+          if line.startswith('GPU ')]
+
+
+def unseen_gpus_warning(backend):
+  """One line when the driver lists GPUs although `backend`'s framework
+  found none (the run is on the CPU), naming the install that fixes it;
+  None otherwise."""
+  gpus = nvidia_gpus()
+  if not gpus:
+    return None
+  return (f'this machine has {len(gpus)} NVIDIA GPU(s) (nvidia-smi), but '
+          f'{FRAMEWORKS[backend]} sees none, so this run uses the CPU; '
+          f'{GPU_INSTALLS[backend]} installs the build that uses them.')

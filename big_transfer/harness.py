@@ -5,11 +5,14 @@ A trainer (`bit_pytorch.train`, `bit_tf2.train`, `bit_jax.train`,
 `bit_pytorch.pretrain`) keeps only what its framework needs: the devices,
 the compiled step, its checkpoint format. It hands the rest to a `Run`:
 
-  run = harness.Run(args, lead=...)           # run folder, logger
-  step = run.resume(checkpoints, settings)    # the newest readable checkpoint
-  run.start(step, config, summary)            # config.json, metrics.jsonl
-  result, step = run.fit(step, total, lr_at, train, evaluate, checkpoints)
-  run.finish(result, step, export)            # model.npz, results.json
+  with harness.Run(args, lead=...) as run:    # run folder, lock, logger
+    step = run.resume(checkpoints, settings)  # the newest readable checkpoint
+    run.start(step, config, summary)          # config.json, metrics.jsonl
+    result, step = run.fit(step, total, lr_at, train, evaluate, checkpoints)
+    run.finish(result, step, export)          # model.npz, results.json
+
+The `with` block closes the run's files and releases its lock however it
+ends.
 
 `fit` is the training loop: it asks the trainer for one step at a time
 (`train(step, lr)`, which returns that step's loss *on the device*), reads
@@ -89,8 +92,13 @@ the same scalars to a TensorBoard event file beside it.
     self._tensorboard.scalars(step, split, values)
 
   def close(self):
-    self._file.close()
-    self._tensorboard.close()
+    """Closes both files; a line that a full disk refused is dropped (the
+    next start cuts a torn one off)."""
+    for f in (self._file, self._tensorboard):
+      try:
+        f.close()
+      except OSError:
+        pass
 
 
 def versions(*modules):
@@ -289,10 +297,12 @@ class Run:
 
   # ----------------------------------------------------------------- start
 
-  def start(self, step, config, summary, device='cpu'):
+  def start(self, step, config, summary, device='cpu', backend=None):
     """Writes config.json (with the step resumed from), opens
     metrics.jsonl and logs the one-line summary of the run; warns once
-    where --precision bf16 is emulated on `device` ('cpu', 'gpu', ...)."""
+    where --precision bf16 is emulated on `device` ('cpu', 'gpu', ...), and
+    where the run is on the CPU of a machine whose GPUs `backend`'s
+    framework does not see."""
     if self.lead:
       runfiles.write_json(os.path.join(self.dir, runfiles.CONFIG),
                  dict(vars(self.args), **config, resumed_from_step=step))
@@ -301,6 +311,10 @@ class Run:
     if (getattr(self.args, 'precision', None) == 'bf16' and
         hardware.bf16_emulated(device)):
       self.logger.warning(hardware.BF16_EMULATED_WARNING)
+    unseen = (backend and device.lower() == 'cpu' and
+              hardware.unseen_gpus_warning(backend))
+    if unseen:
+      self.logger.warning(unseen)
 
   # ------------------------------------------------------------------- fit
 
@@ -336,8 +350,8 @@ class Run:
         if not np.isfinite(loss):
           raise Diverged(self._diverged(s, loss))
         if self.lead:
-          self.metrics.write(s, 'train', loss=loss, lr=lr,
-                             images_per_sec=speed)
+          self._write_metrics(s, 'train', loss=loss, lr=lr,
+                              images_per_sec=speed)
       if progress:
         progress.show(pending[-1][0], speed, loss=losses[-1],
                       lr=pending[-1][1])
@@ -352,11 +366,7 @@ class Run:
         except FloatingPointError as e:  # weights not finite: not saved
           raise Diverged(self._diverged(step, 'finite')) from e
         except OSError as e:
-          kept = (f'the checkpoint of step {self.saved_step} is intact'
-                  if self.saved_step else 'no checkpoint was written before')
-          raise RunFailed(f'could not write the checkpoint of step {step} '
-                          f'in {self.dir} ({e.strerror or e}); {kept}. Free '
-                          'space and run the same command again.') from e
+          raise self._write_failed(f'the checkpoint of step {step}', e) from e
         self.saved_step = step
       last_save = time.time()
 
@@ -388,7 +398,7 @@ class Run:
             raise SystemExit(128 + (signals.signum or signal.SIGTERM))
       flush()
     except RunFailed as e:
-      self.logger.error(str(e))
+      self._log_to_file(str(e))  # errors.run_cli prints it on stderr
       self.close()
       raise
     except BaseException:  # a signal's stop, an interrupt, a bug
@@ -396,8 +406,9 @@ class Run:
       raise
     if progress:
       progress.close()
-    if result is None:  # Resumed after the last step: evaluate once more.
-      result = self._evaluate(step, evaluate)
+    if result is None:  # Resumed after the last step: evaluate once more
+      # (metrics.jsonl holds this evaluation already, from before the save).
+      result = self._evaluate(step, evaluate, record=False)
     return result, step
 
   def _vote(self, step, stop, due):
@@ -410,6 +421,29 @@ class Run:
       return False, False
     return tuple(bool(v) for v in self.any_process([stop, due]))
 
+  def _log_to_file(self, message):
+    record = self.logger.makeRecord(self.logger.name, logging.ERROR, '', 0,
+                                    message, None, None)
+    for handler in self.logger.handlers:
+      if isinstance(handler, logging.FileHandler):
+        handler.handle(record)
+
+  def _write_metrics(self, step, split, **values):
+    try:
+      self.metrics.write(step, split, **values)
+    except OSError as e:
+      raise self._write_failed(runfiles.METRICS, e) from e
+
+  def _write_failed(self, what, error):
+    """The RunFailed of a write that failed (a full disk, a folder made
+    read-only): what was lost, what is intact, what to do."""
+    kept = (f'the checkpoint of step {self.saved_step} is intact'
+            if self.saved_step else 'no checkpoint was written before')
+    return RunFailed(f'could not write {what} in {self.dir} '
+                     f'({error.strerror or error}); {kept}. Free space (or '
+                     'make the folder writable) and run the same command '
+                     'again.')
+
   def _diverged(self, step, loss):
     where = (f'the newest good checkpoint is step {self.saved_step} in '
              f'{self.dir}' if self.saved_step else 'no checkpoint was written')
@@ -418,13 +452,18 @@ class Run:
     return (f'{what} at step {step}: stopping ({where}). Lower --base_lr or '
             'check the data.')
 
-  def _evaluate(self, step, evaluate):
-    result = metrics.summarize(evaluate())
+  def _evaluate(self, step, evaluate, record=True):
+    result = self.summarize(step, evaluate())
+    if self.lead and record:
+      self._write_metrics(step, 'val', **result)
+    return result
+
+  def summarize(self, step, sums):
+    """The evaluation's result from evaluate()'s global sums, logged."""
+    result = metrics.summarize(sums)
     self.logger.info(f'step {step}: validation loss {result["loss"]:.4f}, '
                      f'top-1 {result["top1"]:.2%}, top-5 {result["top5"]:.2%} '
                      f'({result["n"]} examples)')
-    if self.lead:
-      self.metrics.write(step, 'val', **result)
     return result
 
   # ---------------------------------------------------------------- finish
@@ -441,17 +480,24 @@ class Run:
       runfiles.write_json(os.path.join(self.dir, runfiles.RESULTS), dict(
           result, step=step, split='val', name=self.args.name, **results))
     except OSError as e:
-      raise RunFailed(f'could not write the results into {self.dir} '
-                      f'({e.strerror or e}); the checkpoint of step '
-                      f'{self.saved_step} is there: free space and run the '
-                      'same command again.') from e
+      failed = self._write_failed('the trained model and results', e)
+      self._log_to_file(str(failed))
+      self.close()
+      raise failed from e
     self.logger.info(f'done: top-1 {result["top1"]:.2%} after {step} steps.')
     self.close()
     return dict(result, step=step)
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
   def close(self):
     """Closes the run's files (metrics, TensorBoard, the log file) and
-    releases its lock; safe to call more than once."""
+    releases its lock; safe to call more than once (a `with` block of the
+    run calls it however the block ends)."""
     if self.metrics is not None:
       self.metrics.close()
     for handler in list(self.logger.handlers):

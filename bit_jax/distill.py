@@ -134,69 +134,69 @@ def main(args):
   distill.check_args(args, recipe, len(devices))
 
   pid, nproc = jax.process_index(), jax.process_count()
-  run = distill.Run(args, pid == 0,
-                    engine.any_process if nproc > 1 else None)
-  run.logger.info(f'recipe {args.recipe}: {recipe}')
-  data_args = distill.data_args(args, recipe)
-  data = datasets.load(data_args, run.logger)
-  data.train = datasets.fewshot(data.train, data_args)
-  train_size = len(data.train)
-  sched = distill.schedule(recipe, train_size)
-  (teacher, teacher_params), (student, params) = build_nets(
-      args, recipe, data.num_classes, engine.DTYPES[args.precision])
-  tx = optimizer(recipe)
-  teacher_params = jax.device_put(teacher_params, parallel.replicated)
-  state = jax.device_put({'params': params, 'opt_state': tx.init(params)},
-                         parallel.replicated)
+  with distill.Run(args, pid == 0,
+                   engine.any_process if nproc > 1 else None) as run:
+    run.logger.info(f'recipe {args.recipe}: {recipe}')
+    data_args = distill.data_args(args, recipe)
+    data = datasets.load(data_args, run.logger)
+    data.train = datasets.fewshot(data.train, data_args)
+    train_size = len(data.train)
+    sched = distill.schedule(recipe, train_size)
+    (teacher, teacher_params), (student, params) = build_nets(
+        args, recipe, data.num_classes, engine.DTYPES[args.precision])
+    tx = optimizer(recipe)
+    teacher_params = jax.device_put(teacher_params, parallel.replicated)
+    state = jax.device_put({'params': params, 'opt_state': tx.init(params)},
+                           parallel.replicated)
 
-  settings = distill.settings(recipe, args, sched)
-  ckpt = engine.Checkpoints(os.path.join(run.dir, runfiles.CHECKPOINTS),
-                            settings, state)
-  step = run.resume(ckpt, settings)
-  export = distill.export_path(args, run)
-  classes = list(data.classes)
-  run.start(step, distill.config(
-      recipe, sched, train_size, len(data.val), classes, export,
-      devices=len(devices), device_kind=devices[0].device_kind,
-      processes=nproc, versions=harness.versions(jax, flax, optax)),
-            distill.describe(recipe, sched, train_size, data.num_classes) +
-            f'; {len(devices)} {devices[0].platform} device(s) in {nproc} '
-            f'process(es), {args.precision}')
+    settings = distill.settings(recipe, args, sched)
+    ckpt = engine.Checkpoints(os.path.join(run.dir, runfiles.CHECKPOINTS),
+                              settings, state)
+    step = run.resume(ckpt, settings)
+    export = distill.export_path(args, run)
+    classes = list(data.classes)
+    run.start(step, distill.config(
+        recipe, sched, train_size, len(data.val), classes, export,
+        devices=len(devices), device_kind=devices[0].device_kind,
+        processes=nproc, versions=harness.versions(jax, flax, optax)),
+              distill.describe(recipe, sched, train_size, data.num_classes) +
+              f'; {len(devices)} {devices[0].platform} device(s) in {nproc} '
+              f'process(es), {args.precision}', devices[0].platform, 'jax')
 
-  train_step, eval_step = make_steps(student, teacher, recipe, tx,
-                                     parallel.mesh, args.batch_split)
-  eval_batch = parallel.batch_size(recipe.batch_eval or recipe.batch)
+    train_step, eval_step = make_steps(student, teacher, recipe, tx,
+                                       parallel.mesh, args.batch_split)
+    eval_batch = parallel.batch_size(recipe.batch_eval or recipe.batch)
 
-  def evaluate():
-    return parallel.evaluate(eval_step, loader.eval_batches(
-        data.val, eval_batch, recipe.teacher_size, pid, nproc, args.workers),
-                             ckpt.state['params'], teacher_params)
+    def evaluate():
+      return parallel.evaluate(eval_step, loader.eval_batches(
+          data.val, eval_batch, recipe.teacher_size, pid, nproc, args.workers),
+                               ckpt.state['params'], teacher_params)
 
-  stream = datastream.Stream(train_size, recipe.batch, args.seed,
-                             recipe.mixup_alpha)
-  batches = loader.train_batches(
-      data.train, data.num_classes, stream, recipe.resize_size,
-      recipe.teacher_size, step, pid, nproc,
-      crop_scale=distill.inception_scale(recipe), workers=args.workers)
+    stream = datastream.Stream(train_size, recipe.batch, args.seed,
+                               recipe.mixup_alpha)
+    batches = loader.train_batches(
+        data.train, data.num_classes, stream, recipe.resize_size,
+        recipe.teacher_size, step, pid, nproc,
+        crop_scale=distill.inception_scale(recipe), workers=args.workers)
 
-  def train(step, lr):
-    del lr  # the step takes the schedule's factor
-    b = parallel.to_global(next(batches))
-    params, opt_state, loss = train_step(
-        ckpt.state['params'], ckpt.state['opt_state'], teacher_params,
-        b['image'], b['label'], jnp.float32(sched.factor(step)))
-    ckpt.state = {'params': params, 'opt_state': opt_state}
-    return loss
+    def train(step, lr):
+      del lr  # the step takes the schedule's factor
+      b = parallel.to_global(next(batches))
+      params, opt_state, loss = train_step(
+          ckpt.state['params'], ckpt.state['opt_state'], teacher_params,
+          b['image'], b['label'], jnp.float32(sched.factor(step)))
+      ckpt.state = {'params': params, 'opt_state': opt_state}
+      return loss
 
-  result, step = run.fit(
-      step, sched.total_steps, sched.lr, train, evaluate, ckpt,
-      eval_every=distill.eval_every(recipe, sched), batch=recipe.batch,
-      fetch=lambda losses: [float(engine.local(l)) for l in losses])
-  ckpt.close()
-  return run.finish(
-      result, step, lambda _: models.save_npz(
-          export, jax.tree.map(engine.local, ckpt.state['params'])),
-      teacher=recipe.teacher, student=recipe.student, exported_to=export)
+    result, step = run.fit(
+        step, sched.total_steps, sched.lr, train, evaluate, ckpt,
+        eval_every=distill.eval_every(recipe, sched), batch=recipe.batch,
+        fetch=lambda losses: [float(engine.local(l)) for l in losses])
+    ckpt.close()
+    return run.finish(
+        result, step, lambda _: models.save_npz(
+            export, jax.tree.map(engine.local, ckpt.state['params'])),
+        teacher=recipe.teacher, student=recipe.student, exported_to=export)
 
 
 if __name__ == '__main__':

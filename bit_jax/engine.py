@@ -3,8 +3,13 @@ fine-tuning (train.py) and distillation (distill.py). Joining the processes
 of a job, the collectives the harness asks for, the evaluation sums, and the
 checkpoint format (orbax).
 """
+import contextlib
 import itertools
+import logging
 import os
+import re
+import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -173,6 +178,46 @@ def accumulate(grad_fn, params, images, labels, batch_split, mesh):
 # complete. The data order, crops, flips and mixup follow from (--seed,
 # step), so the step is the data state.
 
+@contextlib.contextmanager
+def _quiet_until_a_write_fails(*names):
+  """Loggers `names` silent in the block. If it raises an OSError (a full
+  disk), they stay so, and only the main thread writes on stderr from then
+  on: the write fails in each of Orbax's and TensorStore's threads, and
+  each would print it with a traceback, also after the run has ended with
+  its one line."""
+  loggers = [logging.getLogger(name) for name in names]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  except OSError:
+    sys.stderr = _MainThreadOnly(sys.stderr)
+    raise
+  except BaseException:
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
+    raise
+  for logger, level in zip(loggers, levels):
+    logger.setLevel(level)
+
+
+class _MainThreadOnly:
+  """A stream that passes on what the main thread writes, and drops what
+  the other threads write."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text):
+    if threading.current_thread() is threading.main_thread():
+      return self.stream.write(text)
+    return len(text)
+
+  def __getattr__(self, name):
+    return getattr(self.stream, name)
+
+
 class Checkpoints(harness.Checkpoints):
   """The checkpoint format (harness.Checkpoints) of JAX; `state` is the
   run's state (the trainer updates it at every step; `load` puts a
@@ -215,10 +260,17 @@ class Checkpoints(harness.Checkpoints):
     if not all(np.isfinite(local(p)).all()
                for p in jax.tree.leaves(self.state['params'])):
       raise FloatingPointError('weights are not finite')
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(self.state),
-        run=ocp.args.JsonSave(self.settings)))
-    self.manager.wait_until_finished()
+    with _quiet_until_a_write_fails('absl', 'asyncio'):
+      try:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(self.state),
+            run=ocp.args.JsonSave(self.settings)))
+        self.manager.wait_until_finished()
+      except ValueError as e:  # TensorStore's write errors carry the errno
+        code = re.search(r"os_error_code='(\d+)'", str(e))
+        if not code:
+          raise
+        raise OSError(int(code[1]), os.strerror(int(code[1]))) from e
 
   def close(self):
     self.manager.wait_until_finished()

@@ -123,69 +123,69 @@ def main(args):
   lead_first(bit_common.check_args, args, len(devices))
 
   pid, nproc = jax.process_index(), jax.process_count()
-  run = harness.Run(args, pid == 0, any_process if nproc > 1 else None)
-  data = datasets.load(args, run.logger)
-  data.train = datasets.fewshot(data.train, args)
-  train_size = len(data.train)
-  hyper = harness.HyperRule.of(args, train_size, data.original_hw)
-  weights = zoo.load_weights(args.model, args.bit_pretrained_dir)
-  model, params = models.create(args.model, head_size=data.num_classes,
-                                zero_head=True, weights=weights,
-                                dtype=DTYPES[args.precision])
-  del weights
-  tx = optimizer()
-  state = jax.device_put({'params': params, 'opt_state': tx.init(params)},
-                         parallel.replicated)
+  with harness.Run(args, pid == 0, any_process if nproc > 1 else None) as run:
+    data = datasets.load(args, run.logger)
+    data.train = datasets.fewshot(data.train, args)
+    train_size = len(data.train)
+    hyper = harness.HyperRule.of(args, train_size, data.original_hw)
+    weights = zoo.load_weights(args.model, args.bit_pretrained_dir)
+    model, params = models.create(args.model, head_size=data.num_classes,
+                                  zero_head=True, weights=weights,
+                                  dtype=DTYPES[args.precision])
+    del weights
+    tx = optimizer()
+    state = jax.device_put({'params': params, 'opt_state': tx.init(params)},
+                           parallel.replicated)
 
-  classes = list(data.classes)
-  settings = hyper.settings(args, classes)
-  ckpt = Checkpoints(os.path.join(run.dir, runfiles.CHECKPOINTS), settings,
-                     state)
-  step = run.resume(ckpt, settings)
-  state = ckpt.state
-  run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),
-                       devices=len(devices),
-                       device_kind=devices[0].device_kind, processes=nproc,
-                       versions=harness.versions(jax, flax, optax)),
-            f'{args.dataset}: {train_size} training, {len(data.val)} '
-            f'{data.eval_split} examples, {data.num_classes} classes; '
-            f'{hyper.describe()}, {len(devices)} {devices[0].platform} '
-            f'device(s) in {nproc} process(es), {args.precision}',
-            devices[0].platform)
+    classes = list(data.classes)
+    settings = hyper.settings(args, classes)
+    ckpt = Checkpoints(os.path.join(run.dir, runfiles.CHECKPOINTS), settings,
+                       state)
+    step = run.resume(ckpt, settings)
+    state = ckpt.state
+    run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),
+                         devices=len(devices),
+                         device_kind=devices[0].device_kind, processes=nproc,
+                         versions=harness.versions(jax, flax, optax)),
+              f'{args.dataset}: {train_size} training, {len(data.val)} '
+              f'{data.eval_split} examples, {data.num_classes} classes; '
+              f'{hyper.describe()}, {len(devices)} {devices[0].platform} '
+              f'device(s) in {nproc} process(es), {args.precision}',
+              devices[0].platform, 'jax')
 
-  train_step, eval_step = make_steps(model, tx, parallel.mesh,
-                                     args.batch_split)
-  eval_batch = parallel.batch_size(args.batch_eval or
-                                   args.batch // args.batch_split)
+    train_step, eval_step = make_steps(model, tx, parallel.mesh,
+                                       args.batch_split)
+    eval_batch = parallel.batch_size(args.batch_eval or
+                                     args.batch // args.batch_split)
 
-  def evaluate():
-    return parallel.evaluate(eval_step, loader.eval_batches(
-        data.val, eval_batch, hyper.crop, pid, nproc, args.workers),
-                             ckpt.state['params'])
+    def evaluate():
+      return parallel.evaluate(eval_step, loader.eval_batches(
+          data.val, eval_batch, hyper.crop, pid, nproc, args.workers),
+                               ckpt.state['params'])
 
-  batches = loader.train_batches(data.train, data.num_classes,
-                                 hyper.stream(args), hyper.resize, hyper.crop,
-                                 step, pid, nproc, workers=args.workers)
+    batches = loader.train_batches(data.train, data.num_classes,
+                                   hyper.stream(args), hyper.resize, hyper.crop,
+                                   step, pid, nproc, workers=args.workers)
 
-  def train(step, lr):
-    del step  # The loader yields the batch of each step in turn.
-    b = parallel.to_global(next(batches))
-    params, opt_state, loss = train_step(
-        ckpt.state['params'], ckpt.state['opt_state'], b['image'],
-        b['label'], jnp.float32(lr))
-    ckpt.state = {'params': params, 'opt_state': opt_state}
-    return loss
+    def train(step, lr):
+      del step  # The loader yields the batch of each step in turn.
+      b = parallel.to_global(next(batches))
+      params, opt_state, loss = train_step(
+          ckpt.state['params'], ckpt.state['opt_state'], b['image'],
+          b['label'], jnp.float32(lr))
+      ckpt.state = {'params': params, 'opt_state': opt_state}
+      return loss
 
-  result, step = run.fit(step, hyper.total, hyper.lr, train, evaluate, ckpt,
-                         fetch=lambda losses: [float(local(l))
-                                               for l in losses])
-  ckpt.close()
-  return run.finish(
-      result, step,
-      lambda path: models.save_npz(path, jax.tree.map(local,
-                                                      ckpt.state['params'])),
-      model=args.model, dataset=args.dataset, dataset_size=train_size,
-      examples_per_class=args.examples_per_class)
+    result, step = run.fit(step, hyper.total, hyper.lr, train, evaluate, ckpt,
+                           fetch=lambda losses: [float(local(l))
+                                                 for l in losses])
+    ckpt.close()
+    return run.finish(
+        result, step,
+        lambda path: models.save_npz(path, jax.tree.map(local,
+                                                        ckpt.state['params'])),
+        model=args.model, dataset=args.dataset, dataset_size=train_size,
+        examples_per_class=args.examples_per_class)
 
 
 if __name__ == '__main__':

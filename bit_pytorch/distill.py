@@ -187,75 +187,76 @@ def main(args):
 
 
 def _distill(args, recipe, rank, world, device):
-  run = distill.Run(args, rank == 0, engine.any_process(device))
-  run.logger.info(f'recipe {args.recipe}: {recipe}')
-  torch.manual_seed(args.seed)
-  train_src, val_src, classes, names = engine.local_first(
-      load_data, args, recipe, run.logger)
-  sched = distill.schedule(recipe, len(train_src))
-  teacher, student = build_nets(args, recipe, classes, device)
-  opt = optimizer(student, recipe)
-  scaler = torch.amp.GradScaler(device.type, enabled=False)
+  with distill.Run(args, rank == 0, engine.any_process(device)) as run:
+    run.logger.info(f'recipe {args.recipe}: {recipe}')
+    torch.manual_seed(args.seed)
+    train_src, val_src, classes, names = engine.local_first(
+        load_data, args, recipe, run.logger)
+    sched = distill.schedule(recipe, len(train_src))
+    teacher, student = build_nets(args, recipe, classes, device)
+    opt = optimizer(student, recipe)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
 
-  settings = distill.settings(recipe, args, sched)
-  ckpt = engine.Checkpoint(os.path.join(run.dir, CHECKPOINT), settings,
-                          run.lead, model=student, optimizer=opt)
-  step = engine.same_everywhere(run.resume(ckpt, settings))
-  export = distill.export_path(args, run)
-  run.start(step, distill.config(
-      recipe, sched, len(train_src), len(val_src), names, export,
-      device=str(device), devices=world,
-      versions=harness.versions(torch, torchvision)),
-            distill.describe(recipe, sched, len(train_src), classes) +
-            f'; {world} process(es) on {device.type}, {args.precision}')
+    settings = distill.settings(recipe, args, sched)
+    ckpt = engine.Checkpoint(os.path.join(run.dir, CHECKPOINT), settings,
+                            run.lead, model=student, optimizer=opt)
+    step = engine.same_everywhere(run.resume(ckpt, settings))
+    export = distill.export_path(args, run)
+    run.start(step, distill.config(
+        recipe, sched, len(train_src), len(val_src), names, export,
+        device=str(device), devices=world,
+        versions=harness.versions(torch, torchvision)),
+              distill.describe(recipe, sched, len(train_src), classes) +
+              f'; {world} process(es) on {device.type}, {args.precision}',
+              device.type, 'pytorch')
 
-  model = (torch.nn.parallel.DistributedDataParallel(
-      student, device_ids=[device] if device.type == 'cuda' else None)
-           if world > 1 else student)
-  stream = datastream.Stream(len(train_src), recipe.batch, args.seed,
-                           recipe.mixup_alpha)
-  sampler = torch_data.TrainBatches(stream, step, sched.total_steps, rank,
-                                    world, args.batch_split)
-  batches = engine.data_errors_named(iter(engine.loader(
-      torch_data.TrainSet(train_src, recipe.resize_size, recipe.teacher_size,
-                          distill.inception_scale(recipe)), args, device,
-      batch_sampler=sampler)))
-  lo, hi = (len(val_src) * r // world for r in (rank, rank + 1))
-  val_loader = engine.loader(
-      torch_data.EvalSet(val_src.subset(np.arange(lo, hi)),
-                         recipe.teacher_size),
-      args, device,
-      batch_size=-(-(recipe.batch_eval or recipe.batch) // world))
-  autocast = engine.autocast_for(device, args.precision)
+    model = (torch.nn.parallel.DistributedDataParallel(
+        student, device_ids=[device] if device.type == 'cuda' else None)
+             if world > 1 else student)
+    stream = datastream.Stream(len(train_src), recipe.batch, args.seed,
+                             recipe.mixup_alpha)
+    sampler = torch_data.TrainBatches(stream, step, sched.total_steps, rank,
+                                      world, args.batch_split)
+    batches = engine.data_errors_named(iter(engine.loader(
+        torch_data.TrainSet(train_src, recipe.resize_size, recipe.teacher_size,
+                            distill.inception_scale(recipe)), args, device,
+        batch_sampler=sampler)))
+    lo, hi = (len(val_src) * r // world for r in (rank, rank + 1))
+    val_loader = engine.loader(
+        torch_data.EvalSet(val_src.subset(np.arange(lo, hi)),
+                           recipe.teacher_size),
+        args, device,
+        batch_size=-(-(recipe.batch_eval or recipe.batch) // world))
+    autocast = engine.autocast_for(device, args.precision)
 
-  def loss_fn(student_logits, teacher_logits):
-    return kl_loss(student_logits, teacher_logits, recipe.temperature)
+    def loss_fn(student_logits, teacher_logits):
+      return kl_loss(student_logits, teacher_logits, recipe.temperature)
 
-  def step_fn(step, lr):
-    del lr  # the optimiser takes the schedule's factor
-    opt.set_factor(sched.factor(step))
-    micro = engine.mixed(itertools.islice(batches, args.batch_split),
-                        sampler.layout, stream.lam(step), device)
-    if recipe.targets == 'labels':  # the baseline: no teacher
-      micro = ((student_view(x, recipe.crop_size), *rest)
-               for x, *rest in micro)
-      return engine.train_step(model, opt, scaler, micro, args.batch_split,
-                              autocast, F.cross_entropy)
-    return engine.train_step(
-        model, opt, scaler,
-        distill_batches(micro, teacher, recipe.crop_size, autocast),
-        args.batch_split, autocast, loss_fn)
+    def step_fn(step, lr):
+      del lr  # the optimiser takes the schedule's factor
+      opt.set_factor(sched.factor(step))
+      micro = engine.mixed(itertools.islice(batches, args.batch_split),
+                          sampler.layout, stream.lam(step), device)
+      if recipe.targets == 'labels':  # the baseline: no teacher
+        micro = ((student_view(x, recipe.crop_size), *rest)
+                 for x, *rest in micro)
+        return engine.train_step(model, opt, scaler, micro, args.batch_split,
+                                autocast, F.cross_entropy)
+      return engine.train_step(
+          model, opt, scaler,
+          distill_batches(micro, teacher, recipe.crop_size, autocast),
+          args.batch_split, autocast, loss_fn)
 
-  result, step = run.fit(
-      step, sched.total_steps, sched.lr, step_fn,
-      lambda: evaluate(student, teacher, val_loader, device, autocast,
-                       recipe.temperature, recipe.crop_size),
-      ckpt, eval_every=distill.eval_every(recipe, sched),
-      batch=recipe.batch,
-      fetch=lambda losses: engine.mean_over_processes(losses, device))
-  return run.finish(result, step, lambda _: student.save_npz(export),
-                    teacher=recipe.teacher, student=recipe.student,
-                    exported_to=export)
+    result, step = run.fit(
+        step, sched.total_steps, sched.lr, step_fn,
+        lambda: evaluate(student, teacher, val_loader, device, autocast,
+                         recipe.temperature, recipe.crop_size),
+        ckpt, eval_every=distill.eval_every(recipe, sched),
+        batch=recipe.batch,
+        fetch=lambda losses: engine.mean_over_processes(losses, device))
+    return run.finish(result, step, lambda _: student.save_npz(export),
+                      teacher=recipe.teacher, student=recipe.student,
+                      exported_to=export)
 
 
 if __name__ == '__main__':

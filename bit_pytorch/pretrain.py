@@ -236,72 +236,73 @@ def main(args):
 
 
 def _pretrain(args, recipe, rank, world, device):
-  run = harness.Run(args, rank == 0, engine.any_process(device))
-  run.logger.info(f'recipe {args.recipe}: {recipe}')
-  torch.manual_seed(args.seed)
-  train_src, val_src, classes = engine.local_first(load_data, args, recipe,
-                                                  run.logger)
-  sched = schedule(recipe, len(train_src))
-  arch = zoo.parse_arch(recipe.model)
-  net = models.ResNetV2(arch.units, arch.width, classes, zero_head=True)
-  torch.nn.init.constant_(net.head.conv.bias, recipe.head_bias)
-  net, channels_last = engine.to_device(net, device)
-  optim = optimizer(net, recipe)
-  scaler = torch.amp.GradScaler(device.type, enabled=False)
+  with harness.Run(args, rank == 0, engine.any_process(device)) as run:
+    run.logger.info(f'recipe {args.recipe}: {recipe}')
+    torch.manual_seed(args.seed)
+    train_src, val_src, classes = engine.local_first(load_data, args, recipe,
+                                                    run.logger)
+    sched = schedule(recipe, len(train_src))
+    arch = zoo.parse_arch(recipe.model)
+    net = models.ResNetV2(arch.units, arch.width, classes, zero_head=True)
+    torch.nn.init.constant_(net.head.conv.bias, recipe.head_bias)
+    net, channels_last = engine.to_device(net, device)
+    optim = optimizer(net, recipe)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
 
-  settings = dict(recipe=dataclasses.asdict(recipe), seed=args.seed)
-  ckpt = engine.Checkpoint(os.path.join(run.dir, CHECKPOINT), settings,
-                          run.lead, model=net, optimizer=optim)
-  step = engine.same_everywhere(run.resume(ckpt, settings))
-  export = args.export or os.path.join(run.dir, runfiles.MODEL)
-  run.start(step, {
-      'recipe': dataclasses.asdict(recipe),
-      'schedule': dataclasses.asdict(sched), 'dataset_size': len(train_src),
-      'eval_size': len(val_src), 'classes': classes, 'export': export,
-      'device': str(device), 'devices': world,
-      'versions': harness.versions(torch, torchvision)},
-            f'{len(train_src)} training images, {classes} classes, '
-            f'{sched.total_steps} steps of {recipe.batch} '
-            f'({sched.total_steps / sched.steps_per_epoch:.3g} epochs), '
-            f'peak lr {sched.peak_lr:g}, decays at {sched.decay_steps}, '
-            f'{world} process(es) on {device.type}')
+    settings = dict(recipe=dataclasses.asdict(recipe), seed=args.seed)
+    ckpt = engine.Checkpoint(os.path.join(run.dir, CHECKPOINT), settings,
+                            run.lead, model=net, optimizer=optim)
+    step = engine.same_everywhere(run.resume(ckpt, settings))
+    export = args.export or os.path.join(run.dir, runfiles.MODEL)
+    run.start(step, {
+        'recipe': dataclasses.asdict(recipe),
+        'schedule': dataclasses.asdict(sched), 'dataset_size': len(train_src),
+        'eval_size': len(val_src), 'classes': classes, 'export': export,
+        'device': str(device), 'devices': world,
+        'versions': harness.versions(torch, torchvision)},
+              f'{len(train_src)} training images, {classes} classes, '
+              f'{sched.total_steps} steps of {recipe.batch} '
+              f'({sched.total_steps / sched.steps_per_epoch:.3g} epochs), '
+              f'peak lr {sched.peak_lr:g}, decays at {sched.decay_steps}, '
+              f'{world} process(es) on {device.type}', device.type,
+              'pytorch')
 
-  model = (torch.nn.parallel.DistributedDataParallel(
-      net, device_ids=[device] if device.type == 'cuda' else None)
-           if world > 1 else net)
-  stream = datastream.Stream(len(train_src), recipe.batch, args.seed)
-  sampler = torch_data.TrainBatches(stream, step, sched.total_steps, rank,
-                                    world, args.batch_split)
-  batches = engine.data_errors_named(iter(engine.loader(
-      Examples(train_src, recipe, True), args, device,
-      batch_sampler=sampler)))
-  lo, hi = (len(val_src) * r // world for r in (rank, rank + 1))
-  val_loader = engine.loader(
-      Examples(val_src.subset(np.arange(lo, hi)), recipe, False), args,
-      device, batch_size=-(-(recipe.batch_eval or recipe.batch) // world))
-  autocast = engine.autocast_for(device, args.precision)
-  loss = loss_fn(recipe, classes)
+    model = (torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device] if device.type == 'cuda' else None)
+             if world > 1 else net)
+    stream = datastream.Stream(len(train_src), recipe.batch, args.seed)
+    sampler = torch_data.TrainBatches(stream, step, sched.total_steps, rank,
+                                      world, args.batch_split)
+    batches = engine.data_errors_named(iter(engine.loader(
+        Examples(train_src, recipe, True), args, device,
+        batch_sampler=sampler)))
+    lo, hi = (len(val_src) * r // world for r in (rank, rank + 1))
+    val_loader = engine.loader(
+        Examples(val_src.subset(np.arange(lo, hi)), recipe, False), args,
+        device, batch_size=-(-(recipe.batch_eval or recipe.batch) // world))
+    autocast = engine.autocast_for(device, args.precision)
+    loss = loss_fn(recipe, classes)
 
-  def step_fn(step, lr):
-    del step  # The sampler yields the batches of each step in turn.
-    for group in optim.param_groups:
-      group['lr'] = lr
-    micro = ((x.to(device, non_blocking=True),
-              y.to(device, non_blocking=True))
-             for x, y in itertools.islice(batches, args.batch_split))
-    return engine.train_step(model, optim, scaler,
-                            ((x, y, y, 1.0) for x, y in micro),
-                            args.batch_split, autocast, loss)
+    def step_fn(step, lr):
+      del step  # The sampler yields the batches of each step in turn.
+      for group in optim.param_groups:
+        group['lr'] = lr
+      micro = ((x.to(device, non_blocking=True),
+                y.to(device, non_blocking=True))
+               for x, y in itertools.islice(batches, args.batch_split))
+      return engine.train_step(model, optim, scaler,
+                              ((x, y, y, 1.0) for x, y in micro),
+                              args.batch_split, autocast, loss)
 
-  result, step = run.fit(
-      step, sched.total_steps, sched.lr, step_fn,
-      lambda: engine.evaluate(net, val_loader, device, channels_last,
-                             autocast, loss),
-      ckpt, eval_every=recipe.eval_every or max(
-          1, round(sched.steps_per_epoch)), batch=recipe.batch,
-      fetch=lambda losses: engine.mean_over_processes(losses, device))
-  return run.finish(result, step, lambda _: net.save_npz(export),
-                    model=recipe.model, exported_to=export)
+    result, step = run.fit(
+        step, sched.total_steps, sched.lr, step_fn,
+        lambda: engine.evaluate(net, val_loader, device, channels_last,
+                               autocast, loss),
+        ckpt, eval_every=recipe.eval_every or max(
+            1, round(sched.steps_per_epoch)), batch=recipe.batch,
+        fetch=lambda losses: engine.mean_over_processes(losses, device))
+    return run.finish(result, step, lambda _: net.save_npz(export),
+                      model=recipe.model, exported_to=export)
 
 
 if __name__ == '__main__':

@@ -68,66 +68,67 @@ def main(args):
 
 def _train(args, rank, device):
   world = world_size()
-  run = harness.Run(args, rank == 0, any_process(device))
-  torch.manual_seed(args.seed)
-  data = local_first(torch_data.load, args, run.logger)
-  train_src = datasets.fewshot(data.train, args)
-  hyper = harness.HyperRule.of(args, len(train_src), data.original_hw)
-  weights = local_first(zoo.load_weights, args.model,
-                        args.bit_pretrained_dir)
-  net = models.create(args.model, head_size=len(data.classes), zero_head=True,
-                      weights=weights)
-  del weights
-  net, channels_last = to_device(net, device)
-  opt, scaler = optimizer(net, args.base_lr, args.precision)
+  with harness.Run(args, rank == 0, any_process(device)) as run:
+    torch.manual_seed(args.seed)
+    data = local_first(torch_data.load, args, run.logger)
+    train_src = datasets.fewshot(data.train, args)
+    hyper = harness.HyperRule.of(args, len(train_src), data.original_hw)
+    weights = local_first(zoo.load_weights, args.model,
+                          args.bit_pretrained_dir)
+    net = models.create(args.model, head_size=len(data.classes), zero_head=True,
+                        weights=weights)
+    del weights
+    net, channels_last = to_device(net, device)
+    opt, scaler = optimizer(net, args.base_lr, args.precision)
 
-  settings = dict(hyper.settings(args, data.classes),
-                  arch=net.architecture.name)  # For validate.
-  ckpt = Checkpoint(os.path.join(run.dir, CHECKPOINT), settings, run.lead,
-                    model=net, optimizer=opt, scaler=scaler)
-  step = same_everywhere(run.resume(ckpt, settings))
-  run.start(step, dict(hyper.config(), classes=data.classes, devices=world,
-                       device=str(device),
-                       versions=harness.versions(torch, torchvision)),
-            f'{args.dataset}: {len(train_src)} training, {len(data.val)} '
-            f'validation examples, {len(data.classes)} classes; '
-            f'{hyper.describe()}, {world} process(es) on {device.type}, '
-            f'{args.precision}', device.type)
+    settings = dict(hyper.settings(args, data.classes),
+                    arch=net.architecture.name)  # For validate.
+    ckpt = Checkpoint(os.path.join(run.dir, CHECKPOINT), settings, run.lead,
+                      model=net, optimizer=opt, scaler=scaler)
+    step = same_everywhere(run.resume(ckpt, settings))
+    run.start(step, dict(hyper.config(), classes=data.classes, devices=world,
+                         device=str(device),
+                         versions=harness.versions(torch, torchvision)),
+              f'{args.dataset}: {len(train_src)} training, {len(data.val)} '
+              f'validation examples, {len(data.classes)} classes; '
+              f'{hyper.describe()}, {world} process(es) on {device.type}, '
+              f'{args.precision}', device.type, 'pytorch')
 
-  fast = torch.compile(net) if args.compile else net
-  model = (torch.nn.parallel.DistributedDataParallel(
-      fast, device_ids=[device] if device.type == 'cuda' else None)
-           if world > 1 else fast)
-  stream = hyper.stream(args)
-  sampler = torch_data.TrainBatches(stream, step, hyper.total, rank, world,
-                                    args.batch_split)
-  batches = data_errors_named(iter(loader(
-      torch_data.TrainSet(train_src, hyper.resize, hyper.crop), args,
-      device, batch_sampler=sampler)))
-  lo, hi = (len(data.val) * r // world for r in (rank, rank + 1))
-  eval_batch = -(-(args.batch_eval or args.batch // args.batch_split) // world)
-  val_loader = loader(torch_data.EvalSet(data.val.subset(np.arange(lo, hi)),
-                                         hyper.crop), args, device,
-                      batch_size=eval_batch)
-  autocast = autocast_for(device, args.precision)
+    fast = torch.compile(net) if args.compile else net
+    model = (torch.nn.parallel.DistributedDataParallel(
+        fast, device_ids=[device] if device.type == 'cuda' else None)
+             if world > 1 else fast)
+    stream = hyper.stream(args)
+    sampler = torch_data.TrainBatches(stream, step, hyper.total, rank, world,
+                                      args.batch_split)
+    batches = data_errors_named(iter(loader(
+        torch_data.TrainSet(train_src, hyper.resize, hyper.crop), args,
+        device, batch_sampler=sampler)))
+    lo, hi = (len(data.val) * r // world for r in (rank, rank + 1))
+    eval_batch = -(-(args.batch_eval or args.batch // args.batch_split)
+                   // world)
+    val_loader = loader(torch_data.EvalSet(data.val.subset(np.arange(lo, hi)),
+                                           hyper.crop), args, device,
+                        batch_size=eval_batch)
+    autocast = autocast_for(device, args.precision)
 
-  def train(step, lr):
-    for g in opt.param_groups:
-      g['lr'] = lr
-    micro = mixed(((x, y) for x, y in itertools.islice(batches,
-                                                       args.batch_split)),
-                  sampler.layout, stream.lam(step), device, channels_last)
-    return train_step(model, opt, scaler, micro, args.batch_split, autocast,
-                      F.cross_entropy)
+    def train(step, lr):
+      for g in opt.param_groups:
+        g['lr'] = lr
+      micro = mixed(((x, y) for x, y in itertools.islice(batches,
+                                                         args.batch_split)),
+                    sampler.layout, stream.lam(step), device, channels_last)
+      return train_step(model, opt, scaler, micro, args.batch_split, autocast,
+                        F.cross_entropy)
 
-  result, step = run.fit(
-      step, hyper.total, hyper.lr, train,
-      lambda: evaluate(fast, val_loader, device, channels_last, autocast,
-                       F.cross_entropy),
-      ckpt, fetch=lambda losses: mean_over_processes(losses, device))
-  return run.finish(result, step, net.save_npz, model=args.model,
-                    dataset=args.dataset, dataset_size=len(train_src),
-                    examples_per_class=args.examples_per_class)
+    result, step = run.fit(
+        step, hyper.total, hyper.lr, train,
+        lambda: evaluate(fast, val_loader, device, channels_last, autocast,
+                         F.cross_entropy),
+        ckpt, fetch=lambda losses: mean_over_processes(losses, device))
+    return run.finish(result, step, net.save_npz, model=args.model,
+                      dataset=args.dataset, dataset_size=len(train_src),
+                      examples_per_class=args.examples_per_class)
 
 
 def optimizer(net, lr, precision):

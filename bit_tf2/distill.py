@@ -160,73 +160,73 @@ def main(args):
   strategy = engine.make_strategy()
   replicas = strategy.num_replicas_in_sync
   distill.check_args(args, recipe, replicas)
-  run = distill.Run(args, engine.is_chief(strategy),
-                        engine.any_process(strategy))
-  run.logger.info(f'recipe {args.recipe}: {recipe}')
-  if not deterministic:
-    run.logger.warning('TensorFlow was started before bit_tf2 could ask it '
-                       'for one inter-op thread: two runs of this command '
-                       'may differ in their last digits.')
-  data = input_pipeline.load(distill.data_args(args, recipe), run.logger)
-  sched = distill.schedule(recipe, data.train_size)
-  with strategy.scope():
-    teacher, student = build_nets(args, recipe, data.num_classes,
-                                  engine.POLICIES[args.precision])
-    adam = Adam(student.trainable_variables, recipe)
-    step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
+  with distill.Run(args, engine.is_chief(strategy),
+                   engine.any_process(strategy)) as run:
+    run.logger.info(f'recipe {args.recipe}: {recipe}')
+    if not deterministic:
+      run.logger.warning('TensorFlow was started before bit_tf2 could ask it '
+                         'for one inter-op thread: two runs of this command '
+                         'may differ in their last digits.')
+    data = input_pipeline.load(distill.data_args(args, recipe), run.logger)
+    sched = distill.schedule(recipe, data.train_size)
+    with strategy.scope():
+      teacher, student = build_nets(args, recipe, data.num_classes,
+                                    engine.POLICIES[args.precision])
+      adam = Adam(student.trainable_variables, recipe)
+      step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
 
-  settings = distill.settings(recipe, args, sched)
-  ckpt = engine.Checkpoints(
-      os.path.join(run.dir, 'checkpoints'), settings, run.lead,
-      # The student's variables by list as well: tf.train.Checkpoint does
-      # not reach those of the layers the model keeps in Python lists (its
-      # blocks); a Keras optimizer would carry them, this Adam does not.
-      tf.train.Checkpoint(model=student, weights=list(student.weights),
-                          adam=adam, step=step_var))
-  step = run.resume(ckpt, settings)
-  export = distill.export_path(args, run)
-  classes = list(data.classes) if data.classes else data.num_classes
-  run.start(step, distill.config(
-      recipe, sched, data.train_size, data.eval_size, classes, export,
-      devices=replicas, strategy=type(strategy).__name__,
-      versions=harness.versions(tf, keras)),
-            distill.describe(recipe, sched, data.train_size,
-                                 data.num_classes) +
-            f'; {replicas} replica(s) ({type(strategy).__name__}), '
-            f'{args.precision}')
+    settings = distill.settings(recipe, args, sched)
+    ckpt = engine.Checkpoints(
+        os.path.join(run.dir, 'checkpoints'), settings, run.lead,
+        # The student's variables by list as well: tf.train.Checkpoint does
+        # not reach those of the layers the model keeps in Python lists (its
+        # blocks); a Keras optimizer would carry them, this Adam does not.
+        tf.train.Checkpoint(model=student, weights=list(student.weights),
+                            adam=adam, step=step_var))
+    step = run.resume(ckpt, settings)
+    export = distill.export_path(args, run)
+    classes = list(data.classes) if data.classes else data.num_classes
+    run.start(step, distill.config(
+        recipe, sched, data.train_size, data.eval_size, classes, export,
+        devices=replicas, strategy=type(strategy).__name__,
+        versions=harness.versions(tf, keras)),
+              distill.describe(recipe, sched, data.train_size,
+                                   data.num_classes) +
+              f'; {replicas} replica(s) ({type(strategy).__name__}), '
+              f'{args.precision}', engine.device_kind(strategy), 'tf2')
 
-  train_step, eval_step = make_steps(strategy, student, teacher, adam,
-                                     recipe, args.batch_split)
-  eval_batch = recipe.batch_eval or recipe.batch
-  eval_batch = -(-eval_batch // replicas) * replicas
-  eval_data = engine.distribute(
-      strategy, lambda pid, nproc: input_pipeline.eval_batches(
-          data, eval_batch, recipe.teacher_size, pid, nproc))
+    train_step, eval_step = make_steps(strategy, student, teacher, adam,
+                                       recipe, args.batch_split)
+    eval_batch = recipe.batch_eval or recipe.batch
+    eval_batch = -(-eval_batch // replicas) * replicas
+    eval_data = engine.distribute(
+        strategy, lambda pid, nproc: input_pipeline.eval_batches(
+            data, eval_batch, recipe.teacher_size, pid, nproc))
 
-  def evaluate():
-    sums = [eval_step(b) for b in input_pipeline.named_errors(
-        iter(eval_data))]
-    return np.sum([s.numpy() for s in sums], axis=0, dtype=np.float64)
+    def evaluate():
+      sums = [eval_step(b) for b in input_pipeline.named_errors(
+          iter(eval_data))]
+      return np.sum([s.numpy() for s in sums], axis=0, dtype=np.float64)
 
-  stream = datastream.Stream(data.train_size, recipe.batch, args.seed,
-                           recipe.mixup_alpha)
-  batches = input_pipeline.named_errors(iter(engine.distribute(
-      strategy, lambda pid, nproc: input_pipeline.train_batches(
-          data, stream, recipe.resize_size, recipe.teacher_size, step, pid,
-          nproc, crop_scale=distill.inception_scale(recipe)))))
+    stream = datastream.Stream(data.train_size, recipe.batch, args.seed,
+                             recipe.mixup_alpha)
+    batches = input_pipeline.named_errors(iter(engine.distribute(
+        strategy, lambda pid, nproc: input_pipeline.train_batches(
+            data, stream, recipe.resize_size, recipe.teacher_size, step, pid,
+            nproc, crop_scale=distill.inception_scale(recipe)))))
 
-  def train(step, lr):
-    del lr  # the step takes the schedule's factor
-    return train_step(next(batches),
-                      tf.constant(sched.factor(step), tf.float32))
+    def train(step, lr):
+      del lr  # the step takes the schedule's factor
+      return train_step(next(batches),
+                        tf.constant(sched.factor(step), tf.float32))
 
-  result, step = run.fit(step, sched.total_steps, sched.lr, train, evaluate,
-                         ckpt, eval_every=distill.eval_every(recipe,
-                                                                 sched),
-                         batch=recipe.batch)
-  return run.finish(result, step, lambda _: student.save_npz(export),
-                    teacher=recipe.teacher, student=recipe.student,
-                    exported_to=export)
+    result, step = run.fit(step, sched.total_steps, sched.lr, train, evaluate,
+                           ckpt, eval_every=distill.eval_every(recipe,
+                                                                   sched),
+                           batch=recipe.batch)
+    return run.finish(result, step, lambda _: student.save_npz(export),
+                      teacher=recipe.teacher, student=recipe.student,
+                      exported_to=export)
 
 
 if __name__ == '__main__':

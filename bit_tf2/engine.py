@@ -8,7 +8,6 @@ import glob
 import json
 import os
 import shutil
-import tempfile
 
 import tensorflow as tf
 
@@ -188,11 +187,16 @@ class Checkpoints(harness.Checkpoints):
     self.settings, self.checkpoint = settings, checkpoint
     self.run_file = os.path.join(directory, RUN)
     # Every worker resumes from the chief's checkpoints (--logdir on a file
-    # system the workers share) and writes its own where they are dropped.
+    # system the workers share) and writes its own into a folder of its
+    # own beside them, emptied at its start (what a killed worker left is
+    # gone at the next) and removed at its end.
     self.shared = None if chief else tf.train.CheckpointManager(
         checkpoint, directory, max_to_keep=2)
     if not chief:
-      directory = tempfile.mkdtemp(prefix='bit_tf2_worker_')
+      task = json.loads(os.environ.get('TF_CONFIG') or '{}').get('task', {})
+      directory = os.path.join(
+          directory, f'.{task.get("type", "worker")}-{task.get("index", 0)}')
+      shutil.rmtree(directory, ignore_errors=True)
       atexit.register(shutil.rmtree, directory, ignore_errors=True)
     self.manager = tf.train.CheckpointManager(checkpoint, directory,
                                               max_to_keep=2)

@@ -155,72 +155,72 @@ def main(args):
   strategy = make_strategy()
   replicas = strategy.num_replicas_in_sync
   chief_first(strategy, bit_common.check_args, args, replicas)
-  run = harness.Run(args, is_chief(strategy), any_process(strategy))
-  if not deterministic:
-    run.logger.warning('TensorFlow was started before bit_tf2 could ask it '
-                       'for one inter-op thread: two runs of this command '
-                       'may differ in their last digits.')
-  data = input_pipeline.load(args, run.logger)
-  hyper = harness.HyperRule.of(args, data.train_size, data.original_hw)
-  weights = zoo.load_weights(args.model, args.bit_pretrained_dir)
-  with strategy.scope():
-    model = models.create(args.model, head_size=data.num_classes,
-                          zero_head=True, weights=weights,
-                          dtype=POLICIES[args.precision])
-    optimizer, lr = make_optimizer(args.precision)
-    optimizer.build(model.trainable_variables)
-    step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
-  del weights
+  with harness.Run(args, is_chief(strategy), any_process(strategy)) as run:
+    if not deterministic:
+      run.logger.warning('TensorFlow was started before bit_tf2 could ask it '
+                         'for one inter-op thread: two runs of this command '
+                         'may differ in their last digits.')
+    data = input_pipeline.load(args, run.logger)
+    hyper = harness.HyperRule.of(args, data.train_size, data.original_hw)
+    weights = zoo.load_weights(args.model, args.bit_pretrained_dir)
+    with strategy.scope():
+      model = models.create(args.model, head_size=data.num_classes,
+                            zero_head=True, weights=weights,
+                            dtype=POLICIES[args.precision])
+      optimizer, lr = make_optimizer(args.precision)
+      optimizer.build(model.trainable_variables)
+      step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
+    del weights
 
-  classes = list(data.classes) if data.classes else data.num_classes
-  settings = hyper.settings(args, classes)
-  ckpt = Checkpoints(os.path.join(run.dir, runfiles.CHECKPOINTS), settings,
-                     run.lead, tf.train.Checkpoint(model=model,
-                                                   optimizer=optimizer,
-                                                   step=step_var))
-  step = run.resume(ckpt, settings)
-  xla = uses_xla(strategy)
-  run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),
-                       devices=replicas, strategy=type(strategy).__name__,
-                       device_kind=device_kind(strategy),
-                       xla=dict(zip(('train', 'eval'), xla)),
-                       versions=harness.versions(tf, keras)),
-            f'{args.dataset}: {data.train_size} training, {data.eval_size} '
-            f'{data.eval_split} examples, {data.num_classes} classes; '
-            f'{hyper.describe()}, {replicas} {device_kind(strategy)} '
-            f'replica(s) ({type(strategy).__name__}), {args.precision}'
-            f'{", XLA" if xla[0] else ""}', device_kind(strategy))
+    classes = list(data.classes) if data.classes else data.num_classes
+    settings = hyper.settings(args, classes)
+    ckpt = Checkpoints(os.path.join(run.dir, runfiles.CHECKPOINTS), settings,
+                       run.lead, tf.train.Checkpoint(model=model,
+                                                     optimizer=optimizer,
+                                                     step=step_var))
+    step = run.resume(ckpt, settings)
+    xla = uses_xla(strategy)
+    run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),
+                         devices=replicas, strategy=type(strategy).__name__,
+                         device_kind=device_kind(strategy),
+                         xla=dict(zip(('train', 'eval'), xla)),
+                         versions=harness.versions(tf, keras)),
+              f'{args.dataset}: {data.train_size} training, {data.eval_size} '
+              f'{data.eval_split} examples, {data.num_classes} classes; '
+              f'{hyper.describe()}, {replicas} {device_kind(strategy)} '
+              f'replica(s) ({type(strategy).__name__}), {args.precision}'
+              f'{", XLA" if xla[0] else ""}', device_kind(strategy), 'tf2')
 
-  train_step, eval_step = make_steps(strategy, model, optimizer, lr,
-                                     args.batch, args.batch_split, xla)
-  eval_batch = args.batch_eval or args.batch // args.batch_split
-  eval_batch = -(-eval_batch // replicas) * replicas
-  eval_data = distribute(strategy, lambda pid, nproc: input_pipeline
-                         .eval_batches(data, eval_batch, hyper.crop, pid,
-                                       nproc))
+    train_step, eval_step = make_steps(strategy, model, optimizer, lr,
+                                       args.batch, args.batch_split, xla)
+    eval_batch = args.batch_eval or args.batch // args.batch_split
+    eval_batch = -(-eval_batch // replicas) * replicas
+    eval_data = distribute(strategy, lambda pid, nproc: input_pipeline
+                           .eval_batches(data, eval_batch, hyper.crop, pid,
+                                         nproc))
 
-  def evaluate():
-    sums = [eval_step(batch) for batch in input_pipeline.named_errors(
-        iter(eval_data), input_pipeline.eval_files(data))]
-    return np.sum([s.numpy() for s in sums], axis=0, dtype=np.float64)
+    def evaluate():
+      sums = [eval_step(batch) for batch in input_pipeline.named_errors(
+          iter(eval_data), input_pipeline.eval_files(data))]
+      return np.sum([s.numpy() for s in sums], axis=0, dtype=np.float64)
 
-  stream = hyper.stream(args)
-  batches = input_pipeline.named_errors(iter(distribute(
-      strategy, lambda pid, nproc: input_pipeline.train_batches(
-          data, stream, hyper.resize, hyper.crop, step, pid, nproc))),
-                                        input_pipeline.train_files(
-                                            data, stream, step))
+    stream = hyper.stream(args)
+    batches = input_pipeline.named_errors(iter(distribute(
+        strategy, lambda pid, nproc: input_pipeline.train_batches(
+            data, stream, hyper.resize, hyper.crop, step, pid, nproc))),
+                                          input_pipeline.train_files(
+                                              data, stream, step))
 
-  def train(step, rate):
-    del step  # The pipeline yields the batch of each step in turn.
-    return train_step(next(batches), tf.constant(rate, tf.float32))
+    def train(step, rate):
+      del step  # The pipeline yields the batch of each step in turn.
+      return train_step(next(batches), tf.constant(rate, tf.float32))
 
-  result, step = run.fit(step, hyper.total, hyper.lr, train, evaluate, ckpt)
-  if run.lead and args.export_saved_model and args.save:
-    model.export_saved_model(os.path.join(run.dir, SAVED_MODEL))
-  return run.finish(result, step, model.save_npz, model=args.model,
-                    dataset=args.dataset, dataset_size=data.train_size,
-                    examples_per_class=args.examples_per_class)
+    result, step = run.fit(step, hyper.total, hyper.lr, train, evaluate, ckpt)
+    if run.lead and args.export_saved_model and args.save:
+      model.export_saved_model(os.path.join(run.dir, SAVED_MODEL))
+    return run.finish(result, step, model.save_npz, model=args.model,
+                      dataset=args.dataset, dataset_size=data.train_size,
+                      examples_per_class=args.examples_per_class)
 
 
 if __name__ == '__main__':

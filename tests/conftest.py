@@ -9,7 +9,6 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 # torchvision (through triton, in torch's CUDA wheels) crashes when it is
 # imported after TensorFlow in one process; imported first, both work. Tests
@@ -181,3 +180,13 @@ def pytest_collection_modifyitems(items):
         item, 'fixturenames', ()):
       item.add_marker(pytest.mark.slow)
   items.sort(key=lambda item: rank.get(xdist_group_of(item), len(rank)))
+
+
+def stand_in_nvidia_smi(folder, listing, status=0):
+  """A folder holding an `nvidia-smi` that prints `listing` (lines, each
+  ending in a newline) and exits with `status`, to put first on PATH."""
+  folder.mkdir(exist_ok=True)
+  smi = folder / 'nvidia-smi'
+  smi.write_text(f"#!/bin/sh\ncat <<'END'\n{listing}END\nexit {status}\n")
+  smi.chmod(0o755)
+  return folder

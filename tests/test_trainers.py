@@ -10,6 +10,7 @@ and shared between tests: one reference run per backend.
 import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,8 +20,8 @@ import numpy as np
 import pytest
 
 from big_transfer import errors, zoo
-from conftest import (REPO, backend_param, synthetic_weights,
-                      write_imagefolder)
+from conftest import (REPO, backend_param, stand_in_nvidia_smi,
+                      synthetic_weights, write_imagefolder)
 
 pytestmark = pytest.mark.slow  # whole runs: left out of make test-fast
 
@@ -73,9 +74,9 @@ def cli_env(setup):
   return env
 
 
-def cli(setup, backend, name, *extra, **kw):
+def cli(setup, backend, name, *extra, prefix=(), **kw):
   return subprocess.run(
-      [sys.executable, '-m', f'bit_{backend}.train',
+      [*prefix, sys.executable, '-m', f'bit_{backend}.train',
        *argv(setup, backend, name, *extra, **kw)],
       cwd=REPO, env=cli_env(setup), capture_output=True, text=True,
       timeout=600)
@@ -514,24 +515,119 @@ def test_jax_refuses_fp16(setup):
     run(setup, 'jax', 'fp16', '--precision', 'fp16')
 
 
-def test_a_failed_write_keeps_the_previous_checkpoint(setup, monkeypatch):
-  """A disk that fills up mid-run (the harness is the same in every
-  backend; PyTorch's format stands in for the three)."""
-  import errno
-  import torch
-  from bit_pytorch import engine
-  save, calls = engine.Checkpoint.save, []
+# A fault injected into a trainer's process (tests/faults.py): a disk that
+# fills (the kernel refuses to grow any file, as a full disk does), or
+# SIGKILL inside a checkpoint's write.
+FAULTS = os.path.join(REPO, 'tests', 'faults.py')
 
-  def save_then_fail(self, step):
-    calls.append(step)
-    if len(calls) > 1:
-      raise OSError(errno.ENOSPC, 'No space left on device')
-    save(self, step)
-  monkeypatch.setattr(engine.Checkpoint, 'save', save_then_fail)
-  with pytest.raises(errors.RunFailed,
-                     match='checkpoint of step 4.*No space left.*'
-                     'checkpoint of step 2 is intact'):
-    run(setup, 'pytorch', 'full', '--save_every', '2')
-  state = torch.load(out(setup, 'pytorch', 'full') / 'bit.pth.tar',
-                     weights_only=True)
-  assert state['step'] == 2
+
+def faulty(setup, backend, name, fault, *extra, prefix=()):
+  return subprocess.run(
+      [*prefix, sys.executable, FAULTS, fault, '-m', f'bit_{backend}.train',
+       *argv(setup, backend, name, *extra)],
+      cwd=REPO, env=cli_env(setup), capture_output=True, text=True,
+      timeout=600)
+
+
+def assert_one_line(done, status, *phrases):
+  """Ended with `status` and one 'error:' line holding `phrases`; no
+  traceback, no exception printed by a library's thread."""
+  err = done.stderr
+  assert done.returncode == status, err[-3000:]
+  assert 'Traceback' not in err and not re.search(r'^\w*Error\b', err,
+                                                  re.M), err[-3000:]
+  lines = [l for l in err.splitlines() if l.startswith('error: ')]
+  assert len(lines) == 1, err[-3000:]
+  for phrase in phrases:
+    assert phrase in lines[0]
+
+
+def assert_ends_as_the_reference(setup, reference, backend, name):
+  result = json.loads((out(setup, backend, name) /
+                       'results.json').read_text())
+  assert result['top1'] == reference[backend]['top1']
+  assert_same(weights(setup, backend, name),
+              weights(setup, backend, 'reference'), atol=1e-6)
+  assert [r['step'] for r in metrics(setup, backend, name)] == [
+      r['step'] for r in metrics(setup, backend, 'reference')]
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_a_full_disk_and_a_kill_inside_a_save_lose_nothing(setup, reference,
+                                                           backend):
+  name, extra = 'faults', ('--save_every', '4')
+  # Checkpoints at steps 4, 6 (an evaluation), 8 and 12: the disk fills
+  # just before the one of step 6.
+  full = faulty(setup, backend, name, 'full_at_save:2', *extra)
+  assert_one_line(full, 3, 'checkpoint of step 6',
+                  'checkpoint of step 4 is intact')
+  # Resumed from step 4, killed during its second save (step 8).
+  killed = faulty(setup, backend, name, 'kill_in_save:2:0.3', *extra)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert 'resuming from' in killed.stderr and 'at step 4' in killed.stderr
+  done = cli(setup, backend, name, *extra)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert re.search(r'resuming from .* at step [68]\b', done.stderr)
+  assert_ends_as_the_reference(setup, reference, backend, name)
+
+
+def test_a_full_disk_while_logging_or_exporting_keeps_the_checkpoint(
+    setup, reference):
+  """Metrics and the export are the harness's, the same in every backend:
+  PyTorch stands in for the three."""
+  name, extra = 'full', ('--save_every', '4')
+  full = faulty(setup, 'pytorch', name, 'full_at_metrics:5', *extra)
+  assert_one_line(full, 3, 'metrics.jsonl', 'checkpoint of step 4 is intact')
+  assert 'cannot write to' in full.stderr  # train.log: said once
+  full = faulty(setup, 'pytorch', name, 'full_at_finish', *extra)
+  assert_one_line(full, 3, 'trained model',
+                  'checkpoint of step 12 is intact')
+  assert not (out(setup, 'pytorch', name) / 'results.json').exists()
+  done = cli(setup, 'pytorch', name, *extra)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert_ends_as_the_reference(setup, reference, 'pytorch', name)
+
+
+def test_a_read_only_run_folder_is_refused_and_left_as_it_was(setup,
+                                                               reference):
+  name, extra = 'read_only', ('--save_every', '4')
+  killed = faulty(setup, 'pytorch', name, 'kill_in_save:2:0.3', *extra)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  folder = out(setup, 'pytorch', name)
+  before = {p: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+  if os.geteuid():
+    prefix = ()
+    folder.chmod(0o555)
+  else:  # root writes anywhere; a read-only mount of the folder stops it
+    prefix = ('unshare', '-m', 'sh', '-c', 'mount --bind "$0" "$0" && '
+              'mount -o remount,ro,bind "$0" "$0" && exec "$@"', str(folder))
+    if subprocess.run([*prefix, 'true'], capture_output=True).returncode:
+      pytest.skip('cannot make a read-only mount here')
+  try:
+    refused = cli(setup, 'pytorch', name, *extra, prefix=prefix)
+  finally:
+    folder.chmod(0o755)
+  assert_one_line(refused, 2, f'cannot write to {folder}', 'make it writable')
+  assert {p: p.read_bytes() for p in folder.iterdir() if p.is_file()} == (
+      before)
+  done = cli(setup, 'pytorch', name, *extra)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert_ends_as_the_reference(setup, reference, 'pytorch', name)
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_gpus_the_framework_does_not_see_are_named_with_their_install(
+    setup, backend, tmp_path):
+  from big_transfer import hardware
+  smi = stand_in_nvidia_smi(tmp_path / 'bin', 'GPU 0: NVIDIA H200 (UUID: '
+                            'GPU-0)\nGPU 1: NVIDIA H200 (UUID: GPU-1)\n')
+  done = subprocess.run(
+      [sys.executable, '-m', f'bit_{backend}.train',
+       *argv(setup, backend, 'unseen', '--total_steps', '1')],
+      cwd=REPO, env=dict(cli_env(setup),
+                         PATH=f'{smi}{os.pathsep}{os.environ["PATH"]}'),
+      capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  lines = [l for l in done.stderr.splitlines() if 'nvidia-smi' in l]
+  assert len(lines) == 1, done.stderr[-3000:]
+  assert '2 NVIDIA GPU(s)' in lines[0]
+  assert hardware.GPU_INSTALLS[backend] in lines[0]

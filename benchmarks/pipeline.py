@@ -1,0 +1,185 @@
+"""The training input pipeline alone (no model), per CPU core, for each
+host-decoding path: how many data-loading cores keep a GPU fed.
+
+  python -m benchmarks.pipeline --backends pytorch,jax --workers 1,2 \\
+      --batch 64 --batches 20 --resolution 224 --out pipeline.json
+
+On a generated image folder of photo-like JPEG files (benchmarks.end_to_end's
+make_folder, 375x500 px by default) this builds each trainer's own training
+batches from the same code and flags the trainer uses, and times them:
+
+  pytorch  bit_pytorch.train's DataLoader: TrainSet (decode, HyperRule
+           resize, random crop and flip in --workers worker processes) over
+           the data stream's TrainBatches sampler, then engine.mixed (to
+           float in [-1, 1] and mixup), here on the CPU (a GPU run does
+           that step on the GPU);
+  jax      bit_jax.train's big_transfer.loader.train_batches: the same
+           views in --workers grain threads, float conversion, one-hot
+           labels and mixup included.
+
+The crop is --resolution and the resize the HyperRule's for it, mixup is on
+(alpha 0.1). After --warmup untimed batches (the workers' start) it times
+--batches batches in one stretch: images/s, and images/s per worker (a
+worker is a process in PyTorch, a thread in JAX, each wanting a core; the
+main process's share is not counted). Each timed batch's image shape is
+recorded, so a result shows the pipeline really ran. The last lines give,
+for each backend, the cores that 5,000 img/s would take at its best rate
+per worker, assuming it scales linearly. On a shared machine, read the
+figures as a floor.
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import tempfile
+
+import bit_common
+from benchmarks.end_to_end import MIXUP_ALPHA, make_folder
+from benchmarks.measure import chosen
+from benchmarks.timing import seconds
+from big_transfer import datasets, hardware, harness
+
+BACKENDS = ('pytorch', 'jax')   # fork-based PyTorch workers start first
+TARGET_IMG_S = 5000
+
+
+def training_args(folder, batch, resolution, workers, steps):
+  """The trainers' flags for fine-tuning on the image `folder`."""
+  return bit_common.argparser().parse_args([
+      '--name', 'pipeline', '--logdir', folder, '--model', 'BiT-M-R50x1',
+      '--dataset', 'imagefolder', '--datadir', folder, '--batch', str(batch),
+      '--crop_size', str(resolution), '--mixup_alpha', str(MIXUP_ALPHA),
+      '--workers', str(workers), '--total_steps', str(steps)])
+
+
+def pytorch_batches(args):
+  """(HyperRule, an iterator of bit_pytorch.train's training images)."""
+  # Imported here only: each backend's pipeline runs without the other.
+  # pylint: disable=import-outside-toplevel
+  import torch
+  from bit_pytorch import data as torch_data
+  from bit_pytorch.engine import data_errors_named, loader, mixed
+  data = torch_data.load(args, None)
+  hyper = harness.HyperRule.of(args, len(data.train), data.original_hw)
+  stream, cpu = hyper.stream(args), torch.device('cpu')
+  sampler = torch_data.TrainBatches(stream, 0, hyper.total)
+  batches = data_errors_named(iter(loader(
+      torch_data.TrainSet(data.train, hyper.resize, hyper.crop), args, cpu,
+      batch_sampler=sampler)))
+
+  def images():
+    for step in range(hyper.total):
+      (x, *_), = mixed(itertools.islice(batches, 1), sampler.layout,
+                       stream.lam(step), cpu)
+      yield x
+  return hyper, images()
+
+
+def jax_batches(args):
+  """(HyperRule, an iterator of bit_jax.train's training images)."""
+  from big_transfer import loader  # pylint: disable=import-outside-toplevel
+  data = datasets.load(args)
+  hyper = harness.HyperRule.of(args, len(data.train), data.original_hw)
+  batches = loader.train_batches(data.train, data.num_classes,
+                                 hyper.stream(args), hyper.resize, hyper.crop,
+                                 workers=args.workers)
+  return hyper, (b['image'] for b in batches)
+
+
+PIPELINES = {'pytorch': pytorch_batches, 'jax': jax_batches}
+
+
+def measure(backend, args, batches, warmup):
+  """Times `batches` batches of `backend`'s pipeline after `warmup`."""
+  hyper, images = PIPELINES[backend](args)
+  for _ in range(warmup):
+    next(images)
+  shapes = []
+
+  def run():
+    for _ in range(batches):
+      shapes.append(list(next(images).shape))
+  took = seconds(run)
+  images.close()
+  img_s = batches * args.batch / took
+  return {'backend': backend, 'workers': args.workers, 'img_s': img_s,
+          'img_s_per_worker': img_s / max(1, args.workers),
+          'timed_s': took, 'batches': batches, 'warmup': warmup,
+          'batch': args.batch, 'resolution': [hyper.resize, hyper.crop],
+          'mixup': hyper.mixup, 'batch_shapes': shapes}
+
+
+def cores_needed(results):
+  """{backend: {cores, img_s_per_worker, workers}}: the cores for
+  TARGET_IMG_S at each backend's best rate per worker."""
+  out = {}
+  for backend in dict.fromkeys(r['backend'] for r in results):
+    best = max((r for r in results if r['backend'] == backend),
+               key=lambda r: r['img_s_per_worker'])
+    out[backend] = {'cores': math.ceil(TARGET_IMG_S /
+                                       best['img_s_per_worker']),
+                    'img_s_per_worker': best['img_s_per_worker'],
+                    'workers': best['workers']}
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--backends', default=','.join(BACKENDS),
+                      help='comma-separated, from: ' + ', '.join(BACKENDS))
+  parser.add_argument('--workers', default='1,2',
+                      help='comma-separated worker counts')
+  parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--batches', type=int, default=20,
+                      help='timed batches per measurement')
+  parser.add_argument('--warmup', type=int, default=4,
+                      help='untimed batches first')
+  parser.add_argument('--resolution', type=int, default=224,
+                      help='the training crop (--crop_size)')
+  parser.add_argument('--image_size', default='375x500',
+                      help='HEIGHTxWIDTH of the generated JPEG files')
+  parser.add_argument('--classes', type=int, default=10)
+  parser.add_argument('--per_class', type=int, default=32,
+                      help='training images per class')
+  parser.add_argument('--out', default=None, help='also write results here')
+  args = parser.parse_args(argv)
+  names = chosen(parser, args.backends, BACKENDS)
+  backends = [b for b in BACKENDS if b in names]
+  workers = [int(w) for w in args.workers.split(',') if w]
+  size = tuple(int(v) for v in args.image_size.lower().split('x'))
+  cpu = hardware.cpu_description()
+  print(f'CPU: {cpu["model"]} ({cpu["machine"]}, {os.cpu_count()} cores '
+        'visible)')
+  print(f'{args.classes} x {args.per_class} JPEG files of {size[0]}x'
+        f'{size[1]}, {args.resolution} px crop, batch {args.batch}, mixup '
+        f'{MIXUP_ALPHA:g}; {args.batches} batches timed after '
+        f'{args.warmup}.', flush=True)
+  results = []
+  with tempfile.TemporaryDirectory(prefix='bit_pipeline_') as tmp:
+    folder = make_folder(tmp, args.classes, args.per_class, size)
+    for backend in backends:
+      for w in workers:
+        res = measure(backend, training_args(
+            folder, args.batch, args.resolution, w,
+            args.warmup + args.batches), args.batches, args.warmup)
+        results.append(res)
+        print(f'{backend:>7} {w} worker(s): {res["img_s"]:7.1f} img/s, '
+              f'{res["img_s_per_worker"]:6.1f} per worker  (resize '
+              f'{res["resolution"][0]} -> crop {res["resolution"][1]})',
+              flush=True)
+  cores = cores_needed(results)
+  for backend, c in cores.items():
+    print(f'{backend}: {TARGET_IMG_S} img/s needs {c["cores"]} cores at '
+          f'{c["img_s_per_worker"]:.1f} img/s per core (best, at '
+          f'{c["workers"]} worker(s); linear scaling assumed)')
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump({'args': vars(args), 'cpu': cpu, 'image_size': size,
+                 'target_img_s': TARGET_IMG_S, 'results': results,
+                 'cores_needed': cores}, f, indent=2)
+  return results
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,49 @@
+"""benchmarks.pipeline: the input-pipeline benchmark runs each backend's own
+training batches (PyTorch's DataLoader, JAX's grain loader) on a generated
+JPEG folder and records their rate per worker.
+
+One tiny run of the command line (a few 40x48 images, a 32 px crop, batch
+8, 1 worker, 3 timed batches), as a user runs it. No speed is asserted:
+the test checks that every timed batch was a real batch of the pipeline.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.measure import REPO
+
+pytestmark = pytest.mark.slow  # starts both pipelines in a new Python
+
+BATCH, CROP, BATCHES = 8, 32, 3
+# Each backend's image layout: PyTorch NCHW, JAX NHWC.
+SHAPES = {'pytorch': [BATCH, 3, CROP, CROP], 'jax': [BATCH, CROP, CROP, 3]}
+
+
+@pytest.fixture(scope='module')
+def bench(tmp_path_factory):
+  out = tmp_path_factory.mktemp('pipeline') / 'out.json'
+  subprocess.run(
+      [sys.executable, '-m', 'benchmarks.pipeline', '--backends',
+       ','.join(SHAPES), '--workers', '1', '--batch', str(BATCH),
+       '--batches', str(BATCHES), '--warmup', '1', '--resolution', str(CROP),
+       '--image_size', '40x48', '--classes', '2', '--per_class', '6',
+       '--out', str(out)],
+      cwd=REPO, check=True, timeout=300, capture_output=True,
+      env=dict(os.environ, OMP_NUM_THREADS='1', JAX_PLATFORMS='cpu'))
+  with open(out) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize('backend', sorted(SHAPES))
+def test_times_real_batches_at_a_positive_rate(bench, backend):
+  (res,) = [r for r in bench['results'] if r['backend'] == backend]
+  assert res['workers'] == 1 and res['img_s'] > 0
+  assert res['img_s_per_worker'] == pytest.approx(res['img_s'])
+  assert res['batch_shapes'] == [SHAPES[backend]] * BATCHES
+  assert res['resolution'][1] == CROP and res['mixup'] > 0
+  cores = bench['cores_needed'][backend]
+  assert cores['cores'] >= 1 and cores['img_s_per_worker'] == res['img_s']
+  assert bench['cpu']['model']

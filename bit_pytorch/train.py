@@ -18,9 +18,11 @@ In-process use: `main(args)` with `args = argparser().parse_args([...])` (or
 `bit_common.argparser()`'s: the PyTorch-only flags then take their defaults)
 runs one fine-tuning and returns the final evaluation.
 """
+import argparse
 import itertools
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -43,10 +45,28 @@ CHECKPOINT = runfiles.TORCH_CHECKPOINT
 def torch_flags():
   """Flags of the PyTorch backend only."""
   parent, g = flags.group('PyTorch')
-  g.add_argument('--compile', action='store_true',
+  g.add_argument('--compile', action=argparse.BooleanOptionalAction,
+                 default=None,
                  help='PyTorch only: run the model through torch.compile '
-                 '(slow start, faster steps on GPU).')
+                 '(a slow first step, then faster steps). Default: on a GPU '
+                 f'for runs of at least {COMPILE_MIN_STEPS} steps, off on '
+                 'the CPU (slower there).')
   return parent
+
+
+# torch.compile more than doubles the training rate on a GPU (H200, R50x1,
+# bf16: 4771 against 2165 img/s; docs/gpu.md) and takes about a minute
+# first; a run shorter than the HyperRule's shortest schedule does not
+# repay it. On the CPU it was slower (docs/performance.md).
+COMPILE_MIN_STEPS = 500
+
+
+def compiles(flag, device, steps):
+  """Whether to run the model through torch.compile: as --compile or
+  --no-compile say, else on CUDA for `steps` >= COMPILE_MIN_STEPS."""
+  if flag is not None:
+    return flag
+  return device.type == 'cuda' and steps >= COMPILE_MIN_STEPS
 
 
 def argparser():
@@ -86,15 +106,16 @@ def _train(args, rank, device):
     ckpt = Checkpoint(os.path.join(run.dir, CHECKPOINT), settings, run.lead,
                       model=net, optimizer=opt, scaler=scaler)
     step = same_everywhere(run.resume(ckpt, settings))
+    compiled = compiles(args.compile, device, hyper.total - step)
     run.start(step, dict(hyper.config(), classes=data.classes, devices=world,
-                         device=str(device),
+                         device=str(device), compiled=compiled,
                          versions=harness.versions(torch, torchvision)),
               f'{args.dataset}: {len(train_src)} training, {len(data.val)} '
               f'validation examples, {len(data.classes)} classes; '
               f'{hyper.describe()}, {world} process(es) on {device.type}, '
               f'{args.precision}', device.type, 'pytorch')
 
-    fast = torch.compile(net) if args.compile else net
+    fast = torch.compile(net) if compiled else net
     model = (torch.nn.parallel.DistributedDataParallel(
         fast, device_ids=[device] if device.type == 'cuda' else None)
              if world > 1 else fast)
@@ -112,14 +133,24 @@ def _train(args, rank, device):
                         batch_size=eval_batch)
     autocast = autocast_for(device, args.precision)
 
+    uncompiled = compiled  # until the first step has compiled the model
+
     def train(step, lr):
+      nonlocal uncompiled
       for g in opt.param_groups:
         g['lr'] = lr
       micro = mixed(((x, y) for x, y in itertools.islice(batches,
                                                          args.batch_split)),
                     sampler.layout, stream.lam(step), device, channels_last)
-      return train_step(model, opt, scaler, micro, args.batch_split, autocast,
+      started = time.perf_counter()
+      loss = train_step(model, opt, scaler, micro, args.batch_split, autocast,
                         F.cross_entropy)
+      if uncompiled:
+        float(loss)  # waits for the step
+        uncompiled = False
+        run.logger.info('torch.compile: the first step, compiling, took '
+                        f'{time.perf_counter() - started:.1f} s')
+      return loss
 
     result, step = run.fit(
         step, hyper.total, hyper.lr, train,

@@ -145,7 +145,8 @@ def sigterm_after_step(monkeypatch):
 # that no worker is left with a long one at the end.
 BY_BACKEND = ('test_trainers.py', 'test_multiprocess.py')
 LONGEST_FIRST = (
-    'test_trainers.py:tf2', 'test_trainers.py:jax', 'test_gpu_check.py',
+    'test_trainers.py:tf2', 'test_trainers.py:jax', 'test_commands.py',
+    'test_gpu_check.py',
     'test_multiprocess.py:jax', 'test_distill.py', 'test_notebooks.py',
     'test_trainers.py:pytorch', 'test_multiprocess.py:tf2',
     'test_end_to_end_benchmark.py', 'test_jax_models.py', 'test_demo.py')

@@ -210,3 +210,20 @@ def test_world_size_without_local_rank_is_one_line(tmp_path, monkeypatch,
   assert e.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith('error: WORLD_SIZE is 2 but LOCAL_RANK')
+
+
+def test_compiled_by_default_on_a_gpu_for_runs_that_repay_it():
+  cuda, cpu = torch.device('cuda'), torch.device('cpu')
+  long_run, short_run = train.COMPILE_MIN_STEPS, train.COMPILE_MIN_STEPS - 1
+  assert train.compiles(None, cuda, long_run)
+  assert not train.compiles(None, cuda, short_run)
+  assert not train.compiles(None, cpu, long_run)
+  # --compile and --no-compile win over the default.
+  assert train.compiles(True, cpu, 1) and not train.compiles(False, cuda,
+                                                             long_run)
+  parse = train.argparser().parse_args
+  base = ['--name', 'x', '--logdir', '.', '--model', 'BiT-M-R50x1',
+          '--dataset', 'cifar10']
+  assert [parse(base + extra).compile
+          for extra in ([], ['--compile'], ['--no-compile'])] == [None, True,
+                                                                   False]

@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 
 from big_transfer import flags, runfiles, zoo
 from big_transfer.errors import BadInput
@@ -64,24 +63,8 @@ def check_args(args, devices=1):
 def check_writable(args, keep=False):
   """Refuses a --logdir where the run folder cannot be made or written;
   folders made for the check are removed again unless `keep`."""
-  folder = os.path.abspath(run_dir(args))
-  missing, parent = [], folder
-  while not os.path.exists(parent):
-    missing.append(parent)
-    parent = os.path.dirname(parent)
-  try:
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder):
-      pass
-  except OSError as e:
-    raise BadInput(f'cannot write to {folder} ({e.strerror or e}); make it '
-                   'writable or give another --logdir.') from None
-  finally:
-    for made in [] if keep else missing:
-      try:
-        os.rmdir(made)  # only if still empty
-      except OSError:
-        pass  # another process of the run uses it, or removed it already
+  runfiles.check_writable(run_dir(args), 'make it writable or give another '
+                          '--logdir.', keep)
 
 
 def with_backend_defaults(args, backend_flags):

@@ -119,13 +119,6 @@ def _check_common(args):
   zoo.check_model(args.model)
 
 
-def _check_writable(path):
-  folder = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-    raise BadInput(f'cannot write {path}: {folder} is not a writable '
-                   'folder.')
-
-
 def make_logger():
   logger = logging.getLogger('bit.fewshot')
   if not logger.handlers:
@@ -246,7 +239,8 @@ def _info(args, framework, split, crop, n):
 def features_main(args, backend):
   """The `bit_*.features` command; returns the Features written."""
   _check_common(args)
-  _check_writable(args.out)
+  runfiles.check_writable(os.path.dirname(os.path.abspath(args.out)),
+                          'give another --out.')
   logger = make_logger()
   splits = backend.load_data(args, logger)
   model = backend.load_model(zoo.load_weights(args.model,
@@ -440,7 +434,8 @@ def fewshot_main(args, backend):
   if args.seeds < 1:
     raise BadInput(f'--seeds must be positive, got {args.seeds}.')
   if args.out:
-    _check_writable(args.out)
+    runfiles.check_writable(os.path.dirname(os.path.abspath(args.out)),
+                            'give another --out.')
   logger = make_logger()
   splits = backend.load_data(args, logger)
   if splits.labels['train'] is not None:

@@ -22,6 +22,8 @@ import tempfile
 
 import numpy as np
 
+from big_transfer.errors import BadInput
+
 LOG = 'train.log'
 CONFIG = 'config.json'
 METRICS = 'metrics.jsonl'
@@ -59,6 +61,30 @@ def replaced(path, mode='w', keep=None):
       os.remove(tmp)
     raise
   sync_folder(folder)
+
+
+def check_writable(folder, hint, keep=False):
+  """Refuses (BadInput, ending with `hint`) a folder that cannot be made or
+  written in; the folders made for the check are removed again unless
+  `keep`."""
+  folder = os.path.abspath(folder)
+  missing, parent = [], folder
+  while not os.path.exists(parent):
+    missing.append(parent)
+    parent = os.path.dirname(parent)
+  try:
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+      pass
+  except OSError as e:
+    raise BadInput(f'cannot write to {folder} ({e.strerror or e}); '
+                   f'{hint}') from None
+  finally:
+    for made in [] if keep else missing:
+      try:
+        os.rmdir(made)  # only if still empty
+      except OSError:
+        pass  # another process of the run uses it, or removed it already
 
 
 def remove_leftovers(folder, logger=None):

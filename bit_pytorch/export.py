@@ -249,7 +249,8 @@ def main(args):
     with open(info.labels) as f:
       labels = [l.strip() for l in f if l.strip()]
   if args.format == 'timm':
-    out = args.out or os.path.join('exports', f'{name}-timm')
+    out = export.check_out(args.out or os.path.join('exports',
+                                                    f'{name}-timm'))
     if os.path.isfile(out):
       raise BadInput(f'--out {out} is a file; timm exports are folders.')
     diff, how = export_timm(net, weights, out, args.resolution,
@@ -257,7 +258,8 @@ def main(args):
     print(f'wrote {out}/model.safetensors (checked with timm: max logit '
           f'difference {diff:.3g}); load it with {how}')
   else:
-    out = args.out or os.path.join('exports', f'{name}.onnx')
+    out = export.check_out(args.out or os.path.join('exports',
+                                                    f'{name}.onnx'))
     if not out.endswith('.onnx'):
       raise BadInput(f'--out {out}: give a .onnx file name.')
     diff = export_onnx(net, out, args.resolution, args.tolerance)

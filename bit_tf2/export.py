@@ -119,7 +119,8 @@ def main(args):
   model = models.create('weights', weights=weights)
   name = export.default_name(args.model)
   if args.format == 'saved_model':
-    out = args.out or os.path.join('exports', f'{name}-saved_model')
+    out = export.check_out(args.out or os.path.join(
+        'exports', f'{name}-saved_model'))
     if os.path.isfile(out):
       raise BadInput(f'--out {out} is a file; a SavedModel is a folder.')
     diff = export_saved_model(model, out, args.resolution, args.tolerance)
@@ -127,7 +128,8 @@ def main(args):
           f'max logit difference {diff:.3g}); serve(images): float32 NHWC '
           'images in [-1, 1] -> logits')
   else:
-    out = args.out or os.path.join('exports', f'{name}.tflite')
+    out = export.check_out(args.out or os.path.join('exports',
+                                                    f'{name}.tflite'))
     if not out.endswith('.tflite'):
       raise BadInput(f'--out {out}: give a .tflite file name.')
     diff = export_tflite(model, out, args.resolution, args.tolerance)

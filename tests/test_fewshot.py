@@ -215,12 +215,15 @@ def test_bad_input_exits_2(tmp_path, capsys, monkeypatch):
       '--model', BUNDLED, '--dataset', 'digits', '--shots', '5,200')) == 2
   assert '--examples_per_class 200' in capsys.readouterr().err
   root = write_imagefolder(tmp_path / 'images', train=3, val=2)
+  # A missing folder of --out is made; one under a file cannot be.
+  (tmp_path / 'a_file').write_text('not a folder')
+  unwritable = tmp_path / 'a_file' / 'dir'
   assert exit_status(fewshot.main, fewshot_args(
       '--model', BUNDLED, '--dataset', 'imagefolder', '--datadir', root,
       '--shots', '5')) == 2
   for flags in (['--shots', 'five'], ['--shots', '0'], ['--seeds', '0'],
                 ['--l2', '-1'], ['--model', 'BiT-X-R1'],
-                ['--out', '/nonexistent/dir/x.json']):
+                ['--out', str(unwritable / 'x.json')]):
     assert exit_status(fewshot.main, fewshot_args(
         '--dataset', 'digits', '--model', BUNDLED, *flags)) == 2, flags
   # An unknown split, or an unknown dataset: the parser says so (status 2).
@@ -230,4 +233,4 @@ def test_bad_input_exits_2(tmp_path, capsys, monkeypatch):
     assert e.value.code == 2
   assert exit_status(features.main, features_args(
       '--model', BUNDLED, '--dataset', 'digits', '--split', 'eval',
-      '--out', '/nonexistent/dir/x.npz')) == 2
+      '--out', str(unwritable / 'x.npz'))) == 2

@@ -336,6 +336,21 @@ def test_onnx_export_has_dynamic_batch_and_size(tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize('backend,fmt,name', [
+    ('pytorch', 'onnx', 'm.onnx'), ('pytorch', 'timm', 'm'),
+    ('tf2', 'tflite', 'm.tflite'), ('tf2', 'saved_model', 'm')])
+def test_an_unwritable_out_is_refused_before_the_export(tmp_path, backend,
+                                                        fmt, name):
+  import importlib
+  export = importlib.import_module(f'bit_{backend}.export')
+  src = npz(tmp_path, 'R14x0.5', 6, 'r14.npz')
+  (tmp_path / 'a_file').write_text('not a folder')
+  with pytest.raises(errors.BadInput, match='cannot write to .*a_file.*--out'):
+    export.main(export.argparser().parse_args(
+        ['--model', src, '--format', fmt, '--out',
+         str(tmp_path / 'a_file' / name)]))
+
+
 def test_tf2_exports_match_the_source(tmp_path):
   import tensorflow as tf
   from bit_tf2 import export, models

@@ -38,6 +38,7 @@ machine, repeat (--repeat) and read the spread.
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -123,7 +124,7 @@ def make_weights(path, arch, head_size=10, seed=0):
 def measure_end_to_end(framework, arch, resolution, batch, precision, steps,
                        folder, workdir, save_every=None, eval_every=None,
                        skip=10, mixup_alpha=MIXUP_ALPHA, workers=None,
-                       weights=None, timeout=None, env=None):
+                       weights=None, timeout=None, env=None, flags=()):
   """Runs `python -m bit_<framework>.train` on the image `folder` and
   returns what its outputs say about its speed (see the module doc), or
   {'error': why}.
@@ -134,7 +135,8 @@ def measure_end_to_end(framework, arch, resolution, batch, precision, steps,
   --precision `precision`, --total_steps `steps`, --mixup_alpha
   `mixup_alpha`, a checkpoint every `save_every` steps (default steps // 3:
   three, the last at the end), an evaluation every `eval_every` steps (default:
-  at the end only), --workers `workers` (default: the trainer's). Its
+  at the end only), --workers `workers` (default: the trainer's), and the
+  trainer's `flags` (e.g. ['--compile']). Its
   outputs go to workdir/runs/<a new name>, and stay there. `env` is added
   to this process's environment; `timeout` bounds the command in seconds.
 
@@ -146,7 +148,8 @@ def measure_end_to_end(framework, arch, resolution, batch, precision, steps,
   train_s, other_s, checkpoint_steps_kept (the steps of the checkpoints
   left in the run folder, newest two), resolution [resize, crop], mixup,
   image_size, device, top1, first_loss and last_loss (training), run_dir,
-  command}.
+  command, and compile_s where the trainer logs its compilation's time
+  (PyTorch's torch.compile)}.
   """
   save_every = save_every or max(1, steps // 3)
   if steps <= skip:
@@ -164,6 +167,7 @@ def measure_end_to_end(framework, arch, resolution, batch, precision, steps,
              '--save_every', str(save_every)]
   command += ['--eval_every', str(eval_every)] if eval_every else []
   command += ['--workers', str(workers)] if workers is not None else []
+  command += list(flags)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', **(env or {}))
   run_dir = os.path.join(logdir, name)
   t0 = time.perf_counter()
@@ -181,6 +185,10 @@ def measure_end_to_end(framework, arch, resolution, batch, precision, steps,
   if 'error' not in out:
     out.update(wall_s=wall, other_s=wall - out['train_s'],
                image_size=first_image_size(folder), command=command[1:])
+    compiled = re.search(r'torch\.compile: the first step, compiling, took '
+                         r'([\d.]+) s', proc.stderr)
+    if compiled:
+      out['compile_s'] = float(compiled[1])
   return out
 
 

@@ -184,6 +184,15 @@ def precision(choices=('fp32', 'bf16', 'fp16')):
   return parent
 
 
+def add_compile(g, backend, what, default):
+  """A backend's --compile/--no-compile into its group `g`: None unless
+  given, and the backend then decides as `default` says."""
+  g.add_argument('--compile', action=argparse.BooleanOptionalAction,
+                 default=None,
+                 help=f'{backend} only: {what}, or not with --no-compile. '
+                 f'Default: {default}.')
+
+
 def recipe(what):
   """A run described by a YAML recipe (pre-training, distillation); `what`
   says what the recipe holds."""

@@ -45,12 +45,10 @@ CHECKPOINT = runfiles.TORCH_CHECKPOINT
 def torch_flags():
   """Flags of the PyTorch backend only."""
   parent, g = flags.group('PyTorch')
-  g.add_argument('--compile', action=argparse.BooleanOptionalAction,
-                 default=None,
-                 help='PyTorch only: run the model through torch.compile '
-                 '(a slow first step, then faster steps). Default: on a GPU '
-                 f'for runs of at least {COMPILE_MIN_STEPS} steps, off on '
-                 'the CPU (slower there).')
+  flags.add_compile(g, 'PyTorch', 'run the model through torch.compile (a '
+                    'slow first step, then faster steps)',
+                    f'on a GPU for runs of at least {COMPILE_MIN_STEPS} '
+                    'steps, off on the CPU (slower there)')
   return parent
 
 

@@ -103,14 +103,24 @@ def chief_first(strategy, fn, *args):
   return result
 
 
-def uses_xla(strategy):
+def uses_xla(strategy, flag=None):
   """(train, evaluate): whether XLA compiles the training step and the
-  evaluation step. Both on accelerators. On CPUs TF's own kernels train
-  faster and XLA evaluates faster (docs/performance.md), but XLA cannot run
-  on several logical CPU devices of one process."""
+  evaluation step. `flag` (--compile, --no-compile) decides both; by
+  default both on GPUs and TPUs, and on the CPU only the evaluation step:
+  there TF's own kernels train faster and XLA evaluates faster
+  (docs/performance.md). XLA cannot run on several logical CPU devices of
+  one process (BadInput if asked to)."""
   accelerated = (isinstance(strategy, tf.distribute.TPUStrategy) or
                  bool(tf.config.list_logical_devices('GPU')))
-  return accelerated, accelerated or len(strategy.extended.worker_devices) == 1
+  several_cpus = (not accelerated and
+                  len(strategy.extended.worker_devices) > 1)
+  if flag is None:
+    return accelerated, not several_cpus
+  if flag and several_cpus:
+    raise errors.BadInput(
+        '--compile: XLA cannot run on several CPU devices of one process; '
+        'leave it out, or use one device per process.')
+  return flag, flag
 
 
 def accumulate(gradients, images, labels, batch_split, micro, variables):

@@ -55,6 +55,21 @@ def group_norm(dtype):
                                    name='group_norm', dtype=dtype)
 
 
+def max_pool_3x3_s2(x):
+  """The stem's 3x3 max pool of stride 2 (no padding) over NHWC `x`, as
+  the largest of the window's nine strided views: the values of
+  layers.MaxPooling2D, with a gradient that XLA compiles under TF's op
+  determinism (XLA has no deterministic MaxPoolGrad, so the XLA training
+  step, on GPUs and with --compile, could not run)."""
+  h, w = ops.shape(x)[1], ops.shape(x)[2]
+  views = [x[:, i:h - 2 + i:2, j:w - 2 + j:2]
+           for i in range(3) for j in range(3)]
+  out = views[0]
+  for view in views[1:]:
+    out = ops.maximum(out, view)
+  return out
+
+
 class Container(layers.Layer):
   """A layer made of layers, which create their variables on first call.
 
@@ -152,7 +167,6 @@ class ResNetV2(keras.Model):
     self.root_block = Scope(StandardizedConv2D(root, 7, 2, 3, dtype=dtype),
                             'root_block', dtype=dtype)
     self.pad = layers.ZeroPadding2D(1, dtype=dtype)
-    self.pool = layers.MaxPooling2D(3, 2, padding='valid', dtype=dtype)
     self.blocks = []
     for b, units in enumerate(block_units, start=1):
       cmid = int(64 * width_factor * 2 ** (b - 1))
@@ -172,7 +186,7 @@ class ResNetV2(keras.Model):
 
   def features(self, x):
     """Pre-logits: the pooled, normalised representation (N, C)."""
-    x = self.pool(self.pad(self.root_block(x)))
+    x = max_pool_3x3_s2(self.pad(self.root_block(x)))
     for block in self.blocks:
       x = block(x)
     return ops.mean(ops.relu(self.group_norm(x)), axis=(1, 2))

@@ -10,7 +10,7 @@ same command on each), else MirroredStrategy over every local GPU (or every
 logical CPU device). The same global batch gives the same update on any
 number of devices. --batch_split accumulates micro-batch gradients inside
 the step; on GPUs and TPUs the forward and backward passes are compiled
-with XLA.
+with XLA (--compile, --no-compile decide).
 
 The training loop, the run's outputs, checkpoint cadence and signals live in
 the shared harness (harness.Run); the batches come from the shared data
@@ -49,6 +49,10 @@ def tf2_flags():
   g.add_argument('--export_saved_model', action='store_true',
                  help='TF2 only: also export the fine-tuned model as a '
                  f'SavedModel for serving, to LOGDIR/NAME/{SAVED_MODEL}.')
+  flags.add_compile(g, 'TF2', 'compile the training and evaluation steps '
+                    'with XLA', 'both on GPUs and TPUs, on the CPU the '
+                    'evaluation step only (TF\'s own kernels train faster '
+                    'there)')
   return parent
 
 
@@ -155,6 +159,7 @@ def main(args):
   strategy = make_strategy()
   replicas = strategy.num_replicas_in_sync
   chief_first(strategy, bit_common.check_args, args, replicas)
+  xla = uses_xla(strategy, args.compile)
   with harness.Run(args, is_chief(strategy), any_process(strategy)) as run:
     if not deterministic:
       run.logger.warning('TensorFlow was started before bit_tf2 could ask it '
@@ -179,7 +184,6 @@ def main(args):
                                                      optimizer=optimizer,
                                                      step=step_var))
     step = run.resume(ckpt, settings)
-    xla = uses_xla(strategy)
     run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),
                          devices=replicas, strategy=type(strategy).__name__,
                          device_kind=device_kind(strategy),

@@ -188,7 +188,7 @@ def test_tfds_reader_command(tmp_path, toy_dir, dsprites_dir):  # noqa: F811
 
 
 # --------------------------------------------------------------------------
-# PyTorch's --compile and --precision fp16
+# --compile and --precision in PyTorch and TF2
 
 
 def test_pytorch_compile(runs, root, toy_dir):  # noqa: F811
@@ -218,6 +218,25 @@ def test_pytorch_fp16(runs, root, toy_dir):  # noqa: F811
   assert read_json(root / 'pytorch' / 'fp16' / 'config.json')[
       'precision'] == 'fp16'
   assert got['loss'] == pytest.approx(want['loss'], rel=0.05)
+
+
+def test_tf2_compiled_bf16_as_on_a_gpu(runs, root, toy_dir):  # noqa: F811
+  """What TF2 runs on a GPU, on the CPU: XLA-compiled training and
+  evaluation steps with the mixed_bfloat16 policy. The same 2 steps as the
+  shared run, up to bf16's rounding."""
+  ok(command('bit_tf2.train', '--name', 'xla_bf16', '--logdir',
+             root / 'tf2', '--model', root / 'tiny.npz', '--dataset', TOY,
+             '--datadir', toy_dir, *TRAIN, '--compile', '--precision',
+             'bf16'))
+  got = read_json(root / 'tf2' / 'xla_bf16' / 'results.json')
+  want = read_json(runs['tf2'] / 'results.json')
+  assert got['step'] == STEPS and got['n'] == EVAL_N
+  assert got['loss'] == pytest.approx(want['loss'], rel=0.05)
+  config = read_json(root / 'tf2' / 'xla_bf16' / 'config.json')
+  assert config['xla'] == {'train': True, 'eval': True}
+  assert config['precision'] == 'bf16'
+  assert read_json(runs['tf2'] / 'config.json')['xla'] == {'train': False,
+                                                           'eval': True}
 
 
 # --------------------------------------------------------------------------

@@ -243,3 +243,55 @@ def test_the_published_h5_loads_in_every_backend(tmp_path, backend, capsys):
   capsys.readouterr()
   np.testing.assert_array_equal(logits['h5'], logits['npz'])
   assert logits['h5'].shape == (4, 3)
+
+
+def test_compile_flag_decides_xla_and_is_refused_on_several_cpu_devices():
+  from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
+  from bit_tf2 import engine  # pylint: disable=import-outside-toplevel
+  one, two = (SimpleNamespace(extended=SimpleNamespace(worker_devices=d))
+              for d in (['cpu:0'], ['cpu:0', 'cpu:1']))
+  # By default on the CPU: TF's kernels train, XLA evaluates on one device.
+  assert engine.uses_xla(one) == (False, True)
+  assert engine.uses_xla(two) == (False, False)
+  assert engine.uses_xla(one, True) == (True, True)
+  assert engine.uses_xla(two, False) == (False, False)
+  with pytest.raises(errors.BadInput, match='several CPU devices'):
+    engine.uses_xla(two, True)
+
+
+@pytest.mark.parametrize('size', [7, 8, 17])
+def test_stem_max_pool_equals_keras_max_pooling(size):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from keras import layers  # pylint: disable=import-outside-toplevel
+  x = np.random.default_rng(size).normal(size=(2, size, size + 1, 3))
+  x = x.astype(np.float32)
+  want = layers.MaxPooling2D(3, 2, padding='valid')(x)
+  np.testing.assert_array_equal(models.max_pool_3x3_s2(x), want)
+  # Also with the spatial size unknown until run time (a SavedModel's).
+  dynamic = tf.function(models.max_pool_3x3_s2, input_signature=[
+      tf.TensorSpec([None, None, None, 3], tf.float32)])
+  np.testing.assert_array_equal(dynamic(x), want)
+
+
+def test_xla_training_step_runs_under_op_determinism_and_agrees():
+  """The step TF2 trains with on GPUs (--compile: XLA) compiles with op
+  determinism on, as every TF2 run asks for, and gives the losses of the
+  uncompiled step."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from bit_tf2 import engine, train  # pylint: disable=import-outside-toplevel
+  engine.deterministic()
+  weights = synthetic_weights('R14x0.5', 10, seed=3)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
+           'label': np.eye(10, dtype=np.float32)[rng.integers(0, 10, 8)]}
+  losses = {}
+  for xla in (False, True):
+    strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
+    with strategy.scope():
+      net = models.create('w', head_size=10, zero_head=True, weights=weights)
+      opt, lr = train.make_optimizer('fp32')
+      opt.build(net.trainable_variables)
+    step, _ = train.make_steps(strategy, net, opt, lr, 8, 2, (xla, xla))
+    losses[xla] = [float(step(batch, tf.constant(0.05))) for _ in range(3)]
+  assert losses[False][-1] < losses[False][0]
+  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)

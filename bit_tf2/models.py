@@ -6,6 +6,7 @@ big_transfer.zoo reads for every backend) is a matter of matching names."""
 
 import numpy as np
 import keras
+import tensorflow as tf
 from keras import layers, ops
 
 from big_transfer import zoo
@@ -55,19 +56,42 @@ def group_norm(dtype):
                                    name='group_norm', dtype=dtype)
 
 
+@tf.custom_gradient
 def max_pool_3x3_s2(x):
-  """The stem's 3x3 max pool of stride 2 (no padding) over NHWC `x`, as
-  the largest of the window's nine strided views: the values of
-  layers.MaxPooling2D, with a gradient that XLA compiles under TF's op
-  determinism (XLA has no deterministic MaxPoolGrad, so the XLA training
-  step, on GPUs and with --compile, could not run)."""
-  h, w = ops.shape(x)[1], ops.shape(x)[2]
-  views = [x[:, i:h - 2 + i:2, j:w - 2 + j:2]
-           for i in range(3) for j in range(3)]
-  out = views[0]
-  for view in views[1:]:
-    out = ops.maximum(out, view)
-  return out
+  """The stem's 3x3 max pool of stride 2 (no padding) over NHWC `x`: TF's
+  max pool. XLA has no deterministic gradient for it, and every TF2 run
+  asks for op determinism, so without this the XLA training step (on GPUs,
+  and with --compile) could not run. Compiled by XLA, the gradient is made
+  of element-wise ops; elsewhere it is TF's own. Both send each window's
+  gradient to its first maximum in row-major order, as PyTorch does."""
+  y = tf.nn.max_pool2d(x, 3, 2, 'VALID')
+
+  def grad(dy):
+    if tf.__internal__.get_enclosing_xla_context() is None:
+      return tf.raw_ops.MaxPoolGrad(orig_input=x, orig_output=y, grad=dy,
+                                    ksize=[1, 3, 3, 1], strides=[1, 2, 2, 1],
+                                    padding='VALID')
+    h, w = tf.shape(x)[1], tf.shape(x)[2]
+    m, n = tf.shape(y)[1], tf.shape(y)[2]
+    # Window offset (i, j) reads x[2a + i, 2b + j]: the grid of rows of
+    # parity i % 2 and columns of parity j % 2, shifted by (i // 2, j // 2).
+    # The four grids, (m + 1, n + 1) each, are the channel blocks of
+    # space_to_depth (after padding x to an even size).
+    grids = tf.split(tf.nn.space_to_depth(
+        tf.pad(x, [[0, 0], [0, 2 * m + 2 - h], [0, 2 * n + 2 - w], [0, 0]]),
+        2), 4, axis=3)
+    parts = [tf.zeros_like(grids[0]) for _ in range(4)]
+    taken = tf.zeros_like(y, tf.bool)
+    for i in range(3):
+      for j in range(3):
+        k, (a, b) = 2 * (i % 2) + j % 2, (i // 2, j // 2)
+        hit = (grids[k][:, a:a + m, b:b + n] == y) & ~taken
+        taken |= hit
+        parts[k] += tf.pad(tf.where(hit, dy, tf.zeros_like(dy)),
+                           [[0, 0], [a, 1 - a], [b, 1 - b], [0, 0]])
+    return tf.nn.depth_to_space(tf.concat(parts, axis=3), 2)[:, :h, :w]
+
+  return y, grad
 
 
 class Container(layers.Layer):

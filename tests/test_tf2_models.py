@@ -295,3 +295,35 @@ def test_xla_training_step_runs_under_op_determinism_and_agrees():
     losses[xla] = [float(step(batch, tf.constant(0.05))) for _ in range(3)]
   assert losses[False][-1] < losses[False][0]
   np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
+@pytest.mark.parametrize('size', [7, 8])
+def test_stem_max_pool_gradient_goes_to_the_first_maximum(size):
+  """Against a gradient computed by hand: each window's gradient goes to
+  its first maximum in row-major order (PyTorch's rule), ties included,
+  both through TF's own gradient and through the element-wise one that
+  XLA compiles."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(size)
+  # Few distinct values: many windows hold ties.
+  x = rng.integers(0, 3, (2, size, size + 1, 3)).astype(np.float32)
+  dy = rng.normal(size=(2, (size - 3) // 2 + 1, (size - 2) // 2 + 1, 3))
+  dy = dy.astype(np.float32)
+  want = np.zeros_like(x)
+  for n, a, b, c in np.ndindex(*dy.shape):
+    window = x[n, 2 * a:2 * a + 3, 2 * b:2 * b + 3, c]
+    i, j = np.unravel_index(np.argmax(window), (3, 3))  # the first maximum
+    want[n, 2 * a + i, 2 * b + j, c] += dy[n, a, b, c]
+  xt = tf.constant(x)
+  with tf.GradientTape() as tape:
+    tape.watch(xt)
+    y = models.max_pool_3x3_s2(xt)
+  np.testing.assert_array_equal(tape.gradient(y, xt, dy), want)
+  # The same inside an XLA-compiled function.
+  @tf.function(jit_compile=True)
+  def compiled(xt):
+    with tf.GradientTape() as tape:
+      tape.watch(xt)
+      y = models.max_pool_3x3_s2(xt)
+    return tape.gradient(y, xt, dy)
+  np.testing.assert_array_equal(compiled(xt), want)

@@ -319,7 +319,7 @@ def argparser(backend='pytorch'):
       flags.recipe('teacher, student, data, length, batch, augmentation, '
                    'mixup, temperature, optimiser'),
       flags.run(), parent, flags.pretrained_dir(), flags.batch_split(),
-      flags.loading(), flags.precision(('fp32', 'bf16')),
+      flags.loading(), flags.precision(('fp32', 'bf16'), training=True),
       prog=f'python -m bit_{backend}.distill')
 
 

@@ -175,13 +175,29 @@ def schedule():
   return parent
 
 
-def precision(choices=('fp32', 'bf16', 'fp16')):
-  """Compute precision; `choices`: those the command supports."""
+def precision(choices=('fp32', 'bf16', 'fp16'), training=False):
+  """Compute precision; `choices`: those the command supports. Training
+  commands default to bf16 where the accelerator computes it natively and
+  to fp32 elsewhere (resolve_precision); the others to fp32."""
   parent, g = group('precision')
-  g.add_argument('--precision', default='fp32', choices=choices,
+  g.add_argument('--precision', default=None if training else 'fp32',
+                 choices=choices,
                  help='Compute precision (weights, loss and optimiser stay '
-                 'float32).')
+                 'float32).' + (' Default: bf16 on TPUs and on GPUs with '
+                                'bf16 (compute capability 8.0 and later), '
+                                'fp32 elsewhere.' if training else ''))
   return parent
+
+
+# bf16 autocast fine-tuned to the accuracy of fp32 (python -m
+# benchmarks.precision: docs/gpu.md) at twice the rate or more on GPUs.
+def resolve_precision(args, native_bf16):
+  """args.precision, set first where the command line left it to the
+  machine: bf16 where `native_bf16` (the accelerator computes bf16
+  natively), else fp32."""
+  if args.precision is None:
+    args.precision = 'bf16' if native_bf16 else 'fp32'
+  return args.precision
 
 
 def add_compile(g, backend, what, default):
@@ -189,8 +205,7 @@ def add_compile(g, backend, what, default):
   given, and the backend then decides as `default` says."""
   g.add_argument('--compile', action=argparse.BooleanOptionalAction,
                  default=None,
-                 help=f'{backend} only: {what}, or not with --no-compile. '
-                 f'Default: {default}.')
+                 help=f'{backend} only: {what}. Default: {default}.')
 
 
 def recipe(what):

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from big_transfer import (datasets, datastream, distill, harness, loader,
-                          runfiles, zoo)
+from big_transfer import (datasets, datastream, distill, flags, harness,
+                          loader, runfiles, zoo)
 from bit_jax import engine
 from bit_jax import models
 
@@ -131,6 +131,7 @@ def main(args):
   recipe = distill.load_recipe(args)
   parallel = engine.DataParallel()
   devices = parallel.devices
+  flags.resolve_precision(args, parallel.native_bf16)
   distill.check_args(args, recipe, len(devices))
 
   pid, nproc = jax.process_index(), jax.process_count()

@@ -36,6 +36,11 @@ class DataParallel:
     self.mesh = Mesh(np.array(self.devices), ('data',))
     self.replicated = NamedSharding(self.mesh, P())
     self.sharded = NamedSharding(self.mesh, P('data'))
+    # bf16 natively: TPUs, and GPUs of compute capability 8.0 or later.
+    first = self.devices[0]
+    self.native_bf16 = first.platform == 'tpu' or (
+        first.platform == 'gpu' and
+        float(getattr(first, 'compute_capability', 0)) >= 8)
 
   def batch_size(self, batch):
     """`batch` rounded up to a multiple of the device count."""
@@ -180,26 +185,31 @@ def accumulate(grad_fn, params, images, labels, batch_split, mesh):
 
 @contextlib.contextmanager
 def _quiet_until_a_write_fails(*names):
-  """Loggers `names` silent in the block. If it raises an OSError (a full
-  disk), they stay so, and only the main thread writes on stderr from then
-  on: the write fails in each of Orbax's and TensorStore's threads, and
-  each would print it with a traceback, also after the run has ended with
-  its one line."""
+  """Loggers `names` silent in the block, and only the main thread writing
+  on stderr. If it raises an OSError (a full disk), both stay so: the
+  write fails in each of Orbax's and TensorStore's threads, and each
+  would print it with a traceback, while the save fails and also after
+  the run has ended with its one line."""
   loggers = [logging.getLogger(name) for name in names]
   levels = [logger.level for logger in loggers]
+  stderr = sys.stderr
   for logger in loggers:
     logger.setLevel(logging.CRITICAL)
+  sys.stderr = _MainThreadOnly(stderr)
   try:
     yield
   except OSError:
-    sys.stderr = _MainThreadOnly(sys.stderr)
     raise
   except BaseException:
-    for logger, level in zip(loggers, levels):
-      logger.setLevel(level)
+    _restore(loggers, levels, stderr)
     raise
+  _restore(loggers, levels, stderr)
+
+
+def _restore(loggers, levels, stderr):
   for logger, level in zip(loggers, levels):
     logger.setLevel(level)
+  sys.stderr = stderr
 
 
 class _MainThreadOnly:

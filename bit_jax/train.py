@@ -120,6 +120,7 @@ def main(args):
   initialize_distributed(args)
   parallel = DataParallel()
   devices = parallel.devices
+  flags.resolve_precision(args, parallel.native_bf16)
   lead_first(bit_common.check_args, args, len(devices))
 
   pid, nproc = jax.process_index(), jax.process_count()

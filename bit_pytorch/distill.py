@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from big_transfer import datasets, datastream, distill, harness, runfiles, zoo
+from big_transfer import (datasets, datastream, distill, flags, harness,
+                          runfiles, zoo)
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
 from bit_pytorch import engine
@@ -183,6 +184,7 @@ def main(args):
   world = engine.world_size()
   distill.check_args(args, recipe, world)
   with engine.process_group() as (rank, device):
+    flags.resolve_precision(args, engine.native_bf16(device))
     return _distill(args, recipe, rank, world, device)
 
 

@@ -103,6 +103,13 @@ def to_device(net, device):
   return net.to(device, memory_format=fmt), channels_last
 
 
+def native_bf16(device):
+  """Whether `device` computes bf16 natively: a CUDA GPU of compute
+  capability 8.0 (Ampere) or later."""
+  return (device.type == 'cuda' and
+          torch.cuda.get_device_capability(device)[0] >= 8)
+
+
 def autocast_for(device, precision):
   return torch.autocast(device.type, DTYPES[precision],
                         enabled=precision != 'fp32')

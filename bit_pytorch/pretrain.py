@@ -213,7 +213,7 @@ def argparser():
       flags.recipe('architecture, data, length, batch, lr, warm-up, decays, '
                    'weight decay, loss, augmentation'),
       flags.run(), flags.batch_split(), flags.loading(),
-      flags.precision(('fp32', 'bf16')))
+      flags.precision(('fp32', 'bf16'), training=True))
 
 
 CHECKPOINT = runfiles.PRETRAIN_CHECKPOINT
@@ -232,6 +232,7 @@ def main(args):
   if args.save_every is not None and args.save_every < 1:
     raise errors.BadInput('--save_every must be positive.')
   with engine.process_group() as (rank, device):
+    flags.resolve_precision(args, engine.native_bf16(device))
     return _pretrain(args, recipe, rank, world, device)
 
 

@@ -36,6 +36,7 @@ from bit_pytorch import models
 from bit_pytorch.engine import (Checkpoint, any_process, autocast_for,
                                 data_errors_named, evaluate, loader,
                                 local_first, mean_over_processes, mixed,
+                                native_bf16,
                                 process_group, same_everywhere, to_device,
                                 train_step, world_size)
 
@@ -79,6 +80,7 @@ def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
   args = bit_common.with_backend_defaults(args, torch_flags())
   with process_group() as (rank, device):
+    flags.resolve_precision(args, native_bf16(device))
     # One process after the other: the checks make and remove folders.
     local_first(bit_common.check_args, args, world_size())
     return _train(args, rank, device)

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from big_transfer import datastream, distill, harness, zoo
+from big_transfer import datastream, distill, flags, harness, zoo
 import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import engine
 from bit_tf2 import models
@@ -159,6 +159,7 @@ def main(args):
   deterministic = engine.deterministic()  # the same command, the same result
   strategy = engine.make_strategy()
   replicas = strategy.num_replicas_in_sync
+  flags.resolve_precision(args, engine.native_bf16(strategy))
   distill.check_args(args, recipe, replicas)
   with distill.Run(args, engine.is_chief(strategy),
                    engine.any_process(strategy)) as run:

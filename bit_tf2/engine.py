@@ -158,6 +158,17 @@ def distribute(strategy, make_dataset):
   return strategy.distribute_datasets_from_function(dataset_fn)
 
 
+def native_bf16(strategy):
+  """Whether the strategy's devices compute bf16 natively: TPUs, and GPUs
+  of compute capability 8.0 (Ampere) or later."""
+  kind = device_kind(strategy)
+  if kind != 'GPU':
+    return kind == 'TPU'
+  gpu = tf.config.list_physical_devices('GPU')[0]
+  return tf.config.experimental.get_device_details(gpu).get(
+      'compute_capability', (0, 0)) >= (8, 0)
+
+
 def device_kind(strategy):
   """CPU, GPU or TPU: the kind of the strategy's first device."""
   devices = strategy.extended.worker_devices

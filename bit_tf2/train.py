@@ -158,6 +158,7 @@ def main(args):
   keras.utils.set_random_seed(args.seed)
   strategy = make_strategy()
   replicas = strategy.num_replicas_in_sync
+  flags.resolve_precision(args, engine.native_bf16(strategy))
   chief_first(strategy, bit_common.check_args, args, replicas)
   xla = uses_xla(strategy, args.compile)
   with harness.Run(args, is_chief(strategy), any_process(strategy)) as run:

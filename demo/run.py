@@ -86,9 +86,10 @@ def scratch_weights(model, logdir, seed):
   return models.ResNetV2(arch.units, arch.width, head).save_npz(path)
 
 
-def fine_tune(args, init, shots, seed):
-  """One bit_pytorch.train run, in a worker process with one thread and
-  its log in LOGDIR/NAME/train.log only; returns (top-1, [(step, top-1)])."""
+def fine_tune(args, init, shots, seed, extra=()):
+  """One bit_pytorch.train run (with `extra` flags), in a worker process
+  with one thread and its log in LOGDIR/NAME/train.log only; returns
+  (top-1, [(step, top-1)])."""
   import torch
   from bit_pytorch import train
   torch.set_num_threads(1)
@@ -105,6 +106,7 @@ def fine_tune(args, init, shots, seed):
            '--crop_size', str(args.crop_size), '--workers', '0', '--no-save']
   if shots is not None:
     flags += ['--examples_per_class', str(shots)]
+  flags += list(extra)
   result = train.main(bit_common.argparser().parse_args(flags))
   with open(os.path.join(args.logdir, name, runfiles.METRICS)) as f:
     curve = [(r['step'], r['top1']) for r in map(json.loads, f)

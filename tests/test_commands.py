@@ -134,6 +134,7 @@ def test_train_on_a_tfds_dataset(runs, toy_dir, backend):  # noqa: F811
   assert np.isfinite(results['loss'])
   config = read_json(run / 'config.json')
   assert config['classes'] == CLASSES and config['dataset'] == TOY
+  assert config['precision'] == 'fp32'  # the default on the CPU
   assert config['datadir'] == toy_dir
   assert (config['train_split'], config['eval_split']) == ('train[:16]',
                                                            'validation')

@@ -34,3 +34,49 @@ def test_no_warning_without_a_gpu_or_with_a_failing_driver(path_with,
   assert hardware.unseen_gpus_warning('tf2') is None
   monkeypatch.setenv('PATH', '/nonexistent')
   assert hardware.nvidia_gpus() == []
+
+
+def test_training_precision_is_bf16_where_the_accelerator_has_it():
+  from argparse import Namespace  # pylint: disable=import-outside-toplevel
+  from big_transfer import flags  # pylint: disable=import-outside-toplevel
+  assert flags.resolve_precision(Namespace(precision=None), True) == 'bf16'
+  assert flags.resolve_precision(Namespace(precision=None), False) == 'fp32'
+  given = Namespace(precision='fp32')
+  assert flags.resolve_precision(given, True) == 'fp32' == given.precision
+  # Training commands leave it to the machine; the others keep fp32.
+  training = flags.parser('', flags.precision(training=True))
+  assert training.parse_args([]).precision is None
+  assert flags.parser('', flags.precision()).parse_args([]).precision == (
+      'fp32')
+
+
+def test_pytorch_native_bf16_needs_compute_capability_8(monkeypatch):
+  import torch  # pylint: disable=import-outside-toplevel
+  from bit_pytorch import engine  # pylint: disable=import-outside-toplevel
+  assert not engine.native_bf16(torch.device('cpu'))
+  for capability, native in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+    monkeypatch.setattr(torch.cuda, 'get_device_capability',
+                        lambda device, c=capability: c)
+    assert engine.native_bf16(torch.device('cuda', 0)) is native
+
+
+def test_tf2_native_bf16_needs_compute_capability_8(monkeypatch):
+  import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from bit_tf2 import engine  # pylint: disable=import-outside-toplevel
+  strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
+  assert not engine.native_bf16(strategy)
+  monkeypatch.setattr(engine, 'device_kind', lambda strategy: 'GPU')
+  monkeypatch.setattr(tf.config, 'list_physical_devices',
+                      lambda kind=None: ['gpu0'])
+  for capability, native in (((7, 0), False), ((8, 6), True)):
+    monkeypatch.setattr(tf.config.experimental, 'get_device_details',
+                        lambda gpu, c=capability: {'compute_capability': c})
+    assert engine.native_bf16(strategy) is native
+  monkeypatch.setattr(engine, 'device_kind', lambda strategy: 'TPU')
+  assert engine.native_bf16(strategy)
+
+
+def test_jax_native_bf16_on_the_cpu_is_false():
+  from bit_jax import engine  # pylint: disable=import-outside-toplevel
+  assert engine.DataParallel().native_bf16 is False

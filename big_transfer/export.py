@@ -62,14 +62,6 @@ def compare(name, got, want, tolerance):
   return diff
 
 
-def check_out(out):
-  """Refuses an --out whose folder cannot be made or written in, before
-  the export's work."""
-  runfiles.check_writable(os.path.dirname(os.path.abspath(out)),
-                          'give another --out.')
-  return out
-
-
 def cli(main, argparser_fn, argv=None):
   """Runs an export command: its check's lines on stderr, bad input as one
   line and exit status 2."""

@@ -239,8 +239,7 @@ def _info(args, framework, split, crop, n):
 def features_main(args, backend):
   """The `bit_*.features` command; returns the Features written."""
   _check_common(args)
-  runfiles.check_writable(os.path.dirname(os.path.abspath(args.out)),
-                          'give another --out.')
+  runfiles.check_out(args.out)
   logger = make_logger()
   splits = backend.load_data(args, logger)
   model = backend.load_model(zoo.load_weights(args.model,
@@ -434,8 +433,7 @@ def fewshot_main(args, backend):
   if args.seeds < 1:
     raise BadInput(f'--seeds must be positive, got {args.seeds}.')
   if args.out:
-    runfiles.check_writable(os.path.dirname(os.path.abspath(args.out)),
-                            'give another --out.')
+    runfiles.check_out(args.out)
   logger = make_logger()
   splits = backend.load_data(args, logger)
   if splits.labels['train'] is not None:

@@ -87,6 +87,14 @@ def check_writable(folder, hint, keep=False):
         pass  # another process of the run uses it, or removed it already
 
 
+def check_out(out):
+  """`out`, an output file or folder (--out), once its parent folder is
+  known to be writable (BadInput otherwise), before the work that writes
+  it."""
+  check_writable(os.path.dirname(os.path.abspath(out)), 'give another --out.')
+  return out
+
+
 def remove_leftovers(folder, logger=None):
   """Removes the temporary files that a process killed while writing left
   in `folder` (replaced's `.NAME.*.part`)."""

@@ -196,20 +196,17 @@ def _quiet_until_a_write_fails(*names):
   for logger in loggers:
     logger.setLevel(logging.CRITICAL)
   sys.stderr = _MainThreadOnly(stderr)
+  failed = False
   try:
     yield
   except OSError:
+    failed = True
     raise
-  except BaseException:
-    _restore(loggers, levels, stderr)
-    raise
-  _restore(loggers, levels, stderr)
-
-
-def _restore(loggers, levels, stderr):
-  for logger, level in zip(loggers, levels):
-    logger.setLevel(level)
-  sys.stderr = stderr
+  finally:
+    if not failed:
+      for logger, level in zip(loggers, levels):
+        logger.setLevel(level)
+      sys.stderr = stderr
 
 
 class _MainThreadOnly:

@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from big_transfer import export
+from big_transfer import export, runfiles
 from big_transfer import zoo
 from big_transfer.errors import BadInput
 from bit_tf2 import models
@@ -119,7 +119,7 @@ def main(args):
   model = models.create('weights', weights=weights)
   name = export.default_name(args.model)
   if args.format == 'saved_model':
-    out = export.check_out(args.out or os.path.join(
+    out = runfiles.check_out(args.out or os.path.join(
         'exports', f'{name}-saved_model'))
     if os.path.isfile(out):
       raise BadInput(f'--out {out} is a file; a SavedModel is a folder.')
@@ -128,7 +128,7 @@ def main(args):
           f'max logit difference {diff:.3g}); serve(images): float32 NHWC '
           'images in [-1, 1] -> logits')
   else:
-    out = export.check_out(args.out or os.path.join('exports',
+    out = runfiles.check_out(args.out or os.path.join('exports',
                                                     f'{name}.tflite'))
     if not out.endswith('.tflite'):
       raise BadInput(f'--out {out}: give a .tflite file name.')

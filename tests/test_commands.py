@@ -31,7 +31,7 @@ from big_transfer import predict, tfds_reader, zoo
 from conftest import REPO, synthetic_weights, write_imagefolder
 from test_distill import TINY as TINY_DISTILL
 from test_distill import recipe_file
-from test_hub_export import timm_bit
+from test_hub_export import timm_bit, tflite_logits
 from test_tf2_models import write_keras2_h5
 # The tiny TFDS builders, prepared once for this module too.
 from test_tfds import CLASSES, dsprites_dir, toy_dir  # noqa: F401  pylint: disable=unused-import
@@ -355,21 +355,12 @@ def test_tf2_export_saved_model_from_a_run_folder(runs, root):
 
 
 def test_tf2_export_tflite_from_an_h5(root, h5):
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   path, weights = h5
   out = root / 'exports' / 'h5.tflite'
   ok(command('bit_tf2.export', '--model', path, '--format', 'tflite', '--out',
              out, '--resolution', '32'))
   x = images(2, seed=3)
-  with open(out, 'rb') as f:
-    interpreter = tf.lite.Interpreter(model_content=f.read())
-  inp = interpreter.get_input_details()[0]
-  interpreter.resize_tensor_input(inp['index'], x.shape)
-  interpreter.allocate_tensors()
-  interpreter.set_tensor(inp['index'], x)
-  interpreter.invoke()
-  got = interpreter.get_tensor(interpreter.get_output_details()[0]['index'])
-  assert_close(got, torch_logits(weights, x))
+  assert_close(tflite_logits(out, x), torch_logits(weights, x))
 
 
 # --------------------------------------------------------------------------

@@ -351,6 +351,20 @@ def test_an_unwritable_out_is_refused_before_the_export(tmp_path, backend,
          str(tmp_path / 'a_file' / name)]))
 
 
+def tflite_logits(path, x):
+  """The logits of the .tflite file at `path` for the images `x`, run by
+  TF's interpreter at x's shape."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  with open(path, 'rb') as f:
+    interpreter = tf.lite.Interpreter(model_content=f.read())
+  inp = interpreter.get_input_details()[0]
+  interpreter.resize_tensor_input(inp['index'], x.shape)
+  interpreter.allocate_tensors()
+  interpreter.set_tensor(inp['index'], x)
+  interpreter.invoke()
+  return interpreter.get_tensor(interpreter.get_output_details()[0]['index'])
+
+
 def test_tf2_exports_match_the_source(tmp_path):
   import tensorflow as tf
   from bit_tf2 import export, models
@@ -363,14 +377,7 @@ def test_tf2_exports_match_the_source(tmp_path):
   export.main(export.argparser().parse_args(
       ['--model', src, '--format', 'tflite', '--out', tflite,
        '--resolution', '64']))
-  with open(tflite, 'rb') as f:
-    interpreter = tf.lite.Interpreter(model_content=f.read())
-  inp = interpreter.get_input_details()[0]
-  interpreter.resize_tensor_input(inp['index'], x.shape)
-  interpreter.allocate_tensors()
-  interpreter.set_tensor(inp['index'], x)
-  interpreter.invoke()
-  got = interpreter.get_tensor(interpreter.get_output_details()[0]['index'])
+  got = tflite_logits(tflite, x)
   np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
   saved = str(tmp_path / 'r14-saved')
   export.main(export.argparser().parse_args(

@@ -352,17 +352,10 @@ def test_an_unwritable_out_is_refused_before_the_export(tmp_path, backend,
 
 
 def tflite_logits(path, x):
-  """The logits of the .tflite file at `path` for the images `x`, run by
-  TF's interpreter at x's shape."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  """The logits of the .tflite file at `path` for the images `x`."""
+  from bit_tf2 import export  # pylint: disable=import-outside-toplevel
   with open(path, 'rb') as f:
-    interpreter = tf.lite.Interpreter(model_content=f.read())
-  inp = interpreter.get_input_details()[0]
-  interpreter.resize_tensor_input(inp['index'], x.shape)
-  interpreter.allocate_tensors()
-  interpreter.set_tensor(inp['index'], x)
-  interpreter.invoke()
-  return interpreter.get_tensor(interpreter.get_output_details()[0]['index'])
+    return export.tflite_logits(export.tflite_interpreter(f.read()), x)
 
 
 def test_tf2_exports_match_the_source(tmp_path):

@@ -18,7 +18,6 @@ In-process use: `main(args)` with `args = argparser().parse_args([...])` (or
 `bit_common.argparser()`'s: the PyTorch-only flags then take their defaults)
 runs one fine-tuning and returns the final evaluation.
 """
-import argparse
 import itertools
 import os
 import sys
@@ -36,9 +35,8 @@ from bit_pytorch import models
 from bit_pytorch.engine import (Checkpoint, any_process, autocast_for,
                                 data_errors_named, evaluate, loader,
                                 local_first, mean_over_processes, mixed,
-                                native_bf16,
-                                process_group, same_everywhere, to_device,
-                                train_step, world_size)
+                                native_bf16, process_group, same_everywhere,
+                                to_device, train_step, world_size)
 
 CHECKPOINT = runfiles.TORCH_CHECKPOINT
 

@@ -27,19 +27,21 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
   train_step, eval_step = train.make_steps(model, tx, mesh, batch_split)
   rng = np.random.default_rng(0)
   sharded = NamedSharding(mesh, P('data'))
-  x = jax.device_put(rng.uniform(-1, 1, (batch, resolution, resolution, 3))
-                     .astype(np.float32), sharded)
+  # uint8 images, as big_transfer.loader gives them (the step scales them)
+  x = jax.device_put(rng.integers(0, 256, (batch, resolution, resolution, 3),
+                                  np.uint8), sharded)
   labels = rng.integers(0, 1000, batch)
   y = jax.device_put(np.eye(1000, dtype=np.float32)[labels], sharded)
   y_int = jax.device_put(labels, sharded)
   mask = jax.device_put(np.ones(batch, bool), sharded)
   lr = jnp.float32(0.003)
+  data = {'image': x, 'label': y}
 
-  train_step = train_step.lower(*state, x, y, lr).compile()
+  train_step = train_step.lower(*state, data, lr).compile()
 
   def step():
     nonlocal state
-    params, opt_state, loss = train_step(*state, x, y, lr)
+    params, opt_state, loss = train_step(*state, data, lr)
     state = (params, opt_state)
     loss.block_until_ready()
 

@@ -10,12 +10,14 @@ batches from the same code and flags the trainer uses, and times them:
 
   pytorch  bit_pytorch.train's DataLoader: TrainSet (decode, HyperRule
            resize, random crop and flip in --workers worker processes) over
-           the data stream's TrainBatches sampler, then engine.mixed (to
-           float in [-1, 1] and mixup), here on the CPU (a GPU run does
-           that step on the GPU);
+           the data stream's TrainBatches sampler;
   jax      bit_jax.train's big_transfer.loader.train_batches: the same
-           views in --workers grain threads, float conversion, one-hot
-           labels and mixup included.
+           views in --workers grain threads, with each row's mixup partner
+           and the mixed one-hot labels.
+
+Both hand uint8 images to the device, which scales them to [-1, 1] and
+mixes them (PyTorch's engine.mixed, JAX's engine.train_images in the
+compiled step); that work is the accelerator's, so it is not timed here.
 
 The crop is --resolution and the resize the HyperRule's for it, mixup is on
 (alpha 0.1). After --warmup untimed batches (the workers' start) it times
@@ -28,7 +30,6 @@ per worker, assuming it scales linearly. On a shared machine, read the
 figures as a floor.
 """
 import argparse
-import itertools
 import json
 import math
 import os
@@ -59,21 +60,14 @@ def pytorch_batches(args):
   # pylint: disable=import-outside-toplevel
   import torch
   from bit_pytorch import data as torch_data
-  from bit_pytorch.engine import data_errors_named, loader, mixed
+  from bit_pytorch.engine import data_errors_named, loader
   data = torch_data.load(args, None)
   hyper = harness.HyperRule.of(args, len(data.train), data.original_hw)
-  stream, cpu = hyper.stream(args), torch.device('cpu')
-  sampler = torch_data.TrainBatches(stream, 0, hyper.total)
+  sampler = torch_data.TrainBatches(hyper.stream(args), 0, hyper.total)
   batches = data_errors_named(iter(loader(
-      torch_data.TrainSet(data.train, hyper.resize, hyper.crop), args, cpu,
-      batch_sampler=sampler)))
-
-  def images():
-    for step in range(hyper.total):
-      (x, *_), = mixed(itertools.islice(batches, 1), sampler.layout,
-                       stream.lam(step), cpu)
-      yield x
-  return hyper, images()
+      torch_data.TrainSet(data.train, hyper.resize, hyper.crop), args,
+      torch.device('cpu'), batch_sampler=sampler)))
+  return hyper, (x for x, _ in batches)
 
 
 def jax_batches(args):

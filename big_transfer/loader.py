@@ -6,17 +6,23 @@ input pipeline of the JAX backend, which needs no TensorFlow.
                 process_index=0, process_count=1, crop_scale=None,
                 workers=None)
       An endless iterator; its k-th element is this process's share of the
-      global batch of step `start_step + k`: {'image': float32 [b, crop,
-      crop, 3] in [-1, 1], 'label': float32 [b, num_classes] one-hot, mixed
-      up when the stream's mixup is on}, b = batch / process_count. The
-      examples, crops, flips, mixup lambdas and partners are the stream's,
-      so they are those of every other backend. With `crop_scale` (min,
-      max) the view is the Inception crop (distillation's), at `crop`.
+      global batch of step `start_step + k`: {'image': uint8 [b, crop,
+      crop, 3], 'label': float32 [b, num_classes] one-hot}, b = batch /
+      process_count. When the stream's mixup is on, the labels are mixed
+      and the batch also holds 'partner', uint8 [b, crop, crop, 3] (each
+      row's mixup partner), and 'mix', float32 [b, 2] (the weights of the
+      image and of its partner, lambda and 1 - lambda): the images are
+      mixed on the device, after their scaling to [-1, 1], so half the
+      bytes of float images cross to it (a quarter without mixup), and the
+      host does no float arithmetic per pixel. The examples, crops, flips,
+      mixup lambdas and partners are the stream's, so they are those of
+      every other backend. With `crop_scale` (min, max) the view is the
+      Inception crop (distillation's), at `crop`.
 
   eval_batches(source, batch, crop, process_index=0, process_count=1,
                workers=None)
       Every example of `source` once, in order, this process's rows i with
-      i % process_count == process_index: {'image': float32 [b, crop, crop,
+      i % process_count == process_index: {'image': uint8 [b, crop, crop,
       3], 'label': int64 [b], 'mask': bool [b]}, b = batch /
       process_count; every process runs the same number of batches, the
       last ones padded with rows whose mask is False.
@@ -34,11 +40,6 @@ from big_transfer import preprocess
 from big_transfer.errors import BadInput
 
 ENDLESS = 2**62  # records of a training pipeline: more than any run takes
-
-
-def to_unit_range(images):
-  """uint8 images -> float32 in [-1, 1]."""
-  return (images.astype(np.float32) - 127.5) / 127.5
 
 
 def _iterate(dataset, workers):
@@ -74,13 +75,15 @@ def train_batches(source, num_classes, stream, resize, crop, start_step=0,
 
   def mix(batch):
     images, labels, steps = batch
-    x = to_unit_range(images)
     y = np.eye(num_classes, dtype=np.float32)[labels]
     own = slice(0, local)
+    if not stream.mixup_alpha:
+      return {'image': images[own], 'label': y[own]}
+    # Every batch of a run with mixup has the same entries (a lambda of
+    # exactly 1 too), so the compiled step is traced once.
     lam = stream.lam(int(steps[0]))
-    if lam == 1.0:
-      return {'image': x[own], 'label': y[own]}
-    return {'image': lam * x[own] + (1 - lam) * x[partner],
+    return {'image': images[own], 'partner': images[partner],
+            'mix': np.tile(np.float32([lam, 1 - lam]), (local, 1)),
             'label': lam * y[own] + (1 - lam) * y[partner]}
 
   dataset = grain.MapDataset.range(ENDLESS).map(example).batch(
@@ -107,10 +110,6 @@ def eval_batches(source, batch, crop, process_index=0, process_count=1,
     return (preprocess.eval_view(source.load(i), crop),
             np.int64(source.labels[i]), True)
 
-  def finish(batch):
-    images, labels, mask = batch
-    return {'image': to_unit_range(images), 'label': labels, 'mask': mask}
-
   dataset = grain.MapDataset.range(padded).map(example).batch(local).map(
-      finish)
+      lambda b: dict(zip(('image', 'label', 'mask'), b)))
   return _iterate(dataset, workers)

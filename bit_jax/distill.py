@@ -74,10 +74,10 @@ def make_steps(student, teacher, recipe, tx, mesh, batch_split):
 
   grad_fn = jax.value_and_grad(loss_fn)
 
-  def train_step(params, opt_state, teacher_params, images, labels, factor):
+  def train_step(params, opt_state, teacher_params, batch, factor):
     loss, grads = engine.accumulate(
-        lambda p, x, y: grad_fn(p, teacher_params, x, y), params, images,
-        labels, batch_split, mesh)
+        lambda p, x, y: grad_fn(p, teacher_params, x, y), params,
+        engine.train_images(batch), batch['label'], batch_split, mesh)
     updates, opt_state = tx.update(grads, opt_state, params)
 
     def apply(p, u):
@@ -87,6 +87,7 @@ def make_steps(student, teacher, recipe, tx, mesh, batch_split):
 
   def eval_step(params, teacher_params, images, labels, mask):
     """distill.eval_sums over the real rows."""
+    images = models.unit_range(images)  # scaled before the resize
     s = student.apply({'params': params}, student_view(
         images, recipe.crop_size)).astype(jnp.float32)
     te = teacher.apply({'params': teacher_params}, images).astype(
@@ -101,7 +102,7 @@ def make_steps(student, teacher, recipe, tx, mesh, batch_split):
 
   train = jax.jit(train_step, donate_argnums=(0, 1),
                   in_shardings=(replicated, replicated, replicated, sharded,
-                                sharded, replicated),
+                                replicated),
                   out_shardings=(replicated, replicated, replicated))
   evaluate = jax.jit(eval_step, in_shardings=(
       replicated, replicated, sharded, sharded, sharded),
@@ -185,7 +186,7 @@ def main(args):
       b = parallel.to_global(next(batches))
       params, opt_state, loss = train_step(
           ckpt.state['params'], ckpt.state['opt_state'], teacher_params,
-          b['image'], b['label'], jnp.float32(sched.factor(step)))
+          b, jnp.float32(sched.factor(step)))
       ckpt.state = {'params': params, 'opt_state': opt_state}
       return loss
 

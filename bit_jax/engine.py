@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from big_transfer import errors, harness, metrics
+from bit_jax import models
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
 
@@ -60,6 +61,17 @@ class DataParallel:
       b = self.to_global(batch)
       sums.append(eval_step(*params, b['image'], b['label'], b['mask']))
     return np.sum([local(s) for s in sums], axis=0, dtype=np.float64)
+
+
+def train_images(batch):
+  """The images of a training batch of big_transfer.loader, inside the
+  compiled step: float32 in [-1, 1], each mixed with its partner by the
+  batch's weights where mixup is on."""
+  x = models.unit_range(batch['image'])
+  if 'partner' not in batch:
+    return x
+  w = batch['mix'][:, :, None, None, None]
+  return w[:, 0] * x + w[:, 1] * models.unit_range(batch['partner'])
 
 
 def eval_sums(logits, labels, mask):

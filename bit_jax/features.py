@@ -24,8 +24,9 @@ def load_data(args, logger):
 
 
 class FeatureModel:
-  """model(images) -> features: float32 NHWC numpy images in [-1, 1] to
-  numpy pre-logits (N, D), jitted, the batch sharded over local devices."""
+  """model(images) -> features: NHWC numpy images (uint8, or float32 in
+  [-1, 1]) to numpy pre-logits (N, D), jitted, the batch sharded over local
+  devices."""
 
   def __init__(self, weights):
     module, params = models.create('weights', weights=weights)

@@ -169,10 +169,19 @@ class Head(nn.Module):
                    name='conv2d')(x)
 
 
+def unit_range(images):
+  """uint8 images -> float32 in [-1, 1]; float images are taken as already
+  in [-1, 1] and returned as they are."""
+  if images.dtype != jnp.uint8:
+    return images
+  return (images.astype(jnp.float32) - 127.5) / 127.5
+
+
 class ResNetV2(nn.Module):
   """BiT ResNet-v2 of `architecture` (a zoo.Architecture). Takes RGB
-  images in [-1, 1], NHWC; returns float32 logits (N, num_classes), or the
-  pre-logits (N, C) with `pre_logits=True`."""
+  images, NHWC, in [-1, 1] or as uint8 (scaled to [-1, 1] here, on the
+  device); returns float32 logits (N, num_classes), or the pre-logits
+  (N, C) with `pre_logits=True`."""
   architecture: zoo.Architecture
   num_classes: int
   zero_head: bool = True
@@ -180,6 +189,7 @@ class ResNetV2(nn.Module):
 
   @nn.compact
   def __call__(self, x, pre_logits=False):
+    x = unit_range(x)
     wf = self.architecture.width
     x = Root(int(64 * wf), self.dtype, name='root_block')(x)
     for b, units in enumerate(self.architecture.units, start=1):

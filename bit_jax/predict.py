@@ -10,7 +10,7 @@ def load_model(weights):
   model, params = models.create('weights', weights=weights)
   apply = jax.jit(model.apply)
 
-  def logits_fn(images):  # float32 NHWC in [-1, 1]
+  def logits_fn(images):  # NHWC: uint8, or float32 in [-1, 1]
     return jax.device_get(apply({'params': params}, images))
 
   return int(weights['resnet/head/conv2d/bias'].shape[0]), logits_fn

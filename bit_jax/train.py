@@ -36,7 +36,7 @@ import bit_common
 from bit_jax import models
 from bit_jax.engine import (DTYPES, Checkpoints, DataParallel, accumulate,
                             any_process, eval_sums, initialize_distributed,
-                            lead_first, local)
+                            lead_first, local, train_images)
 
 
 def jax_flags():
@@ -80,9 +80,9 @@ def make_steps(model, tx, mesh, batch_split):
 
   grad_fn = jax.value_and_grad(loss_fn)
 
-  def train_step(params, opt_state, images, labels, lr):
-    loss, grads = accumulate(grad_fn, params, images, labels, batch_split,
-                             mesh)
+  def train_step(params, opt_state, batch, lr):
+    loss, grads = accumulate(grad_fn, params, train_images(batch),
+                             batch['label'], batch_split, mesh)
     opt_state.hyperparams['learning_rate'] = lr
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -92,8 +92,7 @@ def make_steps(model, tx, mesh, batch_split):
     return eval_sums(model.apply({'params': params}, images), labels, mask)
 
   train = jax.jit(train_step, donate_argnums=(0, 1),
-                  in_shardings=(replicated, replicated, sharded, sharded,
-                                replicated),
+                  in_shardings=(replicated, replicated, sharded, replicated),
                   out_shardings=(replicated, replicated, replicated))
   evaluate = jax.jit(eval_step, in_shardings=(replicated, sharded, sharded,
                                               sharded),
@@ -172,8 +171,7 @@ def main(args):
       del step  # The loader yields the batch of each step in turn.
       b = parallel.to_global(next(batches))
       params, opt_state, loss = train_step(
-          ckpt.state['params'], ckpt.state['opt_state'], b['image'],
-          b['label'], jnp.float32(lr))
+          ckpt.state['params'], ckpt.state['opt_state'], b, jnp.float32(lr))
       ckpt.state = {'params': params, 'opt_state': opt_state}
       return loss
 

@@ -1,6 +1,7 @@
-"""big_transfer.loader (JAX's input pipeline, no TensorFlow) against
-PyTorch's DataLoader path (bit_pytorch.data and engine.mixed): the same
-pixels, labels and mixup for training, evaluation and the Inception crop,
+"""big_transfer.loader (JAX's input pipeline, no TensorFlow), with the
+scaling and mixup of JAX's compiled step (bit_jax.engine.train_images),
+against PyTorch's DataLoader path (bit_pytorch.data and engine.mixed): the
+same pixels, labels and mixup for training, evaluation and the Inception crop,
 from any start step and on any share of the batch; bad images named."""
 import argparse
 import os
@@ -12,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+import jax
 from big_transfer import datasets, datastream, errors, loader
+from bit_jax import engine as jax_engine
 from bit_pytorch import data as torch_data
 from bit_pytorch import engine
 from conftest import REPO, write_imagefolder
@@ -62,8 +65,11 @@ def test_training_batches_are_pytorchs(source, processes):
       got = next(batches)
       want_x, want_y = pytorchs_batch(source, stream, step, pid * local,
                                       (pid + 1) * local, 24, 16)
-      assert got['image'].shape == (local, 16, 16, 3)
-      np.testing.assert_allclose(got['image'], want_x, rtol=0, atol=1e-6)
+      # uint8 from the host, scaled and mixed in JAX's compiled step
+      assert got['image'].shape == got['partner'].shape == (local, 16, 16, 3)
+      assert got['image'].dtype == got['partner'].dtype == np.uint8
+      x = jax.jit(jax_engine.train_images)(got)
+      np.testing.assert_allclose(x, want_x, rtol=0, atol=1e-6)
       np.testing.assert_allclose(got['label'], want_y, rtol=0, atol=1e-6)
   assert 0 < stream.lam(3) < 1  # the batches were mixed
 
@@ -77,8 +83,9 @@ def test_a_resumed_start_gives_the_same_batches(source):
                                  start_step=3, workers=2)
   for want in first[3:]:
     got = next(resumed)
-    np.testing.assert_array_equal(got['image'], want['image'])
-    np.testing.assert_array_equal(got['label'], want['label'])
+    assert sorted(got) == ['image', 'label', 'mix', 'partner']
+    for key in got:
+      np.testing.assert_array_equal(got[key], want[key])
 
 
 def test_inception_views_are_pytorchs(source):
@@ -86,7 +93,9 @@ def test_inception_views_are_pytorchs(source):
   got = next(loader.train_batches(source.train, CLASSES, stream, None, 12,
                                   crop_scale=(0.1, 1.0), workers=2))
   want_x, _ = pytorchs_batch(source, stream, 0, 0, 6, None, 12, (0.1, 1.0))
-  np.testing.assert_allclose(got['image'], want_x, rtol=0, atol=1e-6)
+  assert sorted(got) == ['image', 'label']  # no mixup, nothing to mix
+  np.testing.assert_allclose(jax_engine.train_images(got), want_x, rtol=0,
+                             atol=1e-6)
 
 
 @pytest.mark.parametrize('processes', [1, 2])
@@ -94,7 +103,6 @@ def test_evaluation_covers_the_split_once_in_order(source, processes):
   views = torch_data.EvalSet(source.val, 16)
   want = np.stack([views[i][0].permute(1, 2, 0).numpy()
                    for i in range(len(source.val))])
-  want = (want.astype(np.float32) - 127.5) / 127.5
   seen = {}
   counts = []
   for pid in range(processes):

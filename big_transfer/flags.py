@@ -9,9 +9,8 @@ Each group function returns a new parent parser, so a command may change a
 default with `parser.set_defaults(...)` without touching the others.
 """
 import argparse
-import os
 
-from big_transfer import datasets, vtab
+from big_transfer import datasets, hardware, vtab
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -119,8 +118,11 @@ def dataset():
 def loading():
   """How images are read."""
   parent, g = group('loading')
-  g.add_argument('--workers', type=int, default=min(8, os.cpu_count()),
-                 help='Data-loading workers.')
+  g.add_argument('--workers', type=int, default=hardware.default_workers(),
+                 help='Data-loading workers (processes in PyTorch, threads '
+                 'in JAX and TF2). Default: the cores this process may use, '
+                 'less one, shared among the training processes of this '
+                 'machine: here %(default)s.')
   g.add_argument('--skip_bad_images', action='store_true',
                  help='Check every image file whole before starting and leave '
                  'out those that cannot be read, instead of stopping.')

@@ -80,3 +80,20 @@ def test_tf2_native_bf16_needs_compute_capability_8(monkeypatch):
 def test_jax_native_bf16_on_the_cpu_is_false():
   from bit_jax import engine  # pylint: disable=import-outside-toplevel
   assert engine.DataParallel().native_bf16 is False
+
+
+def test_default_workers_leave_a_core_and_share_among_local_processes(
+    monkeypatch):
+  from big_transfer import flags  # pylint: disable=import-outside-toplevel
+  monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(16)),
+                      raising=False)
+  assert hardware.default_workers() == 15  # one core for the training loop
+  assert flags.loading().parse_args([]).workers == 15
+  monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')  # torchrun, 4 GPUs
+  assert hardware.default_workers() == 3
+  monkeypatch.setenv('LOCAL_WORLD_SIZE', '32')
+  assert hardware.default_workers() == 1
+  monkeypatch.delenv('LOCAL_WORLD_SIZE')
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {3})  # taskset
+  assert hardware.default_workers() == 1

@@ -1,7 +1,7 @@
 """The training input pipeline alone (no model), per CPU core, for each
 host-decoding path: how many data-loading cores keep a GPU fed.
 
-  python -m benchmarks.pipeline --backends pytorch,jax --workers 1,2 \\
+  python -m benchmarks.pipeline --backends pytorch,jax,tf2 --workers 1,2 \\
       --batch 64 --batches 20 --resolution 224 --out pipeline.json
 
 On a generated image folder of photo-like JPEG files (benchmarks.end_to_end's
@@ -13,20 +13,26 @@ batches from the same code and flags the trainer uses, and times them:
            the data stream's TrainBatches sampler;
   jax      bit_jax.train's big_transfer.loader.train_batches: the same
            views in --workers grain threads, with each row's mixup partner
-           and the mixed one-hot labels.
+           and the mixed one-hot labels;
+  tf2      bit_tf2.train's input_pipeline_tf2_or_jax.train_batches: tf.data
+           in a pool of --workers threads, decoding and resizing in
+           TensorFlow (tf.image, in float), scaling and mixup included.
 
-Both hand uint8 images to the device, which scales them to [-1, 1] and
-mixes them (PyTorch's engine.mixed, JAX's engine.train_images in the
-compiled step); that work is the accelerator's, so it is not timed here.
+PyTorch and JAX hand uint8 images to the device, which scales them to
+[-1, 1] and mixes them (PyTorch's engine.mixed, JAX's engine.train_images
+in the compiled step); that work is the accelerator's, so it is not timed
+for them. TF2's batches are float images, mixed on the host.
 
 The crop is --resolution and the resize the HyperRule's for it, mixup is on
 (alpha 0.1). After --warmup untimed batches (the workers' start) it times
---batches batches in one stretch: images/s, and images/s per worker (a
-worker is a process in PyTorch, a thread in JAX, each wanting a core; the
-main process's share is not counted). Each timed batch's image shape is
-recorded, so a result shows the pipeline really ran. The last lines give,
-for each backend, the cores that 5,000 img/s would take at its best rate
-per worker, assuming it scales linearly. On a shared machine, read the
+--batches batches in one stretch: images/s, images/s per worker (a worker
+is a process in PyTorch, a thread in JAX and TF2), and images/s per core:
+per second of CPU time that the process, its threads and its worker
+processes used meanwhile (from /proc; a framework may use more threads than
+its workers). Each timed batch's image shape is recorded, so a result shows
+the pipeline really ran. The last lines give, for each backend, the cores
+that 5,000 img/s would take at its best rate per core, assuming it scales
+linearly. On a shared machine, read the
 figures as a floor.
 """
 import argparse
@@ -38,10 +44,12 @@ import tempfile
 import bit_common
 from benchmarks.end_to_end import MIXUP_ALPHA, make_folder
 from benchmarks.measure import chosen
-from benchmarks.timing import seconds
+from benchmarks.timing import cpu_seconds, seconds
 from big_transfer import datasets, hardware, harness
 
-BACKENDS = ('pytorch', 'jax')   # fork-based PyTorch workers start first
+# Fork-based PyTorch workers start first; TensorFlow is imported last (after
+# torch, as it must be in one process).
+BACKENDS = ('pytorch', 'jax', 'tf2')
 TARGET_IMG_S = 5000
 
 
@@ -81,7 +89,19 @@ def jax_batches(args):
   return hyper, (b['image'] for b in batches)
 
 
-PIPELINES = {'pytorch': pytorch_batches, 'jax': jax_batches}
+def tf2_batches(args):
+  """(HyperRule, an iterator of bit_tf2.train's training images)."""
+  # pylint: disable-next=import-outside-toplevel
+  import input_pipeline_tf2_or_jax as input_pipeline
+  data = input_pipeline.load(args)
+  hyper = harness.HyperRule.of(args, data.train_size, data.original_hw)
+  batches = input_pipeline.train_batches(data, hyper.stream(args),
+                                         hyper.resize, hyper.crop)
+  return hyper, (b['image'] for b in batches.as_numpy_iterator())
+
+
+PIPELINES = {'pytorch': pytorch_batches, 'jax': jax_batches,
+             'tf2': tf2_batches}
 
 
 def measure(backend, args, batches, warmup):
@@ -94,26 +114,29 @@ def measure(backend, args, batches, warmup):
   def run():
     for _ in range(batches):
       shapes.append(list(next(images).shape))
+  cpu = cpu_seconds()
   took = seconds(run)
+  cores = (cpu_seconds() - cpu) / took
   images.close()
   img_s = batches * args.batch / took
   return {'backend': backend, 'workers': args.workers, 'img_s': img_s,
           'img_s_per_worker': img_s / max(1, args.workers),
+          'cpu_cores': cores, 'img_s_per_core': img_s / cores,
           'timed_s': took, 'batches': batches, 'warmup': warmup,
           'batch': args.batch, 'resolution': [hyper.resize, hyper.crop],
           'mixup': hyper.mixup, 'batch_shapes': shapes}
 
 
 def cores_needed(results):
-  """{backend: {cores, img_s_per_worker, workers}}: the cores for
-  TARGET_IMG_S at each backend's best rate per worker."""
+  """{backend: {cores, img_s_per_core, workers}}: the cores for
+  TARGET_IMG_S at each backend's best rate per core of CPU time."""
   out = {}
   for backend in dict.fromkeys(r['backend'] for r in results):
     best = max((r for r in results if r['backend'] == backend),
-               key=lambda r: r['img_s_per_worker'])
+               key=lambda r: r['img_s_per_core'])
     out[backend] = {'cores': math.ceil(TARGET_IMG_S /
-                                       best['img_s_per_worker']),
-                    'img_s_per_worker': best['img_s_per_worker'],
+                                       best['img_s_per_core']),
+                    'img_s_per_core': best['img_s_per_core'],
                     'workers': best['workers']}
   return out
 
@@ -159,13 +182,15 @@ def main(argv=None):
             args.warmup + args.batches), args.batches, args.warmup)
         results.append(res)
         print(f'{backend:>7} {w} worker(s): {res["img_s"]:7.1f} img/s, '
-              f'{res["img_s_per_worker"]:6.1f} per worker  (resize '
+              f'{res["img_s_per_worker"]:6.1f} per worker, on '
+              f'{res["cpu_cores"]:.2f} cores of CPU time: '
+              f'{res["img_s_per_core"]:6.1f} per core  (resize '
               f'{res["resolution"][0]} -> crop {res["resolution"][1]})',
               flush=True)
   cores = cores_needed(results)
   for backend, c in cores.items():
     print(f'{backend}: {TARGET_IMG_S} img/s needs {c["cores"]} cores at '
-          f'{c["img_s_per_worker"]:.1f} img/s per core (best, at '
+          f'{c["img_s_per_core"]:.1f} img/s per core (best, at '
           f'{c["workers"]} worker(s); linear scaling assumed)')
   if args.out:
     with open(args.out, 'w') as f:

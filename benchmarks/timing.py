@@ -1,5 +1,6 @@
 """How every bench_<framework> module times a step and reads the memory it
 took."""
+import os
 import statistics
 import time
 
@@ -17,6 +18,26 @@ def images_per_sec(fn, batch, steps, warmup):
   for _ in range(warmup):
     fn()
   return batch / statistics.median(seconds(fn) for _ in range(steps))
+
+
+def cpu_seconds():
+  """CPU seconds (user and system) used so far by this process and all its
+  threads (exact), and by its child processes still running (PyTorch's data
+  workers; from /proc, in clock ticks of 1/100 s on most systems)."""
+  me, ticks = os.getpid(), 0
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit() or int(entry) == me:
+      continue
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        # After "pid (name)": state, ppid, ... utime and stime are the 12th
+        # and 13th fields.
+        fields = f.read().rsplit(')', 1)[1].split()
+    except OSError:  # it ended meanwhile
+      continue
+    if int(fields[1]) == me:
+      ticks += int(fields[11]) + int(fields[12])
+  return time.process_time() + ticks / os.sysconf('SC_CLK_TCK')
 
 
 def _status_bytes(field):

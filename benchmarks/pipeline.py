@@ -12,8 +12,8 @@ batches from the same code and flags the trainer uses, and times them:
            resize, random crop and flip in --workers worker processes) over
            the data stream's TrainBatches sampler;
   jax      bit_jax.train's big_transfer.loader.train_batches: the same
-           views in --workers grain threads, with each row's mixup partner
-           and the mixed one-hot labels;
+           views in --workers grain processes, with each row's mixup
+           partner and the mixed one-hot labels;
   tf2      bit_tf2.train's input_pipeline_tf2_or_jax.train_batches: tf.data
            in a pool of --workers threads, decoding and resizing in
            TensorFlow (tf.image, in float), scaling and mixup included.
@@ -26,7 +26,7 @@ for them. TF2's batches are float images, mixed on the host.
 The crop is --resolution and the resize the HyperRule's for it, mixup is on
 (alpha 0.1). After --warmup untimed batches (the workers' start) it times
 --batches batches in one stretch: images/s, images/s per worker (a worker
-is a process in PyTorch, a thread in JAX and TF2), and images/s per core:
+is a process in PyTorch and JAX, a thread in TF2), and images/s per core:
 per second of CPU time that the process, its threads and its worker
 processes used meanwhile (from /proc; a framework may use more threads than
 its workers). Each timed batch's image shape is recorded, so a result shows
@@ -86,7 +86,16 @@ def jax_batches(args):
   batches = loader.train_batches(data.train, data.num_classes,
                                  hyper.stream(args), hyper.resize, hyper.crop,
                                  workers=args.workers)
-  return hyper, (b['image'] for b in batches)
+  return hyper, _images_then_close(batches)
+
+
+def _images_then_close(batches):
+  """The images of `batches`; closing this closes them (their workers)."""
+  try:
+    for b in batches:
+      yield b['image']
+  finally:
+    batches.close()
 
 
 def tf2_batches(args):

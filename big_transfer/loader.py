@@ -28,10 +28,15 @@ input pipeline of the JAX backend, which needs no TensorFlow.
       last ones padded with rows whose mask is False.
 
 A `source` is a big_transfer.datasets.Source. An image that cannot be read
-ends the run with datasets.BadImage naming its file. `workers` threads
-decode (0: the calling thread; default: one per CPU).
+ends the run with datasets.BadImage naming its file. `workers` decode (0:
+the calling thread; default: one per CPU): for training, processes (close
+the iterator to stop them), which start once per run; for evaluation,
+threads, which start at once at every evaluation.
 """
 import os
+import signal
+import threading
+import time
 
 import grain
 import numpy as np
@@ -48,6 +53,42 @@ def _iterate(dataset, workers):
   workers = os.cpu_count() if workers is None else workers
   return iter(dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=workers, prefetch_buffer_size=2 * workers)))
+
+
+def _in_processes(dataset, workers):
+  """Iterates `dataset` (of batches) in `workers` processes (grain's
+  mp_prefetch: process w makes elements w, w + workers, ..., and they are
+  read back in order; 0: in the calling thread). The iterator's close()
+  stops them.
+
+  Threads would share one GIL, which a quarter of the per-example work
+  holds (docs/gpu.md), so they stop near 1,400 img/s on any host; the
+  processes scale with the cores, as PyTorch's workers do."""
+  if not workers:
+    return _iterate(dataset, 0)
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():  # grain reads its options from absl flags
+    flags.FLAGS.mark_as_parsed()
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=workers,
+                                       per_worker_buffer_size=2),
+          worker_init_fn=_worker_init))
+
+
+def _worker_init(worker, workers):
+  """A worker leaves Ctrl-C to the training process, which stops it, and
+  ends when that process has ended, however it ended (a killed process
+  stops nothing: its workers would wait forever to hand on a batch)."""
+  del worker, workers
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1)
+    os._exit(0)  # pylint: disable=protected-access
+  threading.Thread(target=watch, daemon=True).start()
 
 
 def train_batches(source, num_classes, stream, resize, crop, start_step=0,
@@ -88,7 +129,8 @@ def train_batches(source, num_classes, stream, resize, crop, start_step=0,
 
   dataset = grain.MapDataset.range(ENDLESS).map(example).batch(
       len(rows), drop_remainder=True).map(mix)
-  return _iterate(dataset, workers)
+  return _in_processes(dataset, os.cpu_count() if workers is None else
+                       workers)
 
 
 def eval_batches(source, batch, crop, process_index=0, process_count=1,

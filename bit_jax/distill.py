@@ -13,6 +13,7 @@ to its own resolution when the teacher's differs (bilinear, antialiased).
 Only the student's parameters and optimiser state are checkpointed and
 exported.
 """
+import contextlib
 import os
 
 import flax
@@ -176,6 +177,7 @@ def main(args):
 
     stream = datastream.Stream(train_size, recipe.batch, args.seed,
                                recipe.mixup_alpha)
+    # The loader's worker processes stop when it closes.
     batches = loader.train_batches(
         data.train, data.num_classes, stream, recipe.resize_size,
         recipe.teacher_size, step, pid, nproc,
@@ -190,10 +192,11 @@ def main(args):
       ckpt.state = {'params': params, 'opt_state': opt_state}
       return loss
 
-    result, step = run.fit(
-        step, sched.total_steps, sched.lr, train, evaluate, ckpt,
-        eval_every=distill.eval_every(recipe, sched), batch=recipe.batch,
-        fetch=lambda losses: [float(engine.local(l)) for l in losses])
+    with contextlib.closing(batches):
+      result, step = run.fit(
+          step, sched.total_steps, sched.lr, train, evaluate, ckpt,
+          eval_every=distill.eval_every(recipe, sched), batch=recipe.batch,
+          fetch=lambda losses: [float(engine.local(l)) for l in losses])
     ckpt.close()
     return run.finish(
         result, step, lambda _: models.save_npz(

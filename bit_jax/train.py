@@ -22,6 +22,7 @@ In-process use: `main(args)` with `args = argparser().parse_args([...])` (or
 `bit_common.argparser()`'s) runs one fine-tuning and returns the final
 evaluation.
 """
+import contextlib
 import os
 
 import flax
@@ -163,9 +164,10 @@ def main(args):
           data.val, eval_batch, hyper.crop, pid, nproc, args.workers),
                                ckpt.state['params'])
 
-    batches = loader.train_batches(data.train, data.num_classes,
-                                   hyper.stream(args), hyper.resize, hyper.crop,
-                                   step, pid, nproc, workers=args.workers)
+    # The loader's worker processes stop when it closes.
+    batches = loader.train_batches(
+        data.train, data.num_classes, hyper.stream(args), hyper.resize,
+        hyper.crop, step, pid, nproc, workers=args.workers)
 
     def train(step, lr):
       del step  # The loader yields the batch of each step in turn.
@@ -175,9 +177,10 @@ def main(args):
       ckpt.state = {'params': params, 'opt_state': opt_state}
       return loss
 
-    result, step = run.fit(step, hyper.total, hyper.lr, train, evaluate, ckpt,
-                           fetch=lambda losses: [float(local(l))
-                                                 for l in losses])
+    with contextlib.closing(batches):
+      result, step = run.fit(step, hyper.total, hyper.lr, train, evaluate,
+                             ckpt, fetch=lambda losses: [float(local(l))
+                                                         for l in losses])
     ckpt.close()
     return run.finish(
         result, step,

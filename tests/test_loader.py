@@ -5,8 +5,10 @@ same pixels, labels and mixup for training, evaluation and the Inception crop,
 from any start step and on any share of the batch; bad images named."""
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -149,3 +151,42 @@ def test_jax_fine_tunes_without_tensorflow_or_torch(tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   assert (tmp_path / 'run' / 'results.json').exists()
   assert (tmp_path / 'run' / 'model.npz').exists()
+
+
+def test_workers_end_when_the_process_that_started_them_is_killed(tmp_path):
+  """A trainer killed outright (SIGKILL, as by the OOM killer) closes
+  nothing; its loader's worker processes must end by themselves."""
+  root = write_imagefolder(tmp_path / 'f', train=2, val=1)
+  script = f'''
+import argparse, multiprocessing, os, signal
+from big_transfer import datasets, datastream, loader
+data = datasets.load(argparse.Namespace(dataset='imagefolder',
+                                        datadir={root!r}))
+batches = loader.train_batches(data.train, 3, datastream.Stream(
+    len(data.train), 6), 24, 16, workers=2)
+next(batches)
+print(' '.join(str(p.pid) for p in multiprocessing.active_children()),
+      flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+'''
+  out = tmp_path / 'out.txt'
+  with open(out, 'w') as f:  # a file: workers left alive hold no pipe open
+    done = subprocess.run([sys.executable, '-c', script], cwd=REPO,
+                          stdout=f, stderr=subprocess.STDOUT, timeout=300)
+  assert done.returncode == -9, out.read_text()
+  workers = [int(p) for p in out.read_text().splitlines()[-1].split()]
+  assert len(workers) == 2
+
+  def alive(pid):
+    try:
+      with open(f'/proc/{pid}/stat') as f:
+        return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+      return False
+  deadline = time.time() + 20
+  while any(map(alive, workers)) and time.time() < deadline:
+    time.sleep(0.2)
+  left = [pid for pid in workers if alive(pid)]
+  for pid in left:  # not to leave them running after a failure
+    os.kill(pid, signal.SIGKILL)
+  assert not left

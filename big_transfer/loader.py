@@ -33,6 +33,7 @@ the calling thread; default: one per CPU): for training, processes (close
 the iterator to stop them), which start once per run; for evaluation,
 threads, which start at once at every evaluation.
 """
+import functools
 import os
 import signal
 import threading
@@ -73,16 +74,18 @@ def _in_processes(dataset, workers):
       num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
           grain.MultiprocessingOptions(num_workers=workers,
                                        per_worker_buffer_size=2),
-          worker_init_fn=_worker_init))
+          worker_init_fn=functools.partial(_worker_init,
+                                           parent=os.getpid())))
 
 
-def _worker_init(worker, workers):
-  """A worker leaves Ctrl-C to the training process, which stops it, and
-  ends when that process has ended, however it ended (a killed process
-  stops nothing: its workers would wait forever to hand on a batch)."""
+def _worker_init(worker, workers, parent):
+  """A worker leaves Ctrl-C to the training process (`parent`), which stops
+  it, and ends when that process has ended, however it ended (a killed
+  process stops nothing: its workers would wait forever to hand on a
+  batch). `parent` comes from the parent itself: it may have died before
+  this runs."""
   del worker, workers
   signal.signal(signal.SIGINT, signal.SIG_IGN)
-  parent = os.getppid()
 
   def watch():
     while os.getppid() == parent:

@@ -2,8 +2,8 @@
 can feed the data pipeline, whether its CPU computes bf16 natively, and
 whether it has NVIDIA GPUs that the framework does not see.
 
-One GPU that trains R50x1 at 5,000 img/s needs about 14 data-loading cores
-(docs/gpu.md measures one at about 350 img/s), more than the 8 workers
+One GPU that trains R50x1 at 5,000 img/s needs about 15 data-loading cores
+(docs/gpu.md measures one at 300 to 340 img/s), more than the 8 workers
 that were the default before.
 
 bf16 on an x86 CPU is fast only with the AVX512_BF16 or AMX-BF16

@@ -29,7 +29,8 @@ input pipeline of the JAX backend, which needs no TensorFlow.
 
 A `source` is a big_transfer.datasets.Source. An image that cannot be read
 ends the run with datasets.BadImage naming its file. `workers` decode (0:
-the calling thread; default: one per CPU): for training, processes (close
+the calling thread; default: hardware.default_workers(), as --workers):
+for training, processes (close
 the iterator to stop them), which start once per run; for evaluation,
 threads, which start at once at every evaluation.
 """
@@ -42,16 +43,21 @@ import time
 import grain
 import numpy as np
 
-from big_transfer import preprocess
+from big_transfer import hardware, preprocess
 from big_transfer.errors import BadInput
 
 ENDLESS = 2**62  # records of a training pipeline: more than any run takes
 
 
+def _count(workers):
+  """`workers`, or by default as many as --workers has."""
+  return hardware.default_workers() if workers is None else workers
+
+
 def _iterate(dataset, workers):
   """Iterates `dataset` with `workers` threads reading ahead (0: in the
-  calling thread; None: one per CPU)."""
-  workers = os.cpu_count() if workers is None else workers
+  calling thread; None: the default count)."""
+  workers = _count(workers)
   return iter(dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=workers, prefetch_buffer_size=2 * workers)))
 
@@ -59,12 +65,13 @@ def _iterate(dataset, workers):
 def _in_processes(dataset, workers):
   """Iterates `dataset` (of batches) in `workers` processes (grain's
   mp_prefetch: process w makes elements w, w + workers, ..., and they are
-  read back in order; 0: in the calling thread). The iterator's close()
-  stops them.
+  read back in order; 0: in the calling thread; None: the default count).
+  The iterator's close() stops them.
 
   Threads would share one GIL, which a quarter of the per-example work
   holds (docs/gpu.md), so they stop near 1,400 img/s on any host; the
   processes scale with the cores, as PyTorch's workers do."""
+  workers = _count(workers)
   if not workers:
     return _iterate(dataset, 0)
   from absl import flags  # pylint: disable=import-outside-toplevel
@@ -132,8 +139,7 @@ def train_batches(source, num_classes, stream, resize, crop, start_step=0,
 
   dataset = grain.MapDataset.range(ENDLESS).map(example).batch(
       len(rows), drop_remainder=True).map(mix)
-  return _in_processes(dataset, os.cpu_count() if workers is None else
-                       workers)
+  return _in_processes(dataset, workers)
 
 
 def eval_batches(source, batch, crop, process_index=0, process_count=1,

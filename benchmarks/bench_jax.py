@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from benchmarks.timing import images_per_sec
-from bit_jax import models, train
+from benchmarks import conv_kernels
+from benchmarks.timing import images_per_sec, median_seconds
+from bit_jax import engine, models, train
 
 
 def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
@@ -58,3 +59,29 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
         batch, steps, warmup)
   return dict(out, device=device.platform, devices=jax.device_count(),
               jax=jax.__version__, kernels=f'XLA ({device.platform})')
+
+
+def convolution(shape, precision, steps, warmup):
+  """bench_pytorch.convolution's measurement in XLA (NHWC, compiled;
+  train_ms: the forward pass and both gradients in one compiled
+  function)."""
+  _, _, _, _, kernel, stride = shape
+  dtype = engine.DTYPES[precision]
+  x, w, dy = (jnp.asarray(a, dtype) for a in conv_kernels.arrays(shape))
+  pad = kernel // 2
+
+  def conv(x, w):
+    return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), ((pad, pad), (pad, pad)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  forward = jax.jit(conv)
+  train = jax.jit(lambda x, w, dy: jax.vjp(conv, x, w)[1](dy))
+  dw = np.asarray(train(x, w, dy)[1], np.float64)
+  return {'forward_ms': 1e3 * median_seconds(
+              lambda: forward(x, w).block_until_ready(), steps, warmup),
+          'train_ms': 1e3 * median_seconds(
+              lambda: jax.block_until_ready(train(x, w, dy)), steps, warmup),
+          'weight_grad_sum': float(np.abs(dw).sum()),
+          'kernels': f'XLA ({jax.devices()[0].platform})',
+          'version': jax.__version__}

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from benchmarks.timing import RssPeak, images_per_sec
+from benchmarks import conv_kernels
+from benchmarks.timing import RssPeak, images_per_sec, median_seconds
 from bit_tf2 import engine, models, train
 
 
@@ -60,3 +61,37 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
                   [f'oneDNN {"on" if onednn else "off"}'] +
                   [f'XLA {part}' for part, on in zip(('train', 'eval'), xla)
                    if on]))
+
+
+def convolution(shape, precision, steps, warmup):
+  """bench_pytorch.convolution's measurement with TF's kernels as bit_tf2
+  trains on the CPU (NHWC, a tf.function without XLA)."""
+  _, _, _, _, kernel, stride = shape
+  dtype = tf.bfloat16 if precision == 'bf16' else tf.float32
+  x, w, dy = (tf.constant(a, dtype) for a in conv_kernels.arrays(shape))
+  p = kernel // 2
+
+  def conv(x, w):  # padded as bit_tf2.models.StandardizedConv2D pads
+    if stride == 1:
+      return tf.nn.conv2d(x, w, 1, 'SAME')
+    return tf.nn.conv2d(tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]]), w,
+                        stride, 'VALID')
+
+  forward = tf.function(conv, jit_compile=False)
+
+  @tf.function(jit_compile=False)
+  def train(x, w, dy):
+    with tf.GradientTape() as tape:
+      tape.watch((x, w))
+      y = conv(x, w)
+    return tape.gradient(y, (x, w), output_gradients=dy)
+
+  dw = tf.cast(train(x, w, dy)[1], tf.float64)
+  onednn = os.environ.get('TF_ENABLE_ONEDNN_OPTS') not in ('0', 'false')
+  return {'forward_ms': 1e3 * median_seconds(lambda: forward(x, w), steps,
+                                             warmup),
+          'train_ms': 1e3 * median_seconds(lambda: train(x, w, dy), steps,
+                                           warmup),
+          'weight_grad_sum': float(tf.reduce_sum(tf.abs(dw))),
+          'kernels': f'oneDNN {"on" if onednn else "off"}',
+          'version': tf.__version__}

@@ -35,13 +35,21 @@ def measure_in_subprocess(framework, arch, resolution, batch, precision,
   """Runs bench_<framework>.measure(...) in a fresh Python (environment
   `env` added to this one's, at most `timeout` seconds); returns its dict,
   or {'error': the last line of its output}."""
+  return call_in_subprocess(framework, 'measure', (arch, resolution, batch,
+                                                   precision, steps, warmup),
+                            options, timeout=timeout, env=env)
+
+
+def call_in_subprocess(framework, function, args, options=None, timeout=None,
+                       env=None):
+  """bench_<framework>.<function>(*args, **options), whose arguments and
+  result are JSON values, run in a fresh Python as measure_in_subprocess
+  runs it."""
   code = ('import json; from benchmarks import {module} as m; '
-          'print("RESULT " + json.dumps(m.measure('
-          '{arch!r}, {res}, {batch}, {precision!r}, {steps}, {warmup}, '
+          'print("RESULT " + json.dumps(m.{function}(*{args!r}, '
           '**{options!r})))'
-          ).format(module=FRAMEWORKS[framework], arch=arch, res=resolution,
-                   batch=batch, precision=precision, steps=steps,
-                   warmup=warmup, options=options)
+          ).format(module=FRAMEWORKS[framework], function=function,
+                   args=tuple(args), options=options or {})
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', **(env or {}))
   try:
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True,

@@ -12,12 +12,18 @@ def seconds(fn):
   return time.perf_counter() - t
 
 
+def median_seconds(fn, steps, warmup):
+  """The median wall time of `steps` calls of `fn`, after `warmup` untimed
+  calls."""
+  for _ in range(warmup):
+    fn()
+  return statistics.median(seconds(fn) for _ in range(steps))
+
+
 def images_per_sec(fn, batch, steps, warmup):
   """`batch` / the median time of `steps` calls of `fn`, after `warmup`
   untimed calls."""
-  for _ in range(warmup):
-    fn()
-  return batch / statistics.median(seconds(fn) for _ in range(steps))
+  return batch / median_seconds(fn, steps, warmup)
 
 
 def cpu_seconds():

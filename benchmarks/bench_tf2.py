@@ -1,7 +1,7 @@
 """bit_tf2's throughput: the training step of bit_tf2.train (SGD, batch
 distributed over all local devices by its strategy, XLA on accelerators,
-Keras mixed precision) and the evaluation step, on random data (the data
-pipeline is not timed)."""
+Keras mixed precision, TF's deterministic settings) and the evaluation
+step, on random data (the data pipeline is not timed)."""
 import os
 
 import numpy as np
@@ -16,7 +16,10 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
             evaluate=True):
   """{train_img_s, train_mem_bytes, eval_img_s, ...}; train_mem_bytes: on a
   GPU the allocator's peak during the training steps, on the CPU the growth
-  of peak resident memory over them."""
+  of peak resident memory over them. TF runs as bit_tf2.train runs it
+  (engine.deterministic: one inter-op thread, which costs the CPU's step
+  about 10% against TF's default)."""
+  engine.deterministic()
   strategy = engine.make_strategy()
   with strategy.scope():
     model = models.create(arch, head_size=1000,

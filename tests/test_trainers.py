@@ -31,7 +31,11 @@ STEPS = 12
 # trains on the same pixels, so their losses must agree.
 COMMON = ['--batch', '8', '--total_steps', str(STEPS), '--resize_size', '32',
           '--crop_size', '32', '--base_lr', '0.01', '--mixup_alpha', '0.4',
-          '--workers', '1', '--eval_every', '6']
+          '--eval_every', '6']
+# One data worker each; JAX's none (the calling thread): its workers are
+# spawned processes that import the trainer again, seconds each, and
+# tests/test_loader.py runs them, the trainer's command line included.
+WORKERS = {'pytorch': '1', 'tf2': '1', 'jax': '0'}
 OUTPUTS = {'pytorch': ['bit.pth.tar', 'bit.prev.pth.tar'], 'tf2': ['checkpoints'],
            'jax': ['checkpoints']}
 
@@ -57,7 +61,7 @@ def argv(setup, backend, name, *extra, folder=None):
   root, images, npz = setup
   return ['--name', name, '--logdir', str(root / backend), '--model', npz,
           '--dataset', 'imagefolder', '--datadir', folder or images, *COMMON,
-          *extra]
+          '--workers', WORKERS[backend], *extra]
 
 
 def run(setup, backend, name, *extra, **kw):

@@ -84,7 +84,8 @@ def line(res, precisions):
                  f'{p} forward {out["forward_ms"]:7.2f} ms, '
                  f'train {out["train_ms"]:7.2f} ms')
   if all('train_ms' in res.get(p, {}) for p in ('fp32', 'bf16')):
-    parts.append(f'bf16 gain x{res["fp32"]["train_ms"] / res["bf16"]["train_ms"]:.2f}')
+    gain = res['fp32']['train_ms'] / res['bf16']['train_ms']
+    parts.append(f'bf16 gain x{gain:.2f}')
   return '  '.join(parts)
 
 

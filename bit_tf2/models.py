@@ -55,7 +55,7 @@ def standardize(kernel):
   normalisation in training mode over the kernel's H*W*I rows, one op
   forwards and one backwards. Written with mean and variance ops instead,
   the step ran a dozen element-wise passes over every kernel, and trained
-  about 12% slower on the CPU (docs/performance.md)."""
+  7 to 12% slower on the CPU (docs/performance.md)."""
   channels = kernel.shape[-1]
   ones, zeros = tf.ones([channels]), tf.zeros([channels])
   w = tf.raw_ops.FusedBatchNormV3(

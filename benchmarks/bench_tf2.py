@@ -72,13 +72,9 @@ def convolution(shape, precision, steps, warmup):
   _, _, _, _, kernel, stride = shape
   dtype = tf.bfloat16 if precision == 'bf16' else tf.float32
   x, w, dy = (tf.constant(a, dtype) for a in conv_kernels.arrays(shape))
-  p = kernel // 2
 
-  def conv(x, w):  # padded as bit_tf2.models.StandardizedConv2D pads
-    if stride == 1:
-      return tf.nn.conv2d(x, w, 1, 'SAME')
-    return tf.nn.conv2d(tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]]), w,
-                        stride, 'VALID')
+  def conv(x, w):
+    return models.padded_conv(x, w, stride, kernel // 2)
 
   forward = tf.function(conv, jit_compile=False)
 

@@ -51,10 +51,7 @@ def main(argv=None):
   parser.add_argument('--json', help='write every result to this file')
   args = parser.parse_args(argv)
   frameworks = chosen(parser, args.frameworks, FRAMEWORKS)
-  precisions = args.precisions.split(',')
-  bad = set(precisions) - {'fp32', 'bf16'}
-  if bad:
-    parser.error(f'unknown precision(s) {sorted(bad)}; known: fp32, bf16')
+  precisions = chosen(parser, args.precisions, ('fp32', 'bf16'), 'precision')
 
   cpu = hardware.cpu_description()
   print(f'CPU: {cpu["model"]} ({", ".join(cpu["simd_flags"])})')

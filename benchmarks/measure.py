@@ -19,13 +19,13 @@ PEER = 'timm'
 KEYS = ('train_img_s', 'eval_img_s')
 
 
-def chosen(parser, text, known):
+def chosen(parser, text, known, what='framework'):
   """The comma-separated names of `text`; a parser error names any not in
-  `known`."""
+  `known` (each a `what`)."""
   names = [f for f in text.split(',') if f]
   unknown = set(names) - set(known)
   if unknown:
-    parser.error(f'unknown framework(s) {sorted(unknown)}; known: '
+    parser.error(f'unknown {what}(s) {sorted(unknown)}; known: '
                  f'{", ".join(known)}')
   return names
 

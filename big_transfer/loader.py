@@ -30,9 +30,9 @@ input pipeline of the JAX backend, which needs no TensorFlow.
 A `source` is a big_transfer.datasets.Source. An image that cannot be read
 ends the run with datasets.BadImage naming its file. `workers` decode (0:
 the calling thread; default: hardware.default_workers(), as --workers):
-for training, processes (close
-the iterator to stop them), which start once per run; for evaluation,
-threads, which start at once at every evaluation.
+for training, processes (close the iterator to stop them), which start
+once per run; for evaluation, threads, which start at once at every
+evaluation.
 """
 import functools
 import os

@@ -39,14 +39,20 @@ class StandardizedConv2D(layers.Layer):
 
   def call(self, x):
     w = ops.cast(standardize(self.kernel), self.compute_dtype)
-    p = self.padding
-    if p and self.strides == 1 and 2 * p == self.kernel_size - 1:
-      padding = 'same'  # the same numbers, without a padding op
-    else:
-      padding = 'valid'
-      if p:
-        x = ops.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    return ops.conv(x, w, strides=self.strides, padding=padding)
+    return padded_conv(x, w, self.strides, self.padding)
+
+
+def padded_conv(x, w, strides, p):
+  """NHWC `x` convolved with the HWIO kernel `w` after a symmetric zero
+  padding of `p` (TF's explicit padding argument would send bf16 backward
+  passes to a slow kernel, docs/performance.md)."""
+  if p and strides == 1 and 2 * p == w.shape[0] - 1:
+    padding = 'same'  # the same numbers, without a padding op
+  else:
+    padding = 'valid'
+    if p:
+      x = ops.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  return ops.conv(x, w, strides=strides, padding=padding)
 
 
 def standardize(kernel):

@@ -10,14 +10,14 @@ limit of SIZES (total_s), one JSON file holding
   convolutions and matmuls counted by torch's FlopCounterMode on
   bit_pytorch's model; a training step counted as 3x the forward) over the
   GPU's dense bf16 peak;
-- peak GPU memory of each backend's training step, also with the batch in
-  4 and 16 micro-batches (--batch_split);
 - a short fine-tuning in each backend at the settings above, through its
   command line (benchmarks/end_to_end.py), from a generated BiT checkpoint
-  on a generated folder of JPEG files larger than the crop (the HyperRule
+  on a generated folder of photo-sized JPEG files (375x500; the HyperRule
   resizes them), with mixup and periodic checkpoints, to its results; its
   images/s end to end (data, augmentation, mixup, checkpoints included)
-  next to the pure training step's above.
+  next to the pure training step's above;
+- peak GPU memory of each backend's training step, also with the batch in
+  4 and 16 micro-batches (--batch_split).
 
 A backend (or timm) that is not installed is skipped with the reason
 recorded, as is one that fails or runs out of its time. The JSON file is
@@ -75,17 +75,18 @@ BF16_PEAK_TFLOPS = {
 SIZES = {
     # mode: arch, resolution, batch, steps, warmup, --batch_split values
     # whose memory is measured, fine-tuning (classes, training images per
-    # class, steps, untimed first steps, checkpoint interval), time limits
+    # class, steps, untimed first steps, checkpoint interval, the JPEG
+    # files' height and width: on the GPU a photo's 375x500), time limits
     # (s): each measurement, each fine-tuning, all.
     'gpu': dict(arch='R50x1', resolution=224, batch=128, steps=20, warmup=5,
                 splits=(4, 16), ft_classes=4, ft_per_class=64, ft_steps=60,
-                ft_skip=10, ft_save_every=20, measure_s=180, finetune_s=120,
-                total_s=540),
+                ft_skip=10, ft_save_every=20, ft_image=(375, 500),
+                measure_s=180, finetune_s=120, total_s=540),
     # On the CPU the limits only stop a hung run: a shared CPU can be slow.
     'cpu': dict(arch='R14x0.5', resolution=32, batch=4, steps=1, warmup=1,
                 splits=(2,), ft_classes=2, ft_per_class=4, ft_steps=12,
-                ft_skip=4, ft_save_every=4, measure_s=600, finetune_s=600,
-                total_s=1500),
+                ft_skip=4, ft_save_every=4, ft_image=(40, 50), measure_s=600,
+                finetune_s=600, total_s=1500),
 }
 
 
@@ -173,23 +174,6 @@ def main(argv=None):
     print(f'  {name}: {json.dumps(results[name])}', flush=True)
     save()
 
-  # A training step's memory with the batch in micro-batches
-  # (--batch_split): what one micro-batch needs, not the whole batch.
-  memory = report['train_mem_bytes_by_batch_split'] = {}
-  for b in backends:
-    if missing[b] or 'train_mem_bytes' not in results[b]:
-      continue
-    memory[b] = {'1': results[b]['train_mem_bytes']}
-    for split in size['splits']:
-      print(f'memory of {b} at --batch_split {split} ...', flush=True)
-      res = measure_in_subprocess(
-          b, size['arch'], size['resolution'], size['batch'], 'bf16', 1, 1,
-          timeout=left(size['measure_s']), env=env, batch_split=split,
-          evaluate=False)
-      memory[b][str(split)] = res.get('train_mem_bytes', res)
-    print(f'  {b}: {json.dumps(memory[b])}', flush=True)
-    save()
-
   # Fine-tuning end to end, one backend at a time, at the settings of the
   # throughput above: `ratio` is its images/s over the pure step's.
   tuning = report['finetune'] = {}
@@ -197,7 +181,7 @@ def main(argv=None):
   try:
     folder = end_to_end.make_folder(
         os.path.join(work, 'images'), size['ft_classes'],
-        size['ft_per_class'], end_to_end.image_size(size['resolution']))
+        size['ft_per_class'], size['ft_image'])
     weights = end_to_end.make_weights(os.path.join(work, 'model.npz'),
                                       size['arch'], size['ft_classes'])
     for name, (b, flags, step) in FINETUNES.items():
@@ -222,6 +206,23 @@ def main(argv=None):
       save()
   finally:
     shutil.rmtree(work, ignore_errors=True)
+  # A training step's memory with the batch in micro-batches
+  # (--batch_split): what one micro-batch needs, not the whole batch.
+  memory = report['train_mem_bytes_by_batch_split'] = {}
+  for b in backends:
+    if missing[b] or 'train_mem_bytes' not in results[b]:
+      continue
+    memory[b] = {'1': results[b]['train_mem_bytes']}
+    for split in size['splits']:
+      print(f'memory of {b} at --batch_split {split} ...', flush=True)
+      res = measure_in_subprocess(
+          b, size['arch'], size['resolution'], size['batch'], 'bf16', 1, 1,
+          timeout=left(size['measure_s']), env=env, batch_split=split,
+          evaluate=False)
+      memory[b][str(split)] = res.get('train_mem_bytes', res)
+    print(f'  {b}: {json.dumps(memory[b])}', flush=True)
+    save()
+
   save()
   print(f'wrote {args.out} in {report["wall_s"]:.0f} s', flush=True)
   return report

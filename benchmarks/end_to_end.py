@@ -53,6 +53,7 @@ from big_transfer import hardware, zoo
 
 FRAMEWORKS = ('pytorch', 'jax', 'tf2')
 MIXUP_ALPHA = 0.1   # the HyperRule's alpha for large datasets
+SUMMARY = ('e2e_img_s', 'step_img_s', 'ratio', 'ratio_between_checkpoints')
 
 
 # --------------------------------------------------------------------------
@@ -140,14 +141,18 @@ def measure_end_to_end(framework, arch, resolution, batch, precision, steps,
   outputs go to workdir/runs/<a new name>, and stay there. `env` is added
   to this process's environment; `timeout` bounds the command in seconds.
 
-  Returns {e2e_img_s, timed_steps [first, last], timed_s, checkpoints_timed,
+  Returns {e2e_img_s, between_checkpoints_img_s (the rate of the timed
+  windows that hold no checkpoint: data, step and read-backs; None if every
+  one holds one), timed_steps [first, last], timed_s, checkpoints_timed,
   checkpoint_s (a checkpoint's cost, estimated from windows with and
   without one; None unless both kinds are timed), windows [{steps, img_s,
   after_checkpoint}] (whether a --save_every or evaluation checkpoint is
   timed in it; the harness's 10-minute ones are not foreseen), wall_s,
   train_s, other_s, checkpoint_steps_kept (the steps of the checkpoints
   left in the run folder, newest two), resolution [resize, crop], mixup,
-  image_size, device, top1, first_loss and last_loss (training), run_dir,
+  image_size, device, compiled (whether PyTorch's trainer ran
+  torch.compile; None for the others), top1, first_loss and last_loss
+  (training), run_dir,
   command, and compile_s where the trainer logs its compilation's time
   (PyTorch's torch.compile)}.
   """
@@ -233,12 +238,12 @@ def read_run(run_dir, framework, batch, skip=10, save_every=None,
   if not timed:
     return {'error': f'no read-back window starts after step {skip}: '
             'raise the steps', 'run_dir': run_dir}
-  timed_s = sum(w['seconds'] for w in timed)
-  n_steps = sum(w['steps'][1] - w['steps'][0] + 1 for w in timed)
   return {
-      'e2e_img_s': n_steps * batch / timed_s,
+      'e2e_img_s': _rate(timed, batch),
+      'between_checkpoints_img_s': _rate(
+          [w for w in timed if not w['after_checkpoint']], batch),
       'timed_steps': [timed[0]['steps'][0], timed[-1]['steps'][1]],
-      'timed_s': timed_s,
+      'timed_s': sum(w['seconds'] for w in timed),
       'checkpoints_timed': sum(w['after_checkpoint'] for w in timed),
       'checkpoint_s': _checkpoint_cost(timed),
       'windows': [{'steps': w['steps'], 'img_s': w['img_s'],
@@ -248,6 +253,7 @@ def read_run(run_dir, framework, batch, skip=10, save_every=None,
       'resolution': config['resolution'], 'mixup': config['mixup'],
       'mixup_alpha': config.get('mixup_alpha'),
       'device': str(config.get('device') or config.get('device_kind')),
+      'compiled': config.get('compiled'),   # PyTorch's torch.compile
       'top1': results.get('top1'), 'first_loss': rows[0]['loss'],
       'last_loss': rows[-1]['loss'], 'total_steps': total, 'run_dir': run_dir,
   }
@@ -266,6 +272,14 @@ def windows(rows):
       out.append({'steps': [r['step'], r['step']],
                   'img_s': r['images_per_sec']})
   return out
+
+
+def _rate(wins, batch):
+  """Images/s over the windows `wins` together; None if there are none."""
+  if not wins:
+    return None
+  return (sum(w['steps'][1] - w['steps'][0] + 1 for w in wins) * batch
+          / sum(w['seconds'] for w in wins))
 
 
 def _checkpoint_cost(timed):
@@ -319,13 +333,16 @@ def measure(framework, arch, resolution, batch, precision, steps, folder,
   step's rate of the same framework, architecture, crop, batch and
   precision (`step_img_s`: measure.measure_in_subprocess, `step_steps`
   timed after `step_warmup`; or 'step_error') and `ratio` = e2e_img_s /
-  step_img_s. `options` go to measure_end_to_end."""
+  step_img_s (add_ratios). `options` go to measure_end_to_end."""
   e2e = measure_end_to_end(framework, arch, resolution, batch, precision,
                            steps, folder, workdir, timeout=timeout, env=env,
                            **options)
+  # PyTorch's pure step as the trainer ran it: through torch.compile where
+  # it compiled (--compile, or its default on a GPU for long runs).
+  compiled = {'compile': True} if e2e.get('compiled') else {}
   step = measure_in_subprocess(
       framework, arch, resolution, batch, precision, step_steps, step_warmup,
-      timeout=timeout, env=env, evaluate=False)
+      timeout=timeout, env=env, evaluate=False, **compiled)
   out = {k: v for k, v in e2e.items() if k != 'error'}
   if 'error' in e2e:
     out['e2e_error'] = e2e['error']
@@ -334,9 +351,19 @@ def measure(framework, arch, resolution, batch, precision, steps, folder,
   else:
     out['step_img_s'] = step['train_img_s']
     out['step'] = step
-  if 'e2e_img_s' in out and 'step_img_s' in out:
-    out['ratio'] = out['e2e_img_s'] / out['step_img_s']
+  if 'step_img_s' in out:
+    add_ratios(out, out['step_img_s'])
   return out
+
+
+def add_ratios(run, step_img_s):
+  """Adds to a measure_end_to_end result `run` its rates over the pure
+  step's `step_img_s`: `ratio` (end to end) and `ratio_between_checkpoints`
+  (the windows without a checkpoint), where `run` has them."""
+  for rate, ratio in (('e2e_img_s', 'ratio'), ('between_checkpoints_img_s',
+                                              'ratio_between_checkpoints')):
+    if run.get(rate) and step_img_s:
+      run[ratio] = run[rate] / step_img_s
 
 
 def describe(res):
@@ -352,6 +379,9 @@ def describe(res):
     parts.append(f'step failed: {res.get("step_error")}')
   if 'ratio' in res:
     parts.append(f'x{res["ratio"]:.2f}')
+  if 'ratio_between_checkpoints' in res:
+    parts.append(f'(x{res["ratio_between_checkpoints"]:.2f} between '
+                 'checkpoints)')
   if 'e2e_img_s' in res:
     first, last = res['timed_steps']
     cost = res['checkpoint_s']
@@ -441,13 +471,13 @@ def main(argv=None):
   print('median over rounds:' if args.repeat > 1 else 'summary:')
   for (fw, prec), results in table.items():
     row = {'framework': fw, 'precision': prec}
-    for k in ('e2e_img_s', 'step_img_s', 'ratio'):
+    for k in SUMMARY:
       values = [x[k] for x in results if k in x]
       row[k] = statistics.median(values) if values else None
     summary.append(row)
     print(f'  {fw:>7} {prec:<5} ' + '  '.join(
         f'{k}=' + (f'{row[k]:.2f}' if row[k] is not None else 'failed')
-        for k in ('e2e_img_s', 'step_img_s', 'ratio')), flush=True)
+        for k in SUMMARY), flush=True)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'args': vars(args), 'cpu': cpu, 'image_size': size,

@@ -175,7 +175,8 @@ def main(argv=None):
     save()
 
   # Fine-tuning end to end, one backend at a time, at the settings of the
-  # throughput above: `ratio` is its images/s over the pure step's.
+  # throughput above: `ratio` is its images/s over the pure step's (and
+  # `ratio_between_checkpoints` that of its windows without a checkpoint).
   tuning = report['finetune'] = {}
   work = tempfile.mkdtemp(prefix='bit_gpu_check_')
   try:
@@ -198,11 +199,11 @@ def main(argv=None):
           skip=size['ft_skip'], weights=weights, env=env,
           timeout=left(size['finetune_s']), flags=flags)
       run.pop('run_dir', None)  # removed below
-      if 'e2e_img_s' in run and results[step].get('train_img_s'):
-        run['ratio'] = run['e2e_img_s'] / results[step]['train_img_s']
+      end_to_end.add_ratios(run, results[step].get('train_img_s'))
       tuning[name] = run
       print(f'  {name}: ' + json.dumps({k: run.get(k) for k in (
-          'e2e_img_s', 'ratio', 'compile_s', 'top1', 'error')}), flush=True)
+          'e2e_img_s', 'ratio', 'ratio_between_checkpoints', 'checkpoint_s',
+          'compile_s', 'top1', 'error')}), flush=True)
       save()
   finally:
     shutil.rmtree(work, ignore_errors=True)

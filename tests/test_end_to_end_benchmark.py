@@ -96,3 +96,27 @@ def test_windows_cover_every_step_once():
   assert end_to_end.windows(rows) == [
       {'steps': [1, 4], 'img_s': 5.0}, {'steps': [5, 6], 'img_s': 7.0},
       {'steps': [7, 8], 'img_s': 7.5}]
+
+
+def test_rates_with_and_between_checkpoints_from_a_run_folder(tmp_path):
+  """read_run on a hand-written run folder: 30 steps of batch 10 in windows
+  of 10; a checkpoint after step 20 slows the window 21-30."""
+  (tmp_path / 'config.json').write_text(json.dumps(
+      {'schedule': [10, 20, 30], 'resolution': [40, 32], 'mixup': 0.1,
+       'device': 'cpu'}))
+  (tmp_path / 'results.json').write_text(json.dumps({'top1': 0.5}))
+  rates = [50.0] * 10 + [100.0] * 10 + [20.0] * 10   # img/s per window
+  (tmp_path / 'metrics.jsonl').write_text(''.join(
+      json.dumps({'split': 'train', 'step': s, 'loss': 1.0,
+                  'images_per_sec': r}) + '\n'
+      for s, r in zip(range(1, 31), rates)))
+  out = end_to_end.read_run(str(tmp_path), 'jax', batch=10, skip=10,
+                            save_every=20)
+  # Timed: steps 11-30, 1 s (11-20) and 5 s (21-30, the checkpoint's).
+  assert out['timed_steps'] == [11, 30] and out['checkpoints_timed'] == 1
+  assert out['e2e_img_s'] == pytest.approx(200 / 6)
+  assert out['between_checkpoints_img_s'] == pytest.approx(100.0)
+  assert out['checkpoint_s'] == pytest.approx(4.0)
+  end_to_end.add_ratios(out, step_img_s=125.0)
+  assert out['ratio'] == pytest.approx(200 / 6 / 125)
+  assert out['ratio_between_checkpoints'] == pytest.approx(0.8)

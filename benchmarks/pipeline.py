@@ -24,7 +24,9 @@ in the compiled step); that work is the accelerator's, so it is not timed
 for them. TF2's batches are float images, mixed on the host.
 
 The crop is --resolution and the resize the HyperRule's for it, mixup is on
-(alpha 0.1). After --warmup untimed batches (the workers' start) it times
+(alpha 0.1). After --warmup untimed batches (the workers' start, and the
+batches they hold ready: PyTorch's DataLoader 2 per worker, grain's up to
+3; timed, those would count images made before the clock started) it times
 --batches batches in one stretch: images/s, images/s per worker (a worker
 is a process in PyTorch and JAX, a thread in TF2), and images/s per core:
 per second of CPU time that the process, its threads and its worker
@@ -159,8 +161,10 @@ def main(argv=None):
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--batches', type=int, default=20,
                       help='timed batches per measurement')
-  parser.add_argument('--warmup', type=int, default=4,
-                      help='untimed batches first')
+  parser.add_argument('--warmup', type=int, default=None,
+                      help='untimed batches first (default: 4 per worker and '
+                      '4 more, more than the workers hold ready, so that the '
+                      'timed batches are made while timed)')
   parser.add_argument('--resolution', type=int, default=224,
                       help='the training crop (--crop_size)')
   parser.add_argument('--image_size', default='375x500',
@@ -180,15 +184,17 @@ def main(argv=None):
   print(f'{args.classes} x {args.per_class} JPEG files of {size[0]}x'
         f'{size[1]}, {args.resolution} px crop, batch {args.batch}, mixup '
         f'{MIXUP_ALPHA:g}; {args.batches} batches timed after '
-        f'{args.warmup}.', flush=True)
+        f'{"4 per worker and 4" if args.warmup is None else args.warmup}.',
+        flush=True)
   results = []
   with tempfile.TemporaryDirectory(prefix='bit_pipeline_') as tmp:
     folder = make_folder(tmp, args.classes, args.per_class, size)
     for backend in backends:
       for w in workers:
+        warmup = 4 * w + 4 if args.warmup is None else args.warmup
         res = measure(backend, training_args(
-            folder, args.batch, args.resolution, w,
-            args.warmup + args.batches), args.batches, args.warmup)
+            folder, args.batch, args.resolution, w, warmup + args.batches),
+                      args.batches, warmup)
         results.append(res)
         print(f'{backend:>7} {w} worker(s): {res["img_s"]:7.1f} img/s, '
               f'{res["img_s_per_worker"]:6.1f} per worker, on '

@@ -17,7 +17,8 @@ ends.
 `fit` is the training loop: it asks the trainer for one step at a time
 (`train(step, lr)`, which returns that step's loss *on the device*), reads
 the losses back in bulk every LOG_EVERY steps (so an accelerator's queue
-never drains at a step), writes one metrics row per step, evaluates,
+never drains at a step; the first step alone is read back at once and its
+time logged: the compilation's), writes one metrics row per step, evaluates,
 checkpoints at evaluations, every --save_every steps, every SAVE_MINUTES of
 training and on SIGINT/SIGTERM, and stops at the first loss that is not a
 number, before any checkpoint could hold its weights.
@@ -336,7 +337,8 @@ class Run:
     progress = Progress(total, step, self.logger) if self.lead else None
     pending, result = [], None
     window = time.time()
-    last_save = window
+    last_save = started = window
+    first = True  # this process's first step: read back at once and timed
 
     def flush():
       nonlocal window
@@ -380,8 +382,13 @@ class Run:
             progress.update(step)
           at_eval = step == total or bool(eval_every and
                                           step % eval_every == 0)
-          if at_eval or step % LOG_EVERY == 0:
+          if at_eval or step % LOG_EVERY == 0 or first:
             flush()
+          if first:
+            first = False
+            self.logger.info(
+                f'the first step took {time.time() - started:.1f} s (its '
+                'compilation and first batch included)')
           if at_eval:
             result = self._evaluate(step, evaluate)
             window = time.time()

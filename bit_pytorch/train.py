@@ -21,7 +21,6 @@ runs one fine-tuning and returns the final evaluation.
 import itertools
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -131,24 +130,14 @@ def _train(args, rank, device):
                         batch_size=eval_batch)
     autocast = autocast_for(device, args.precision)
 
-    uncompiled = compiled  # until the first step has compiled the model
-
     def train(step, lr):
-      nonlocal uncompiled
       for g in opt.param_groups:
         g['lr'] = lr
       micro = mixed(((x, y) for x, y in itertools.islice(batches,
                                                          args.batch_split)),
                     sampler.layout, stream.lam(step), device, channels_last)
-      started = time.perf_counter()
-      loss = train_step(model, opt, scaler, micro, args.batch_split, autocast,
+      return train_step(model, opt, scaler, micro, args.batch_split, autocast,
                         F.cross_entropy)
-      if uncompiled:
-        float(loss)  # waits for the step
-        uncompiled = False
-        run.logger.info('torch.compile: the first step, compiling, took '
-                        f'{time.perf_counter() - started:.1f} s')
-      return loss
 
     result, step = run.fit(
         step, hyper.total, hyper.lr, train,

@@ -212,6 +212,7 @@ def main(argv=None):
       save()
   finally:
     shutil.rmtree(work, ignore_errors=True)
+
   # A training step's memory with the batch in micro-batches
   # (--batch_split): what one micro-batch needs, not the whole batch.
   memory = report['train_mem_bytes_by_batch_split'] = {}

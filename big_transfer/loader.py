@@ -112,13 +112,23 @@ def train_batches(source, num_classes, stream, resize, crop, start_step=0,
   rows, partner = stream.rows(process_index * local,
                               (process_index + 1) * local)
   scale = tuple(crop_scale) if crop_scale else None
+  made = {}  # step -> its draws, for the step whose rows are being made
+
+  def draws(step):
+    """(examples, augmentation seeds) of `step`, drawn once per step."""
+    got = made.get(step)
+    if got is None:
+      got = stream.indices(step), stream.aug_seeds(step)
+      made.clear()
+      made[step] = got
+    return got
 
   def example(k):
     """(view, label, step) of row k % len(rows) of step k // len(rows)."""
     step = start_step + k // len(rows)
     position = rows[k % len(rows)]
-    i = int(stream.indices(step)[position])
-    seed = int(stream.aug_seeds(step)[position])
+    indices, seeds = draws(step)
+    i, seed = int(indices[position]), int(seeds[position])
     image = source.load(i)
     view = (preprocess.inception_view(image, seed, crop, scale) if scale else
             preprocess.train_view(image, seed, resize, crop))

@@ -16,6 +16,9 @@ limit of SIZES (total_s), one JSON file holding
   resizes them), with mixup and periodic checkpoints, to its results; its
   images/s end to end (data, augmentation, mixup, checkpoints included)
   next to the pure training step's above;
+- each backend's input pipeline alone (benchmarks/pipeline.py, no model)
+  with the trainers' default workers on the same kind of files: the rate
+  the host can feed;
 - peak GPU memory of each backend's training step, also with the batch in
   4 and 16 micro-batches (--batch_split).
 
@@ -77,20 +80,23 @@ SIZES = {
     # mode: arch, resolution, batch, steps, warmup, --batch_split values
     # whose memory is measured, fine-tuning (classes, training images per
     # class, steps, untimed first steps, checkpoint interval, the JPEG
-    # files' height and width: on the GPU a photo's 375x500), time limits
-    # (s): each measurement, each fine-tuning, all.
+    # files' height and width: on the GPU a photo's 375x500), the input
+    # pipeline's timed batches, time limits (s): each measurement, each
+    # fine-tuning, all.
     # On the GPU the fine-tunings are long enough that the batches the
     # loader's workers made ready during the first steps (about 2 per
     # worker) are a small part of those timed.
     'gpu': dict(arch='R50x1', resolution=224, batch=128, steps=20, warmup=5,
                 splits=(4, 16), ft_classes=4, ft_per_class=64, ft_steps=600,
                 ft_skip=100, ft_save_every=300, ft_image=(375, 500),
-                measure_s=180, finetune_s=150, total_s=540),
+                pipeline_batches=100, measure_s=180, finetune_s=150,
+                total_s=540),
     # On the CPU the limits only stop a hung run: a shared CPU can be slow.
     'cpu': dict(arch='R14x0.5', resolution=32, batch=4, steps=1, warmup=1,
                 splits=(2,), ft_classes=2, ft_per_class=4, ft_steps=12,
-                ft_skip=4, ft_save_every=4, ft_image=(40, 50), measure_s=600,
-                finetune_s=600, total_s=1500),
+                ft_skip=4, ft_save_every=4, ft_image=(40, 50),
+                pipeline_batches=2, measure_s=600, finetune_s=600,
+                total_s=1500),
 }
 
 
@@ -213,6 +219,15 @@ def main(argv=None):
   finally:
     shutil.rmtree(work, ignore_errors=True)
 
+  # The input pipeline alone, no model, with the trainers' default workers:
+  # what the host can feed, next to each fine-tuning's rate above.
+  print('the input pipeline alone ...', flush=True)
+  report['pipeline'] = _pipeline(
+      [b for b in backends if not (missing[b] or _missing(TRAINER_NEEDS[b]))],
+      size, env, timeout=left(size['measure_s']))
+  print(f'  {json.dumps(report["pipeline"])}', flush=True)
+  save()
+
   # A training step's memory with the batch in micro-batches
   # (--batch_split): what one micro-batch needs, not the whole batch.
   memory = report['train_mem_bytes_by_batch_split'] = {}
@@ -233,6 +248,38 @@ def main(argv=None):
   save()
   print(f'wrote {args.out} in {report["wall_s"]:.0f} s', flush=True)
   return report
+
+
+def _pipeline(backends, size, env, timeout):
+  """{backend: images/s, cores of CPU time, images/s per core} of
+  `backends`' training input pipelines alone (benchmarks.pipeline: decode,
+  HyperRule resize, crop, flip, mixup; no model), at the fine-tunings'
+  image size, crop and batch, with the trainers' default --workers, in a
+  fresh process; or {'error': why}."""
+  if not backends:
+    return {'skipped': 'no backend installed with its input pipeline'}
+  with tempfile.TemporaryDirectory(prefix='bit_gpu_check_pipeline_') as tmp:
+    out = os.path.join(tmp, 'pipeline.json')
+    workers = hardware.default_workers()
+    command = [sys.executable, '-m', 'benchmarks.pipeline', '--backends',
+               ','.join(backends), '--workers', str(workers), '--batch',
+               str(size['batch']), '--batches', str(size['pipeline_batches']),
+               '--resolution', str(size['resolution']), '--image_size',
+               '{}x{}'.format(*size['ft_image']), '--out', out]
+    try:
+      proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                            check=False, timeout=timeout,
+                            env=dict(os.environ, **env))
+    except subprocess.TimeoutExpired:
+      return {'error': f'did not finish in {timeout:.0f} s'}
+    if proc.returncode:
+      tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['?']
+      return {'error': f'exit status {proc.returncode}: {tail[0]}'}
+    with open(out) as f:
+      results = json.load(f)['results']
+  return {r['backend']: {k: r[k] for k in ('workers', 'img_s', 'cpu_cores',
+                                           'img_s_per_core', 'batches',
+                                           'warmup')} for r in results}
 
 
 def _missing(modules):

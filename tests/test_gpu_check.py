@@ -50,6 +50,15 @@ def test_cpu_mode_writes_every_figure(tmp_path):
     assert run['checkpoints_timed'] >= 1 and run['mixup'] > 0
     resize, crop_size = run['resolution']
     assert crop_size == crop < resize and min(run['image_size']) > crop
+    # Every trainer logs its first step's time, which the check reads.
+    assert run['first_step_s'] > 0, (name, run)
+
+  # The input pipeline alone, with the trainers' default workers.
+  for name in ('pytorch', 'jax', 'tf2'):
+    host = report['pipeline'][name]
+    assert host['img_s'] > 0 and host['img_s_per_core'] > 0, (name, host)
+    assert host['batches'] == size['pipeline_batches'], (name, host)
+    assert host['workers'] >= 1
 
 
 def test_missing_modules_and_gpu_peaks_are_found():

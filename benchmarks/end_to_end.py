@@ -152,9 +152,8 @@ def measure_end_to_end(framework, arch, resolution, batch, precision, steps,
   left in the run folder, newest two), resolution [resize, crop], mixup,
   image_size, device, compiled (whether PyTorch's trainer ran
   torch.compile; None for the others), top1, first_loss and last_loss
-  (training), run_dir,
-  command, and first_step_s (the first step's time as the trainer logs it:
-  its compilation and first batch)}.
+  (training), run_dir, command, and first_step_s (the first step's time as
+  the trainer logs it: its compilation and first batch)}.
   """
   save_every = save_every or max(1, steps // 3)
   if steps <= skip:

@@ -192,9 +192,9 @@ def main(argv=None):
     for backend in backends:
       for w in workers:
         warmup = 4 * w + 4 if args.warmup is None else args.warmup
-        res = measure(backend, training_args(
-            folder, args.batch, args.resolution, w, warmup + args.batches),
-                      args.batches, warmup)
+        flags = training_args(folder, args.batch, args.resolution, w,
+                              warmup + args.batches)
+        res = measure(backend, flags, args.batches, warmup)
         results.append(res)
         print(f'{backend:>7} {w} worker(s): {res["img_s"]:7.1f} img/s, '
               f'{res["img_s_per_worker"]:6.1f} per worker, on '

@@ -42,7 +42,8 @@ import tempfile
 import time
 
 from benchmarks import end_to_end
-from benchmarks.measure import REPO, measure_in_subprocess
+from benchmarks.measure import (REPO, measure_in_subprocess,
+                                run_in_subprocess)
 from big_transfer import hardware
 
 BACKENDS = ('pytorch', 'jax', 'tf2')
@@ -258,25 +259,16 @@ def _pipeline(backends, size, env, timeout):
   fresh process; or {'error': why}."""
   if not backends:
     return {'skipped': 'no backend installed with its input pipeline'}
-  with tempfile.TemporaryDirectory(prefix='bit_gpu_check_pipeline_') as tmp:
-    out = os.path.join(tmp, 'pipeline.json')
-    workers = hardware.default_workers()
-    command = [sys.executable, '-m', 'benchmarks.pipeline', '--backends',
-               ','.join(backends), '--workers', str(workers), '--batch',
-               str(size['batch']), '--batches', str(size['pipeline_batches']),
-               '--resolution', str(size['resolution']), '--image_size',
-               '{}x{}'.format(*size['ft_image']), '--out', out]
-    try:
-      proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                            check=False, timeout=timeout,
-                            env=dict(os.environ, **env))
-    except subprocess.TimeoutExpired:
-      return {'error': f'did not finish in {timeout:.0f} s'}
-    if proc.returncode:
-      tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['?']
-      return {'error': f'exit status {proc.returncode}: {tail[0]}'}
-    with open(out) as f:
-      results = json.load(f)['results']
+  argv = ['--backends', ','.join(backends),
+          '--workers', str(hardware.default_workers()),
+          '--batch', str(size['batch']),
+          '--batches', str(size['pipeline_batches']),
+          '--resolution', str(size['resolution']),
+          '--image_size', '{}x{}'.format(*size['ft_image'])]
+  results = run_in_subprocess('pipeline', 'main', (argv,), timeout=timeout,
+                              env=env)
+  if isinstance(results, dict):  # {'error': why}
+    return results
   return {r['backend']: {k: r[k] for k in ('workers', 'img_s', 'cpu_cores',
                                            'img_s_per_core', 'batches',
                                            'warmup')} for r in results}

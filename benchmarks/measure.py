@@ -45,11 +45,21 @@ def call_in_subprocess(framework, function, args, options=None, timeout=None,
   """bench_<framework>.<function>(*args, **options), whose arguments and
   result are JSON values, run in a fresh Python as measure_in_subprocess
   runs it."""
+  return run_in_subprocess(FRAMEWORKS[framework], function, args, options,
+                           timeout=timeout, env=env)
+
+
+def run_in_subprocess(module, function, args, options=None, timeout=None,
+                      env=None):
+  """benchmarks.<module>.<function>(*args, **options), whose arguments and
+  result are JSON values, in a fresh Python (environment `env` added to
+  this one's, at most `timeout` seconds); returns its result, or {'error':
+  the last line of its output}."""
   code = ('import json; from benchmarks import {module} as m; '
           'print("RESULT " + json.dumps(m.{function}(*{args!r}, '
           '**{options!r})))'
-          ).format(module=FRAMEWORKS[framework], function=function,
-                   args=tuple(args), options=options or {})
+          ).format(module=module, function=function, args=tuple(args),
+                   options=options or {})
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', **(env or {}))
   try:
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True,

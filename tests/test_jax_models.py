@@ -29,8 +29,9 @@ def test_logits_equal_pytorch(arch):
 
 def test_gradients_equal_pytorch():
   """Every parameter's gradient, including GroupNorm's gamma and beta (a
-  custom gradient on CPUs) and the standardised kernels (their statistics
-  summed as matrix products on CPUs), equals PyTorch autograd's."""
+  custom gradient on CPUs), the standardised kernels (their statistics
+  summed as matrix products on CPUs) and the 1x1 ones (matrix products on
+  CPUs, the projections' strided), equals PyTorch autograd's."""
   torch = pytest.importorskip('torch')
   import jax
   from bit_pytorch import models as torch_models
@@ -53,6 +54,27 @@ def test_gradients_equal_pytorch():
   for k, g in expected.items():
     np.testing.assert_allclose(grads[k], g, rtol=1e-3,
                                atol=1e-4 * np.abs(g).max(), err_msg=k)
+
+
+def test_pointwise_conv_is_the_convolution_with_its_gradients():
+  """models.pointwise_conv's value, alone and differentiated (products
+  then), and both its gradients equal XLA's convolution and its autodiff."""
+  import jax
+  rng = np.random.default_rng(4)
+  x, dy = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+           for s in ((2, 5, 6, 8), (2, 5, 6, 3)))
+  kernel = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
+
+  def conv(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel[None, None], (1, 1), 'VALID',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  expected, back = jax.vjp(conv, x, kernel)
+  value, mine = jax.vjp(jax.jit(models.pointwise_conv), x, kernel)
+  for got, want in [(models.pointwise_conv(x, kernel), expected),
+                    (value, expected), *zip(mine(dy), back(dy))]:
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_export_import_round_trip_is_exact(tmp_path):

@@ -11,13 +11,11 @@ from benchmarks.timing import images_per_sec, median_seconds
 from bit_jax import engine, models, train
 
 
-def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
-            evaluate=True):
-  """{train_img_s, train_mem_bytes, eval_img_s, ...}; train_mem_bytes: the
-  compiled training step's memory as XLA plans it (arguments, outputs not
-  aliased to them, temporaries), on any platform. (The accelerator
-  allocator's peak cannot be reset in JAX and holds the autotuning's
-  scratch; the CPU's resident memory holds the compiler's.)"""
+def compiled_steps(arch, resolution, batch, precision, batch_split=1):
+  """bit_jax.train's steps on random data, as the benchmarks run them:
+  {'train': the compiled training step, 'state': (params, optimizer
+  state), 'data', 'lr': its other arguments, 'eval': the evaluation step,
+  'eval_args': its arguments but the parameters}."""
   if precision not in train.DTYPES:
     raise ValueError(f'bit_jax does not support {precision}')
   model, params = models.create(arch, head_size=1000,
@@ -37,12 +35,24 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
   mask = jax.device_put(np.ones(batch, bool), sharded)
   lr = jnp.float32(0.003)
   data = {'image': x, 'label': y}
+  return {'train': train_step.lower(*state, data, lr).compile(),
+          'state': state, 'data': data, 'lr': lr, 'eval': eval_step,
+          'eval_args': (x, y_int, mask)}
 
-  train_step = train_step.lower(*state, data, lr).compile()
+
+def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
+            evaluate=True):
+  """{train_img_s, train_mem_bytes, eval_img_s, ...}; train_mem_bytes: the
+  compiled training step's memory as XLA plans it (arguments, outputs not
+  aliased to them, temporaries), on any platform. (The accelerator
+  allocator's peak cannot be reset in JAX and holds the autotuning's
+  scratch; the CPU's resident memory holds the compiler's.)"""
+  made = compiled_steps(arch, resolution, batch, precision, batch_split)
+  train_step, state = made['train'], made['state']
 
   def step():
     nonlocal state
-    params, opt_state, loss = train_step(*state, data, lr)
+    params, opt_state, loss = train_step(*state, made['data'], made['lr'])
     state = (params, opt_state)
     loss.block_until_ready()
 
@@ -55,7 +65,7 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
                              plan.temp_size_in_bytes)}
   if evaluate:
     out['eval_img_s'] = images_per_sec(
-        lambda: eval_step(state[0], x, y_int, mask).block_until_ready(),
+        lambda: made['eval'](state[0], *made['eval_args']).block_until_ready(),
         batch, steps, warmup)
   return dict(out, device=device.platform, devices=jax.device_count(),
               jax=jax.__version__, kernels=f'XLA ({device.platform})')

@@ -53,6 +53,8 @@ from big_transfer import datasets, hardware, harness
 # torch, as it must be in one process).
 BACKENDS = ('pytorch', 'jax', 'tf2')
 TARGET_IMG_S = 5000
+# Untimed batches by default: this many per worker, and this many more.
+WARMUP_PER_WORKER = 4
 
 
 def training_args(folder, batch, resolution, workers, steps):
@@ -162,8 +164,9 @@ def main(argv=None):
   parser.add_argument('--batches', type=int, default=20,
                       help='timed batches per measurement')
   parser.add_argument('--warmup', type=int, default=None,
-                      help='untimed batches first (default: 4 per worker and '
-                      '4 more, more than the workers hold ready, so that the '
+                      help='untimed batches first (default: '
+                      f'{WARMUP_PER_WORKER} per worker and {WARMUP_PER_WORKER} '
+                      'more, more than the workers hold ready, so that the '
                       'timed batches are made while timed)')
   parser.add_argument('--resolution', type=int, default=224,
                       help='the training crop (--crop_size)')
@@ -181,17 +184,19 @@ def main(argv=None):
   cpu = hardware.cpu_description()
   print(f'CPU: {cpu["model"]} ({cpu["machine"]}, {os.cpu_count()} cores '
         'visible)')
+  warmup = (f'{WARMUP_PER_WORKER} per worker and {WARMUP_PER_WORKER}'
+            if args.warmup is None else args.warmup)
   print(f'{args.classes} x {args.per_class} JPEG files of {size[0]}x'
         f'{size[1]}, {args.resolution} px crop, batch {args.batch}, mixup '
-        f'{MIXUP_ALPHA:g}; {args.batches} batches timed after '
-        f'{"4 per worker and 4" if args.warmup is None else args.warmup}.',
+        f'{MIXUP_ALPHA:g}; {args.batches} batches timed after {warmup}.',
         flush=True)
   results = []
   with tempfile.TemporaryDirectory(prefix='bit_pipeline_') as tmp:
     folder = make_folder(tmp, args.classes, args.per_class, size)
     for backend in backends:
       for w in workers:
-        warmup = 4 * w + 4 if args.warmup is None else args.warmup
+        warmup = (WARMUP_PER_WORKER * (w + 1) if args.warmup is None else
+                  args.warmup)
         flags = training_args(folder, args.batch, args.resolution, w,
                               warmup + args.batches)
         res = measure(backend, flags, args.batches, warmup)

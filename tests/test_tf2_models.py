@@ -327,3 +327,28 @@ def test_stem_max_pool_gradient_goes_to_the_first_maximum(size):
       y = models.max_pool_3x3_s2(xt)
     return tape.gradient(y, xt, dy)
   np.testing.assert_array_equal(compiled(xt), want)
+
+
+@pytest.mark.parametrize('strides', [1, 2])
+def test_bf16_pointwise_conv_is_the_convolution_with_its_gradients(strides):
+  """In bf16 on the CPU a 1x1 kernel is a matrix product
+  (models.padded_conv); its value and both gradients equal TF's bf16
+  convolution's, to bf16's rounding."""
+  import tensorflow as tf
+  rng = np.random.default_rng(5)
+  x = tf.constant(rng.standard_normal((2, 7, 6, 16)), tf.bfloat16)
+  w = tf.constant(rng.standard_normal((1, 1, 16, 8)), tf.bfloat16)
+  out = (2, -(-7 // strides), -(-6 // strides), 8)
+  dy = tf.constant(rng.standard_normal(out), tf.bfloat16)
+  results = []
+  for conv in (lambda x, w: models.padded_conv(x, w, strides, 0),
+               lambda x, w: tf.nn.conv2d(x, w, strides, 'VALID')):
+    with tf.GradientTape() as tape:
+      tape.watch([x, w])
+      y = conv(x, w)
+    results.append([y, *tape.gradient(y, [x, w], output_gradients=dy)])
+  for got, want in zip(*results):
+    assert got.shape == want.shape and got.dtype == tf.bfloat16
+    got, want = (np.asarray(tf.cast(t, tf.float32)) for t in (got, want))
+    np.testing.assert_allclose(got, want, rtol=0.02,
+                               atol=0.02 * np.abs(want).max())

@@ -49,7 +49,7 @@ def padded_conv(x, w, strides, p):
   kernel is a matrix product: oneDNN's bf16 products train it faster than
   its NHWC convolution, whose kernel gradient is slow (in fp32 they
   measured no faster)."""
-  if (w.shape[0] == 1 and x.dtype == tf.bfloat16 and
+  if (w.shape[0] == 1 and not p and x.dtype == tf.bfloat16 and
       not tf.config.list_logical_devices('GPU')):
     x = x[:, ::strides, ::strides]
     shape = tf.shape(x)

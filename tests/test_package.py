@@ -3,6 +3,7 @@ shipped file, and each backend's command runs from the installed files,
 outside the checkout, with the other two frameworks hidden (as when only
 that backend's extra is installed)."""
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -20,15 +21,23 @@ FRAMEWORKS = {'pytorch': 'torch', 'tf2': 'tensorflow', 'jax': 'jax'}
 def installed(tmp_path_factory):
   """(folder the wheel was installed into, the wheel's file names)."""
   work = tmp_path_factory.mktemp('package')
-  subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps',
-                  '--no-build-isolation', '-q', '-w', str(work / 'dist'),
-                  REPO], check=True, capture_output=True, timeout=300,
-                 cwd=work)
+
+  def pip(*args):
+    done = subprocess.run([sys.executable, '-m', 'pip', '-q', *args],
+                          capture_output=True, text=True, timeout=300,
+                          cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+  # Built from a copy: the build writes build/ and *.egg-info beside its
+  # sources, and the checkout is in use by the other worker's runs.
+  source = shutil.copytree(REPO, work / 'source',
+                           ignore=shutil.ignore_patterns(
+                               '.*', 'build', '*.egg-info', '__pycache__'))
+  pip('wheel', '--no-deps', '--no-build-isolation', '-w', str(work / 'dist'),
+      str(source))
   wheel, = (work / 'dist').glob('big_transfer-*.whl')
   target = work / 'site'
-  subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q',
-                  '--target', str(target), str(wheel)], check=True,
-                 capture_output=True, timeout=300, cwd=work)
+  pip('install', '--no-deps', '--target', str(target), str(wheel))
   with zipfile.ZipFile(wheel) as z:
     names = z.namelist()
   return target, names

@@ -80,11 +80,14 @@ class SGD(keras.optimizers.Optimizer):
     self.momentums = self.add_optimizer_variables(variables, 'momentum')
 
   def update_step(self, gradient, variable, learning_rate):
+    """TF's fused momentum op, which computes this rule: one pass over
+    each variable instead of five ops."""
     m = self.momentums[self._get_variable_index(variable)]
-    gradient = ops.cast(gradient, variable.dtype)
-    self.assign(m, ops.add(ops.multiply(m, self.momentum), gradient))
-    self.assign_sub(variable, ops.multiply(
-        m, ops.cast(learning_rate, variable.dtype)))
+    tf.raw_ops.ResourceApplyMomentum(
+        var=variable.handle, accum=m.value.handle,
+        lr=tf.cast(learning_rate, variable.dtype),
+        grad=tf.cast(gradient, variable.dtype),
+        momentum=tf.cast(self.momentum, variable.dtype))
 
 
 def make_optimizer(precision):

@@ -29,7 +29,6 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import ops
 
 from big_transfer import errors, flags, harness, runfiles, zoo
 import bit_common

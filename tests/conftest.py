@@ -86,6 +86,23 @@ def synthetic_weights(arch='R14x0.5', head_size=10, seed=0):
   return weights
 
 
+def tied_max_pool_case(size):
+  """(x, dy, want) for the stem's 3x3 max pool of stride 2: x of few
+  distinct values, so that many windows hold ties; want: the gradient
+  computed by hand, each window's dy added at its first maximum in
+  row-major order (PyTorch's rule)."""
+  rng = np.random.default_rng(size)
+  x = rng.integers(0, 3, (2, size, size + 1, 3)).astype(np.float32)
+  dy = rng.normal(size=(2, (size - 3) // 2 + 1, (size - 2) // 2 + 1, 3))
+  dy = dy.astype(np.float32)
+  want = np.zeros_like(x)
+  for n, a, b, c in np.ndindex(*dy.shape):
+    window = x[n, 2 * a:2 * a + 3, 2 * b:2 * b + 3, c]
+    i, j = np.unravel_index(np.argmax(window), (3, 3))  # the first maximum
+    want[n, 2 * a + i, 2 * b + j, c] += dy[n, a, b, c]
+  return x, dy, want
+
+
 @pytest.fixture
 def make_npz(tmp_path):
   """make_npz(arch, head_size, seed, name) -> path of a synthetic .npz."""

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from big_transfer import errors, predict, zoo
-from conftest import synthetic_weights
+from conftest import synthetic_weights, tied_max_pool_case
 
 jnp = pytest.importorskip('jax.numpy')
 from bit_jax import models  # noqa: E402
@@ -75,6 +75,23 @@ def test_pointwise_conv_is_the_convolution_with_its_gradients():
                     (value, expected), *zip(mine(dy), back(dy))]:
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('size', [7, 8])
+def test_stem_max_pool_gradient_goes_to_the_first_maximum(size):
+  """models.max_pool_3x3_s2 (the stem's pool on CPUs): Flax's max pool, and
+  a gradient equal to one computed by hand, ties included, alone and
+  compiled with the step's jit."""
+  import flax.linen as nn
+  import jax
+  x, dy, want = tied_max_pool_case(size)
+  y, back = jax.vjp(models.max_pool_3x3_s2, jnp.asarray(x))
+  np.testing.assert_array_equal(
+      y, nn.max_pool(jnp.asarray(x), (3, 3), strides=(2, 2)))
+  compiled = jax.jit(lambda x, dy: jax.vjp(models.max_pool_3x3_s2, x)[1](dy))
+  for grad, in (back(jnp.asarray(dy)), compiled(x, dy)):
+    # Up to four windows add into one pixel, in another order than by hand.
+    np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-6)
 
 
 def test_export_import_round_trip_is_exact(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from big_transfer import errors, predict, zoo
 from bit_pytorch import models as torch_models
 from bit_tf2 import models
-from conftest import synthetic_weights
+from conftest import synthetic_weights, tied_max_pool_case
 
 
 def write_keras2_h5(path, weights, numbered=True):
@@ -304,16 +304,7 @@ def test_stem_max_pool_gradient_goes_to_the_first_maximum(size):
   both through TF's own gradient and through the element-wise one that
   XLA compiles."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(size)
-  # Few distinct values: many windows hold ties.
-  x = rng.integers(0, 3, (2, size, size + 1, 3)).astype(np.float32)
-  dy = rng.normal(size=(2, (size - 3) // 2 + 1, (size - 2) // 2 + 1, 3))
-  dy = dy.astype(np.float32)
-  want = np.zeros_like(x)
-  for n, a, b, c in np.ndindex(*dy.shape):
-    window = x[n, 2 * a:2 * a + 3, 2 * b:2 * b + 3, c]
-    i, j = np.unravel_index(np.argmax(window), (3, 3))  # the first maximum
-    want[n, 2 * a + i, 2 * b + j, c] += dy[n, a, b, c]
+  x, dy, want = tied_max_pool_case(size)
   xt = tf.constant(x)
   with tf.GradientTape() as tape:
     tape.watch(xt)

@@ -88,7 +88,7 @@ pointwise_conv.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 class GroupNorm(nn.Module):
   """GroupNorm with 32 groups and the published parameter names
-  (gamma, beta); statistics in float32."""
+  (gamma, beta); statistics in float32. On CPUs `group_norm_cpu`."""
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -96,43 +96,75 @@ class GroupNorm(nn.Module):
     c = x.shape[-1]
     gamma = self.param('gamma', nn.initializers.ones, (c,))
     beta = self.param('beta', nn.initializers.zeros, (c,))
-    g = x.astype(jnp.float32).reshape(*x.shape[:-1], GN_GROUPS, c // GN_GROUPS)
+    x = x.astype(jnp.float32)
+    if jax.default_backend() == 'cpu':
+      return group_norm_cpu(x, gamma, beta).astype(self.dtype)
+    g = x.reshape(*x.shape[:-1], GN_GROUPS, c // GN_GROUPS)
     axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
     mean = jnp.mean(g, axis=axes, keepdims=True)
     var = jnp.var(g, axis=axes, keepdims=True)
     g = (g - mean) / jnp.sqrt(var + GN_EPS)
-    return _affine(g.reshape(x.shape), gamma, beta).astype(self.dtype)
+    return (g.reshape(x.shape) * gamma + beta).astype(self.dtype)
 
 
 def column_sums(x):
   """Sums over the first axis of a 2-D array. On CPUs as a product with a
   row of ones: XLA's CPU code sums over a leading axis slowly, its matrix
-  library does not (docs/performance.md measures it, with `_affine`)."""
+  library does not (docs/performance.md measures it)."""
   if jax.default_backend() != 'cpu':
     return x.sum(0)
   ones = jnp.ones((1, x.shape[0]), x.dtype)
   return jnp.matmul(ones, x, precision=jax.lax.Precision.HIGHEST)[0]
 
 
+def _pixel_sums(x):
+  """(N, P, C) -> (N, C): each example's sums over its P pixels."""
+  return jax.vmap(column_sums)(x)
+
+
+def _group_means(sums, count):
+  """(N, C) sums over the pixels -> (N, 1, C): each channel's group mean,
+  `count` values to a group."""
+  n, c = sums.shape
+  groups = sums.reshape(n, GN_GROUPS, -1).sum(2, keepdims=True) / count
+  return jnp.broadcast_to(groups, (n, GN_GROUPS, c // GN_GROUPS)).reshape(
+      n, 1, c)
+
+
 @jax.custom_vjp
-def _affine(x, gamma, beta):
-  """x * gamma + beta per channel, the gradients of gamma and beta summed
-  by `column_sums`."""
-  return x * gamma + beta
+def group_norm_cpu(x, gamma, beta):
+  """GroupNorm of float32 NHWC `x` with its gradient written out, for CPUs:
+  every sum over the pixels (statistics, gamma's and beta's gradients, the
+  gradient's group means) is a product with ones (`column_sums`), where
+  XLA's CPU code would reduce slowly. One layer trains 1.3 to 2x faster
+  than XLA's own (docs/performance.md)."""
+  return _group_norm_fwd(x, gamma, beta)[0]
 
 
-def _affine_fwd(x, gamma, beta):
-  return x * gamma + beta, (x, gamma)
+def _group_norm_fwd(x, gamma, beta):
+  n, c = x.shape[0], x.shape[-1]
+  flat = x.reshape(n, -1, c)
+  count = flat.shape[1] * (c // GN_GROUPS)
+  centred = flat - _group_means(_pixel_sums(flat), count)
+  rstd = jax.lax.rsqrt(
+      _group_means(_pixel_sums(centred * centred), count) + GN_EPS)
+  normal = centred * rstd
+  return ((normal * gamma + beta).reshape(x.shape),
+          (normal.reshape(x.shape), rstd, gamma))
 
 
-def _affine_bwd(res, dy):
-  x, gamma = res
-  c = x.shape[-1]
-  return (dy * gamma, column_sums((dy * x).reshape(-1, c)),
-          column_sums(dy.reshape(-1, c)))
+def _group_norm_bwd(res, dy):
+  normal, rstd, gamma = res
+  n, c = dy.shape[0], dy.shape[-1]
+  flat, dy = normal.reshape(n, -1, c), dy.reshape(n, -1, c)
+  count = flat.shape[1] * (c // GN_GROUPS)
+  dgamma, dbeta = _pixel_sums(dy * flat), _pixel_sums(dy)
+  dx = rstd * (dy * gamma - _group_means(dbeta * gamma, count) -
+               flat * _group_means(dgamma * gamma, count))
+  return dx.reshape(normal.shape), dgamma.sum(0), dbeta.sum(0)
 
 
-_affine.defvjp(_affine_fwd, _affine_bwd)
+group_norm_cpu.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 class Proj(nn.Module):

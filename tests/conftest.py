@@ -113,6 +113,33 @@ def make_npz(tmp_path):
   return make
 
 
+def group_norm_inputs(shape, seed=7):
+  """(x, dy, gamma, beta) in float32 for a GroupNorm test; x has a large
+  mean beside a small spread, where a one-pass variance would fail."""
+  rng = np.random.default_rng(seed)
+  return ((rng.standard_normal(shape) * 0.5 + 4).astype(np.float32),
+          rng.standard_normal(shape).astype(np.float32),
+          (1 + 0.2 * rng.standard_normal(shape[-1])).astype(np.float32),
+          (0.2 * rng.standard_normal(shape[-1])).astype(np.float32))
+
+
+def group_norm_and_gradients(x, dy, gamma, beta, groups=32, eps=1e-5):
+  """[y, dx, dgamma, dbeta] of GroupNorm over NHWC `x` with output
+  gradient `dy`, in float64 from the closed form (no autodiff)."""
+  n, c = x.shape[0], x.shape[-1]
+  g = x.astype(np.float64).reshape(n, -1, groups, c // groups)
+  rstd = 1 / np.sqrt(g.var((1, 3), keepdims=True) + eps)
+  normal = (g - g.mean((1, 3), keepdims=True)) * rstd
+  scale = gamma.reshape(groups, -1)
+  dyg = dy.astype(np.float64).reshape(g.shape) * scale
+  dx = rstd * (dyg - dyg.mean((1, 3), keepdims=True) -
+               normal * (dyg * normal).mean((1, 3), keepdims=True))
+  dyn = dy.astype(np.float64).reshape(g.shape)
+  return [(normal * scale + beta.reshape(groups, -1)).reshape(x.shape),
+          dx.reshape(x.shape), (dyn * normal).sum((0, 1)).reshape(c),
+          dyn.sum((0, 1)).reshape(c)]
+
+
 def write_imagefolder(root, classes=('cat', 'dog', 'owl'), train=8, val=4,
                       size=(40, 48), seed=0, split_names=('train', 'val')):
   """A folder root/{train,val}/<class>/*.png whose classes are learnable:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from big_transfer import errors, predict, zoo
-from conftest import synthetic_weights, tied_max_pool_case
+from conftest import (group_norm_and_gradients, group_norm_inputs,
+                      synthetic_weights, tied_max_pool_case)
 
 jnp = pytest.importorskip('jax.numpy')
 from bit_jax import models  # noqa: E402
@@ -92,6 +93,26 @@ def test_stem_max_pool_gradient_goes_to_the_first_maximum(size):
   for grad, in (back(jnp.asarray(dy)), compiled(x, dy)):
     # Up to four windows add into one pixel, in another order than by hand.
     np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape', [(2, 5, 3, 64), (3, 4, 4, 128)])
+def test_cpu_group_norm_and_its_gradients_equal_the_formula(shape):
+  """models.group_norm_cpu (sums over the pixels as products with ones, its
+  gradient written out), alone and under jit, and the GroupNorm module on
+  this CPU, against GroupNorm and its closed-form gradients in float64
+  (conftest.group_norm_and_gradients)."""
+  import jax
+  x, dy, gamma, beta = group_norm_inputs(shape)
+  want = group_norm_and_gradients(x, dy, gamma, beta)
+  module = models.GroupNorm()
+
+  def apply(x, gamma, beta):
+    return module.apply({'params': {'gamma': gamma, 'beta': beta}}, x)
+  for fn in (models.group_norm_cpu, jax.jit(models.group_norm_cpu), apply):
+    y, back = jax.vjp(fn, *(jnp.asarray(a) for a in (x, gamma, beta)))
+    for got, w in zip([y, *back(jnp.asarray(dy))], want):
+      np.testing.assert_allclose(np.asarray(got), w, rtol=1e-4,
+                                 atol=1e-4 * np.abs(w).max())
 
 
 def test_export_import_round_trip_is_exact(tmp_path):

@@ -8,7 +8,8 @@ import torch
 from big_transfer import errors, predict, zoo
 from bit_pytorch import models as torch_models
 from bit_tf2 import models
-from conftest import synthetic_weights, tied_max_pool_case
+from conftest import (group_norm_and_gradients, group_norm_inputs,
+                      synthetic_weights, tied_max_pool_case)
 
 
 def write_keras2_h5(path, weights, numbered=True):
@@ -349,29 +350,10 @@ def test_bf16_pointwise_conv_is_the_convolution_with_its_gradients(strides):
 def test_cpu_group_norm_and_its_gradients_equal_the_formula(shape):
   """models.group_norm_cpu (sums over the pixels as products with ones, its
   gradient written out), eager and compiled by XLA, against GroupNorm and
-  its gradients computed by hand in float64 (autodiff of the textbook
-  formula is not involved: the gradient is the closed form)."""
+  its closed-form gradients in float64 (conftest.group_norm_and_gradients)."""
   import tensorflow as tf
-  rng = np.random.default_rng(7)
-  # A large mean beside a small spread: a one-pass variance would fail.
-  x = (rng.standard_normal(shape) * 0.5 + 4).astype(np.float32)
-  dy = rng.standard_normal(shape).astype(np.float32)
-  gamma = (1 + 0.2 * rng.standard_normal(shape[-1])).astype(np.float32)
-  beta = (0.2 * rng.standard_normal(shape[-1])).astype(np.float32)
-  n, c = shape[0], shape[-1]
-  groups = x.astype(np.float64).reshape(n, -1, models.GN_GROUPS,
-                                        c // models.GN_GROUPS)
-  mean = groups.mean((1, 3), keepdims=True)
-  rstd = 1 / np.sqrt(groups.var((1, 3), keepdims=True) + models.GN_EPS)
-  normal = (groups - mean) * rstd
-  g = gamma.reshape(models.GN_GROUPS, -1)
-  want_y = (normal * g + beta.reshape(models.GN_GROUPS, -1)).reshape(shape)
-  dyg = dy.astype(np.float64).reshape(groups.shape)
-  want_dx = (rstd * (dyg * g - (dyg * g).mean((1, 3), keepdims=True) -
-                     normal * (dyg * g * normal).mean((1, 3), keepdims=True))
-            ).reshape(shape)
-  want = [want_y, want_dx, (dyg * normal).sum((0, 1)).reshape(c),
-          dyg.sum((0, 1)).reshape(c)]
+  x, dy, gamma, beta = group_norm_inputs(shape)
+  want = group_norm_and_gradients(x, dy, gamma, beta)
 
   def value_and_grads(x, gamma, beta):
     with tf.GradientTape() as tape:
@@ -381,6 +363,6 @@ def test_cpu_group_norm_and_its_gradients_equal_the_formula(shape):
 
   for fn in (value_and_grads, tf.function(value_and_grads, jit_compile=True)):
     got = fn(*(tf.constant(a) for a in (x, gamma, beta)))
-    for g_, w_ in zip(got, want):
-      np.testing.assert_allclose(np.asarray(g_), w_, rtol=1e-4,
-                                 atol=1e-4 * np.abs(w_).max())
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4,
+                                 atol=1e-4 * np.abs(w).max())

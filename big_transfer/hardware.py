@@ -9,6 +9,9 @@ that were the default before.
 bf16 on an x86 CPU is fast only with the AVX512_BF16 or AMX-BF16
 instructions; without them every framework emulates it, far slower than
 fp32 (on an AVX2-only EPYC, one bf16 benchmark measurement took minutes).
+With them, XLA's CPU backend (JAX) still has no bf16 convolution or matrix
+product: it converts their operands to f32 and computes in f32, so JAX's
+bf16 trains no faster than its fp32 on any CPU (docs/performance.md).
 
 A framework installed without its CUDA build (JAX's and TensorFlow's
 default wheels) trains on the CPU of a GPU machine without a word; the
@@ -23,6 +26,10 @@ BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
 BF16_EMULATED_WARNING = (
     'bf16 is emulated on this CPU (no AVX512_BF16 or AMX-BF16 instructions) '
     'and runs slower than fp32 here; prefer --precision fp32 on this machine.')
+XLA_CPU_BF16_WARNING = (
+    "bf16 gains nothing on the CPU in JAX: XLA's CPU backend computes "
+    'convolutions and matrix products in f32 between conversions; prefer '
+    '--precision fp32 here.')
 
 
 def default_workers():
@@ -72,6 +79,17 @@ def bf16_emulated(device='cpu'):
     return False
   flags = cpu_flags()
   return bool(flags) and not flags.intersection(BF16_FLAGS)
+
+
+def bf16_warning(device='cpu', backend=None):
+  """One line where --precision bf16 trains no faster than fp32 on `device`
+  ('cpu', 'gpu', ...) in `backend` ('pytorch', 'jax', 'tf2'), naming fp32
+  as the faster choice; None where bf16 has its own kernels."""
+  if bf16_emulated(device):
+    return BF16_EMULATED_WARNING
+  if backend == 'jax' and device.lower() == 'cpu':
+    return XLA_CPU_BF16_WARNING
+  return None
 
 
 def cpu_description():

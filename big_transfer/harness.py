@@ -301,17 +301,18 @@ class Run:
   def start(self, step, config, summary, device='cpu', backend=None):
     """Writes config.json (with the step resumed from), opens
     metrics.jsonl and logs the one-line summary of the run; warns once
-    where --precision bf16 is emulated on `device` ('cpu', 'gpu', ...), and
-    where the run is on the CPU of a machine whose GPUs `backend`'s
-    framework does not see."""
+    where --precision bf16 is no faster than fp32 on `device` ('cpu',
+    'gpu', ...) in `backend`, and where the run is on the CPU of a machine
+    whose GPUs `backend`'s framework does not see."""
     if self.lead:
       runfiles.write_json(os.path.join(self.dir, runfiles.CONFIG),
                  dict(vars(self.args), **config, resumed_from_step=step))
       self.metrics = Metrics(self.args, step, self.logger)
     self.logger.info(summary)
-    if (getattr(self.args, 'precision', None) == 'bf16' and
-        hardware.bf16_emulated(device)):
-      self.logger.warning(hardware.BF16_EMULATED_WARNING)
+    slow_bf16 = (getattr(self.args, 'precision', None) == 'bf16' and
+                 hardware.bf16_warning(device, backend))
+    if slow_bf16:
+      self.logger.warning(slow_bf16)
     unseen = (backend and device.lower() == 'cpu' and
               hardware.unseen_gpus_warning(backend))
     if unseen:

@@ -1,6 +1,7 @@
 """big_transfer.hardware: what the machine has, read as the trainers read
 it (the GPU listing through a stand-in nvidia-smi on PATH)."""
 import os
+import re
 
 import pytest
 
@@ -80,6 +81,43 @@ def test_tf2_native_bf16_needs_compute_capability_8(monkeypatch):
 def test_jax_native_bf16_on_the_cpu_is_false():
   from bit_jax import engine  # pylint: disable=import-outside-toplevel
   assert engine.DataParallel().native_bf16 is False
+
+
+def test_the_bf16_warning_names_fp32_where_bf16_is_no_faster(monkeypatch):
+  monkeypatch.setattr(hardware.platform, 'machine', lambda: 'x86_64')
+  monkeypatch.setattr(hardware, '_cpuinfo', lambda: {'flags': 'fma avx2'})
+  for backend in ('pytorch', 'jax', 'tf2'):
+    assert hardware.bf16_warning('cpu', backend) == (
+        hardware.BF16_EMULATED_WARNING)
+  monkeypatch.setattr(hardware, '_cpuinfo',
+                      lambda: {'flags': 'avx2 avx512_bf16 amx_bf16'})
+  assert hardware.bf16_warning('cpu', 'pytorch') is None
+  assert hardware.bf16_warning('cpu', 'tf2') is None
+  assert hardware.bf16_warning('cpu', 'jax') == hardware.XLA_CPU_BF16_WARNING
+  assert hardware.bf16_warning('gpu', 'jax') is None
+  assert 'fp32' in hardware.XLA_CPU_BF16_WARNING
+
+
+def test_xla_on_the_cpu_computes_bf16_products_in_f32():
+  """The premise of XLA_CPU_BF16_WARNING, read from the compiled step's
+  HLO: a bf16 convolution and a bf16 matrix product run as f32 ones. A
+  jaxlib with bf16 kernels fails this, and the warning should go."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  if jax.default_backend() != 'cpu':
+    pytest.skip('about the CPU backend')
+  x = jnp.ones((4, 8, 8, 64), jnp.bfloat16)
+  w = jnp.ones((3, 3, 64, 32), jnp.bfloat16)
+  steps = {
+      'convolution': lambda x, w: jax.lax.conv_general_dilated(
+          x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')),
+      'dot': lambda x, w: jnp.einsum('nhwc,cd->nhwd', x, w[0, 0]),
+  }
+  for op, step in steps.items():
+    hlo = jax.jit(step).lower(x, w).compile().as_text()
+    types = re.findall(rf'= (\w+)\[[^=]*? {op}\(', hlo)
+    assert types and set(types) == {'f32'}, (op, types)
+    assert re.search(r'bf16\[[^=]*? convert\(', hlo), 'no conversion back'
 
 
 def test_default_workers_leave_a_core_and_share_among_local_processes(

@@ -621,14 +621,18 @@ def test_a_read_only_run_folder_is_refused_and_left_as_it_was(setup,
   assert_ends_as_the_reference(setup, reference, 'pytorch', name)
 
 @pytest.mark.parametrize('backend', BACKENDS)
-def test_gpus_the_framework_does_not_see_are_named_with_their_install(
+def test_unseen_gpus_and_slow_bf16_are_named_with_their_remedies(
     setup, backend, tmp_path):
+  """One line names the install for GPUs that the framework does not see,
+  one names fp32 where this CPU's bf16 is no faster (hardware.bf16_warning:
+  every backend on a CPU without bf16 instructions, JAX on every CPU)."""
   from big_transfer import hardware
   smi = stand_in_nvidia_smi(tmp_path / 'bin', 'GPU 0: NVIDIA H200 (UUID: '
                             'GPU-0)\nGPU 1: NVIDIA H200 (UUID: GPU-1)\n')
   done = subprocess.run(
       [sys.executable, '-m', f'bit_{backend}.train',
-       *argv(setup, backend, 'unseen', '--total_steps', '1')],
+       *argv(setup, backend, 'unseen', '--total_steps', '1', '--precision',
+             'bf16')],
       cwd=REPO, env=dict(cli_env(setup),
                          PATH=f'{smi}{os.pathsep}{os.environ["PATH"]}'),
       capture_output=True, text=True, timeout=600)
@@ -637,3 +641,7 @@ def test_gpus_the_framework_does_not_see_are_named_with_their_install(
   assert len(lines) == 1, done.stderr[-3000:]
   assert '2 NVIDIA GPU(s)' in lines[0]
   assert hardware.GPU_INSTALLS[backend] in lines[0]
+  slow = hardware.bf16_warning('cpu', backend)
+  named = [l for l in done.stderr.splitlines() if 'prefer --precision fp32' in l]
+  assert len(named) == (1 if slow else 0), done.stderr[-3000:]
+  assert not slow or named[0].endswith(slow)

@@ -10,7 +10,7 @@ import torch
 
 from big_transfer import errors, predict, zoo
 from bit_pytorch import models
-from conftest import synthetic_weights, write_imagefolder
+from conftest import synthetic_weights, tied_max_pool_case, write_imagefolder
 
 
 def images(n=2, size=64, seed=0):
@@ -52,6 +52,20 @@ def test_matches_timm_bit_loader(tmp_path, make_npz):
   # timm standardises with eps 1e-8, BiT with 1e-10: equal to float rounding.
   np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-4)
   assert a.abs().max() > 0.1   # a real comparison, not of zeros
+
+
+@pytest.mark.parametrize('size', [7, 8])
+def test_stem_max_pool_gradient_goes_to_the_first_maximum(size):
+  """models.MaxPool2d (channels-last on the CPU): nn.MaxPool2d's output, in
+  NCHW, and the gradient computed by hand, ties included."""
+  x, dy, want = (torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
+                 for a in tied_max_pool_case(size))
+  x.requires_grad_()
+  y = models.MaxPool2d(kernel_size=3, stride=2)(x)
+  assert y.is_contiguous()
+  torch.testing.assert_close(y, torch.nn.MaxPool2d(3, 2)(x), rtol=0, atol=0)
+  y.backward(dy)
+  torch.testing.assert_close(x.grad, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize('arch', zoo.PUBLISHED_ARCHS)

@@ -2,7 +2,8 @@
 and width), trained and evaluated the way bench_pytorch runs ours
 (torch_timing: an SGD step on cross-entropy; forward passes without
 gradients), in timm's default memory format unless `channels_last` (as
-timm's training script runs on GPUs with --channels-last)."""
+timm's training script runs on GPUs with --channels-last), in training and
+evaluation alike."""
 import functools
 
 import timm
@@ -27,4 +28,5 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
             evaluate=True, channels_last=False):
   return torch_timing.time_model(create(arch), resolution, batch, precision,
                                  steps, warmup, channels_last=channels_last,
-                                 batch_split=batch_split, evaluate=evaluate)
+                                 batch_split=batch_split, evaluate=evaluate,
+                                 eval_channels_last=channels_last)

@@ -22,7 +22,8 @@ def interleaved(arch, resolution, batch, rounds, warmup=2):
   """Ours (fp32, bf16) against timm fp32, one step of each in turn."""
   contenders = {
       'timm fp32': steps_for(bench_timm.create(arch), resolution, batch,
-                             'fp32', channels_last=False),
+                             'fp32', channels_last=False,
+                             eval_channels_last=False),
       'pytorch fp32': steps_for(models.create(arch, head_size=1000),
                                 resolution, batch, 'fp32'),
       'pytorch bf16': steps_for(models.create(arch, head_size=1000),

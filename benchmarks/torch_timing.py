@@ -11,10 +11,12 @@ from bit_pytorch import train
 
 
 def steps_for(net, resolution, batch, precision, channels_last=None,
-              batch_split=1, compile=False):  # pylint: disable=redefined-builtin
+              batch_split=1, compile=False,  # pylint: disable=redefined-builtin
+              eval_channels_last=True):
   """(train_step, eval_step, device): callables that run one training step
   (as bit_pytorch.train does, the batch in `batch_split` micro-batches) or
-  one evaluation forward pass of `net`."""
+  one evaluation forward pass of `net` (on channels-last images, as
+  bit_pytorch evaluates, unless not `eval_channels_last`)."""
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   net, auto_cl = engine.to_device(net, device)
   channels_last = auto_cl if channels_last is None else channels_last
@@ -37,11 +39,13 @@ def steps_for(net, resolution, batch, precision, channels_last=None,
     engine.train_step(model, opt, scaler, micro_batches, batch_split,
                      autocast, F.cross_entropy).item()
 
+  x_eval = engine.for_inference(x) if eval_channels_last else x
+
   @torch.no_grad()
   def eval_step():
     net.eval()
     with autocast:
-      model(x).float().argmax(1).sum().item()
+      model(x_eval).float().argmax(1).sum().item()
 
   return train_step, eval_step, device
 
@@ -58,14 +62,15 @@ def synced(fn, device):
 
 def time_model(net, resolution, batch, precision, steps, warmup,
                channels_last=None, batch_split=1, evaluate=True,
-               compile=False):  # pylint: disable=redefined-builtin
+               compile=False,  # pylint: disable=redefined-builtin
+               eval_channels_last=True):
   """{train_img_s, train_mem_bytes, eval_img_s, device, threads} for `net`
   (1000 classes). train_mem_bytes: on a GPU the allocator's peak during the
   training steps; on the CPU the growth of peak resident memory over them.
   """
   train_step, eval_step, device = steps_for(net, resolution, batch, precision,
                                             channels_last, batch_split,
-                                            compile)
+                                            compile, eval_channels_last)
   if device.type == 'cuda':
     torch.cuda.reset_peak_memory_stats()
   else:

@@ -114,7 +114,8 @@ def build_nets(args, recipe, classes, device):
                               args.bit_pretrained_dir)
   _, head = zoo.model_arch(recipe.teacher, weights=weights)
   distill.check_teacher(head, classes, recipe.teacher)
-  teacher = models.create(recipe.teacher, weights=weights).to(device).eval()
+  teacher, _ = engine.to_device(
+      models.create(recipe.teacher, weights=weights).eval(), device)
   teacher.requires_grad_(False)
   del weights
   arch = distill.student_arch(recipe.student)
@@ -137,7 +138,7 @@ def distill_batches(micro_batches, teacher, size, autocast):
   loss."""
   for x, _, _, _ in micro_batches:
     with torch.no_grad(), autocast:
-      target = teacher(x).float()
+      target = teacher(engine.for_inference(x)).float()
     yield student_view(x, size), target, target, 1.0
 
 
@@ -162,8 +163,8 @@ def evaluate(student, teacher, loader, device, autocast, temperature,
     x = torch_data.normalize(x, device)
     y = y.to(device, non_blocking=True)
     with autocast:
-      t = teacher(x).float()
-      s = student(student_view(x, size)).float()
+      t = teacher(engine.for_inference(x)).float()
+      s = student(engine.for_inference(student_view(x, size))).float()
     sums += torch.cat([
         engine.eval_sums(s, y, F.cross_entropy), torch.stack([
             (s.argmax(1) == t.argmax(1)).sum().double(),

@@ -14,6 +14,7 @@ import torch
 
 from big_transfer import fewshot
 from bit_pytorch import data as torch_data
+from bit_pytorch import engine
 from bit_pytorch import models
 
 NAME = 'pytorch'
@@ -36,11 +37,8 @@ class FeatureModel:
 
   def __init__(self, weights):
     self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    # Channels-last on GPUs, as the trainer evaluates (no gain on CPUs).
-    self.channels_last = self.device.type == 'cuda'
     net = _Features(models.create('weights', weights=weights).eval())
-    net = net.to(self.device, memory_format=torch.channels_last
-                 if self.channels_last else torch.contiguous_format)
+    net, _ = engine.to_device(net, self.device)  # as the trainer evaluates
     if torch.cuda.device_count() > 1:
       net = torch.nn.DataParallel(net)
     self.net = net
@@ -48,13 +46,11 @@ class FeatureModel:
   @torch.inference_mode()
   def features_of(self, x):
     """Features of a torch NCHW batch already in [-1, 1] on the device."""
-    return self.net(x).float().cpu().numpy()
+    return self.net(engine.for_inference(x)).float().cpu().numpy()
 
   def __call__(self, images):
     x = torch.from_numpy(np.ascontiguousarray(images, np.float32))
-    x = x.permute(0, 3, 1, 2).to(self.device)
-    return self.features_of(x.contiguous(
-        memory_format=torch.channels_last) if self.channels_last else x)
+    return self.features_of(x.permute(0, 3, 1, 2).to(self.device))
 
 
 load_model = FeatureModel
@@ -71,8 +67,8 @@ def feature_batches(model, splits, split, crop, batch, args):
       batch_size=batch, num_workers=args.workers,
       pin_memory=model.device.type == 'cuda')
   for images, labels in loader:
-    x = torch_data.normalize(images, model.device, model.channels_last)
-    yield model.features_of(x), labels.numpy()
+    yield (model.features_of(torch_data.normalize(images, model.device)),
+           labels.numpy())
 
 
 argparser, main, cli = fewshot.features_command(sys.modules[__name__])

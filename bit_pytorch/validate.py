@@ -58,14 +58,14 @@ def main(args):
   crop = bit_hyperrule.resolution(
       data.original_hw, crop_size=args.crop_size or trained_crop)[1]
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-  net, channels_last = engine.to_device(net, device)
+  net, _ = engine.to_device(net, device)
   loader = torch.utils.data.DataLoader(
       torch_data.EvalSet(data.val, crop),
       batch_size=args.batch_eval, num_workers=args.workers,
       pin_memory=device.type == 'cuda')
   logger.info(f'evaluating {args.ckpt_path} on {len(data.val)} '
               f'{args.dataset} images at {crop} px')
-  sums = engine.evaluate(net, loader, device, channels_last,
+  sums = engine.evaluate(net, loader, device,
                         engine.autocast_for(device, args.precision),
                         torch.nn.functional.cross_entropy)
   return validate.report(metrics.summarize(sums), args)

@@ -518,10 +518,13 @@ def test_two_resolutions_distil_as_in_pytorch(setup, two_sizes, backend):
   if backend == 'jax':
     # JAX reads as PyTorch does (big_transfer.loader): the same views, so
     # the same losses and evaluation, up to float32 rounding.
+    # The KL, a difference of two cross-entropies, loses digits to their
+    # cancellation: PyTorch's channels-last and NCHW convolutions, both
+    # within float32 rounding of a float64 pass, moved it by 1.5e-4.
     np.testing.assert_allclose(losses['jax'], losses['pytorch'], rtol=1e-4)
     for key in ('loss', 'top1', 'agreement', 'teacher_top1', 'kl'):
       assert two_sizes['jax'][key] == pytest.approx(
-          two_sizes['pytorch'][key], rel=1e-4), key
+          two_sizes['pytorch'][key], rel=3e-4 if key == 'kl' else 1e-4), key
   # TF2's tf.data views are PyTorch's up to the resizers' rounding
   # (test_inception_crops_are_pytorchs_in_tf2). The first step's
   # loss is the teacher's alone (the student's head is zero), which that

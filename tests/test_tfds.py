@@ -445,5 +445,8 @@ def test_validate_tfds_and_vtab_agree_across_backends(dataset, tmp_path,
   ref = results['pytorch']
   assert ref['n'] == n
   for name in ('tf2', 'jax'):
-    assert results[name]['n'] == n and results[name]['top1'] == ref['top1']
+    assert results[name]['n'] == n
+    # One image of this random model's VTAB split has its top two logits
+    # 1.3e-6 apart, below float32 rounding: it may go either way.
+    assert abs(results[name]['top1'] - ref['top1']) <= 1 / n
     assert results[name]['loss'] == pytest.approx(ref['loss'], rel=1e-5)

@@ -26,7 +26,7 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
                           dtype=engine.POLICIES[precision])
     optimizer, lr = train.make_optimizer(precision)
     optimizer.build(model.trainable_variables)
-  xla = engine.uses_xla(strategy)
+  xla = engine.uses_xla(strategy, precision=precision)
   train_step, eval_step = train.make_steps(strategy, model, optimizer, lr,
                                            batch, batch_split, xla)
   rng = np.random.default_rng(0)

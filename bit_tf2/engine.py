@@ -103,19 +103,22 @@ def chief_first(strategy, fn, *args):
   return result
 
 
-def uses_xla(strategy, flag=None):
+def uses_xla(strategy, flag=None, precision='fp32'):
   """(train, evaluate): whether XLA compiles the training step and the
   evaluation step. `flag` (--compile, --no-compile) decides both; by
-  default both on GPUs and TPUs, and on the CPU only the evaluation step:
-  there TF's own kernels train faster and XLA evaluates faster
-  (docs/performance.md). XLA cannot run on several logical CPU devices of
-  one process (BadInput if asked to)."""
+  default both on GPUs and TPUs, and on the CPU only the evaluation step,
+  and not in bf16: there TF's own kernels train faster, XLA evaluates
+  faster in fp32, and in bf16 (which XLA's CPU backend computes in f32)
+  TF's oneDNN kernels evaluate faster (docs/performance.md). XLA cannot
+  run on several logical CPU devices of one process (BadInput if asked
+  to)."""
   accelerated = (isinstance(strategy, tf.distribute.TPUStrategy) or
                  bool(tf.config.list_logical_devices('GPU')))
   several_cpus = (not accelerated and
                   len(strategy.extended.worker_devices) > 1)
   if flag is None:
-    return accelerated, not several_cpus
+    return accelerated, accelerated or not (several_cpus or
+                                            precision == 'bf16')
   if flag and several_cpus:
     raise errors.BadInput(
         '--compile: XLA cannot run on several CPU devices of one process; '

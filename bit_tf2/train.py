@@ -162,7 +162,7 @@ def main(args):
   replicas = strategy.num_replicas_in_sync
   flags.resolve_precision(args, engine.native_bf16(strategy))
   chief_first(strategy, bit_common.check_args, args, replicas)
-  xla = uses_xla(strategy, args.compile)
+  xla = uses_xla(strategy, args.compile, args.precision)
   with harness.Run(args, is_chief(strategy), any_process(strategy)) as run:
     if not deterministic:
       run.logger.warning('TensorFlow was started before bit_tf2 could ask it '

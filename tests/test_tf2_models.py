@@ -251,8 +251,11 @@ def test_compile_flag_decides_xla_and_is_refused_on_several_cpu_devices():
   from bit_tf2 import engine  # pylint: disable=import-outside-toplevel
   one, two = (SimpleNamespace(extended=SimpleNamespace(worker_devices=d))
               for d in (['cpu:0'], ['cpu:0', 'cpu:1']))
-  # By default on the CPU: TF's kernels train, XLA evaluates on one device.
+  # By default on the CPU: TF's kernels train, XLA evaluates on one device,
+  # in fp32 (XLA's CPU backend computes bf16 in f32).
   assert engine.uses_xla(one) == (False, True)
+  assert engine.uses_xla(one, precision='bf16') == (False, False)
+  assert engine.uses_xla(one, True, 'bf16') == (True, True)
   assert engine.uses_xla(two) == (False, False)
   assert engine.uses_xla(one, True) == (True, True)
   assert engine.uses_xla(two, False) == (False, False)

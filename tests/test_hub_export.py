@@ -5,6 +5,7 @@ References are independent of the code under test: timm's own ResNetV2
 (with timm's weight-standardisation eps, 1e-8), onnxruntime, the TFLite
 interpreter and TensorBoard's own event reader.
 """
+import copy
 import functools
 import hashlib
 import json
@@ -183,20 +184,25 @@ def test_hub_weights_through_every_backend_match_timm(tmp_path, hub_repos,
                                err_msg=f'{model} in {name}')
 
 
-def test_our_model_equals_timm_bitwise_at_the_same_eps(timm_model):
-  """With timm's eps set to BiT's, PyTorch logits are identical: the
-  remaining difference to stock timm is the eps alone (measured here)."""
+def test_our_model_equals_timm_at_the_same_eps(timm_model):
+  """With timm's eps set to BiT's, the logits are equal to float64 rounding
+  (computed in float64: in float32 the kernels' own rounding, ours
+  standardising with GroupNorm, timm's with batch norm, is larger than the
+  eps's effect): the remaining difference to stock timm is the eps alone."""
   from bit_pytorch import models
   state = {k: v.numpy() for k, v in timm_model.state_dict().items()}
   ours = models.create('hub', weights=zoo.from_torch_layout(state)).eval()
   same_eps = timm_bit((2, 2, 2, 2), 0.5, 7, eps=1e-10)
   same_eps.load_state_dict(timm_model.state_dict())
   x = torch.from_numpy(np.random.default_rng(1).uniform(
-      -1, 1, (3, 3, 64, 64)).astype(np.float32))
+      -1, 1, (3, 3, 64, 64)))
   with torch.no_grad():
-    a, b, stock = ours(x), same_eps(x), timm_model(x)
-  assert torch.equal(a, b)
-  assert (a - stock).abs().max() < 1e-5 * stock.abs().max()
+    a, b, stock = (m.double()(x) for m in (
+        ours, same_eps, copy.deepcopy(timm_model)))
+  scale = stock.abs().max()
+  assert (a - b).abs().max() < 1e-12 * scale
+  eps_effect = (a - stock).abs().max()
+  assert 1e-10 * scale < eps_effect < 1e-7 * scale
 
 
 def test_hub_refusals(tmp_path, offline_hub, timm_model):

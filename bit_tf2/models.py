@@ -218,7 +218,6 @@ class Scope(Container):
     return self.layer(x)
 
 
-
 class Head(layers.Layer):
   """The classifier, a 1x1 convolution by its published variables
   (conv2d/kernel of (1, 1, C, classes), conv2d/bias) computed as the
@@ -239,6 +238,7 @@ class Head(layers.Layer):
 
   def call(self, x):
     return ops.matmul(x, self.kernel[0, 0]) + self.bias
+
 
 class PreActConv(Container):
   """GroupNorm and ReLU, then a standardised convolution: part a, b or c of a

@@ -222,8 +222,9 @@ class Head(layers.Layer):
   """The classifier, a 1x1 convolution by its published variables
   (conv2d/kernel of (1, 1, C, classes), conv2d/bias) computed as the
   matrix product it is on the pooled (N, C) features. As a convolution of
-  a 1x1 image, TF's oneDNN kernels reordered R50x1's 2048x1000 kernel four
-  times a training step on the CPU, about 19 ms (docs/performance.md)."""
+  a 1x1 image, TF's oneDNN kernels reordered R50x1's 2048x1000 kernel twice
+  a training step on the CPU and its gradient once, about 24 ms
+  (docs/performance.md)."""
 
   def __init__(self, classes, kernel_initializer, name='conv2d', **kwargs):
     super().__init__(name=name, **kwargs)

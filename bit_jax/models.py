@@ -171,6 +171,16 @@ def _group_norm_bwd(res, dy):
 group_norm_cpu.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
+def stored(x):
+  """x itself (divided by a one that XLA cannot fold), written to memory once
+  for all its readers. XLA's CPU code copies cheap element-wise work into
+  each operation that reads its result, a division it does not: given
+  GroupNorm and ReLU's output, it computed the 3x3 kernel gradient's
+  transposed copy of it from GroupNorm's input, several times a plain
+  copy's cost (docs/performance.md)."""
+  return x / jax.lax.optimization_barrier(jnp.ones((), x.dtype))
+
+
 class Proj(nn.Module):
   """The residual's 1x1 projection, named as published (proj/
   standardized_conv2d)."""
@@ -199,6 +209,8 @@ class PreAct(nn.Module):
     y = nn.relu(GroupNorm(self.dtype, name='group_norm')(x))
     residual = (Proj(self.proj, self.stride, self.dtype, name='proj')(y)
                 if self.proj else None)
+    if self.kernel_size == 3 and jax.default_backend() == 'cpu':
+      y = stored(y)  # read as stored by the kernel gradient's transposition
     out = StdConv(self.features, self.kernel_size,
                   1 if self.kernel_size == 1 else self.stride,
                   self.kernel_size // 2, self.dtype,

@@ -78,6 +78,31 @@ def test_pointwise_conv_is_the_convolution_with_its_gradients():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_3x3_kernel_gradient_copies_the_stored_activation():
+  """On CPUs XLA computes a 3x3 kernel's gradient from a transposed copy of
+  the activation, channels first. In a part b's compiled gradient that copy
+  reads GroupNorm and ReLU's output as stored (models.stored) instead of
+  recomputing them; stored changes no number, forwards or backwards."""
+  import re
+  import jax
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 8, 8, 64)),
+                  jnp.float32)
+  value, back = jax.vjp(models.stored, x)
+  np.testing.assert_array_equal(value, x)
+  np.testing.assert_array_equal(back(x + 1)[0], x + 1)
+
+  part = models.PreAct(64, 3)
+  params = part.init(jax.random.PRNGKey(0), x)['params']
+  program = jax.jit(jax.grad(lambda p: jnp.sum(
+      part.apply({'params': p}, x)[0] ** 2))).lower(params).compile().as_text()
+  copies = [f for f in re.findall(r'^%.*?^}', program, re.M | re.S)
+            if re.search(r'ROOT \S+ = f32\[64,8,8,4\]', f) and ' transpose(' in f]
+  assert copies
+  for fusion in copies:
+    assert set(re.findall(r'= \S+ (\w+)\(', fusion)) <= {
+        'parameter', 'bitcast', 'copy', 'transpose'}, fusion
+
+
 @pytest.mark.parametrize('size', [7, 8])
 def test_stem_max_pool_gradient_goes_to_the_first_maximum(size):
   """models.max_pool_3x3_s2 (the stem's pool on CPUs): Flax's max pool, and

@@ -349,19 +349,45 @@ def test_bf16_pointwise_conv_is_the_convolution_with_its_gradients(strides):
                                atol=0.02 * np.abs(want).max())
 
 
+def test_bf16_pointwise_conv_slices_nothing_at_stride_1():
+  """The stride-1 matrix product reshapes x and the kernel, and slices
+  neither: the gradient of a TF slice is a full copy (about 50 ms of R50x1's
+  bf16 training step on the CPU, docs/performance.md)."""
+  import tensorflow as tf
+
+  @tf.function
+  def gradients(x, w):
+    with tf.GradientTape() as tape:
+      tape.watch([x, w])
+      y = models.padded_conv(x, w, 1, 0)
+    return tape.gradient(y, [x, w])
+  graph = gradients.get_concrete_function(
+      tf.TensorSpec((2, 7, 6, 16), tf.bfloat16),
+      tf.TensorSpec((1, 1, 16, 8), tf.bfloat16)).graph
+  ops = graph.get_operations()
+  assert 'MatMul' in {op.type for op in ops}
+  assert not [op.name for op in ops if op.type.startswith('StridedSlice')
+              and op.outputs[0].dtype.is_floating]
+
+
 @pytest.mark.parametrize('shape', [(2, 5, 3, 64), (3, 4, 4, 128)])
-def test_cpu_group_norm_and_its_gradients_equal_the_formula(shape):
-  """models.group_norm_cpu (sums over the pixels as products with ones, its
-  gradient written out), eager and compiled by XLA, against GroupNorm and
-  its closed-form gradients in float64 (conftest.group_norm_and_gradients)."""
+def test_cpu_group_norm_relu_and_its_gradients_equal_the_formula(shape):
+  """models.group_norm_relu_cpu (sums over the pixels as products with
+  ones, its gradient written out, ReLU included), eager and compiled by
+  XLA, against GroupNorm and its closed-form gradients in float64
+  (conftest.group_norm_and_gradients), then ReLU: the output gradient
+  masked where GroupNorm's output is not positive."""
   import tensorflow as tf
   x, dy, gamma, beta = group_norm_inputs(shape)
-  want = group_norm_and_gradients(x, dy, gamma, beta)
+  normed = group_norm_and_gradients(x, dy, gamma, beta)[0]
+  assert (normed > 0).mean() > 0.2 and (normed < 0).mean() > 0.2
+  want = [np.maximum(normed, 0), *group_norm_and_gradients(
+      x, np.where(normed > 0, dy, 0), gamma, beta)[1:]]
 
   def value_and_grads(x, gamma, beta):
     with tf.GradientTape() as tape:
       tape.watch([x, gamma, beta])
-      y = models.group_norm_cpu(x, gamma, beta)
+      y = models.group_norm_relu_cpu(x, gamma, beta)
     return [y, *tape.gradient(y, [x, gamma, beta], output_gradients=dy)]
 
   for fn in (value_and_grads, tf.function(value_and_grads, jit_compile=True)):

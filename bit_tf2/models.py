@@ -138,10 +138,9 @@ class GroupNormReLU(layers.GroupNormalization):
   a third of the training step's time on the CPU; compiled, the step
   trains 10-20% faster (docs/performance.md). On CPUs it is
   `group_norm_relu_cpu`, in float32 as Keras's GroupNorm computes, ReLU
-  included. Elsewhere the ReLU follows: inside a compiled function shared
-  by all layers (traced for any shape), Keras's GroupNorm measured slower.
-  Where the whole step is compiled (GPUs, TPUs) this is simply part of
-  it."""
+  included. Elsewhere (GPUs, TPUs) Keras's GroupNorm, then the ReLU; the
+  whole step is compiled there, so this is simply part of it. One compiled
+  function shared by all layers (traced for any shape) measured slower."""
 
   def build(self, input_shape):
     super().build(input_shape)

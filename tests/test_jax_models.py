@@ -96,7 +96,8 @@ def test_3x3_kernel_gradient_copies_the_stored_activation():
   program = jax.jit(jax.grad(lambda p: jnp.sum(
       part.apply({'params': p}, x)[0] ** 2))).lower(params).compile().as_text()
   copies = [f for f in re.findall(r'^%.*?^}', program, re.M | re.S)
-            if re.search(r'ROOT \S+ = f32\[64,8,8,4\]', f) and ' transpose(' in f]
+            if re.search(r'ROOT \S+ = f32\[64,8,8,4\]', f)
+            and ' transpose(' in f]
   assert copies
   for fusion in copies:
     assert set(re.findall(r'= \S+ (\w+)\(', fusion)) <= {

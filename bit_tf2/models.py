@@ -138,16 +138,16 @@ class GroupNormReLU(layers.GroupNormalization):
   a third of the training step's time on the CPU; compiled, the step
   trains 10-20% faster (docs/performance.md). On CPUs it is
   `group_norm_relu_cpu`, in float32 as Keras's GroupNorm computes, ReLU
-  included. Elsewhere (GPUs, TPUs) Keras's GroupNorm, then the ReLU; the
-  whole step is compiled there, so this is simply part of it. One compiled
-  function shared by all layers (traced for any shape) measured slower."""
+  included. Where the whole step is compiled (GPUs, TPUs) this is simply
+  part of it. One compiled function shared by all layers (traced for any
+  shape) measured slower."""
 
   def build(self, input_shape):
     super().build(input_shape)
-    self._on_cpu = on_cpu()
     self._compiled = tf.function(
-        self._cpu_call if self._on_cpu else
-        lambda x: layers.GroupNormalization.call(self, x), jit_compile=True)
+        self._cpu_call if on_cpu() else
+        lambda x: ops.relu(layers.GroupNormalization.call(self, x)),
+        jit_compile=True)
 
   def _cpu_call(self, x):
     y = group_norm_relu_cpu(tf.cast(x, tf.float32),
@@ -156,8 +156,7 @@ class GroupNormReLU(layers.GroupNormalization):
     return tf.cast(y, self.compute_dtype)
 
   def call(self, x):
-    y = self._compiled(x)
-    return y if self._on_cpu else ops.relu(y)
+    return self._compiled(x)
 
 
 def group_norm(dtype):

@@ -50,6 +50,7 @@ mode, repeats, batch_size, resize_size, crop_size, mixup_alpha,
 examples_per_class, examples_per_class_seed, num_devices, tfds_manual_dir)`.
 """
 import dataclasses
+import io
 import os
 
 import numpy as np
@@ -113,10 +114,7 @@ def _decode_tf(encoded):
 
 def _decode_pil(encoded):
   def decode(data):
-    import io
-    from PIL import Image
-    with Image.open(io.BytesIO(data)) as im:
-      return np.asarray(im.convert('RGB'))
+    return np.asarray(datasets.decode(io.BytesIO(data)))
   image = tf.numpy_function(decode, [encoded], tf.uint8, stateful=False)
   return tf.ensure_shape(image, [None, None, 3])
 

@@ -266,6 +266,15 @@ def load_array_dataset(name):
 # --------------------------------------------------------------------------
 # A dataset as every framework-neutral reader sees it: two Sources.
 
+def decode(file):
+  """The image in `file` (a path or a binary file object) as a PIL RGB
+  image, decoded (an RGB image is not copied)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  with Image.open(file) as im:
+    im.load()
+    return im if im.mode == 'RGB' else im.convert('RGB')
+
+
 @dataclasses.dataclass
 class Source:
   """The examples of one split: int64 `labels` and `load(i)`, image i as a
@@ -289,11 +298,9 @@ class Source:
     if self.images is not None:
       return Image.fromarray(self.images[i])
     if self.split is not None:
-      with Image.open(io.BytesIO(self.split[i][0])) as im:
-        return im.convert('RGB')
+      return decode(io.BytesIO(self.split[i][0]))
     try:
-      with Image.open(self.paths[i]) as im:
-        return im.convert('RGB')
+      return decode(self.paths[i])
     except (OSError, ValueError, Image.DecompressionBombError) as e:
       raise BadImage.of(self.paths[i], e) from e
 

@@ -128,11 +128,10 @@ def train_batches(source, num_classes, stream, resize, crop, start_step=0,
     step = start_step + k // len(rows)
     position = rows[k % len(rows)]
     indices, seeds = draws(step)
-    i, seed = int(indices[position]), int(seeds[position])
-    image = source.load(i)
-    view = (preprocess.inception_view(image, seed, crop, scale) if scale else
-            preprocess.train_view(image, seed, resize, crop))
-    return view, source.labels[i], step
+    i = int(indices[position])
+    return (preprocess.train_example(source, i, int(seeds[position]), resize,
+                                     crop, scale),
+            source.labels[i], step)
 
   def mix(batch):
     images, labels, steps = batch
@@ -168,7 +167,7 @@ def eval_batches(source, batch, crop, process_index=0, process_count=1,
     if j >= len(mine):
       return blank, np.int64(0), False
     i = mine[j]
-    return (preprocess.eval_view(source.load(i), crop),
+    return (preprocess.eval_example(source, i, crop),
             np.int64(source.labels[i]), True)
 
   dataset = grain.MapDataset.range(padded).map(example).batch(local).map(

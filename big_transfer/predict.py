@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 import bit_hyperrule
-from big_transfer import datasets, flags, runfiles, zoo
+from big_transfer import datasets, flags, preprocess, runfiles, zoo
 from big_transfer.errors import BadInput
 
 
@@ -46,12 +46,10 @@ def list_images(inputs):
 
 
 def load_image(path, size):
-  """uint8 (size, size, 3) RGB array: the image resized bilinearly."""
-  from PIL import Image
+  """uint8 (size, size, 3) RGB array: the image resized bilinearly, as
+  evaluation's (preprocess.eval_view)."""
   try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert('RGB').resize((size, size),
-                                                 Image.BILINEAR))
+    return preprocess.eval_view(datasets.decode(path), size)
   except OSError as e:
     raise BadInput(f'cannot read image {path} ({e}).') from e
 

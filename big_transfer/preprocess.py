@@ -3,6 +3,7 @@ reader that decodes on the host (PyTorch's DataLoader and the JAX loader,
 big_transfer.loader). Each view takes a PIL RGB image and returns uint8
 (height, width, 3); where it is random, the draws are those of the
 example's augmentation seed in the data stream (big_transfer.datastream).
+train_example and eval_example give the view of a dataset's example.
 
   train_view      the BiT-HyperRule's: resize to (resize, resize), crop
                   (crop, crop) at the seed's place, flip when it says
@@ -12,7 +13,10 @@ example's augmentation seed in the data stream (big_transfer.datastream).
                   under 0.5
 
 Resizing is PIL's bilinear filter, which averages over the source pixels
-when it shrinks (antialiasing).
+when it shrinks (antialiasing). train_view resamples only the crop's
+window of the resized image (PIL's resize with a source box): the pixels
+of the whole resize, cropped, to rounding (about 1 value in 2,000 differs,
+by 1), with (crop / resize)^2 of the work and no crop's copy.
 """
 import numpy as np
 from PIL import Image
@@ -26,8 +30,9 @@ INCEPTION_FLIP_UNIFORM = 40
 
 def train_view(image, seed, resize, crop):
   (top,), (left,), (flip,) = datastream.crop_flip([seed], resize, crop)
-  image = image.resize((resize, resize), Image.BILINEAR)
-  image = image.crop((left, top, left + crop, top + crop))
+  sx, sy = image.width / resize, image.height / resize
+  image = image.resize((crop, crop), Image.BILINEAR, box=(
+      left * sx, top * sy, (left + crop) * sx, (top + crop) * sy))
   if flip:
     image = image.transpose(Image.FLIP_LEFT_RIGHT)
   return np.array(image, np.uint8)
@@ -45,3 +50,16 @@ def inception_view(image, seed, size, scale):
   if datastream.uniforms([seed], INCEPTION_FLIP_UNIFORM)[0] < 0.5:
     image = image.transpose(Image.FLIP_LEFT_RIGHT)
   return np.array(image, np.uint8)
+
+
+def train_example(source, i, seed, resize, crop, crop_scale=None):
+  """uint8 (crop, crop, 3): train_view of example i of `source` (a
+  datasets.Source), or with `crop_scale` its inception_view."""
+  if crop_scale:
+    return inception_view(source.load(i), seed, crop, crop_scale)
+  return train_view(source.load(i), seed, resize, crop)
+
+
+def eval_example(source, i, crop):
+  """uint8 (crop, crop, 3): eval_view of example i of `source`."""
+  return eval_view(source.load(i), crop)

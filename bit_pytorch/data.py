@@ -83,8 +83,8 @@ def _to_tensor(view):
 
 
 class TrainSet(torch.utils.data.Dataset):
-  """preprocess.train_view (or, with `crop_scale`, inception_view at
-  `crop`) of a datasets.Source, indexed by (example, augmentation seed)."""
+  """preprocess.train_example of a datasets.Source, indexed by (example,
+  augmentation seed)."""
 
   def __init__(self, source, resize, crop, crop_scale=None):
     self.source, self.resize, self.crop = source, resize, crop
@@ -95,15 +95,13 @@ class TrainSet(torch.utils.data.Dataset):
 
   def __getitem__(self, key):
     i, seed = key
-    image = self.source.load(i)
-    view = (preprocess.inception_view(image, seed, self.crop, self.crop_scale)
-            if self.crop_scale else
-            preprocess.train_view(image, seed, self.resize, self.crop))
-    return _to_tensor(view), int(self.source.labels[i])
+    return (_to_tensor(preprocess.train_example(
+        self.source, i, seed, self.resize, self.crop, self.crop_scale)),
+            int(self.source.labels[i]))
 
 
 class EvalSet(torch.utils.data.Dataset):
-  """preprocess.eval_view of a datasets.Source."""
+  """preprocess.eval_example of a datasets.Source."""
 
   def __init__(self, source, crop):
     self.source, self.crop = source, crop
@@ -112,7 +110,7 @@ class EvalSet(torch.utils.data.Dataset):
     return len(self.source)
 
   def __getitem__(self, i):
-    return (_to_tensor(preprocess.eval_view(self.source.load(i), self.crop)),
+    return (_to_tensor(preprocess.eval_example(self.source, i, self.crop)),
             int(self.source.labels[i]))
 
 

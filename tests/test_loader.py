@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import jax
-from big_transfer import datasets, datastream, errors, loader
+from big_transfer import datasets, datastream, errors, loader, preprocess
 from bit_jax import engine as jax_engine
 from bit_pytorch import data as torch_data
 from bit_pytorch import engine
@@ -98,6 +98,47 @@ def test_inception_views_are_pytorchs(source):
   assert sorted(got) == ['image', 'label']  # no mixup, nothing to mix
   np.testing.assert_allclose(jax_engine.train_images(got), want_x, rtol=0,
                              atol=1e-6)
+
+
+def test_training_view_is_the_whole_resize_cropped():
+  """train_view resamples only the crop's window: against PIL's resize of
+  the whole image, then the crop, on a photograph shrunk and enlarged, and
+  on an image already of the resize's size (exact)."""
+  import sklearn
+  photo = datasets.decode(os.path.join(os.path.dirname(sklearn.__file__),
+                                       'datasets', 'images', 'china.jpg'))
+  small = Image.fromarray(np.random.default_rng(0).integers(
+      0, 256, (40, 40, 3), np.uint8))
+  for image, resize, crop, tolerance in ((photo, 239, 224, 1),
+                                         (photo, 96, 80, 1),
+                                         (small, 64, 56, 2),
+                                         (small, 40, 32, 0)):
+    differ = 0
+    for seed in range(8):
+      (top,), (left,), (flip,) = datastream.crop_flip([seed], resize, crop)
+      want = image.resize((resize, resize), Image.BILINEAR).crop(
+          (left, top, left + crop, top + crop))
+      if flip:
+        want = want.transpose(Image.FLIP_LEFT_RIGHT)
+      got = preprocess.train_view(image, seed, resize, crop)
+      error = np.abs(got.astype(int) - np.asarray(want))
+      assert error.max() <= tolerance, (resize, crop, seed)
+      differ += np.count_nonzero(error)
+    assert differ <= 0.05 * 8 * crop * crop * 3, (resize, crop)
+
+
+def test_decode_gives_rgb_of_every_mode(tmp_path):
+  rng = np.random.default_rng(0)
+  rgb = Image.fromarray(rng.integers(0, 256, (12, 10, 3), np.uint8))
+  for name, image in (('l.png', rgb.convert('L')), ('p.gif', rgb.convert('P')),
+                      ('rgba.png', rgb.convert('RGBA')),
+                      ('cmyk.jpg', rgb.convert('CMYK')), ('rgb.png', rgb)):
+    image.save(tmp_path / name)
+    with Image.open(tmp_path / name) as want:
+      want = np.asarray(want.convert('RGB'))
+    got = datasets.decode(tmp_path / name)
+    assert got.mode == 'RGB', name
+    np.testing.assert_array_equal(np.asarray(got), want)
 
 
 @pytest.mark.parametrize('processes', [1, 2])

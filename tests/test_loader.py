@@ -128,17 +128,22 @@ def test_training_view_is_the_whole_resize_cropped():
 
 
 def test_decode_gives_rgb_of_every_mode(tmp_path):
+  """datasets.decode returns an RGB file's image itself, closed: the views
+  still work on it, multi-frame files (a phone's MPO) included."""
   rng = np.random.default_rng(0)
   rgb = Image.fromarray(rng.integers(0, 256, (12, 10, 3), np.uint8))
   for name, image in (('l.png', rgb.convert('L')), ('p.gif', rgb.convert('P')),
                       ('rgba.png', rgb.convert('RGBA')),
-                      ('cmyk.jpg', rgb.convert('CMYK')), ('rgb.png', rgb)):
-    image.save(tmp_path / name)
+                      ('cmyk.jpg', rgb.convert('CMYK')), ('rgb.png', rgb),
+                      ('rgb.mpo', rgb)):
+    frames = {'save_all': True, 'append_images': [rgb]} if 'mpo' in name else {}
+    image.save(tmp_path / name, **frames)
     with Image.open(tmp_path / name) as want:
       want = np.asarray(want.convert('RGB'))
     got = datasets.decode(tmp_path / name)
     assert got.mode == 'RGB', name
     np.testing.assert_array_equal(np.asarray(got), want)
+    assert preprocess.train_view(got, 0, 12, 8).shape == (8, 8, 3)
 
 
 @pytest.mark.parametrize('processes', [1, 2])

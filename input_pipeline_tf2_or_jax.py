@@ -74,7 +74,9 @@ class Source:
 
   `table` holds per example either the encoded image bytes, the file path
   (`paths` True), or nothing when `images` is a uint8 array; `records` is a
-  TFDS dataset of {'image': encoded, 'label'} for splits too large to hold.
+  TFDS dataset of {'image': encoded, 'label'} for splits too large to hold;
+  `held` is the file of a run's held images (big_transfer.held), which
+  then come from it, resized already.
   """
   n: int
   labels: np.ndarray = None           # int64 [n]; None for a streamed split
@@ -83,10 +85,22 @@ class Source:
   paths: bool = False
   use_pil: bool = False
   records: tf.data.Dataset = None
+  held: str = None
 
   @property
   def random_access(self):
     return self.records is None
+
+  @property
+  def decoded(self):
+    """Whether its images are decoded when read (files or bytes)."""
+    return self.table is not None
+
+  def pil(self, i):
+    """Image i as a PIL RGB image, decoded by PIL (for big_transfer.held)."""
+    if self.paths:
+      return datasets.decode_file(self.table[i])
+    return datasets.decode(io.BytesIO(self.table[i]))
 
   def subset(self, idx):
     return dataclasses.replace(
@@ -97,6 +111,14 @@ class Source:
   def loader(self):
     """A tf function: index -> (uint8 image [h, w, 3], int64 label)."""
     labels = tf.constant(self.labels)
+    if self.held:
+      held = np.load(self.held, mmap_mode='r')  # the file mapped, not copied
+
+      def image(i):
+        return tf.ensure_shape(tf.numpy_function(
+            lambda j: np.asarray(held[j]), [i], tf.uint8, stateful=False),
+                               held.shape[1:])
+      return lambda i: (image(i), tf.gather(labels, i))
     if self.images is not None:
       images = tf.constant(self.images)
       return lambda i: (tf.gather(images, i), tf.gather(labels, i))

@@ -60,11 +60,15 @@ TRAINER_NEEDS = {'pytorch': (), 'jax': ('grain',), 'tf2': ()}
 # limit keeps those done): name -> (backend, trainer flags). Each is
 # compared with the pure step it ran: PyTorch's 'pytorch_compile' where
 # its trainer compiled (on a GPU its default for runs of 500 steps or
-# more, as the GPU's are), else 'pytorch'. The runs with flags are the
-# GPU's only (on the CPU they would repeat the default).
+# more, as the GPU's are), else 'pytorch'. By default they hold their
+# images (big_transfer.held: each is read many times); '_decoded' decodes
+# at every read, as a dataset too large to hold would. The runs with flags
+# are the GPU's only (on the CPU they would repeat the default).
 FINETUNES = {
     'pytorch': ('pytorch', ()),
     'jax': ('jax', ()),
+    'jax_decoded': ('jax', ('--no-hold_images',)),
+    'pytorch_decoded': ('pytorch', ('--no-hold_images',)),
     'pytorch_no_compile': ('pytorch', ('--no-compile',)),
     'tf2': ('tf2', ()),
 }

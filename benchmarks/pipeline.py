@@ -18,6 +18,11 @@ batches from the same code and flags the trainer uses, and times them:
            in a pool of --workers threads, decoding and resizing in
            TensorFlow (tf.image, in float), scaling and mixup included.
 
+With --held, each trainer's images are held first (big_transfer.held,
+untimed), so the views are crops and flips of the resized images, as in a
+run that reads each image at least twice; TF2 then only crops, flips,
+scales and mixes.
+
 PyTorch and JAX hand uint8 images to the device, which scales them to
 [-1, 1] and mixes them (PyTorch's engine.mixed, JAX's engine.train_images
 in the compiled step); that work is the accelerator's, so it is not timed
@@ -38,7 +43,9 @@ linearly. On a shared machine, read the
 figures as a floor.
 """
 import argparse
+import dataclasses
 import json
+import logging
 import math
 import os
 import tempfile
@@ -47,7 +54,7 @@ import bit_common
 from benchmarks.end_to_end import MIXUP_ALPHA, make_folder
 from benchmarks.measure import chosen
 from benchmarks.timing import cpu_seconds, seconds
-from big_transfer import datasets, hardware, harness
+from big_transfer import datasets, hardware, harness, held
 
 # Fork-based PyTorch workers start first; TensorFlow is imported last (after
 # torch, as it must be in one process).
@@ -57,13 +64,25 @@ TARGET_IMG_S = 5000
 WARMUP_PER_WORKER = 4
 
 
-def training_args(folder, batch, resolution, workers, steps):
-  """The trainers' flags for fine-tuning on the image `folder`."""
+def training_args(folder, batch, resolution, workers, steps, hold=False):
+  """The trainers' flags for fine-tuning on the image `folder`, with
+  --hold_images when `hold`."""
   return bit_common.argparser().parse_args([
+      *(['--hold_images'] if hold else []),
       '--name', 'pipeline', '--logdir', folder, '--model', 'BiT-M-R50x1',
       '--dataset', 'imagefolder', '--datadir', folder, '--batch', str(batch),
       '--crop_size', str(resolution), '--mixup_alpha', str(MIXUP_ALPHA),
       '--workers', str(workers), '--total_steps', str(steps)])
+
+
+def _held(n, hyper, args, load):
+  """With --hold_images, the path of the n images load(i) held as the
+  trainers hold them (big_transfer.held), beside the image folder; else
+  None."""
+  if not args.hold_images:
+    return None
+  return held.hold(n, hyper.resize, load, args.datadir, args.workers,
+                   logging.getLogger('benchmarks.pipeline'))
 
 
 def pytorch_batches(args):
@@ -75,6 +94,9 @@ def pytorch_batches(args):
   from bit_pytorch.engine import data_errors_named, loader
   data = torch_data.load(args, None)
   hyper = harness.HyperRule.of(args, len(data.train), data.original_hw)
+  path = _held(len(data.train), hyper, args, data.train.load)
+  if path:
+    data.train = held.Held(path, data.train.labels)
   sampler = torch_data.TrainBatches(hyper.stream(args), 0, hyper.total)
   batches = data_errors_named(iter(loader(
       torch_data.TrainSet(data.train, hyper.resize, hyper.crop), args,
@@ -87,6 +109,9 @@ def jax_batches(args):
   from big_transfer import loader  # pylint: disable=import-outside-toplevel
   data = datasets.load(args)
   hyper = harness.HyperRule.of(args, len(data.train), data.original_hw)
+  path = _held(len(data.train), hyper, args, data.train.load)
+  if path:
+    data.train = held.Held(path, data.train.labels)
   batches = loader.train_batches(data.train, data.num_classes,
                                  hyper.stream(args), hyper.resize, hyper.crop,
                                  workers=args.workers)
@@ -108,6 +133,9 @@ def tf2_batches(args):
   import input_pipeline_tf2_or_jax as input_pipeline
   data = input_pipeline.load(args)
   hyper = harness.HyperRule.of(args, data.train_size, data.original_hw)
+  path = _held(data.train.n, hyper, args, data.train.pil)
+  if path:
+    data.train = dataclasses.replace(data.train, held=path)
   batches = input_pipeline.train_batches(data, hyper.stream(args),
                                          hyper.resize, hyper.crop)
   return hyper, (b['image'] for b in batches.as_numpy_iterator())
@@ -175,6 +203,10 @@ def main(argv=None):
   parser.add_argument('--classes', type=int, default=10)
   parser.add_argument('--per_class', type=int, default=32,
                       help='training images per class')
+  parser.add_argument('--held', action='store_true',
+                      help='views of held images (big_transfer.held, held '
+                      'before each measurement, untimed), as runs that read '
+                      'each image at least twice take them')
   parser.add_argument('--out', default=None, help='also write results here')
   args = parser.parse_args(argv)
   names = chosen(parser, args.backends, BACKENDS)
@@ -188,8 +220,8 @@ def main(argv=None):
             if args.warmup is None else args.warmup)
   print(f'{args.classes} x {args.per_class} JPEG files of {size[0]}x'
         f'{size[1]}, {args.resolution} px crop, batch {args.batch}, mixup '
-        f'{MIXUP_ALPHA:g}; {args.batches} batches timed after {warmup}.',
-        flush=True)
+        f'{MIXUP_ALPHA:g}; {args.batches} batches timed after {warmup}'
+        f'{"; images held" if args.held else ""}.', flush=True)
   results = []
   with tempfile.TemporaryDirectory(prefix='bit_pipeline_') as tmp:
     folder = make_folder(tmp, args.classes, args.per_class, size)
@@ -198,7 +230,7 @@ def main(argv=None):
         warmup = (WARMUP_PER_WORKER * (w + 1) if args.warmup is None else
                   args.warmup)
         flags = training_args(folder, args.batch, args.resolution, w,
-                              warmup + args.batches)
+                              warmup + args.batches, args.held)
         res = measure(backend, flags, args.batches, warmup)
         results.append(res)
         print(f'{backend:>7} {w} worker(s): {res["img_s"]:7.1f} img/s, '

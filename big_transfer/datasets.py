@@ -275,6 +275,15 @@ def decode(file):
     return im if im.mode == 'RGB' else im.convert('RGB')
 
 
+def decode_file(path):
+  """decode(path); a file that cannot be read raises BadImage naming it."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  try:
+    return decode(path)
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise BadImage.of(path, e) from e
+
+
 @dataclasses.dataclass
 class Source:
   """The examples of one split: int64 `labels` and `load(i)`, image i as a
@@ -299,10 +308,7 @@ class Source:
       return Image.fromarray(self.images[i])
     if self.split is not None:
       return decode(io.BytesIO(self.split[i][0]))
-    try:
-      return decode(self.paths[i])
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-      raise BadImage.of(self.paths[i], e) from e
+    return decode_file(self.paths[i])
 
   def subset(self, indices):
     return Source(self.labels[indices],

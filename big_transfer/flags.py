@@ -129,6 +129,20 @@ def loading():
   return parent
 
 
+def holding():
+  """Fine-tuning's training images decoded once (big_transfer.held)."""
+  parent, g = group('holding')
+  g.add_argument('--hold_images', action=argparse.BooleanOptionalAction,
+                 default=None,
+                 help='Decode each training image once and keep it resized, '
+                 'in the run folder, while the run lasts: the same pixels, '
+                 'for a fraction of the host\'s work. Default: when the '
+                 'images are decoded (files or encoded bytes), in one '
+                 'training process, each read at least twice, and fit in '
+                 'a quarter of the memory.')
+  return parent
+
+
 def fewshot():
   """The few-shot subset of the training split."""
   parent, g = group('few-shot')

@@ -38,7 +38,8 @@ import typing
 import numpy as np
 
 import bit_hyperrule
-from big_transfer import datastream, events, hardware, metrics, runfiles
+from big_transfer import (datastream, events, hardware, held, metrics,
+                          runfiles)
 from big_transfer.errors import BadInput, Diverged, RunFailed
 from bit_common import run_dir, run_logger
 
@@ -503,9 +504,10 @@ class Run:
     self.close()
 
   def close(self):
-    """Closes the run's files (metrics, TensorBoard, the log file) and
-    releases its lock; safe to call more than once (a `with` block of the
-    run calls it however the block ends)."""
+    """Closes the run's files (metrics, TensorBoard, the log file), removes
+    its held images (big_transfer.held) and releases its lock; safe to call
+    more than once (a `with` block of the run calls it however the block
+    ends)."""
     if self.metrics is not None:
       self.metrics.close()
     for handler in list(self.logger.handlers):
@@ -513,6 +515,7 @@ class Run:
         self.logger.removeHandler(handler)
         handler.close()
     if self.lead:
+      held.release(self.dir)
       _unlock(self.dir)
 
 

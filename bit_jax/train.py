@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from big_transfer import (datasets, errors, flags, harness, loader, runfiles,
-                          zoo)
+from big_transfer import (datasets, errors, flags, harness, held, loader,
+                          runfiles, zoo)
 import bit_common
 from bit_jax import models
 from bit_jax.engine import (DTYPES, Checkpoints, DataParallel, accumulate,
@@ -144,6 +144,9 @@ def main(args):
                        state)
     step = run.resume(ckpt, settings)
     state = ckpt.state
+    path = held.for_run(run, args, train_size, hyper, data.train.load,
+                        data.train.images is None, nproc)
+    data.train = held.Held(path, data.train.labels) if path else data.train
     run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),
                          devices=len(devices),
                          device_kind=devices[0].device_kind, processes=nproc,

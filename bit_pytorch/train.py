@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from big_transfer import datasets, errors, flags, harness, runfiles, zoo
+from big_transfer import (datasets, errors, flags, harness, held, runfiles,
+                          zoo)
 import bit_common
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
@@ -103,6 +104,9 @@ def _train(args, rank, device):
     ckpt = Checkpoint(os.path.join(run.dir, CHECKPOINT), settings, run.lead,
                       model=net, optimizer=opt, scaler=scaler)
     step = same_everywhere(run.resume(ckpt, settings))
+    path = held.for_run(run, args, len(train_src), hyper, train_src.load,
+                        train_src.images is None, world)
+    train_src = held.Held(path, train_src.labels) if path else train_src
     compiled = compiles(args.compile, device, hyper.total - step)
     run.start(step, dict(hyper.config(), classes=data.classes, devices=world,
                          device=str(device), compiled=compiled,

@@ -24,20 +24,21 @@ In-process use: `main(args)` with `args = argparser().parse_args([...])` (or
 `bit_common.argparser()`'s: the TF2-only flags then take their defaults)
 runs one fine-tuning and returns the final evaluation.
 """
+import dataclasses
 import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from big_transfer import errors, flags, harness, runfiles, zoo
+from big_transfer import errors, flags, harness, held, runfiles, zoo
 import bit_common
 import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import engine
 from bit_tf2 import models
 from bit_tf2.engine import (POLICIES, Checkpoints, accumulate, any_process,
                             chief_first, device_kind, distribute, eval_sums,
-                            is_chief, make_strategy, uses_xla)
+                            is_chief, make_strategy, processes, uses_xla)
 
 SAVED_MODEL = 'saved_model'
 
@@ -187,6 +188,10 @@ def main(args):
                                                      optimizer=optimizer,
                                                      step=step_var))
     step = run.resume(ckpt, settings)
+    path = held.for_run(run, args, data.train_size, hyper, data.train.pil,
+                        data.train.decoded, processes(strategy))
+    if path:
+      data.train = dataclasses.replace(data.train, held=path)
     run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),
                          devices=replicas, strategy=type(strategy).__name__,
                          device_kind=device_kind(strategy),

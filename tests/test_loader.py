@@ -100,33 +100,6 @@ def test_inception_views_are_pytorchs(source):
                              atol=1e-6)
 
 
-def test_training_view_is_the_whole_resize_cropped():
-  """train_view resamples only the crop's window: against PIL's resize of
-  the whole image, then the crop, on a photograph shrunk and enlarged, and
-  on an image already of the resize's size (exact)."""
-  import sklearn
-  photo = datasets.decode(os.path.join(os.path.dirname(sklearn.__file__),
-                                       'datasets', 'images', 'china.jpg'))
-  small = Image.fromarray(np.random.default_rng(0).integers(
-      0, 256, (40, 40, 3), np.uint8))
-  for image, resize, crop, tolerance in ((photo, 239, 224, 1),
-                                         (photo, 96, 80, 1),
-                                         (small, 64, 56, 2),
-                                         (small, 40, 32, 0)):
-    differ = 0
-    for seed in range(8):
-      (top,), (left,), (flip,) = datastream.crop_flip([seed], resize, crop)
-      want = image.resize((resize, resize), Image.BILINEAR).crop(
-          (left, top, left + crop, top + crop))
-      if flip:
-        want = want.transpose(Image.FLIP_LEFT_RIGHT)
-      got = preprocess.train_view(image, seed, resize, crop)
-      error = np.abs(got.astype(int) - np.asarray(want))
-      assert error.max() <= tolerance, (resize, crop, seed)
-      differ += np.count_nonzero(error)
-    assert differ <= 0.05 * 8 * crop * crop * 3, (resize, crop)
-
-
 def test_decode_gives_rgb_of_every_mode(tmp_path):
   """datasets.decode returns an RGB file's image itself, closed: the views
   still work on it, multi-frame files (a phone's MPO) included."""

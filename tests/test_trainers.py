@@ -160,6 +160,8 @@ def test_outputs_and_their_fields(setup, reference, backend):
   assert config['schedule'][-1] == STEPS and config['mixup'] == 0.4
   assert config['mixup_alpha'] == 0.4 and config['resumed_from_step'] == 0
   assert config['devices'] == 1 and config['versions']
+  # Each image read 4 times: held (the run folder's list above: released).
+  assert config['hold_images'] is True
   records = metrics(setup, backend, 'reference')
   train = [r for r in records if r['split'] == 'train']
   val = [r for r in records if r['split'] == 'val']

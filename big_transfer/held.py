@@ -1,0 +1,162 @@
+"""Training images decoded once: a fine-tuning run may hold every training
+image resized to the HyperRule's (resize, resize), as uint8 in one file in
+its run folder, and take each view's crop and flip from it.
+
+The resize does not depend on the augmentation seed, so the views are
+exactly those of an image decoded at every read (preprocess.train_view
+resizes the whole image, then crops), and TF2, whose tf.data then only
+crops, flips and scales, gets the same pixels as PyTorch and JAX. BiT's
+transfers read their images many times (the HyperRule's 500 steps of 512
+read a VTAB-1k task's 1,000 images 256 times), and the host makes views of
+held images several times as fast as of decoded ones (docs/gpu.md).
+
+  wanted(args, n, resize, reads, decodes, processes, folder)
+      None when the run holds its images, else why not, in words. With
+      --hold_images unset (auto): images that are decoded (files or encoded
+      bytes, not arrays), one training process, each image read at least
+      READS times on average, and the file within BUDGET of the machine's
+      memory and half the free space of `folder`. --hold_images asks for
+      it whatever the reads; --no-hold_images never.
+  hold(n, resize, load, folder, workers, logger)
+      Writes the file (image i is `load(i)`, a PIL image, resized) with
+      `workers` threads and returns its path; an image that cannot be read
+      stops it with load's error, before training starts.
+  Held(path, labels)
+      The held images as a datasets.Source (labels, len, load(i)); each
+      process maps the file (pickling it passes the path).
+  release(folder)
+      Removes the file: the run's end calls it (harness.Run.close, however
+      the run ends); a killed run leaves it until the same command starts
+      again and writes it anew.
+"""
+import concurrent.futures
+import os
+import shutil
+import time
+
+import numpy as np
+
+from big_transfer import preprocess
+from big_transfer.errors import BadInput, RunFailed
+
+FOLDER = 'held'       # in the run folder
+FILE = 'train.npy'
+READS = 2             # the fewest reads per image that auto holds for
+BUDGET = 0.25         # of the machine's memory, at most
+CHUNK = 256           # images decoded at a time while holding
+
+
+def _memory_bytes():
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def wanted(args, n, resize, reads, decodes, processes, folder):
+  """None if the run holds its training images, else the reason in words
+  (see the module doc). `reads`: the images the run reads in all."""
+  choice = getattr(args, 'hold_images', None)
+  if choice is False:
+    return '--no-hold_images'
+  if not decodes:
+    return 'its images are arrays or a streamed split'
+  if processes > 1:
+    return f'{processes} training processes (each would hold its own copy)'
+  if choice is None and reads < READS * n:
+    return f'each image is read {reads / n:.1f} times on average'
+  size = n * resize * resize * 3
+  room = min(BUDGET * _memory_bytes(),
+             shutil.disk_usage(_existing(folder)).free / 2)
+  if size > room:
+    return (f'{size / 2**30:.1f} GiB would not fit in {room / 2**30:.1f} '
+            f'GiB (a quarter of the memory, half the free space of {folder})')
+  return None
+
+
+def _existing(path):
+  while not os.path.isdir(path):
+    path = os.path.dirname(path)
+  return path
+
+
+def hold(n, resize, load, folder, workers, logger):
+  """Writes image i = load(i) of n, resized, to FOLDER/FILE in `folder`
+  (a temporary file renamed when whole) and returns its path."""
+  os.makedirs(os.path.join(folder, FOLDER), exist_ok=True)
+  path = os.path.join(folder, FOLDER, FILE)
+  shape = (n, resize, resize, 3)
+  logger.info(f'holding the {n} training images at {resize}x{resize} '
+              f'({np.prod(shape) / 2**20:.0f} MiB in {path}), each decoded '
+              'once')
+  started = time.perf_counter()
+
+  def resized(i):
+    try:
+      return preprocess.eval_view(load(i), resize)  # the whole resize
+    except OSError as e:  # files raise BadImage; this is a dataset's bytes
+      raise BadInput(f'cannot read training image {i} ({e}).') from e
+
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  with open(path + '.tmp', 'wb') as f, \
+       concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, \
+       tqdm(total=n, unit='img', desc='holding', mininterval=5) as bar:
+    np.lib.format.write_array_header_1_0(f, {
+        'descr': '|u1', 'fortran_order': False, 'shape': shape})
+    # In order, CHUNK images at a time, as file writes (a mapped file would
+    # answer a full disk with SIGBUS).
+    for lo in range(0, n, CHUNK):
+      for image in pool.map(resized, range(lo, min(n, lo + CHUNK))):
+        f.write(image.tobytes())
+        bar.update()
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(path + '.tmp', path)
+  took = time.perf_counter() - started
+  logger.info(f'held {n} images in {took:.1f} s ({n / took:.0f} img/s)')
+  return path
+
+
+def release(folder):
+  shutil.rmtree(os.path.join(folder, FOLDER), ignore_errors=True)
+
+
+def for_run(run, args, n, hyper, load, decodes, processes):
+  """The held file of a fine-tuning run (harness.Run `run`, its
+  HyperRule `hyper`), written now, or None, with the reason logged."""
+  release(run.dir)  # a killed run's file is written anew, or not at all
+  why = wanted(args, n, hyper.resize, hyper.total * args.batch, decodes,
+               processes, run.dir)
+  args.hold_images = not why  # config.json records the choice
+  if why:
+    run.logger.info(f'training images are decoded at every read ({why}).')
+    return None
+  try:
+    return hold(n, hyper.resize, load, run.dir, args.workers, run.logger)
+  except OSError as e:  # a full disk, a folder made read-only
+    release(run.dir)
+    raise RunFailed(f'could not write the held images in {run.dir} '
+                    f'({e.strerror or e}); free space, or pass '
+                    '--no-hold_images, and run the same command again.'
+                    ) from e
+
+
+class Held:
+  """The held images at `path` with their `labels`: a datasets.Source."""
+
+  def __init__(self, path, labels):
+    self.path, self.labels = path, labels
+    self._images = None
+
+  def __len__(self):
+    return len(self.labels)
+
+  def images(self):
+    """uint8 [n, resize, resize, 3], the file mapped (once per process)."""
+    if self._images is None:
+      self._images = np.load(self.path, mmap_mode='r')
+    return self._images
+
+  def load(self, i):
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    return Image.fromarray(np.asarray(self.images()[i]))
+
+  def __getstate__(self):
+    return {'path': self.path, 'labels': self.labels, '_images': None}

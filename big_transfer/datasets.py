@@ -302,6 +302,11 @@ class Source:
   def __len__(self):
     return len(self.labels)
 
+  @property
+  def decoded(self):
+    """Whether its images are decoded when read (files or bytes)."""
+    return self.images is None
+
   def load(self, i):
     from PIL import Image  # pylint: disable=import-outside-toplevel
     if self.images is not None:

@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from big_transfer import preprocess
+from big_transfer import preprocess, runfiles
 from big_transfer.errors import BadInput, RunFailed
 
 FOLDER = 'held'       # in the run folder
@@ -79,8 +79,7 @@ def _existing(path):
 
 def hold(n, resize, load, folder, workers, logger):
   """Writes image i = load(i) of n, resized, to FOLDER/FILE in `folder`
-  (a temporary file renamed when whole) and returns its path."""
-  os.makedirs(os.path.join(folder, FOLDER), exist_ok=True)
+  (runfiles.replaced: whole or not at all) and returns its path."""
   path = os.path.join(folder, FOLDER, FILE)
   shape = (n, resize, resize, 3)
   logger.info(f'holding the {n} training images at {resize}x{resize} '
@@ -95,7 +94,7 @@ def hold(n, resize, load, folder, workers, logger):
       raise BadInput(f'cannot read training image {i} ({e}).') from e
 
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  with open(path + '.tmp', 'wb') as f, \
+  with runfiles.replaced(path, 'wb') as f, \
        concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, \
        tqdm(total=n, unit='img', desc='holding', mininterval=5) as bar:
     np.lib.format.write_array_header_1_0(f, {
@@ -106,9 +105,6 @@ def hold(n, resize, load, folder, workers, logger):
       for image in pool.map(resized, range(lo, min(n, lo + CHUNK))):
         f.write(image.tobytes())
         bar.update()
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + '.tmp', path)
   took = time.perf_counter() - started
   logger.info(f'held {n} images in {took:.1f} s ({n / took:.0f} img/s)')
   return path

@@ -10,17 +10,23 @@ transfers read their images many times (the HyperRule's 500 steps of 512
 read a VTAB-1k task's 1,000 images 256 times), and the host makes views of
 held images several times as fast as of decoded ones (docs/gpu.md).
 
-  wanted(args, n, resize, reads, decodes, processes, folder)
+  wanted(args, n, resize, reads, decodes, folder)
       None when the run holds its images, else why not, in words. With
       --hold_images unset (auto): images that are decoded (files or encoded
-      bytes, not arrays), one training process, each image read at least
-      READS times on average, and the file within BUDGET of the machine's
-      memory and half the free space of `folder`. --hold_images asks for
-      it whatever the reads; --no-hold_images never.
-  hold(n, resize, load, folder, workers, logger)
+      bytes, not arrays), each image read at least READS times on average,
+      and the file within BUDGET of the machine's memory and half the free
+      space of `folder`. --hold_images asks for it whatever the reads;
+      --no-hold_images never.
+  hold(n, resize, load, folder, workers, logger, tick=None)
       Writes the file (image i is `load(i)`, a PIL image, resized) with
       `workers` threads and returns its path; an image that cannot be read
       stops it with load's error, before training starts.
+  for_run(run, args, n, hyper, load, decodes)
+      A fine-tuning run's choice and file. With several processes (one
+      file in the run folder, which every process sees) they decide
+      together (each answers `wanted` for its own host), the lead writes
+      the file while the others wait, and an error of the lead's stops
+      them all.
   Held(path, labels)
       The held images as a datasets.Source (labels, len, load(i)); each
       process maps the file (pickling it passes the path).
@@ -50,7 +56,7 @@ def _memory_bytes():
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
-def wanted(args, n, resize, reads, decodes, processes, folder):
+def wanted(args, n, resize, reads, decodes, folder):
   """None if the run holds its training images, else the reason in words
   (see the module doc). `reads`: the images the run reads in all."""
   choice = getattr(args, 'hold_images', None)
@@ -58,8 +64,6 @@ def wanted(args, n, resize, reads, decodes, processes, folder):
     return '--no-hold_images'
   if not decodes:
     return 'its images are arrays or a streamed split'
-  if processes > 1:
-    return f'{processes} training processes (each would hold its own copy)'
   if choice is None and reads < READS * n:
     return f'each image is read {reads / n:.1f} times on average'
   size = n * resize * resize * 3
@@ -77,9 +81,10 @@ def _existing(path):
   return path
 
 
-def hold(n, resize, load, folder, workers, logger):
+def hold(n, resize, load, folder, workers, logger, tick=None):
   """Writes image i = load(i) of n, resized, to FOLDER/FILE in `folder`
-  (runfiles.replaced: whole or not at all) and returns its path."""
+  (runfiles.replaced: whole or not at all) and returns its path; calls
+  `tick()` after every CHUNK images."""
   path = os.path.join(folder, FOLDER, FILE)
   shape = (n, resize, resize, 3)
   logger.info(f'holding the {n} training images at {resize}x{resize} '
@@ -105,6 +110,8 @@ def hold(n, resize, load, folder, workers, logger):
       for image in pool.map(resized, range(lo, min(n, lo + CHUNK))):
         f.write(image.tobytes())
         bar.update()
+      if tick:
+        tick()
   took = time.perf_counter() - started
   logger.info(f'held {n} images in {took:.1f} s ({n / took:.0f} img/s)')
   return path
@@ -114,24 +121,47 @@ def release(folder):
   shutil.rmtree(os.path.join(folder, FOLDER), ignore_errors=True)
 
 
-def for_run(run, args, n, hyper, load, decodes, processes):
+def for_run(run, args, n, hyper, load, decodes):
   """The held file of a fine-tuning run (harness.Run `run`, its
   HyperRule `hyper`), written now, or None, with the reason logged."""
+  vote = run.any_process  # None: one process
   release(run.dir)  # a killed run's file is written anew, or not at all
   why = wanted(args, n, hyper.resize, hyper.total * args.batch, decodes,
-               processes, run.dir)
+               run.dir)
+  if vote and vote([why is not None])[0] and why is None:
+    why = "another process's host lacks the memory or the disk space"
   args.hold_images = not why  # config.json records the choice
   if why:
     run.logger.info(f'training images are decoded at every read ({why}).')
     return None
+  path = os.path.join(run.dir, FOLDER, FILE)
+  if not run.lead:  # votes along until the lead has written the file
+    while not (outcome := vote([False, False, False]))[0]:
+      pass
+    if outcome[1]:
+      raise BadInput('the lead process could not read a training image '
+                     '(its error names it).')
+    if outcome[2]:
+      raise RunFailed('the lead process could not hold the training images '
+                      '(its error says why).')
+    return path
+  done = vote or (lambda outcome: None)
   try:
-    return hold(n, hyper.resize, load, run.dir, args.workers, run.logger)
-  except OSError as e:  # a full disk, a folder made read-only
-    release(run.dir)
-    raise RunFailed(f'could not write the held images in {run.dir} '
-                    f'({e.strerror or e}); free space, or pass '
-                    '--no-hold_images, and run the same command again.'
-                    ) from e
+    # Every CHUNK images the others vote along: no collective waits longer
+    # than a chunk (NCCL's ends the run after 10 minutes).
+    hold(n, hyper.resize, load, run.dir, args.workers, run.logger,
+         tick=vote and (lambda: vote([False, False, False])))
+  except BaseException as e:
+    done([True, isinstance(e, BadInput), not isinstance(e, BadInput)])
+    if isinstance(e, OSError):  # a full disk, a folder made read-only
+      release(run.dir)
+      raise RunFailed(f'could not write the held images in {run.dir} '
+                      f'({e.strerror or e}); free space, or pass '
+                      '--no-hold_images, and run the same command again.'
+                      ) from e
+    raise
+  done([True, False, False])
+  return path
 
 
 class Held:

@@ -178,12 +178,6 @@ def device_kind(strategy):
   return tf.DeviceSpec.from_string(devices[0]).device_type or 'CPU'
 
 
-def processes(strategy):
-  """The training processes (workers) of `strategy`."""
-  return (strategy.num_replicas_in_sync //
-          len(strategy.extended.worker_devices))
-
-
 def any_process(strategy):
   """flags -> each flag ORed over the workers (None: one worker)."""
   if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):

@@ -1,19 +1,23 @@
 """big_transfer.held, training images decoded once: the views of held
 images are those of images decoded at every read, in PyTorch's and JAX's
-loaders, and TF2 gets the same pixels from them; which runs hold. The runs
-of tests/test_trainers.py hold theirs, and leave no held file behind."""
+loaders, and TF2 gets the same pixels from them; which runs hold; several
+processes decide together and the lead's failure stops them all. The runs
+of tests/test_trainers.py and tests/test_multiprocess.py hold theirs, and
+leave no held file behind."""
 import argparse
 import contextlib
 import dataclasses
 import logging
 import os
+import threading
+import types
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from big_transfer import datasets, datastream, held, loader
+from big_transfer import datasets, datastream, errors, held, loader
 from bit_pytorch import data as torch_data
 from bit_pytorch import engine
 
@@ -92,15 +96,100 @@ def test_tf2_gets_pytorchs_pixels_from_held_images(holding, folder):
 
 
 def test_which_runs_hold(tmp_path, monkeypatch):
-  def why(n=100, reads=200, decodes=True, processes=1, **flags):
+  def why(n=100, reads=200, decodes=True, **flags):
     args = argparse.Namespace(**flags)
-    return held.wanted(args, n, 32, reads, decodes, processes, str(tmp_path))
+    return held.wanted(args, n, 32, reads, decodes, str(tmp_path))
   assert why() is None  # each image read twice, 300 KiB
   assert 'read 1.9 times' in why(reads=190)
   assert why(reads=190, hold_images=True) is None
   assert why(hold_images=False) == '--no-hold_images'
   assert 'arrays' in why(decodes=False)
-  assert '2 training processes' in why(processes=2)
   monkeypatch.setattr(held, '_memory_bytes', lambda: 4 * 100 * 32 * 32 * 3 - 4)
   assert 'would not fit' in why()
   assert 'would not fit' in why(hold_images=True)
+
+
+class Votes:
+  """harness.Run.any_process for threads standing in for processes: each
+  call returns the flags of every thread's call ORed (a collective)."""
+
+  def __init__(self, n):
+    self.barrier = threading.Barrier(n, timeout=60)
+    self.cast = {}
+
+  def __call__(self, flags):
+    self.cast[threading.current_thread().name] = flags
+    self.barrier.wait()
+    result = np.any(list(self.cast.values()), axis=0).tolist()
+    self.barrier.wait()  # every thread has read the votes of this call
+    return result
+
+
+def two_processes(folder, run_dir, load):
+  """held.for_run in two threads, p0 (the lead) and p1, on one run folder:
+  {name: (its file or its error, args.hold_images)}."""
+  train = datasets.load(argparse.Namespace(dataset='imagefolder',
+                                           datadir=folder)).train
+  votes, ends = Votes(2), {}
+
+  def process(lead):
+    run = types.SimpleNamespace(dir=str(run_dir), lead=lead,
+                                any_process=votes,
+                                logger=logging.getLogger('test_held'))
+    args = argparse.Namespace(batch=4, workers=1)
+    hyper = types.SimpleNamespace(resize=RESIZE, total=len(train))
+    try:
+      end = held.for_run(run, args, len(train), hyper,
+                         lambda i: load(train, i), True)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      end = e
+    ends[threading.current_thread().name] = end, args.hold_images
+
+  threads = [threading.Thread(target=process, args=(i == 0,), name=f'p{i}')
+             for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return ends
+
+
+def test_processes_hold_together(holding, folder, tmp_path, monkeypatch):
+  train, kept = holding
+  monkeypatch.setattr(held, 'CHUNK', 4)  # 15 images: the lead ticks 4 times
+  ends = two_processes(folder, tmp_path, lambda src, i: src.load(i))
+  path = str(tmp_path / held.FOLDER / held.FILE)
+  assert ends == {'p0': (path, True), 'p1': (path, True)}
+  np.testing.assert_array_equal(np.load(path), kept.images())
+
+  # One host short of memory: neither holds, and nothing is written.
+  monkeypatch.setattr(held, '_memory_bytes', lambda: (
+      8 if threading.current_thread().name == 'p1' else 2**40))
+  ends = two_processes(folder, tmp_path, lambda src, i: src.load(i))
+  assert ends == {'p0': (None, False), 'p1': (None, False)}
+  assert not os.path.exists(tmp_path / held.FOLDER)
+
+
+def test_the_leads_failure_stops_every_process(folder, tmp_path,
+                                               monkeypatch):
+  monkeypatch.setattr(held, 'CHUNK', 4)
+
+  def unreadable(src, i):
+    if i == 9:  # in the third chunk
+      raise datasets.BadImage.of(src.paths[i], OSError("truncated"))
+    return src.load(i)
+  ends = two_processes(folder, tmp_path, unreadable)
+  (lead, chose), (other, _) = ends['p0'], ends['p1']
+  assert chose and isinstance(lead, errors.BadInput)
+  assert 'truncated' in str(lead)
+  assert isinstance(other, errors.BadInput)
+  assert 'lead process could not read a training image' in str(other)
+  assert not os.listdir(tmp_path / held.FOLDER)  # no partial file left
+
+  def out_of_memory(src, i):
+    if i == 2:
+      raise MemoryError
+    return src.load(i)
+  ends = two_processes(folder, tmp_path, out_of_memory)
+  assert isinstance(ends['p0'][0], MemoryError)
+  assert isinstance(ends['p1'][0], errors.RunFailed)

@@ -1,5 +1,6 @@
 """Several processes on this machine train one model and end where one
-process ends (the tiny runs of tests/test_trainers.py, mixup on):
+process ends (the tiny runs of tests/test_trainers.py, mixup on, the
+training images held by the lead for every process):
 
 - JAX: two processes joined by --distributed --coordinator_address
   127.0.0.1:PORT --num_processes 2 --process_id I (CPU collectives through
@@ -138,6 +139,9 @@ def assert_ends_where_the_reference_ends(setup, reference, backend, name,
     assert r['loss'] == pytest.approx(e['loss'], rel=1e-5, abs=1e-6), r
   config = json.loads((run_dir / 'config.json').read_text())
   assert config['resumed_from_step'] == resumed_from
+  # The lead held the training images for every process, and removed them.
+  assert config['hold_images'] is True
+  assert not (run_dir / 'held').exists()
   return config
 
 

@@ -18,10 +18,11 @@ batches from the same code and flags the trainer uses, and times them:
            in a pool of --workers threads, decoding and resizing in
            TensorFlow (tf.image, in float), scaling and mixup included.
 
-With --held, each trainer's images are held first (big_transfer.held,
-untimed), so the views are crops and flips of the resized images, as in a
-run that reads each image at least twice; TF2 then only crops, flips,
-scales and mixes.
+With --held, each trainer's images are held first (big_transfer.held, in
+--workers threads, timed apart: holding's own rate, per core of CPU time,
+is recorded as `holding`), so the views are crops and flips of the resized
+images, as in a run that reads each image at least twice; TF2 then only
+crops, flips, scales and mixes.
 
 PyTorch and JAX hand uint8 images to the device, which scales them to
 [-1, 1] and mixes them (PyTorch's engine.mixed, JAX's engine.train_images
@@ -76,17 +77,25 @@ def training_args(folder, batch, resolution, workers, steps, hold=False):
 
 
 def _held(n, hyper, args, load):
-  """With --hold_images, the path of the n images load(i) held as the
-  trainers hold them (big_transfer.held), beside the image folder; else
-  None."""
+  """With --hold_images, (the path of the n images load(i) held as the
+  trainers hold them (big_transfer.held), beside the image folder, and
+  holding's own rate); else (None, None)."""
   if not args.hold_images:
-    return None
-  return held.hold(n, hyper.resize, load, args.datadir, args.workers,
-                   logging.getLogger('benchmarks.pipeline'))
+    return None, None
+  path = []
+  cpu = cpu_seconds()
+  took = seconds(lambda: path.append(held.hold(
+      n, hyper.resize, load, args.datadir, args.workers,
+      logging.getLogger('benchmarks.pipeline'))))
+  cores = (cpu_seconds() - cpu) / took
+  return path[0], {'images': n, 'threads': args.workers, 'seconds': took,
+                   'img_s': n / took, 'cpu_cores': cores,
+                   'img_s_per_core': n / took / cores}
 
 
 def pytorch_batches(args):
-  """(HyperRule, an iterator of bit_pytorch.train's training images)."""
+  """(HyperRule, an iterator of bit_pytorch.train's training images,
+  holding's rate or None)."""
   # Imported here only: each backend's pipeline runs without the other.
   # pylint: disable=import-outside-toplevel
   import torch
@@ -94,28 +103,29 @@ def pytorch_batches(args):
   from bit_pytorch.engine import data_errors_named, loader
   data = torch_data.load(args, None)
   hyper = harness.HyperRule.of(args, len(data.train), data.original_hw)
-  path = _held(len(data.train), hyper, args, data.train.load)
+  path, holding = _held(len(data.train), hyper, args, data.train.load)
   if path:
     data.train = held.Held(path, data.train.labels)
   sampler = torch_data.TrainBatches(hyper.stream(args), 0, hyper.total)
   batches = data_errors_named(iter(loader(
       torch_data.TrainSet(data.train, hyper.resize, hyper.crop), args,
       torch.device('cpu'), batch_sampler=sampler)))
-  return hyper, (x for x, _ in batches)
+  return hyper, (x for x, _ in batches), holding
 
 
 def jax_batches(args):
-  """(HyperRule, an iterator of bit_jax.train's training images)."""
+  """(HyperRule, an iterator of bit_jax.train's training images, holding's
+  rate or None)."""
   from big_transfer import loader  # pylint: disable=import-outside-toplevel
   data = datasets.load(args)
   hyper = harness.HyperRule.of(args, len(data.train), data.original_hw)
-  path = _held(len(data.train), hyper, args, data.train.load)
+  path, holding = _held(len(data.train), hyper, args, data.train.load)
   if path:
     data.train = held.Held(path, data.train.labels)
   batches = loader.train_batches(data.train, data.num_classes,
                                  hyper.stream(args), hyper.resize, hyper.crop,
                                  workers=args.workers)
-  return hyper, _images_then_close(batches)
+  return hyper, _images_then_close(batches), holding
 
 
 def _images_then_close(batches):
@@ -128,17 +138,19 @@ def _images_then_close(batches):
 
 
 def tf2_batches(args):
-  """(HyperRule, an iterator of bit_tf2.train's training images)."""
+  """(HyperRule, an iterator of bit_tf2.train's training images, holding's
+  rate or None)."""
   # pylint: disable-next=import-outside-toplevel
   import input_pipeline_tf2_or_jax as input_pipeline
   data = input_pipeline.load(args)
   hyper = harness.HyperRule.of(args, data.train_size, data.original_hw)
-  path = _held(data.train.n, hyper, args, data.train.pil)
+  path, holding = _held(data.train.n, hyper, args, data.train.pil)
   if path:
     data.train = dataclasses.replace(data.train, held=path)
   batches = input_pipeline.train_batches(data, hyper.stream(args),
                                          hyper.resize, hyper.crop)
-  return hyper, (b['image'] for b in batches.as_numpy_iterator())
+  return (hyper, (b['image'] for b in batches.as_numpy_iterator()),
+          holding)
 
 
 PIPELINES = {'pytorch': pytorch_batches, 'jax': jax_batches,
@@ -147,7 +159,7 @@ PIPELINES = {'pytorch': pytorch_batches, 'jax': jax_batches,
 
 def measure(backend, args, batches, warmup):
   """Times `batches` batches of `backend`'s pipeline after `warmup`."""
-  hyper, images = PIPELINES[backend](args)
+  hyper, images, holding = PIPELINES[backend](args)
   for _ in range(warmup):
     next(images)
   shapes = []
@@ -165,7 +177,7 @@ def measure(backend, args, batches, warmup):
           'cpu_cores': cores, 'img_s_per_core': img_s / cores,
           'timed_s': took, 'batches': batches, 'warmup': warmup,
           'batch': args.batch, 'resolution': [hyper.resize, hyper.crop],
-          'mixup': hyper.mixup, 'batch_shapes': shapes}
+          'mixup': hyper.mixup, 'batch_shapes': shapes, 'holding': holding}
 
 
 def cores_needed(results):
@@ -239,6 +251,11 @@ def main(argv=None):
               f'{res["img_s_per_core"]:6.1f} per core  (resize '
               f'{res["resolution"][0]} -> crop {res["resolution"][1]})',
               flush=True)
+        if res['holding']:
+          h = res['holding']
+          print(f'{"":>7} holding {h["images"]} images in {w} thread(s): '
+                f'{h["img_s"]:7.1f} img/s, on {h["cpu_cores"]:.2f} cores: '
+                f'{h["img_s_per_core"]:6.1f} per core', flush=True)
   cores = cores_needed(results)
   for backend, c in cores.items():
     print(f'{backend}: {TARGET_IMG_S} img/s needs {c["cores"]} cores at '

@@ -17,16 +17,15 @@ held images several times as fast as of decoded ones (docs/gpu.md).
       and the file within BUDGET of the machine's memory and half the free
       space of `folder`. --hold_images asks for it whatever the reads;
       --no-hold_images never.
-  hold(n, resize, load, folder, workers, logger, tick=None)
+  hold(n, resize, load, folder, workers, logger, process=(0, 1), vote=None)
       Writes the file (image i is `load(i)`, a PIL image, resized) with
       `workers` threads and returns its path; an image that cannot be read
       stops it with load's error, before training starts.
-  for_run(run, args, n, hyper, load, decodes)
-      A fine-tuning run's choice and file. With several processes (one
-      file in the run folder, which every process sees) they decide
-      together (each answers `wanted` for its own host), the lead writes
-      the file while the others wait, and an error of the lead's stops
-      them all.
+  for_run(run, args, n, hyper, load, decodes, process=(0, 1))
+      A fine-tuning run's choice and file. Several processes share one
+      file, in the run folder that they all see: they decide together
+      (each answers `wanted` for its own host), each decodes its share of
+      the images into it, and an error in any of them stops them all.
   Held(path, labels)
       The held images as a datasets.Source (labels, len, load(i)); each
       process maps the file (pickling it passes the path).
@@ -36,6 +35,7 @@ held images several times as fast as of decoded ones (docs/gpu.md).
       again and writes it anew.
 """
 import concurrent.futures
+import io
 import os
 import shutil
 import time
@@ -81,16 +81,35 @@ def _existing(path):
   return path
 
 
-def hold(n, resize, load, folder, workers, logger, tick=None):
-  """Writes image i = load(i) of n, resized, to FOLDER/FILE in `folder`
-  (runfiles.replaced: whole or not at all) and returns its path; calls
-  `tick()` after every CHUNK images."""
+def hold(n, resize, load, folder, workers, logger, process=(0, 1),
+         vote=None):
+  """Writes image i = load(i) of n, resized, to FOLDER/FILE in `folder` and
+  returns its path. Process `index` of `count` (`process`) decodes chunks
+  index, index + count, ... of CHUNK images with `workers` threads and
+  writes them into one file; `vote` (harness.Run.any_process) joins the
+  processes after each round of chunks, so that an error in any of them
+  stops them all and no collective waits long (NCCL's ends a run after 10
+  minutes). The file is renamed into place once it is whole."""
+  index, count = process
   path = os.path.join(folder, FOLDER, FILE)
+  part = path + '.part'
   shape = (n, resize, resize, 3)
+  header = io.BytesIO()
+  np.lib.format.write_array_header_1_0(header, {
+      'descr': '|u1', 'fortran_order': False, 'shape': shape})
+  header, size = header.getvalue(), resize * resize * 3
+  together = _together(vote or (lambda flags: flags))
   logger.info(f'holding the {n} training images at {resize}x{resize} '
               f'({np.prod(shape) / 2**20:.0f} MiB in {path}), each decoded '
-              'once')
+              f'once, in {count} process(es)')
   started = time.perf_counter()
+
+  def create():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(part, 'wb') as f:
+      f.write(header)
+      f.truncate(len(header) + n * size)
+  together(create if index == 0 else None)
 
   def resized(i):
     try:
@@ -99,69 +118,78 @@ def hold(n, resize, load, folder, workers, logger, tick=None):
       raise BadInput(f'cannot read training image {i} ({e}).') from e
 
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  with runfiles.replaced(path, 'wb') as f, \
+  per_round = CHUNK * count
+  with together(lambda: open(part, 'r+b')) as f, \
        concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, \
-       tqdm(total=n, unit='img', desc='holding', mininterval=5) as bar:
-    np.lib.format.write_array_header_1_0(f, {
-        'descr': '|u1', 'fortran_order': False, 'shape': shape})
-    # In order, CHUNK images at a time, as file writes (a mapped file would
-    # answer a full disk with SIGBUS).
-    for lo in range(0, n, CHUNK):
+       tqdm(total=n, unit='img', desc='holding', mininterval=5,
+            disable=index != 0) as bar:
+
+    def write(lo):  # file writes: a mapped file answers a full disk with SIGBUS
+      f.seek(len(header) + lo * size)
       for image in pool.map(resized, range(lo, min(n, lo + CHUNK))):
         f.write(image.tobytes())
-        bar.update()
-      if tick:
-        tick()
+    for start in range(0, n, per_round):
+      mine = start + index * CHUNK
+      together(lambda: write(mine) if mine < n else None)
+      bar.update(min(n, start + per_round) - start)
+    together(lambda: (f.flush(), os.fsync(f.fileno())))
+  together(lambda: (os.replace(part, path),
+                    runfiles.sync_folder(os.path.dirname(path)))
+           if index == 0 else None)
   took = time.perf_counter() - started
   logger.info(f'held {n} images in {took:.1f} s ({n / took:.0f} img/s)')
   return path
+
+
+def _together(vote):
+  """work -> work() (None: nothing to do here), returned once every process
+  has done its own; an error in any of them stops them all: its own
+  process with its error, the others with a line that points to it."""
+  def run(work):
+    try:
+      result = work() if work else None
+    except BaseException as e:
+      vote([isinstance(e, BadInput), not isinstance(e, BadInput)])
+      raise
+    bad, failed = vote([False, False])
+    if bad:
+      raise BadInput('another process could not read a training image (its '
+                     'error names it).')
+    if failed:
+      raise RunFailed('another process could not hold the training images '
+                      '(its error says why).')
+    return result
+  return run
 
 
 def release(folder):
   shutil.rmtree(os.path.join(folder, FOLDER), ignore_errors=True)
 
 
-def for_run(run, args, n, hyper, load, decodes):
+def for_run(run, args, n, hyper, load, decodes, process=(0, 1)):
   """The held file of a fine-tuning run (harness.Run `run`, its
-  HyperRule `hyper`), written now, or None, with the reason logged."""
-  vote = run.any_process  # None: one process
+  HyperRule `hyper`), written now by every process (`process`: this one's
+  index and the count), or None, with the reason logged."""
   release(run.dir)  # a killed run's file is written anew, or not at all
   why = wanted(args, n, hyper.resize, hyper.total * args.batch, decodes,
                run.dir)
-  if vote and vote([why is not None])[0] and why is None:
+  if run.any_process and run.any_process([why is not None])[0] and not why:
     why = "another process's host lacks the memory or the disk space"
   args.hold_images = not why  # config.json records the choice
   if why:
     run.logger.info(f'training images are decoded at every read ({why}).')
     return None
-  path = os.path.join(run.dir, FOLDER, FILE)
-  if not run.lead:  # votes along until the lead has written the file
-    while not (outcome := vote([False, False, False]))[0]:
-      pass
-    if outcome[1]:
-      raise BadInput('the lead process could not read a training image '
-                     '(its error names it).')
-    if outcome[2]:
-      raise RunFailed('the lead process could not hold the training images '
-                      '(its error says why).')
-    return path
-  done = vote or (lambda outcome: None)
   try:
-    # Every CHUNK images the others vote along: no collective waits longer
-    # than a chunk (NCCL's ends the run after 10 minutes).
-    hold(n, hyper.resize, load, run.dir, args.workers, run.logger,
-         tick=vote and (lambda: vote([False, False, False])))
+    return hold(n, hyper.resize, load, run.dir, args.workers, run.logger,
+                process, run.any_process)
   except BaseException as e:
-    done([True, isinstance(e, BadInput), not isinstance(e, BadInput)])
+    release(run.dir)
     if isinstance(e, OSError):  # a full disk, a folder made read-only
-      release(run.dir)
       raise RunFailed(f'could not write the held images in {run.dir} '
                       f'({e.strerror or e}); free space, or pass '
                       '--no-hold_images, and run the same command again.'
                       ) from e
     raise
-  done([True, False, False])
-  return path
 
 
 class Held:

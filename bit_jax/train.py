@@ -145,7 +145,7 @@ def main(args):
     step = run.resume(ckpt, settings)
     state = ckpt.state
     path = held.for_run(run, args, train_size, hyper, data.train.load,
-                        data.train.decoded)
+                        data.train.decoded, (pid, nproc))
     data.train = held.Held(path, data.train.labels) if path else data.train
     run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),
                          devices=len(devices),

@@ -105,7 +105,7 @@ def _train(args, rank, device):
                       model=net, optimizer=opt, scaler=scaler)
     step = same_everywhere(run.resume(ckpt, settings))
     path = held.for_run(run, args, len(train_src), hyper, train_src.load,
-                        train_src.decoded)
+                        train_src.decoded, (rank, world))
     train_src = held.Held(path, train_src.labels) if path else train_src
     compiled = compiles(args.compile, device, hyper.total - step)
     run.start(step, dict(hyper.config(), classes=data.classes, devices=world,

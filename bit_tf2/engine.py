@@ -70,15 +70,20 @@ def make_strategy():
   return tf.distribute.MirroredStrategy([d.name for d in devices])
 
 
+def worker(strategy):
+  """(index, count) of this training process among the workers of
+  `strategy`, the chief (if the cluster names one) first."""
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return 0, 1
+  resolver = strategy.cluster_resolver
+  tasks = resolver.cluster_spec().as_dict()
+  chiefs = len(tasks.get('chief', ()))
+  index = resolver.task_id + (chiefs if resolver.task_type == 'worker' else 0)
+  return index, chiefs + len(tasks.get('worker', ()))
+
+
 def is_chief(strategy):
-  resolver = getattr(strategy, 'cluster_resolver', None)
-  if resolver is None or not resolver.task_type:
-    return True
-  if resolver.task_type == 'chief':
-    return True
-  has_chief = 'chief' in resolver.cluster_spec().as_dict()
-  return resolver.task_type == 'worker' and resolver.task_id == 0 and (
-      not has_chief)
+  return worker(strategy)[0] == 0
 
 
 def chief_first(strategy, fn, *args):

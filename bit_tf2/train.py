@@ -38,7 +38,7 @@ from bit_tf2 import engine
 from bit_tf2 import models
 from bit_tf2.engine import (POLICIES, Checkpoints, accumulate, any_process,
                             chief_first, device_kind, distribute, eval_sums,
-                            is_chief, make_strategy, uses_xla)
+                            is_chief, make_strategy, uses_xla, worker)
 
 SAVED_MODEL = 'saved_model'
 
@@ -189,7 +189,7 @@ def main(args):
                                                      step=step_var))
     step = run.resume(ckpt, settings)
     path = held.for_run(run, args, data.train_size, hyper, data.train.pil,
-                        data.train.decoded)
+                        data.train.decoded, worker(strategy))
     if path:
       data.train = dataclasses.replace(data.train, held=path)
     run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),

@@ -1,7 +1,8 @@
 """big_transfer.held, training images decoded once: the views of held
 images are those of images decoded at every read, in PyTorch's and JAX's
 loaders, and TF2 gets the same pixels from them; which runs hold; several
-processes decide together and the lead's failure stops them all. The runs
+processes decide together, share the decoding, and an error in one stops
+them all. The runs
 of tests/test_trainers.py and tests/test_multiprocess.py hold theirs, and
 leave no held file behind."""
 import argparse
@@ -126,26 +127,28 @@ class Votes:
 
 
 def two_processes(folder, run_dir, load):
-  """held.for_run in two threads, p0 (the lead) and p1, on one run folder:
-  {name: (its file or its error, args.hold_images)}."""
+  """held.for_run in two threads, p0 (the lead) and p1, on one run folder,
+  image i read by load(process, train, i): {name: (its file or its error,
+  args.hold_images)}."""
   train = datasets.load(argparse.Namespace(dataset='imagefolder',
                                            datadir=folder)).train
   votes, ends = Votes(2), {}
 
-  def process(lead):
-    run = types.SimpleNamespace(dir=str(run_dir), lead=lead,
+  def process(index):
+    run = types.SimpleNamespace(dir=str(run_dir), lead=index == 0,
                                 any_process=votes,
                                 logger=logging.getLogger('test_held'))
     args = argparse.Namespace(batch=4, workers=1)
     hyper = types.SimpleNamespace(resize=RESIZE, total=len(train))
     try:
       end = held.for_run(run, args, len(train), hyper,
-                         lambda i: load(train, i), True)
+                         lambda i: load(f'p{index}', train, i), True,
+                         (index, 2))
     except Exception as e:  # pylint: disable=broad-exception-caught
       end = e
     ends[threading.current_thread().name] = end, args.hold_images
 
-  threads = [threading.Thread(target=process, args=(i == 0,), name=f'p{i}')
+  threads = [threading.Thread(target=process, args=(i,), name=f'p{i}')
              for i in range(2)]
   for t in threads:
     t.start()
@@ -156,40 +159,49 @@ def two_processes(folder, run_dir, load):
 
 def test_processes_hold_together(holding, folder, tmp_path, monkeypatch):
   train, kept = holding
-  monkeypatch.setattr(held, 'CHUNK', 4)  # 15 images: the lead ticks 4 times
-  ends = two_processes(folder, tmp_path, lambda src, i: src.load(i))
+  monkeypatch.setattr(held, 'CHUNK', 4)  # 15 images: chunks 0, 2 and 1, 3
+  readers = {}
+
+  def load(process, src, i):
+    readers.setdefault(process, []).append(i)
+    return src.load(i)
+  ends = two_processes(folder, tmp_path, load)
   path = str(tmp_path / held.FOLDER / held.FILE)
   assert ends == {'p0': (path, True), 'p1': (path, True)}
+  assert {k: sorted(v) for k, v in readers.items()} == {
+      'p0': [0, 1, 2, 3, 8, 9, 10, 11], 'p1': [4, 5, 6, 7, 12, 13, 14]}
   np.testing.assert_array_equal(np.load(path), kept.images())
+  assert os.listdir(tmp_path / held.FOLDER) == [held.FILE]
 
   # One host short of memory: neither holds, and nothing is written.
   monkeypatch.setattr(held, '_memory_bytes', lambda: (
       8 if threading.current_thread().name == 'p1' else 2**40))
-  ends = two_processes(folder, tmp_path, lambda src, i: src.load(i))
+  ends = two_processes(folder, tmp_path, lambda _, src, i: src.load(i))
   assert ends == {'p0': (None, False), 'p1': (None, False)}
   assert not os.path.exists(tmp_path / held.FOLDER)
 
 
-def test_the_leads_failure_stops_every_process(folder, tmp_path,
+def test_an_error_in_one_process_stops_every_process(folder, tmp_path,
                                                monkeypatch):
   monkeypatch.setattr(held, 'CHUNK', 4)
 
-  def unreadable(src, i):
-    if i == 9:  # in the third chunk
-      raise datasets.BadImage.of(src.paths[i], OSError("truncated"))
+  def unreadable(_, src, i):
+    if i == 13:  # p1's, in the second round
+      raise datasets.BadImage.of(src.paths[i], OSError('truncated'))
     return src.load(i)
   ends = two_processes(folder, tmp_path, unreadable)
   (lead, chose), (other, _) = ends['p0'], ends['p1']
-  assert chose and isinstance(lead, errors.BadInput)
-  assert 'truncated' in str(lead)
-  assert isinstance(other, errors.BadInput)
-  assert 'lead process could not read a training image' in str(other)
-  assert not os.listdir(tmp_path / held.FOLDER)  # no partial file left
+  assert chose and isinstance(other, errors.BadInput)
+  assert 'truncated' in str(other)
+  assert isinstance(lead, errors.BadInput)
+  assert 'another process could not read a training image' in str(lead)
+  assert not os.path.exists(tmp_path / held.FOLDER)  # no partial file left
 
-  def out_of_memory(src, i):
-    if i == 2:
+  def out_of_memory(_, src, i):
+    if i == 2:  # the lead's, in the first round
       raise MemoryError
     return src.load(i)
   ends = two_processes(folder, tmp_path, out_of_memory)
   assert isinstance(ends['p0'][0], MemoryError)
   assert isinstance(ends['p1'][0], errors.RunFailed)
+  assert 'another process could not hold' in str(ends['p1'][0])

@@ -139,7 +139,7 @@ def assert_ends_where_the_reference_ends(setup, reference, backend, name,
     assert r['loss'] == pytest.approx(e['loss'], rel=1e-5, abs=1e-6), r
   config = json.loads((run_dir / 'config.json').read_text())
   assert config['resumed_from_step'] == resumed_from
-  # The lead held the training images for every process, and removed them.
+  # The processes held the training images together, and removed them.
   assert config['hold_images'] is True
   assert not (run_dir / 'held').exists()
   return config

@@ -4,8 +4,9 @@ on a generated JPEG folder and records their rate per worker and per core
 of CPU time.
 
 One tiny run of the command line (a few 40x48 images, a 32 px crop, batch
-8, 1 worker, 3 timed batches), as a user runs it. No speed is asserted:
-the test checks that every timed batch was a real batch of the pipeline.
+8, 1 worker, 3 timed batches), as a user runs it, and one with --held
+(PyTorch only), which also times the holding. No speed is asserted: the
+test checks that every timed batch was a real batch of the pipeline.
 """
 import json
 import math
@@ -25,19 +26,22 @@ SHAPES = {'pytorch': [BATCH, 3, CROP, CROP], 'jax': [BATCH, CROP, CROP, 3],
           'tf2': [BATCH, CROP, CROP, 3]}
 
 
-@pytest.fixture(scope='module')
-def bench(tmp_path_factory):
-  out = tmp_path_factory.mktemp('pipeline') / 'out.json'
+def run_bench(out, backends, *extra):
   subprocess.run(
       [sys.executable, '-m', 'benchmarks.pipeline', '--backends',
-       ','.join(SHAPES), '--workers', '1', '--batch', str(BATCH),
+       ','.join(backends), '--workers', '1', '--batch', str(BATCH),
        '--batches', str(BATCHES), '--warmup', '1', '--resolution', str(CROP),
        '--image_size', '40x48', '--classes', '2', '--per_class', '6',
-       '--out', str(out)],
+       '--out', str(out), *extra],
       cwd=REPO, check=True, timeout=300, capture_output=True,
       env=dict(os.environ, OMP_NUM_THREADS='1', JAX_PLATFORMS='cpu'))
   with open(out) as f:
     return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def bench(tmp_path_factory):
+  return run_bench(tmp_path_factory.mktemp('pipeline') / 'out.json', SHAPES)
 
 
 @pytest.mark.parametrize('backend', sorted(SHAPES))
@@ -47,6 +51,7 @@ def test_times_real_batches_at_a_positive_rate(bench, backend):
   assert res['img_s_per_worker'] == pytest.approx(res['img_s'])
   assert res['batch_shapes'] == [SHAPES[backend]] * BATCHES
   assert res['resolution'][1] == CROP and res['mixup'] > 0
+  assert res['holding'] is None  # decoded at every read
   # The CPU time of the process and its workers (too short a stretch here
   # to bound it by the cores: workers' time comes in ticks of 10 ms).
   assert res['cpu_cores'] > 0
@@ -57,3 +62,14 @@ def test_times_real_batches_at_a_positive_rate(bench, backend):
   assert cores['cores'] == math.ceil(bench['target_img_s'] /
                                      res['img_s_per_core'])
   assert bench['cpu']['model']
+
+
+def test_held_images_and_the_rate_of_holding_them(tmp_path):
+  bench = run_bench(tmp_path / 'out.json', ['pytorch'], '--held')
+  (res,) = bench['results']
+  assert res['batch_shapes'] == [SHAPES['pytorch']] * BATCHES
+  holding = res['holding']
+  assert holding['images'] == 12 and holding['threads'] == 1
+  assert holding['img_s'] == pytest.approx(12 / holding['seconds'])
+  assert holding['img_s_per_core'] == pytest.approx(holding['img_s'] /
+                                                    holding['cpu_cores'])

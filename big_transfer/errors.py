@@ -1,10 +1,15 @@
-"""The errors that end a command, and the wrapper that turns them into one
-line and an exit status. This module imports nothing of the project, so that
-every other module can use it.
+"""The errors that end a command, the wrapper that turns them into one
+line and an exit status, and how an error in one process of a run ends all
+of them. This module imports nothing of the project, so that every other
+module can use it.
 
   BadInput   something the user gave is wrong: exit status 2
   RunFailed  a run could not go on (a write failed, the loss diverged): 3
   Diverged   the training loss is not a number (a RunFailed)
+  together(vote, work)        work done in every process, an error in one
+                              ending them all
+  in_turn(first, vote, fn, *args)
+                              fn in the first processes, then the others
 """
 import sys
 
@@ -34,3 +39,35 @@ def run_cli(main, *args, **kwargs):
   except RunFailed as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(3)
+
+
+def together(vote, work=None):
+  """work() (None: no work in this process), returned once every process of
+  the run has done its own. `vote` (flags -> each ORed over the processes,
+  a collective; None: one process) joins them, so that an error in any
+  process ends them all: that one with its own error, the others with one
+  line that points to it (BadInput where the error was one, else
+  RunFailed)."""
+  vote = vote or (lambda flags: flags)
+  try:
+    result = work() if work else None
+  except BaseException as e:
+    vote([isinstance(e, BadInput), not isinstance(e, BadInput)])
+    raise
+  bad, failed = vote([False, False])
+  if bad:
+    raise BadInput('another process refused its input (its error says '
+                   'why).')
+  if failed:
+    raise RunFailed('another process failed (its error says why).')
+  return result
+
+
+def in_turn(first, vote, fn, *args):
+  """fn(*args) in the first processes (`first`: whether this is one of
+  them), then in the others, each turn `together`: checks that make and
+  remove folders, or downloads, which processes doing them at once would
+  race on."""
+  results = [together(vote, (lambda: fn(*args)) if first == turn else None)
+             for turn in (True, False)]
+  return results[0] if first else results[1]

@@ -35,6 +35,7 @@ held images several times as fast as of decoded ones (docs/gpu.md).
       again and writes it anew.
 """
 import concurrent.futures
+import functools
 import io
 import os
 import shutil
@@ -42,7 +43,7 @@ import time
 
 import numpy as np
 
-from big_transfer import preprocess, runfiles
+from big_transfer import errors, preprocess, runfiles
 from big_transfer.errors import BadInput, RunFailed
 
 FOLDER = 'held'       # in the run folder
@@ -98,7 +99,7 @@ def hold(n, resize, load, folder, workers, logger, process=(0, 1),
   np.lib.format.write_array_header_1_0(header, {
       'descr': '|u1', 'fortran_order': False, 'shape': shape})
   header, size = header.getvalue(), resize * resize * 3
-  together = _together(vote or (lambda flags: flags))
+  together = functools.partial(errors.together, vote)
   logger.info(f'holding the {n} training images at {resize}x{resize} '
               f'({np.prod(shape) / 2**20:.0f} MiB in {path}), each decoded '
               f'once, in {count} process(es)')
@@ -139,27 +140,6 @@ def hold(n, resize, load, folder, workers, logger, process=(0, 1),
   took = time.perf_counter() - started
   logger.info(f'held {n} images in {took:.1f} s ({n / took:.0f} img/s)')
   return path
-
-
-def _together(vote):
-  """work -> work() (None: nothing to do here), returned once every process
-  has done its own; an error in any of them stops them all: its own
-  process with its error, the others with a line that points to it."""
-  def run(work):
-    try:
-      result = work() if work else None
-    except BaseException as e:
-      vote([isinstance(e, BadInput), not isinstance(e, BadInput)])
-      raise
-    bad, failed = vote([False, False])
-    if bad:
-      raise BadInput('another process could not read a training image (its '
-                     'error names it).')
-    if failed:
-      raise RunFailed('another process could not hold the training images '
-                      '(its error says why).')
-    return result
-  return run
 
 
 def release(folder):

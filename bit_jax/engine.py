@@ -132,24 +132,10 @@ def initialize_distributed(args):
 
 
 def lead_first(fn, *args):
-  """fn(*args) on process 0, then on the others (the checks make and remove
-  folders, which processes doing it at once would race on); a BadInput
-  anywhere stops every process."""
-  if jax.process_count() == 1:
-    return fn(*args)
-  result, error = None, None
-  for turn in (True, False):
-    if (jax.process_index() == 0) == turn:
-      try:
-        result = fn(*args)
-      except errors.BadInput as e:
-        error = e
-    if any_process([error is not None])[0] and error is None:
-      raise errors.BadInput('another process refused the command line '
-                                '(its error says why).')
-  if error is not None:
-    raise error
-  return result
+  """fn(*args) on process 0, then on the others (errors.in_turn)."""
+  return errors.in_turn(jax.process_index() == 0,
+                        any_process if jax.process_count() > 1 else None,
+                        fn, *args)
 
 
 def local(x):

@@ -68,22 +68,9 @@ def restarted_store():
 
 def local_first(fn, *args):
   """fn(*args), run by each node's first process before the others (so a
-  download happens once); a BadInput anywhere stops every process."""
-  if world_size() == 1:
-    return fn(*args)
-  first = os.environ.get('LOCAL_RANK', '0') == '0'
-  result, error = None, None
-  for turn in (True, False):
-    if first == turn:
-      try:
-        result = fn(*args)
-      except errors.BadInput as e:
-        error = str(e)
-    failures = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, error)
-    if any(failures):
-      raise errors.BadInput(next(e for e in failures if e))
-  return result
+  download happens once; errors.in_turn)."""
+  return errors.in_turn(os.environ.get('LOCAL_RANK', '0') == '0',
+                        any_process(), fn, *args)
 
 
 def _ignore_sigint(worker_id):
@@ -220,10 +207,11 @@ def data_errors_named(batches):
 # --------------------------------------------------------------------------
 # Collectives over processes (none with one process).
 
-def any_process(device):
+def any_process():
   """flags -> each flag ORed over the processes (None: one process)."""
   if world_size() == 1:
     return None
+  device = torch.device('cuda' if dist.get_backend() == 'nccl' else 'cpu')
 
   def vote(flags):
     t = torch.tensor([float(f) for f in flags], device=device)

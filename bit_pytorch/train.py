@@ -86,7 +86,7 @@ def main(args):
 
 def _train(args, rank, device):
   world = world_size()
-  with harness.Run(args, rank == 0, any_process(device)) as run:
+  with harness.Run(args, rank == 0, any_process()) as run:
     torch.manual_seed(args.seed)
     data = local_first(torch_data.load, args, run.logger)
     train_src = datasets.fewshot(data.train, args)

@@ -87,25 +87,8 @@ def is_chief(strategy):
 
 
 def chief_first(strategy, fn, *args):
-  """fn(*args) on the chief, then on the other workers (the checks make and
-  remove folders, which workers doing it at once would race on); a
-  BadInput anywhere stops every worker."""
-  vote = any_process(strategy)
-  if vote is None:
-    return fn(*args)
-  result, error = None, None
-  for turn in (True, False):
-    if is_chief(strategy) == turn:
-      try:
-        result = fn(*args)
-      except errors.BadInput as e:
-        error = e
-    if vote([error is not None, False])[0] and error is None:
-      raise errors.BadInput('another worker refused the command line '
-                                '(its error says why).')
-  if error is not None:
-    raise error
-  return result
+  """fn(*args) on the chief, then on the other workers (errors.in_turn)."""
+  return errors.in_turn(is_chief(strategy), any_process(strategy), fn, *args)
 
 
 def uses_xla(strategy, flag=None, precision='fp32'):

@@ -3,6 +3,7 @@
 Nothing here touches the network.
 """
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -235,3 +236,39 @@ def stand_in_nvidia_smi(folder, listing, status=0):
   smi.write_text(f"#!/bin/sh\ncat <<'END'\n{listing}END\nexit {status}\n")
   smi.chmod(0o755)
   return folder
+
+
+class Votes:
+  """harness.Run.any_process for threads standing in for processes: each
+  call returns the flags of every thread's call ORed (a collective)."""
+
+  def __init__(self, n):
+    self.barrier = threading.Barrier(n, timeout=60)
+    self.cast = {}
+
+  def __call__(self, flags):
+    self.cast[threading.current_thread().name] = flags
+    self.barrier.wait()
+    result = np.any(list(self.cast.values()), axis=0).tolist()
+    self.barrier.wait()  # every thread has read the votes of this call
+    return result
+
+
+def as_processes(n, fn):
+  """fn(index, votes) in n threads p0 ... p{n-1} that share one Votes:
+  {name: its result or its error}."""
+  votes, ends = Votes(n), {}
+
+  def process(index):
+    try:
+      ends[f'p{index}'] = fn(index, votes)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      ends[f'p{index}'] = e
+
+  threads = [threading.Thread(target=process, args=(i,), name=f'p{i}')
+             for i in range(n)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return ends

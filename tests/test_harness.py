@@ -10,6 +10,7 @@ import pytest
 
 import bit_common
 from big_transfer import errors, harness, runfiles
+from conftest import as_processes
 
 
 class JsonCheckpoints(harness.Checkpoints):
@@ -122,3 +123,35 @@ def test_a_failing_run_closes_its_files_and_lock(tmp_path):
   # The same command again runs (the lock was released, nothing is open).
   _, result = run(args)
   assert result['step'] == 12
+
+
+def test_in_turn_the_first_process_then_the_others():
+  calls = []
+
+  def check(where, fail=None):
+    calls.append(where)
+    if fail:
+      raise fail
+    return where
+  ends = as_processes(3, lambda i, votes: errors.in_turn(
+      i == 0, votes, check, f'p{i}'))
+  assert ends == {'p0': 'p0', 'p1': 'p1', 'p2': 'p2'}
+  assert calls[0] == 'p0' and sorted(calls[1:]) == ['p1', 'p2']
+
+  # A refusal in a later turn ends every process; the first with a line
+  # pointing to it.
+  ends = as_processes(2, lambda i, votes: errors.in_turn(
+      i == 0, votes, check, f'p{i}',
+      errors.BadInput('no such folder') if i == 1 else None))
+  assert str(ends['p1']) == 'no such folder'
+  assert isinstance(ends['p0'], errors.BadInput)
+  assert 'another process refused its input' in str(ends['p0'])
+
+  # Any other error in the first turn: the others never start theirs.
+  calls.clear()
+  ends = as_processes(2, lambda i, votes: errors.in_turn(
+      i == 0, votes, check, f'p{i}', MemoryError() if i == 0 else None))
+  assert calls == ['p0'] and isinstance(ends['p0'], MemoryError)
+  assert isinstance(ends['p1'], errors.RunFailed)
+  # One process: no vote.
+  assert errors.in_turn(True, None, check, 'alone') == 'alone'

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from big_transfer import datasets, datastream, errors, held, loader
+from conftest import as_processes
 from bit_pytorch import data as torch_data
 from bit_pytorch import engine
 
@@ -110,31 +111,14 @@ def test_which_runs_hold(tmp_path, monkeypatch):
   assert 'would not fit' in why(hold_images=True)
 
 
-class Votes:
-  """harness.Run.any_process for threads standing in for processes: each
-  call returns the flags of every thread's call ORed (a collective)."""
-
-  def __init__(self, n):
-    self.barrier = threading.Barrier(n, timeout=60)
-    self.cast = {}
-
-  def __call__(self, flags):
-    self.cast[threading.current_thread().name] = flags
-    self.barrier.wait()
-    result = np.any(list(self.cast.values()), axis=0).tolist()
-    self.barrier.wait()  # every thread has read the votes of this call
-    return result
-
-
 def two_processes(folder, run_dir, load):
-  """held.for_run in two threads, p0 (the lead) and p1, on one run folder,
-  image i read by load(process, train, i): {name: (its file or its error,
-  args.hold_images)}."""
+  """held.for_run in two processes (conftest.as_processes: threads), p0
+  the lead, on one run folder, image i read by load(process, train, i):
+  {name: (its file or its error, args.hold_images)}."""
   train = datasets.load(argparse.Namespace(dataset='imagefolder',
                                            datadir=folder)).train
-  votes, ends = Votes(2), {}
 
-  def process(index):
+  def process(index, votes):
     run = types.SimpleNamespace(dir=str(run_dir), lead=index == 0,
                                 any_process=votes,
                                 logger=logging.getLogger('test_held'))
@@ -146,15 +130,8 @@ def two_processes(folder, run_dir, load):
                          (index, 2))
     except Exception as e:  # pylint: disable=broad-exception-caught
       end = e
-    ends[threading.current_thread().name] = end, args.hold_images
-
-  threads = [threading.Thread(target=process, args=(i,), name=f'p{i}')
-             for i in range(2)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  return ends
+    return end, args.hold_images
+  return as_processes(2, process)
 
 
 def test_processes_hold_together(holding, folder, tmp_path, monkeypatch):
@@ -194,7 +171,7 @@ def test_an_error_in_one_process_stops_every_process(folder, tmp_path,
   assert chose and isinstance(other, errors.BadInput)
   assert 'truncated' in str(other)
   assert isinstance(lead, errors.BadInput)
-  assert 'another process could not read a training image' in str(lead)
+  assert 'another process refused its input' in str(lead)
   assert not os.path.exists(tmp_path / held.FOLDER)  # no partial file left
 
   def out_of_memory(_, src, i):
@@ -204,4 +181,4 @@ def test_an_error_in_one_process_stops_every_process(folder, tmp_path,
   ends = two_processes(folder, tmp_path, out_of_memory)
   assert isinstance(ends['p0'][0], MemoryError)
   assert isinstance(ends['p1'][0], errors.RunFailed)
-  assert 'another process could not hold' in str(ends['p1'][0])
+  assert 'another process failed' in str(ends['p1'][0])

@@ -9,6 +9,8 @@ training images held by the lead for every process):
   from the checkpoint and end where one process ends.
 - TF2: two workers named by TF_CONFIG (MultiWorkerMirroredStrategy), the
   same.
+- JAX: a truncated training image stops both processes before training
+  (exit status 2), the one that decoded it naming it.
 - PyTorch: torchrun --max-restarts 1 with two processes, one of which kills
   itself (SIGKILL) after step 5: torchrun starts the group again, which
   resumes from the checkpoint of step 4 (--save_every 2).
@@ -26,7 +28,7 @@ import time
 import pytest
 
 from big_transfer import errors
-from conftest import REPO
+from conftest import REPO, write_imagefolder
 # The tiny runs of the contract test: flags, image folder, model, outputs.
 from test_trainers import (STEPS, References, argv, assert_same, metrics,
                            out, setup, weights)  # noqa: F401  (setup: fixture)
@@ -89,13 +91,14 @@ def launch(commands, tmp_path):
   return codes, '\n----\n'.join(tails)
 
 
-def jax_processes(setup, name, fault=None):
+def jax_processes(setup, name, fault=None, folder=None):
   port = free_ports(1)[0]
   # Compiled steps are cached between the launches of a module (the
   # compilation is most of a tiny run's time).
   cache = dict(JAX_COMPILATION_CACHE_DIR=str(setup[0] / 'xla_cache'),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  return [([sys.executable, WORKER, 'jax', *argv(setup, 'jax', name),
+  return [([sys.executable, WORKER, 'jax',
+            *argv(setup, 'jax', name, folder=folder),
             '--distributed', '--coordinator_address', f'127.0.0.1:{port}',
             '--num_processes', '2', '--process_id', str(i)],
            environment(**cache, **(fault if fault and i == 1 else {})))
@@ -188,6 +191,27 @@ def test_two_processes_end_where_one_ends_also_stopped_and_resumed(
   else:  # (TF's class behind tf.distribute.MultiWorkerMirroredStrategy)
     assert config['strategy'] in ('MultiWorkerMirroredStrategy',
                                   'CollectiveAllReduceStrategy')
+
+
+def test_a_bad_training_image_stops_both_processes_before_training(
+    setup, tmp_path):
+  # Holding decodes every training image before the first step; the
+  # process that reads the truncated one names it, the other follows.
+  folder = write_imagefolder(tmp_path / 'images', train=8, val=5,
+                             size=(32, 32))
+  path = os.path.join(folder, 'train', 'dog', '003.png')
+  with open(path, 'rb') as f:
+    head = f.read(100)  # the header reads; the pixels do not
+  with open(path, 'wb') as f:
+    f.write(head)
+  codes, output = launch(jax_processes(setup, 'bad', folder=folder),
+                         tmp_path)
+  assert codes == [2, 2], output
+  assert 'train/dog/003.png' in output, output
+  assert 'another process refused its input' in output, output
+  run_dir = out(setup, 'jax', 'bad')
+  assert not (run_dir / 'held').exists()
+  assert not (run_dir / 'metrics.jsonl').exists()
 
 
 def test_torchrun_restarts_a_killed_worker_from_the_checkpoint(

@@ -151,9 +151,11 @@ def measure_end_to_end(framework, arch, resolution, batch, precision, steps,
   train_s, other_s, checkpoint_steps_kept (the steps of the checkpoints
   left in the run folder, newest two), resolution [resize, crop], mixup,
   image_size, device, compiled (whether PyTorch's trainer ran
-  torch.compile; None for the others), top1, first_loss and last_loss
-  (training), run_dir, command, and first_step_s (the first step's time as
-  the trainer logs it: its compilation and first batch)}.
+  torch.compile; None for the others), hold_images (whether the run held
+  its training images, big_transfer.held), top1, first_loss and last_loss
+  (training), run_dir, command, first_step_s (the first step's time as the
+  trainer logs it: its compilation and first batch) and held_s (holding's
+  time as the trainer logs it, part of other_s; where it held)}.
   """
   save_every = save_every or max(1, steps // 3)
   if steps <= skip:
@@ -189,9 +191,11 @@ def measure_end_to_end(framework, arch, resolution, batch, precision, steps,
   if 'error' not in out:
     out.update(wall_s=wall, other_s=wall - out['train_s'],
                image_size=first_image_size(folder), command=command[1:])
-    first = re.search(r'the first step took ([\d.]+) s', proc.stderr)
-    if first:
-      out['first_step_s'] = float(first[1])
+    for key, pattern in (('first_step_s', r'the first step took ([\d.]+) s'),
+                         ('held_s', r'held \d+ images in ([\d.]+) s')):
+      logged = re.search(pattern, proc.stderr)
+      if logged:
+        out[key] = float(logged[1])
   return out
 
 
@@ -252,6 +256,7 @@ def read_run(run_dir, framework, batch, skip=10, save_every=None,
       'mixup_alpha': config.get('mixup_alpha'),
       'device': str(config.get('device') or config.get('device_kind')),
       'compiled': config.get('compiled'),   # PyTorch's torch.compile
+      'hold_images': config.get('hold_images'),  # big_transfer.held
       'top1': results.get('top1'), 'first_loss': rows[0]['loss'],
       'last_loss': rows[-1]['loss'], 'total_steps': total, 'run_dir': run_dir,
   }

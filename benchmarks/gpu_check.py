@@ -219,7 +219,7 @@ def main(argv=None):
       tuning[name] = run
       print(f'  {name}: ' + json.dumps({k: run.get(k) for k in (
           'e2e_img_s', 'ratio', 'ratio_between_checkpoints', 'checkpoint_s',
-          'first_step_s', 'top1', 'error')}), flush=True)
+          'first_step_s', 'held_s', 'top1', 'error')}), flush=True)
       save()
   finally:
     shutil.rmtree(work, ignore_errors=True)

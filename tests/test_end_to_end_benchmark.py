@@ -54,6 +54,9 @@ def test_reports_positive_end_to_end_and_step_rates(bench, backend):
   assert res['ratio'] == pytest.approx(res['e2e_img_s'] / res['step_img_s'])
   # The timed stretch starts after the untimed first steps and ends last.
   assert res['timed_steps'][0] > SKIP and res['timed_steps'][1] == STEPS
+  # 96 reads of 24 images: the run held them, and the time it took is read
+  # from its log (whole before the first step: outside the timed windows).
+  assert res['hold_images'] is True and 0 <= res['held_s'] <= res['other_s']
   (row,) = [r for r in bench[0]['summary'] if r['framework'] == backend]
   assert row['e2e_img_s'] == res['e2e_img_s']
   assert bench[0]['cpu']['model']

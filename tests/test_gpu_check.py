@@ -50,8 +50,10 @@ def test_cpu_mode_writes_every_figure(tmp_path):
     assert run['checkpoints_timed'] >= 1 and run['mixup'] > 0
     resize, crop_size = run['resolution']
     assert crop_size == crop < resize and min(run['image_size']) > crop
-    # Every trainer logs its first step's time, which the check reads.
+    # Every trainer logs its first step's time, which the check reads, and
+    # holds its images (8, read 48 times), logging how long that took.
     assert run['first_step_s'] > 0, (name, run)
+    assert run['hold_images'] is True and run['held_s'] >= 0, (name, run)
 
   # The input pipeline alone, with the trainers' default workers.
   for name in ('pytorch', 'jax', 'tf2'):

@@ -27,8 +27,9 @@ held images several times as fast as of decoded ones (docs/gpu.md).
       (each answers `wanted` for its own host), each decodes its share of
       the images into it, and an error in any of them stops them all.
   Held(path, labels)
-      The held images as a datasets.Source (labels, len, load(i)); each
-      process maps the file (pickling it passes the path).
+      The held images as a datasets.Source (labels, len, load(i)), whose
+      load(i) gives the held array, not a PIL image; each process maps the
+      file (pickling it passes the path).
   release(folder)
       Removes the file: the run's end calls it (harness.Run.close, however
       the run ends); a killed run leaves it until the same command starts
@@ -189,8 +190,9 @@ class Held:
     return self._images
 
   def load(self, i):
-    from PIL import Image  # pylint: disable=import-outside-toplevel
-    return Image.fromarray(np.asarray(self.images()[i]))
+    """Image i as held: uint8 (resize, resize, 3), which
+    preprocess.train_view crops and flips without resizing again."""
+    return self.images()[i]
 
   def __getstate__(self):
     return {'path': self.path, 'labels': self.labels, '_images': None}

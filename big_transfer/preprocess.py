@@ -1,8 +1,9 @@
 """The pre-processing of one example, in PIL: the same pixels for every
 reader that decodes on the host (PyTorch's DataLoader and the JAX loader,
-big_transfer.loader). Each view takes a PIL RGB image and returns uint8
-(height, width, 3); where it is random, the draws are those of the
-example's augmentation seed in the data stream (big_transfer.datastream).
+big_transfer.loader). Each view takes a PIL RGB image (train_view also a
+held one: a uint8 array resized already) and returns uint8 (height, width,
+3); where it is random, the draws are those of the example's augmentation
+seed in the data stream (big_transfer.datastream).
 train_example and eval_example give the view of a dataset's example.
 
   train_view      the BiT-HyperRule's: resize to (resize, resize), crop
@@ -29,6 +30,9 @@ INCEPTION_FLIP_UNIFORM = 40
 
 def train_view(image, seed, resize, crop):
   (top,), (left,), (flip,) = datastream.crop_flip([seed], resize, crop)
+  if isinstance(image, np.ndarray):  # held (big_transfer.held): resized
+    view = image[top:top + crop, left:left + crop]
+    return np.ascontiguousarray(view[:, ::-1] if flip else view)
   image = image.resize((resize, resize), Image.BILINEAR)
   image = image.crop((left, top, left + crop, top + crop))
   if flip:

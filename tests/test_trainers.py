@@ -382,6 +382,9 @@ def test_a_second_live_run_of_the_same_name_is_refused(setup, backend):
       if log.exists() and 'INFO' in log.read_text():
         break
       time.sleep(0.1)
+    # Frozen (its lock still held), the first run writes nothing more
+    # (holding, config.json, checkpoints) while the second is refused.
+    first.send_signal(signal.SIGSTOP)
     before = sorted(os.listdir(out(setup, backend, 'twice')))
     with pytest.raises(errors.BadInput, match='still going'):
       run(setup, backend, 'twice', '--total_steps', '100000')

@@ -159,6 +159,15 @@ def write_imagefolder(root, classes=('cat', 'dog', 'owl'), train=8, val=4,
   return str(root)
 
 
+def truncate_image(path):
+  """Cut an image file after its first 100 bytes: its header still reads
+  (so a folder listing accepts it), its pixels do not decode."""
+  with open(path, 'rb') as f:
+    head = f.read(100)
+  with open(path, 'wb') as f:
+    f.write(head)
+
+
 @pytest.fixture
 def imagefolder(tmp_path):
   return write_imagefolder(tmp_path / 'images')

@@ -13,7 +13,8 @@ import pytest
 
 from big_transfer import datasets, errors, harness, predict, runfiles, zoo
 import bit_common
-from conftest import published_shapes, synthetic_weights, write_imagefolder
+from conftest import (published_shapes, synthetic_weights, truncate_image,
+                      write_imagefolder)
 
 
 # ---------------------------------------------------------------- registry
@@ -346,9 +347,7 @@ def test_readable_images_names_or_leaves_out_bad_files(tmp_path):
   assert datasets.readable_images(paths).tolist() == list(range(6))
   with open(paths[1], 'wb') as f:
     f.write(b'not an image')
-  truncated = open(paths[4], 'rb').read()[:100]   # header intact
-  with open(paths[4], 'wb') as f:
-    f.write(truncated)
+  truncate_image(paths[4])
   with pytest.raises(datasets.BadImage, match=r'cannot read image .*001\.png'):
     datasets.readable_images(paths)
   # With skip, whole files are decoded: the truncated one is left out too.

@@ -28,7 +28,7 @@ import time
 import pytest
 
 from big_transfer import errors
-from conftest import REPO, write_imagefolder
+from conftest import REPO, truncate_image, write_imagefolder
 # The tiny runs of the contract test: flags, image folder, model, outputs.
 from test_trainers import (STEPS, References, argv, assert_same, metrics,
                            out, setup, weights)  # noqa: F401  (setup: fixture)
@@ -200,10 +200,7 @@ def test_a_bad_training_image_stops_both_processes_before_training(
   folder = write_imagefolder(tmp_path / 'images', train=8, val=5,
                              size=(32, 32))
   path = os.path.join(folder, 'train', 'dog', '003.png')
-  with open(path, 'rb') as f:
-    head = f.read(100)  # the header reads; the pixels do not
-  with open(path, 'wb') as f:
-    f.write(head)
+  truncate_image(path)
   codes, output = launch(jax_processes(setup, 'bad', folder=folder),
                          tmp_path)
   assert codes == [2, 2], output

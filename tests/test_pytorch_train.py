@@ -15,7 +15,7 @@ from big_transfer import datasets, errors, zoo
 import bit_common
 from bit_pytorch import data as torch_data
 from bit_pytorch import train
-from conftest import REPO, write_imagefolder
+from conftest import REPO, truncate_image, write_imagefolder
 
 TINY = ['--resize_size', '40', '--crop_size', '32', '--workers', '0',
         '--base_lr', '0.05']
@@ -99,10 +99,7 @@ def test_fewshot_subset_is_reproducible_and_balanced():
 def test_truncated_image_found_by_a_worker_is_named(npz, tmp_path):
   folder = write_imagefolder(tmp_path / 'images', train=4, val=2)
   path = os.path.join(folder, 'val', 'cat', '000.png')
-  with open(path, 'rb') as f:
-    head = f.read(100)  # the header reads; the pixels do not
-  with open(path, 'wb') as f:
-    f.write(head)
+  truncate_image(path)
   # In a fresh process: data workers fork, which is unsafe once JAX or TF
   # (imported by other tests in this process) have started their threads.
   out = run_cli(flags(folder, npz, tmp_path, 'trunc', '--batch', '4',

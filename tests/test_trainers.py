@@ -21,7 +21,7 @@ import pytest
 
 from big_transfer import errors, zoo
 from conftest import (REPO, backend_param, stand_in_nvidia_smi,
-                      synthetic_weights, write_imagefolder)
+                      synthetic_weights, truncate_image, write_imagefolder)
 
 pytestmark = pytest.mark.slow  # whole runs: left out of make test-fast
 
@@ -258,10 +258,7 @@ def bad_folder(tmp_path_factory):
   with open(os.path.join(folder, 'train', 'dog', 'broken.png'), 'wb') as f:
     f.write(b'not an image')
   path = os.path.join(folder, 'train', 'cat', '001.png')
-  with open(path, 'rb') as f:
-    head = f.read(100)  # the header reads; the pixels do not
-  with open(path, 'wb') as f:
-    f.write(head)
+  truncate_image(path)
   return folder
 
 
@@ -451,10 +448,7 @@ def test_a_truncated_image_is_named(setup, backend, tmp_path):
   folder = write_imagefolder(tmp_path / 'images', train=4, val=2,
                              size=(32, 32))
   path = os.path.join(folder, 'val', 'cat', '000.png')
-  with open(path, 'rb') as f:
-    head = f.read(100)  # the header reads; the pixels do not
-  with open(path, 'wb') as f:
-    f.write(head)
+  truncate_image(path)
   # In-process data workers would fork after JAX/TF started threads.
   with pytest.raises(errors.BadInput, match=r'val/cat/000\.png'):
     run(setup, backend, 'truncated', '--total_steps', '1', '--workers', '0',

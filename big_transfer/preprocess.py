@@ -32,7 +32,9 @@ def train_view(image, seed, resize, crop):
   (top,), (left,), (flip,) = datastream.crop_flip([seed], resize, crop)
   if isinstance(image, np.ndarray):  # held (big_transfer.held): resized
     view = image[top:top + crop, left:left + crop]
-    return np.ascontiguousarray(view[:, ::-1] if flip else view)
+    # A copy even where the crop is the whole image: the held file is
+    # mapped read-only, and torch.from_numpy wants memory it may write.
+    return np.array(view[:, ::-1] if flip else view, order='C')
   image = image.resize((resize, resize), Image.BILINEAR)
   image = image.crop((left, top, left + crop, top + crop))
   if flip:

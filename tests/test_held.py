@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from big_transfer import datasets, datastream, errors, held, loader
+from big_transfer import (datasets, datastream, errors, held, loader,
+                          preprocess)
 from conftest import as_processes
 from bit_pytorch import data as torch_data
 from bit_pytorch import engine
@@ -68,6 +69,22 @@ def test_held_views_are_the_decoded_ones(holding):
                                    workers=0))
   for key in want:
     np.testing.assert_array_equal(batch[key], want[key])
+
+
+def test_a_held_view_is_a_writable_copy(holding):
+  # Also where the crop is the whole held image: the teacher's run in
+  # tests/test_distill.py (images at the crop size) once handed PyTorch a
+  # read-only view of the mapped file.
+  image = holding[1].load(0)
+  assert not image.flags.writeable
+  _, _, flips = datastream.crop_flip(np.arange(8), RESIZE, RESIZE)
+  assert 0 < flips.sum() < 8  # flipped and not
+  for seed in range(8):
+    view = preprocess.train_view(image, seed, RESIZE, RESIZE)
+    assert view.flags.writeable and view.flags.c_contiguous
+    assert not np.shares_memory(view, image)
+    np.testing.assert_array_equal(view, image[:, ::-1] if flips[seed]
+                                  else image)
 
 
 def test_tf2_gets_pytorchs_pixels_from_held_images(holding, folder):

@@ -23,8 +23,9 @@ def argparser(known_models=None, backend_flags=None):
   return flags.parser(
       'Fine-tune a BiT model with the BiT-HyperRule.', flags.run(),
       flags.model(examples=examples), flags.dataset(), flags.loading(),
-      flags.holding(), flags.fewshot(), flags.batches(), flags.batch_split(),
-      flags.schedule(), flags.precision(training=True),
+      flags.holding(), flags.fewshot(), flags.batches(),
+      flags.batch_split(chosen=True), flags.schedule(),
+      flags.precision(training=True),
       *([backend_flags] if backend_flags else []))
 
 
@@ -44,7 +45,10 @@ def check_args(args, devices=1):
                    f'{args.base_lr}.')
   if getattr(args, 'workers', 0) < 0:
     raise BadInput(f'--workers must be 0 or more, got {args.workers}.')
-  if args.batch % (args.batch_split * devices):
+  if args.batch_split is None and args.batch % devices:
+    raise BadInput(f'--batch {args.batch} is not divisible by {devices} '
+                   'devices; choose a multiple of it.')
+  if args.batch_split and args.batch % (args.batch_split * devices):
     raise BadInput(f'--batch {args.batch} is not divisible by --batch_split '
                    f'{args.batch_split} times {devices} device(s); choose a '
                    'multiple of their product.')

@@ -154,12 +154,15 @@ def fewshot():
   return parent
 
 
-def batch_split():
-  """Gradient accumulation."""
+def batch_split(chosen=False):
+  """Gradient accumulation; `chosen`: unset, the run chooses it
+  (big_transfer.memory), else it is 1."""
   parent, g = group('batch split')
-  g.add_argument('--batch_split', type=int, default=1,
+  g.add_argument('--batch_split', type=int, default=None if chosen else 1,
                  help='Split each batch into this many micro-batches and '
-                 'accumulate their gradients (saves memory).')
+                 'accumulate their gradients (saves memory). '
+                 + ('Default: the fewest whose step fits in memory, '
+                    'estimated.' if chosen else ''))
   return parent
 
 

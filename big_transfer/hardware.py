@@ -43,6 +43,11 @@ def default_workers():
   return max(1, cores // local - 1)
 
 
+def memory_bytes():
+  """The machine's physical memory."""
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
 def _cpuinfo():
   """The first processor's fields in /proc/cpuinfo ({} where unreadable)."""
   try:
@@ -113,19 +118,31 @@ GPU_INSTALLS = {
 FRAMEWORKS = {'pytorch': 'PyTorch', 'jax': 'JAX', 'tf2': 'TensorFlow'}
 
 
-def nvidia_gpus():
-  """The GPUs that the NVIDIA driver lists (`nvidia-smi -L`: 'GPU 0: ...'
-  lines); none where nvidia-smi is missing or fails."""
+def _nvidia_smi(*args):
+  """The lines `nvidia-smi ARGS` prints; none where it is missing or fails."""
   exe = shutil.which('nvidia-smi')
   if not exe:
     return []
   try:
-    listed = subprocess.run([exe, '-L'], capture_output=True, text=True,
+    listed = subprocess.run([exe, *args], capture_output=True, text=True,
                             timeout=20, check=False)
   except (OSError, subprocess.SubprocessError):
     return []
-  return [line for line in listed.stdout.splitlines()
-          if line.startswith('GPU ')]
+  return listed.stdout.splitlines() if listed.returncode == 0 else []
+
+
+def nvidia_gpus():
+  """The GPUs that the NVIDIA driver lists (`nvidia-smi -L`: 'GPU 0: ...'
+  lines)."""
+  return [line for line in _nvidia_smi('-L') if line.startswith('GPU ')]
+
+
+def gpu_memory_bytes():
+  """The memory of the smallest GPU that the driver lists, or None."""
+  mib = [int(line) for line in _nvidia_smi(
+      '--query-gpu=memory.total', '--format=csv,noheader,nounits')
+         if line.strip().isdigit()]
+  return min(mib) * 2**20 if mib else None
 
 
 def unseen_gpus_warning(backend):

@@ -44,7 +44,7 @@ import time
 
 import numpy as np
 
-from big_transfer import errors, preprocess, runfiles
+from big_transfer import errors, hardware, preprocess, runfiles
 from big_transfer.errors import BadInput, RunFailed
 
 FOLDER = 'held'       # in the run folder
@@ -52,10 +52,6 @@ FILE = 'train.npy'
 READS = 2             # the fewest reads per image that auto holds for
 BUDGET = 0.25         # of the machine's memory, at most
 CHUNK = 256           # images decoded at a time while holding
-
-
-def _memory_bytes():
-  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
 def wanted(args, n, resize, reads, decodes, folder):
@@ -69,7 +65,7 @@ def wanted(args, n, resize, reads, decodes, folder):
   if choice is None and reads < READS * n:
     return f'each image is read {reads / n:.1f} times on average'
   size = n * resize * resize * 3
-  room = min(BUDGET * _memory_bytes(),
+  room = min(BUDGET * hardware.memory_bytes(),
              shutil.disk_usage(_existing(folder)).free / 2)
   if size > room:
     return (f'{size / 2**30:.1f} GiB would not fit in {room / 2**30:.1f} '

@@ -32,7 +32,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from big_transfer import (datasets, errors, flags, harness, held, loader,
-                          runfiles, zoo)
+                          memory, runfiles, zoo)
 import bit_common
 from bit_jax import models
 from bit_jax.engine import (DTYPES, Checkpoints, DataParallel, accumulate,
@@ -134,6 +134,10 @@ def main(args):
                                   zero_head=True, weights=weights,
                                   dtype=DTYPES[args.precision])
     del weights
+    gpu = jax.local_devices()[0]
+    memory.for_run(run, args, model.architecture, hyper.crop, len(devices),
+                   jax.local_device_count(), gpu.platform == 'gpu' and
+                   gpu.memory_stats()['bytes_limit'])
     tx = optimizer()
     state = jax.device_put({'params': params, 'opt_state': tx.init(params)},
                            parallel.replicated)

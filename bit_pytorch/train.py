@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from big_transfer import (datasets, errors, flags, harness, held, runfiles,
-                          zoo)
+from big_transfer import (datasets, errors, flags, harness, held, memory,
+                          runfiles, zoo)
 import bit_common
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
@@ -97,6 +97,9 @@ def _train(args, rank, device):
                         weights=weights)
     del weights
     net, channels_last = to_device(net, device)
+    memory.for_run(run, args, net.architecture, hyper.crop, world,
+                   gpu_bytes=device.type == 'cuda' and
+                   torch.cuda.get_device_properties(device).total_memory)
     opt, scaler = optimizer(net, args.base_lr, args.precision)
 
     settings = dict(hyper.settings(args, data.classes),

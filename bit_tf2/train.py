@@ -31,7 +31,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from big_transfer import errors, flags, harness, held, runfiles, zoo
+from big_transfer import (errors, flags, hardware, harness, held, memory,
+                          runfiles, zoo)
 import bit_common
 import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import engine
@@ -180,6 +181,10 @@ def main(args):
       optimizer.build(model.trainable_variables)
       step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
     del weights
+    memory.for_run(run, args, model.architecture, hyper.crop, replicas,
+                   replicas // worker(strategy)[1],
+                   device_kind(strategy) == 'GPU' and
+                   hardware.gpu_memory_bytes())
 
     classes = list(data.classes) if data.classes else data.num_classes
     settings = hyper.settings(args, classes)

@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from big_transfer import (datasets, datastream, errors, held, loader,
-                          preprocess)
+from big_transfer import (datasets, datastream, errors, hardware, held,
+                          loader, preprocess)
 from conftest import as_processes
 from bit_pytorch import data as torch_data
 from bit_pytorch import engine
@@ -123,7 +123,7 @@ def test_which_runs_hold(tmp_path, monkeypatch):
   assert why(reads=190, hold_images=True) is None
   assert why(hold_images=False) == '--no-hold_images'
   assert 'arrays' in why(decodes=False)
-  monkeypatch.setattr(held, '_memory_bytes', lambda: 4 * 100 * 32 * 32 * 3 - 4)
+  monkeypatch.setattr(hardware, 'memory_bytes', lambda: 4 * 100 * 32 * 32 * 3 - 4)
   assert 'would not fit' in why()
   assert 'would not fit' in why(hold_images=True)
 
@@ -168,7 +168,7 @@ def test_processes_hold_together(holding, folder, tmp_path, monkeypatch):
   assert os.listdir(tmp_path / held.FOLDER) == [held.FILE]
 
   # One host short of memory: neither holds, and nothing is written.
-  monkeypatch.setattr(held, '_memory_bytes', lambda: (
+  monkeypatch.setattr(hardware, 'memory_bytes', lambda: (
       8 if threading.current_thread().name == 'p1' else 2**40))
   ends = two_processes(folder, tmp_path, lambda _, src, i: src.load(i))
   assert ends == {'p0': (None, False), 'p1': (None, False)}

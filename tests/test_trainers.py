@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from big_transfer import errors, zoo
+from big_transfer import errors, hardware, memory, zoo
 from conftest import (REPO, backend_param, stand_in_nvidia_smi,
                       synthetic_weights, truncate_image, write_imagefolder)
 
@@ -160,6 +160,7 @@ def test_outputs_and_their_fields(setup, reference, backend):
   assert config['schedule'][-1] == STEPS and config['mixup'] == 0.4
   assert config['mixup_alpha'] == 0.4 and config['resumed_from_step'] == 0
   assert config['devices'] == 1 and config['versions']
+  assert config['batch_split'] == 1  # chosen: the whole batch fits
   # Each image read 4 times: held (the run folder's list above: released).
   assert config['hold_images'] is True
   records = metrics(setup, backend, 'reference')
@@ -195,9 +196,19 @@ def test_every_backend_trains_on_the_same_stream(setup, reference):
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
-def test_batch_split_equals_one_batch(setup, reference, backend):
-  # Micro-batches of one example: each loads its mixup partner beside it.
-  result = run(setup, backend, 'split8', '--batch_split', '8')
+def test_a_batch_split_chosen_for_the_memory_equals_one_batch(
+    setup, reference, backend, monkeypatch):
+  # Memory for one image at a time (big_transfer.memory's estimate): the
+  # run splits its batch of 8 into micro-batches of one example, each
+  # beside its mixup partner.
+  monkeypatch.setattr(hardware, 'memory_bytes', lambda: memory.step_bytes(
+      zoo.parse_arch('R14x0.5'), 32, 1.5) / memory.HOST_SHARE)
+  result = run(setup, backend, 'split8')
+  config = json.loads((out(setup, backend, 'split8') / 'config.json')
+                      .read_text())
+  assert config['batch_split'] == 8
+  assert 'INFO --batch_split 8: the whole batch would need' in (
+      out(setup, backend, 'split8') / 'train.log').read_text()
   assert_same(weights(setup, backend, 'split8'),
               weights(setup, backend, 'reference'))
   assert result['top1'] == reference[backend]['top1']

@@ -116,5 +116,5 @@ def for_run(run, args, arch, crop, devices, local=1, gpu_bytes=None):
     run.logger.warning(f'even micro-batches of one image may not fit: '
                        f'{why(split)}; a lower --crop_size needs less.')
   elif split > 1:
-    run.logger.info(f'--batch_split {split}: the whole batch would need '
+    run.logger.info(f'--batch_split {split}: without it a step would need '
                     f'{why(1)}; {split} micro-batches give the same update.')

@@ -137,7 +137,7 @@ def main(args):
     gpu = jax.local_devices()[0]
     memory.for_run(run, args, model.architecture, hyper.crop, len(devices),
                    jax.local_device_count(), gpu.platform == 'gpu' and
-                   gpu.memory_stats()['bytes_limit'])
+                   (gpu.memory_stats() or {}).get('bytes_limit'))
     tx = optimizer()
     state = jax.device_put({'params': params, 'opt_state': tx.init(params)},
                            parallel.replicated)

@@ -80,7 +80,7 @@ def choose(monkeypatch, caplog, fits, batch=64, split=None, crop=32,
 def test_the_fewest_micro_batches_that_fit(monkeypatch, caplog):
   assert choose(monkeypatch, caplog, fits=64) == (1, '')
   split, said = choose(monkeypatch, caplog, fits=63)
-  assert split == 2 and '--batch_split 2: the whole batch' in said
+  assert split == 2 and '--batch_split 2: without it a step' in said
   assert '64 image(s) of R14x0.5 at 32x32' in said
   assert choose(monkeypatch, caplog, fits=20)[0] == 4    # 16 images
   assert choose(monkeypatch, caplog, fits=10, batch=48)[0] == 6   # 8

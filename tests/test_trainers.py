@@ -207,7 +207,7 @@ def test_a_batch_split_chosen_for_the_memory_equals_one_batch(
   config = json.loads((out(setup, backend, 'split8') / 'config.json')
                       .read_text())
   assert config['batch_split'] == 8
-  assert 'INFO --batch_split 8: the whole batch would need' in (
+  assert 'INFO --batch_split 8: without it a step would need' in (
       out(setup, backend, 'split8') / 'train.log').read_text()
   assert_same(weights(setup, backend, 'split8'),
               weights(setup, backend, 'reference'))

@@ -6,6 +6,8 @@ module can use it.
   BadInput   something the user gave is wrong: exit status 2
   RunFailed  a run could not go on (a write failed, the loss diverged): 3
   Diverged   the training loss is not a number (a RunFailed)
+  out_of_memory(error)        whether a framework's error is a failed
+                              allocation
   together(vote, work)        work done in every process, an error in one
                               ending them all
   in_turn(first, vote, fn, *args)
@@ -39,6 +41,21 @@ def run_cli(main, *args, **kwargs):
   except RunFailed as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(3)
+
+
+# How each framework reports an allocation that failed: torch's
+# OutOfMemoryError (CUDA) and its CPU allocator's RuntimeError, XLA's
+# RESOURCE_EXHAUSTED status (JAX's JaxRuntimeError), TensorFlow's
+# ResourceExhaustedError; Python's MemoryError.
+OUT_OF_MEMORY_TYPES = ('OutOfMemoryError', 'ResourceExhaustedError')
+OUT_OF_MEMORY_TEXTS = ('RESOURCE_EXHAUSTED', 'DefaultCPUAllocator')
+
+
+def out_of_memory(error):
+  """Whether `error` says that memory could not be allocated."""
+  return (isinstance(error, MemoryError)
+          or type(error).__name__ in OUT_OF_MEMORY_TYPES
+          or any(text in str(error) for text in OUT_OF_MEMORY_TEXTS))
 
 
 def together(vote, work=None):

@@ -40,7 +40,7 @@ import numpy as np
 import bit_hyperrule
 from big_transfer import (datastream, events, hardware, held, metrics,
                           runfiles)
-from big_transfer.errors import BadInput, Diverged, RunFailed
+from big_transfer.errors import BadInput, Diverged, RunFailed, out_of_memory
 from bit_common import run_dir, run_logger
 
 LOG_EVERY = 10       # steps between reading losses back from the device
@@ -406,13 +406,14 @@ class Run:
                  if self.args.save else '.'))
             raise SystemExit(128 + (signals.signum or signal.SIGTERM))
       flush()
-    except RunFailed as e:
-      self._log_to_file(str(e))  # errors.run_cli prints it on stderr
+    except BaseException as e:  # a failed run, a signal's stop, a bug
+      failed = self._out_of_memory(step, e) if out_of_memory(e) else e
+      if isinstance(failed, RunFailed):
+        self._log_to_file(str(failed))  # errors.run_cli prints it on stderr
       self.close()
-      raise
-    except BaseException:  # a signal's stop, an interrupt, a bug
-      self.close()
-      raise
+      if failed is e:
+        raise
+      raise failed from e
     if progress:
       progress.close()
     if result is None:  # Resumed after the last step: evaluate once more
@@ -442,6 +443,20 @@ class Run:
       self.metrics.write(step, split, **values)
     except OSError as e:
       raise self._write_failed(runfiles.METRICS, e) from e
+
+  def _out_of_memory(self, step, error):
+    """The RunFailed of a step or evaluation that ran out of memory."""
+    split = self.args.batch_split or 1
+    what = str(error).strip().splitlines()[0][:200] if str(error) else (
+        type(error).__name__)
+    kept = (f'it resumes from step {self.saved_step}' if self.saved_step
+            else 'it starts from the first step')
+    smaller = (' (or a smaller --batch_eval)' if getattr(
+        self.args, 'batch_eval', None) else '')
+    return RunFailed(f'out of memory after step {step} at --batch_split '
+                     f'{split} ({what}); run the same command with '
+                     f'--batch_split {2 * split}{smaller}: it holds half as '
+                     f'many images at once, with the same updates; {kept}.')
 
   def _write_failed(self, what, error):
     """The RunFailed of a write that failed (a full disk, a folder made

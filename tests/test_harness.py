@@ -46,9 +46,11 @@ def args_for(tmp_path, **flags):
   return bit_common.argparser().parse_args(argv)
 
 
-def run(args, losses=lambda step: 1.0 / (step + 1), stop_at=None):
+def run(args, losses=lambda step: 1.0 / (step + 1), stop_at=None,
+        stop=KeyboardInterrupt):
   """A stand-in fine-tuning: a number that grows each step, the given
-  losses, an evaluation of fixed sums; returns (Run, result)."""
+  losses, an evaluation of fixed sums; returns (Run, result). At step
+  `stop_at` it raises `stop()` (or what calling `stop` raises)."""
   r = harness.Run(args)
   ckpt = JsonCheckpoints(r.dir, {'seed': args.seed})
   step = r.resume(ckpt, {'seed': args.seed})
@@ -57,7 +59,7 @@ def run(args, losses=lambda step: 1.0 / (step + 1), stop_at=None):
   def train(step, lr):
     del lr
     if stop_at is not None and step == stop_at:
-      raise KeyboardInterrupt  # a kill, as far as the files can tell
+      raise stop()  # KeyboardInterrupt: a kill, as far as files can tell
     ckpt.value += 1
     return losses(step)
 

@@ -1,7 +1,9 @@
 """big_transfer.memory: the estimate of a training step's memory against
 what PyTorch keeps for its backward pass, and the --batch_split a run
 chooses from it (alone, on a GPU, with several devices or processes). The
-trainers' runs with a split chosen for them: tests/test_trainers.py."""
+trainers' runs with a split chosen for them: tests/test_trainers.py. A
+step that runs out of memory all the same: each framework's own error
+becomes one line that names the split to use."""
 import argparse
 import logging
 import os
@@ -11,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from big_transfer import hardware, memory, zoo
+from big_transfer import errors, hardware, memory, runfiles, zoo
 from bit_pytorch import models
 from conftest import as_processes, stand_in_nvidia_smi
+from test_harness import args_for
+from test_harness import run as stand_in_run
 
 R14 = zoo.parse_arch('R14x0.5')
 
@@ -142,3 +146,39 @@ def test_the_gpu_memory_that_nvidia_smi_lists(monkeypatch, tmp_path):
   monkeypatch.setenv('PATH', '/nonexistent')
   assert hardware.gpu_memory_bytes() is None
   assert np.isfinite(hardware.memory_bytes()) and hardware.memory_bytes() > 0
+
+
+def allocate_a_pebibyte(framework):
+  """Raises `framework`'s own error for an allocation it cannot make."""
+  if framework == 'pytorch':
+    torch.empty(2**50, dtype=torch.uint8)
+  elif framework == 'jax':
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    jnp.zeros(2**50, jnp.uint8).block_until_ready()
+  else:
+    tf = pytest.importorskip('tensorflow')
+    tf.zeros([2**50], tf.uint8)
+
+
+@pytest.mark.parametrize('framework', ['pytorch', 'jax', 'tf2'])
+def test_a_step_out_of_memory_names_the_split_that_halves_it(tmp_path,
+                                                              framework):
+  args = args_for(tmp_path, save_every=4, batch_split=2)
+  with pytest.raises(errors.RunFailed) as failed:
+    stand_in_run(args, stop_at=6,
+                 stop=lambda: allocate_a_pebibyte(framework))
+  message = str(failed.value)
+  assert message.startswith('out of memory after step 6 at --batch_split 2 (')
+  assert '--batch_split 4: it holds half as many images' in message
+  assert message.endswith('it resumes from step 4.')
+  assert errors.out_of_memory(failed.value.__cause__)  # the framework's
+  assert message in (tmp_path / 'run' / runfiles.LOG).read_text()
+  # As it says: the same command with twice the split goes on from step 4.
+  _, result = stand_in_run(args_for(tmp_path, save_every=4, batch_split=4))
+  assert result['step'] == 12
+
+
+def test_other_errors_are_not_taken_for_memory(tmp_path):
+  with pytest.raises(RuntimeError, match='^a bug$'):
+    stand_in_run(args_for(tmp_path), stop_at=2,
+                 stop=lambda: RuntimeError('a bug'))

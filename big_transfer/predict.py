@@ -1,6 +1,5 @@
 """Prediction: everything but the forward pass, shared by the three
 `bit_*.predict` command lines."""
-import json
 import os
 
 import numpy as np
@@ -26,6 +25,7 @@ def predict_argparser(framework):
       f'Classify images with a BiT model ({framework}).', parent,
       flags.model(default='BiT-M-R50x1-ILSVRC2012'),
       flags.images(32, 'Resize images to this square size (default: the '
+                   'crop size a run folder\'s model was trained at, else the '
                    'HyperRule crop size for the images given).'))
 
 
@@ -67,14 +67,7 @@ def read_labels(path):
 def run_classes(model):
   """The class names a run folder's config.json records (None elsewhere,
   or where the run had classes without names)."""
-  config = os.path.join(model, runfiles.CONFIG)
-  if not os.path.isfile(config):
-    return None
-  try:
-    with open(config) as f:
-      classes = json.load(f).get('classes')
-  except (OSError, ValueError):
-    return None
+  classes = runfiles.run_config(model).get('classes')
   return [str(c) for c in classes] if isinstance(classes, list) else None
 
 
@@ -116,8 +109,9 @@ def predict(args, load_model, logger=None):
   weights = zoo.load_weights(args.model, args.bit_pretrained_dir)
   head_size, logits_fn = load_model(weights)
   names = label_names(args, head_size, logger)
-  size = args.resolution or bit_hyperrule.get_resolution_from_image_sizes(
-      datasets.image_sizes(paths))[1]
+  size = (args.resolution or runfiles.trained_crop(args.model)
+          or bit_hyperrule.get_resolution_from_image_sizes(
+              datasets.image_sizes(paths))[1])
   logits = []
   for i in range(0, len(paths), args.batch):
     batch = np.stack([load_image(p, size) for p in paths[i:i + args.batch]])

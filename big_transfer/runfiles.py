@@ -36,6 +36,27 @@ PRETRAIN_CHECKPOINT = 'pretrain.pth.tar'
 CHECKPOINTS = 'checkpoints'
 
 
+def run_config(model):
+  """The config.json of the run that `model` names (its folder, or the
+  MODEL in it) as a dict; {} for any other model or an unreadable file."""
+  folder = (model if os.path.isdir(model) else os.path.dirname(model)
+            if os.path.basename(model) == MODEL else None)
+  try:
+    with open(os.path.join(folder, CONFIG)) as f:
+      config = json.load(f)
+  except (TypeError, OSError, ValueError):  # TypeError: no folder
+    return {}
+  return config if isinstance(config, dict) else {}
+
+
+def trained_crop(model):
+  """The crop size a fine-tuning run trained `model` at (see run_config),
+  or None where it is not known."""
+  resolution = run_config(model).get('resolution')
+  return (resolution[1] if isinstance(resolution, list) and len(resolution)
+          == 2 and isinstance(resolution[1], int) else None)
+
+
 @contextlib.contextmanager
 def replaced(path, mode='w', keep=None):
   """A new file whose content replaces `path` when the block ends without

@@ -27,8 +27,8 @@ def argparser(framework, precisions=('fp32', 'bf16', 'fp16'),
                  'BiT-M-R50x1-run0-dtd) or hf-hub:ORG/NAME.')
   g.add_argument('--crop_size', type=int, default=None,
                  help='Evaluation resolution (default: the one the checkpoint '
-                 'was trained at where known, else the HyperRule\'s for the '
-                 'dataset).')
+                 'was trained at where known: a run folder, its model.npz, a '
+                 'bit.pth.tar; else the HyperRule\'s for the dataset).')
   g.add_argument('--batch_eval', type=int, default=64,
                  help='Evaluation batch size.')
   g.add_argument('--output', default=None,
@@ -87,7 +87,8 @@ def main_numpy(args, load_model, read_data):
   head_size, logits_fn = load_model(zoo.load_weights(args.ckpt_path,
                                                     args.bit_pretrained_dir))
   check_head(head_size, classes, args)
-  crop = bit_hyperrule.resolution(original_hw, crop_size=args.crop_size)[1]
+  crop = bit_hyperrule.resolution(original_hw, crop_size=args.crop_size or
+                                  runfiles.trained_crop(args.ckpt_path))[1]
   log.info(f'evaluating {args.ckpt_path} on {size} {args.dataset} images at '
            f'{crop} px')
   sums = np.zeros(4)

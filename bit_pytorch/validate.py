@@ -11,7 +11,7 @@ training:
 import torch
 
 import bit_hyperrule
-from big_transfer import errors, metrics, validate, zoo
+from big_transfer import errors, metrics, runfiles, validate, zoo
 from bit_pytorch import data as torch_data
 from bit_pytorch import engine
 from bit_pytorch import models
@@ -56,7 +56,8 @@ def main(args):
   data = torch_data.load(args, logger, check_train=False)
   net, trained_crop = load_model(args, data.classes)
   crop = bit_hyperrule.resolution(
-      data.original_hw, crop_size=args.crop_size or trained_crop)[1]
+      data.original_hw, crop_size=args.crop_size or trained_crop or
+      runfiles.trained_crop(args.ckpt_path))[1]
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   net, _ = engine.to_device(net, device)
   loader = torch.utils.data.DataLoader(

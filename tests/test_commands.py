@@ -370,13 +370,13 @@ def test_tf2_export_tflite_from_an_h5(root, h5):
 
 def test_jax_predict(runs, tmp_path):
   """A run folder's classes by name, and its logits as PyTorch computes
-  them from the run's model.npz."""
+  them from the run's model.npz at the crop size the run trained at (32
+  px, from its config.json; the images are 40x48, the HyperRule's 128)."""
   run = runs['jax']
   folder = write_imagefolder(tmp_path / 'photos', classes=('a', 'b'),
-                             train=2, val=0, size=(32, 32))
+                             train=2, val=0, size=(40, 48))
   proc = ok(command('bit_jax.predict', folder, '--model', run, '--top_k', '2',
-                    '--resolution', '32', '--save_logits', 'logits.npy',
-                    cwd=tmp_path))
+                    '--save_logits', 'logits.npy', cwd=tmp_path))
   files = predict.list_images([folder])
   lines = proc.stdout.strip().splitlines()
   assert [l.split(': ')[0] for l in lines] == files
@@ -399,18 +399,18 @@ def test_jax_predict(runs, tmp_path):
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_validate(runs, toy_dir, backend):  # noqa: F811
   """The run's own model, validated on the split it evaluated on, gives
-  the run's final evaluation. PyTorch: from its bit.pth.tar, at the crop
-  size the checkpoint records (the HyperRule's would be 128 px)."""
+  the run's final evaluation, at the crop size it trained at (32 px; the
+  HyperRule's would be 128): PyTorch's from its bit.pth.tar, TF2's from
+  its model.npz, JAX's from its run folder (both from config.json)."""
   run = runs[backend]
-  if backend == 'pytorch':
-    ckpt, crop = run / 'bit.pth.tar', []
-  else:
-    ckpt, crop = run / 'model.npz', ['--crop_size', '32']
+  ckpt = {'pytorch': run / 'bit.pth.tar', 'tf2': run / 'model.npz',
+          'jax': run}[backend]
   out = run / 'validate.json'
   proc = ok(command(f'bit_{backend}.validate', '--ckpt_path', ckpt,
                     '--dataset', TOY, '--datadir', toy_dir, '--eval_split',
-                    'validation', *crop, '--batch_eval', '8', '--workers', '0',
+                    'validation', '--batch_eval', '8', '--workers', '0',
                     '--output', out))
+  assert 'images at 32 px' in proc.stderr
   printed = json.loads(proc.stdout.strip().splitlines()[-1])
   assert printed == read_json(out)
   want = read_json(run / 'results.json')

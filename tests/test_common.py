@@ -371,3 +371,18 @@ def test_a_run_folder_names_its_classes_for_predict(tmp_path):
   assert predict.label_names(args, 3) is None  # not this model's classes
   (run / runfiles.CONFIG).write_text(json.dumps({'classes': 10}))
   assert predict.label_names(args, 10) is None
+
+
+def test_a_run_folder_and_its_model_give_the_crop_it_trained_at(tmp_path):
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / runfiles.CONFIG).write_text(json.dumps({'resolution': [36, 32]}))
+  for model in (run, run / runfiles.MODEL):
+    assert runfiles.trained_crop(str(model)) == 32
+  # A file of another name beside a config.json (a Hub download's, say)
+  # says nothing; neither does a damaged or resolution-less config.json.
+  assert runfiles.trained_crop(str(run / 'other.npz')) is None
+  assert runfiles.trained_crop('BiT-M-R50x1') is None
+  for text in ('{"resolution": [36', '{"classes": [1, 2]}', '[36, 32]'):
+    (run / runfiles.CONFIG).write_text(text)
+    assert runfiles.trained_crop(str(run)) is None

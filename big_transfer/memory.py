@@ -1,5 +1,5 @@
-"""Whether a fine-tuning step fits in memory, and the --batch_split that
-makes it fit.
+"""Whether a training step fits in memory, and the --batch_split that
+makes it fit (fine-tuning and distillation).
 
 The HyperRule's batch is 512 images, at 480x480 for all but tiny images:
 one step of R50x1 keeps about 550 MB of activations per image for the
@@ -20,12 +20,16 @@ batch), so the choice changes memory and speed, not what is learnt.
       images at crop x crop, plus the parameters' training state (weights,
       gradients, momentum, standardised weights: 4 fp32 copies) for each of
       `replicas` model copies in the memory.
-  for_run(run, args, arch, crop, devices, local=1, gpu_bytes=None)
+  for_run(run, args, arch, crop, devices, memory=(1, None), batch=None,
+          beside=None)
       Sets args.batch_split where it is unset (config.json records it) and
       logs the choice; warns where a split the user chose may not fit.
-      `devices`: the run's, which divide the batch; `gpu_bytes`: the memory
-      of one of the process's GPUs, or None on a CPU, where its `local`
-      devices share the host's memory.
+      `devices`: the run's, which divide `batch` (default args.batch);
+      `memory`: (this process's devices, the memory of one of its GPUs or
+      None on a CPU, where those devices share the host's memory), from
+      the backend's engine.device_memory; `beside`: the architecture of a
+      frozen model whose weights share the memory (a distillation's
+      teacher).
       Several processes choose together: the fewest micro-batches that fit
       in every one of them.
 """
@@ -82,14 +86,18 @@ def _room(local, gpu_bytes):
   return HOST_SHARE * hardware.memory_bytes() / processes, local
 
 
-def for_run(run, args, arch, crop, devices, local=1, gpu_bytes=None):
+def for_run(run, args, arch, crop, devices, memory=(1, None), batch=None,
+            beside=None):
   """Chooses args.batch_split where it is None (see the module doc)."""
-  room, sharing = _room(local, gpu_bytes)
-  per_device = args.batch // devices
+  gpu_bytes = memory[1]
+  room, sharing = _room(*memory)
+  per_device = (batch or args.batch) // devices
   splits = [s for s in range(1, per_device + 1) if per_device % s == 0]
+  frozen = 4 * parameters(beside) * sharing if beside else 0
 
   def need(split):
-    return step_bytes(arch, crop, per_device // split * sharing, sharing)
+    return frozen + step_bytes(arch, crop, per_device // split * sharing,
+                               sharing)
 
   where = 'a GPU' if gpu_bytes else 'this process on this host'
 

@@ -23,7 +23,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from big_transfer import (datasets, datastream, distill, flags, harness,
-                          loader, runfiles, zoo)
+                          loader, memory, runfiles, zoo)
 from bit_jax import engine
 from bit_jax import models
 
@@ -147,6 +147,9 @@ def main(args):
     sched = distill.schedule(recipe, train_size)
     (teacher, teacher_params), (student, params) = build_nets(
         args, recipe, data.num_classes, engine.DTYPES[args.precision])
+    memory.for_run(run, args, student.architecture, recipe.crop_size,
+                   len(devices), parallel.device_memory(), recipe.batch,
+                   teacher.architecture)
     tx = optimizer(recipe)
     teacher_params = jax.device_put(teacher_params, parallel.replicated)
     state = jax.device_put({'params': params, 'opt_state': tx.init(params)},

@@ -43,6 +43,14 @@ class DataParallel:
         first.platform == 'gpu' and
         float(getattr(first, 'compute_capability', 0)) >= 8)
 
+  def device_memory(self):
+    """(this process's devices, the memory of one of its GPUs or None
+    elsewhere), as big_transfer.memory.for_run takes them."""
+    first = jax.local_devices()[0]
+    return jax.local_device_count(), (
+        (first.memory_stats() or {}).get('bytes_limit')
+        if first.platform == 'gpu' else None)
+
   def batch_size(self, batch):
     """`batch` rounded up to a multiple of the device count."""
     return -(-batch // len(self.devices)) * len(self.devices)

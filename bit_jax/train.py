@@ -134,10 +134,8 @@ def main(args):
                                   zero_head=True, weights=weights,
                                   dtype=DTYPES[args.precision])
     del weights
-    gpu = jax.local_devices()[0]
     memory.for_run(run, args, model.architecture, hyper.crop, len(devices),
-                   jax.local_device_count(), gpu.platform == 'gpu' and
-                   (gpu.memory_stats() or {}).get('bytes_limit'))
+                   parallel.device_memory())
     tx = optimizer()
     state = jax.device_put({'params': params, 'opt_state': tx.init(params)},
                            parallel.replicated)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torchvision
 
 from big_transfer import (datasets, datastream, distill, flags, harness,
-                          runfiles, zoo)
+                          memory, runfiles, zoo)
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
 from bit_pytorch import engine
@@ -197,6 +197,9 @@ def _distill(args, recipe, rank, world, device):
         load_data, args, recipe, run.logger)
     sched = distill.schedule(recipe, len(train_src))
     teacher, student = build_nets(args, recipe, classes, device)
+    memory.for_run(run, args, student.architecture, recipe.crop_size, world,
+                   engine.device_memory(device), recipe.batch,
+                   teacher.architecture)
     opt = optimizer(student, recipe)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
 

@@ -106,6 +106,13 @@ def native_bf16(device):
           torch.cuda.get_device_capability(device)[0] >= 8)
 
 
+def device_memory(device):
+  """(this process's devices, the memory of its GPU or None on a CPU), as
+  big_transfer.memory.for_run takes them."""
+  return 1, (torch.cuda.get_device_properties(device).total_memory
+             if device.type == 'cuda' else None)
+
+
 def autocast_for(device, precision):
   return torch.autocast(device.type, DTYPES[precision],
                         enabled=precision != 'fp32')

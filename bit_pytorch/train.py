@@ -33,10 +33,11 @@ import bit_common
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
 from bit_pytorch.engine import (Checkpoint, any_process, autocast_for,
-                                data_errors_named, evaluate, loader,
-                                local_first, mean_over_processes, mixed,
-                                native_bf16, process_group, same_everywhere,
-                                to_device, train_step, world_size)
+                                data_errors_named, device_memory, evaluate,
+                                loader, local_first, mean_over_processes,
+                                mixed, native_bf16, process_group,
+                                same_everywhere, to_device, train_step,
+                                world_size)
 
 CHECKPOINT = runfiles.TORCH_CHECKPOINT
 
@@ -98,8 +99,7 @@ def _train(args, rank, device):
     del weights
     net, channels_last = to_device(net, device)
     memory.for_run(run, args, net.architecture, hyper.crop, world,
-                   gpu_bytes=device.type == 'cuda' and
-                   torch.cuda.get_device_properties(device).total_memory)
+                   device_memory(device))
     opt, scaler = optimizer(net, args.base_lr, args.precision)
 
     settings = dict(hyper.settings(args, data.classes),

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from big_transfer import datastream, distill, flags, harness, zoo
+from big_transfer import datastream, distill, flags, harness, memory, zoo
 import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import engine
 from bit_tf2 import models
@@ -175,6 +175,9 @@ def main(args):
                                     engine.POLICIES[args.precision])
       adam = Adam(student.trainable_variables, recipe)
       step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
+    memory.for_run(run, args, student.architecture, recipe.crop_size,
+                   replicas, engine.device_memory(strategy), recipe.batch,
+                   teacher.architecture)
 
     settings = distill.settings(recipe, args, sched)
     ckpt = engine.Checkpoints(

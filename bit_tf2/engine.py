@@ -11,7 +11,7 @@ import shutil
 
 import tensorflow as tf
 
-from big_transfer import errors, harness, metrics, runfiles
+from big_transfer import errors, hardware, harness, metrics, runfiles
 
 POLICIES = {'fp32': 'float32', 'bf16': 'mixed_bfloat16',
             'fp16': 'mixed_float16'}
@@ -147,6 +147,14 @@ def distribute(strategy, make_dataset):
     return ds.map(lambda b: tf.nest.map_structure(split, b)).unbatch()
 
   return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def device_memory(strategy):
+  """(this worker's replicas, the memory of one of its GPUs or None
+  elsewhere), as big_transfer.memory.for_run takes them."""
+  return (strategy.num_replicas_in_sync // worker(strategy)[1],
+          hardware.gpu_memory_bytes() if device_kind(strategy) == 'GPU'
+          else None)
 
 
 def native_bf16(strategy):

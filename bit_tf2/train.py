@@ -31,15 +31,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from big_transfer import (errors, flags, hardware, harness, held, memory,
-                          runfiles, zoo)
+from big_transfer import (errors, flags, harness, held, memory, runfiles,
+                          zoo)
 import bit_common
 import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import engine
 from bit_tf2 import models
 from bit_tf2.engine import (POLICIES, Checkpoints, accumulate, any_process,
-                            chief_first, device_kind, distribute, eval_sums,
-                            is_chief, make_strategy, uses_xla, worker)
+                            chief_first, device_kind, device_memory,
+                            distribute, eval_sums, is_chief, make_strategy,
+                            uses_xla, worker)
 
 SAVED_MODEL = 'saved_model'
 
@@ -182,9 +183,7 @@ def main(args):
       step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
     del weights
     memory.for_run(run, args, model.architecture, hyper.crop, replicas,
-                   replicas // worker(strategy)[1],
-                   device_kind(strategy) == 'GPU' and
-                   hardware.gpu_memory_bytes())
+                   device_memory(strategy))
 
     classes = list(data.classes) if data.classes else data.num_classes
     settings = hyper.settings(args, classes)

@@ -12,6 +12,7 @@ import importlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import torch
 import yaml
 from PIL import Image
 
-from big_transfer import datasets, datastream, errors, zoo
+from big_transfer import datasets, datastream, errors, hardware, memory, zoo
 from big_transfer import distill
 from conftest import REPO, synthetic_weights, write_imagefolder
 
@@ -209,6 +210,29 @@ def test_bad_recipe_is_refused(tmp_path, values, message):
   with pytest.raises(errors.BadInput) as e:
     distill.load_recipe(args)
   assert message in str(e.value)
+
+
+@pytest.mark.parametrize('split, devices, message', [
+    (None, 3, 'batch 8 is not divisible by 3 device(s)'),
+    ('3', 1, 'batch 8 is not divisible by --batch_split 3 times 1 device'),
+    ('2', 8, 'batch 8 is not divisible by --batch_split 2 times 8 device'),
+    ('0', 1, '--batch_split must be positive'),
+    (None, 8, None), ('4', 2, None),
+])
+def test_the_batch_must_divide_over_the_split_and_devices(
+    tmp_path, split, devices, message):
+  path = recipe_file(str(tmp_path), **{**TINY, 'teacher': 't.npz',
+                                       'dataset': 'digits'})
+  args = distill.argparser().parse_args(
+      ['--recipe', path, '--name', 'x', '--logdir', str(tmp_path),
+       *(['--batch_split', split] if split else [])])
+  assert args.batch_split == (int(split) if split else None)
+  recipe = distill.load_recipe(args)
+  if message is None:
+    distill.check_args(args, recipe, devices)
+  else:
+    with pytest.raises(errors.BadInput, match=re.escape(message)):
+      distill.check_args(args, recipe, devices)
 
 
 # --------------------------------------------------------------------------
@@ -736,12 +760,22 @@ def test_the_labels_baseline_trains_the_student_at_its_size(setup,
 
 @pytest.mark.parametrize('backend', ['pytorch', 'jax', 'tf2'])
 def test_batch_split_equals_one_batch(setup, from_weights, student_npz,
-                                      backend):
+                                      backend, monkeypatch):
   """--batch_split 2 (the recipes' way to keep the global batch on fewer
   accelerators): micro-batches of 4, each with its mixup partners and the
-  teacher's logits of its own images, give `from_weights`' update."""
-  result = run_distill(setup, backend, 'split', ('--batch_split', '2'), steps=4,
-                   eval_every=4, student=student_npz)
+  teacher's logits of its own images, give `from_weights`' update. PyTorch
+  is given the split; JAX and TF2 choose it, having memory for 4 images
+  beside the teacher's weights (big_transfer.memory's estimate)."""
+  r14 = zoo.parse_arch('R14x0.5')
+  monkeypatch.setattr(hardware, 'memory_bytes', lambda: (
+      4 * memory.parameters(r14) + memory.step_bytes(r14, 16, 4.5))
+                      / memory.HOST_SHARE)
+  given = ('--batch_split', '2') if backend == 'pytorch' else ()
+  result = run_distill(setup, backend, 'split', given, steps=4,
+                       eval_every=4, student=student_npz)
+  config = json.loads((setup[0] / backend / 'split' / 'config.json')
+                      .read_text())
+  assert config['batch_split'] == 2
   losses = [np.array([r['loss'] for r in metrics(setup, backend, name)
                       if r['split'] == 'train'])
             for name in ('split', 'from_weights')]

@@ -77,7 +77,7 @@ def choose(monkeypatch, caplog, fits, batch=64, split=None, crop=32,
   args = argparse.Namespace(batch=batch, batch_split=split)
   caplog.clear()
   with caplog.at_level(logging.INFO, 'test_memory'):
-    memory.for_run(Run(), args, R14, crop, devices, local, gpu_bytes)
+    memory.for_run(Run(), args, R14, crop, devices, (local, gpu_bytes))
   return args.batch_split, caplog.text
 
 
@@ -114,7 +114,7 @@ def test_devices_sharing_and_not_sharing_a_memory(monkeypatch, caplog):
   monkeypatch.setattr(hardware, 'memory_bytes',
                       lambda: room_for_two / memory.HOST_SHARE)
   args = argparse.Namespace(batch=64, batch_split=None)
-  memory.for_run(Run(), args, R14, 32, 4, 2)  # 2 x 16 images: 2 x 8 fit
+  memory.for_run(Run(), args, R14, 32, 4, (2, None))  # 2 x 8 of 2 x 16
   assert args.batch_split == 2
   # A quarter of the host each: 5 of 16 images (at 256 px, where the
   # activations outweigh the parameters' state).

@@ -24,14 +24,14 @@ def argparser(known_models=None, backend_flags=None):
       'Fine-tune a BiT model with the BiT-HyperRule.', flags.run(),
       flags.model(examples=examples), flags.dataset(), flags.loading(),
       flags.holding(), flags.fewshot(), flags.batches(),
-      flags.batch_split(chosen=True), flags.schedule(),
+      flags.batch_split(), flags.schedule(),
       flags.precision(training=True),
       *([backend_flags] if backend_flags else []))
 
 
 def check_args(args, devices=1):
   """Refuses flag values that cannot work, before any long work starts."""
-  for flag in ('batch', 'batch_split', 'total_steps', 'resize_size',
+  for flag in ('batch', 'total_steps', 'resize_size',
                'crop_size', 'eval_every', 'batch_eval', 'examples_per_class',
                'save_every'):
     value = getattr(args, flag, None)
@@ -45,13 +45,7 @@ def check_args(args, devices=1):
                    f'{args.base_lr}.')
   if getattr(args, 'workers', 0) < 0:
     raise BadInput(f'--workers must be 0 or more, got {args.workers}.')
-  if args.batch_split is None and args.batch % devices:
-    raise BadInput(f'--batch {args.batch} is not divisible by {devices} '
-                   'devices; choose a multiple of it.')
-  if args.batch_split and args.batch % (args.batch_split * devices):
-    raise BadInput(f'--batch {args.batch} is not divisible by --batch_split '
-                   f'{args.batch_split} times {devices} device(s); choose a '
-                   'multiple of their product.')
+  flags.check_batch_split(args.batch, args.batch_split, devices, '--batch')
   if args.dataset in ('imagefolder', 'imagenet2012') and not args.datadir:
     raise BadInput(f'--dataset {args.dataset} needs --datadir.')
   if args.datadir and args.dataset == 'imagefolder' and not os.path.isdir(

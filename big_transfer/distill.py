@@ -318,21 +318,14 @@ def argparser(backend='pytorch'):
       'al., 2022): the same augmented image to both, KL loss.',
       flags.recipe('teacher, student, data, length, batch, augmentation, '
                    'mixup, temperature, optimiser'),
-      flags.run(), parent, flags.pretrained_dir(),
-      flags.batch_split(chosen=True),
+      flags.run(), parent, flags.pretrained_dir(), flags.batch_split(),
       flags.loading(), flags.precision(('fp32', 'bf16'), training=True),
       prog=f'python -m bit_{backend}.distill')
 
 
 def check_args(args, recipe, devices=1):
   """Refuses flag values that cannot work, before any long work."""
-  split = args.batch_split
-  if split is not None and split < 1:
-    raise BadInput(f'--batch_split must be positive, got {split}.')
-  if recipe.batch % ((split or 1) * devices):
-    raise BadInput(f'batch {recipe.batch} is not divisible by '
-                   + (f'--batch_split {split} times ' if split else '')
-                   + f'{devices} device(s).')
+  flags.check_batch_split(recipe.batch, args.batch_split, devices)
   if args.save_every is not None and args.save_every < 1:
     raise BadInput('--save_every must be positive.')
 

@@ -11,6 +11,7 @@ default with `parser.set_defaults(...)` without touching the others.
 import argparse
 
 from big_transfer import datasets, hardware, vtab
+from big_transfer.errors import BadInput
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -154,16 +155,26 @@ def fewshot():
   return parent
 
 
-def batch_split(chosen=False):
-  """Gradient accumulation; `chosen`: unset, the run chooses it
-  (big_transfer.memory), else it is 1."""
+def batch_split():
+  """Gradient accumulation; unset, the run chooses it (big_transfer.memory)."""
   parent, g = group('batch split')
-  g.add_argument('--batch_split', type=int, default=None if chosen else 1,
+  g.add_argument('--batch_split', type=int, default=None,
                  help='Split each batch into this many micro-batches and '
-                 'accumulate their gradients (saves memory). '
-                 + ('Default: the fewest whose step fits in memory, '
-                    'estimated.' if chosen else ''))
+                 'accumulate their gradients (saves memory). Default: the '
+                 'fewest whose step fits in memory, estimated.')
   return parent
+
+
+def check_batch_split(batch, split, devices, batch_name='batch'):
+  """Refuses a --batch_split below 1, and a batch that does not divide over
+  it (where given) times the devices."""
+  if split is not None and split < 1:
+    raise BadInput(f'--batch_split must be a positive number, got {split}.')
+  if batch % ((split or 1) * devices):
+    raise BadInput(f'{batch_name} {batch} is not divisible by '
+                   + (f'--batch_split {split} times ' if split else '')
+                   + f'{devices} device(s); choose a multiple of '
+                   + ('their product.' if split else 'it.'))
 
 
 def batches():

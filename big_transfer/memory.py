@@ -1,5 +1,5 @@
 """Whether a training step fits in memory, and the --batch_split that
-makes it fit (fine-tuning and distillation).
+makes it fit (fine-tuning, distillation and pre-training).
 
 The HyperRule's batch is 512 images, at 480x480 for all but tiny images:
 one step of R50x1 keeps about 550 MB of activations per image for the

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-from big_transfer import (datasets, datastream, errors, flags, harness, recipes,
-                          runfiles, zoo)
+from big_transfer import (datasets, datastream, errors, flags, harness,
+                          memory, recipes, runfiles, zoo)
 from bit_pytorch import data as torch_data
 from bit_pytorch import engine
 from bit_pytorch import models
@@ -225,10 +225,7 @@ def main(args):
   fine-tuning."""
   recipe = load_recipe(args.recipe, args.overrides, args.datadir)
   world = engine.world_size()
-  if args.batch_split < 1 or recipe.batch % (args.batch_split * world):
-    raise errors.BadInput(f'batch {recipe.batch} is not divisible by '
-                              f'--batch_split {args.batch_split} times '
-                              f'{world} process(es).')
+  flags.check_batch_split(recipe.batch, args.batch_split, world)
   if args.save_every is not None and args.save_every < 1:
     raise errors.BadInput('--save_every must be positive.')
   with engine.process_group() as (rank, device):
@@ -247,6 +244,8 @@ def _pretrain(args, recipe, rank, world, device):
     net = models.ResNetV2(arch.units, arch.width, classes, zero_head=True)
     torch.nn.init.constant_(net.head.conv.bias, recipe.head_bias)
     net, channels_last = engine.to_device(net, device)
+    memory.for_run(run, args, arch, recipe.crop_size, world,
+                   engine.device_memory(device), recipe.batch)
     optim = optimizer(net, recipe)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
 

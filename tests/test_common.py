@@ -271,7 +271,7 @@ def test_batch_must_divide_over_devices():
     bit_common.check_args(args, devices=4)
   args.batch_split = None  # chosen later: the batch need only divide
   bit_common.check_args(args, devices=4)
-  with pytest.raises(errors.BadInput, match='by 5 devices'):
+  with pytest.raises(errors.BadInput, match=r'by 5 device\(s\)'):
     bit_common.check_args(args, devices=5)
 
 

@@ -216,7 +216,7 @@ def test_bad_recipe_is_refused(tmp_path, values, message):
     (None, 3, 'batch 8 is not divisible by 3 device(s)'),
     ('3', 1, 'batch 8 is not divisible by --batch_split 3 times 1 device'),
     ('2', 8, 'batch 8 is not divisible by --batch_split 2 times 8 device'),
-    ('0', 1, '--batch_split must be positive'),
+    ('0', 1, '--batch_split must be a positive number'),
     (None, 8, None), ('4', 2, None),
 ])
 def test_the_batch_must_divide_over_the_split_and_devices(

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from big_transfer import datasets, errors, zoo
+from big_transfer import datasets, errors, hardware, memory, zoo
 from bit_pytorch import models, pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,10 +189,16 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, sigterm_after_step):
   assert 'resuming from' in open(out / 'train.log').read()
 
 
-def test_batch_split_gives_the_same_update(tmp_path):
+def test_batch_split_gives_the_same_update(tmp_path, monkeypatch):
   values = dict(augment='none', steps=1, warmup_steps=0, decay_at=[])
   run(tmp_path / 'a', **values)
-  _, out = run(tmp_path / 'b', extra=['--batch_split', '4'], **values)
+  # Memory for 2 of the 8 images at once (big_transfer.memory's estimate):
+  # the run chooses 4 micro-batches.
+  monkeypatch.setattr(hardware, 'memory_bytes', lambda: memory.step_bytes(
+      zoo.parse_arch('R14x0.5'), 16, 2.5) / memory.HOST_SHARE)
+  _, out = run(tmp_path / 'b', **values)
+  assert [json.loads((folder / 'config.json').read_text())['batch_split']
+          for folder in (tmp_path / 'a' / 'runs' / 'up', out)] == [1, 4]
   a = zoo.load_npz(str(tmp_path / 'a' / 'runs' / 'up' / 'model.npz'))
   b = zoo.load_npz(str(out / 'model.npz'))
   for key in a:

@@ -120,9 +120,11 @@ def for_run(run, args, arch, crop, devices, memory=(1, None), batch=None,
     if not too_big:
       break
   args.batch_split = split
-  if too_big:
+  if need(split) > room:  # the last split: none fits here
     run.logger.warning(f'even micro-batches of one image may not fit: '
                        f'{why(split)}; a lower --crop_size needs less.')
   elif split > 1:
-    run.logger.info(f'--batch_split {split}: without it a step would need '
-                    f'{why(1)}; {split} micro-batches give the same update.')
+    because = (f'without it a step would need {why(1)}' if need(1) > room
+               else 'another process has less memory')
+    run.logger.info(f'--batch_split {split}: {because}; {split} '
+                    'micro-batches give the same update.')

@@ -134,7 +134,11 @@ def test_processes_choose_together(monkeypatch, caplog):
     args = argparse.Namespace(batch=128, batch_split=None)
     memory.for_run(Run(votes), args, R14, 32, 2)
     return args.batch_split
-  assert as_processes(2, process) == {'p0': 4, 'p1': 4}
+  with caplog.at_level(logging.INFO, 'test_memory'):
+    assert as_processes(2, process) == {'p0': 4, 'p1': 4}
+  said = {r.threadName: r.getMessage() for r in caplog.records}
+  assert said['p0'].startswith('--batch_split 4: another process has less')
+  assert said['p1'].startswith('--batch_split 4: without it a step would')
 
 
 def test_the_gpu_memory_that_nvidia_smi_lists(monkeypatch, tmp_path):

@@ -23,9 +23,8 @@ def argparser(known_models=None, backend_flags=None):
   return flags.parser(
       'Fine-tune a BiT model with the BiT-HyperRule.', flags.run(),
       flags.model(examples=examples), flags.dataset(), flags.loading(),
-      flags.holding(), flags.fewshot(), flags.batches(),
-      flags.batch_split(), flags.schedule(),
-      flags.precision(training=True),
+      flags.holding(), flags.fewshot(), flags.batches(), flags.batch_split(),
+      flags.schedule(), flags.precision(training=True),
       *([backend_flags] if backend_flags else []))
 
 

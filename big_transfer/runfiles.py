@@ -39,12 +39,16 @@ CHECKPOINTS = 'checkpoints'
 def run_config(model):
   """The config.json of the run that `model` names (its folder, or the
   MODEL in it) as a dict; {} for any other model or an unreadable file."""
-  folder = (model if os.path.isdir(model) else os.path.dirname(model)
-            if os.path.basename(model) == MODEL else None)
+  if os.path.isdir(model):
+    folder = model
+  elif os.path.basename(model) == MODEL:
+    folder = os.path.dirname(model)
+  else:
+    return {}
   try:
     with open(os.path.join(folder, CONFIG)) as f:
       config = json.load(f)
-  except (TypeError, OSError, ValueError):  # TypeError: no folder
+  except (OSError, ValueError):
     return {}
   return config if isinstance(config, dict) else {}
 

@@ -155,13 +155,19 @@ def fewshot():
   return parent
 
 
+def count_or_auto(value):
+  """--batch_split's value: a number, or 'auto' (None: the run chooses)."""
+  return None if value == 'auto' else int(value)
+
+
 def batch_split():
-  """Gradient accumulation; unset, the run chooses it (big_transfer.memory)."""
+  """Gradient accumulation; 'auto': the run chooses (big_transfer.memory)."""
   parent, g = group('batch split')
-  g.add_argument('--batch_split', type=int, default=None,
+  g.add_argument('--batch_split', type=count_or_auto, default=1,
+                 metavar='N|auto',
                  help='Split each batch into this many micro-batches and '
-                 'accumulate their gradients (saves memory). Default: the '
-                 'fewest whose step fits in memory, estimated.')
+                 'accumulate their gradients (saves memory); auto: the '
+                 'fewest whose step fits in memory, by an estimate.')
   return parent
 
 

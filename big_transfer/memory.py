@@ -6,8 +6,10 @@ one step of R50x1 keeps about 550 MB of activations per image for the
 backward pass, some 280 GB for the batch. The original code left the
 user to find a --batch_split that fits; a step that does not fit kills
 the run (the kernel's OOM killer on a CPU, silently) or fails in the
-framework (a GPU). Left unset, --batch_split is now the fewest
-micro-batches whose step fits, estimated before training starts; the
+framework (a GPU). The original's default, 1, stays (the contract between
+the backends keeps the original flags' defaults), and a run warns before
+training where its split may not fit, naming one that would;
+--batch_split auto chooses the fewest micro-batches whose step fits. The
 update is the same for any split (GroupNorm does not mix the images of a
 batch), so the choice changes memory and speed, not what is learnt.
 
@@ -22,8 +24,8 @@ batch), so the choice changes memory and speed, not what is learnt.
       `replicas` model copies in the memory.
   for_run(run, args, arch, crop, devices, memory=(1, None), batch=None,
           beside=None)
-      Sets args.batch_split where it is unset (config.json records it) and
-      logs the choice; warns where a split the user chose may not fit.
+      Sets args.batch_split where it is None (auto; config.json records
+      the choice) and logs it; warns where a given split may not fit.
       `devices`: the run's, which divide `batch` (default args.batch);
       `memory`: (this process's devices, the memory of one of its GPUs or
       None on a CPU, where those devices share the host's memory), from
@@ -88,7 +90,8 @@ def _room(local, gpu_bytes):
 
 def for_run(run, args, arch, crop, devices, memory=(1, None), batch=None,
             beside=None):
-  """Chooses args.batch_split where it is None (see the module doc)."""
+  """Chooses args.batch_split where it is None, auto (see the module
+  doc)."""
   gpu_bytes = memory[1]
   room, sharing = _room(*memory)
   per_device = (batch or args.batch) // devices
@@ -111,7 +114,7 @@ def for_run(run, args, arch, crop, devices, memory=(1, None), batch=None,
       fits = next((s for s in splits if need(s) <= room), splits[-1])
       run.logger.warning(f'--batch_split {args.batch_split} may not fit in '
                          f'memory: {why(args.batch_split)}; --batch_split '
-                         f'{fits} would (leave it out to choose).')
+                         f'{fits} would (--batch_split auto chooses).')
     return
   for split in splits:
     too_big = need(split) > room

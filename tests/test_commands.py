@@ -277,8 +277,7 @@ def test_pytorch_train_starts_torchrun_on_several_gpus(root, toy_dir):  # noqa: 
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stdout == ''
   assert proc.stderr.strip().splitlines()[-1].startswith(
-      'error: --batch 9 is not divisible by 2 device(s); choose a multiple '
-      'of it.')
+      'error: --batch 9 is not divisible by --batch_split 1 times 2 device')
 
 
 # --------------------------------------------------------------------------

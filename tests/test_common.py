@@ -234,10 +234,11 @@ def test_a_registered_model_is_read_from_a_local_npz_or_else_h5(tmp_path,
 def test_original_flags_keep_their_names_and_defaults():
   args = bit_common.argparser().parse_args(['--name', 'n', '--logdir', 'l'])
   assert (args.model, args.bit_pretrained_dir, args.dataset) == ('BiT-M-R50x1', '.', 'cifar10')
-  assert (args.batch, args.base_lr) == (512, 0.003)
-  # The original's --batch_split 1 became "the fewest that fit in memory"
-  # (tests/test_memory.py); --batch_split N still sets it.
-  assert args.batch_split is None
+  assert (args.batch, args.batch_split, args.base_lr) == (512, 1, 0.003)
+  # --batch_split auto: the run chooses (tests/test_memory.py).
+  assert bit_common.argparser().parse_args(
+      ['--name', 'n', '--logdir', 'l', '--batch_split', 'auto']
+  ).batch_split is None
   assert (args.examples_per_class, args.examples_per_class_seed) == (None, 0)
   assert args.save is True
   assert (args.seed, args.total_steps) == (0, None)
@@ -269,7 +270,7 @@ def test_batch_must_divide_over_devices():
   bit_common.check_args(args, devices=3)
   with pytest.raises(errors.BadInput, match='4 device'):
     bit_common.check_args(args, devices=4)
-  args.batch_split = None  # chosen later: the batch need only divide
+  args.batch_split = None  # auto, chosen later: the batch need only divide
   bit_common.check_args(args, devices=4)
   with pytest.raises(errors.BadInput, match=r'by 5 device\(s\)'):
     bit_common.check_args(args, devices=5)

@@ -225,7 +225,7 @@ def test_the_batch_must_divide_over_the_split_and_devices(
                                        'dataset': 'digits'})
   args = distill.argparser().parse_args(
       ['--recipe', path, '--name', 'x', '--logdir', str(tmp_path),
-       *(['--batch_split', split] if split else [])])
+       '--batch_split', split or 'auto'])
   assert args.batch_split == (int(split) if split else None)
   recipe = distill.load_recipe(args)
   if message is None:
@@ -764,13 +764,14 @@ def test_batch_split_equals_one_batch(setup, from_weights, student_npz,
   """--batch_split 2 (the recipes' way to keep the global batch on fewer
   accelerators): micro-batches of 4, each with its mixup partners and the
   teacher's logits of its own images, give `from_weights`' update. PyTorch
-  is given the split; JAX and TF2 choose it, having memory for 4 images
-  beside the teacher's weights (big_transfer.memory's estimate)."""
+  is given the split; JAX and TF2 choose it (--batch_split auto), having
+  memory for 4 images beside the teacher's weights (big_transfer.memory's
+  estimate)."""
   r14 = zoo.parse_arch('R14x0.5')
   monkeypatch.setattr(hardware, 'memory_bytes', lambda: (
       4 * memory.parameters(r14) + memory.step_bytes(r14, 16, 4.5))
                       / memory.HOST_SHARE)
-  given = ('--batch_split', '2') if backend == 'pytorch' else ()
+  given = ('--batch_split', '2' if backend == 'pytorch' else 'auto')
   result = run_distill(setup, backend, 'split', given, steps=4,
                        eval_every=4, student=student_npz)
   config = json.loads((setup[0] / backend / 'split' / 'config.json')

@@ -193,10 +193,10 @@ def test_batch_split_gives_the_same_update(tmp_path, monkeypatch):
   values = dict(augment='none', steps=1, warmup_steps=0, decay_at=[])
   run(tmp_path / 'a', **values)
   # Memory for 2 of the 8 images at once (big_transfer.memory's estimate):
-  # the run chooses 4 micro-batches.
+  # with --batch_split auto the run chooses 4 micro-batches.
   monkeypatch.setattr(hardware, 'memory_bytes', lambda: memory.step_bytes(
       zoo.parse_arch('R14x0.5'), 16, 2.5) / memory.HOST_SHARE)
-  _, out = run(tmp_path / 'b', **values)
+  _, out = run(tmp_path / 'b', extra=['--batch_split', 'auto'], **values)
   assert [json.loads((folder / 'config.json').read_text())['batch_split']
           for folder in (tmp_path / 'a' / 'runs' / 'up', out)] == [1, 4]
   a = zoo.load_npz(str(tmp_path / 'a' / 'runs' / 'up' / 'model.npz'))

@@ -160,7 +160,7 @@ def test_outputs_and_their_fields(setup, reference, backend):
   assert config['schedule'][-1] == STEPS and config['mixup'] == 0.4
   assert config['mixup_alpha'] == 0.4 and config['resumed_from_step'] == 0
   assert config['devices'] == 1 and config['versions']
-  assert config['batch_split'] == 1  # chosen: the whole batch fits
+  assert config['batch_split'] == 1
   # Each image read 4 times: held (the run folder's list above: released).
   assert config['hold_images'] is True
   records = metrics(setup, backend, 'reference')
@@ -203,7 +203,7 @@ def test_a_batch_split_chosen_for_the_memory_equals_one_batch(
   # beside its mixup partner.
   monkeypatch.setattr(hardware, 'memory_bytes', lambda: memory.step_bytes(
       zoo.parse_arch('R14x0.5'), 32, 1.5) / memory.HOST_SHARE)
-  result = run(setup, backend, 'split8')
+  result = run(setup, backend, 'split8', '--batch_split', 'auto')
   config = json.loads((out(setup, backend, 'split8') / 'config.json')
                       .read_text())
   assert config['batch_split'] == 8

@@ -91,24 +91,25 @@ def launch(commands, tmp_path):
   return codes, '\n----\n'.join(tails)
 
 
-def jax_processes(setup, name, fault=None, folder=None):
+def jax_processes(setup, name, fault=None, folder=None, extra=()):
   port = free_ports(1)[0]
   # Compiled steps are cached between the launches of a module (the
   # compilation is most of a tiny run's time).
   cache = dict(JAX_COMPILATION_CACHE_DIR=str(setup[0] / 'xla_cache'),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   return [([sys.executable, WORKER, 'jax',
-            *argv(setup, 'jax', name, folder=folder),
+            *argv(setup, 'jax', name, *extra, folder=folder),
             '--distributed', '--coordinator_address', f'127.0.0.1:{port}',
             '--num_processes', '2', '--process_id', str(i)],
            environment(**cache, **(fault if fault and i == 1 else {})))
           for i in range(2)]
 
 
-def tf2_workers(setup, name, fault=None):
+def tf2_workers(setup, name, fault=None, extra=()):
   ports = free_ports(2)
   cluster = {'worker': [f'localhost:{p}' for p in ports]}
-  return [([sys.executable, WORKER, 'tf2', *argv(setup, 'tf2', name)],
+  return [([sys.executable, WORKER, 'tf2', *argv(setup, 'tf2', name,
+                                                 *extra)],
            environment(TF_CONFIG=json.dumps(
                {'cluster': cluster, 'task': {'type': 'worker', 'index': i}}),
                        **(fault if fault and i == 1 else {})))
@@ -180,12 +181,16 @@ def test_two_processes_end_where_one_ends_also_stopped_and_resumed(
     assert not own.exists()  # removed at the stop
     own.mkdir()
     (own / 'ckpt-3.index').write_text('left by a killed worker')
-  codes, output = launch(LAUNCH[backend](setup, 'two'), tmp_path)
+  # The resumed launch chooses its split: the processes vote on it through
+  # the framework's collective (every host holds the whole step: 1).
+  codes, output = launch(LAUNCH[backend](setup, 'two',
+                                         extra=('--batch_split', 'auto')),
+                         tmp_path)
   assert codes == [0, 0], output
   assert not own.exists()
   config = assert_ends_where_the_reference_ends(setup, reference, backend,
                                                 'two', stopped)
-  assert config['devices'] == 2
+  assert config['devices'] == 2 and config['batch_split'] == 1
   if backend == 'jax':
     assert config['processes'] == 2
   else:  # (TF's class behind tf.distribute.MultiWorkerMirroredStrategy)

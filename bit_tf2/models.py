@@ -148,6 +148,10 @@ class GroupNormReLU(layers.GroupNormalization):
         self._cpu_call if on_cpu() else
         lambda x: ops.relu(layers.GroupNormalization.call(self, x)),
         jit_compile=True)
+    # TF counts traces per Python function, not per layer, and warned of
+    # "retracing" once a model had traced five of its layers (each traces
+    # once per shape). TF's own restored functions set the same switch.
+    self._compiled._omit_frequent_tracing_warning = True  # pylint: disable=protected-access
 
   def _cpu_call(self, x):
     y = group_norm_relu_cpu(tf.cast(x, tf.float32),

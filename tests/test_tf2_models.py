@@ -395,3 +395,31 @@ def test_cpu_group_norm_relu_and_its_gradients_equal_the_formula(shape):
     for g, w in zip(got, want):
       np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4,
                                  atol=1e-4 * np.abs(w).max())
+
+
+def test_a_model_traces_its_group_norms_without_a_retracing_warning():
+  """Each GroupNormReLU compiles its own function, traced once per shape;
+  TF counts those traces per Python function and used to log a warning
+  that the function was "retracing" as soon as a model had traced five of
+  its layers. A model called in inference and in training at two sizes
+  traces every layer at least twice and logs no such warning."""
+  import logging
+  import tensorflow as tf
+  messages = []
+  handler = logging.Handler()
+  handler.emit = lambda record: messages.append(record.getMessage())
+  tf.get_logger().addHandler(handler)
+  try:
+    model = models.create('BiT-R14x0.5-FashionMNIST', head_size=3)
+    for size in (32, 40):
+      x = np.zeros((2, size, size, 3), np.float32)
+      model(x, training=False)
+      model(x, training=True)
+  finally:
+    tf.get_logger().removeHandler(handler)
+  norms = [l for l in model._flatten_layers()  # pylint: disable=protected-access
+           if isinstance(l, models.GroupNormReLU)]
+  assert len(norms) > 5
+  assert all(l._compiled.experimental_get_tracing_count() >= 2  # pylint: disable=protected-access
+             for l in norms)
+  assert not [m for m in messages if 'retracing' in m], messages

@@ -406,6 +406,9 @@ class Run:
                  if self.args.save else '.'))
             raise SystemExit(128 + (signals.signum or signal.SIGTERM))
       flush()
+      if result is None:  # Resumed after the last step: evaluate once more
+        # (metrics.jsonl holds this evaluation already, from before the save).
+        result = self._evaluate(step, evaluate, record=False)
     except BaseException as e:  # a failed run, a signal's stop, a bug
       failed = self._out_of_memory(step, e) if out_of_memory(e) else e
       if isinstance(failed, RunFailed):
@@ -416,9 +419,6 @@ class Run:
       raise failed from e
     if progress:
       progress.close()
-    if result is None:  # Resumed after the last step: evaluate once more
-      # (metrics.jsonl holds this evaluation already, from before the save).
-      result = self._evaluate(step, evaluate, record=False)
     return result, step
 
   def _vote(self, step, stop, due):

@@ -47,9 +47,9 @@ def args_for(tmp_path, **flags):
 
 
 def run(args, losses=lambda step: 1.0 / (step + 1), stop_at=None,
-        stop=KeyboardInterrupt):
+        stop=KeyboardInterrupt, evaluate=lambda: [4.0, 2, 3, 4]):
   """A stand-in fine-tuning: a number that grows each step, the given
-  losses, an evaluation of fixed sums; returns (Run, result). At step
+  losses, `evaluate` (by default fixed sums); returns (Run, result). At step
   `stop_at` it raises `stop()` (or what calling `stop` raises)."""
   r = harness.Run(args)
   ckpt = JsonCheckpoints(r.dir, {'seed': args.seed})
@@ -64,7 +64,7 @@ def run(args, losses=lambda step: 1.0 / (step + 1), stop_at=None,
     return losses(step)
 
   result, step = r.fit(step, args.total_steps, lambda s: 0.1, train,
-                       lambda: [4.0, 2, 3, 4], ckpt)
+                       evaluate, ckpt)
   return r, r.finish(result, step)
 
 

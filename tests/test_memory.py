@@ -182,6 +182,19 @@ def test_a_step_out_of_memory_names_the_split_that_halves_it(tmp_path,
   assert result['step'] == 12
 
 
+def test_the_evaluation_of_a_resumed_finished_run_out_of_memory(tmp_path):
+  """A run resumed after its last step only evaluates; when that runs out
+  of memory, it ends with the same one line as a step would."""
+  args = args_for(tmp_path, save_every=4)
+  stand_in_run(args)
+  with pytest.raises(errors.RunFailed) as failed:
+    stand_in_run(args, evaluate=lambda: allocate_a_pebibyte('pytorch'))
+  message = str(failed.value)
+  assert message.startswith('out of memory after step 12 at --batch_split 1')
+  assert message.endswith('it resumes from step 12.')
+  assert message in (tmp_path / 'run' / runfiles.LOG).read_text()
+
+
 def test_other_errors_are_not_taken_for_memory(tmp_path):
   with pytest.raises(RuntimeError, match='^a bug$'):
     stand_in_run(args_for(tmp_path), stop_at=2,

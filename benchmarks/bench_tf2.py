@@ -31,17 +31,13 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
                                            batch, batch_split, xla)
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 1000, batch)
-  data = {'image': rng.uniform(-1, 1, (batch, resolution, resolution, 3))
-                      .astype(np.float32),
-          'label': np.eye(1000, dtype=np.float32)[labels]}
-  eval_data = {'image': data['image'], 'label': labels,
-               'mask': np.ones(batch, bool)}
-
-  def repeated(batch_dict):
-    return iter(engine.distribute(strategy, lambda pid, nproc: (
-        tf.data.Dataset.from_tensors(batch_dict).repeat())))
-
-  train_batches, eval_batches = repeated(data), repeated(eval_data)
+  # uint8 images, as big_transfer.loader gives them (the step scales them)
+  images = rng.integers(0, 256, (batch, resolution, resolution, 3), np.uint8)
+  data = {'image': images, 'label': np.eye(1000, dtype=np.float32)[labels]}
+  eval_data = {'image': images, 'label': labels, 'mask': np.ones(batch, bool)}
+  train_batch, eval_batch = (
+      engine.to_replicas(strategy, tf.nest.map_structure(tf.constant, b))
+      for b in (data, eval_data))
   rate = tf.constant(0.003, tf.float32)
   device = engine.device_kind(strategy)
   if device == 'GPU':
@@ -50,14 +46,14 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
     rss = RssPeak()
     rss.start()
   out = {'train_img_s': images_per_sec(
-      lambda: float(train_step(next(train_batches), rate)), batch, steps,
+      lambda: float(train_step(train_batch, rate)), batch, steps,
       warmup)}
   out['train_mem_bytes'] = (
       tf.config.experimental.get_memory_info('GPU:0')['peak']
       if device == 'GPU' else rss.growth())
   if evaluate:
     out['eval_img_s'] = images_per_sec(
-        lambda: eval_step(next(eval_batches)).numpy(), batch, steps, warmup)
+        lambda: eval_step(eval_batch).numpy(), batch, steps, warmup)
   onednn = os.environ.get('TF_ENABLE_ONEDNN_OPTS') not in ('0', 'false')
   return dict(out, device=device, devices=strategy.num_replicas_in_sync,
               xla=xla, tensorflow=tf.__version__, kernels=', '.join(

@@ -479,7 +479,7 @@ def main(argv=None):
       row[k] = statistics.median(values) if values else None
     summary.append(row)
     print(f'  {fw:>7} {prec:<5} ' + '  '.join(
-        f'{k}=' + (f'{row[k]:.2f}' if row[k] is not None else 'failed')
+        f'{k}=' + (f'{row[k]:.2f}' if row[k] is not None else 'n/a')
         for k in SUMMARY), flush=True)
   if args.json:
     with open(args.json, 'w') as f:

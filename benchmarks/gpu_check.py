@@ -48,14 +48,14 @@ from big_transfer import hardware
 
 BACKENDS = ('pytorch', 'jax', 'tf2')
 # What each contender needs importable: for its throughput, and for its
-# trainer (JAX reads data through big_transfer.loader, with grain).
+# trainer (JAX and TF2 read data through big_transfer.loader, with grain).
 NEEDS = {
     'timm': ('torch', 'timm'),
     'pytorch': ('torch', 'torchvision'),
     'jax': ('jax', 'flax', 'optax', 'orbax.checkpoint'),
     'tf2': ('tensorflow', 'keras'),
 }
-TRAINER_NEEDS = {'pytorch': (), 'jax': ('grain',), 'tf2': ()}
+TRAINER_NEEDS = {'pytorch': (), 'jax': ('grain',), 'tf2': ('grain',)}
 # Fine-tunings end to end, most telling first (a run cut short by the time
 # limit keeps those done): name -> (backend, trainer flags). Each is
 # compared with the pure step it ran: PyTorch's 'pytorch_compile' where
@@ -263,7 +263,11 @@ def _pipeline(backends, size, env, timeout):
   fresh process; or {'error': why}."""
   if not backends:
     return {'skipped': 'no backend installed with its input pipeline'}
-  argv = ['--backends', ','.join(backends),
+  # TF2 reads through JAX's loader (big_transfer.loader): the `jax` row.
+  pipelines = {'tf2': 'jax'}
+  names = [n for n in ('pytorch', 'jax')
+           if n in {pipelines.get(b, b) for b in backends}]
+  argv = ['--backends', ','.join(names),
           '--workers', str(hardware.default_workers()),
           '--batch', str(size['batch']),
           '--batches', str(size['pipeline_batches']),

@@ -1,7 +1,7 @@
 """The training input pipeline alone (no model), per CPU core, for each
 host-decoding path: how many data-loading cores keep a GPU fed.
 
-  python -m benchmarks.pipeline --backends pytorch,jax,tf2 --workers 1,2 \\
+  python -m benchmarks.pipeline --backends pytorch,jax --workers 1,2 \\
       --batch 64 --batches 20 --resolution 224 --out pipeline.json
 
 On a generated image folder of photo-like JPEG files (benchmarks.end_to_end's
@@ -11,30 +11,26 @@ batches from the same code and flags the trainer uses, and times them:
   pytorch  bit_pytorch.train's DataLoader: TrainSet (decode, HyperRule
            resize, random crop and flip in --workers worker processes) over
            the data stream's TrainBatches sampler;
-  jax      bit_jax.train's big_transfer.loader.train_batches: the same
-           views in --workers grain processes, with each row's mixup
-           partner and the mixed one-hot labels;
-  tf2      bit_tf2.train's input_pipeline_tf2_or_jax.train_batches: tf.data
-           in a pool of --workers threads, decoding and resizing in
-           TensorFlow (tf.image, in float), scaling and mixup included.
+  jax      big_transfer.loader.train_batches, which bit_jax.train and
+           bit_tf2.train read through: the same views in --workers grain
+           processes, with each row's mixup partner and the mixed one-hot
+           labels.
 
 With --held, each trainer's images are held first (big_transfer.held, in
 --workers threads, timed apart: holding's own rate, per core of CPU time,
 is recorded as `holding`), so the views are crops and flips of the resized
-images, as in a run that reads each image at least twice; TF2 then only
-crops, flips, scales and mixes.
+images, as in a run that reads each image at least twice.
 
-PyTorch and JAX hand uint8 images to the device, which scales them to
-[-1, 1] and mixes them (PyTorch's engine.mixed, JAX's engine.train_images
-in the compiled step); that work is the accelerator's, so it is not timed
-for them. TF2's batches are float images, mixed on the host.
+Both hand uint8 images to the device, which scales them to [-1, 1] and
+mixes them (PyTorch's engine.mixed, JAX's and TF2's engine.train_images
+in the step); that work is the accelerator's, so it is not timed.
 
 The crop is --resolution and the resize the HyperRule's for it, mixup is on
 (alpha 0.1). After --warmup untimed batches (the workers' start, and the
 batches they hold ready: PyTorch's DataLoader 2 per worker, grain's up to
 3; timed, those would count images made before the clock started) it times
 --batches batches in one stretch: images/s, images/s per worker (a worker
-is a process in PyTorch and JAX, a thread in TF2), and images/s per core:
+is a process), and images/s per core:
 per second of CPU time that the process, its threads and its worker
 processes used meanwhile (from /proc; a framework may use more threads than
 its workers). Each timed batch's image shape is recorded, so a result shows
@@ -44,7 +40,6 @@ linearly. On a shared machine, read the
 figures as a floor.
 """
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -57,9 +52,9 @@ from benchmarks.measure import chosen
 from benchmarks.timing import cpu_seconds, seconds
 from big_transfer import datasets, hardware, harness, held
 
-# Fork-based PyTorch workers start first; TensorFlow is imported last (after
-# torch, as it must be in one process).
-BACKENDS = ('pytorch', 'jax', 'tf2')
+# Fork-based PyTorch workers start first. TF2 reads through JAX's loader
+# (big_transfer.loader), so the `jax` row is TF2's too.
+BACKENDS = ('pytorch', 'jax')
 TARGET_IMG_S = 5000
 # Untimed batches by default: this many per worker, and this many more.
 WARMUP_PER_WORKER = 4
@@ -137,24 +132,7 @@ def _images_then_close(batches):
     batches.close()
 
 
-def tf2_batches(args):
-  """(HyperRule, an iterator of bit_tf2.train's training images, holding's
-  rate or None)."""
-  # pylint: disable-next=import-outside-toplevel
-  import input_pipeline_tf2_or_jax as input_pipeline
-  data = input_pipeline.load(args)
-  hyper = harness.HyperRule.of(args, data.train_size, data.original_hw)
-  path, holding = _held(data.train.n, hyper, args, data.train.pil)
-  if path:
-    data.train = dataclasses.replace(data.train, held=path)
-  batches = input_pipeline.train_batches(data, hyper.stream(args),
-                                         hyper.resize, hyper.crop)
-  return (hyper, (b['image'] for b in batches.as_numpy_iterator()),
-          holding)
-
-
-PIPELINES = {'pytorch': pytorch_batches, 'jax': jax_batches,
-             'tf2': tf2_batches}
+PIPELINES = {'pytorch': pytorch_batches, 'jax': jax_batches}
 
 
 def measure(backend, args, batches, warmup):

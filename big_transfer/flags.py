@@ -120,10 +120,10 @@ def loading():
   """How images are read."""
   parent, g = group('loading')
   g.add_argument('--workers', type=int, default=hardware.default_workers(),
-                 help="Data-loading workers (processes in PyTorch and in "
-                 "JAX's training, threads in TF2). Default: the cores this "
-                 'process may use, less one, shared among the training '
-                 'processes of this machine: here %(default)s.')
+                 help='Data-loading workers (processes for training; '
+                 'threads for evaluation in JAX and TF2). Default: the '
+                 'cores this process may use, less one, shared among the '
+                 'training processes of this machine: here %(default)s.')
   g.add_argument('--skip_bad_images', action='store_true',
                  help='Check every image file whole before starting and leave '
                  'out those that cannot be read, instead of stopping.')

@@ -4,8 +4,7 @@ its run folder, and take each view's crop and flip from it.
 
 The resize does not depend on the augmentation seed, so the views are
 exactly those of an image decoded at every read (preprocess.train_view
-resizes the whole image, then crops), and TF2, whose tf.data then only
-crops, flips and scales, gets the same pixels as PyTorch and JAX. BiT's
+resizes the whole image, then crops). BiT's
 transfers read their images many times (the HyperRule's 500 steps of 512
 read a VTAB-1k task's 1,000 images 256 times), and the host makes views of
 held images several times as fast as of decoded ones (docs/gpu.md).

@@ -1,6 +1,6 @@
 """Batches of the data stream as NumPy, decoded on the host with
 big_transfer.preprocess, in order and in parallel (grain's MapDataset): the
-input pipeline of the JAX backend, which needs no TensorFlow.
+input pipeline of the JAX and TF2 backends, which needs no framework.
 
   train_batches(source, num_classes, stream, resize, crop, start_step=0,
                 process_index=0, process_count=1, crop_scale=None,

@@ -7,21 +7,22 @@ for the method, the recipe and the flags):
 The strategy is fine-tuning's (bit_tf2.train.make_strategy). In a step,
 each replica runs the teacher (training=False, outside the gradient tape)
 and the student on the same images (after crop, flip and mixup, from the
-shared data stream through the tf.data pipeline, at the teacher's
+shared data stream through big_transfer.loader, at the teacher's
 resolution; the student's resized to its own when the teacher's differs,
 bilinear and antialiased); the replicas' gradients are summed, then
 clipped and applied by big_transfer.distill's optimiser (Adam's moments are
 variables of the checkpoint). Only the student is trained, checkpointed
 and exported.
 """
+import contextlib
 import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from big_transfer import datastream, distill, flags, harness, memory, zoo
-import input_pipeline_tf2_or_jax as input_pipeline
+from big_transfer import (datasets, datastream, distill, flags, harness,
+                          loader, memory, zoo)
 from bit_tf2 import engine
 from bit_tf2 import models
 
@@ -82,7 +83,7 @@ def student_view(images, size):
 
 def make_steps(strategy, student, teacher, adam, recipe, batch_split):
   """(train_step, eval_step), tf.functions over `strategy`; both take
-  images at the teacher's resolution."""
+  big_transfer.loader's batches at the teacher's resolution."""
   variables = student.trainable_variables
   batch = recipe.batch
   micro = batch // strategy.num_replicas_in_sync // batch_split
@@ -101,14 +102,13 @@ def make_steps(strategy, student, teacher, adam, recipe, batch_split):
       loss = tf.reduce_sum(per_row) / batch
     return loss, tape.gradient(loss, variables)
 
-  def replica_step(images, labels):
-    return engine.accumulate(gradients, images, labels, batch_split, micro,
-                             variables)
+  def replica_step(batch):
+    return engine.accumulate(gradients, engine.train_images(batch),
+                             batch['label'], batch_split, micro, variables)
 
   @tf.function
   def train_step(dist_batch, factor):
-    loss, grads = strategy.run(replica_step, args=(dist_batch['image'],
-                                                   dist_batch['label']))
+    loss, grads = strategy.run(replica_step, args=(dist_batch,))
     total = lambda x: strategy.reduce(tf.distribute.ReduceOp.SUM, x,
                                       axis=None)
     grads = [total(g) for g in grads]
@@ -116,6 +116,7 @@ def make_steps(strategy, student, teacher, adam, recipe, batch_split):
     return total(loss)
 
   def replica_eval(images, labels, mask):
+    images = models.unit_range(images)
     s = tf.cast(student(student_view(images, recipe.crop_size),
                         training=False), tf.float32)
     te = tf.cast(teacher(images, training=False), tf.float32)
@@ -168,8 +169,11 @@ def main(args):
       run.logger.warning('TensorFlow was started before bit_tf2 could ask it '
                          'for one inter-op thread: two runs of this command '
                          'may differ in their last digits.')
-    data = input_pipeline.load(distill.data_args(args, recipe), run.logger)
-    sched = distill.schedule(recipe, data.train_size)
+    data_args = distill.data_args(args, recipe)
+    data = datasets.load(data_args, run.logger)
+    data.train = datasets.fewshot(data.train, data_args)
+    train_size = len(data.train)
+    sched = distill.schedule(recipe, train_size)
     with strategy.scope():
       teacher, student = build_nets(args, recipe, data.num_classes,
                                     engine.POLICIES[args.precision])
@@ -189,12 +193,12 @@ def main(args):
                             adam=adam, step=step_var))
     step = run.resume(ckpt, settings)
     export = distill.export_path(args, run)
-    classes = list(data.classes) if data.classes else data.num_classes
+    classes = list(data.classes)
     run.start(step, distill.config(
-        recipe, sched, data.train_size, data.eval_size, classes, export,
+        recipe, sched, train_size, len(data.val), classes, export,
         devices=replicas, strategy=type(strategy).__name__,
         versions=harness.versions(tf, keras)),
-              distill.describe(recipe, sched, data.train_size,
+              distill.describe(recipe, sched, train_size,
                                    data.num_classes) +
               f'; {replicas} replica(s) ({type(strategy).__name__}), '
               f'{args.precision}', engine.device_kind(strategy), 'tf2')
@@ -203,31 +207,33 @@ def main(args):
                                        recipe, args.batch_split)
     eval_batch = recipe.batch_eval or recipe.batch
     eval_batch = -(-eval_batch // replicas) * replicas
-    eval_data = engine.distribute(
-        strategy, lambda pid, nproc: input_pipeline.eval_batches(
-            data, eval_batch, recipe.teacher_size, pid, nproc))
+    pid, nproc = engine.worker(strategy)
 
     def evaluate():
-      sums = [eval_step(b) for b in input_pipeline.named_errors(
-          iter(eval_data))]
+      sums = [eval_step(engine.to_replicas(strategy, b))
+              for b in loader.eval_batches(data.val, eval_batch,
+                                           recipe.teacher_size, pid, nproc,
+                                           args.workers)]
       return np.sum([s.numpy() for s in sums], axis=0, dtype=np.float64)
 
-    stream = datastream.Stream(data.train_size, recipe.batch, args.seed,
-                             recipe.mixup_alpha)
-    batches = input_pipeline.named_errors(iter(engine.distribute(
-        strategy, lambda pid, nproc: input_pipeline.train_batches(
-            data, stream, recipe.resize_size, recipe.teacher_size, step, pid,
-            nproc, crop_scale=distill.inception_scale(recipe)))))
+    stream = datastream.Stream(train_size, recipe.batch, args.seed,
+                               recipe.mixup_alpha)
+    # The loader's worker processes stop when it closes.
+    batches = loader.train_batches(
+        data.train, data.num_classes, stream, recipe.resize_size,
+        recipe.teacher_size, step, pid, nproc,
+        crop_scale=distill.inception_scale(recipe), workers=args.workers)
 
     def train(step, lr):
       del lr  # the step takes the schedule's factor
-      return train_step(next(batches),
+      return train_step(engine.to_replicas(strategy, next(batches)),
                         tf.constant(sched.factor(step), tf.float32))
 
-    result, step = run.fit(step, sched.total_steps, sched.lr, train, evaluate,
-                           ckpt, eval_every=distill.eval_every(recipe,
-                                                                   sched),
-                           batch=recipe.batch)
+    with contextlib.closing(batches):
+      result, step = run.fit(step, sched.total_steps, sched.lr, train,
+                             evaluate, ckpt,
+                             eval_every=distill.eval_every(recipe, sched),
+                             batch=recipe.batch)
     return run.finish(result, step, lambda _: student.save_npz(export),
                       teacher=recipe.teacher, student=recipe.student,
                       exported_to=export)

@@ -1,7 +1,7 @@
 """What every TF2 program on the run harness (big_transfer.harness) shares:
 fine-tuning (train.py) and distillation (distill.py). The tf.distribute
-strategy for the machine, per-replica datasets, the collectives the harness
-asks for, the evaluation sums, and the checkpoint format.
+strategy for the machine, batches as per-replica values, the collectives
+the harness asks for, the evaluation sums, and the checkpoint format.
 """
 import atexit
 import glob
@@ -12,6 +12,7 @@ import shutil
 import tensorflow as tf
 
 from big_transfer import errors, hardware, harness, metrics, runfiles
+from bit_tf2 import models
 
 POLICIES = {'fp32': 'float32', 'bf16': 'mixed_bfloat16',
             'fp16': 'mixed_float16'}
@@ -133,20 +134,29 @@ def accumulate(gradients, images, labels, batch_split, micro, variables):
   return loss, grads
 
 
-def distribute(strategy, make_dataset):
-  """Per-replica batches from `make_dataset(process_index, process_count)`,
-  a dataset of this process's rows of each global batch: the rows are split
-  evenly over the process's replicas."""
+def to_replicas(strategy, batch):
+  """`batch`, this process's rows of a global batch as a dict of NumPy
+  arrays (big_transfer.loader's), as per-replica values of `strategy`: the
+  rows split evenly over this process's replicas."""
+  index, count = worker(strategy)
+  local = strategy.num_replicas_in_sync // count
+  rows = len(next(iter(batch.values()))) // local
 
-  def dataset_fn(context):
-    ds = make_dataset(context.input_pipeline_id, context.num_input_pipelines)
-    local = strategy.num_replicas_in_sync // context.num_input_pipelines
-    if local == 1:
-      return ds
-    split = lambda x: tf.reshape(x, [local, -1, *x.shape[1:]])
-    return ds.map(lambda b: tf.nest.map_structure(split, b)).unbatch()
+  def part(context):
+    r = context.replica_id_in_sync_group - index * local
+    return {k: v[r * rows:(r + 1) * rows] for k, v in batch.items()}
+  return strategy.experimental_distribute_values_from_function(part)
 
-  return strategy.distribute_datasets_from_function(dataset_fn)
+
+def train_images(batch):
+  """The images of a training batch of big_transfer.loader, inside the
+  step: float32 in [-1, 1], each mixed with its partner by the batch's
+  weights where mixup is on (on the device, as JAX's engine.train_images)."""
+  x = models.unit_range(batch['image'])
+  if 'partner' not in batch:
+    return x
+  w = tf.reshape(batch['mix'], [-1, 2, 1, 1, 1])
+  return w[:, 0] * x + w[:, 1] * models.unit_range(batch['partner'])
 
 
 def device_memory(strategy):

@@ -8,31 +8,25 @@ HyperRule's evaluation resolution (or --resolution), over every local GPU
 (MirroredStrategy, XLA) or the CPU. Reads `.npz` and the published `.h5`
 files. The shared part is big_transfer.fewshot.
 """
-import dataclasses
 import sys
 
 import numpy as np
 import tensorflow as tf
 
-import input_pipeline_tf2_or_jax as input_pipeline
-from big_transfer import fewshot
+from big_transfer import datasets, fewshot, loader
 from bit_tf2 import models
 
 NAME = 'tf2'
 
 
 def load_data(args, logger):
-  """Splits of the tf.data pipeline's dataset (its `handle`)."""
-  data = input_pipeline.load(args, logger)
-  return fewshot.Splits(data.num_classes, data.original_hw,
-                        {'train': data.train.n, 'eval': data.eval.n},
-                        {'train': data.train.labels, 'eval': data.eval.labels},
-                        data)
+  return fewshot.splits_of(datasets.load(args, logger))
 
 
 class FeatureModel:
-  """model(images) -> features: float32 NHWC numpy images in [-1, 1] to
-  numpy pre-logits (N, D); the batch is split over the local GPUs."""
+  """model(images) -> features: NHWC numpy images (uint8, or float32 in
+  [-1, 1]) to numpy pre-logits (N, D); the batch is split over the local
+  GPUs."""
 
   def __init__(self, weights, devices=None):
     gpus = [d.name for d in tf.config.list_logical_devices('GPU')]
@@ -46,13 +40,13 @@ class FeatureModel:
                                  reduce_retracing=True)
 
   def __call__(self, images):
-    images = np.asarray(images, np.float32)
+    images = np.asarray(images)
     if self.devices == 1:
       return self._features(images).numpy()
     n = len(images)
     per = fewshot.round_up(n, self.devices) // self.devices
     images = np.concatenate([images, np.zeros(
-        (per * self.devices - n, *images.shape[1:]), np.float32)])
+        (per * self.devices - n, *images.shape[1:]), images.dtype)])
     shards = self.strategy.experimental_distribute_values_from_function(
         lambda ctx: images[ctx.replica_id_in_sync_group * per:][:per])
     out = self.strategy.run(self._features, args=(shards,))
@@ -63,15 +57,10 @@ load_model = FeatureModel
 
 
 def feature_batches(model, splits, split, crop, batch, args):
-  """(features, labels) of `split` in order: the tf.data pipeline's
-  evaluation batches (the last one padded; the padding dropped)."""
-  del args
-  data = splits.handle
-  if split == 'train':
-    data = dataclasses.replace(data, eval=data.train)
-  batches = input_pipeline.eval_batches(
-      data, fewshot.round_up(batch, model.devices), crop).as_numpy_iterator()
-  for b in input_pipeline.named_errors(batches):
+  """(features, labels) of `split` in order (big_transfer.loader)."""
+  for b in loader.eval_batches(fewshot.source_of(splits, split),
+                               fewshot.round_up(batch, model.devices), crop,
+                               workers=args.workers):
     yield model(b['image'])[b['mask']], b['label'][b['mask']]
 
 

@@ -308,9 +308,18 @@ class Block(Container):
     return x
 
 
+def unit_range(images):
+  """uint8 images -> float32 in [-1, 1]; float images are taken as already
+  in [-1, 1] and returned as they are."""
+  if images.dtype != tf.uint8:
+    return images
+  return (tf.cast(images, tf.float32) - 127.5) / 127.5
+
+
 class ResNetV2(keras.Model):
   """BiT ResNet-v2 with `block_units` units per block and width factor
-  `width_factor`. Takes RGB images in [-1, 1], NHWC; returns float32 logits.
+  `width_factor`. Takes RGB images, NHWC, in [-1, 1] or as uint8 (scaled
+  to [-1, 1] here, on the device); returns float32 logits.
 
   `dtype` is a Keras dtype policy ('float32', 'mixed_bfloat16',
   'mixed_float16'); variables stay float32.
@@ -345,7 +354,8 @@ class ResNetV2(keras.Model):
 
   def features(self, x):
     """Pre-logits: the pooled, normalised representation (N, C)."""
-    x = max_pool_3x3_s2(self.pad(self.root_block(x)))
+    x = max_pool_3x3_s2(self.pad(self.root_block(unit_range(
+        tf.convert_to_tensor(x)))))
     for block in self.blocks:
       x = block(x)
     return ops.mean(self.group_norm(x), axis=(1, 2))

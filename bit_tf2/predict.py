@@ -12,10 +12,9 @@ def load_model(weights):
   """(head size, logits function) of the model in `weights`."""
   model = models.create('weights', weights=weights)
 
-  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3],
-                                              tf.float32)],
+  @tf.function(reduce_retracing=True,
                jit_compile=bool(tf.config.list_logical_devices('GPU')))
-  def logits(images):  # float32 NHWC in [-1, 1]
+  def logits(images):  # NHWC: float32 in [-1, 1], or uint8
     return model(images, training=False)
 
   return model.head_size, lambda images: logits(images).numpy()

@@ -14,8 +14,9 @@ with XLA (--compile, --no-compile decide).
 
 The training loop, the run's outputs, checkpoint cadence and signals live in
 the shared harness (harness.Run); the batches come from the shared data
-stream (datastream.Stream) through the tf.data pipeline
-(input_pipeline_tf2_or_jax); the strategy, per-replica datasets,
+stream (datastream.Stream) through the framework-neutral loader
+(big_transfer.loader), decoded as PyTorch and JAX decode them, as uint8
+that the step scales and mixes; the strategy, per-replica batches,
 collectives and the checkpoint format are those every TF2 program shares
 (bit_tf2.engine). This file holds the optimiser and the compiled steps and
 puts them together for fine-tuning.
@@ -24,23 +25,22 @@ In-process use: `main(args)` with `args = argparser().parse_args([...])` (or
 `bit_common.argparser()`'s: the TF2-only flags then take their defaults)
 runs one fine-tuning and returns the final evaluation.
 """
-import dataclasses
+import contextlib
 import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from big_transfer import (errors, flags, harness, held, memory, runfiles,
-                          zoo)
+from big_transfer import (datasets, errors, flags, harness, held, loader,
+                          memory, runfiles, zoo)
 import bit_common
-import input_pipeline_tf2_or_jax as input_pipeline
 from bit_tf2 import engine
 from bit_tf2 import models
 from bit_tf2.engine import (POLICIES, Checkpoints, accumulate, any_process,
                             chief_first, device_kind, device_memory,
-                            distribute, eval_sums, is_chief, make_strategy,
-                            uses_xla, worker)
+                            eval_sums, is_chief, make_strategy, to_replicas,
+                            train_images, uses_xla, worker)
 
 SAVED_MODEL = 'saved_model'
 
@@ -108,10 +108,11 @@ def make_steps(strategy, model, optimizer, lr, batch, batch_split,
   """(train_step, eval_step), tf.functions over `strategy`.
 
   train_step(dist_batch, learning_rate) -> mean training loss; the batch of
-  `batch` images (all replicas together) is split into `batch_split`
-  micro-batches whose gradients are accumulated: one update, as for one big
-  batch. eval_step(dist_batch) -> sums (loss, top-1, top-5, count) over the
-  rows whose mask is True. `xla`: (train, evaluate), whether XLA compiles
+  `batch` images (all replicas together; big_transfer.loader's uint8
+  images, with their mixup partners and weights where mixup is on) is
+  split into `batch_split` micro-batches whose gradients are accumulated:
+  one update, as for one big batch. eval_step(dist_batch) -> sums (loss,
+  top-1, top-5, count) over the rows whose mask is True. `xla`: (train, evaluate), whether XLA compiles
   the training step's gradients and the evaluation step.
   """
   variables = model.trainable_variables
@@ -126,17 +127,16 @@ def make_steps(strategy, model, optimizer, lr, batch, batch_split,
       scaled = optimizer.scale_loss(loss)
     return loss, tape.gradient(scaled, variables)
 
-  def replica_step(images, labels):
-    loss, grads = accumulate(gradients, images, labels, batch_split, micro,
-                             variables)
+  def replica_step(batch):
+    loss, grads = accumulate(gradients, train_images(batch), batch['label'],
+                             batch_split, micro, variables)
     optimizer.apply_gradients(zip(grads, variables))
     return loss
 
   @tf.function
   def train_step(dist_batch, learning_rate):
     lr.assign(learning_rate)
-    losses = strategy.run(replica_step, args=(dist_batch['image'],
-                                              dist_batch['label']))
+    losses = strategy.run(replica_step, args=(dist_batch,))
     return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
   @tf.function(jit_compile=xla[1])
@@ -171,8 +171,10 @@ def main(args):
       run.logger.warning('TensorFlow was started before bit_tf2 could ask it '
                          'for one inter-op thread: two runs of this command '
                          'may differ in their last digits.')
-    data = input_pipeline.load(args, run.logger)
-    hyper = harness.HyperRule.of(args, data.train_size, data.original_hw)
+    data = datasets.load(args, run.logger)
+    data.train = datasets.fewshot(data.train, args)
+    train_size = len(data.train)
+    hyper = harness.HyperRule.of(args, train_size, data.original_hw)
     weights = zoo.load_weights(args.model, args.bit_pretrained_dir)
     with strategy.scope():
       model = models.create(args.model, head_size=data.num_classes,
@@ -185,23 +187,23 @@ def main(args):
     memory.for_run(run, args, model.architecture, hyper.crop, replicas,
                    device_memory(strategy))
 
-    classes = list(data.classes) if data.classes else data.num_classes
+    classes = list(data.classes)
     settings = hyper.settings(args, classes)
     ckpt = Checkpoints(os.path.join(run.dir, runfiles.CHECKPOINTS), settings,
                        run.lead, tf.train.Checkpoint(model=model,
                                                      optimizer=optimizer,
                                                      step=step_var))
     step = run.resume(ckpt, settings)
-    path = held.for_run(run, args, data.train_size, hyper, data.train.pil,
-                        data.train.decoded, worker(strategy))
-    if path:
-      data.train = dataclasses.replace(data.train, held=path)
+    pid, nproc = worker(strategy)
+    path = held.for_run(run, args, train_size, hyper, data.train.load,
+                        data.train.decoded, (pid, nproc))
+    data.train = held.Held(path, data.train.labels) if path else data.train
     run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),
                          devices=replicas, strategy=type(strategy).__name__,
                          device_kind=device_kind(strategy),
                          xla=dict(zip(('train', 'eval'), xla)),
                          versions=harness.versions(tf, keras)),
-              f'{args.dataset}: {data.train_size} training, {data.eval_size} '
+              f'{args.dataset}: {train_size} training, {len(data.val)} '
               f'{data.eval_split} examples, {data.num_classes} classes; '
               f'{hyper.describe()}, {replicas} {device_kind(strategy)} '
               f'replica(s) ({type(strategy).__name__}), {args.precision}'
@@ -211,31 +213,29 @@ def main(args):
                                        args.batch, args.batch_split, xla)
     eval_batch = args.batch_eval or args.batch // args.batch_split
     eval_batch = -(-eval_batch // replicas) * replicas
-    eval_data = distribute(strategy, lambda pid, nproc: input_pipeline
-                           .eval_batches(data, eval_batch, hyper.crop, pid,
-                                         nproc))
 
     def evaluate():
-      sums = [eval_step(batch) for batch in input_pipeline.named_errors(
-          iter(eval_data), input_pipeline.eval_files(data))]
+      sums = [eval_step(to_replicas(strategy, b)) for b in loader.eval_batches(
+          data.val, eval_batch, hyper.crop, pid, nproc, args.workers)]
       return np.sum([s.numpy() for s in sums], axis=0, dtype=np.float64)
 
-    stream = hyper.stream(args)
-    batches = input_pipeline.named_errors(iter(distribute(
-        strategy, lambda pid, nproc: input_pipeline.train_batches(
-            data, stream, hyper.resize, hyper.crop, step, pid, nproc))),
-                                          input_pipeline.train_files(
-                                              data, stream, step))
+    # The loader's worker processes stop when it closes.
+    batches = loader.train_batches(
+        data.train, data.num_classes, hyper.stream(args), hyper.resize,
+        hyper.crop, step, pid, nproc, workers=args.workers)
 
     def train(step, rate):
-      del step  # The pipeline yields the batch of each step in turn.
-      return train_step(next(batches), tf.constant(rate, tf.float32))
+      del step  # The loader yields the batch of each step in turn.
+      return train_step(to_replicas(strategy, next(batches)),
+                        tf.constant(rate, tf.float32))
 
-    result, step = run.fit(step, hyper.total, hyper.lr, train, evaluate, ckpt)
+    with contextlib.closing(batches):
+      result, step = run.fit(step, hyper.total, hyper.lr, train, evaluate,
+                             ckpt)
     if run.lead and args.export_saved_model and args.save:
       model.export_saved_model(os.path.join(run.dir, SAVED_MODEL))
     return run.finish(result, step, model.save_npz, model=args.model,
-                      dataset=args.dataset, dataset_size=data.train_size,
+                      dataset=args.dataset, dataset_size=train_size,
                       examples_per_class=args.examples_per_class)
 
 

@@ -8,8 +8,7 @@ published .h5, a registered model name or hf-hub:ORG/NAME. Prints (and with
 --output writes) {"loss", "top1", "top5", "n"} as JSON, as
 bit_pytorch.validate does.
 """
-import input_pipeline_tf2_or_jax as input_pipeline
-from big_transfer import errors, validate
+from big_transfer import datasets, errors, loader, validate
 from bit_tf2 import predict
 
 
@@ -19,15 +18,11 @@ def argparser():
 
 def read_data(args, logger):
   """(classes, typical size, evaluation size, batches(crop)) of --dataset,
-  through the tf.data pipeline."""
-  data = input_pipeline.load(args, logger)
-
-  def batches(crop):
-    return input_pipeline.named_errors(input_pipeline.eval_batches(
-        data, args.batch_eval, crop).as_numpy_iterator(),
-                                       input_pipeline.eval_files(data))
-  return (data.classes or range(data.num_classes), data.original_hw,
-          data.eval_size, batches)
+  through big_transfer.loader."""
+  data = datasets.load(args, logger, check_train=False)
+  return (data.classes, data.original_hw, len(data.val),
+          lambda crop: loader.eval_batches(data.val, args.batch_eval, crop,
+                                           workers=args.workers))
 
 
 def main(args):

@@ -423,8 +423,7 @@ def test_validate(runs, toy_dir, backend):  # noqa: F811
 def features(runs, root, dsprites_dir):  # noqa: F811
   """features(backend): (features, labels) of the PyTorch run's model.npz
   on vtab:dsprites-xpos's test split from that backend's command, at the
-  images' own 64 px (nothing resampled: TF2 resizes with tf.image.resize,
-  which differs from PIL's by a grey level, docs/datasets.md)."""
+  images' own 64 px."""
   model = runs['pytorch'] / 'model.npz'
   got = {}
 

@@ -1,13 +1,12 @@
 """big_transfer.held, training images decoded once: the views of held
-images are those of images decoded at every read, in PyTorch's and JAX's
-loaders, and TF2 gets the same pixels from them; which runs hold; several
+images are those of images decoded at every read, in PyTorch's loader and
+in big_transfer.loader (JAX's and TF2's); which runs hold; several
 processes decide together, share the decoding, and an error in one stops
 them all. The runs
 of tests/test_trainers.py and tests/test_multiprocess.py hold theirs, and
 leave no held file behind."""
 import argparse
 import contextlib
-import dataclasses
 import logging
 import os
 import threading
@@ -22,7 +21,6 @@ from big_transfer import (datasets, datastream, errors, hardware, held,
                           loader, preprocess)
 from conftest import as_processes
 from bit_pytorch import data as torch_data
-from bit_pytorch import engine
 
 RESIZE, CROP = 24, 16
 
@@ -85,33 +83,6 @@ def test_a_held_view_is_a_writable_copy(holding):
     assert not np.shares_memory(view, image)
     np.testing.assert_array_equal(view, image[:, ::-1] if flips[seed]
                                   else image)
-
-
-def test_tf2_gets_pytorchs_pixels_from_held_images(holding, folder):
-  ip = pytest.importorskip('input_pipeline_tf2_or_jax')
-  train, kept = holding
-  stream = datastream.Stream(len(train), 6, seed=5, mixup_alpha=0.5)
-  rows, partner = stream.rows(0, 6)
-  views = torch_data.TrainSet(train, RESIZE, CROP)
-  i, seeds = stream.indices(0), stream.aug_seeds(0)
-  x = torch.stack([views[(int(i[r]), int(seeds[r]))][0] for r in rows])
-  (want, *_), = engine.mixed([(x, torch.zeros(len(rows)))],
-                             [(rows, partner)], stream.lam(0), 'cpu')
-  want = want.permute(0, 2, 3, 1).numpy()
-  data = ip.load(argparse.Namespace(
-      dataset='imagefolder', datadir=folder, examples_per_class=None,
-      examples_per_class_seed=0, skip_bad_images=False, workers=None))
-
-  def first_images(data):
-    batches = ip.train_batches(data, stream, RESIZE, CROP)
-    return next(batches.as_numpy_iterator())['image']
-  # TF2 resizes in float: its own pixels differ from PyTorch's ...
-  assert np.abs(first_images(data) - want).max() > 1e-2
-  # ... and a held image's are PyTorch's.
-  held_data = dataclasses.replace(
-      data, train=dataclasses.replace(data.train, held=kept.path))
-  np.testing.assert_allclose(first_images(held_data), want, rtol=0,
-                             atol=1e-6)
 
 
 def test_which_runs_hold(tmp_path, monkeypatch):

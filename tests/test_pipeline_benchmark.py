@@ -1,5 +1,5 @@
 """benchmarks.pipeline: the input-pipeline benchmark runs each backend's own
-training batches (PyTorch's DataLoader, JAX's grain loader, TF2's tf.data)
+training batches (PyTorch's DataLoader, the grain loader of JAX and TF2)
 on a generated JPEG folder and records their rate per worker and per core
 of CPU time.
 
@@ -21,9 +21,8 @@ from benchmarks.measure import REPO
 pytestmark = pytest.mark.slow  # starts both pipelines in a new Python
 
 BATCH, CROP, BATCHES = 8, 32, 3
-# Each backend's image layout: PyTorch NCHW, JAX and TF2 NHWC.
-SHAPES = {'pytorch': [BATCH, 3, CROP, CROP], 'jax': [BATCH, CROP, CROP, 3],
-          'tf2': [BATCH, CROP, CROP, 3]}
+# Each pipeline's image layout: PyTorch NCHW, the loader of JAX and TF2 NHWC.
+SHAPES = {'pytorch': [BATCH, 3, CROP, CROP], 'jax': [BATCH, CROP, CROP, 3]}
 
 
 def run_bench(out, backends, *extra):

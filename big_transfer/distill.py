@@ -49,8 +49,8 @@ import os
 
 import numpy as np
 
-from big_transfer import (datasets, errors, flags, harness, metrics, recipes,
-                          runfiles, zoo)
+from big_transfer import (datasets, datastream, errors, flags, harness,
+                          metrics, recipes, runfiles, zoo)
 from big_transfer.errors import BadInput
 
 # What an evaluation sums after the harness's four [loss, top-1, top-5, n]; each
@@ -160,6 +160,26 @@ def inception_scale(recipe):
   if recipe.augment == 'inception_crop':
     return tuple(recipe.crop_scale)
   return None
+
+
+def stream(recipe, args, train_size):
+  """The data stream of a distillation: --seed, the recipe's batch and
+  mixup, over `train_size` examples."""
+  return datastream.Stream(train_size, recipe.batch, args.seed,
+                           recipe.mixup_alpha)
+
+
+def loader_batches(recipe, args, train, num_classes, start_step,
+                   process=(0, 1)):
+  """The training batches of a distillation through big_transfer.loader
+  (JAX's and TF2's) from `start_step`, this process's share of them: views
+  at the teacher's resolution, the Inception crop where the recipe asks
+  for it. Close them to stop their worker processes."""
+  from big_transfer import loader  # pylint: disable=import-outside-toplevel
+  return loader.train_batches(
+      train, num_classes, stream(recipe, args, len(train)),
+      recipe.resize_size, recipe.teacher_size, start_step, *process,
+      crop_scale=inception_scale(recipe), workers=args.workers)
 
 
 def check_teacher(teacher_head, classes, teacher):

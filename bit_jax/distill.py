@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from big_transfer import (datasets, datastream, distill, flags, harness,
-                          loader, memory, runfiles, zoo)
+from big_transfer import (datasets, distill, flags, harness, loader,
+                          memory, runfiles, zoo)
 from bit_jax import engine
 from bit_jax import models
 
@@ -178,13 +178,9 @@ def main(args):
           data.val, eval_batch, recipe.teacher_size, pid, nproc, args.workers),
                                ckpt.state['params'], teacher_params)
 
-    stream = datastream.Stream(train_size, recipe.batch, args.seed,
-                               recipe.mixup_alpha)
     # The loader's worker processes stop when it closes.
-    batches = loader.train_batches(
-        data.train, data.num_classes, stream, recipe.resize_size,
-        recipe.teacher_size, step, pid, nproc,
-        crop_scale=distill.inception_scale(recipe), workers=args.workers)
+    batches = distill.loader_batches(recipe, args, data.train,
+                                     data.num_classes, step, (pid, nproc))
 
     def train(step, lr):
       del lr  # the step takes the schedule's factor

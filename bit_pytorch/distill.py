@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from big_transfer import (datasets, datastream, distill, flags, harness,
-                          memory, runfiles, zoo)
+from big_transfer import (datasets, distill, flags, harness, memory,
+                          runfiles, zoo)
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
 from bit_pytorch import engine
@@ -219,8 +219,7 @@ def _distill(args, recipe, rank, world, device):
     model = (torch.nn.parallel.DistributedDataParallel(
         student, device_ids=[device] if device.type == 'cuda' else None)
              if world > 1 else student)
-    stream = datastream.Stream(len(train_src), recipe.batch, args.seed,
-                             recipe.mixup_alpha)
+    stream = distill.stream(recipe, args, len(train_src))
     sampler = torch_data.TrainBatches(stream, step, sched.total_steps, rank,
                                       world, args.batch_split)
     batches = engine.data_errors_named(iter(engine.loader(

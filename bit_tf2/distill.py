@@ -21,8 +21,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from big_transfer import (datasets, datastream, distill, flags, harness,
-                          loader, memory, zoo)
+from big_transfer import (datasets, distill, flags, harness, loader,
+                          memory, zoo)
 from bit_tf2 import engine
 from bit_tf2 import models
 
@@ -216,13 +216,9 @@ def main(args):
                                            args.workers)]
       return np.sum([s.numpy() for s in sums], axis=0, dtype=np.float64)
 
-    stream = datastream.Stream(train_size, recipe.batch, args.seed,
-                               recipe.mixup_alpha)
     # The loader's worker processes stop when it closes.
-    batches = loader.train_batches(
-        data.train, data.num_classes, stream, recipe.resize_size,
-        recipe.teacher_size, step, pid, nproc,
-        crop_scale=distill.inception_scale(recipe), workers=args.workers)
+    batches = distill.loader_batches(recipe, args, data.train,
+                                     data.num_classes, step, (pid, nproc))
 
     def train(step, lr):
       del lr  # the step takes the schedule's factor

@@ -112,8 +112,9 @@ def make_steps(strategy, model, optimizer, lr, batch, batch_split,
   images, with their mixup partners and weights where mixup is on) is
   split into `batch_split` micro-batches whose gradients are accumulated:
   one update, as for one big batch. eval_step(dist_batch) -> sums (loss,
-  top-1, top-5, count) over the rows whose mask is True. `xla`: (train, evaluate), whether XLA compiles
-  the training step's gradients and the evaluation step.
+  top-1, top-5, count) over the rows whose mask is True. `xla`: (train,
+  evaluate), whether XLA compiles the training step's gradients and the
+  evaluation step.
   """
   variables = model.trainable_variables
   micro = batch // strategy.num_replicas_in_sync // batch_split

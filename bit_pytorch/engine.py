@@ -7,6 +7,7 @@ collectives the harness asks for, and the checkpoint format.
 import contextlib
 import os
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -118,12 +119,22 @@ def autocast_for(device, precision):
                         enabled=precision != 'fp32')
 
 
+# Frameworks that start threads of their own: a process forked from one may
+# inherit a lock that one of them held, and hang.
+THREADED_FRAMEWORKS = ('jax', 'tensorflow')
+
+
 def loader(dataset, args, device, **kwargs):
-  """A DataLoader of uint8 images with --workers processes."""
+  """A DataLoader of uint8 images with --workers processes. They are forks
+  of this process, unless JAX or TensorFlow runs in it too (a notebook or
+  program with two backends): then they come from a fork server, a clean
+  process started for them."""
+  threaded = args.workers and any(m in sys.modules
+                                  for m in THREADED_FRAMEWORKS)
   return torch.utils.data.DataLoader(
       dataset, num_workers=args.workers, pin_memory=device.type == 'cuda',
       worker_init_fn=_ignore_sigint, persistent_workers=args.workers > 0,
-      **kwargs)
+      multiprocessing_context='forkserver' if threaded else None, **kwargs)
 
 
 def mixed(micro_batches, layout, lam, device, channels_last=False):

@@ -62,11 +62,8 @@ def load_data(args, logger):
 
 def feature_batches(model, splits, split, crop, batch, args):
   source = fewshot.source_of(splits, split)
-  loader = torch.utils.data.DataLoader(
-      torch_data.EvalSet(source, crop),
-      batch_size=batch, num_workers=args.workers,
-      pin_memory=model.device.type == 'cuda')
-  for images, labels in loader:
+  for images, labels in engine.loader(torch_data.EvalSet(source, crop), args,
+                                     model.device, batch_size=batch):
     yield (model.features_of(torch_data.normalize(images, model.device)),
            labels.numpy())
 

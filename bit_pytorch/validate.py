@@ -60,10 +60,8 @@ def main(args):
       runfiles.trained_crop(args.ckpt_path))[1]
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   net, _ = engine.to_device(net, device)
-  loader = torch.utils.data.DataLoader(
-      torch_data.EvalSet(data.val, crop),
-      batch_size=args.batch_eval, num_workers=args.workers,
-      pin_memory=device.type == 'cuda')
+  loader = engine.loader(torch_data.EvalSet(data.val, crop), args, device,
+                         batch_size=args.batch_eval)
   logger.info(f'evaluating {args.ckpt_path} on {len(data.val)} '
               f'{args.dataset} images at {crop} px')
   sums = engine.evaluate(net, loader, device,

@@ -224,3 +224,34 @@ def test_compiled_by_default_on_a_gpu_for_runs_that_repay_it():
   assert [parse(base + extra).compile
           for extra in ([], ['--compile'], ['--no-compile'])] == [None, True,
                                                                    False]
+
+
+WORKERS_BESIDE_JAX = '''
+import argparse, sys, warnings
+import numpy as np
+import torch
+import jax, jax.numpy as jnp
+jnp.ones(4).block_until_ready()  # JAX's runtime and its threads are up
+from big_transfer import datasets
+from bit_pytorch import data as torch_data, engine
+warnings.simplefilter('error')  # "os.fork() was called ... deadlock"
+images = np.arange(4 * 8 * 8 * 3, dtype=np.uint8).reshape(4, 8, 8, 3)
+source = datasets.Source(np.arange(4), images=images)
+loader = engine.loader(torch_data.EvalSet(source, 8),
+                       argparse.Namespace(workers=1), torch.device('cpu'),
+                       batch_size=2)
+got = torch.cat([x for x, _ in loader]).permute(0, 2, 3, 1).numpy()
+assert (got == images).all()
+print(loader.multiprocessing_context.get_start_method())
+'''
+
+
+def test_data_workers_beside_jax_do_not_fork_its_threads():
+  """In a process where JAX (or TensorFlow) runs too, as in a notebook
+  with two backends, forking it for data workers risks a child that
+  inherits a held lock; JAX warns that it will likely deadlock. The
+  workers then come from a fork server, and load the same images."""
+  done = subprocess.run([sys.executable, '-c', WORKERS_BESIDE_JAX], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.split() == ['forkserver']

@@ -18,7 +18,6 @@ import contextlib
 import os
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from big_transfer import (datasets, distill, flags, harness, loader,
@@ -210,11 +209,9 @@ def main(args):
     pid, nproc = engine.worker(strategy)
 
     def evaluate():
-      sums = [eval_step(engine.to_replicas(strategy, b))
-              for b in loader.eval_batches(data.val, eval_batch,
-                                           recipe.teacher_size, pid, nproc,
-                                           args.workers)]
-      return np.sum([s.numpy() for s in sums], axis=0, dtype=np.float64)
+      return engine.evaluate(strategy, eval_step, loader.eval_batches(
+          data.val, eval_batch, recipe.teacher_size, pid, nproc,
+          args.workers))
 
     # The loader's worker processes stop when it closes.
     batches = distill.loader_batches(recipe, args, data.train,

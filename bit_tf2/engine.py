@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import tensorflow as tf
 
 from big_transfer import errors, hardware, harness, metrics, runfiles
@@ -146,6 +147,14 @@ def to_replicas(strategy, batch):
     r = context.replica_id_in_sync_group - index * local
     return {k: v[r * rows:(r + 1) * rows] for k, v in batch.items()}
   return strategy.experimental_distribute_values_from_function(part)
+
+
+def evaluate(strategy, eval_step, batches):
+  """The sums of `eval_step(per-replica batch)` over `batches` (this
+  process's share of each evaluation batch, big_transfer.loader's), read
+  back once at the end, in float64."""
+  sums = [eval_step(to_replicas(strategy, b)) for b in batches]
+  return np.sum([s.numpy() for s in sums], axis=0, dtype=np.float64)
 
 
 def train_images(batch):

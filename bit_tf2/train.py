@@ -29,7 +29,6 @@ import contextlib
 import os
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from big_transfer import (datasets, errors, flags, harness, held, loader,
@@ -216,9 +215,8 @@ def main(args):
     eval_batch = -(-eval_batch // replicas) * replicas
 
     def evaluate():
-      sums = [eval_step(to_replicas(strategy, b)) for b in loader.eval_batches(
-          data.val, eval_batch, hyper.crop, pid, nproc, args.workers)]
-      return np.sum([s.numpy() for s in sums], axis=0, dtype=np.float64)
+      return engine.evaluate(strategy, eval_step, loader.eval_batches(
+          data.val, eval_batch, hyper.crop, pid, nproc, args.workers))
 
     # The loader's worker processes stop when it closes.
     batches = loader.train_batches(

@@ -19,7 +19,8 @@ whole evaluation split. The linear algebra is numpy/scipy, framework-free
 A backend is a module with
   load_data(args, logger) -> Splits
   load_model(weights) -> a model handle, callable on float32 NHWC images in
-      [-1, 1] (numpy), returning numpy features (N, D)
+      [-1, 1] (numpy), returning numpy features (N, D); its `devices` is
+      the number of devices it splits a batch over
   feature_batches(model, splits, split, crop, batch, args)
       -> iterator of (features (b, D), labels (b,)) numpy batches, in order.
 The weights are zoo.load_weights's (every --model form, in every backend).
@@ -248,7 +249,7 @@ def features_main(args, backend):
   feats = extract(backend, model, splits, args.split, crop, args.batch, args,
                   logger)
   info = _info(args, backend.NAME, args.split, crop, len(feats.labels))
-  info['images_per_sec'] = feats.images_per_sec
+  info.update(images_per_sec=feats.images_per_sec, devices=model.devices)
   save_features(args.out, feats, info)
   logger.info(f'wrote {args.out}: features {feats.features.shape}, labels '
               f'{feats.labels.shape}')
@@ -470,7 +471,7 @@ def fewshot_main(args, backend):
 
 
 # --------------------------------------------------------------------------
-# The data of the backends that read big_transfer.datasets (PyTorch, JAX).
+# The data of the backends, which read big_transfer.datasets.
 
 def splits_of(data):
   """The Splits of a datasets.Data (its `handle`)."""
@@ -487,3 +488,24 @@ def source_of(splits, split):
 def round_up(batch, devices):
   """The smallest multiple of `devices` from `batch` on."""
   return -(-batch // devices) * devices
+
+
+def padded(images, devices):
+  """`images` (numpy, N first) with rows of zeros after them, up to a
+  multiple of `devices`, to be split evenly over them."""
+  images = np.asarray(images)
+  extra = round_up(len(images), devices) - len(images)
+  return np.concatenate([images, np.zeros((extra, *images.shape[1:]),
+                                          images.dtype)]) if extra else images
+
+
+def loader_feature_batches(model, splits, split, crop, batch, args):
+  """feature_batches of the backends that read through big_transfer.loader
+  (JAX, TF2), for a model with `devices`: (features, labels) of `split` in
+  order, `batch` rounded up to a multiple of the devices."""
+  # Imported here: PyTorch's install has no grain.
+  from big_transfer import loader  # pylint: disable=import-outside-toplevel
+  for b in loader.eval_batches(source_of(splits, split),
+                               round_up(batch, model.devices), crop,
+                               workers=args.workers):
+    yield model(b['image'])[b['mask']], b['label'][b['mask']]

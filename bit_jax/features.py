@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from big_transfer import datasets, fewshot, loader
+from big_transfer import datasets, fewshot
 from bit_jax import models
 
 NAME = 'jax'
@@ -40,23 +40,12 @@ class FeatureModel:
         out_shardings=replicated)
 
   def __call__(self, images):
-    n = len(images)
-    pad = fewshot.round_up(n, self.devices) - n
-    if pad:
-      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]),
-                                                images.dtype)])
-    return np.asarray(jax.device_get(self._apply(self.params, images)))[:n]
+    features = self._apply(self.params, fewshot.padded(images, self.devices))
+    return np.asarray(jax.device_get(features))[:len(images)]
 
 
 load_model = FeatureModel
-
-
-def feature_batches(model, splits, split, crop, batch, args):
-  """(features, labels) of `split` in order (big_transfer.loader)."""
-  for b in loader.eval_batches(fewshot.source_of(splits, split),
-                               fewshot.round_up(batch, model.devices), crop,
-                               workers=args.workers):
-    yield model(b['image'])[b['mask']], b['label'][b['mask']]
+feature_batches = fewshot.loader_feature_batches
 
 
 argparser, main, cli = fewshot.features_command(sys.modules[__name__])

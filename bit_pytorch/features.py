@@ -39,7 +39,8 @@ class FeatureModel:
     self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     net = _Features(models.create('weights', weights=weights).eval())
     net, _ = engine.to_device(net, self.device)  # as the trainer evaluates
-    if torch.cuda.device_count() > 1:
+    self.devices = max(torch.cuda.device_count(), 1)
+    if self.devices > 1:
       net = torch.nn.DataParallel(net)
     self.net = net
 

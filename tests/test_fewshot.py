@@ -5,6 +5,9 @@ scikit-learn, the bundled model against random initialisation, and bad input.
 """
 import importlib
 import json
+import os
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -14,7 +17,7 @@ from PIL import Image
 
 from big_transfer import datasets, errors
 from big_transfer import fewshot
-from conftest import synthetic_weights, write_imagefolder
+from conftest import REPO, synthetic_weights, write_imagefolder
 
 BUNDLED = 'BiT-R14x0.5-FashionMNIST'
 BACKENDS = ('bit_pytorch', 'bit_tf2', 'bit_jax')
@@ -174,6 +177,48 @@ def test_features_cli_covers_the_split_in_order(backend, tmp_path, make_npz):
     np.testing.assert_array_equal(f['labels'],
                                   datasets.load_digits().val_labels)
     assert json.loads(str(f['info']))['resolution'] == 16
+
+
+# The features command of a backend on several CPU devices: TF2's logical
+# devices (set before TensorFlow starts), JAX's host platform devices.
+SEVERAL_DEVICES = {
+    'bit_tf2': ('import tensorflow as tf\n'
+                'cpu = tf.config.list_physical_devices("CPU")[0]\n'
+                'tf.config.set_logical_device_configuration(\n'
+                '    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n'
+                'from bit_tf2 import features\n'
+                'features.cli()\n', {}),
+    'bit_jax': ('from bit_jax import features\nfeatures.cli()\n',
+                {'XLA_FLAGS': '--xla_force_host_platform_device_count=3',
+                 'JAX_PLATFORMS': 'cpu'}),
+}
+
+
+@pytest.mark.parametrize('backend', SEVERAL_DEVICES)
+def test_features_on_several_devices_equal_one(backend, tmp_path, make_npz):
+  """The batch split over 2 (TF2) or 3 (JAX) devices, the rows padded to a
+  multiple of them, gives one device's features, in order; a direct call
+  on 5 images too."""
+  script, env = SEVERAL_DEVICES[backend]
+  flags = ['--model', make_npz(), '--dataset', 'digits', '--split', 'eval',
+           '--resolution', '16', '--batch', '100', '--workers', '0']
+  done = subprocess.run(
+      [sys.executable, '-c', script, *flags, '--out', str(tmp_path / 'n.npz')],
+      cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS='1', **env),
+      capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  features_module(backend).main(features_args(
+      *flags[:-2], '--out', str(tmp_path / 'one.npz')))
+  with np.load(tmp_path / 'n.npz') as several, \
+      np.load(tmp_path / 'one.npz') as one:
+    info = json.loads(str(several['info']))
+    assert info['n'] == 797 and info['devices'] == (2 if 'tf2' in backend
+                                                    else 3)
+    np.testing.assert_array_equal(several['labels'], one['labels'])
+    # Smaller batches per device take other kernel blockings: rounding.
+    scale = np.abs(one['features']).max()
+    np.testing.assert_allclose(several['features'], one['features'],
+                               rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_imagefolder_and_cache(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from big_transfer import errors, flags, metrics, runfiles, zoo
+from big_transfer import datasets, errors, flags, metrics, runfiles, zoo
 
 
 def argparser(framework, precisions=('fp32', 'bf16', 'fp16'),
@@ -74,25 +74,26 @@ def report(result, args):
   return result
 
 
-def main_numpy(args, load_model, read_data):
-  """The validate command of a backend whose model takes NumPy batches (TF2,
-  JAX), given its `load_model(weights)` -> (head size, logits_fn) and
-  `read_data(args, logger)` -> (class names, typical (height, width),
-  evaluation size, batches(crop)), where batches(crop) yields the
-  evaluation split once as {'image', 'label', 'mask'}."""
+def main_numpy(args, load_model):
+  """The validate command of a backend that reads through big_transfer.loader
+  and whose model takes its NumPy batches (TF2, JAX), given its
+  `load_model(weights)` -> (head size, logits_fn)."""
   import bit_hyperrule  # pylint: disable=import-outside-toplevel
+  # Imported here: PyTorch's install has no grain.
+  from big_transfer import loader  # pylint: disable=import-outside-toplevel
   check(args)
   log = logger()
-  classes, original_hw, size, batches = read_data(args, log)
+  data = datasets.load(args, log, check_train=False)
   head_size, logits_fn = load_model(zoo.load_weights(args.ckpt_path,
                                                     args.bit_pretrained_dir))
-  check_head(head_size, classes, args)
-  crop = bit_hyperrule.resolution(original_hw, crop_size=args.crop_size or
-                                  runfiles.trained_crop(args.ckpt_path))[1]
-  log.info(f'evaluating {args.ckpt_path} on {size} {args.dataset} images at '
-           f'{crop} px')
+  check_head(head_size, data.classes, args)
+  crop = bit_hyperrule.resolution(data.original_hw, crop_size=args.crop_size
+                                  or runfiles.trained_crop(args.ckpt_path))[1]
+  log.info(f'evaluating {args.ckpt_path} on {len(data.val)} {args.dataset} '
+           f'images at {crop} px')
   sums = np.zeros(4)
-  for b in batches(crop):
+  for b in loader.eval_batches(data.val, args.batch_eval, crop,
+                               workers=args.workers):
     sums += metrics.batch_sums(np.asarray(logits_fn(b['image'])), b['label'],
                                b['mask'])
   return report(metrics.summarize(sums), args)

@@ -43,10 +43,7 @@ def load_model(args, classes):
     return net, run['resolution'][1]
   weights = zoo.load_weights(args.ckpt_path, args.bit_pretrained_dir)
   net = models.create(args.ckpt_path, weights=weights)
-  if net.head_size != len(classes):
-    raise errors.BadInput(f'{args.ckpt_path} has a {net.head_size}-class '
-                              f'head, but {args.dataset} has {len(classes)} '
-                              'classes.')
+  validate.check_head(net.head_size, classes, args)
   return net, None
 
 

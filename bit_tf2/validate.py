@@ -8,7 +8,7 @@ published .h5, a registered model name or hf-hub:ORG/NAME. Prints (and with
 --output writes) {"loss", "top1", "top5", "n"} as JSON, as
 bit_pytorch.validate does.
 """
-from big_transfer import datasets, errors, loader, validate
+from big_transfer import errors, validate
 from bit_tf2 import predict
 
 
@@ -16,17 +16,8 @@ def argparser():
   return validate.argparser('TF2', precisions=('fp32',))
 
 
-def read_data(args, logger):
-  """(classes, typical size, evaluation size, batches(crop)) of --dataset,
-  through big_transfer.loader."""
-  data = datasets.load(args, logger, check_train=False)
-  return (data.classes, data.original_hw, len(data.val),
-          lambda crop: loader.eval_batches(data.val, args.batch_eval, crop,
-                                           workers=args.workers))
-
-
 def main(args):
-  return validate.main_numpy(args, predict.load_model, read_data)
+  return validate.main_numpy(args, predict.load_model)
 
 
 def cli(argv=None):

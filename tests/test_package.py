@@ -1,15 +1,18 @@
 """The distribution as a user installs it: the wheel holds every module and
-shipped file, and each backend's command runs from the installed files,
-outside the checkout, with the other two frameworks hidden (as when only
-that backend's extra is installed)."""
+shipped file, and each backend's modules import from the installed files,
+outside the checkout, with every package that its extra does not bring
+hidden (as when only that backend's extra is installed)."""
 import os
 import shutil
 import subprocess
 import sys
 import tomllib
 import zipfile
+from importlib import metadata
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from conftest import REPO, published_shapes
 
@@ -48,10 +51,11 @@ def run_installed(target, code_or_module, hidden=(), cwd=None):
   project, from a folder outside the checkout."""
   env = dict(os.environ, PYTHONPATH=str(target))
   if code_or_module.startswith('-m'):
-    cmd = [sys.executable, os.path.join(REPO, 'tests', 'without.py'),
-           ','.join(hidden) or 'no_such_package', *code_or_module.split()]
+    what = code_or_module.split()
   else:
-    cmd = [sys.executable, '-c', code_or_module]
+    what = ['-c', code_or_module]
+  cmd = [sys.executable, os.path.join(REPO, 'tests', 'without.py'),
+         ','.join(hidden) or 'no_such_package', *what]
   return subprocess.run(cmd, env=env, cwd=cwd or target.parent,
                         capture_output=True, text=True, timeout=300)
 
@@ -92,13 +96,64 @@ def test_shipped_files_are_found_in_the_installed_package(installed):
   assert int(keys) == len(published_shapes('R14x0.5', 40))
 
 
+def installed_with(names):
+  """The installed distributions that installing `names` brings (with
+  their requirements for this Python, recursively, extras left out), in
+  canonical form."""
+  seen, todo = set(), [canonicalize_name(n) for n in names]
+  while todo:
+    name = todo.pop()
+    if name in seen:
+      continue
+    try:
+      required = metadata.requires(name) or ()
+    except metadata.PackageNotFoundError:
+      continue
+    seen.add(name)
+    for req in map(Requirement, required):
+      if not req.marker or req.marker.evaluate({'extra': ''}):
+        todo.append(canonicalize_name(req.name))
+  return seen
+
+
+def not_in_extra(backend):
+  """The top-level import names of the packages that pyproject.toml's
+  other extras bring and neither `backend`'s extra nor the package's own
+  requirements do (what that backend's install lacks)."""
+  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+    project = tomllib.load(f)['project']
+  extras = project['optional-dependencies']
+  named = lambda lines: {Requirement(r).name for r in lines} - {
+      'big-transfer'}
+  others = set().union(*(named(extras[e]) for e in extras if e not in (
+      'all', 'test', backend)))
+  missing = installed_with(others) - installed_with(
+      named(extras[backend]) | named(project['dependencies']))
+  return sorted(module for module, dists in
+                metadata.packages_distributions().items()
+                if not module.startswith('_') and
+                {canonicalize_name(d) for d in dists} <= missing)
+
+
 @pytest.mark.parametrize('backend', sorted(FRAMEWORKS))
 def test_each_backend_runs_without_the_other_frameworks(installed, backend):
+  """Every module of the backend imports, and its trainer's command line
+  builds, where the packages outside its extra are missing."""
   target, _ = installed
-  others = [m for b, m in FRAMEWORKS.items() if b != backend]
-  if backend != 'pytorch':
-    others.append('torchvision')
-  shown = run_installed(target, f'-m bit_{backend}.train --help', others)
+  hidden = not_in_extra(backend)
+  assert FRAMEWORKS[backend] not in hidden and 'numpy' not in hidden
+  assert len(hidden) >= 8, hidden
+  shown = run_installed(target, (
+      f'import importlib, pkgutil, bit_{backend}\n'
+      f'for m in pkgutil.iter_modules(bit_{backend}.__path__, '
+      f'"bit_{backend}."):\n'
+      '  importlib.import_module(m.name)\n'
+      '  print(m.name)\n'
+      f'from bit_{backend} import train\n'
+      'print(train.argparser().format_help())\n'), hidden)
   assert shown.returncode == 0, shown.stderr[-2000:]
+  for command in ('train', 'validate', 'predict', 'features', 'fewshot',
+                  'distill'):
+    assert f'bit_{backend}.{command}\n' in shown.stdout
   assert '--examples_per_class' in shown.stdout
   assert 'Fine-tune a BiT model' in shown.stdout

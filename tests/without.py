@@ -1,7 +1,9 @@
-"""Runs a module as `python -m` would, in a process where some top-level
-packages cannot be imported, as on a machine where they are not installed:
+"""Runs a module as `python -m` would (or code, as `python -c`), in a process
+where some top-level packages cannot be imported, as on a machine where
+they are not installed:
 
   python tests/without.py tensorflow,torch -m bit_jax.train --help
+  python tests/without.py tensorflow,torch -c "import bit_jax.fewshot"
 
 Importing a hidden package (or any of its submodules) raises
 ModuleNotFoundError, and importlib.util.find_spec finds none. The tests use
@@ -30,14 +32,19 @@ class Hiding(importlib.abc.MetaPathFinder):
 
 
 def main():
-  names, flag, module, *argv = sys.argv[1:]
-  if flag != '-m':
-    raise SystemExit('usage: without.py PKG[,PKG...] -m MODULE [ARGS...]')
+  names, flag, target, *argv = sys.argv[1:]
+  if flag not in ('-m', '-c'):
+    raise SystemExit('usage: without.py PKG[,PKG...] {-m MODULE,-c CODE} '
+                     '[ARGS...]')
   hidden = set(names.split(','))
   sys.meta_path[:] = [Hiding(f, hidden) if hasattr(f, 'find_spec') else f
                       for f in sys.meta_path]
-  sys.argv = [module, *argv]
-  runpy.run_module(module, run_name='__main__', alter_sys=True)
+  if flag == '-c':
+    sys.argv = ['-c', *argv]
+    exec(compile(target, '<string>', 'exec'), {'__name__': '__main__'})  # pylint: disable=exec-used
+  else:
+    sys.argv = [target, *argv]
+    runpy.run_module(target, run_name='__main__', alter_sys=True)
 
 
 if __name__ == '__main__':

@@ -182,12 +182,26 @@ def loader_batches(recipe, args, train, num_classes, start_step,
       crop_scale=inception_scale(recipe), workers=args.workers)
 
 
-def check_teacher(teacher_head, classes, teacher):
-  """Refuses a teacher whose head does not have one output per class."""
-  if teacher_head != classes:
-    raise BadInput(f'the teacher {teacher} has {teacher_head} outputs but the '
+def teacher_weights(recipe, args, classes, load=zoo.load_weights):
+  """The teacher's weights, read by `load(model, folder)` (zoo.load_weights,
+  or a wrapper that lets one process download first); BadInput where its
+  head does not have one output per class."""
+  weights = load(recipe.teacher, args.bit_pretrained_dir)
+  _, head = zoo.model_arch(recipe.teacher, weights=weights)
+  if head != classes:
+    raise BadInput(f'the teacher {recipe.teacher} has {head} outputs but the '
                    f'dataset has {classes} classes; give a teacher fine-tuned '
                    'on this dataset.')
+  return weights
+
+
+def student_weights(recipe, args, load=zoo.load_weights):
+  """The weights that initialise the student (under a new zero head), or
+  None where the recipe names an architecture, trained from scratch (its
+  initialisation drawn from --seed)."""
+  if student_arch(recipe.student) is not None:
+    return None
+  return load(recipe.student, args.bit_pretrained_dir)
 
 
 # --------------------------------------------------------------------------

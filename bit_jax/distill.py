@@ -23,7 +23,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from big_transfer import (datasets, distill, flags, harness, loader,
-                          memory, runfiles, zoo)
+                          memory, runfiles)
 from bit_jax import engine
 from bit_jax import models
 
@@ -113,18 +113,12 @@ def make_steps(student, teacher, recipe, tx, mesh, batch_split):
 
 def build_nets(args, recipe, classes, dtype):
   """((teacher, teacher params), (student, student params))."""
-  weights = zoo.load_weights(recipe.teacher, args.bit_pretrained_dir)
-  _, head = zoo.model_arch(recipe.teacher, weights=weights)
-  distill.check_teacher(head, classes, recipe.teacher)
-  teacher = models.create(recipe.teacher, weights=weights, dtype=dtype)
-  if distill.student_arch(recipe.student) is not None:
-    student = models.create(recipe.student, head_size=classes,
-                            zero_head=True, dtype=dtype,
-                            rng=jax.random.PRNGKey(args.seed))
-  else:
-    weights = zoo.load_weights(recipe.student, args.bit_pretrained_dir)
-    student = models.create(recipe.student, head_size=classes,
-                            zero_head=True, weights=weights, dtype=dtype)
+  teacher = models.create(
+      recipe.teacher, weights=distill.teacher_weights(recipe, args, classes),
+      dtype=dtype)
+  student = models.create(recipe.student, head_size=classes, zero_head=True,
+                          weights=distill.student_weights(recipe, args),
+                          dtype=dtype, rng=jax.random.PRNGKey(args.seed))
   return teacher, student
 
 

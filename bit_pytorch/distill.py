@@ -11,6 +11,7 @@ flip and mixup); only the student is trained, checkpointed and exported
 torchrun, one process per device (DistributedDataParallel), as
 fine-tuning; the same global batch gives the same update.
 """
+import functools
 import itertools
 import os
 
@@ -110,23 +111,14 @@ def build_nets(args, recipe, classes, device):
   """(teacher, student) on `device`: the teacher as its weights say (in
   evaluation mode, no gradients; its head must fit the classes), the
   student from scratch or from weights under a zero head."""
-  weights = engine.local_first(zoo.load_weights, recipe.teacher,
-                              args.bit_pretrained_dir)
-  _, head = zoo.model_arch(recipe.teacher, weights=weights)
-  distill.check_teacher(head, classes, recipe.teacher)
-  teacher, _ = engine.to_device(
-      models.create(recipe.teacher, weights=weights).eval(), device)
+  load = functools.partial(engine.local_first, zoo.load_weights)
+  teacher, _ = engine.to_device(models.create(
+      recipe.teacher, weights=distill.teacher_weights(recipe, args, classes,
+                                                      load)).eval(), device)
   teacher.requires_grad_(False)
-  del weights
-  arch = distill.student_arch(recipe.student)
   torch.manual_seed(args.seed)  # the student's initialisation
-  if arch is not None:
-    student = models.ResNetV2(arch.units, arch.width, classes, zero_head=True)
-  else:
-    weights = engine.local_first(zoo.load_weights, recipe.student,
-                                args.bit_pretrained_dir)
-    student = models.create(recipe.student, head_size=classes,
-                            zero_head=True, weights=weights)
+  student = models.create(recipe.student, head_size=classes, zero_head=True,
+                          weights=distill.student_weights(recipe, args, load))
   return teacher, student.to(device)
 
 

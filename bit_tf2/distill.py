@@ -21,7 +21,7 @@ import keras
 import tensorflow as tf
 
 from big_transfer import (datasets, distill, flags, harness, loader,
-                          memory, zoo)
+                          memory)
 from bit_tf2 import engine
 from bit_tf2 import models
 
@@ -126,30 +126,19 @@ def make_steps(strategy, student, teacher, adam, recipe, batch_split):
         f(tf.argmax(s, 1) == tf.argmax(te, 1)), f(tf.argmax(te, 1) == labels),
         f(kl_per_example(s, te, t))])], 0)
 
-  @tf.function
-  def eval_step(dist_batch):
-    sums = strategy.run(replica_eval, args=(
-        dist_batch['image'], dist_batch['label'], dist_batch['mask']))
-    return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
-
-  return train_step, eval_step
+  return train_step, engine.eval_step(strategy, replica_eval)
 
 
 def build_nets(args, recipe, classes, dtype):
   """(teacher, student), under the strategy's scope."""
-  weights = zoo.load_weights(recipe.teacher, args.bit_pretrained_dir)
-  _, head = zoo.model_arch(recipe.teacher, weights=weights)
-  distill.check_teacher(head, classes, recipe.teacher)
-  teacher = models.create(recipe.teacher, weights=weights, dtype=dtype)
+  teacher = models.create(
+      recipe.teacher, weights=distill.teacher_weights(recipe, args, classes),
+      dtype=dtype)
   teacher.trainable = False
-  if distill.student_arch(recipe.student) is not None:
-    keras.utils.set_random_seed(args.seed)
-    student = models.create(recipe.student, head_size=classes,
-                            zero_head=True, dtype=dtype)
-  else:
-    weights = zoo.load_weights(recipe.student, args.bit_pretrained_dir)
-    student = models.create(recipe.student, head_size=classes,
-                            zero_head=True, weights=weights, dtype=dtype)
+  keras.utils.set_random_seed(args.seed)  # the student's initialisation
+  student = models.create(recipe.student, head_size=classes, zero_head=True,
+                          weights=distill.student_weights(recipe, args),
+                          dtype=dtype)
   return teacher, student
 
 

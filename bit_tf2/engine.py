@@ -149,11 +149,22 @@ def to_replicas(strategy, batch):
   return strategy.experimental_distribute_values_from_function(part)
 
 
-def evaluate(strategy, eval_step, batches):
-  """The sums of `eval_step(per-replica batch)` over `batches` (this
-  process's share of each evaluation batch, big_transfer.loader's), read
-  back once at the end, in float64."""
-  sums = [eval_step(to_replicas(strategy, b)) for b in batches]
+def eval_step(strategy, replica_eval):
+  """eval_step(per-replica batch) -> the sums of `replica_eval(image, label,
+  mask)` over the replicas: a tf.function, traced once for a run."""
+  @tf.function
+  def step(dist_batch):
+    sums = strategy.run(replica_eval, args=(
+        dist_batch['image'], dist_batch['label'], dist_batch['mask']))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
+  return step
+
+
+def evaluate(strategy, step, batches):
+  """The sums of `step(per-replica batch)` (an eval_step) over `batches`
+  (this process's share of each evaluation batch, big_transfer.loader's),
+  read back once at the end, in float64."""
+  sums = [step(to_replicas(strategy, b)) for b in batches]
   return np.sum([s.numpy() for s in sums], axis=0, dtype=np.float64)
 
 

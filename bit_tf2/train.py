@@ -143,13 +143,7 @@ def make_steps(strategy, model, optimizer, lr, batch, batch_split,
   def replica_eval(images, labels, mask):
     return eval_sums(model(images, training=False), labels, mask)
 
-  @tf.function
-  def eval_step(dist_batch):
-    sums = strategy.run(replica_eval, args=(
-        dist_batch['image'], dist_batch['label'], dist_batch['mask']))
-    return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
-
-  return train_step, eval_step
+  return train_step, engine.eval_step(strategy, replica_eval)
 
 
 # --------------------------------------------------------------------------

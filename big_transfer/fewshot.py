@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 import bit_hyperrule
-from big_transfer import datasets, errors, flags, runfiles, zoo
+from big_transfer import datasets, errors, flags, progress, runfiles, zoo
 from big_transfer.errors import BadInput
 
 SPLITS = ('train', 'eval')
@@ -167,18 +167,15 @@ class Features:
 def extract(backend, model, splits, split, crop, batch, args, logger):
   """Features of every example of `split`, in dataset order, with a
   progress bar; the time it took (first batch included) is in .seconds."""
-  from tqdm import tqdm
   n = splits.sizes[split]
   logger.info(f'{split} split: {n} images at {crop} px, batches of {batch}')
   feats, labels = [], []
   start = time.perf_counter()
-  with tqdm(total=n, unit='img', desc=f'features ({split})',
-            file=sys.stderr, mininterval=2) as bar:
-    for f, y in backend.feature_batches(model, splits, split, crop, batch,
-                                        args):
-      feats.append(np.asarray(f, np.float32))
-      labels.append(np.asarray(y, np.int64))
-      bar.update(len(y))
+  for f, y in progress.images(
+      backend.feature_batches(model, splits, split, crop, batch, args), n,
+      lambda batch: len(batch[1]), f'features ({split})'):
+    feats.append(np.asarray(f, np.float32))
+    labels.append(np.asarray(y, np.int64))
   seconds = time.perf_counter() - start
   out = Features(np.concatenate(feats), np.concatenate(labels), seconds)
   if len(out.labels) != n:

@@ -30,7 +30,6 @@ import logging
 import os
 import platform
 import signal
-import sys
 import threading
 import time
 import typing
@@ -39,7 +38,7 @@ import numpy as np
 
 import bit_hyperrule
 from big_transfer import (datastream, events, hardware, held, metrics,
-                          runfiles)
+                          progress, runfiles)
 from big_transfer.errors import BadInput, Diverged, RunFailed, out_of_memory
 from bit_common import run_dir, run_logger
 
@@ -108,43 +107,6 @@ def versions(*modules):
   for m in modules:
     out[m.__name__] = getattr(m, '__version__', '?')
   return out
-
-
-class Progress:
-  """Training progress: a tqdm bar on a terminal, else a line every 10% of
-  the steps. Loss, lr, images/s and ETA are shown as they are read back."""
-
-  def __init__(self, total_steps, start_step, logger):
-    from tqdm import tqdm
-    self.logger, self.total = logger, total_steps
-    self._t0, self._step0, self._shown = time.time(), start_step, start_step
-    self._bar = (tqdm(total=total_steps, initial=start_step, unit='step',
-                      file=sys.stderr, dynamic_ncols=True)
-                 if sys.stderr.isatty() else None)
-    self._every = max(1, total_steps // 10)
-
-  def update(self, step):
-    """Step `step` is done (called at every step)."""
-    if self._bar is not None:
-      self._bar.update(step - self._bar.n)
-
-  def show(self, step, images_per_sec, **values):
-    """Values read back at `step`."""
-    if self._bar is not None:
-      self._bar.set_postfix(img_s=f'{images_per_sec:.1f}',
-                            **{k: f'{v:.4g}' for k, v in values.items()})
-    elif (step // self._every > self._shown // self._every or
-          step == self.total):
-      self._shown = step
-      rate = (step - self._step0) / max(time.time() - self._t0, 1e-9)
-      eta = (self.total - step) / rate if rate else float('inf')
-      shown = ' '.join(f'{k}={v:.4g}' for k, v in values.items())
-      self.logger.info(f'step {step}/{self.total} {shown} '
-                       f'images/s={images_per_sec:.1f} ETA {eta:.0f}s')
-
-  def close(self):
-    if self._bar is not None:
-      self._bar.close()
 
 
 # --------------------------------------------------------------------------
@@ -336,7 +298,7 @@ class Run:
     batch = batch or self.args.batch
     eval_every = eval_every if eval_every is not None else self.args.eval_every
     save_every = getattr(self.args, 'save_every', None)
-    progress = Progress(total, step, self.logger) if self.lead else None
+    bar = progress.Progress(total, step, self.logger) if self.lead else None
     pending, result = [], None
     window = time.time()
     last_save = started = window
@@ -356,8 +318,8 @@ class Run:
         if self.lead:
           self._write_metrics(s, 'train', loss=loss, lr=lr,
                               images_per_sec=speed)
-      if progress:
-        progress.show(pending[-1][0], speed, loss=losses[-1],
+      if bar:
+        bar.show(pending[-1][0], speed, loss=losses[-1],
                       lr=pending[-1][1])
       pending.clear()
 
@@ -380,8 +342,8 @@ class Run:
           lr = lr_at(step)
           pending.append((step + 1, lr, train(step, lr)))
           step += 1
-          if progress:
-            progress.update(step)
+          if bar:
+            bar.update(step)
           at_eval = step == total or bool(eval_every and
                                           step % eval_every == 0)
           if at_eval or step % LOG_EVERY == 0 or first:
@@ -417,8 +379,8 @@ class Run:
       if failed is e:
         raise
       raise failed from e
-    if progress:
-      progress.close()
+    if bar:
+      bar.close()
     return result, step
 
   def _vote(self, step, stop, due):

@@ -43,7 +43,7 @@ import time
 
 import numpy as np
 
-from big_transfer import errors, hardware, preprocess, runfiles
+from big_transfer import errors, hardware, preprocess, progress, runfiles
 from big_transfer.errors import BadInput, RunFailed
 
 FOLDER = 'held'       # in the run folder
@@ -114,21 +114,19 @@ def hold(n, resize, load, folder, workers, logger, process=(0, 1),
     except OSError as e:  # files raise BadImage; this is a dataset's bytes
       raise BadInput(f'cannot read training image {i} ({e}).') from e
 
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   per_round = CHUNK * count
   with together(lambda: open(part, 'r+b')) as f, \
-       concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, \
-       tqdm(total=n, unit='img', desc='holding', mininterval=5,
-            disable=index != 0) as bar:
+       concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
 
     def write(lo):  # file writes: a mapped file answers a full disk with SIGBUS
       f.seek(len(header) + lo * size)
       for image in pool.map(resized, range(lo, min(n, lo + CHUNK))):
         f.write(image.tobytes())
-    for start in range(0, n, per_round):
+    for start in progress.images(range(0, n, per_round), n,
+                                 lambda start: min(n, start + per_round) -
+                                 start, 'holding', show=index == 0):
       mine = start + index * CHUNK
       together(lambda: write(mine) if mine < n else None)
-      bar.update(min(n, start + per_round) - start)
     together(lambda: (f.flush(), os.fsync(f.fileno())))
   together(lambda: (os.replace(part, path),
                     runfiles.sync_folder(os.path.dirname(path)))

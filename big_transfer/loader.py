@@ -20,12 +20,14 @@ input pipeline of the JAX and TF2 backends, which needs no framework.
       Inception crop (distillation's), at `crop`.
 
   eval_batches(source, batch, crop, process_index=0, process_count=1,
-               workers=None)
+               workers=None, progress=None)
       Every example of `source` once, in order, this process's rows i with
       i % process_count == process_index: {'image': uint8 [b, crop, crop,
       3], 'label': int64 [b], 'mask': bool [b]}, b = batch /
       process_count; every process runs the same number of batches, the
-      last ones padded with rows whose mask is False.
+      last ones padded with rows whose mask is False. With `progress` (a
+      description), the first process shows its images as they are used
+      (big_transfer.progress.images).
 
 A `source` is a big_transfer.datasets.Source. An image that cannot be read
 ends the run with datasets.BadImage naming its file. `workers` decode (0:
@@ -44,6 +46,7 @@ import grain
 import numpy as np
 
 from big_transfer import hardware, preprocess
+from big_transfer import progress as shown
 from big_transfer.errors import BadInput
 
 ENDLESS = 2**62  # records of a training pipeline: more than any run takes
@@ -152,7 +155,7 @@ def train_batches(source, num_classes, stream, resize, crop, start_step=0,
 
 
 def eval_batches(source, batch, crop, process_index=0, process_count=1,
-                 workers=None):
+                 workers=None, progress=None):
   """This process's evaluation batches of `source` (see the module doc)."""
   if batch % process_count:
     raise BadInput(f'evaluation batch {batch} is not divisible by the '
@@ -172,4 +175,8 @@ def eval_batches(source, batch, crop, process_index=0, process_count=1,
 
   dataset = grain.MapDataset.range(padded).map(example).batch(local).map(
       lambda b: dict(zip(('image', 'label', 'mask'), b)))
-  return _iterate(dataset, workers)
+  batches = _iterate(dataset, workers)
+  if progress is None:
+    return batches
+  return shown.images(batches, len(mine), lambda b: int(b['mask'].sum()),
+                      progress, show=process_index == 0)

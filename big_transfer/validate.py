@@ -93,7 +93,7 @@ def main_numpy(args, load_model):
            f'images at {crop} px')
   sums = np.zeros(4)
   for b in loader.eval_batches(data.val, args.batch_eval, crop,
-                               workers=args.workers):
+                               workers=args.workers, progress='evaluating'):
     sums += metrics.batch_sums(np.asarray(logits_fn(b['image'])), b['label'],
                                b['mask'])
   return report(metrics.summarize(sums), args)

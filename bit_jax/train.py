@@ -166,7 +166,8 @@ def main(args):
 
     def evaluate():
       return parallel.evaluate(eval_step, loader.eval_batches(
-          data.val, eval_batch, hyper.crop, pid, nproc, args.workers),
+          data.val, eval_batch, hyper.crop, pid, nproc, args.workers,
+          progress='evaluating'),
                                ckpt.state['params'])
 
     # The loader's worker processes stop when it closes.

@@ -151,7 +151,7 @@ def evaluate(student, teacher, loader, device, autocast, temperature,
   the processes (distill.eval_sums)."""
   student.eval()
   sums = torch.zeros(7, dtype=torch.float64, device=device)
-  for x, y in engine.data_errors_named(iter(loader)):
+  for x, y in engine.eval_batches(loader):
     x = torch_data.normalize(x, device)
     y = y.to(device, non_blocking=True)
     with autocast:

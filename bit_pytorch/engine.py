@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from big_transfer import errors, harness, metrics, runfiles
+from big_transfer import errors, harness, metrics, progress, runfiles
 from bit_pytorch import data as torch_data
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -200,7 +200,7 @@ def evaluate(model, loader, device, autocast, loss_fn):
   `loader` (uint8 images, labels) and over processes, as numpy."""
   model.eval()
   sums = torch.zeros(4, dtype=torch.float64, device=device)
-  for x, y in data_errors_named(iter(loader)):
+  for x, y in eval_batches(loader):
     x = for_inference(torch_data.normalize(x, device))
     y = y.to(device, non_blocking=True)
     with autocast:
@@ -210,6 +210,15 @@ def evaluate(model, loader, device, autocast, loss_fn):
     dist.all_reduce(sums)
   model.train()
   return sums.cpu().numpy()
+
+
+def eval_batches(loader):
+  """The batches of an evaluation's `loader` (this process's examples),
+  shown as they are used (big_transfer.progress.images) by the first
+  process, an unreadable image named (data_errors_named)."""
+  return progress.images(data_errors_named(iter(loader)), len(loader.dataset),
+                         lambda batch: len(batch[1]), 'evaluating',
+                         show=os.environ.get('RANK', '0') == '0')
 
 
 def data_errors_named(batches):

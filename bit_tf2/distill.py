@@ -200,7 +200,7 @@ def main(args):
     def evaluate():
       return engine.evaluate(strategy, eval_step, loader.eval_batches(
           data.val, eval_batch, recipe.teacher_size, pid, nproc,
-          args.workers))
+          args.workers, progress='evaluating'))
 
     # The loader's worker processes stop when it closes.
     batches = distill.loader_batches(recipe, args, data.train,

@@ -210,7 +210,8 @@ def main(args):
 
     def evaluate():
       return engine.evaluate(strategy, eval_step, loader.eval_batches(
-          data.val, eval_batch, hyper.crop, pid, nproc, args.workers))
+          data.val, eval_batch, hyper.crop, pid, nproc, args.workers,
+          progress='evaluating'))
 
     # The loader's worker processes stop when it closes.
     batches = loader.train_batches(

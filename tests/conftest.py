@@ -23,7 +23,7 @@ from bit_tf2 import engine as tf2_engine  # noqa: E402
 
 tf2_engine.deterministic()
 
-from big_transfer import harness  # noqa: E402
+from big_transfer import progress  # noqa: E402
 
 
 # Units per block of each depth: R50, R101 and R152 as published; the
@@ -179,14 +179,14 @@ def sigterm_after_step(monkeypatch):
   training step k (k=None disarms), which is how a run is interrupted in
   the resume tests; the harness then stops with a checkpoint at step k."""
   import signal
-  update = harness.Progress.update
+  update = progress.Progress.update
 
   def arm(k):
     def update_then_sigterm(self, step):
       update(self, step)
       if step == k:
         os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(harness.Progress, 'update',
+    monkeypatch.setattr(progress.Progress, 'update',
                         update if k is None else update_then_sigterm)
   return arm
 

@@ -64,7 +64,7 @@ def kill_after(seconds):
 
 
 def inject(fault, module):
-  from big_transfer import harness
+  from big_transfer import harness, progress
   kind, *values = fault.split(':')
   if kind == 'full_at_save':
     def full_then_save(save, self, step, _):
@@ -72,13 +72,13 @@ def inject(fault, module):
       return save(self, step)
     before_save(module, int(values[0]), full_then_save)
   elif kind == 'full_at_metrics':
-    update, k = harness.Progress.update, int(values[0])
+    update, k = progress.Progress.update, int(values[0])
 
     def update_then_fill(self, step):
       update(self, step)
       if step == k:
         fill_the_disk()
-    harness.Progress.update = update_then_fill
+    progress.Progress.update = update_then_fill
   elif kind == 'full_at_finish':
     finish = harness.Run.finish
 

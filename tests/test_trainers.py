@@ -294,14 +294,14 @@ def test_bad_images_are_named_or_the_same_ones_left_out(setup, bad_folder,
 # no checkpoint of its own) right after training step K.
 KILLED_AFTER_STEP = (
     'import importlib, os, signal, sys\n'
-    'from big_transfer import harness\n'
+    'from big_transfer import progress\n'
     'backend, k = sys.argv[1], int(sys.argv[2])\n'
-    'update = harness.Progress.update\n'
+    'update = progress.Progress.update\n'
     'def update_then_die(self, step):\n'
     '  update(self, step)\n'
     '  if step == k:\n'
     '    os.kill(os.getpid(), signal.SIGKILL)\n'
-    'harness.Progress.update = update_then_die\n'
+    'progress.Progress.update = update_then_die\n'
     'train = importlib.import_module(f"bit_{backend}.train")\n'
     'train.main(train.argparser().parse_args(sys.argv[3:]))\n')
 

@@ -1,0 +1,115 @@
+"""Progress of long work (big_transfer.progress): the images of an
+evaluation, validation or feature extraction shown as they are used, a bar
+on a terminal and timed lines elsewhere, on the first process only; and
+what the backends' evaluations show."""
+import argparse
+import io
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from big_transfer import datasets, loader, progress
+from bit_pytorch import data as torch_data
+from bit_pytorch import engine
+from conftest import write_imagefolder
+
+
+class Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+@pytest.fixture
+def stderr(capsys, monkeypatch):
+  """stderr() -> what progress wrote on standard error since the last call
+  (a file: lines, one for every batch); terminal() makes standard error a
+  terminal (a bar) for the rest of the test."""
+  monkeypatch.setattr(progress, 'LINE_SECONDS', 0)
+  terminal = Terminal()
+
+  def written():
+    if sys.stderr is terminal:
+      return terminal.getvalue()
+    return capsys.readouterr().err
+  written.terminal = lambda: monkeypatch.setattr(sys, 'stderr', terminal)
+  return written
+
+
+def lines(text):
+  """(done, total, ETA) of each line of progress.images."""
+  return [tuple(map(int, m)) for m in re.findall(
+      r'evaluating: (\d+)/(\d+) images, [\d.]+ images/s, ETA (\d+) s', text)]
+
+
+def test_lines_count_the_images_up_to_the_total(stderr):
+  batches = [np.zeros(4), np.zeros(4), np.zeros(2)]
+  got = list(progress.images(iter(batches), 10, len, 'evaluating'))
+  assert got == batches
+  shown = lines(stderr())
+  assert [(done, total) for done, total, _ in shown] == [(4, 10), (8, 10),
+                                                         (10, 10)]
+  assert shown[-1][2] == 0
+
+
+def test_no_line_for_work_done_sooner(stderr, monkeypatch):
+  monkeypatch.setattr(progress, 'LINE_SECONDS', 3600)
+  assert len(list(progress.images(range(5), 5, lambda _: 1,
+                                  'evaluating'))) == 5
+  assert stderr() == ''
+
+
+def test_a_bar_on_a_terminal_is_cleared_when_done(stderr):
+  stderr.terminal()
+  for _ in progress.images(range(3), 6, lambda _: 2, 'evaluating'):
+    pass
+  drawn = stderr()
+  assert re.search(r'evaluating: .*/6 .*img/s', drawn), drawn
+  assert drawn.split('\r')[-2].strip() == ''  # the bar's line, cleared
+
+
+def test_nothing_shown_unless_asked(stderr):
+  stderr.terminal()
+  assert list(progress.images(range(3), 3, lambda _: 1, 'evaluating',
+                              show=False)) == [0, 1, 2]
+  assert stderr() == ''
+
+
+@pytest.fixture(scope='module')
+def val(tmp_path_factory):
+  root = write_imagefolder(tmp_path_factory.mktemp('progress') / 'f',
+                           train=2, val=5, size=(20, 20))
+  return datasets.load(argparse.Namespace(dataset='imagefolder',
+                                          datadir=root)).val
+
+
+def test_the_loaders_evaluation_shows_the_first_process_its_images(stderr,
+                                                                   val):
+  """15 images over 2 processes: the first has 8, in batches of 3 (6
+  rows over both); the second shows nothing; without `progress`, nothing."""
+  assert len(val) == 15
+  batches = list(loader.eval_batches(val, 6, 16, 0, 2, workers=0,
+                                     progress='evaluating'))
+  assert sum(int(b['mask'].sum()) for b in batches) == 8
+  shown = lines(stderr())
+  assert [(done, total) for done, total, _ in shown] == [(3, 8), (6, 8),
+                                                         (8, 8)]
+  list(loader.eval_batches(val, 6, 16, 1, 2, workers=0,
+                           progress='evaluating'))
+  list(loader.eval_batches(val, 6, 16, workers=0))
+  assert stderr() == ''
+
+
+def test_pytorchs_evaluation_shows_its_images_on_rank_0(stderr, val,
+                                                         monkeypatch):
+  args = argparse.Namespace(workers=0)
+  data = engine.loader(torch_data.EvalSet(val, 16), args,
+                       torch.device('cpu'), batch_size=4)
+  assert sum(len(y) for _, y in engine.eval_batches(data)) == 15
+  assert [done for done, _, _ in lines(stderr())] == [4, 8, 12, 15]
+  monkeypatch.setitem(os.environ, 'RANK', '1')
+  assert sum(len(y) for _, y in engine.eval_batches(data)) == 15
+  assert stderr() == ''

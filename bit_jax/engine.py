@@ -22,6 +22,7 @@ from big_transfer import errors, harness, metrics
 from bit_jax import models
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
+EVAL_IN_FLIGHT = 2  # evaluation batches queued on the devices at most
 
 
 # --------------------------------------------------------------------------
@@ -63,11 +64,16 @@ class DataParallel:
   def evaluate(self, eval_step, batches, *params):
     """The sums of `eval_step(*params, image, label, mask)` over `batches`
     (this process's share of each evaluation batch), read back once at the
-    end, in float64."""
+    end, in float64. At most EVAL_IN_FLIGHT batches wait for the device:
+    JAX returns before it computes, and the host would otherwise hold
+    every batch it reads faster than the device computes (the whole split
+    on a CPU)."""
     sums = []
     for batch in batches:
       b = self.to_global(batch)
       sums.append(eval_step(*params, b['image'], b['label'], b['mask']))
+      if len(sums) > EVAL_IN_FLIGHT:
+        sums[-EVAL_IN_FLIGHT - 1].block_until_ready()
     return np.sum([local(s) for s in sums], axis=0, dtype=np.float64)
 
 

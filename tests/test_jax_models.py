@@ -257,3 +257,39 @@ def test_a_checkpoint_set_aside_twice_keeps_both(tmp_path):
   assert (earlier / 'kept').exists()
   assert (tmp_path / 'checkpoints' / '4.unreadable-1').is_dir()
   assert ckpt.newest_first() == []
+
+
+def test_evaluation_waits_for_all_but_the_last_batches():
+  """The sums are exact, and when the loop asks for a batch, the device has
+  computed every batch but the last EVAL_IN_FLIGHT: the host holds no
+  more of them than that, however fast it reads (a slow step here)."""
+  import jax
+  import jax.numpy as jnp
+  from bit_jax import engine
+  parallel = engine.DataParallel()
+  w = jnp.eye(256) * 0.5
+
+  @jax.jit
+  def eval_step(w, image, label, mask):
+    x = image.reshape(len(image), -1).astype(jnp.float32)
+    for _ in range(100):
+      x = jnp.tanh(x @ w)
+    return jnp.stack([label.sum().astype(jnp.float32), x.sum() * 0,
+                      mask.sum().astype(jnp.float32), 1.0])
+
+  outputs, lagging = [], []
+
+  def step(*args):
+    outputs.append(eval_step(*args))
+    return outputs[-1]
+
+  def batches():
+    for i in range(12):
+      lagging.append(sum(not o.is_ready() for o in
+                         outputs[:len(outputs) - engine.EVAL_IN_FLIGHT]))
+      yield {'image': np.full((8, 16, 16), i, np.uint8),
+             'label': np.full(8, i, np.int64), 'mask': np.ones(8, bool)}
+
+  sums = parallel.evaluate(step, batches(), w)
+  np.testing.assert_array_equal(sums, [8 * sum(range(12)), 0, 96, 12])
+  assert lagging == [0] * 12

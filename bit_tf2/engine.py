@@ -55,8 +55,11 @@ def deterministic():
   return True
 
 
-def make_strategy():
-  """The tf.distribute strategy for this machine (see the module doc)."""
+def make_strategy(workers=True):
+  """The tf.distribute strategy for this machine: TPUStrategy where a TPU
+  is, MultiWorkerMirroredStrategy where TF_CONFIG names several workers
+  (not with workers=False: a command of one process, on its own devices),
+  else MirroredStrategy over the local GPUs or logical CPU devices."""
   tpu = os.environ.get('TPU_NAME') or ('local' if glob.glob('/dev/accel*')
                                        else None)
   if tpu:
@@ -65,7 +68,8 @@ def make_strategy():
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
   cluster = json.loads(os.environ.get('TF_CONFIG') or '{}').get('cluster', {})
-  if sum(len(v) for k, v in cluster.items() if k in ('chief', 'worker')) > 1:
+  if workers and sum(len(v) for k, v in cluster.items()
+                     if k in ('chief', 'worker')) > 1:
     return tf.distribute.MultiWorkerMirroredStrategy()
   devices = (tf.config.list_logical_devices('GPU') or
              tf.config.list_logical_devices('CPU'))

@@ -25,11 +25,13 @@ def load_data(args, logger):
 class FeatureModel:
   """model(images) -> features: NHWC numpy images (uint8, or float32 in
   [-1, 1]) to numpy pre-logits (N, D); the batch is split over the
-  replicas of the trainer's strategy (bit_tf2.engine.make_strategy: every
-  local GPU, or the logical CPU devices), XLA-compiled on GPUs."""
+  replicas of the trainer's strategy on this process's own devices
+  (bit_tf2.engine.make_strategy: every local GPU, or the logical CPU
+  devices; TF_CONFIG's other workers are not joined), XLA-compiled on
+  GPUs."""
 
   def __init__(self, weights):
-    self.strategy = engine.make_strategy()
+    self.strategy = engine.make_strategy(workers=False)
     self.devices = self.strategy.num_replicas_in_sync
     with self.strategy.scope():
       model = models.create('weights', weights=weights)

@@ -221,6 +221,23 @@ def test_features_on_several_devices_equal_one(backend, tmp_path, make_npz):
                                rtol=1e-5, atol=1e-5 * scale)
 
 
+def test_tf2_features_ignore_the_workers_of_tf_config(monkeypatch):
+  """A features command is one process: where TF_CONFIG names a cluster (a
+  training job's environment), it stays on its own devices instead of
+  waiting for workers that never join."""
+  import tensorflow as tf
+  from bit_tf2 import engine
+  monkeypatch.setenv('TF_CONFIG', json.dumps({
+      'cluster': {'worker': ['localhost:1', 'localhost:2']},
+      'task': {'type': 'worker', 'index': 0}}))
+  model = features_module('bit_tf2').load_model(
+      synthetic_weights('R14x0.5', head_size=10, seed=3))
+  assert type(model.strategy) is tf.distribute.MirroredStrategy
+  assert engine.worker(model.strategy) == (0, 1)
+  images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), np.uint8)
+  assert model(images).shape == (3, 1024)
+
+
 def test_imagefolder_and_cache(tmp_path, monkeypatch):
   """An image folder at the HyperRule resolution for its (small) images,
   and features reused from --cache_dir."""

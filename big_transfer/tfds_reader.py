@@ -41,13 +41,14 @@ import os
 
 import numpy as np
 
-from big_transfer import vtab
+from big_transfer import progress, vtab
 from big_transfer.errors import BadInput
 
 TFDS_PREFIX = 'tfds:'
 VTAB_PREFIX = 'vtab:'
 # How many images the typical size is measured on.
 SIZE_SAMPLE = 256
+CHUNK = 1024  # records read at once
 
 
 def accepted_forms():
@@ -142,7 +143,10 @@ class Split:
   """One split: n examples of (encoded image bytes, int64 label).
 
   With array_record files nothing is read until asked: `split[i]` reads one
-  example, `labels` and `encoded` read (and keep) the whole split.
+  example, `labels` reads every record once and keeps only the labels (a
+  split larger than memory stays on disk; a split pickled for data-loader
+  workers holds no images), `encoded` reads and keeps the whole split. Files
+  in the older tfrecord format are read whole at the first access.
   """
 
   def __init__(self, spec, n, reader, convert, indices=None):
@@ -177,9 +181,7 @@ class Split:
     if self._encoded is not None:
       return
     if self.random_access:
-      got = []
-      for lo in range(0, self.n, 1024):
-        got += self.examples(range(lo, min(self.n, lo + 1024)))
+      got = [e for lo in range(0, self.n, CHUNK) for e in self._chunk(lo)]
     else:
       got = [self._convert(r) for r in self._reader.all_records()]
       got = [got[i] for i in self._indices]
@@ -187,10 +189,21 @@ class Split:
     self._encoded[:] = [g[0] for g in got]
     self._labels = np.array([g[1] for g in got], np.int64)
 
+  def _chunk(self, lo):
+    """The examples lo, lo + 1, ... of one read of CHUNK."""
+    return self.examples(range(lo, min(self.n, lo + CHUNK)))
+
   @property
   def labels(self):
     """int64 [n]."""
-    self._read_all()
+    if self._labels is None and self.random_access:
+      starts = progress.images(range(0, self.n, CHUNK), self.n,
+                               lambda lo: min(self.n, lo + CHUNK) - lo,
+                               f'labels of {self.spec}')
+      self._labels = np.array([label for lo in starts
+                               for _, label in self._chunk(lo)], np.int64)
+    elif self._labels is None:
+      self._read_all()
     return self._labels
 
   @property
@@ -208,8 +221,10 @@ class Split:
     indices = np.asarray(indices, np.int64)
     out = Split(self.spec, len(indices), self._reader, self._convert,
                 self._indices[indices])
+    if self._labels is not None:
+      out._labels = self._labels[indices]
     if self._encoded is not None:
-      out._encoded, out._labels = self._encoded[indices], self._labels[indices]
+      out._encoded = self._encoded[indices]
     return out
 
   def sizes(self, limit=SIZE_SAMPLE):

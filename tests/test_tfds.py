@@ -140,6 +140,25 @@ def test_split_reads_lazily_and_pickles(toy_dir):
     assert copy[j] == lazy[j] == (full.encoded[i], int(full.labels[i]))
 
 
+def test_labels_keep_no_images(toy_dir):
+  """The labels of an array_record split are read without keeping its
+  images, so a split larger than memory stays on disk, and the Source that
+  data-loader workers receive (pickled) holds no images; they come with
+  `encoded` alone."""
+  import pickle  # pylint: disable=import-outside-toplevel
+  split = tfds_reader.resolve('tfds:bit_tfds_toy', toy_dir).read('train')
+  numbers, labels, _ = _reference(toy_dir, 'bit_tfds_toy', 'train')
+  np.testing.assert_array_equal(split.labels, labels)
+  sent = len(pickle.dumps(datasets.Source(split=split)))
+  images = sum(len(e) for e in tfds_reader.resolve(
+      'tfds:bit_tfds_toy', toy_dir).read('train').encoded)
+  assert sent < images / 4, (sent, images)
+  subset = split.subset([3, 1])
+  np.testing.assert_array_equal(subset.labels, [labels[3], labels[1]])
+  assert [_number(subset.decode(j)) for j in (0, 1)] == [numbers[3],
+                                                         numbers[1]]
+
+
 def test_tfds_reader_needs_no_tensorflow(toy_dir):
   """What PyTorch reads: the prepared files through TFDS's data source, in a
   process where TensorFlow cannot be imported; the same examples as here."""

@@ -43,9 +43,7 @@ def _load(dataset, examples_per_class=None, examples_per_class_seed=0,
       dataset=dataset, datadir=data_dir, tfds_manual_dir=tfds_manual_dir,
       examples_per_class=examples_per_class,
       examples_per_class_seed=examples_per_class_seed, skip_bad_images=False)
-  data = datasets.load(args)
-  data.train = datasets.fewshot(data.train, args)
-  return data
+  return datasets.load(args)
 
 
 def get_dataset_info(dataset, split, examples_per_class, data_dir=None):

@@ -358,7 +358,16 @@ def load(args, logger=None, check_train=True, named=None):
   image folders (their files checked first; `check_train=False` checks
   only the evaluation files), the offline arrays, tfds:NAME and vtab:TASK.
   `named(args)` gives the Data of a named dataset (cifar10, ...), where a
-  backend has its own downloader; without it they are read as tfds:NAME."""
+  backend has its own downloader; without it they are read as tfds:NAME.
+  Its training split is the --examples_per_class subset where the flag is
+  set (`fewshot`; Data.full_train_size keeps the whole split's size)."""
+  data = _read(args, logger, check_train, named)
+  data.train = fewshot(data.train, args)
+  return data
+
+
+def _read(args, logger, check_train, named):
+  """The whole dataset of --dataset (see `load`)."""
   if args.dataset in ARRAY_DATASETS:
     d = load_array_dataset(args.dataset)
     return Data(args.dataset, list(d.classes),

@@ -134,9 +134,7 @@ def main(args):
   with distill.Run(args, pid == 0,
                    engine.any_process if nproc > 1 else None) as run:
     run.logger.info(f'recipe {args.recipe}: {recipe}')
-    data_args = distill.data_args(args, recipe)
-    data = datasets.load(data_args, run.logger)
-    data.train = datasets.fewshot(data.train, data_args)
+    data = datasets.load(distill.data_args(args, recipe), run.logger)
     train_size = len(data.train)
     sched = distill.schedule(recipe, train_size)
     (teacher, teacher_params), (student, params) = build_nets(

@@ -126,7 +126,6 @@ def main(args):
   pid, nproc = jax.process_index(), jax.process_count()
   with harness.Run(args, pid == 0, any_process if nproc > 1 else None) as run:
     data = datasets.load(args, run.logger)
-    data.train = datasets.fewshot(data.train, args)
     train_size = len(data.train)
     hyper = harness.HyperRule.of(args, train_size, data.original_hw)
     weights = zoo.load_weights(args.model, args.bit_pretrained_dir)

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from big_transfer import (datasets, distill, flags, harness, memory,
-                          runfiles, zoo)
+from big_transfer import (distill, flags, harness, memory, runfiles, zoo)
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
 from bit_pytorch import engine
@@ -101,10 +100,8 @@ def optimizer(net, recipe):
 def load_data(args, recipe, logger):
   """(train split (the few-shot subset where the recipe asks), eval split,
   class count, class names)."""
-  data_args = distill.data_args(args, recipe)
-  data = torch_data.load(data_args, logger)
-  return (datasets.fewshot(data.train, data_args), data.val,
-          len(data.classes), data.classes)
+  data = torch_data.load(distill.data_args(args, recipe), logger)
+  return data.train, data.val, len(data.classes), data.classes
 
 
 def build_nets(args, recipe, classes, device):

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from big_transfer import (datasets, errors, flags, harness, held, memory,
-                          runfiles, zoo)
+from big_transfer import (errors, flags, harness, held, memory, runfiles,
+                          zoo)
 import bit_common
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
@@ -90,7 +90,7 @@ def _train(args, rank, device):
   with harness.Run(args, rank == 0, any_process()) as run:
     torch.manual_seed(args.seed)
     data = local_first(torch_data.load, args, run.logger)
-    train_src = datasets.fewshot(data.train, args)
+    train_src = data.train
     hyper = harness.HyperRule.of(args, len(train_src), data.original_hw)
     weights = local_first(zoo.load_weights, args.model,
                           args.bit_pretrained_dir)
@@ -111,11 +111,12 @@ def _train(args, rank, device):
                         train_src.decoded, (rank, world))
     train_src = held.Held(path, train_src.labels) if path else train_src
     compiled = compiles(args.compile, device, hyper.total - step)
-    run.start(step, dict(hyper.config(), classes=data.classes, devices=world,
+    run.start(step, dict(hyper.config(), classes=data.classes,
+                         data=data.describe(), devices=world,
                          device=str(device), compiled=compiled,
                          versions=harness.versions(torch, torchvision)),
               f'{args.dataset}: {len(train_src)} training, {len(data.val)} '
-              f'validation examples, {len(data.classes)} classes; '
+              f'{data.eval_split} examples, {len(data.classes)} classes; '
               f'{hyper.describe()}, {world} process(es) on {device.type}, '
               f'{args.precision}', device.type, 'pytorch')
 

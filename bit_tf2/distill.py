@@ -157,9 +157,7 @@ def main(args):
       run.logger.warning('TensorFlow was started before bit_tf2 could ask it '
                          'for one inter-op thread: two runs of this command '
                          'may differ in their last digits.')
-    data_args = distill.data_args(args, recipe)
-    data = datasets.load(data_args, run.logger)
-    data.train = datasets.fewshot(data.train, data_args)
+    data = datasets.load(distill.data_args(args, recipe), run.logger)
     train_size = len(data.train)
     sched = distill.schedule(recipe, train_size)
     with strategy.scope():

@@ -166,7 +166,6 @@ def main(args):
                          'for one inter-op thread: two runs of this command '
                          'may differ in their last digits.')
     data = datasets.load(args, run.logger)
-    data.train = datasets.fewshot(data.train, args)
     train_size = len(data.train)
     hyper = harness.HyperRule.of(args, train_size, data.original_hw)
     weights = zoo.load_weights(args.model, args.bit_pretrained_dir)

@@ -75,6 +75,19 @@ def npz(tmp_path_factory):
   return str(path)
 
 
+def test_every_loaded_dataset_is_its_fewshot_subset():
+  """datasets.load, which every trainer and distillation reads through,
+  draws the --examples_per_class subset; the whole split's size stays."""
+  full = datasets.load(types.SimpleNamespace(dataset='digits'))
+  data = datasets.load(types.SimpleNamespace(
+      dataset='digits', examples_per_class=3, examples_per_class_seed=1))
+  chosen = datasets.fewshot_indices(full.train.labels, 3, 1)
+  np.testing.assert_array_equal(data.train.labels, full.train.labels[chosen])
+  np.testing.assert_array_equal(data.train.images, full.train.images[chosen])
+  assert (len(data.train), data.full_train_size) == (30, 1000)
+  assert data.describe()['train_size'] == 30 and len(data.val) == 797
+
+
 def test_fewshot_subset_is_reproducible_and_balanced():
   labels = np.repeat(np.arange(4), [10, 7, 12, 9])
   source = datasets.Source(labels, images=np.zeros((len(labels), 2, 2, 3),

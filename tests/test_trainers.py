@@ -161,6 +161,10 @@ def test_outputs_and_their_fields(setup, reference, backend):
   assert config['mixup_alpha'] == 0.4 and config['resumed_from_step'] == 0
   assert config['devices'] == 1 and config['versions']
   assert config['batch_split'] == 1
+  assert config['data'] == {
+      'dataset': 'imagefolder', 'train_size': 24, 'full_train_size': 24,
+      'eval_size': 15, 'eval_split': 'val', 'num_classes': 3,
+      'original_hw': [32, 32]}
   # Each image read 4 times: held (the run folder's list above: released).
   assert config['hold_images'] is True
   records = metrics(setup, backend, 'reference')

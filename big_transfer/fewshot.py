@@ -482,16 +482,11 @@ def source_of(splits, split):
   return splits.handle.train if split == 'train' else splits.handle.val
 
 
-def round_up(batch, devices):
-  """The smallest multiple of `devices` from `batch` on."""
-  return -(-batch // devices) * devices
-
-
 def padded(images, devices):
   """`images` (numpy, N first) with rows of zeros after them, up to a
   multiple of `devices`, to be split evenly over them."""
   images = np.asarray(images)
-  extra = round_up(len(images), devices) - len(images)
+  extra = flags.round_up(len(images), devices) - len(images)
   return np.concatenate([images, np.zeros((extra, *images.shape[1:]),
                                           images.dtype)]) if extra else images
 
@@ -503,6 +498,6 @@ def loader_feature_batches(model, splits, split, crop, batch, args):
   # Imported here: PyTorch's install has no grain.
   from big_transfer import loader  # pylint: disable=import-outside-toplevel
   for b in loader.eval_batches(source_of(splits, split),
-                               round_up(batch, model.devices), crop,
+                               flags.round_up(batch, model.devices), crop,
                                workers=args.workers):
     yield model(b['image'])[b['mask']], b['label'][b['mask']]

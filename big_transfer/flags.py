@@ -171,6 +171,18 @@ def batch_split():
   return parent
 
 
+def round_up(n, multiple):
+  """The smallest multiple of `multiple` from `n` on."""
+  return -(-n // multiple) * multiple
+
+
+def eval_batch(batch_eval, batch, devices):
+  """The global evaluation batch: `batch_eval` (--batch_eval, or a distill
+  recipe's), else `batch` (what one training micro-batch holds), rounded up
+  to a multiple of the `devices` so that each gets as many rows."""
+  return round_up(batch_eval or batch, devices)
+
+
 def check_batch_split(batch, split, devices, batch_name='batch'):
   """Refuses a --batch_split below 1, and a batch that does not divide over
   it (where given) times the devices."""

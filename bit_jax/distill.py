@@ -163,7 +163,8 @@ def main(args):
 
     train_step, eval_step = make_steps(student, teacher, recipe, tx,
                                        parallel.mesh, args.batch_split)
-    eval_batch = parallel.batch_size(recipe.batch_eval or recipe.batch)
+    eval_batch = flags.eval_batch(recipe.batch_eval, recipe.batch,
+                                  len(parallel.devices))
 
     def evaluate():
       return parallel.evaluate(eval_step, loader.eval_batches(

@@ -52,10 +52,6 @@ class DataParallel:
         (first.memory_stats() or {}).get('bytes_limit')
         if first.platform == 'gpu' else None)
 
-  def batch_size(self, batch):
-    """`batch` rounded up to a multiple of the device count."""
-    return -(-batch // len(self.devices)) * len(self.devices)
-
   def to_global(self, batch):
     """This process's rows of a batch ({name: array}) as global arrays."""
     return {k: jax.make_array_from_process_local_data(self.sharded, v)

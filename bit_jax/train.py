@@ -160,8 +160,9 @@ def main(args):
 
     train_step, eval_step = make_steps(model, tx, parallel.mesh,
                                        args.batch_split)
-    eval_batch = parallel.batch_size(args.batch_eval or
-                                     args.batch // args.batch_split)
+    eval_batch = flags.eval_batch(args.batch_eval,
+                                  args.batch // args.batch_split,
+                                  len(parallel.devices))
 
     def evaluate():
       return parallel.evaluate(eval_step, loader.eval_batches(

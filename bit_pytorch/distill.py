@@ -220,7 +220,8 @@ def _distill(args, recipe, rank, world, device):
         torch_data.EvalSet(val_src.subset(np.arange(lo, hi)),
                            recipe.teacher_size),
         args, device,
-        batch_size=-(-(recipe.batch_eval or recipe.batch) // world))
+        batch_size=flags.eval_batch(recipe.batch_eval, recipe.batch,
+                                    world) // world)
     autocast = engine.autocast_for(device, args.precision)
 
     def loss_fn(student_logits, teacher_logits):

@@ -279,7 +279,8 @@ def _pretrain(args, recipe, rank, world, device):
     lo, hi = (len(val_src) * r // world for r in (rank, rank + 1))
     val_loader = engine.loader(
         Examples(val_src.subset(np.arange(lo, hi)), recipe, False), args,
-        device, batch_size=-(-(recipe.batch_eval or recipe.batch) // world))
+        device, batch_size=flags.eval_batch(recipe.batch_eval, recipe.batch,
+                                            world) // world)
     autocast = engine.autocast_for(device, args.precision)
     loss = loss_fn(recipe, classes)
 

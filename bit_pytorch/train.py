@@ -131,8 +131,9 @@ def _train(args, rank, device):
         torch_data.TrainSet(train_src, hyper.resize, hyper.crop), args,
         device, batch_sampler=sampler)))
     lo, hi = (len(data.val) * r // world for r in (rank, rank + 1))
-    eval_batch = -(-(args.batch_eval or args.batch // args.batch_split)
-                   // world)
+    eval_batch = flags.eval_batch(args.batch_eval,
+                                  args.batch // args.batch_split,
+                                  world) // world
     val_loader = loader(torch_data.EvalSet(data.val.subset(np.arange(lo, hi)),
                                            hyper.crop), args, device,
                         batch_size=eval_batch)

@@ -191,8 +191,7 @@ def main(args):
 
     train_step, eval_step = make_steps(strategy, student, teacher, adam,
                                        recipe, args.batch_split)
-    eval_batch = recipe.batch_eval or recipe.batch
-    eval_batch = -(-eval_batch // replicas) * replicas
+    eval_batch = flags.eval_batch(recipe.batch_eval, recipe.batch, replicas)
     pid, nproc = engine.worker(strategy)
 
     def evaluate():

@@ -204,8 +204,8 @@ def main(args):
 
     train_step, eval_step = make_steps(strategy, model, optimizer, lr,
                                        args.batch, args.batch_split, xla)
-    eval_batch = args.batch_eval or args.batch // args.batch_split
-    eval_batch = -(-eval_batch // replicas) * replicas
+    eval_batch = flags.eval_batch(args.batch_eval,
+                                  args.batch // args.batch_split, replicas)
 
     def evaluate():
       return engine.evaluate(strategy, eval_step, loader.eval_batches(

@@ -11,7 +11,8 @@ import urllib.error
 import numpy as np
 import pytest
 
-from big_transfer import datasets, errors, harness, predict, runfiles, zoo
+from big_transfer import (datasets, errors, flags, harness, predict, runfiles,
+                          zoo)
 import bit_common
 from conftest import (published_shapes, synthetic_weights, truncate_image,
                       write_imagefolder)
@@ -274,6 +275,17 @@ def test_batch_must_divide_over_devices():
   bit_common.check_args(args, devices=4)
   with pytest.raises(errors.BadInput, match=r'by 5 device\(s\)'):
     bit_common.check_args(args, devices=5)
+
+
+def test_evaluation_batch_is_shared_evenly_by_the_devices():
+  # The default is the training micro-batch; every device gets as many rows
+  # (the padding rows are masked out), never fewer than asked for.
+  for batch_eval, micro, devices in [(None, 12, 3), (None, 10, 4), (7, 64, 2),
+                                     (5, 64, 8), (None, 1, 1)]:
+    got = flags.eval_batch(batch_eval, micro, devices)
+    want = batch_eval or micro
+    assert got % devices == 0 and want <= got < want + devices, (
+        batch_eval, micro, devices, got)
 
 
 def test_resolution_overrides():

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from big_transfer import tfds_reader, vtab
+from big_transfer import hardware, tfds_reader, vtab
 from big_transfer.errors import BadInput
 
 # Datasets known by name: torchvision's in PyTorch, TFDS's in TF2/JAX.
@@ -390,10 +390,13 @@ def _read(args, logger, check_train, named):
     return named(args)
   dataset = (args.dataset if tfds_reader.is_tfds(args.dataset) else
              tfds_reader.TFDS_PREFIX + args.dataset)
+  # Each data-loading worker and training process holds a dataset that is
+  # read whole (tfrecord files).
+  copies = (1 + getattr(args, 'workers', 0)) * hardware.local_processes()
   d = tfds_reader.resolve(dataset, args.datadir,
                           getattr(args, 'tfds_manual_dir', None),
                           getattr(args, 'train_split', None),
-                          getattr(args, 'eval_split', None))
+                          getattr(args, 'eval_split', None), copies=copies)
   return Data(args.dataset, list(d.classes), Source(split=d.read('train')),
               Source(split=d.read('eval')), d.original_hw, d.eval_split)
 

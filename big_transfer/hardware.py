@@ -32,15 +32,20 @@ XLA_CPU_BF16_WARNING = (
     '--precision fp32 here.')
 
 
+def local_processes():
+  """The training processes on this machine (torchrun's LOCAL_WORLD_SIZE;
+  1 elsewhere)."""
+  return max(1, int(os.environ.get('LOCAL_WORLD_SIZE') or 1))
+
+
 def default_workers():
   """The data-loading workers of a training process by default: the cores
   it may run on (its CPU affinity), shared with the other training
-  processes on this machine (torchrun's LOCAL_WORLD_SIZE), less one for the
-  training loop itself; at least 1."""
+  processes on this machine (`local_processes`), less one for the training
+  loop itself; at least 1."""
   cores = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
            else os.cpu_count() or 1)
-  local = max(1, int(os.environ.get('LOCAL_WORLD_SIZE') or 1))
-  return max(1, cores // local - 1)
+  return max(1, cores // local_processes() - 1)
 
 
 def memory_bytes():

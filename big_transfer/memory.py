@@ -35,7 +35,6 @@ batch), so the choice changes memory and speed, not what is learnt.
       Several processes choose together: the fewest micro-batches that fit
       in every one of them.
 """
-import os
 
 import numpy as np
 
@@ -84,8 +83,8 @@ def _room(local, gpu_bytes):
   """(bytes one memory holds for training, the devices that share it)."""
   if gpu_bytes:
     return GPU_SHARE * gpu_bytes, 1
-  processes = max(1, int(os.environ.get('LOCAL_WORLD_SIZE') or 1))  # torchrun
-  return HOST_SHARE * hardware.memory_bytes() / processes, local
+  return (HOST_SHARE * hardware.memory_bytes() / hardware.local_processes(),
+          local)
 
 
 def for_run(run, args, arch, crop, devices, memory=(1, None), batch=None,

@@ -26,22 +26,31 @@ API (framework-neutral; the pipelines of the three backends build on it):
   decode(encoded) -> uint8 [h, w, 3]   (grey images repeated on 3 channels)
   (The VTAB-1k tasks, their splits and labels are big_transfer.vtab's.)
 
+  add_array_record(prepared_dir) -> bool
+      Writes array_record copies beside the files of a dataset prepared in
+      another format (TFDS's default, tfrecord), so that it is read from disk
+      at random; False where it already has them.
+
   python -m big_transfer.tfds_reader DATASET... [--datadir D]
       [--tfds_manual_dir M]
-      prepares datasets ahead of a run (`vtab` stands for the 19 tasks).
+      prepares datasets ahead of a run (`vtab` stands for the 19 tasks), and
+      adds array_record files to those prepared as tfrecord.
 
 Prepared files in array_record format are read through TFDS's random-access
-data source, which needs neither TensorFlow nor any other framework; files in
-the older tfrecord format are read through `as_dataset`, which needs
-TensorFlow.
+data source, which needs neither TensorFlow nor any other framework. A
+dataset that has only files of the older tfrecord format is read whole into
+memory through `as_dataset`, which needs TensorFlow; `resolve` refuses one
+that would not fit (`copies` times its two splits above half the memory).
 """
 import dataclasses
 import io
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
-from big_transfer import progress, vtab
+from big_transfer import hardware, progress, vtab
 from big_transfer.errors import BadInput
 
 TFDS_PREFIX = 'tfds:'
@@ -380,17 +389,18 @@ def _label_names(feature):
 
 
 def resolve(dataset, data_dir=None, manual_dir=None, train_split=None,
-            eval_split=None, prepare=True):
+            eval_split=None, prepare=True, copies=1):
   """The Dataset of --dataset tfds:NAME or vtab:TASK (see module doc).
 
   Default splits: tfds: train, and validation where it exists, else test;
   vtab: train800val200 and test (VTAB-1k as published). vtab: splits are
   VTAB's names, or several joined with '+'; tfds: splits are TFDS split
-  expressions.
+  expressions. `copies`: how many processes of the run hold a dataset read
+  whole into memory (tfrecord files only), for the check that it fits.
   """
   if dataset.startswith(VTAB_PREFIX):
     return _resolve_vtab(dataset, data_dir, manual_dir, train_split,
-                         eval_split, prepare)
+                         eval_split, prepare, copies)
   if not dataset.startswith(TFDS_PREFIX) or not dataset[len(TFDS_PREFIX):]:
     raise BadInput(f'unknown dataset {dataset!r}; --dataset takes '
                    f'{accepted_forms()}.')
@@ -417,11 +427,11 @@ def resolve(dataset, data_dir=None, manual_dir=None, train_split=None,
   return _finish(Dataset(
       dataset, tfds_name, str(builder.data_dir), image_key, label_key,
       _label_names(info.features[label_key]), train_split, eval_split,
-      {s: s for s in sizes}, sizes, _convert=convert), builder)
+      {s: s for s in sizes}, sizes, _convert=convert), builder, copies)
 
 
 def _resolve_vtab(dataset, data_dir, manual_dir, train_split, eval_split,
-                  prepare):
+                  prepare, copies):
   task_name = dataset[len(VTAB_PREFIX):]
   task = vtab.TASKS.get(task_name)
   if task is None:
@@ -466,23 +476,54 @@ def _resolve_vtab(dataset, data_dir, manual_dir, train_split, eval_split,
   return _finish(Dataset(
       dataset, task.tfds_name, str(builder.data_dir), task.image_key,
       label_key, classes, train_split, eval_split, tfds_splits, sizes,
-      _convert=convert), builder)
+      _convert=convert), builder, copies)
 
 
-def _finish(data, builder):
+def _random_access(info):
+  formats = _tfds().core.file_adapters.FileFormat
+  return formats.ARRAY_RECORD in info.available_file_formats()
+
+
+def _stored_bytes(spec, info):
+  """The bytes on disk of the examples of a (valid) split expression: each
+  part's share of its split's files."""
+  tfds = _tfds()
+  total = 0
+  for part in tfds.core.ReadInstruction.from_spec(spec).to_absolute(
+      info.splits):
+    split = info.splits[part.splitname]
+    n = len(range(split.num_examples)[slice(part.from_, part.to)])
+    total += int(split.num_bytes) * n // max(1, split.num_examples)
+  return total
+
+
+def _finish(data, builder, copies=1):
   info = builder.info
   data.version = str(builder.version)
-  data.random_access = str(info.file_format or 'tfrecord').lower().endswith(
-      'array_record')
+  data.random_access = _random_access(info)
   if not data.random_access:
+    stored = info.file_format.value if info.file_format else 'tfrecord'
+    root = data.data_dir[:-len(info.full_name)].rstrip(os.sep)
+    add = f'python -m big_transfer.tfds_reader {data.name} --datadir {root}'
     try:
       import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     except ImportError as e:
       raise BadInput(
-          f'{data.tfds_name} in {builder.data_dir} is prepared as tfrecord, '
-          'which only TensorFlow reads; install tensorflow, or prepare it '
-          'again as array_record into another --datadir (python -m '
-          f'big_transfer.tfds_reader {data.name} --datadir NEW_DIR).') from e
+          f'{data.tfds_name} in {builder.data_dir} is prepared as '
+          f'{stored}, which only TensorFlow reads; install '
+          f'tensorflow, or add array_record files beside it ({add}, once, '
+          'with TensorFlow installed).') from e
+    held = copies * sum(_stored_bytes(data.tfds_splits[s], info)
+                        for s in (data.train_split, data.eval_split))
+    if held > hardware.memory_bytes() // 2:
+      raise BadInput(
+          f'{data.tfds_name} in {builder.data_dir} is prepared as '
+          f'{stored}, which is read whole into memory: '
+          f'{held / 2**30:.1f} GiB in {copies} process(es) (the trainer and '
+          f'its --workers), above half of this machine\'s '
+          f'{hardware.memory_bytes() / 2**30:.0f} GiB; add array_record '
+          f'files beside it, read from disk as needed ({add}, once; the '
+          f'{stored} files stay).')
   shape = info.features[data.image_key].shape
   if shape[0] and shape[1]:
     data.original_hw = (int(shape[0]), int(shape[1]))
@@ -491,6 +532,55 @@ def _finish(data, builder):
     data.original_hw = tuple(bit_hyperrule.typical_size(
         data.read('train').sizes()))
   return data
+
+
+def add_array_record(prepared_dir):
+  """Writes array_record copies of the shards of the dataset prepared in
+  `prepared_dir` (NAME/VERSION) beside them and, last, names the format in
+  its dataset_info.json: TFDS then reads it from these files, at random. The
+  old files stay. Each shard is written under a temporary name and renamed
+  when whole; an interrupted run leaves the dataset as it was, and the next
+  one goes on from the shards done. False where the format is there already.
+  """
+  tfds = _tfds()
+  adapters = tfds.core.file_adapters
+  info = tfds.builder_from_directory(prepared_dir).info
+  if _random_access(info):
+    return False
+  new = adapters.FileFormat.ARRAY_RECORD
+  read = adapters.ADAPTER_FOR_FORMAT[
+      info.file_format or adapters.FileFormat.TFRECORD]
+  write = adapters.ADAPTER_FOR_FORMAT[new]
+  shards = []
+  for split in info.splits.values():
+    old_names = split.filename_template
+    new_names = old_names.replace(filetype_suffix=new.value)
+    for k, n in enumerate(split.shard_lengths):
+      shards.append((os.fspath(old_names.sharded_filepath(
+          shard_index=k, num_shards=len(split.shard_lengths))),
+                     os.fspath(new_names.sharded_filepath(
+                         shard_index=k, num_shards=len(split.shard_lengths))),
+                     n))
+  todo = [s for s in shards if not os.path.exists(s[1])]
+  need = sum(os.path.getsize(old) for old, _, _ in todo)
+  free = shutil.disk_usage(prepared_dir).free
+  if need > free:
+    raise BadInput(f'adding array_record files to {prepared_dir} needs about '
+                   f'{need / 2**30:.1f} GiB, and its disk has '
+                   f'{free / 2**30:.1f} GiB free.')
+  for old, new_path, _ in progress.images(
+      todo, sum(n for _, _, n in todo), lambda shard: shard[2],
+      f'array_record files of {info.full_name}'):
+    part = new_path + '.incomplete'
+    write.write_examples(part, enumerate(
+        read.make_tf_data(old).as_numpy_iterator()))
+    os.replace(part, new_path)
+  info.add_alternative_file_format(new)
+  with tempfile.TemporaryDirectory(dir=prepared_dir) as scratch:
+    info.write_dataset_info_json(scratch)
+    os.replace(os.path.join(scratch, 'dataset_info.json'),
+               os.path.join(prepared_dir, 'dataset_info.json'))
+  return True
 
 
 class _Convert:
@@ -512,8 +602,10 @@ class _Convert:
 
 def main(argv=None):
   """python -m big_transfer.tfds_reader DATASET... [--datadir D]
-  [--tfds_manual_dir M]: prepares each dataset (as array_record, which every backend reads) and
-  prints what the backends will see; `vtab` stands for the 19 tasks."""
+  [--tfds_manual_dir M]: prepares each dataset (as array_record, which every
+  backend reads; one prepared as tfrecord gets array_record files beside its
+  own) and prints what the backends will see; `vtab` stands for the 19
+  tasks."""
   import argparse  # pylint: disable=import-outside-toplevel
   import json  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(
@@ -533,7 +625,11 @@ def main(argv=None):
               else [name])
   for name in names:
     data = resolve(name, args.datadir, args.tfds_manual_dir,
-                   args.train_split, args.eval_split)
+                   args.train_split, args.eval_split, copies=0)
+    if not data.random_access:
+      add_array_record(data.data_dir)
+      data = resolve(name, args.datadir, args.tfds_manual_dir,
+                     args.train_split, args.eval_split)
     print(json.dumps(data.describe()), flush=True)
 
 

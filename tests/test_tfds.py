@@ -5,6 +5,7 @@ into a temporary data_dir (nothing is downloaded). The VTAB-1k checks use
 stand-ins of the real TFDS builders (same features, made-up examples) and
 compare with the published definitions of google-research/task_adaptation.
 """
+import itertools
 import subprocess
 import sys
 
@@ -198,6 +199,75 @@ def test_tfrecord_files_read_like_array_record(toy_dir, tmp_path):
     a, b = old.read(split), new.read(split)
     assert _numbers(a) == _numbers(b)
     np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def _files(folder):
+  return sorted(p.name for p in folder.iterdir() if p.is_file())
+
+
+def test_tfrecord_too_large_for_memory_is_refused_with_the_fix(
+    toy_dir, tmp_path, monkeypatch):
+  """A tfrecord dataset is read whole, by every loader process: one that
+  would not fit is refused at the start, naming the command that adds
+  array_record files; after it, the same examples are read from disk, and
+  the tfrecord files are still there."""
+  builder = _prepare(BitTfdsToy, tmp_path, file_format='tfrecord')
+  folder = builder.data_path
+  before = _files(folder)
+  stored = sum(int(builder.info.splits[s].num_bytes) for s in ('train', 'test'))
+  # Fits once (2 x stored <= memory / 2), not in three processes.
+  monkeypatch.setattr(tfds_reader.hardware, 'memory_bytes',
+                      lambda: 4 * stored)
+  tfds_reader.resolve('tfds:bit_tfds_toy', str(tmp_path), eval_split='test',
+                      copies=1)
+  with pytest.raises(errors.BadInput, match='array_record') as refused:
+    tfds_reader.resolve('tfds:bit_tfds_toy', str(tmp_path),
+                        eval_split='test', copies=3)
+  command = str(refused.value).split('(python -m big_transfer.tfds_reader ')[1]
+  tfds_reader.main(command.split(',')[0].split())
+  after = tfds_reader.resolve('tfds:bit_tfds_toy', str(tmp_path),
+                              eval_split='test', copies=3)
+  assert after.random_access
+  new = tfds_reader.resolve('tfds:bit_tfds_toy', toy_dir, eval_split='test')
+  for split in ('train', 'eval'):
+    a, b = after.read(split), new.read(split)
+    assert _numbers(a) == _numbers(b)
+    np.testing.assert_array_equal(a.labels, b.labels)
+  assert set(before) < set(_files(folder))
+  assert not tfds_reader.add_array_record(str(folder))
+
+
+def test_interrupted_array_record_copy_leaves_the_dataset_as_it_was(
+    tmp_path, monkeypatch):
+  builder = _prepare(BitTfdsToy, tmp_path, file_format='tfrecord')
+  folder = builder.data_path
+  info = (folder / 'dataset_info.json').read_bytes()
+  adapter = tfds.core.file_adapters.ArrayRecordFileAdapter
+  write = adapter.write_examples
+  calls = []
+
+  def fail_second(path, iterator):
+    calls.append(path)
+    if len(calls) == 2:  # part of the shard written, then the failure
+      write(path, itertools.islice(iterator, 3))
+      raise OSError('disk gone')
+    return write(path, iterator)
+
+  monkeypatch.setattr(adapter, 'write_examples', fail_second)
+  with pytest.raises(OSError, match='disk gone'):
+    tfds_reader.add_array_record(str(folder))
+  assert (folder / 'dataset_info.json').read_bytes() == info
+  assert not tfds_reader.resolve('tfds:bit_tfds_toy', str(tmp_path),
+                                 eval_split='test').random_access
+  done = [n for n in _files(folder) if '.array_record-' in n]
+  assert len(done) == 2 and sum(n.endswith('.incomplete') for n in done) == 1
+  monkeypatch.setattr(adapter, 'write_examples', write)
+  assert tfds_reader.add_array_record(str(folder))
+  shards = [n for n in _files(folder) if '.array_record-' in n]
+  assert len(shards) == 3 and not any(n.endswith('.incomplete')
+                                      for n in shards)
+  assert tfds_reader.resolve('tfds:bit_tfds_toy', str(tmp_path),
+                             eval_split='test').random_access
 
 
 @pytest.mark.parametrize('spec, expected', [

@@ -284,39 +284,49 @@ def decode_file(path):
     raise BadImage.of(path, e) from e
 
 
-@dataclasses.dataclass
 class Source:
-  """The examples of one split: int64 `labels` and `load(i)`, image i as a
-  PIL RGB image, from image files (`paths`), uint8 arrays (`images`,
-  (N, H, W, 3)) or a big_transfer.tfds_reader Split (`split`). Pickles for
-  data-loader workers."""
-  labels: np.ndarray = None
-  paths: list = None
-  images: np.ndarray = None
-  split: object = None
+  """The examples of one split: `example(i)`, (image i as a PIL RGB image,
+  its int label), from image files (`paths`), uint8 arrays (`images`, (N,
+  H, W, 3)) or a big_transfer.tfds_reader Split (`split`), and their int64
+  `labels`. A Split's labels come with its examples, one record read each;
+  `labels` reads them all (one pass over the records, at the first use
+  only: a run that never asks, training on the whole split, starts at
+  once). Pickles for data-loader workers."""
 
-  def __post_init__(self):
-    if self.split is not None and self.labels is None:
-      self.labels = self.split.labels
+  def __init__(self, labels=None, paths=None, images=None, split=None):
+    self._labels, self.paths, self.images, self.split = (labels, paths,
+                                                         images, split)
+
+  @property
+  def labels(self):
+    if self._labels is None:
+      self._labels = self.split.labels
+    return self._labels
 
   def __len__(self):
-    return len(self.labels)
+    return len(self.split if self._labels is None else self._labels)
 
   @property
   def decoded(self):
     """Whether its images are decoded when read (files or bytes)."""
     return self.images is None
 
-  def load(self, i):
+  def example(self, i):
+    """(image i as a PIL RGB image, its int label)."""
     from PIL import Image  # pylint: disable=import-outside-toplevel
-    if self.images is not None:
-      return Image.fromarray(self.images[i])
     if self.split is not None:
-      return decode(io.BytesIO(self.split[i][0]))
-    return decode_file(self.paths[i])
+      encoded, label = self.split[i]
+      return decode(io.BytesIO(encoded)), label
+    if self.images is not None:
+      return Image.fromarray(self.images[i]), int(self.labels[i])
+    return decode_file(self.paths[i]), int(self.labels[i])
+
+  def load(self, i):
+    """Image i as a PIL RGB image."""
+    return self.example(i)[0]
 
   def subset(self, indices):
-    return Source(self.labels[indices],
+    return Source(None if self._labels is None else self._labels[indices],
                   None if self.paths is None else
                   [self.paths[i] for i in indices],
                   None if self.images is None else self.images[indices],

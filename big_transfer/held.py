@@ -182,10 +182,11 @@ class Held:
       self._images = np.load(self.path, mmap_mode='r')
     return self._images
 
-  def load(self, i):
-    """Image i as held: uint8 (resize, resize, 3), which
-    preprocess.train_view crops and flips without resizing again."""
-    return self.images()[i]
+  def example(self, i):
+    """(image i as held: uint8 (resize, resize, 3), which
+    preprocess.train_view crops and flips without resizing again, its int
+    label)."""
+    return self.images()[i], int(self.labels[i])
 
   def __getstate__(self):
     return {'path': self.path, 'labels': self.labels, '_images': None}

@@ -132,9 +132,9 @@ def train_batches(source, num_classes, stream, resize, crop, start_step=0,
     position = rows[k % len(rows)]
     indices, seeds = draws(step)
     i = int(indices[position])
-    return (preprocess.train_example(source, i, int(seeds[position]), resize,
-                                     crop, scale),
-            source.labels[i], step)
+    view, label = preprocess.train_example(source, i, int(seeds[position]),
+                                           resize, crop, scale)
+    return view, np.int64(label), step
 
   def mix(batch):
     images, labels, steps = batch
@@ -169,9 +169,8 @@ def eval_batches(source, batch, crop, process_index=0, process_count=1,
   def example(j):
     if j >= len(mine):
       return blank, np.int64(0), False
-    i = mine[j]
-    return (preprocess.eval_example(source, i, crop),
-            np.int64(source.labels[i]), True)
+    view, label = preprocess.eval_example(source, mine[j], crop)
+    return view, np.int64(label), True
 
   dataset = grain.MapDataset.range(padded).map(example).batch(local).map(
       lambda b: dict(zip(('image', 'label', 'mask'), b)))

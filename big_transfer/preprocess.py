@@ -57,13 +57,16 @@ def inception_view(image, seed, size, scale):
 
 
 def train_example(source, i, seed, resize, crop, crop_scale=None):
-  """uint8 (crop, crop, 3): train_view of example i of `source` (a
-  datasets.Source), or with `crop_scale` its inception_view."""
+  """(uint8 (crop, crop, 3), int label): train_view of example i of
+  `source` (a datasets.Source), or with `crop_scale` its inception_view."""
+  image, label = source.example(i)
   if crop_scale:
-    return inception_view(source.load(i), seed, crop, crop_scale)
-  return train_view(source.load(i), seed, resize, crop)
+    return inception_view(image, seed, crop, crop_scale), label
+  return train_view(image, seed, resize, crop), label
 
 
 def eval_example(source, i, crop):
-  """uint8 (crop, crop, 3): eval_view of example i of `source`."""
-  return eval_view(source.load(i), crop)
+  """(uint8 (crop, crop, 3), int label): eval_view of example i of
+  `source`."""
+  image, label = source.example(i)
+  return eval_view(image, crop), label

@@ -95,9 +95,9 @@ class TrainSet(torch.utils.data.Dataset):
 
   def __getitem__(self, key):
     i, seed = key
-    return (_to_tensor(preprocess.train_example(
-        self.source, i, seed, self.resize, self.crop, self.crop_scale)),
-            int(self.source.labels[i]))
+    image, label = preprocess.train_example(
+        self.source, i, seed, self.resize, self.crop, self.crop_scale)
+    return _to_tensor(image), label
 
 
 class EvalSet(torch.utils.data.Dataset):
@@ -110,8 +110,8 @@ class EvalSet(torch.utils.data.Dataset):
     return len(self.source)
 
   def __getitem__(self, i):
-    return (_to_tensor(preprocess.eval_example(self.source, i, self.crop)),
-            int(self.source.labels[i]))
+    image, label = preprocess.eval_example(self.source, i, self.crop)
+    return _to_tensor(image), label
 
 
 def normalize(images, device, channels_last=False):

@@ -110,7 +110,8 @@ class Examples(torch.utils.data.Dataset):
   def __getitem__(self, key):
     r = self.recipe
     i, seed = key if self.train else (key, None)
-    image = v2.functional.pil_to_tensor(self.source.load(i))
+    image, label = self.source.example(i)
+    image = v2.functional.pil_to_tensor(image)
     if seed is not None:  # draws past those of the crops
       u = datastream.uniforms([seed], np.arange(40, 43))
     if seed is None or r.augment == 'none':
@@ -134,7 +135,7 @@ class Examples(torch.utils.data.Dataset):
         image = v2.functional.horizontal_flip(image)
     turn = (int(u[2] * r.rotations) if seed is not None else i % r.rotations)
     image = torch.rot90(image, turn, dims=(1, 2))
-    label = int(self.source.labels[i]) * r.rotations + turn
+    label = label * r.rotations + turn
     return (image.float() - 127.5) / 127.5, label
 
 

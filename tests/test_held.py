@@ -73,7 +73,7 @@ def test_a_held_view_is_a_writable_copy(holding):
   # Also where the crop is the whole held image: the teacher's run in
   # tests/test_distill.py (images at the crop size) once handed PyTorch a
   # read-only view of the mapped file.
-  image = holding[1].load(0)
+  image, _ = holding[1].example(0)
   assert not image.flags.writeable
   _, _, flips = datastream.crop_flip(np.arange(8), RESIZE, RESIZE)
   assert 0 < flips.sum() < 8  # flipped and not

@@ -5,6 +5,7 @@ into a temporary data_dir (nothing is downloaded). The VTAB-1k checks use
 stand-ins of the real TFDS builders (same features, made-up examples) and
 compare with the published definitions of google-research/task_adaptation.
 """
+import argparse
 import itertools
 import subprocess
 import sys
@@ -199,6 +200,47 @@ def test_tfrecord_files_read_like_array_record(toy_dir, tmp_path):
     a, b = old.read(split), new.read(split)
     assert _numbers(a) == _numbers(b)
     np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_a_whole_split_trains_without_reading_its_labels_ahead(
+    toy_dir, tmp_path, monkeypatch):
+  """A split's labels come with its examples: training on a whole split
+  and evaluating read no pass over every label first (ImageNet's would
+  read all 147 GB at every start), in the loaders of every backend and
+  in PyTorch's trainer; the labels are the records' own."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from bit_pytorch import data as torch_data  # pylint: disable=import-outside-toplevel
+  from bit_pytorch import train  # pylint: disable=import-outside-toplevel
+  from big_transfer import datastream, loader  # pylint: disable=import-outside-toplevel
+  args = argparse.Namespace(dataset='tfds:bit_tfds_toy', datadir=toy_dir,
+                            eval_split='test', workers=0)
+  whole = datasets.load(args)
+  want = {'train': whole.train.labels, 'val': whole.val.labels}
+  monkeypatch.setattr(tfds_reader.Split, 'labels', property(
+      lambda split: pytest.fail(f'every label of {split.spec} was read')))
+  data = datasets.load(args)
+  assert (len(data.train), len(data.val)) == (40, 8)
+  stream = datastream.Stream(len(data.train), 8, seed=1)
+  batch = next(loader.train_batches(data.train, 4, stream, 24, 20,
+                                    workers=0))
+  np.testing.assert_array_equal(batch['label'].argmax(1),
+                                want['train'][stream.indices(0)])
+  got = [(b['label'][b['mask']]) for b in loader.eval_batches(
+      data.val, 3, 20, workers=0)]
+  np.testing.assert_array_equal(np.concatenate(got), want['val'])
+  train_set = torch_data.TrainSet(data.train, 24, 20)
+  assert [train_set[(i, 7)][1] for i in (0, 39)] == list(want['train'][[0, 39]])
+  eval_set = torch_data.EvalSet(data.val, 20)
+  assert [eval_set[i][1] for i in range(8)] == list(want['val'])
+  npz = tmp_path / 'tiny.npz'
+  np.savez(npz, **synthetic_weights('R14x0.5', 4))
+  torch.set_num_threads(1)
+  result = train.main(train.argparser().parse_args([
+      '--name', 'whole', '--logdir', str(tmp_path), '--model', str(npz),
+      '--dataset', 'tfds:bit_tfds_toy', '--datadir', toy_dir, '--eval_split',
+      'test', '--batch', '8', '--total_steps', '2', '--resize_size', '24',
+      '--crop_size', '20', '--workers', '0', '--no-hold_images']))
+  assert result['step'] == 2 and result['n'] == 8
 
 
 def _files(folder):

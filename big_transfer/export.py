@@ -44,6 +44,19 @@ def default_name(model):
   return base  # a registered name (dots allowed: BiT-R14x0.5-...)
 
 
+def out_path(out, name, suffix, folder=None):
+  """Where an export goes: --out `out`, else exports/NAME+SUFFIX, checked
+  (runfiles.check_out). `folder`: what the export is called where it is
+  a folder (a file there is refused); a file export's name must end in
+  `suffix`."""
+  out = runfiles.check_out(out or os.path.join('exports', name + suffix))
+  if folder and os.path.isfile(out):
+    raise errors.BadInput(f'--out {out} is a file; {folder} is a folder.')
+  if not folder and not out.endswith(suffix):
+    raise errors.BadInput(f'--out {out}: give a {suffix} file name.')
+  return out
+
+
 def compare(name, got, want, tolerance):
   """Max |got - want|; raises errors.RunFailed (exit 3, one line) unless
   within tolerance of the logits' scale."""

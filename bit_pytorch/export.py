@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from big_transfer import export, runfiles
+from big_transfer import export
 from big_transfer import zoo
 from big_transfer.errors import BadInput
 from bit_pytorch import models
@@ -249,19 +249,13 @@ def main(args):
     with open(info.labels) as f:
       labels = [l.strip() for l in f if l.strip()]
   if args.format == 'timm':
-    out = runfiles.check_out(args.out or os.path.join('exports',
-                                                    f'{name}-timm'))
-    if os.path.isfile(out):
-      raise BadInput(f'--out {out} is a file; timm exports are folders.')
+    out = export.out_path(args.out, name, '-timm', 'a timm export')
     diff, how = export_timm(net, weights, out, args.resolution,
                             args.tolerance, labels)
     print(f'wrote {out}/model.safetensors (checked with timm: max logit '
           f'difference {diff:.3g}); load it with {how}')
   else:
-    out = runfiles.check_out(args.out or os.path.join('exports',
-                                                    f'{name}.onnx'))
-    if not out.endswith('.onnx'):
-      raise BadInput(f'--out {out}: give a .onnx file name.')
+    out = export.out_path(args.out, name, '.onnx')
     diff = export_onnx(net, out, args.resolution, args.tolerance)
     print(f'wrote {out} (checked with onnxruntime at two batch sizes and '
           f'image shapes: max logit difference {diff:.3g}); input "images": '

@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from big_transfer import export, runfiles
+from big_transfer import export
 from big_transfer import zoo
 from big_transfer.errors import BadInput
 from bit_tf2 import models
@@ -119,19 +119,13 @@ def main(args):
   model = models.create('weights', weights=weights)
   name = export.default_name(args.model)
   if args.format == 'saved_model':
-    out = runfiles.check_out(args.out or os.path.join(
-        'exports', f'{name}-saved_model'))
-    if os.path.isfile(out):
-      raise BadInput(f'--out {out} is a file; a SavedModel is a folder.')
+    out = export.out_path(args.out, name, '-saved_model', 'a SavedModel')
     diff = export_saved_model(model, out, args.resolution, args.tolerance)
     print(f'wrote {out} (checked with tf.saved_model.load at batch 1 and 3: '
           f'max logit difference {diff:.3g}); serve(images): float32 NHWC '
           'images in [-1, 1] -> logits')
   else:
-    out = runfiles.check_out(args.out or os.path.join('exports',
-                                                    f'{name}.tflite'))
-    if not out.endswith('.tflite'):
-      raise BadInput(f'--out {out}: give a .tflite file name.')
+    out = export.out_path(args.out, name, '.tflite')
     diff = export_tflite(model, out, args.resolution, args.tolerance)
     print(f'wrote {out} (checked with the TFLite interpreter at batch 1 and '
           f'3: max logit difference {diff:.3g}); input: float32 NHWC images '

@@ -357,6 +357,24 @@ def test_an_unwritable_out_is_refused_before_the_export(tmp_path, backend,
          str(tmp_path / 'a_file' / name)]))
 
 
+@pytest.mark.parametrize('backend,fmt,name,words', [
+    ('pytorch', 'onnx', 'm.pt', r'm\.pt: give a \.onnx file name'),
+    ('pytorch', 'timm', 'a_file', 'a_file is a file; a timm export is a'),
+    ('tf2', 'tflite', 'm.onnx', r'm\.onnx: give a \.tflite file name'),
+    ('tf2', 'saved_model', 'a_file', 'a_file is a file; a SavedModel is a')])
+def test_an_out_of_the_wrong_kind_is_refused_and_left_alone(
+    tmp_path, backend, fmt, name, words):
+  import importlib
+  export = importlib.import_module(f'bit_{backend}.export')
+  src = npz(tmp_path, 'R14x0.5', 6, 'r14.npz')
+  (tmp_path / 'a_file').write_text('not a folder')
+  with pytest.raises(errors.BadInput, match=words):
+    export.main(export.argparser().parse_args(
+        ['--model', src, '--format', fmt, '--out', str(tmp_path / name)]))
+  assert (tmp_path / 'a_file').read_text() == 'not a folder'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file', 'r14.npz']
+
+
 def tflite_logits(path, x):
   """The logits of the .tflite file at `path` for the images `x`."""
   from bit_tf2 import export  # pylint: disable=import-outside-toplevel

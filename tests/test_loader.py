@@ -172,6 +172,47 @@ def test_jax_fine_tunes_without_tensorflow_or_torch(tmp_path):
   assert (tmp_path / 'run' / 'model.npz').exists()
 
 
+def test_workers_leave_the_main_module_alone(tmp_path):
+  """A worker is a spawned process, which ran its parent's main module
+  again first: the trainer's (bit_tf2.train's TensorFlow made each worker
+  840 MB instead of 240). Here the main module is a script that marks each
+  run of itself; only its own process runs it, and a class it defines
+  still reaches the workers (by value)."""
+  root = write_imagefolder(tmp_path / 'f', train=2, val=1)
+  marks = tmp_path / 'marks'
+  marks.mkdir()
+  script = tmp_path / 'main.py'
+  script.write_text(f'''
+import os
+open(os.path.join({str(marks)!r}, str(os.getpid())), 'w').close()
+import argparse
+from big_transfer import datasets, datastream, loader
+
+
+class Relabelled:
+  def __init__(self, source):
+    self.source = source
+
+  def example(self, i):
+    return self.source.example(i)[0], 2
+
+
+if __name__ == '__main__':
+  data = datasets.load(argparse.Namespace(dataset='imagefolder',
+                                          datadir={root!r}))
+  batches = loader.train_batches(Relabelled(data.train), 3, datastream.Stream(
+      len(data.train), 6), 24, 16, workers=2)
+  print(next(batches)['label'].argmax(1).tolist(), flush=True)
+  batches.close()
+''')
+  done = subprocess.run([sys.executable, str(script)], capture_output=True,
+                        text=True, timeout=300,
+                        env=dict(os.environ, PYTHONPATH=REPO))
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.split('\n')[-2] == str([2] * 6)
+  assert len(list(marks.iterdir())) == 1
+
+
 def test_workers_end_when_the_process_that_started_them_is_killed(tmp_path):
   """A trainer killed outright (SIGKILL, as by the OOM killer) closes
   nothing; its loader's worker processes must end by themselves."""

@@ -33,7 +33,7 @@ COMMON = ['--batch', '8', '--total_steps', str(STEPS), '--resize_size', '32',
           '--crop_size', '32', '--base_lr', '0.01', '--mixup_alpha', '0.4',
           '--eval_every', '6']
 # One data worker each; JAX's none (the calling thread): its workers are
-# spawned processes that import the trainer again, seconds each, and
+# spawned processes, slower to start than PyTorch's forked ones, and
 # tests/test_loader.py runs them, the trainer's command line included.
 WORKERS = {'pytorch': '1', 'tf2': '1', 'jax': '0'}
 OUTPUTS = {'pytorch': ['bit.pth.tar', 'bit.prev.pth.tar'], 'tf2': ['checkpoints'],

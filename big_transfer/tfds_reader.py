@@ -302,7 +302,8 @@ class Dataset:
             'tfds_eval_split': self.tfds_splits[self.eval_split],
             'train_size': self.train_size, 'eval_size': self.eval_size,
             'num_classes': self.num_classes, 'image': self.image_key,
-            'label': self.label_key, 'original_hw': self.original_hw}
+            'label': self.label_key, 'original_hw': self.original_hw,
+            'random_access': self.random_access}
 
 
 def _builder(tfds_name, data_dir, manual_dir, prepare, shown):

@@ -7,6 +7,7 @@ compare with the published definitions of google-research/task_adaptation.
 """
 import argparse
 import itertools
+import json
 import subprocess
 import sys
 
@@ -248,7 +249,7 @@ def _files(folder):
 
 
 def test_tfrecord_too_large_for_memory_is_refused_with_the_fix(
-    toy_dir, tmp_path, monkeypatch):
+    toy_dir, tmp_path, monkeypatch, capsys):
   """A tfrecord dataset is read whole, by every loader process: one that
   would not fit is refused at the start, naming the command that adds
   array_record files; after it, the same examples are read from disk, and
@@ -267,6 +268,8 @@ def test_tfrecord_too_large_for_memory_is_refused_with_the_fix(
                         eval_split='test', copies=3)
   command = str(refused.value).split('(python -m big_transfer.tfds_reader ')[1]
   tfds_reader.main(command.split(',')[0].split())
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed['random_access'] and printed['train_size'] == 40
   after = tfds_reader.resolve('tfds:bit_tfds_toy', str(tmp_path),
                               eval_split='test', copies=3)
   assert after.random_access

@@ -88,6 +88,16 @@ def replaced(path, mode='w', keep=None):
   sync_folder(folder)
 
 
+def cache_dir(*parts):
+  """The folder of what the package keeps to save time, and can compute
+  again (`parts` below it): $BIT_CACHE, else $XDG_CACHE_HOME/big_transfer,
+  else ~/.cache/big_transfer."""
+  root = os.environ.get('BIT_CACHE') or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or
+      os.path.join(os.path.expanduser('~'), '.cache'), 'big_transfer')
+  return os.path.join(root, *parts)
+
+
 def check_writable(folder, hint, keep=False):
   """Refuses (BadInput, ending with `hint`) a folder that cannot be made or
   written in; the folders made for the check are removed again unless

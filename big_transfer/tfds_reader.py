@@ -22,7 +22,9 @@ API (framework-neutral; the pipelines of the three backends build on it):
       encoded image bytes: PNG, JPEG, ...), split[i] -> (bytes, int label),
       split.examples(indices), split.subset(indices) -> Split,
       split.decode(i) -> uint8 [h, w, 3]. With array_record files a Split
-      reads nothing until asked and pickles (for data-loader workers).
+      reads nothing until asked and pickles (for data-loader workers); the
+      labels of a whole split, once read, are kept in the package's cache
+      (runfiles.cache_dir('tfds_labels')) for the next run.
   decode(encoded) -> uint8 [h, w, 3]   (grey images repeated on 3 channels)
   (The VTAB-1k tasks, their splits and labels are big_transfer.vtab's.)
 
@@ -43,14 +45,16 @@ memory through `as_dataset`, which needs TensorFlow; `resolve` refuses one
 that would not fit (`copies` times its two splits above half the memory).
 """
 import dataclasses
+import hashlib
 import io
+import json
 import os
 import shutil
 import tempfile
 
 import numpy as np
 
-from big_transfer import hardware, progress, vtab
+from big_transfer import hardware, progress, runfiles, vtab
 from big_transfer.errors import BadInput
 
 TFDS_PREFIX = 'tfds:'
@@ -155,11 +159,13 @@ class Split:
   example, `labels` reads every record once and keeps only the labels (a
   split larger than memory stays on disk; a split pickled for data-loader
   workers holds no images), `encoded` reads and keeps the whole split. Files
-  in the older tfrecord format are read whole at the first access.
+  in the older tfrecord format are read whole at the first access. The
+  labels of a whole split (`names`: what decides them besides its records)
+  are kept in the cache once read, and read from there by the next run.
   """
 
-  def __init__(self, spec, n, reader, convert, indices=None):
-    self.spec, self.n = spec, n
+  def __init__(self, spec, n, reader, convert, indices=None, names=None):
+    self.spec, self.n, self._names = spec, n, names
     self._reader, self._convert = reader, convert
     self._indices = np.arange(n) if indices is None else np.asarray(indices)
     self._labels = self._encoded = None
@@ -206,14 +212,34 @@ class Split:
   def labels(self):
     """int64 [n]."""
     if self._labels is None and self.random_access:
-      starts = progress.images(range(0, self.n, CHUNK), self.n,
-                               lambda lo: min(self.n, lo + CHUNK) - lo,
-                               f'labels of {self.spec}')
-      self._labels = np.array([label for lo in starts
-                               for _, label in self._chunk(lo)], np.int64)
+      cached = self._label_file()
+      self._labels = _read_cache(cached, self.n)
+      if self._labels is None:
+        starts = progress.images(range(0, self.n, CHUNK), self.n,
+                                 lambda lo: min(self.n, lo + CHUNK) - lo,
+                                 f'labels of {self.spec}')
+        self._labels = np.array([label for lo in starts
+                                 for _, label in self._chunk(lo)], np.int64)
+        _write_cache(cached, self._labels)
     elif self._labels is None:
       self._read_all()
     return self._labels
+
+  def _label_file(self):
+    """The cache file of this whole split's labels (None for a subset):
+    named by a hash of the prepared files' dataset_info.json (which TFDS
+    writes anew whenever it prepares them), the split, the dataset and
+    label as named here, and the label rules (big_transfer/vtab.py)."""
+    if self._names is None:
+      return None
+    digest = hashlib.sha256(json.dumps(
+        [os.path.realpath(self._reader.prepared_dir), self.spec,
+         self._names]).encode())
+    for path in (os.path.join(self._reader.prepared_dir, 'dataset_info.json'),
+                 vtab.__file__):
+      with open(path, 'rb') as f:
+        digest.update(f.read())
+    return runfiles.cache_dir('tfds_labels', digest.hexdigest()[:32] + '.npy')
 
   @property
   def encoded(self):
@@ -255,6 +281,30 @@ class Split:
     return sizes
 
 
+def _read_cache(path, n):
+  """The labels kept at `path`, or None (no path, none kept, or not n of
+  them)."""
+  if path is None:
+    return None
+  try:
+    labels = np.load(path, allow_pickle=False)
+  except (OSError, ValueError):  # none, or a damaged file
+    return None
+  return labels if labels.shape == (n,) else None
+
+
+def _write_cache(path, labels):
+  """Keeps `labels` at `path` (a cache that cannot be written costs only the
+  next run's time)."""
+  if path is None:
+    return
+  try:
+    with runfiles.replaced(path, 'wb') as f:
+      np.save(f, labels)
+  except OSError:
+    pass
+
+
 @dataclasses.dataclass
 class Dataset:
   """A resolved tfds:/vtab: dataset; `read('train')`/`read('eval')` give
@@ -292,7 +342,8 @@ class Dataset:
         split, split)
     spec = self.tfds_splits[split]
     reader = _Reader(self.data_dir, spec, self.image_key, self.random_access)
-    return Split(spec, self.sizes[split], reader, self._convert)
+    return Split(spec, self.sizes[split], reader, self._convert,
+                 names=[self.name, self.label_key])
 
   def describe(self):
     return {'dataset': self.name, 'tfds_name': self.tfds_name,

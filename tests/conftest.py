@@ -2,7 +2,10 @@
 
 Nothing here touches the network.
 """
+import atexit
 import os
+import shutil
+import tempfile
 import threading
 
 import numpy as np
@@ -10,6 +13,10 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# The package's cache (big_transfer.runfiles.cache_dir) of the tests and of
+# the commands they start, apart from the user's: one per test process.
+os.environ['BIT_CACHE'] = tempfile.mkdtemp(prefix='bit_cache_')
+atexit.register(shutil.rmtree, os.environ['BIT_CACHE'], True)
 
 # torchvision (through triton, in torch's CUDA wheels) crashes when it is
 # imported after TensorFlow in one process; imported first, both work. Tests

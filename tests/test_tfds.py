@@ -162,6 +162,41 @@ def test_labels_keep_no_images(toy_dir):
                                                          numbers[1]]
 
 
+def test_a_splits_labels_are_read_once_then_from_the_cache(tmp_path,
+                                                          monkeypatch):
+  """The labels of a whole split are kept in the cache once read: the next
+  run reads no record for them. Another split has its own (the key also
+  holds the dataset's name, its label and big_transfer/vtab.py); a dataset
+  prepared again is read again, and a damaged file is replaced."""
+  monkeypatch.setenv('BIT_CACHE', str(tmp_path / 'cache'))
+  _prepare(BitTfdsToy, tmp_path / 'data')
+  data_dir = str(tmp_path / 'data')
+  _, want, _ = _reference(data_dir, 'bit_tfds_toy', 'train')
+  np.testing.assert_array_equal(tfds_reader.resolve(
+      'tfds:bit_tfds_toy', data_dir).read('train').labels, want)
+  kept = list((tmp_path / 'cache' / 'tfds_labels').iterdir())
+  assert len(kept) == 1
+  read = tfds_reader.Split._chunk
+  monkeypatch.setattr(tfds_reader.Split, '_chunk', lambda split, lo:
+                      pytest.fail(f'labels of {split.spec} read again'))
+  np.testing.assert_array_equal(tfds_reader.resolve(
+      'tfds:bit_tfds_toy', data_dir).read('train').labels, want)
+  for other in ({'train_split': 'train[:30]'}, {'train_split': 'test'}):
+    with pytest.raises(pytest.fail.Exception, match='read again'):
+      tfds_reader.resolve('tfds:bit_tfds_toy', data_dir,
+                          **other).read('train').labels
+  info = tmp_path / 'data' / 'bit_tfds_toy' / '1.0.0' / 'dataset_info.json'
+  info.write_text(info.read_text() + '\n')  # as if prepared again
+  with pytest.raises(pytest.fail.Exception, match='read again'):
+    tfds_reader.resolve('tfds:bit_tfds_toy', data_dir).read('train').labels
+  monkeypatch.setattr(tfds_reader.Split, '_chunk', read)
+  kept[0].write_bytes(b'damaged')  # read again, and kept anew
+  info.write_text(info.read_text()[:-1])
+  np.testing.assert_array_equal(tfds_reader.resolve(
+      'tfds:bit_tfds_toy', data_dir).read('train').labels, want)
+  assert np.array_equal(np.load(kept[0]), want)
+
+
 def test_tfds_reader_needs_no_tensorflow(toy_dir):
   """What PyTorch reads: the prepared files through TFDS's data source, in a
   process where TensorFlow cannot be imported; the same examples as here."""

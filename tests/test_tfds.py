@@ -293,14 +293,22 @@ def test_tfrecord_too_large_for_memory_is_refused_with_the_fix(
   folder = builder.data_path
   before = _files(folder)
   stored = sum(int(builder.info.splits[s].num_bytes) for s in ('train', 'test'))
-  # Fits once (2 x stored <= memory / 2), not in three processes.
+  # Fits once (2 x stored <= memory / 2), not in three processes: the
+  # trainer and two --workers, or three trainers on this machine.
   monkeypatch.setattr(tfds_reader.hardware, 'memory_bytes',
                       lambda: 4 * stored)
-  tfds_reader.resolve('tfds:bit_tfds_toy', str(tmp_path), eval_split='test',
-                      copies=1)
+
+  def load(workers):
+    return datasets.load(argparse.Namespace(
+        dataset='tfds:bit_tfds_toy', datadir=str(tmp_path),
+        eval_split='test', workers=workers))
+  assert len(load(0).train) == 40
+  monkeypatch.setenv('LOCAL_WORLD_SIZE', '3')
+  with pytest.raises(errors.BadInput, match='in 3 process'):
+    load(0)
+  monkeypatch.delenv('LOCAL_WORLD_SIZE')
   with pytest.raises(errors.BadInput, match='array_record') as refused:
-    tfds_reader.resolve('tfds:bit_tfds_toy', str(tmp_path),
-                        eval_split='test', copies=3)
+    load(2)
   command = str(refused.value).split('(python -m big_transfer.tfds_reader ')[1]
   tfds_reader.main(command.split(',')[0].split())
   printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

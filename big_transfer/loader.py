@@ -46,7 +46,7 @@ import time
 import grain
 import numpy as np
 
-from big_transfer import hardware, preprocess
+from big_transfer import flags, hardware, preprocess
 from big_transfer import progress as shown
 from big_transfer.errors import BadInput
 
@@ -79,9 +79,9 @@ def _in_processes(dataset, workers):
   if not workers:
     return _iterate(dataset, 0)
   _spawn_without_main()
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  if not flags.FLAGS.is_parsed():  # grain reads its options from absl flags
-    flags.FLAGS.mark_as_parsed()
+  from absl import flags as absl_flags  # pylint: disable=import-outside-toplevel
+  if not absl_flags.FLAGS.is_parsed():  # grain reads its options from them
+    absl_flags.FLAGS.mark_as_parsed()
   return iter(dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
           grain.MultiprocessingOptions(num_workers=workers,
@@ -94,7 +94,7 @@ def _spawn_without_main():
   """Grain's workers are spawned processes, and a spawned process imports
   its parent's main module again first (multiprocessing's spawn): the
   trainer's, whose imports a worker never uses; bit_tf2.train's TensorFlow
-  alone made each worker 840 MB instead of 200 MB, and took seconds to
+  alone made each worker 840 MB instead of 240 MB, and took seconds to
   import. What a worker runs reaches it through cloudpickle, which carries
   anything of __main__ by value; so from here on, spawned processes skip
   the main module."""
@@ -187,7 +187,7 @@ def eval_batches(source, batch, crop, process_index=0, process_count=1,
   local = batch // process_count
   mine = range(process_index, len(source), process_count)
   longest = len(range(0, len(source), process_count))
-  padded = -(-longest // local) * local
+  padded = flags.round_up(longest, local)
   blank = np.zeros((crop, crop, 3), np.uint8)
 
   def example(j):

@@ -114,19 +114,11 @@ class _Reader:
     return self._source.__getitems__([int(i) for i in indices])
 
   def all_records(self):
-    """Every record, in order (through TensorFlow for tfrecord files)."""
-    builder = self._builder()
-    if self.random_access:
-      source = builder.as_data_source(split=self.spec,
-                                      decoders=self._decoders())
-      for lo in range(0, len(source), 1024):
-        yield from source.__getitems__(range(lo, min(len(source),
-                                                     lo + 1024)))
-      return
-    tfds = _tfds()
-    ds = builder.as_dataset(split=self.spec, shuffle_files=False,
-                            decoders=self._decoders())
-    yield from tfds.as_numpy(ds)
+    """Every record, in order, of tfrecord files (through TensorFlow; files
+    read at random are read with `records`)."""
+    ds = self._builder().as_dataset(split=self.spec, shuffle_files=False,
+                                    decoders=self._decoders())
+    yield from _tfds().as_numpy(ds)
 
 
 def _to_bytes(value):
@@ -416,21 +408,26 @@ def _find_features(info, shown):
           pick(labels, 'label', 'class label (tfds.features.ClassLabel)'))
 
 
+def _parts(spec, info):
+  """(SplitInfo, examples taken from it) of each part of the TFDS split
+  expression `spec`."""
+  tfds = _tfds()
+  for part in tfds.core.ReadInstruction.from_spec(spec).to_absolute(
+      info.splits):
+    split = info.splits[part.splitname]
+    yield split, len(range(split.num_examples)[slice(part.from_, part.to)])
+
+
 def _split_size(spec, info, shown, flag):
   """Examples in the TFDS split expression `spec`, or BadInput."""
-  tfds = _tfds()
   try:
-    parts = tfds.core.ReadInstruction.from_spec(spec).to_absolute(info.splits)
+    n = sum(taken for _, taken in _parts(spec, info))
   except (ValueError, KeyError, AssertionError, AttributeError) as e:
     raise BadInput(f'{flag} {spec!r} is not a split of {shown} '
                    f'({str(e).splitlines()[0]}); its splits: '
                    f'{", ".join(f"{k} ({v.num_examples})" for k, v in info.splits.items())}'
                    '; slices as in TFDS: train[:800], train[80%:], '
                    'train+validation.') from e
-  n = 0
-  for part in parts:
-    total = info.splits[part.splitname].num_examples
-    n += len(range(total)[slice(part.from_, part.to)])
   if not n:
     raise BadInput(f'{flag} {spec!r} of {shown} has no examples.')
   return n
@@ -539,14 +536,8 @@ def _random_access(info):
 def _stored_bytes(spec, info):
   """The bytes on disk of the examples of a (valid) split expression: each
   part's share of its split's files."""
-  tfds = _tfds()
-  total = 0
-  for part in tfds.core.ReadInstruction.from_spec(spec).to_absolute(
-      info.splits):
-    split = info.splits[part.splitname]
-    n = len(range(split.num_examples)[slice(part.from_, part.to)])
-    total += int(split.num_bytes) * n // max(1, split.num_examples)
-  return total
+  return sum(int(split.num_bytes) * taken // max(1, split.num_examples)
+             for split, taken in _parts(spec, info))
 
 
 def _finish(data, builder, copies=1):

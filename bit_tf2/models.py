@@ -140,14 +140,22 @@ class GroupNormReLU(layers.GroupNormalization):
   `group_norm_relu_cpu`, in float32 as Keras's GroupNorm computes, ReLU
   included. Where the whole step is compiled (GPUs, TPUs) this is simply
   part of it. One compiled function shared by all layers (traced for any
-  shape) measured slower."""
+  shape) measured slower.
+
+  Called eagerly, the layer runs its ops one by one, uncompiled: eager
+  calls are one-offs (the model's first call, which creates its variables;
+  a comparison with an export), and every training, evaluation and
+  prediction step is a tf.function, in which the layer is compiled at that
+  step's shapes; compiling at the first call too was a compilation no step
+  reused, most of the time it took to create a model (docs/performance.md,
+  benchmarks/tf2_create.py)."""
 
   def build(self, input_shape):
     super().build(input_shape)
-    self._compiled = tf.function(
+    self._uncompiled = (
         self._cpu_call if on_cpu() else
-        lambda x: ops.relu(layers.GroupNormalization.call(self, x)),
-        jit_compile=True)
+        lambda x: ops.relu(layers.GroupNormalization.call(self, x)))
+    self._compiled = tf.function(self._uncompiled, jit_compile=True)
     # TF counts traces per Python function, not per layer, and warned of
     # "retracing" once a model had traced five of its layers (each traces
     # once per shape). TF's own restored functions set the same switch.
@@ -160,6 +168,8 @@ class GroupNormReLU(layers.GroupNormalization):
     return tf.cast(y, self.compute_dtype)
 
   def call(self, x):
+    if tf.executing_eagerly():
+      return self._uncompiled(x)
     return self._compiled(x)
 
 

@@ -17,6 +17,19 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # the commands they start, apart from the user's: one per test process.
 os.environ['BIT_CACHE'] = tempfile.mkdtemp(prefix='bit_cache_')
 atexit.register(shutil.rmtree, os.environ['BIT_CACHE'], True)
+# JAX's persistent compilation cache, one for the whole session: the tests'
+# tiny runs compile the same steps again and again, in the test processes
+# and the commands they start. The process that starts the session (not a
+# pytest-xdist worker, which inherits it) makes it and removes it. A run
+# reads a step compiled by another run of the same program, so the same
+# command twice still compiles nothing differently. JAX reads these
+# variables when it is imported.
+if 'PYTEST_XDIST_WORKER' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+      prefix='bit_jax_cache_')
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'],
+                  True)
 
 # torchvision (through triton, in torch's CUDA wheels) crashes when it is
 # imported after TensorFlow in one process; imported first, both work. Tests

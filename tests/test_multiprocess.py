@@ -93,15 +93,11 @@ def launch(commands, tmp_path):
 
 def jax_processes(setup, name, fault=None, folder=None, extra=()):
   port = free_ports(1)[0]
-  # Compiled steps are cached between the launches of a module (the
-  # compilation is most of a tiny run's time).
-  cache = dict(JAX_COMPILATION_CACHE_DIR=str(setup[0] / 'xla_cache'),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   return [([sys.executable, WORKER, 'jax',
             *argv(setup, 'jax', name, *extra, folder=folder),
             '--distributed', '--coordinator_address', f'127.0.0.1:{port}',
             '--num_processes', '2', '--process_id', str(i)],
-           environment(**cache, **(fault if fault and i == 1 else {})))
+           environment(**(fault if fault and i == 1 else {})))
           for i in range(2)]
 
 

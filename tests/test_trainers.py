@@ -47,10 +47,6 @@ def trainer(backend):
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp('trainers')
-  # Runs of the same model share compiled JAX steps through JAX's cache.
-  import jax
-  jax.config.update('jax_compilation_cache_dir', str(root / 'xla_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   folder = write_imagefolder(root / 'images', train=8, val=5, size=(32, 32))
   npz = root / 'tiny.npz'
   np.savez(npz, **synthetic_weights('R14x0.5', 10))
@@ -72,8 +68,7 @@ def run(setup, backend, name, *extra, **kw):
 
 def cli_env(setup):
   env = dict(os.environ, OMP_NUM_THREADS='1',
-             JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=str(setup[0] / 'xla_cache'))
+             JAX_PLATFORMS='cpu')
   env.pop('WORLD_SIZE', None)
   return env
 

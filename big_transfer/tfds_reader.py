@@ -280,7 +280,7 @@ def _read_cache(path, n):
     return None
   try:
     labels = np.load(path, allow_pickle=False)
-  except (OSError, ValueError):  # none, or a damaged file
+  except (OSError, ValueError, EOFError):  # none, or a damaged file
     return None
   return labels if labels.shape == (n,) else None
 

@@ -13,10 +13,17 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+
+def _scratch_folder(variable, prefix):
+  """Names a new temporary folder in `variable`, removed at exit."""
+  os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+  atexit.register(shutil.rmtree, os.environ[variable], True)
+
+
 # The package's cache (big_transfer.runfiles.cache_dir) of the tests and of
 # the commands they start, apart from the user's: one per test process.
-os.environ['BIT_CACHE'] = tempfile.mkdtemp(prefix='bit_cache_')
-atexit.register(shutil.rmtree, os.environ['BIT_CACHE'], True)
+_scratch_folder('BIT_CACHE', 'bit_cache_')
 # JAX's persistent compilation cache, one for the whole session: the tests'
 # tiny runs compile the same steps again and again, in the test processes
 # and the commands they start. The process that starts the session (not a
@@ -25,11 +32,8 @@ atexit.register(shutil.rmtree, os.environ['BIT_CACHE'], True)
 # command twice still compiles nothing differently. JAX reads these
 # variables when it is imported.
 if 'PYTEST_XDIST_WORKER' not in os.environ:
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
-      prefix='bit_jax_cache_')
+  _scratch_folder('JAX_COMPILATION_CACHE_DIR', 'bit_jax_cache_')
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'],
-                  True)
 
 # torchvision (through triton, in torch's CUDA wheels) crashes when it is
 # imported after TensorFlow in one process; imported first, both work. Tests

@@ -9,6 +9,7 @@ Each group function returns a new parent parser, so a command may change a
 default with `parser.set_defaults(...)` without touching the others.
 """
 import argparse
+import os
 
 from big_transfer import datasets, hardware, vtab
 from big_transfer.errors import BadInput
@@ -38,15 +39,39 @@ def group(title):
   return parent, parent.add_argument_group(title)
 
 
+SEED_MAX = 2**32 - 1  # The largest seed TF2 takes (PyTorch and JAX take more).
+
+
+def seed(value):
+  """argparse type of a seed: an integer that every backend's generators
+  take, 0 to SEED_MAX."""
+  number = int(value)
+  if not 0 <= number <= SEED_MAX:
+    raise argparse.ArgumentTypeError(
+        f'{value} is not a seed; give an integer from 0 to {SEED_MAX}.')
+  return number
+
+
+def run_name(value):
+  """argparse type of --name: a folder under --logdir (nested names such as
+  cifar10/run0 too), never --logdir itself or a folder outside it."""
+  if (os.path.isabs(value) or os.path.normpath(value or '.') == '.' or
+      os.pardir in value.split(os.sep)):
+    raise argparse.ArgumentTypeError(
+        f'{value!r} is not a run name; give a folder name under --logdir '
+        '(not empty, not absolute, without "..").')
+  return value
+
+
 def run():
   """Where a run writes, how it saves, its seed."""
   parent, g = group('run')
-  g.add_argument('--name', required=True,
+  g.add_argument('--name', required=True, type=run_name,
                  help='Name of this run; outputs go to LOGDIR/NAME, and a run '
                  'started again with the same name resumes.')
   g.add_argument('--logdir', required=True,
                  help='Where the log, metrics and checkpoints go.')
-  g.add_argument('--seed', type=int, default=0,
+  g.add_argument('--seed', type=seed, default=0,
                  help='Seed of every random choice of the run: initialisation '
                  'of anything new, data order, augmentation, mixup.')
   g.add_argument('--save_every', type=int, default=None,
@@ -150,7 +175,7 @@ def fewshot():
   g.add_argument('--examples_per_class', type=int, default=None,
                  help='Few-shot: draw this many training examples from each '
                  'class.')
-  g.add_argument('--examples_per_class_seed', type=int, default=0,
+  g.add_argument('--examples_per_class_seed', type=seed, default=0,
                  help='Seed of the few-shot draw.')
   return parent
 

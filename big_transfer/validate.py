@@ -10,6 +10,7 @@ evaluation split.
 """
 import json
 import logging
+import os
 import sys
 
 import numpy as np
@@ -44,7 +45,13 @@ def argparser(framework, precisions=('fp32', 'bf16', 'fp16'),
 
 
 def check(args):
-  """Refuses flag values that cannot work (BadInput)."""
+  """Refuses flag values that cannot work (BadInput), and a --ckpt_path that
+  names nothing loadable, before the dataset is read."""
+  if args.ckpt_path.endswith(('.pth', '.tar')):  # bit_pytorch.train's
+    if not os.path.isfile(args.ckpt_path):
+      raise errors.BadInput(f'checkpoint {args.ckpt_path} does not exist.')
+  else:
+    zoo.check_model(args.ckpt_path)
   for flag in ('batch_eval', 'crop_size', 'workers'):
     value = getattr(args, flag, None)
     if value is not None and value < (0 if flag == 'workers' else 1):

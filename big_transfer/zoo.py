@@ -443,8 +443,8 @@ def load_weights(model, pretrained_dir='.'):
 def check_model(model):
   """Refuses a --model value that names nothing loadable, at once and
   without the network: it must be a registered name, a weights file
-  (.npz, .h5, .safetensors, .bin; the file is read later), a run folder
-  holding model.npz, or hf-hub:ORG/NAME[@REVISION]."""
+  (.npz, .h5, .safetensors, .bin) that exists (it is read later), a run
+  folder holding model.npz, or hf-hub:ORG/NAME[@REVISION]."""
   if model.startswith(HF_HUB_PREFIX):
     repo_id = model[len(HF_HUB_PREFIX):].partition('@')[0]
     if repo_id.count('/') != 1 or not all(repo_id.split('/')):
@@ -455,7 +455,10 @@ def check_model(model):
     if not os.path.isfile(os.path.join(model, runfiles.MODEL)):
       raise BadInput(f'{model} is a folder without model.npz; give a run '
                      'folder, a weights file or a registered name.')
-  elif not model.endswith(('.npz', '.h5', '.safetensors', '.bin')):
+  elif model.endswith(('.npz', '.h5', '.safetensors', '.bin')):
+    if not os.path.isfile(model):
+      raise BadInput(f'weights file {model} does not exist.')
+  else:
     model_info(model)
   return model
 

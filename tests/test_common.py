@@ -265,6 +265,32 @@ def test_check_args_refuses(flags, message):
     bit_common.check_args(args)
 
 
+def test_run_names_stay_under_the_logdir_and_seeds_suit_every_backend(
+    capsys):
+  parser = bit_common.argparser()
+
+  def parsed(*extra):
+    return parser.parse_args(['--name', 'n', '--logdir', 'l', *extra])
+  for name in ('run0', 'cifar10/run0', 'a/./b', 'café ü'):
+    assert parsed('--name', name).name == name
+  for name in ('', '.', '..', '../elsewhere', 'a/../../b', 'a/..',
+               os.path.abspath('anywhere')):
+    with pytest.raises(SystemExit) as e:
+      parsed('--name', name)
+    assert e.value.code == 2
+    assert 'is not a run name' in capsys.readouterr().err
+  # TF2's generators take seeds below 2**32, PyTorch's and JAX's more.
+  top = str(flags.SEED_MAX)
+  assert parsed('--seed', top, '--examples_per_class_seed', top).seed == (
+      flags.SEED_MAX)
+  for flag in ('--seed', '--examples_per_class_seed'):
+    for value in ('-1', str(flags.SEED_MAX + 1), 'x'):
+      with pytest.raises(SystemExit) as e:
+        parsed(flag, value)
+      assert e.value.code == 2
+      assert flag in capsys.readouterr().err
+
+
 def test_batch_must_divide_over_devices():
   args = bit_common.argparser().parse_args(
       ['--name', 'n', '--logdir', 'l', '--batch', '12', '--batch_split', '2'])

@@ -213,10 +213,12 @@ def test_hub_refusals(tmp_path, offline_hub, timm_model):
   with pytest.raises(errors.BadInput, match='ORG/NAME'):
     zoo.load_weights('hf-hub:just-a-name')
   # What --model takes, checked up front without the network.
-  for ok in ('hf-hub:timm/x@main', 'BiT-M-R50x1', 'later.npz', 'x.h5'):
+  (tmp_path / 'x.h5').touch()
+  for ok in ('hf-hub:timm/x@main', 'BiT-M-R50x1', str(tmp_path / 'x.h5')):
     assert zoo.check_model(ok) == ok
   for bad, message in (('hf-hub:a/b/c', 'ORG/NAME'), ('BiT-Q', 'unknown'),
-                       (str(tmp_path), 'without model.npz')):
+                       (str(tmp_path), 'without model.npz'),
+                       (str(tmp_path / 'missing.npz'), 'does not exist')):
     with pytest.raises(errors.BadInput, match=message):
       zoo.check_model(bad)
   # NaN: refused, naming the key.

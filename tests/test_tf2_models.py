@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from big_transfer import errors, predict, zoo
+from big_transfer import errors, flags, predict, zoo
 from bit_pytorch import models as torch_models
 from bit_tf2 import models
 from conftest import (group_norm_and_gradients, group_norm_inputs,
@@ -244,6 +244,13 @@ def test_the_published_h5_loads_in_every_backend(tmp_path, backend, capsys):
   capsys.readouterr()
   np.testing.assert_array_equal(logits['h5'], logits['npz'])
   assert logits['h5'].shape == (4, 3)
+
+
+def test_the_largest_seed_flags_take_is_the_largest_keras_takes():
+  import keras
+  keras.utils.set_random_seed(flags.SEED_MAX)
+  with pytest.raises(ValueError):
+    keras.utils.set_random_seed(flags.SEED_MAX + 1)
 
 
 def test_compile_flag_decides_xla_and_is_refused_on_several_cpu_devices():

@@ -590,6 +590,23 @@ def test_validate_refuses_unknown_dataset(backend, capsys):
     assert form in err
 
 
+@pytest.mark.parametrize('backend', ['pytorch', 'tf2', 'jax'])
+def test_validate_refuses_a_missing_checkpoint_before_the_dataset(
+    backend, tmp_path, capsys, monkeypatch):
+  """Exit status 2 naming the checkpoint, where the dataset (cifar10, not
+  in --datadir) would have been fetched first."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  module = importlib.import_module(f'bit_{backend}.validate')
+  monkeypatch.setattr(datasets, 'load', None)  # Reading it fails the test.
+  for ckpt in [str(tmp_path / 'missing.npz'), 'BiT-M-R51x1'] + (
+      [str(tmp_path / 'bit.pth.tar')] if backend == 'pytorch' else []):
+    with pytest.raises(SystemExit) as e:
+      module.cli(['--ckpt_path', ckpt, '--datadir', str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and ckpt in err, err
+
+
 @pytest.mark.parametrize('dataset', ['tfds', 'vtab'])
 def test_validate_tfds_and_vtab_agree_across_backends(dataset, tmp_path,
                                                       dsprites_dir):

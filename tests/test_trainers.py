@@ -254,7 +254,9 @@ def test_bad_input_exits_2_before_any_work(setup, backend):
   assert last.startswith('error: ') and 'not divisible' in last, last
   assert not out(setup, backend, 'bad').exists()
   for extra, message in ((['--mixup_alpha', '-1'], 'mixup_alpha'),
-                         (['--model', 'BiT-M-R51x1'], 'unknown model')):
+                         (['--model', 'BiT-M-R51x1'], 'unknown model'),
+                         (['--model', str(setup[0] / 'missing.npz')],
+                          'does not exist')):
     with pytest.raises(errors.BadInput, match=message):
       run(setup, backend, 'bad', *extra)
   assert not out(setup, backend, 'bad').exists()

@@ -96,18 +96,12 @@ class Recipe:
     recipes.check_fields(self)
     if (self.epochs is None) == (self.steps is None):
       raise BadInput('recipe: give exactly one of epochs and steps.')
-    for name in ('batch', 'epochs', 'steps', 'resize_size', 'crop_size',
-                 'teacher_crop_size', 'eval_every', 'batch_eval', 'base_lr',
-                 'examples_per_class',
-                 'temperature'):
-      value = getattr(self, name)
-      if value is not None and value <= 0:
-        raise BadInput(f'recipe: {name} must be positive, got {value}.')
-    for name in ('mixup_alpha', 'weight_decay', 'grad_clip_norm',
-                 'warmup_steps'):
-      if getattr(self, name) < 0:
-        raise BadInput(f'recipe: {name} must be 0 or positive, got '
-                       f'{getattr(self, name)}.')
+    recipes.check_positive(self, (
+        'batch', 'epochs', 'steps', 'resize_size', 'crop_size',
+        'teacher_crop_size', 'eval_every', 'batch_eval', 'base_lr',
+        'examples_per_class', 'temperature'))
+    recipes.check_at_least_0(self, ('mixup_alpha', 'weight_decay',
+                                    'grad_clip_norm', 'warmup_steps'))
     for name, allowed in (('augment', AUGMENTATIONS), ('targets', TARGETS)):
       if getattr(self, name) not in allowed:
         raise BadInput(f'recipe: {name} must be one of {allowed}, got '
@@ -115,10 +109,7 @@ class Recipe:
     if self.augment == 'crop_flip' and self.teacher_size > self.resize_size:
       raise BadInput(f'recipe: crop_size {self.teacher_size} is larger than '
                      f'resize_size {self.resize_size}.')
-    lo, hi = (self.crop_scale + [None, None])[:2]
-    if len(self.crop_scale) != 2 or not 0 < lo <= hi <= 1:
-      raise BadInput(f'recipe: crop_scale must be [min, max] with 0 < min <= '
-                     f'max <= 1, got {self.crop_scale}.')
+    recipes.check_range('crop_scale', self.crop_scale, 0, 1)
     try:
       datasets.dataset_name(self.dataset)
     except argparse.ArgumentTypeError as e:
@@ -355,13 +346,6 @@ def argparser(backend='pytorch'):
       flags.run(), parent, flags.pretrained_dir(), flags.batch_split(),
       flags.loading(), flags.precision(('fp32', 'bf16'), training=True),
       prog=f'python -m bit_{backend}.distill')
-
-
-def check_args(args, recipe, devices=1):
-  """Refuses flag values that cannot work, before any long work."""
-  flags.check_batch_split(recipe.batch, args.batch_split, devices)
-  if args.save_every is not None and args.save_every < 1:
-    raise BadInput('--save_every must be positive.')
 
 
 def data_args(args, recipe):

@@ -122,11 +122,11 @@ def check_writable(folder, hint, keep=False):
         pass  # another process of the run uses it, or removed it already
 
 
-def check_out(out):
-  """`out`, an output file or folder (--out), once its parent folder is
-  known to be writable (BadInput otherwise), before the work that writes
-  it."""
-  check_writable(os.path.dirname(os.path.abspath(out)), 'give another --out.')
+def check_out(out, flag='--out'):
+  """`out`, an output file or folder (given with `flag`), once its parent
+  folder is known to be writable (BadInput otherwise), before the work that
+  writes it."""
+  check_writable(os.path.dirname(os.path.abspath(out)), f'give another {flag}.')
   return out
 
 

@@ -56,6 +56,8 @@ def check(args):
     value = getattr(args, flag, None)
     if value is not None and value < (0 if flag == 'workers' else 1):
       raise errors.BadInput(f'--{flag} must be positive, got {value}.')
+  if args.output:
+    runfiles.check_out(args.output, '--output')
 
 
 def logger():

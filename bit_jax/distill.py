@@ -23,7 +23,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from big_transfer import (datasets, distill, flags, harness, loader,
-                          memory, runfiles)
+                          memory, recipes, runfiles)
 from bit_jax import engine
 from bit_jax import models
 
@@ -128,7 +128,7 @@ def main(args):
   parallel = engine.DataParallel()
   devices = parallel.devices
   flags.resolve_precision(args, parallel.native_bf16)
-  distill.check_args(args, recipe, len(devices))
+  recipes.check_args(args, recipe.batch, len(devices))
 
   pid, nproc = jax.process_index(), jax.process_count()
   with distill.Run(args, pid == 0,

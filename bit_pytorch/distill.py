@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from big_transfer import (distill, flags, harness, memory, runfiles, zoo)
+from big_transfer import (distill, flags, harness, memory, recipes, runfiles,
+                          zoo)
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
 from bit_pytorch import engine
@@ -172,7 +173,7 @@ def main(args):
   """Distils as the recipe says; returns the final evaluation."""
   recipe = distill.load_recipe(args)
   world = engine.world_size()
-  distill.check_args(args, recipe, world)
+  recipes.check_args(args, recipe.batch, world)
   with engine.process_group() as (rank, device):
     flags.resolve_precision(args, engine.native_bf16(device))
     return _distill(args, recipe, rank, world, device)

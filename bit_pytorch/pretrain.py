@@ -58,12 +58,17 @@ class Recipe:
     recipes.check_fields(self)
     if (self.epochs is None) == (self.steps is None):
       raise errors.BadInput('recipe: give exactly one of epochs and steps.')
-    for name in ('batch', 'epochs', 'steps', 'resize_size', 'crop_size',
-                 'eval_every', 'batch_eval'):
-      value = getattr(self, name)
-      if value is not None and value <= 0:
-        raise errors.BadInput(f'recipe: {name} must be positive, got '
-                                  f'{value}.')
+    recipes.check_positive(self, ('batch', 'epochs', 'steps', 'resize_size',
+                                  'crop_size', 'eval_every', 'batch_eval',
+                                  'base_lr', 'decay_factor', 'rotations'))
+    recipes.check_at_least_0(self, ('warmup_steps', 'weight_decay'))
+    for name in ('momentum', 'label_smoothing'):
+      if not 0 <= getattr(self, name) < 1:
+        raise errors.BadInput(f'recipe: {name} must be from 0 to below 1, '
+                              f'got {getattr(self, name)}.')
+    recipes.check_range('crop_scale', self.crop_scale, 0, 1)
+    if self.downsample is not None:
+      recipes.check_range('downsample', self.downsample, 0, integers=True)
     if self.crop_size > self.resize_size:
       raise errors.BadInput(f'recipe: crop_size {self.crop_size} is larger '
                                 f'than resize_size {self.resize_size}.')
@@ -226,9 +231,7 @@ def main(args):
   fine-tuning."""
   recipe = load_recipe(args.recipe, args.overrides, args.datadir)
   world = engine.world_size()
-  flags.check_batch_split(recipe.batch, args.batch_split, world)
-  if args.save_every is not None and args.save_every < 1:
-    raise errors.BadInput('--save_every must be positive.')
+  recipes.check_args(args, recipe.batch, world)
   with engine.process_group() as (rank, device):
     flags.resolve_precision(args, engine.native_bf16(device))
     return _pretrain(args, recipe, rank, world, device)

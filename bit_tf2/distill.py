@@ -21,7 +21,7 @@ import keras
 import tensorflow as tf
 
 from big_transfer import (datasets, distill, flags, harness, loader,
-                          memory)
+                          memory, recipes)
 from bit_tf2 import engine
 from bit_tf2 import models
 
@@ -149,7 +149,7 @@ def main(args):
   strategy = engine.make_strategy()
   replicas = strategy.num_replicas_in_sync
   flags.resolve_precision(args, engine.native_bf16(strategy))
-  distill.check_args(args, recipe, replicas)
+  recipes.check_args(args, recipe.batch, replicas)
   with distill.Run(args, engine.is_chief(strategy),
                    engine.any_process(strategy)) as run:
     run.logger.info(f'recipe {args.recipe}: {recipe}')

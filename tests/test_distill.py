@@ -23,7 +23,8 @@ import torch
 import yaml
 from PIL import Image
 
-from big_transfer import datasets, datastream, errors, hardware, memory, zoo
+from big_transfer import (datasets, datastream, errors, hardware, memory,
+                          recipes, zoo)
 from big_transfer import distill
 from conftest import REPO, synthetic_weights, write_imagefolder
 
@@ -55,6 +56,13 @@ def setup(tmp_path_factory):
     torch.set_num_threads(threads)
   assert result['top1'] >= 0.8  # a teacher worth distilling
   return root, folder, str(root / 'teacher')
+
+
+def teacher(folder):
+  """A weights file that exists (the recipe tests do not read it)."""
+  path = folder / 'teacher.npz'
+  path.touch()
+  return str(path)
 
 
 def recipe_file(root, name='recipe.yaml', **values):
@@ -198,12 +206,16 @@ def test_paper_recipe_values():
     (dict(epochs=2), 'exactly one of epochs and steps'),
     (dict(targets='soft'), 'targets must be one of'),
     (dict(temperature=0), 'temperature must be positive'),
+    (dict(temperature=float('nan')), 'temperature must be positive'),
     (dict(crop_scale=[0.5, 0.2]), 'crop_scale'),
+    (dict(crop_scale=[0.5]), 'crop_scale must be [min, max]'),
+    (dict(steps='ten'), 'steps must be an integer'),
+    (dict(teacher='missing.npz'), 'missing.npz does not exist'),
     (dict(student='R18x1'), 'unknown model'),
     (dict(colour=1), "unknown key(s) ['colour']"),
 ])
 def test_bad_recipe_is_refused(tmp_path, values, message):
-  path = recipe_file(str(tmp_path), **{**TINY, 'teacher': 't.npz',
+  path = recipe_file(str(tmp_path), **{**TINY, 'teacher': teacher(tmp_path),
                                        'dataset': 'digits', **values})
   args = distill.argparser().parse_args(
       ['--recipe', path, '--name', 'x', '--logdir', str(tmp_path)])
@@ -221,7 +233,7 @@ def test_bad_recipe_is_refused(tmp_path, values, message):
 ])
 def test_the_batch_must_divide_over_the_split_and_devices(
     tmp_path, split, devices, message):
-  path = recipe_file(str(tmp_path), **{**TINY, 'teacher': 't.npz',
+  path = recipe_file(str(tmp_path), **{**TINY, 'teacher': teacher(tmp_path),
                                        'dataset': 'digits'})
   args = distill.argparser().parse_args(
       ['--recipe', path, '--name', 'x', '--logdir', str(tmp_path),
@@ -229,10 +241,32 @@ def test_the_batch_must_divide_over_the_split_and_devices(
   assert args.batch_split == (int(split) if split else None)
   recipe = distill.load_recipe(args)
   if message is None:
-    distill.check_args(args, recipe, devices)
+    recipes.check_args(args, recipe.batch, devices)
   else:
     with pytest.raises(errors.BadInput, match=re.escape(message)):
-      distill.check_args(args, recipe, devices)
+      recipes.check_args(args, recipe.batch, devices)
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--logdir', '/proc/no'], 'give another --logdir'),
+    (['--export', '/proc/no/model.npz'], 'give another --export'),
+    (['--workers', '-1'], '--workers must be 0 or more'),
+    (['--save_every', '0'], '--save_every must be a positive number'),
+])
+def test_places_and_flags_that_cannot_work_are_refused_before_the_run(
+    tmp_path, capsys, flags, message):
+  from bit_pytorch import distill as torch_distill  # pylint: disable=import-outside-toplevel
+  path = recipe_file(str(tmp_path), **{**TINY, 'teacher': teacher(tmp_path),
+                                       'dataset': 'digits'})
+  args = distill.argparser().parse_args(
+      ['--recipe', path, '--name', 'x', '--logdir', str(tmp_path / 'runs'),
+       *flags])
+  with pytest.raises(SystemExit) as e:
+    errors.run_cli(torch_distill.main, args)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert message in err and '\n' not in err, err
+  assert not (tmp_path / 'runs').exists()
 
 
 # --------------------------------------------------------------------------

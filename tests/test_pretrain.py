@@ -63,7 +63,14 @@ def test_paper_schedule_in_steps():
     (dict(epochs=2), 'exactly one of epochs and steps'),
     (dict(steps=None), 'exactly one of epochs and steps'),
     (dict(loss='hinge'), 'loss must be one of'),
-    (dict(batch='big'), 'batch must be a int'),
+    (dict(batch='big'), 'batch must be an integer'),
+    (dict(base_lr=0), 'base_lr must be positive'),
+    (dict(weight_decay=-1e-4), 'weight_decay must be 0 or positive'),
+    (dict(momentum=1.0), 'momentum must be from 0 to below 1'),
+    (dict(label_smoothing=-0.1), 'label_smoothing must be from 0 to below 1'),
+    (dict(rotations=0), 'rotations must be positive'),
+    (dict(crop_scale=[0, 1]), 'crop_scale must be [min, max] with 0 < min'),
+    (dict(downsample=[8, 4]), 'downsample must be [min, max]'),
     (dict(crop_size=40), 'larger than resize_size'),
     (dict(dataset='mnist'), "unknown dataset 'mnist'; give one of"),
     (dict(dataset='imagefolder'), 'needs --datadir'),
@@ -81,6 +88,22 @@ def test_bad_recipe_is_one_line_and_status_2(tmp_path, capsys, values,
   err = capsys.readouterr().err.strip()
   assert message in err and '\n' not in err
   assert not (tmp_path / 'runs').exists()  # refused before any output
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--export', '/proc/no/model.npz'], 'give another --export'),
+    (['--logdir', '/proc/no'], 'give another --logdir'),
+])
+def test_unwritable_places_are_refused_before_the_run(tmp_path, capsys, flags,
+                                                      message):
+  args = pretrain.argparser().parse_args(
+      ['--recipe', write_recipe(str(tmp_path)), '--name', 'x', '--logdir',
+       str(tmp_path / 'runs'), *flags])
+  with pytest.raises(SystemExit) as e:
+    errors.run_cli(pretrain.main, args)
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / 'runs').exists()
 
 
 def test_set_overrides_recipe_values(tmp_path):

@@ -593,8 +593,9 @@ def test_validate_refuses_unknown_dataset(backend, capsys):
 @pytest.mark.parametrize('backend', ['pytorch', 'tf2', 'jax'])
 def test_validate_refuses_a_missing_checkpoint_before_the_dataset(
     backend, tmp_path, capsys, monkeypatch):
-  """Exit status 2 naming the checkpoint, where the dataset (cifar10, not
-  in --datadir) would have been fetched first."""
+  """Exit status 2 naming the checkpoint (or the unwritable --output),
+  where the dataset (cifar10, not in --datadir) would have been fetched
+  first."""
   import importlib  # pylint: disable=import-outside-toplevel
   module = importlib.import_module(f'bit_{backend}.validate')
   monkeypatch.setattr(datasets, 'load', None)  # Reading it fails the test.
@@ -605,6 +606,11 @@ def test_validate_refuses_a_missing_checkpoint_before_the_dataset(
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and ckpt in err, err
+  with pytest.raises(SystemExit) as e:
+    module.cli(['--ckpt_path', 'BiT-R14x0.5-FashionMNIST', '--output',
+                '/proc/no/result.json'])
+  assert e.value.code == 2
+  assert 'give another --output' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('dataset', ['tfds', 'vtab'])

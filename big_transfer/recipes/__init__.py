@@ -7,10 +7,12 @@ A recipe is named either by a path or by the name of a shipped file without
 """
 import dataclasses
 import importlib.resources
+import math
 import os
 
 import yaml
 
+from big_transfer import flags, runfiles
 from big_transfer.errors import BadInput
 
 
@@ -36,6 +38,10 @@ def find(recipe):
 
 
 
+KINDS = {int: 'an integer', float: 'a number', str: 'a string',
+         list: 'a list'}
+
+
 def check_fields(obj, where='recipe'):
   """Refuses a dataclass field whose value is not of its declared type
   (int accepted for float; None always)."""
@@ -44,8 +50,55 @@ def check_fields(obj, where='recipe'):
     kind = (int, float) if f.type is float else f.type
     if value is not None and (not isinstance(value, kind) or
                               isinstance(value, bool)):
-      raise BadInput(f'{where}: {f.name} must be a {f.type.__name__}, got '
+      raise BadInput(f'{where}: {f.name} must be {KINDS.get(f.type, f.type.__name__)}, got '
                      f'{value!r}.')
+
+
+def check_positive(obj, names):
+  """Refuses a field of `names` (None allowed) that is not a finite
+  number above 0."""
+  for name in names:
+    value = getattr(obj, name)
+    if value is not None and not 0 < value < math.inf:
+      raise BadInput(f'recipe: {name} must be positive, got {value}.')
+
+
+def check_at_least_0(obj, names):
+  """Refuses a field of `names` that is not a finite number from 0 on."""
+  for name in names:
+    value = getattr(obj, name)
+    if not 0 <= value < math.inf:
+      raise BadInput(f'recipe: {name} must be 0 or positive, got {value}.')
+
+
+def check_range(name, pair, low, high=math.inf, integers=False):
+  """Refuses a [min, max] field unless low < min <= max <= high, integers
+  where `integers`."""
+  kind = int if integers else (int, float)
+  if not (isinstance(pair, list) and len(pair) == 2 and
+          all(isinstance(v, kind) and not isinstance(v, bool) for v in pair)
+          and low < pair[0] <= pair[1] <= high):
+    bound = '' if high == math.inf else f' <= {high}'
+    raise BadInput(f'recipe: {name} must be [min, max] with {low} < min <= '
+                   f'max{bound}{" (integers)" if integers else ""}, got '
+                   f'{pair}.')
+
+
+def check_args(args, batch, devices=1):
+  """Refuses the flags of a recipe's run (pre-training, distillation) that
+  cannot work with its `batch` on `devices`, before any long work: the
+  batch split, --save_every, --workers, a run folder or an --export that
+  cannot be written."""
+  flags.check_batch_split(batch, args.batch_split, devices)
+  if args.save_every is not None and args.save_every < 1:
+    raise BadInput(f'--save_every must be a positive number, got '
+                   f'{args.save_every}.')
+  if args.workers < 0:
+    raise BadInput(f'--workers must be 0 or more, got {args.workers}.')
+  runfiles.check_writable(os.path.join(args.logdir, args.name),
+                          'make it writable or give another --logdir.')
+  if args.export:
+    runfiles.check_out(args.export, '--export')
 
 
 def load(cls, recipe, overrides=(), datadir=None):

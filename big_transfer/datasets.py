@@ -4,6 +4,7 @@ arrays, TFDS and VTAB-1k datasets (through tfds_reader), and each as Data:
 two Sources (labels, and image i as a PIL image). Also the few-shot sampler.
 """
 import argparse
+import collections
 import dataclasses
 import io
 import os
@@ -69,6 +70,11 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif',
 class FileSplit:
   paths: list
   labels: np.ndarray
+  left_out: list = dataclasses.field(default_factory=list)  # not images
+
+
+def is_image_file(name):
+  return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _scan_split(folder, classes=None):
@@ -79,17 +85,34 @@ def _scan_split(folder, classes=None):
   elif set(found) - set(classes):
     raise BadInput(f'{folder} has classes that train/ lacks: '
                    f'{sorted(set(found) - set(classes))}.')
-  paths, labels = [], []
+  paths, labels, left_out = [], [], []
   for label, c in enumerate(classes):
     d = os.path.join(folder, c)
-    files = sorted(f for f in os.listdir(d) if f.lower().endswith(
-        IMAGE_EXTENSIONS)) if os.path.isdir(d) else []
+    names = sorted(os.listdir(d)) if os.path.isdir(d) else []
+    files = [f for f in names if is_image_file(f)]
     if not files:
       raise BadInput(f'class folder {d} has no images; add some, or remove '
                      'the class from every split.')
     paths += [os.path.join(d, f) for f in files]
     labels += [label] * len(files)
-  return classes, FileSplit(paths, np.array(labels, dtype=np.int64))
+    left_out += [os.path.join(d, f) for f in names if not is_image_file(f)
+                 and not f.startswith('.') and
+                 os.path.isfile(os.path.join(d, f))]
+  return classes, FileSplit(paths, np.array(labels, dtype=np.int64), left_out)
+
+
+def left_out_warning(split):
+  """One line naming the files of `split`'s class folders that were left
+  out as not images (by their extension; hidden files are not named), or
+  None."""
+  if not split.left_out:
+    return None
+  kinds = collections.Counter(os.path.splitext(p)[1].lower() or 'none'
+                              for p in split.left_out)
+  counts = ', '.join(f'{kind} {n}' for kind, n in sorted(kinds.items()))
+  return (f'left out {len(split.left_out)} file(s) that are not images by '
+          f'their extension ({counts}; e.g. {split.left_out[0]}); the image '
+          f'extensions are {" ".join(IMAGE_EXTENSIONS)}.')
 
 
 def scan_imagefolder(datadir):
@@ -387,6 +410,9 @@ def _read(args, logger, check_train, named):
   if args.dataset == 'imagefolder' or (args.dataset == 'imagenet2012' and
                                        named is not None):
     classes, train, val = scan_imagefolder(args.datadir)
+    for split in ((train, val) if check_train else (val,)) if logger else ():
+      if warning := left_out_warning(split):
+        logger.warning(warning)
     if check_train:
       train = _readable(train, args, logger)
     val = _readable(val, args, logger)

@@ -4,7 +4,9 @@ import functools
 import http.server
 import io
 import json
+import logging
 import os
+import shutil
 import threading
 import urllib.error
 
@@ -356,6 +358,27 @@ def test_scan_imagefolder_sorted_and_checked(tmp_path):
   os.makedirs(tmp_path / 'f' / 'train' / 'empty')
   with pytest.raises(errors.BadInput, match='empty has no images'):
     datasets.scan_imagefolder(root)
+
+
+def test_files_that_are_not_images_are_named_when_left_out(tmp_path, caplog):
+  root = write_imagefolder(tmp_path / 'f', train=2, val=1)
+  cat = tmp_path / 'f' / 'train' / 'cat'
+  shutil.copy(cat / '000.png', cat / 'moving.gif')
+  (cat / 'notes.txt').write_text('not an image')
+  (cat / '.DS_Store').write_bytes(b'hidden, not named')
+  (cat / 'UPPER.PNG').write_bytes((cat / '000.png').read_bytes())
+  _, train, val = datasets.scan_imagefolder(root)
+  assert str(cat / 'UPPER.PNG') in train.paths
+  assert sorted(train.left_out) == [str(cat / 'moving.gif'),
+                                    str(cat / 'notes.txt')]
+  assert val.left_out == [] and datasets.left_out_warning(val) is None
+  args = argparse.Namespace(dataset='imagefolder', datadir=root,
+                            examples_per_class=None)
+  caplog.set_level(logging.WARNING)
+  datasets.load(args, logging.getLogger('bit.test_left_out'))
+  assert [r.message for r in caplog.records] == [
+      datasets.left_out_warning(train)]
+  assert '2 file(s)' in caplog.text and '.gif 1, .txt 1' in caplog.text
 
 
 def test_scan_imagefolder_uses_test_when_no_val(tmp_path):

@@ -179,6 +179,21 @@ def check_same_run(saved, run, where):
         + '); choose another --name or delete that folder.')
 
 
+def check_same_command(folder, command):
+  """Refuses (BadInput) a run folder whose config.json another command
+  wrote (another backend's trainer, a distillation where a fine-tuning
+  ran): `command` could not resume its checkpoints and would overwrite its
+  outputs. Folders of runs that recorded no command are not checked."""
+  try:
+    with open(os.path.join(folder, runfiles.CONFIG)) as f:
+      other = json.load(f).get('command')
+  except (OSError, ValueError, AttributeError):
+    return  # no run yet, or a damaged config.json that the run rewrites
+  if other and other != command:
+    raise BadInput(f'{folder} holds a run of python -m {other}, which that '
+                   f'command resumes; choose another --name for {command}.')
+
+
 # --------------------------------------------------------------------------
 # The checkpoint protocol: what the harness asks of a trainer's checkpoint
 # format (bit_pytorch.engine.Checkpoint, bit_tf2.engine.Checkpoints,
@@ -218,9 +233,11 @@ class Run:
   processes (a framework collective; the default is a single process).
   """
 
-  def __init__(self, args, lead=True, any_process=None):
-    self.args, self.lead = args, lead
+  def __init__(self, args, lead=True, any_process=None, command=None):
+    self.args, self.lead, self.command = args, lead, command
     self.dir = run_dir(args)
+    if command:
+      check_same_command(self.dir, command)
     if lead:
       _lock(self.dir)
     self.logger = run_logger(args, lead)
@@ -269,7 +286,8 @@ class Run:
     whose GPUs `backend`'s framework does not see."""
     if self.lead:
       runfiles.write_json(os.path.join(self.dir, runfiles.CONFIG),
-                 dict(vars(self.args), **config, resumed_from_step=step))
+                          dict(vars(self.args), **config, command=self.command,
+                               resumed_from_step=step))
       self.metrics = Metrics(self.args, step, self.logger)
     self.logger.info(summary)
     slow_bf16 = (getattr(self.args, 'precision', None) == 'bf16' and

@@ -132,7 +132,8 @@ def main(args):
 
   pid, nproc = jax.process_index(), jax.process_count()
   with distill.Run(args, pid == 0,
-                   engine.any_process if nproc > 1 else None) as run:
+                   engine.any_process if nproc > 1 else None,
+                   command='bit_jax.distill') as run:
     run.logger.info(f'recipe {args.recipe}: {recipe}')
     data = datasets.load(distill.data_args(args, recipe), run.logger)
     train_size = len(data.train)

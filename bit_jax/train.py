@@ -124,7 +124,8 @@ def main(args):
   lead_first(bit_common.check_args, args, len(devices))
 
   pid, nproc = jax.process_index(), jax.process_count()
-  with harness.Run(args, pid == 0, any_process if nproc > 1 else None) as run:
+  with harness.Run(args, pid == 0, any_process if nproc > 1 else None,
+                   command='bit_jax.train') as run:
     data = datasets.load(args, run.logger)
     train_size = len(data.train)
     hyper = harness.HyperRule.of(args, train_size, data.original_hw)

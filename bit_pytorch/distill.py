@@ -180,7 +180,8 @@ def main(args):
 
 
 def _distill(args, recipe, rank, world, device):
-  with distill.Run(args, rank == 0, engine.any_process()) as run:
+  with distill.Run(args, rank == 0, engine.any_process(),
+                   command='bit_pytorch.distill') as run:
     run.logger.info(f'recipe {args.recipe}: {recipe}')
     torch.manual_seed(args.seed)
     train_src, val_src, classes, names = engine.local_first(

@@ -238,7 +238,8 @@ def main(args):
 
 
 def _pretrain(args, recipe, rank, world, device):
-  with harness.Run(args, rank == 0, engine.any_process()) as run:
+  with harness.Run(args, rank == 0, engine.any_process(),
+                   command='bit_pytorch.pretrain') as run:
     run.logger.info(f'recipe {args.recipe}: {recipe}')
     torch.manual_seed(args.seed)
     train_src, val_src, classes = engine.local_first(load_data, args, recipe,

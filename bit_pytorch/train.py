@@ -87,7 +87,8 @@ def main(args):
 
 def _train(args, rank, device):
   world = world_size()
-  with harness.Run(args, rank == 0, any_process()) as run:
+  with harness.Run(args, rank == 0, any_process(),
+                   command='bit_pytorch.train') as run:
     torch.manual_seed(args.seed)
     data = local_first(torch_data.load, args, run.logger)
     train_src = data.train

@@ -151,7 +151,8 @@ def main(args):
   flags.resolve_precision(args, engine.native_bf16(strategy))
   recipes.check_args(args, recipe.batch, replicas)
   with distill.Run(args, engine.is_chief(strategy),
-                   engine.any_process(strategy)) as run:
+                   engine.any_process(strategy),
+                   command='bit_tf2.distill') as run:
     run.logger.info(f'recipe {args.recipe}: {recipe}')
     if not deterministic:
       run.logger.warning('TensorFlow was started before bit_tf2 could ask it '

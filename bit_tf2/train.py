@@ -160,7 +160,8 @@ def main(args):
   flags.resolve_precision(args, engine.native_bf16(strategy))
   chief_first(strategy, bit_common.check_args, args, replicas)
   xla = uses_xla(strategy, args.compile, args.precision)
-  with harness.Run(args, is_chief(strategy), any_process(strategy)) as run:
+  with harness.Run(args, is_chief(strategy), any_process(strategy),
+                   command='bit_tf2.train') as run:
     if not deterministic:
       run.logger.warning('TensorFlow was started before bit_tf2 could ask it '
                          'for one inter-op thread: two runs of this command '

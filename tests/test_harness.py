@@ -68,6 +68,20 @@ def run(args, losses=lambda step: 1.0 / (step + 1), stop_at=None,
   return r, r.finish(result, step)
 
 
+def test_a_folder_that_another_command_wrote_is_refused(tmp_path):
+  args = args_for(tmp_path)
+  with harness.Run(args, command='bit_jax.train') as r:
+    r.start(0, {}, 'a run')
+  config = json.loads((tmp_path / 'run' / runfiles.CONFIG).read_text())
+  assert config['command'] == 'bit_jax.train'
+  with pytest.raises(errors.BadInput, match='python -m bit_jax.train'):
+    harness.Run(args, command='bit_jax.distill')
+  harness.Run(args, command='bit_jax.train').close()
+  del config['command']  # a run from before commands were recorded
+  runfiles.write_json(str(tmp_path / 'run' / runfiles.CONFIG), config)
+  harness.Run(args, command='bit_jax.distill').close()
+
+
 def metrics_lines(tmp_path):
   with open(tmp_path / 'run' / runfiles.METRICS) as f:
     return f.read().splitlines()

@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,6 +152,7 @@ def test_outputs_and_their_fields(setup, reference, backend):
   assert results['n'] == 15  # every validation image (3 classes x 5)
   config = json.loads((run_dir / 'config.json').read_text())
   assert config['classes'] == ['cat', 'dog', 'owl']
+  assert config['command'] == f'bit_{backend}.train'
   assert config['dataset_size'] == 24 and config['resolution'] == [32, 32]
   assert config['schedule'][-1] == STEPS and config['mixup'] == 0.4
   assert config['mixup_alpha'] == 0.4 and config['resumed_from_step'] == 0
@@ -244,6 +246,21 @@ def test_resuming_with_other_settings_is_refused(setup, reference, backend):
   with pytest.raises(errors.BadInput,
                      match='base_lr: 0.01 there, 0.1 now'):
     run(setup, backend, 'reference', '--base_lr', '0.1')
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_a_folder_of_another_backends_run_is_refused(setup, reference, backend,
+                                                     tmp_path):
+  """Another trainer could not resume its checkpoints, and would have
+  trained anew over its model.npz and results."""
+  other = BACKENDS[(BACKENDS.index(backend) + 1) % len(BACKENDS)]
+  folder = tmp_path / 'run'
+  folder.mkdir()
+  shutil.copy(out(setup, backend, 'reference') / 'config.json', folder)
+  with pytest.raises(errors.BadInput,
+                     match=f'holds a run of python -m bit_{backend}.train'):
+    run(setup, other, 'run', '--logdir', str(tmp_path))
+  assert os.listdir(folder) == ['config.json']
 
 
 @pytest.mark.parametrize('backend', BACKENDS)

@@ -12,7 +12,7 @@ the compiled step, its checkpoint format. It hands the rest to a `Run`:
     run.finish(result, step, export)          # model.npz, results.json
 
 The `with` block closes the run's files and releases its lock however it
-ends.
+ends; a run refused (BadInput) before `start` removes the folder it made.
 
 `fit` is the training loop: it asks the trainer for one step at a time
 (`train(step, lr)`, which returns that step's loss *on the device*), reads
@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import signal
 import threading
 import time
@@ -238,6 +239,8 @@ class Run:
     self.dir = run_dir(args)
     if command:
       check_same_command(self.dir, command)
+    # A run refused (BadInput) before it started leaves no folder it made.
+    self.made, self.started = lead and not os.path.exists(self.dir), False
     if lead:
       _lock(self.dir)
     self.logger = run_logger(args, lead)
@@ -284,6 +287,7 @@ class Run:
     where --precision bf16 is no faster than fp32 on `device` ('cpu',
     'gpu', ...) in `backend`, and where the run is on the CPU of a machine
     whose GPUs `backend`'s framework does not see."""
+    self.started = True
     if self.lead:
       runfiles.write_json(os.path.join(self.dir, runfiles.CONFIG),
                           dict(vars(self.args), **config, command=self.command,
@@ -495,8 +499,10 @@ class Run:
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
+  def __exit__(self, kind, error, traceback):
     self.close()
+    if self.made and not self.started and isinstance(error, BadInput):
+      shutil.rmtree(self.dir, ignore_errors=True)
 
   def close(self):
     """Closes the run's files (metrics, TensorBoard, the log file), removes

@@ -82,6 +82,32 @@ def test_a_folder_that_another_command_wrote_is_refused(tmp_path):
   harness.Run(args, command='bit_jax.distill').close()
 
 
+def test_a_run_refused_before_it_starts_leaves_no_folder_it_made(tmp_path):
+  args = args_for(tmp_path)
+  folder = tmp_path / 'run'
+  with pytest.raises(errors.BadInput):
+    with harness.Run(args) as r:
+      r.logger.warning('written to train.log before the refusal')
+      raise errors.BadInput('bad data')
+  assert not folder.exists()
+  folder.mkdir()
+  (folder / 'mine.txt').write_text('the user\'s')
+  with pytest.raises(errors.BadInput):
+    with harness.Run(args):
+      raise errors.BadInput('bad data')
+  assert (folder / 'mine.txt').exists()
+  args = args_for(tmp_path, name='started')
+  with pytest.raises(errors.BadInput):
+    with harness.Run(args) as r:
+      r.start(0, {}, 'a run')
+      raise errors.BadInput('after the start')
+  assert (tmp_path / 'started' / runfiles.CONFIG).exists()
+  with pytest.raises(ValueError):
+    with harness.Run(args_for(tmp_path, name='crashed')):
+      raise ValueError('not bad input: a bug, whose log is kept')
+  assert (tmp_path / 'crashed' / 'train.log').exists()
+
+
 def metrics_lines(tmp_path):
   with open(tmp_path / 'run' / runfiles.METRICS) as f:
     return f.read().splitlines()

@@ -470,6 +470,7 @@ def test_bad_places_and_values_exit_2(setup, backend, tmp_path):
     os.remove(os.path.join(empty, 'val', 'owl', f))
   with pytest.raises(errors.BadInput, match=r'val/owl has no images'):
     run(setup, backend, 'places', folder=empty)
+  assert not out(setup, backend, 'places').exists()  # nor after reading it
 
 
 @pytest.mark.parametrize('backend', BACKENDS)

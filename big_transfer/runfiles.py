@@ -100,26 +100,26 @@ def cache_dir(*parts):
 
 def check_writable(folder, hint, keep=False):
   """Refuses (BadInput, ending with `hint`) a folder that cannot be made or
-  written in; the folders made for the check are removed again unless
-  `keep`."""
+  written in. With `keep` the folder is made; without, the check leaves
+  nothing behind and makes nothing that another process checking the same
+  folder could see (a missing folder: a uniquely named one made and removed
+  in its nearest existing parent)."""
   folder = os.path.abspath(folder)
-  missing, parent = [], folder
-  while not os.path.exists(parent):
-    missing.append(parent)
+  parent = folder
+  while not os.path.lexists(parent):
     parent = os.path.dirname(parent)
   try:
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder):
-      pass
+    if keep:
+      os.makedirs(folder, exist_ok=True)
+      parent = folder
+    if parent == folder:
+      with tempfile.TemporaryFile(dir=folder):
+        pass
+    else:
+      os.rmdir(tempfile.mkdtemp(dir=parent))
   except OSError as e:
     raise BadInput(f'cannot write to {folder} ({e.strerror or e}); '
                    f'{hint}') from None
-  finally:
-    for made in [] if keep else missing:
-      try:
-        os.rmdir(made)  # only if still empty
-      except OSError:
-        pass  # another process of the run uses it, or removed it already
 
 
 def check_out(out, flag='--out'):

@@ -293,6 +293,31 @@ def test_run_names_stay_under_the_logdir_and_seeds_suit_every_backend(
       assert flag in capsys.readouterr().err
 
 
+def test_checking_a_folder_makes_nothing_and_races_with_nothing(tmp_path):
+  """Several processes of one run check its folder at once (torchrun,
+  jax.distributed): no check may remove what another is checking in."""
+  target = tmp_path / 'logdir' / 'run'
+  refusals = []
+
+  def check():
+    for _ in range(300):
+      try:
+        runfiles.check_writable(str(target), 'hint')
+      except errors.BadInput as e:
+        refusals.append(e)
+  threads = [threading.Thread(target=check) for _ in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not refusals and os.listdir(tmp_path) == []
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(errors.BadInput, match='Not a directory.*hint'):
+    runfiles.check_writable(str(tmp_path / 'a_file' / 'run'), 'hint')
+  runfiles.check_writable(str(target), 'hint', keep=True)
+  assert target.is_dir()
+
+
 def test_batch_must_divide_over_devices():
   args = bit_common.argparser().parse_args(
       ['--name', 'n', '--logdir', 'l', '--batch', '12', '--batch_split', '2'])

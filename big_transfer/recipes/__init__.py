@@ -50,7 +50,8 @@ def check_fields(obj, where='recipe'):
     kind = (int, float) if f.type is float else f.type
     if value is not None and (not isinstance(value, kind) or
                               isinstance(value, bool)):
-      raise BadInput(f'{where}: {f.name} must be {KINDS.get(f.type, f.type.__name__)}, got '
+      kind_name = KINDS.get(f.type, f.type.__name__)
+      raise BadInput(f'{where}: {f.name} must be {kind_name}, got '
                      f'{value!r}.')
 
 

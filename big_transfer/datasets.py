@@ -53,8 +53,9 @@ def fewshot_indices(labels, examples_per_class, seed):
   for c in np.unique(labels):
     idx = np.flatnonzero(labels == c)
     if len(idx) < examples_per_class:
-      raise BadInput(f'class {c} has only {len(idx)} training examples; '
-                     f'--examples_per_class {examples_per_class} needs more.')
+      raise BadInput(f'class {c} has only {len(idx)} training examples, '
+                     f'fewer than the {examples_per_class} per class asked '
+                     'for (--examples_per_class, fewshot\'s --shots).')
     chosen.append(rng.choice(idx, examples_per_class, replace=False))
   return np.sort(np.concatenate(chosen))
 

@@ -9,6 +9,7 @@ batch), so a resumed run, a run over any number of processes, and a run in
 another backend see exactly the same batches.
 """
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ def _torchvision(args):
   downloaded into --datadir when missing."""
   from torchvision import datasets as tv_datasets
   root = args.datadir or os.path.join('data', args.dataset)
+  made, path = None, os.path.abspath(root)  # the outermost folder to make
+  while not os.path.exists(path):
+    made, path = path, os.path.dirname(path)
   try:
     if args.dataset in ('cifar10', 'cifar100'):
       cls = (tv_datasets.CIFAR10 if args.dataset == 'cifar10' else
@@ -51,6 +55,8 @@ def _torchvision(args):
       files = [tuple(zip(*(d[i] for i in range(len(d))))) for d in (train,
                                                                     val)]
   except (OSError, RuntimeError) as e:
+    if made:  # with what the failed download left there
+      shutil.rmtree(made, ignore_errors=True)
     raise errors.BadInput(f'could not get {args.dataset} into {root} ({e}); '
                               'check the network or --datadir.') from e
   (tp, tl), (vp, vl) = files

@@ -210,6 +210,34 @@ def test_torchvision_datasets_are_wrapped_from_their_data(monkeypatch,
                    (str(tmp_path), 'test', True)]
 
 
+def test_a_failed_download_is_one_line_and_leaves_no_folder_it_made(
+    monkeypatch, tmp_path):
+  from torchvision import datasets as tv_datasets
+
+  class Offline:
+    def __init__(self, root, train, download):
+      del train, download
+      os.makedirs(root, exist_ok=True)  # as torchvision does, then fails
+      (tmp_path / root / 'cifar-10-python.tar.gz').write_bytes(b'part')
+      raise RuntimeError('<urlopen error [Errno -2] Name or service not '
+                         'known>')
+
+  monkeypatch.setattr(tv_datasets, 'CIFAR10', Offline)
+  monkeypatch.chdir(tmp_path)
+  args = types.SimpleNamespace(dataset='cifar10', datadir=None,
+                               skip_bad_images=False)
+  with pytest.raises(errors.BadInput, match=r'could not get cifar10 into '
+                     r'data/cifar10 \(<urlopen.*check the network'):
+    torch_data.load(args, None)
+  assert not (tmp_path / 'data').exists()
+  mine = tmp_path / 'mine'  # a --datadir that was there is left as it was
+  mine.mkdir()
+  args.datadir = str(mine)
+  with pytest.raises(errors.BadInput, match='could not get cifar10'):
+    torch_data.load(args, None)
+  assert os.listdir(mine) == ['cifar-10-python.tar.gz']
+
+
 def test_world_size_without_local_rank_is_one_line(tmp_path, monkeypatch,
                                                    capsys):
   monkeypatch.setenv('WORLD_SIZE', '2')

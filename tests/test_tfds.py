@@ -132,6 +132,16 @@ def test_tfds_dataset_by_name(toy_dir):
       assert got[i][1] == labels[i]
 
 
+def test_a_published_dataset_finds_its_download_checksums():
+  """What TFDS reads before it downloads a dataset (--dataset cifar10 in JAX
+  and TF2): its builder's code and checksums. TFDS 4.9.10 needs
+  importlib_resources there without requiring it (tensorflow/datasets#11212),
+  so the install brings it."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  urls = tfds.builder_cls('cifar10').url_infos
+  assert any(url.endswith('cifar-10-binary.tar.gz') for url in urls)
+
+
 def test_split_reads_lazily_and_pickles(toy_dir):
   """A Split sent to data-loader workers (pickled) reads its examples there."""
   import pickle  # pylint: disable=import-outside-toplevel

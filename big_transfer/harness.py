@@ -239,8 +239,13 @@ class Run:
     self.dir = run_dir(args)
     if command:
       check_same_command(self.dir, command)
-    # A run refused (BadInput) before it started leaves no folder it made.
-    self.made, self.started = lead and not os.path.exists(self.dir), False
+    # A run refused (BadInput) before it started leaves no folder it made:
+    # these, the run folder first, then the parents that it adds.
+    self.made, self.started = [], False
+    folder = os.path.abspath(self.dir)
+    while lead and not os.path.exists(folder):
+      self.made.append(folder)
+      folder = os.path.dirname(folder)
     if lead:
       _lock(self.dir)
     self.logger = run_logger(args, lead)
@@ -502,7 +507,12 @@ class Run:
   def __exit__(self, kind, error, traceback):
     self.close()
     if self.made and not self.started and isinstance(error, BadInput):
-      shutil.rmtree(self.dir, ignore_errors=True)
+      shutil.rmtree(self.made[0], ignore_errors=True)
+      for parent in self.made[1:]:
+        try:
+          os.rmdir(parent)  # only while empty: another run may have begun
+        except OSError:
+          break
 
   def close(self):
     """Closes the run's files (metrics, TensorBoard, the log file), removes

@@ -83,13 +83,14 @@ def test_a_folder_that_another_command_wrote_is_refused(tmp_path):
 
 
 def test_a_run_refused_before_it_starts_leaves_no_folder_it_made(tmp_path):
-  args = args_for(tmp_path)
-  folder = tmp_path / 'run'
+  args = args_for(tmp_path / 'new_logdir', name='group/run')
   with pytest.raises(errors.BadInput):
     with harness.Run(args) as r:
       r.logger.warning('written to train.log before the refusal')
       raise errors.BadInput('bad data')
-  assert not folder.exists()
+  assert os.listdir(tmp_path) == []
+  args = args_for(tmp_path)
+  folder = tmp_path / 'run'
   folder.mkdir()
   (folder / 'mine.txt').write_text('the user\'s')
   with pytest.raises(errors.BadInput):

@@ -80,7 +80,7 @@ def main(args):
   args = bit_common.with_backend_defaults(args, torch_flags())
   with process_group() as (rank, device):
     flags.resolve_precision(args, native_bf16(device))
-    # One process after the other: the checks make and remove folders.
+    # In turn, and together: a check that fails in one process stops all.
     local_first(bit_common.check_args, args, world_size())
     return _train(args, rank, device)
 

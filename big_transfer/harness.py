@@ -129,8 +129,13 @@ class HyperRule:
   @classmethod
   def of(cls, args, dataset_size, original_hw):
     mixup = getattr(args, 'mixup_alpha', None)
-    return cls(*bit_hyperrule.resolution(original_hw, args.resize_size,
-                                         args.crop_size),
+    resize, crop = bit_hyperrule.resolution(original_hw, args.resize_size,
+                                            args.crop_size)
+    if crop > resize:  # --resize_size alone, below the HyperRule's crop
+      raise BadInput(f'--resize_size {resize} is smaller than the '
+                     f'HyperRule\'s crop for this dataset, {crop}; give a '
+                     f'--crop_size of at most {resize} too.')
+    return cls(resize, crop,
                bit_hyperrule.get_schedule(dataset_size, args.total_steps),
                bit_hyperrule.get_mixup(dataset_size) if mixup is None
                else mixup, dataset_size, args.base_lr, args.total_steps)

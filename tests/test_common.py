@@ -353,6 +353,11 @@ def test_resolution_overrides():
   assert resolution(['--resize_size', '40', '--crop_size', '32'],
                     (500, 500)) == (40, 32)
   assert resolution(['--resize_size', '600'], (500, 500)) == (600, 480)
+  assert resolution(['--resize_size', '128'], (32, 32)) == (128, 128)
+  # A resize alone below the HyperRule's crop would crop past the image.
+  with pytest.raises(errors.BadInput, match='--resize_size 100 is smaller '
+                     "than the HyperRule's crop for this dataset, 128"):
+    resolution(['--resize_size', '100'], (32, 32))
 
 
 # ---------------------------------------------------------------- few-shot

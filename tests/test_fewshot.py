@@ -275,7 +275,7 @@ def test_bad_input_exits_2(tmp_path, capsys, monkeypatch):
   # More shots than a class has (digits: 91 to 104 training images each).
   assert exit_status(fewshot.main, fewshot_args(
       '--model', BUNDLED, '--dataset', 'digits', '--shots', '5,200')) == 2
-  assert '--examples_per_class 200' in capsys.readouterr().err
+  assert 'fewer than the 200 per class' in capsys.readouterr().err
   root = write_imagefolder(tmp_path / 'images', train=3, val=2)
   # A missing folder of --out is made; one under a file cannot be.
   (tmp_path / 'a_file').write_text('not a folder')

@@ -20,12 +20,11 @@ API (framework-neutral; the pipelines of the three backends build on it):
       describe() (a dict for config.json), read('train' | 'eval') -> Split
   Split: len(split), split.labels (int64 [n]), split.encoded (object [n] of
       encoded image bytes: PNG, JPEG, ...), split[i] -> (bytes, int label),
-      split.examples(indices), split.subset(indices) -> Split,
-      split.decode(i) -> uint8 [h, w, 3]. With array_record files a Split
+      split.examples(indices), split.subset(indices) -> Split (the images
+      decoded by datasets.decode). With array_record files a Split
       reads nothing until asked and pickles (for data-loader workers); the
       labels of a whole split, once read, are kept in the package's cache
       (runfiles.cache_dir('tfds_labels')) for the next run.
-  decode(encoded) -> uint8 [h, w, 3]   (grey images repeated on 3 channels)
   (The VTAB-1k tasks, their splits and labels are big_transfer.vtab's.)
 
   add_array_record(prepared_dir) -> bool
@@ -136,14 +135,6 @@ def _scaled_binary_png(encoded):
   return out.getvalue()
 
 
-def decode(encoded):
-  """uint8 [h, w, 3] of encoded image bytes (grey images repeated on the
-  three channels, as TensorFlow's decode_image(channels=3) does)."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  with Image.open(io.BytesIO(encoded)) as im:
-    return np.asarray(im.convert('RGB'))
-
-
 class Split:
   """One split: n examples of (encoded image bytes, int64 label).
 
@@ -238,9 +229,6 @@ class Split:
     """object [n] of encoded image bytes (PNG, JPEG, ...)."""
     self._read_all()
     return self._encoded
-
-  def decode(self, i):
-    return decode(self[i][0])
 
   def subset(self, indices):
     """The examples at `indices` (e.g. datasets.fewshot_indices), in that

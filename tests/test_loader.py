@@ -117,6 +117,13 @@ def test_decode_gives_rgb_of_every_mode(tmp_path):
     assert got.mode == 'RGB', name
     np.testing.assert_array_equal(np.asarray(got), want)
     assert preprocess.train_view(got, 0, 12, 8).shape == (8, 8, 3)
+  # 16-bit grey (PIL's I;16): each value's high byte, not clipped at 255.
+  grey = np.array([[0, 255, 256, 1000, 30000, 65535]] * 2, np.uint16)
+  Image.fromarray(grey).save(tmp_path / 'grey16.png')
+  got = np.asarray(datasets.decode(tmp_path / 'grey16.png'))
+  want = [[0, 0, 1, 3, 117, 255]] * 2
+  for channel in range(3):
+    np.testing.assert_array_equal(got[..., channel], want)
 
 
 @pytest.mark.parametrize('processes', [1, 2])

@@ -105,6 +105,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if not args.out.lower().endswith('.png'):
     raise BadInput(f'--out {args.out}: give a .png file name.')
+  runfiles.check_out(args.out)
   print(plot(args.run_dirs, args.out, args.title))
 
 

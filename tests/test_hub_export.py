@@ -489,3 +489,7 @@ def test_plot_two_runs(tmp_path):
     assert (np.abs(pixels.astype(int) - colour).sum(-1) < 30).sum() > 50
   with pytest.raises(errors.BadInput, match='metrics.jsonl'):
     plot.main([str(tmp_path / 'nothing'), '--out', out])
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(errors.BadInput, match='cannot write.*give another --out'):
+    plot.main([str(tmp_path / 'a'), '--out',
+               str(tmp_path / 'a_file' / 'runs.png')])

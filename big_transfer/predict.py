@@ -48,9 +48,10 @@ def list_images(inputs):
 def load_image(path, size):
   """uint8 (size, size, 3) RGB array: the image resized bilinearly, as
   evaluation's (preprocess.eval_view)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
   try:
     return preprocess.eval_view(datasets.decode(path), size)
-  except OSError as e:
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise BadInput(f'cannot read image {path} ({e}).') from e
 
 
@@ -103,8 +104,12 @@ def predict(args, load_model, logger=None):
   """The predict CLI's work, given the backend's `load_model(weights)` that
   returns (head_size, logits_fn: float32 NHWC batch -> numpy logits); the
   weights are zoo.load_weights's (every --model form)."""
-  if args.top_k < 1 or args.batch < 1:
-    raise BadInput('--top_k and --batch must be positive.')
+  for flag in ('top_k', 'batch', 'resolution'):
+    value = getattr(args, flag)
+    if value is not None and value < 1:
+      raise BadInput(f'--{flag} must be positive, got {value}.')
+  if args.save_logits:
+    runfiles.check_out(args.save_logits, '--save_logits')
   paths = list_images(args.inputs)
   weights = zoo.load_weights(args.model, args.bit_pretrained_dir)
   head_size, logits_fn = load_model(weights)

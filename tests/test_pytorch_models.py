@@ -154,6 +154,8 @@ def test_predict_prints_topk_and_saves_logits(tmp_path, make_npz):
     ('truncated', 'not a readable .npz'),
     ('missing_key', 'has no resnet/block1/unit01/a/group_norm/gamma'),
     ('no_images', 'no images found'),
+    ('unwritable_logits', 'give another --save_logits'),
+    ('zero_resolution', '--resolution must be positive'),
 ])
 def test_predict_refusals_exit_2(tmp_path, make_npz, setup, message):
   path = make_npz('R14x0.5', head_size=3)
@@ -168,6 +170,8 @@ def test_predict_refusals_exit_2(tmp_path, make_npz, setup, message):
   elif setup == 'no_images':
     folder = str(tmp_path / 'empty')
     os.makedirs(folder)
-  out = run_predict(folder, '--model', path, cwd=tmp_path)
+  extra = {'unwritable_logits': ['--save_logits', '/proc/no/logits.npy'],
+           'zero_resolution': ['--resolution', '0']}.get(setup, [])
+  out = run_predict(folder, '--model', path, *extra, cwd=tmp_path)
   assert out.returncode == 2
   assert message in out.stderr and out.stderr.count('\n') == 1

@@ -55,6 +55,30 @@ def deterministic():
   return True
 
 
+def tf_config():
+  """TF_CONFIG as a dict ({} where it is unset); BadInput where it is not
+  JSON of TF's form, or its task is not one of its cluster's."""
+  text = os.environ.get('TF_CONFIG') or '{}'
+  try:
+    config = json.loads(text)
+    members = {kind: len(hosts) for kind, hosts in
+               config.get('cluster', {}).items()}
+    task = config.get('task')
+    if task is not None:
+      kind, index = task['type'], task.get('index', 0)
+  except (ValueError, AttributeError, TypeError, KeyError) as e:
+    raise errors.BadInput(
+        f'TF_CONFIG {text[:200]!r} is not of TensorFlow\'s form ({e}), '
+        '{"cluster": {"worker": ["HOST:PORT", ...]}, "task": {"type": '
+        '"worker", "index": I}}.') from None
+  if task is not None and not (isinstance(index, int) and
+                               0 <= index < members.get(kind, 0)):
+    raise errors.BadInput(
+        f'TF_CONFIG\'s task, {kind} {index}, is not one of its cluster\'s '
+        f'({", ".join(f"{n} {k}" for k, n in members.items()) or "none"}).')
+  return config
+
+
 def make_strategy(workers=True):
   """The tf.distribute strategy for this machine: TPUStrategy where a TPU
   is, MultiWorkerMirroredStrategy where TF_CONFIG names several workers
@@ -67,9 +91,8 @@ def make_strategy(workers=True):
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
-  cluster = json.loads(os.environ.get('TF_CONFIG') or '{}').get('cluster', {})
-  if workers and sum(len(v) for k, v in cluster.items()
-                     if k in ('chief', 'worker')) > 1:
+  cluster = tf_config().get('cluster', {}) if workers else {}
+  if sum(len(v) for k, v in cluster.items() if k in ('chief', 'worker')) > 1:
     return tf.distribute.MultiWorkerMirroredStrategy()
   devices = (tf.config.list_logical_devices('GPU') or
              tf.config.list_logical_devices('CPU'))
@@ -247,7 +270,7 @@ class Checkpoints(harness.Checkpoints):
     self.shared = None if chief else tf.train.CheckpointManager(
         checkpoint, directory, max_to_keep=2)
     if not chief:
-      task = json.loads(os.environ.get('TF_CONFIG') or '{}').get('task', {})
+      task = tf_config().get('task', {})
       directory = os.path.join(
           directory, f'.{task.get("type", "worker")}-{task.get("index", 0)}')
       shutil.rmtree(directory, ignore_errors=True)

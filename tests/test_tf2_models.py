@@ -1,5 +1,8 @@
 """bit_tf2.models: published names, .npz and Keras-2 .h5 loading, strictness,
 export, and logits equal to the PyTorch model's on the same weights."""
+import json
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -251,6 +254,28 @@ def test_the_largest_seed_flags_take_is_the_largest_keras_takes():
   keras.utils.set_random_seed(flags.SEED_MAX)
   with pytest.raises(ValueError):
     keras.utils.set_random_seed(flags.SEED_MAX + 1)
+
+
+def test_a_tf_config_that_cannot_work_is_one_line(monkeypatch):
+  from bit_tf2 import engine  # pylint: disable=import-outside-toplevel
+  for config, words in (('{bad', "not of TensorFlow's form"),
+                        ('[]', "not of TensorFlow's form"),
+                        ('{"cluster": {"worker": "h:1"}, "task": {}}',
+                         "not of TensorFlow's form"),
+                        ('{"cluster": {"worker": ["h:1"]}, "task": {"type": '
+                         '"worker", "index": 3}}', 'worker 3, is not one of '
+                         "its cluster's (1 worker)"),
+                        ('{"cluster": {"worker": ["h:1"]}, "task": {"type": '
+                         '"chief", "index": 0}}', 'chief 0')):
+    monkeypatch.setenv('TF_CONFIG', config)
+    with pytest.raises(errors.BadInput, match=re.escape(words)):
+      engine.make_strategy()
+  two = {'cluster': {'chief': ['h:1'], 'worker': ['h:2']},
+         'task': {'type': 'worker', 'index': 0}}
+  monkeypatch.setenv('TF_CONFIG', json.dumps(two))
+  assert engine.tf_config() == two
+  monkeypatch.delenv('TF_CONFIG')
+  assert engine.tf_config() == {}
 
 
 def test_compile_flag_decides_xla_and_is_refused_on_several_cpu_devices():

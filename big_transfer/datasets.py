@@ -444,11 +444,15 @@ def _read(args, logger, check_train, named):
 
 def _readable(split, args, logger):
   """The FileSplit without unreadable files (--skip_bad_images), or
-  BadImage."""
+  BadImage; BadInput where that leaves a class without images."""
   keep = readable_images(split.paths, getattr(args, 'skip_bad_images', False),
                          logger)
   if len(keep) == len(split.paths):
     return split
+  for label in np.setdiff1d(split.labels, split.labels[keep]):
+    folder = os.path.dirname(split.paths[np.argmax(split.labels == label)])
+    raise BadInput(f'class folder {folder} has no readable images; add '
+                   'some, or remove the class from every split.')
   return FileSplit([split.paths[i] for i in keep], split.labels[keep])
 
 

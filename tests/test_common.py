@@ -453,6 +453,20 @@ def test_readable_images_names_or_leaves_out_bad_files(tmp_path):
   assert datasets.readable_images(paths, skip=True).tolist() == [0, 2, 3, 5]
 
 
+def test_skipping_every_image_of_a_class_is_refused(tmp_path):
+  root = write_imagefolder(tmp_path / 'f', classes=('a', 'b'), train=2, val=1)
+  for name in os.listdir(os.path.join(root, 'train', 'b')):
+    with open(os.path.join(root, 'train', 'b', name), 'wb') as f:
+      f.write(b'not an image')
+  args = argparse.Namespace(dataset='imagefolder', datadir=root,
+                            examples_per_class=None, skip_bad_images=True)
+  with pytest.raises(errors.BadInput, match=r'train/b has no readable images'):
+    datasets.load(args)
+  args.skip_bad_images = False
+  with pytest.raises(datasets.BadImage, match='--skip_bad_images'):
+    datasets.load(args)
+
+
 def test_a_run_folder_names_its_classes_for_predict(tmp_path):
   run = tmp_path / 'run'
   run.mkdir()

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from big_transfer import flags, runfiles, zoo
+from big_transfer import datasets, flags, runfiles, zoo
 from big_transfer.errors import BadInput
 
 
@@ -45,6 +45,7 @@ def check_args(args, devices=1):
   if getattr(args, 'workers', 0) < 0:
     raise BadInput(f'--workers must be 0 or more, got {args.workers}.')
   flags.check_batch_split(args.batch, args.batch_split, devices, '--batch')
+  datasets.check_split_flags(args)
   if args.dataset in ('imagefolder', 'imagenet2012') and not args.datadir:
     raise BadInput(f'--dataset {args.dataset} needs --datadir.')
   if args.datadir and args.dataset == 'imagefolder' and not os.path.isdir(

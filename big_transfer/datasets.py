@@ -40,6 +40,19 @@ def dataset_name(value):
       f'unknown dataset {value!r}; give one of {dataset_forms()}')
 
 
+def check_split_flags(args):
+  """Refuses --train_split and --eval_split for a dataset that TFDS does not
+  read by those names (they would be ignored: an image folder's splits are
+  its folders, and a named dataset is torchvision's in PyTorch, so the
+  backends would train on different data)."""
+  for flag in ('train_split', 'eval_split'):
+    if getattr(args, flag, None) and not tfds_reader.is_tfds(args.dataset):
+      hint = (f'; --dataset {tfds_reader.TFDS_PREFIX}{args.dataset} takes '
+              'it' if args.dataset in NAMED_DATASETS else '')
+      raise BadInput(f'--{flag} applies to tfds:NAME and vtab:TASK '
+                     f'datasets, not to {args.dataset}{hint}.')
+
+
 def fewshot_indices(labels, examples_per_class, seed):
   """Sorted indices of `examples_per_class` examples from each class.
 

@@ -112,6 +112,7 @@ def _check_common(args):
     value = getattr(args, flag)
     if value is not None and value < 1:
       raise BadInput(f'--{flag} must be a positive number, got {value}.')
+  datasets.check_split_flags(args)
   if args.dataset in ('imagefolder', 'imagenet2012') and not args.datadir:
     raise BadInput(f'--dataset {args.dataset} needs --datadir.')
   if args.datadir and args.dataset == 'imagefolder' and not os.path.isdir(

@@ -52,6 +52,7 @@ def check(args):
       raise errors.BadInput(f'checkpoint {args.ckpt_path} does not exist.')
   else:
     zoo.check_model(args.ckpt_path)
+  datasets.check_split_flags(args)
   for flag in ('batch_eval', 'crop_size', 'workers'):
     value = getattr(args, flag, None)
     if value is not None and value < (0 if flag == 'workers' else 1):

@@ -260,6 +260,13 @@ def test_original_flags_keep_their_names_and_defaults():
     (['--dataset', 'imagefolder', '--datadir', '/does/not/exist'], 'not a folder'),
     (['--resize_size', '32', '--crop_size', '64'], 'larger than'),
     (['--model', 'BiT-X-R50x1'], 'unknown model'),
+    # Split flags that some backends would ignore (PyTorch reads cifar10
+    # through torchvision, JAX and TF2 through TFDS).
+    (['--train_split', 'train[:10]'],
+     'not to cifar10; --dataset tfds:cifar10 takes it'),
+    (['--dataset', 'imagefolder', '--datadir', '.', '--eval_split', 'test'],
+     'applies to tfds:NAME and vtab:TASK datasets, not to imagefolder.'),
+    (['--dataset', 'digits', '--eval_split', 'test'], 'not to digits.'),
 ])
 def test_check_args_refuses(flags, message):
   args = bit_common.argparser().parse_args(['--name', 'n', '--logdir', 'l'] + flags)

@@ -276,6 +276,10 @@ def test_bad_input_exits_2(tmp_path, capsys, monkeypatch):
   assert exit_status(fewshot.main, fewshot_args(
       '--model', BUNDLED, '--dataset', 'digits', '--shots', '5,200')) == 2
   assert 'fewer than the 200 per class' in capsys.readouterr().err
+  assert exit_status(fewshot.main, fewshot_args(
+      '--model', BUNDLED, '--dataset', 'digits', '--train_split',
+      'train[:50]')) == 2
+  assert '--train_split applies to tfds:NAME' in capsys.readouterr().err
   root = write_imagefolder(tmp_path / 'images', train=3, val=2)
   # A missing folder of --out is made; one under a file cannot be.
   (tmp_path / 'a_file').write_text('not a folder')

@@ -623,11 +623,14 @@ def test_validate_refuses_a_missing_checkpoint_before_the_dataset(
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and ckpt in err, err
-  with pytest.raises(SystemExit) as e:
-    module.cli(['--ckpt_path', 'BiT-R14x0.5-FashionMNIST', '--output',
-                '/proc/no/result.json'])
-  assert e.value.code == 2
-  assert 'give another --output' in capsys.readouterr().err
+  for flags, words in ((['--output', '/proc/no/result.json'],
+                        'give another --output'),
+                       (['--dataset', 'digits', '--eval_split', 'test'],
+                        '--eval_split applies to tfds:NAME')):
+    with pytest.raises(SystemExit) as e:
+      module.cli(['--ckpt_path', 'BiT-R14x0.5-FashionMNIST', *flags])
+    assert e.value.code == 2
+    assert words in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('dataset', ['tfds', 'vtab'])

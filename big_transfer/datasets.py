@@ -428,9 +428,9 @@ def _read(args, logger, check_train, named):
   if args.dataset == 'imagefolder' or (args.dataset == 'imagenet2012' and
                                        named is not None):
     classes, train, val = scan_imagefolder(args.datadir)
-    for split in ((train, val) if check_train else (val,)) if logger else ():
-      if warning := left_out_warning(split):
-        logger.warning(warning)
+    for split in (train, val) if check_train else (val,):
+      if logger and split.left_out:
+        logger.warning(left_out_warning(split))
     if check_train:
       train = _readable(train, args, logger)
     val = _readable(val, args, logger)

@@ -246,11 +246,8 @@ class Run:
       check_same_command(self.dir, command)
     # A run refused (BadInput) before it started leaves no folder it made:
     # these, the run folder first, then the parents that it adds.
-    self.made, self.started = [], False
-    folder = os.path.abspath(self.dir)
-    while lead and not os.path.exists(folder):
-      self.made.append(folder)
-      folder = os.path.dirname(folder)
+    self.made = runfiles.missing_folders(self.dir) if lead else []
+    self.started = False
     if lead:
       _lock(self.dir)
     self.logger = run_logger(args, lead)

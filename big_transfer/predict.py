@@ -35,7 +35,7 @@ def list_images(inputs):
   for item in inputs:
     if os.path.isdir(item):
       paths += sorted(os.path.join(d, f) for d, _, files in os.walk(item)
-                      for f in files if f.lower().endswith(datasets.IMAGE_EXTENSIONS))
+                      for f in files if datasets.is_image_file(f))
     elif os.path.isfile(item):
       paths.append(item)
     else:

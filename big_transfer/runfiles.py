@@ -98,6 +98,16 @@ def cache_dir(*parts):
   return os.path.join(root, *parts)
 
 
+def missing_folders(path):
+  """The folders that making `path` would add, `path` first (absolute; none
+  where it exists)."""
+  missing, path = [], os.path.abspath(path)
+  while not os.path.lexists(path):
+    missing.append(path)
+    path = os.path.dirname(path)
+  return missing
+
+
 def check_writable(folder, hint, keep=False):
   """Refuses (BadInput, ending with `hint`) a folder that cannot be made or
   written in. With `keep` the folder is made; without, the check leaves
@@ -105,9 +115,8 @@ def check_writable(folder, hint, keep=False):
   folder could see (a missing folder: a uniquely named one made and removed
   in its nearest existing parent)."""
   folder = os.path.abspath(folder)
-  parent = folder
-  while not os.path.lexists(parent):
-    parent = os.path.dirname(parent)
+  missing = missing_folders(folder)
+  parent = os.path.dirname(missing[-1]) if missing else folder
   try:
     if keep:
       os.makedirs(folder, exist_ok=True)

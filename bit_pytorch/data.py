@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import bit_hyperrule
-from big_transfer import datasets, errors, preprocess
+from big_transfer import datasets, errors, preprocess, runfiles
 
 
 def load(args, logger, check_train=True):
@@ -29,9 +29,7 @@ def _torchvision(args):
   downloaded into --datadir when missing."""
   from torchvision import datasets as tv_datasets
   root = args.datadir or os.path.join('data', args.dataset)
-  made, path = None, os.path.abspath(root)  # the outermost folder to make
-  while not os.path.exists(path):
-    made, path = path, os.path.dirname(path)
+  made = runfiles.missing_folders(root)
   try:
     if args.dataset in ('cifar10', 'cifar100'):
       cls = (tv_datasets.CIFAR10 if args.dataset == 'cifar10' else
@@ -56,7 +54,7 @@ def _torchvision(args):
                                                                     val)]
   except (OSError, RuntimeError) as e:
     if made:  # with what the failed download left there
-      shutil.rmtree(made, ignore_errors=True)
+      shutil.rmtree(made[-1], ignore_errors=True)
     raise errors.BadInput(f'could not get {args.dataset} into {root} ({e}); '
                               'check the network or --datadir.') from e
   (tp, tl), (vp, vl) = files

@@ -12,6 +12,7 @@ import os
 
 import yaml
 
+import bit_common
 from big_transfer import flags, runfiles
 from big_transfer.errors import BadInput
 
@@ -96,8 +97,7 @@ def check_args(args, batch, devices=1):
                    f'{args.save_every}.')
   if args.workers < 0:
     raise BadInput(f'--workers must be 0 or more, got {args.workers}.')
-  runfiles.check_writable(os.path.join(args.logdir, args.name),
-                          'make it writable or give another --logdir.')
+  bit_common.check_writable(args)
   if args.export:
     runfiles.check_out(args.export, '--export')
 

@@ -30,27 +30,18 @@ def argparser(known_models=None, backend_flags=None):
 
 def check_args(args, devices=1):
   """Refuses flag values that cannot work, before any long work starts."""
-  for flag in ('batch', 'total_steps', 'resize_size',
-               'crop_size', 'eval_every', 'batch_eval', 'examples_per_class',
-               'save_every'):
-    value = getattr(args, flag, None)
-    if value is not None and value < 1:
-      raise BadInput(f'--{flag} must be a positive number, got {value}.')
+  flags.check_at_least(args, (
+      'batch', 'total_steps', 'resize_size', 'crop_size', 'eval_every',
+      'batch_eval', 'examples_per_class', 'save_every'))
+  flags.check_at_least(args, ('workers',), 0)
   mixup = getattr(args, 'mixup_alpha', None)
   if mixup is not None and not 0 <= mixup < float('inf'):
     raise BadInput(f'--mixup_alpha must be 0 (off) or positive, got {mixup}.')
   if not 0 < args.base_lr < float('inf'):
     raise BadInput(f'--base_lr must be a positive number, got '
                    f'{args.base_lr}.')
-  if getattr(args, 'workers', 0) < 0:
-    raise BadInput(f'--workers must be 0 or more, got {args.workers}.')
   flags.check_batch_split(args.batch, args.batch_split, devices, '--batch')
-  datasets.check_split_flags(args)
-  if args.dataset in ('imagefolder', 'imagenet2012') and not args.datadir:
-    raise BadInput(f'--dataset {args.dataset} needs --datadir.')
-  if args.datadir and args.dataset == 'imagefolder' and not os.path.isdir(
-      args.datadir):
-    raise BadInput(f'--datadir {args.datadir} is not a folder.')
+  datasets.check_source(args)
   if (args.resize_size and args.crop_size and
       args.crop_size > args.resize_size):
     raise BadInput(f'--crop_size {args.crop_size} is larger than '

@@ -40,6 +40,19 @@ def dataset_name(value):
       f'unknown dataset {value!r}; give one of {dataset_forms()}')
 
 
+def check_source(args):
+  """Refuses a --dataset, --datadir and split flags that name no data,
+  before anything is read or downloaded: an image folder (or imagenet2012)
+  without --datadir, a --datadir that is not a folder, and the split flags
+  where they would be ignored (check_split_flags)."""
+  check_split_flags(args)
+  if args.dataset in ('imagefolder', 'imagenet2012') and not args.datadir:
+    raise BadInput(f'--dataset {args.dataset} needs --datadir.')
+  if args.datadir and args.dataset == 'imagefolder' and not os.path.isdir(
+      args.datadir):
+    raise BadInput(f'--datadir {args.datadir} is not a folder.')
+
+
 def check_split_flags(args):
   """Refuses --train_split and --eval_split for a dataset that TFDS does not
   read by those names (they would be ignored: an image folder's splits are

@@ -108,16 +108,8 @@ def parse_list(text, flag, kind):
 
 
 def _check_common(args):
-  for flag in ('resolution', 'batch'):
-    value = getattr(args, flag)
-    if value is not None and value < 1:
-      raise BadInput(f'--{flag} must be a positive number, got {value}.')
-  datasets.check_split_flags(args)
-  if args.dataset in ('imagefolder', 'imagenet2012') and not args.datadir:
-    raise BadInput(f'--dataset {args.dataset} needs --datadir.')
-  if args.datadir and args.dataset == 'imagefolder' and not os.path.isdir(
-      args.datadir):
-    raise BadInput(f'--datadir {args.datadir} is not a folder.')
+  flags.check_at_least(args, ('resolution', 'batch'))
+  datasets.check_source(args)
   zoo.check_model(args.model)
 
 
@@ -429,8 +421,7 @@ def fewshot_main(args, backend):
   _check_common(args)
   shots = parse_list(args.shots, 'shots', int)
   l2s = parse_list(args.l2, 'l2', float)
-  if args.seeds < 1:
-    raise BadInput(f'--seeds must be positive, got {args.seeds}.')
+  flags.check_at_least(args, ('seeds',))
   if args.out:
     runfiles.check_out(args.out)
   logger = make_logger()

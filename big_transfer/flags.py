@@ -208,6 +208,16 @@ def eval_batch(batch_eval, batch, devices):
   return round_up(batch_eval or batch, devices)
 
 
+def check_at_least(args, names, low=1):
+  """Refuses a flag of `names` (unset, None, allowed) whose value in `args`
+  is below `low`: 1 for a count, 0 for one where 0 means none."""
+  for name in names:
+    value = getattr(args, name, None)
+    if value is not None and value < low:
+      need = 'a positive number' if low == 1 else f'{low} or more'
+      raise BadInput(f'--{name} must be {need}, got {value}.')
+
+
 def check_batch_split(batch, split, devices, batch_name='batch'):
   """Refuses a --batch_split below 1, and a batch that does not divide over
   it (where given) times the devices."""

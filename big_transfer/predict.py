@@ -104,10 +104,7 @@ def predict(args, load_model, logger=None):
   """The predict CLI's work, given the backend's `load_model(weights)` that
   returns (head_size, logits_fn: float32 NHWC batch -> numpy logits); the
   weights are zoo.load_weights's (every --model form)."""
-  for flag in ('top_k', 'batch', 'resolution'):
-    value = getattr(args, flag)
-    if value is not None and value < 1:
-      raise BadInput(f'--{flag} must be positive, got {value}.')
+  flags.check_at_least(args, ('top_k', 'batch', 'resolution'))
   if args.save_logits:
     runfiles.check_out(args.save_logits, '--save_logits')
   paths = list_images(args.inputs)

@@ -52,11 +52,9 @@ def check(args):
       raise errors.BadInput(f'checkpoint {args.ckpt_path} does not exist.')
   else:
     zoo.check_model(args.ckpt_path)
-  datasets.check_split_flags(args)
-  for flag in ('batch_eval', 'crop_size', 'workers'):
-    value = getattr(args, flag, None)
-    if value is not None and value < (0 if flag == 'workers' else 1):
-      raise errors.BadInput(f'--{flag} must be positive, got {value}.')
+  datasets.check_source(args)
+  flags.check_at_least(args, ('batch_eval', 'crop_size'))
+  flags.check_at_least(args, ('workers',), 0)
   if args.output:
     runfiles.check_out(args.output, '--output')
 

@@ -626,7 +626,13 @@ def test_validate_refuses_a_missing_checkpoint_before_the_dataset(
   for flags, words in ((['--output', '/proc/no/result.json'],
                         'give another --output'),
                        (['--dataset', 'digits', '--eval_split', 'test'],
-                        '--eval_split applies to tfds:NAME')):
+                        '--eval_split applies to tfds:NAME'),
+                       (['--dataset', 'imagefolder'],
+                        '--dataset imagefolder needs --datadir.'),
+                       (['--dataset', 'imagefolder', '--datadir',
+                         str(tmp_path / 'none')], 'is not a folder'),
+                       (['--workers', '-1'],
+                        '--workers must be 0 or more, got -1.')):
     with pytest.raises(SystemExit) as e:
       module.cli(['--ckpt_path', 'BiT-R14x0.5-FashionMNIST', *flags])
     assert e.value.code == 2

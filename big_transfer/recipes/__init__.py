@@ -92,11 +92,8 @@ def check_args(args, batch, devices=1):
   batch split, --save_every, --workers, a run folder or an --export that
   cannot be written."""
   flags.check_batch_split(batch, args.batch_split, devices)
-  if args.save_every is not None and args.save_every < 1:
-    raise BadInput(f'--save_every must be a positive number, got '
-                   f'{args.save_every}.')
-  if args.workers < 0:
-    raise BadInput(f'--workers must be 0 or more, got {args.workers}.')
+  flags.check_at_least(args, ('save_every',))
+  flags.check_at_least(args, ('workers',), 0)
   bit_common.check_writable(args)
   if args.export:
     runfiles.check_out(args.export, '--export')

@@ -186,6 +186,13 @@ def teacher_weights(recipe, args, classes, load=zoo.load_weights):
   return weights
 
 
+def fetch_weights(recipe, args):
+  """Downloads the teacher's and the student's weights where they are not
+  local yet (zoo.fetch), before the data is read."""
+  zoo.fetch(args.bit_pretrained_dir, recipe.teacher,
+            *([] if student_arch(recipe.student) else [recipe.student]))
+
+
 def student_weights(recipe, args, load=zoo.load_weights):
   """The weights that initialise the student (under a new zero head), or
   None where the recipe names an architecture, trained from scratch (its

@@ -231,6 +231,7 @@ def features_main(args, backend):
   """The `bit_*.features` command; returns the Features written."""
   _check_common(args)
   runfiles.check_out(args.out)
+  zoo.fetch(args.bit_pretrained_dir, args.model)  # downloads before the data
   logger = make_logger()
   splits = backend.load_data(args, logger)
   model = backend.load_model(zoo.load_weights(args.model,
@@ -424,6 +425,7 @@ def fewshot_main(args, backend):
   flags.check_at_least(args, ('seeds',))
   if args.out:
     runfiles.check_out(args.out)
+  zoo.fetch(args.bit_pretrained_dir, args.model)  # downloads before the data
   logger = make_logger()
   splits = backend.load_data(args, logger)
   if splits.labels['train'] is not None:

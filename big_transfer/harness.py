@@ -510,11 +510,7 @@ class Run:
     self.close()
     if self.made and not self.started and isinstance(error, BadInput):
       shutil.rmtree(self.made[0], ignore_errors=True)
-      for parent in self.made[1:]:
-        try:
-          os.rmdir(parent)  # only while empty: another run may have begun
-        except OSError:
-          break
+      runfiles.remove_empty(self.made[1:])
 
   def close(self):
     """Closes the run's files (metrics, TensorBoard, the log file), removes

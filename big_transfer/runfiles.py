@@ -108,6 +108,16 @@ def missing_folders(path):
   return missing
 
 
+def remove_empty(folders):
+  """Removes `folders` (missing_folders's, deepest first) while they are
+  empty: another process may have begun to fill one."""
+  for folder in folders:
+    try:
+      os.rmdir(folder)
+    except OSError:
+      break
+
+
 def check_writable(folder, hint, keep=False):
   """Refuses (BadInput, ending with `hint`) a folder that cannot be made or
   written in. With `keep` the folder is made; without, the check leaves

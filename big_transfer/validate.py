@@ -59,6 +59,15 @@ def check(args):
     runfiles.check_out(args.output, '--output')
 
 
+def start(args):
+  """The command's logger, once `args` pass check and the weights are
+  local (zoo.fetch: a failed download is reported before the data is
+  read)."""
+  check(args)
+  zoo.fetch(args.bit_pretrained_dir, args.ckpt_path)
+  return logger()
+
+
 def logger():
   log = logging.getLogger('bit.validate')
   if not log.handlers:
@@ -89,8 +98,7 @@ def main_numpy(args, load_model):
   import bit_hyperrule  # pylint: disable=import-outside-toplevel
   # Imported here: PyTorch's install has no grain.
   from big_transfer import loader  # pylint: disable=import-outside-toplevel
-  check(args)
-  log = logger()
+  log = start(args)
   data = datasets.load(args, log, check_train=False)
   head_size, logits_fn = load_model(zoo.load_weights(args.ckpt_path,
                                                     args.bit_pretrained_dir))

@@ -151,10 +151,12 @@ def download(url, dest, opener=urllib.request.urlopen, verify=None):
 
   The data goes to a temporary file beside `dest`, is checked by `verify`
   (which raises on a bad file), and only then renamed to `dest`. Whatever
-  goes wrong, no partial file is left behind, so a new call starts afresh.
+  goes wrong, no partial file is left behind, so a new call starts afresh,
+  nor a folder that it made for `dest`.
   """
   from tqdm import tqdm
   folder = os.path.dirname(os.path.abspath(dest))
+  made = runfiles.missing_folders(folder)
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(dest)}.',
                              suffix='.part')
@@ -178,8 +180,9 @@ def download(url, dest, opener=urllib.request.urlopen, verify=None):
     raise BadInput(f'could not download {url} ({reason}); fetch it yourself '
                    f'and put it at {os.path.abspath(dest)}') from e
   finally:
-    if os.path.exists(tmp):
+    if os.path.exists(tmp):  # failed: nothing of it is left behind
       os.remove(tmp)
+      runfiles.remove_empty(made)
   return dest
 
 
@@ -438,6 +441,20 @@ def load_weights(model, pretrained_dir='.'):
   weights = {k: np.asarray(v, np.float32) for k, v in weights.items()}
   check_finite(weights, path)
   return weights
+
+
+def fetch(pretrained_dir, *models):
+  """Makes each of `models` local without reading it: a registered model's
+  file is downloaded into `pretrained_dir` where missing, a Hub
+  repository's into the Hugging Face cache (a local file is left to
+  check_model). Commands call it before they read the data, so that a
+  failed download is reported before long work, and call load_weights
+  after."""
+  for model in models:
+    if model.startswith(HF_HUB_PREFIX):
+      hub_file(model[len(HF_HUB_PREFIX):])
+    elif model in MODELS:
+      weights_path(model, pretrained_dir)
 
 
 def check_model(model):

@@ -135,6 +135,7 @@ def main(args):
                    engine.any_process if nproc > 1 else None,
                    command='bit_jax.distill') as run:
     run.logger.info(f'recipe {args.recipe}: {recipe}')
+    engine.lead_first(distill.fetch_weights, recipe, args)
     data = datasets.load(distill.data_args(args, recipe), run.logger)
     train_size = len(data.train)
     sched = distill.schedule(recipe, train_size)

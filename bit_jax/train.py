@@ -126,6 +126,7 @@ def main(args):
   pid, nproc = jax.process_index(), jax.process_count()
   with harness.Run(args, pid == 0, any_process if nproc > 1 else None,
                    command='bit_jax.train') as run:
+    lead_first(zoo.fetch, args.bit_pretrained_dir, args.model)
     data = datasets.load(args, run.logger)
     train_size = len(data.train)
     hyper = harness.HyperRule.of(args, train_size, data.original_hw)

@@ -184,6 +184,7 @@ def _distill(args, recipe, rank, world, device):
                    command='bit_pytorch.distill') as run:
     run.logger.info(f'recipe {args.recipe}: {recipe}')
     torch.manual_seed(args.seed)
+    engine.local_first(distill.fetch_weights, recipe, args)
     train_src, val_src, classes, names = engine.local_first(
         load_data, args, recipe, run.logger)
     sched = distill.schedule(recipe, len(train_src))

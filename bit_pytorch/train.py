@@ -90,6 +90,7 @@ def _train(args, rank, device):
   with harness.Run(args, rank == 0, any_process(),
                    command='bit_pytorch.train') as run:
     torch.manual_seed(args.seed)
+    local_first(zoo.fetch, args.bit_pretrained_dir, args.model)
     data = local_first(torch_data.load, args, run.logger)
     train_src = data.train
     hyper = harness.HyperRule.of(args, len(train_src), data.original_hw)

@@ -48,8 +48,7 @@ def load_model(args, classes):
 
 
 def main(args):
-  validate.check(args)
-  logger = validate.logger()
+  logger = validate.start(args)
   data = torch_data.load(args, logger, check_train=False)
   net, trained_crop = load_model(args, data.classes)
   crop = bit_hyperrule.resolution(

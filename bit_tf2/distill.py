@@ -158,6 +158,7 @@ def main(args):
       run.logger.warning('TensorFlow was started before bit_tf2 could ask it '
                          'for one inter-op thread: two runs of this command '
                          'may differ in their last digits.')
+    engine.chief_first(strategy, distill.fetch_weights, recipe, args)
     data = datasets.load(distill.data_args(args, recipe), run.logger)
     train_size = len(data.train)
     sched = distill.schedule(recipe, train_size)

@@ -166,6 +166,7 @@ def main(args):
       run.logger.warning('TensorFlow was started before bit_tf2 could ask it '
                          'for one inter-op thread: two runs of this command '
                          'may differ in their last digits.')
+    chief_first(strategy, zoo.fetch, args.bit_pretrained_dir, args.model)
     data = datasets.load(args, run.logger)
     train_size = len(data.train)
     hyper = harness.HyperRule.of(args, train_size, data.original_hw)

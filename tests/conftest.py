@@ -47,7 +47,7 @@ from bit_tf2 import engine as tf2_engine  # noqa: E402
 
 tf2_engine.deterministic()
 
-from big_transfer import progress  # noqa: E402
+from big_transfer import datasets, progress  # noqa: E402
 
 
 # Units per block of each depth: R50, R101 and R152 as published; the
@@ -213,6 +213,22 @@ def sigterm_after_step(monkeypatch):
     monkeypatch.setattr(progress.Progress, 'update',
                         update if k is None else update_then_sigterm)
   return arm
+
+
+@pytest.fixture
+def weights_download_fails(monkeypatch):
+  """Every weights download fails as without a network, and reading a
+  dataset fails the test: a command must report the download first."""
+  import urllib.error
+  import urllib.request
+
+  def offline(url, *args, **kwargs):
+    raise urllib.error.URLError('no network in this test')
+
+  def read(*args, **kwargs):
+    raise AssertionError('the data was read before the weights were fetched')
+  monkeypatch.setattr(urllib.request, 'urlopen', offline)
+  monkeypatch.setattr(datasets, 'load', read)
 
 
 # `make test` runs the suite on two workers (pytest-xdist, --dist loadgroup):

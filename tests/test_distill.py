@@ -281,6 +281,25 @@ def test_places_and_flags_that_cannot_work_are_refused_before_the_run(
   assert not (tmp_path / 'runs').exists()
 
 
+@pytest.mark.parametrize('backend', ['pytorch', 'jax', 'tf2'])
+def test_a_failed_weights_download_is_reported_before_the_data_is_read(
+    tmp_path, backend, weights_download_fails):
+  """A registered student's weights are fetched (and fail) first."""
+  del weights_download_fails
+  path = recipe_file(str(tmp_path), **{**TINY,
+                                       'teacher': teacher_file(tmp_path),
+                                       'student': 'BiT-M-R50x1',
+                                       'dataset': 'digits'})
+  args = distill.argparser(backend).parse_args(
+      ['--recipe', path, '--name', 'x', '--logdir', str(tmp_path / 'runs'),
+       '--bit_pretrained_dir', str(tmp_path / 'weights'), '--workers', '0'])
+  module = importlib.import_module(f'bit_{backend}.distill')
+  with pytest.raises(errors.BadInput,
+                     match='could not download .*BiT-M-R50x1.npz'):
+    module.main(args)
+  assert sorted(os.listdir(tmp_path)) == ['recipe.yaml', 'teacher.npz']
+
+
 # --------------------------------------------------------------------------
 # PyTorch: a run.
 

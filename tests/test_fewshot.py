@@ -268,6 +268,20 @@ def exit_status(main, args):
   return e.value.code
 
 
+def test_a_failed_weights_download_is_reported_before_the_data(
+    tmp_path, capsys, weights_download_fails):
+  del weights_download_fails
+  from bit_pytorch import features, fewshot as torch_fewshot
+  for main, args in (
+      (torch_fewshot.main, fewshot_args('--shots', '1')),
+      (features.main, features_args('--split', 'eval', '--out',
+                                    str(tmp_path / 'f.npz')))):
+    args.model, args.bit_pretrained_dir = 'BiT-S-R50x1', str(tmp_path / 'w')
+    assert exit_status(main, args) == 2
+    assert 'could not download' in capsys.readouterr().err
+  assert os.listdir(tmp_path) == []
+
+
 def test_bad_input_exits_2(tmp_path, capsys, monkeypatch):
   from bit_pytorch import features, fewshot
   monkeypatch.setattr(features, 'load_model', lambda weights: pytest.fail(

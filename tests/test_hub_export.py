@@ -212,8 +212,13 @@ def test_hub_refusals(tmp_path, offline_hub, timm_model):
     zoo.load_weights('hf-hub:timm/not-in-the-cache')
   with pytest.raises(errors.BadInput, match='ORG/NAME'):
     zoo.load_weights('hf-hub:just-a-name')
-  # What --model takes, checked up front without the network.
+  # Commands fetch the weights before they read data: a Hub repository
+  # into the cache; a local file is not read (this one is empty).
   (tmp_path / 'x.h5').touch()
+  with pytest.raises(errors.BadInput, match='HF_HUB_OFFLINE'):
+    zoo.fetch(str(tmp_path), str(tmp_path / 'x.h5'),
+              'hf-hub:timm/not-in-the-cache')
+  # What --model takes, checked up front without the network.
   for ok in ('hf-hub:timm/x@main', 'BiT-M-R50x1', str(tmp_path / 'x.h5')):
     assert zoo.check_model(ok) == ok
   for bad, message in (('hf-hub:a/b/c', 'ORG/NAME'), ('BiT-Q', 'unknown'),

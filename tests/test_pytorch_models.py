@@ -155,7 +155,7 @@ def test_predict_prints_topk_and_saves_logits(tmp_path, make_npz):
     ('missing_key', 'has no resnet/block1/unit01/a/group_norm/gamma'),
     ('no_images', 'no images found'),
     ('unwritable_logits', 'give another --save_logits'),
-    ('zero_resolution', '--resolution must be positive'),
+    ('zero_resolution', '--resolution must be a positive number'),
 ])
 def test_predict_refusals_exit_2(tmp_path, make_npz, setup, message):
   path = make_npz('R14x0.5', head_size=3)

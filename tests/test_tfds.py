@@ -9,6 +9,7 @@ import argparse
 import io
 import itertools
 import json
+import os
 import subprocess
 import sys
 
@@ -637,6 +638,20 @@ def test_validate_refuses_a_missing_checkpoint_before_the_dataset(
       module.cli(['--ckpt_path', 'BiT-R14x0.5-FashionMNIST', *flags])
     assert e.value.code == 2
     assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('backend', ['pytorch', 'tf2', 'jax'])
+def test_validate_reports_a_failed_weights_download_before_the_data(
+    backend, tmp_path, capsys, weights_download_fails):
+  del weights_download_fails
+  import importlib  # pylint: disable=import-outside-toplevel
+  module = importlib.import_module(f'bit_{backend}.validate')
+  with pytest.raises(SystemExit) as e:
+    module.cli(['--ckpt_path', 'BiT-S-R50x1', '--dataset', 'digits',
+                '--bit_pretrained_dir', str(tmp_path / 'weights')])
+  assert e.value.code == 2
+  assert 'could not download' in capsys.readouterr().err
+  assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize('dataset', ['tfds', 'vtab'])

@@ -264,6 +264,20 @@ def test_a_folder_of_another_backends_run_is_refused(setup, reference, backend,
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
+def test_a_failed_weights_download_is_reported_before_the_data_is_read(
+    setup, backend, tmp_path, weights_download_fails):
+  """Reading (or downloading) a dataset can take long; the registered
+  model's download comes first, and fails leaving no folder it made."""
+  del weights_download_fails
+  cache = tmp_path / 'weights' / 'bit'
+  with pytest.raises(errors.BadInput, match='could not download https://'
+                     '.*BiT-S-R50x1.npz .*no network in this test'):
+    run(setup, backend, 'offline', '--model', 'BiT-S-R50x1',
+        '--bit_pretrained_dir', str(cache), '--logdir', str(tmp_path / 'runs'))
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
 def test_bad_input_exits_2_before_any_work(setup, backend):
   proc = cli(setup, backend, 'bad', '--batch', '10', '--batch_split', '3')
   assert proc.returncode == 2, proc.stderr[-2000:]

@@ -1,14 +1,16 @@
-"""The command line every trainer shares, its checks, and the run's logger,
-as in the original repository (`argparser`, `setup_logger`). The rest of the
-shared layer is the `big_transfer` package.
+"""The command line every trainer shares and its checks, as in the original
+repository (`argparser`; its `setup_logger` is runfiles', still importable
+from here). The rest of the shared layer is the `big_transfer` package.
 """
 import argparse
-import logging
-import os
-import sys
 
 from big_transfer import datasets, flags, runfiles, zoo
 from big_transfer.errors import BadInput
+# The original's names, used by its notebooks (now runfiles'):
+from big_transfer.runfiles import run_dir, setup_logger
+
+__all__ = ['argparser', 'check_args', 'run_dir', 'setup_logger',
+           'with_backend_defaults']
 
 
 # --------------------------------------------------------------------------
@@ -47,14 +49,7 @@ def check_args(args, devices=1):
     raise BadInput(f'--crop_size {args.crop_size} is larger than '
                    f'--resize_size {args.resize_size}.')
   zoo.check_model(args.model)
-  check_writable(args)
-
-
-def check_writable(args, keep=False):
-  """Refuses a --logdir where the run folder cannot be made or written;
-  folders made for the check are removed again unless `keep`."""
-  runfiles.check_writable(run_dir(args), 'make it writable or give another '
-                          '--logdir.', keep)
+  runfiles.check_run_dir(args)
 
 
 def with_backend_defaults(args, backend_flags):
@@ -62,58 +57,3 @@ def with_backend_defaults(args, backend_flags):
   own flags (for in-process use)."""
   return argparse.Namespace(**{**vars(backend_flags.parse_args([])),
                                **vars(args)})
-
-
-# --------------------------------------------------------------------------
-# Logging and run outputs under LOGDIR/NAME.
-
-def run_dir(args):
-  return os.path.join(args.logdir, args.name)
-
-
-def setup_logger(args):
-  """Logger to stderr and LOGDIR/NAME/train.log."""
-  check_writable(args, keep=True)
-  logger = logging.getLogger(f'bit.{args.name}')
-  logger.setLevel(logging.INFO)
-  logger.propagate = False
-  for h in list(logger.handlers):
-    logger.removeHandler(h)
-    h.close()
-  fmt = logging.Formatter('%(asctime)s %(levelname)s %(message)s',
-                          '%Y-%m-%d %H:%M:%S')
-  for h in (logging.StreamHandler(sys.stderr),
-            LogFile(os.path.join(run_dir(args), runfiles.LOG))):
-    h.setFormatter(fmt)
-    logger.addHandler(h)
-  return logger
-
-
-class LogFile(logging.FileHandler):
-  """train.log. When a write fails (a full disk), says so once on stderr
-  and writes no more to it, instead of a traceback per message."""
-  failed = False
-
-  def emit(self, record):
-    if not self.failed:
-      super().emit(record)
-
-  def handleError(self, record):
-    err = sys.exc_info()[1]
-    if self.failed or not isinstance(err, OSError):
-      return super().handleError(record)
-    self.failed = True
-    print(f'warning: cannot write to {self.baseFilename} '
-          f'({err.strerror or err}); logging on stderr only.', file=sys.stderr)
-    return None
-
-  def close(self):
-    try:
-      super().close()
-    except OSError:  # closed; its last lines are lost with the full disk
-      pass
-
-
-def run_logger(args, lead=True):
-  """The run's logger on the lead process; a silent one elsewhere."""
-  return setup_logger(args) if lead else logging.getLogger('bit.quiet')

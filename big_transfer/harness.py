@@ -41,7 +41,6 @@ import bit_hyperrule
 from big_transfer import (datastream, events, hardware, held, metrics,
                           progress, runfiles)
 from big_transfer.errors import BadInput, Diverged, RunFailed, out_of_memory
-from bit_common import run_dir, run_logger
 
 LOG_EVERY = 10       # steps between reading losses back from the device
 SAVE_MINUTES = 10    # a checkpoint at least this often (of training time)
@@ -61,7 +60,7 @@ the same scalars to a TensorBoard event file beside it.
   """
 
   def __init__(self, args, resume_step=0, logger=None):
-    self.path = os.path.join(run_dir(args), runfiles.METRICS)
+    self.path = os.path.join(runfiles.run_dir(args), runfiles.METRICS)
     kept = []
     if resume_step and os.path.exists(self.path):
       with open(self.path) as f:
@@ -82,7 +81,7 @@ the same scalars to a TensorBoard event file beside it.
     with runfiles.replaced(self.path) as f:
       f.writelines(kept)
     self._file = open(self.path, 'a')
-    self._tensorboard = events.TensorBoard(run_dir(args),
+    self._tensorboard = events.TensorBoard(runfiles.run_dir(args),
                                                     resume_step)
 
   def write(self, step, split, **values):
@@ -241,7 +240,7 @@ class Run:
 
   def __init__(self, args, lead=True, any_process=None, command=None):
     self.args, self.lead, self.command = args, lead, command
-    self.dir = run_dir(args)
+    self.dir = runfiles.run_dir(args)
     if command:
       check_same_command(self.dir, command)
     # A run refused (BadInput) before it started leaves no folder it made:
@@ -250,7 +249,7 @@ class Run:
     self.started = False
     if lead:
       _lock(self.dir)
-    self.logger = run_logger(args, lead)
+    self.logger = runfiles.run_logger(args, lead)
     if lead:
       runfiles.remove_leftovers(self.dir, self.logger)
     self.any_process = any_process

@@ -17,7 +17,9 @@ A run folder holds:
 import contextlib
 import glob
 import json
+import logging
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -139,6 +141,66 @@ def check_writable(folder, hint, keep=False):
   except OSError as e:
     raise BadInput(f'cannot write to {folder} ({e.strerror or e}); '
                    f'{hint}') from None
+
+
+def run_dir(args):
+  """LOGDIR/NAME: the run folder of `args` (--logdir, --name)."""
+  return os.path.join(args.logdir, args.name)
+
+
+def check_run_dir(args, keep=False):
+  """Refuses a --logdir where the run folder cannot be made or written;
+  folders made for the check are removed again unless `keep`."""
+  check_writable(run_dir(args), 'make it writable or give another '
+                 '--logdir.', keep)
+
+
+def setup_logger(args):
+  """Logger to stderr and LOGDIR/NAME/train.log."""
+  check_run_dir(args, keep=True)
+  logger = logging.getLogger(f'bit.{args.name}')
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+  for h in list(logger.handlers):
+    logger.removeHandler(h)
+    h.close()
+  fmt = logging.Formatter('%(asctime)s %(levelname)s %(message)s',
+                          '%Y-%m-%d %H:%M:%S')
+  for h in (logging.StreamHandler(sys.stderr),
+            LogFile(os.path.join(run_dir(args), LOG))):
+    h.setFormatter(fmt)
+    logger.addHandler(h)
+  return logger
+
+
+def run_logger(args, lead=True):
+  """The run's logger on the lead process; a silent one elsewhere."""
+  return setup_logger(args) if lead else logging.getLogger('bit.quiet')
+
+
+class LogFile(logging.FileHandler):
+  """train.log. When a write fails (a full disk), says so once on stderr
+  and writes no more to it, instead of a traceback per message."""
+  failed = False
+
+  def emit(self, record):
+    if not self.failed:
+      super().emit(record)
+
+  def handleError(self, record):
+    err = sys.exc_info()[1]
+    if self.failed or not isinstance(err, OSError):
+      return super().handleError(record)
+    self.failed = True
+    print(f'warning: cannot write to {self.baseFilename} '
+          f'({err.strerror or err}); logging on stderr only.', file=sys.stderr)
+    return None
+
+  def close(self):
+    try:
+      super().close()
+    except OSError:  # closed; its last lines are lost with the full disk
+      pass
 
 
 def check_out(out, flag='--out'):

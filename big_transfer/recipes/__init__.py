@@ -12,7 +12,6 @@ import os
 
 import yaml
 
-import bit_common
 from big_transfer import flags, runfiles
 from big_transfer.errors import BadInput
 
@@ -94,7 +93,7 @@ def check_args(args, batch, devices=1):
   flags.check_batch_split(batch, args.batch_split, devices)
   flags.check_at_least(args, ('save_every',))
   flags.check_at_least(args, ('workers',), 0)
-  bit_common.check_writable(args)
+  runfiles.check_run_dir(args)
   if args.export:
     runfiles.check_out(args.export, '--export')
 

@@ -331,8 +331,9 @@ def export_path(args, run):
 # --------------------------------------------------------------------------
 # The command line of python -m bit_{pytorch,jax,tf2}.distill.
 
-def argparser(backend='pytorch'):
-  """The command line of python -m bit_BACKEND.distill."""
+def argparser(backend='pytorch', backend_flags=None):
+  """The command line of python -m bit_BACKEND.distill, with
+  `backend_flags` (a backend's own group, from flags.group) last."""
   parent, g = flags.group('teacher and student')
   g.add_argument('--teacher', default=None,
                  help='Overrides the recipe\'s teacher: a registered model, a '
@@ -352,6 +353,7 @@ def argparser(backend='pytorch'):
                    'mixup, temperature, optimiser'),
       flags.run(), parent, flags.pretrained_dir(), flags.batch_split(),
       flags.loading(), flags.precision(('fp32', 'bf16'), training=True),
+      *([backend_flags] if backend_flags else []),
       prog=f'python -m bit_{backend}.distill')
 
 
@@ -366,6 +368,6 @@ def data_args(args, recipe):
       workers=args.workers)
 
 
-def main_cli(main, backend):
+def main_cli(main, backend, backend_flags=None):
   """python -m bit_BACKEND.distill: one line and exit 2 on bad input."""
-  errors.run_cli(lambda: main(argparser(backend).parse_args()))
+  errors.run_cli(lambda: main(argparser(backend, backend_flags).parse_args()))

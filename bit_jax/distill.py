@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import bit_common
 from big_transfer import (datasets, distill, flags, harness, loader,
                           memory, recipes, runfiles)
 from bit_jax import engine
@@ -123,8 +124,11 @@ def build_nets(args, recipe, classes, dtype):
 
 
 def main(args):
-  """Distils as the recipe says; returns the final evaluation."""
+  """Distils as the recipe says; returns the final evaluation. With
+  --distributed, on the processes of a job, as fine-tuning."""
+  args = bit_common.with_backend_defaults(args, engine.distributed_flags())
   recipe = distill.load_recipe(args)
+  engine.initialize_distributed(args)
   parallel = engine.DataParallel()
   devices = parallel.devices
   flags.resolve_precision(args, parallel.native_bf16)
@@ -200,4 +204,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-  distill.main_cli(main, 'jax')
+  distill.main_cli(main, 'jax', engine.distributed_flags())

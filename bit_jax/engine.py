@@ -18,7 +18,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from big_transfer import errors, harness, metrics
+from big_transfer import errors, flags, harness, metrics
 from bit_jax import models
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
@@ -97,6 +97,29 @@ def eval_sums(logits, labels, mask):
   return jnp.stack([(loss * m).sum(),
                     *(((rank < k) * m).sum() for k in metrics.TOP_K),
                     m.sum()])
+
+def distributed_flags():
+  """The JAX flags of fine-tuning and distillation: joining the processes
+  of a job (initialize_distributed)."""
+  parent, g = flags.group('JAX')
+  g.add_argument('--distributed', action='store_true',
+                 help='JAX only: join the other processes of the job first '
+                 '(jax.distributed.initialize), so every process trains one '
+                 'model together. TPU pods, SLURM and Open MPI are detected; '
+                 'elsewhere give --coordinator_address, --num_processes and '
+                 '--process_id.')
+  g.add_argument('--coordinator_address', default=None, metavar='HOST:PORT',
+                 help='JAX only, with --distributed: address of process 0, '
+                 'where it serves the coordinator (any free port; the same '
+                 'on every process).')
+  g.add_argument('--num_processes', type=int, default=None,
+                 help='JAX only, with --distributed: how many processes the '
+                 'job has.')
+  g.add_argument('--process_id', type=int, default=None,
+                 help='JAX only, with --distributed: this process\'s index, 0 '
+                 'to --num_processes - 1.')
+  return parent
+
 
 def initialize_distributed(args):
   """Joins the job's processes (--distributed): the cluster's own settings

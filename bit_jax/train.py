@@ -36,34 +36,13 @@ from big_transfer import (datasets, errors, flags, harness, held, loader,
 import bit_common
 from bit_jax import models
 from bit_jax.engine import (DTYPES, Checkpoints, DataParallel, accumulate,
-                            any_process, eval_sums, initialize_distributed,
-                            lead_first, local, train_images)
-
-
-def jax_flags():
-  """Flags of the JAX backend only."""
-  parent, g = flags.group('JAX')
-  g.add_argument('--distributed', action='store_true',
-                 help='JAX only: join the other processes of the job first '
-                 '(jax.distributed.initialize), so every process trains one '
-                 'model together. TPU pods, SLURM and Open MPI are detected; '
-                 'elsewhere give --coordinator_address, --num_processes and '
-                 '--process_id.')
-  g.add_argument('--coordinator_address', default=None, metavar='HOST:PORT',
-                 help='JAX only, with --distributed: address of process 0, '
-                 'where it serves the coordinator (any free port; the same '
-                 'on every process).')
-  g.add_argument('--num_processes', type=int, default=None,
-                 help='JAX only, with --distributed: how many processes the '
-                 'job has.')
-  g.add_argument('--process_id', type=int, default=None,
-                 help='JAX only, with --distributed: this process\'s index, 0 '
-                 'to --num_processes - 1.')
-  return parent
+                            any_process, distributed_flags, eval_sums,
+                            initialize_distributed, lead_first, local,
+                            train_images)
 
 
 def argparser():
-  return bit_common.argparser(backend_flags=jax_flags())
+  return bit_common.argparser(backend_flags=distributed_flags())
 
 
 # --------------------------------------------------------------------------
@@ -112,7 +91,7 @@ def optimizer():
 
 def main(args):
   """Fine-tunes as `args` say; returns the final evaluation (results.json)."""
-  args = bit_common.with_backend_defaults(args, jax_flags())
+  args = bit_common.with_backend_defaults(args, distributed_flags())
   if args.precision == 'fp16':
     raise errors.BadInput(
         '--precision fp16 is not supported by the JAX backend (it has no '

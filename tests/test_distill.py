@@ -505,6 +505,59 @@ def test_every_backend_distils_the_same(setup, from_weights, backend):
       np.quantile(diffs, [0.5, 0.99, 1]))
 
 
+def two_processes(setup, backend, name):
+  """[(argv, env)] of the run of `name`.yaml on two processes: torchrun,
+  jax.distributed (--distributed), TF_CONFIG workers."""
+  from test_multiprocess import environment, free_ports  # pylint: disable=import-outside-toplevel
+  root = setup[0]
+  flags = ['--recipe', str(root / f'{name}.yaml'), '--name', f'{name}_two',
+           '--logdir', str(root / backend), '--workers', '0']
+  if backend == 'pytorch':
+    return [([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+              '--nproc_per_node', '2', '-m', 'bit_pytorch.distill', *flags],
+             environment())]
+  ports = free_ports(2)
+  if backend == 'jax':
+    return [([sys.executable, '-m', 'bit_jax.distill', *flags,
+              '--distributed', '--coordinator_address',
+              f'127.0.0.1:{ports[0]}', '--num_processes', '2',
+              '--process_id', str(i)], environment()) for i in range(2)]
+  cluster = {'worker': [f'localhost:{p}' for p in ports]}
+  return [([sys.executable, '-m', 'bit_tf2.distill', *flags],
+           environment(TF_CONFIG=json.dumps(
+               {'cluster': cluster, 'task': {'type': 'worker', 'index': i}})))
+          for i in range(2)]
+
+
+@pytest.mark.parametrize('backend', ['pytorch', 'jax', 'tf2'])
+def test_two_processes_distil_as_one(setup, from_weights, backend, tmp_path):
+  """The run of `from_weights` on two processes, each feeding half of every
+  batch: one process's losses, evaluation and student (to the rounding of
+  the gradients' sum over processes, which Adam's noise-driven steps
+  carry further, as between backends)."""
+  from test_multiprocess import launch  # pylint: disable=import-outside-toplevel
+  codes, output = launch(two_processes(setup, backend, 'from_weights'),
+                         tmp_path)
+  assert codes == [0] * len(codes), output
+  run_dir = setup[0] / backend / 'from_weights_two'
+  config = json.loads((run_dir / 'config.json').read_text())
+  assert config['devices'] == 2, config
+  result = json.loads((run_dir / 'results.json').read_text())
+  for key in ('agreement', 'teacher_top1', 'top1', 'n', 'step'):
+    assert result[key] == from_weights[backend][key], key
+  assert result['kl'] == pytest.approx(from_weights[backend]['kl'], rel=1e-3)
+  losses = [[r['loss'] for r in metrics(setup, backend, n)
+             if r['split'] == 'train'] for n in ('from_weights_two',
+                                                 'from_weights')]
+  assert len(losses[0]) == 4
+  np.testing.assert_allclose(losses[0], losses[1], rtol=2e-4)
+  a, b = (exported(setup, backend, n) for n in ('from_weights_two',
+                                                'from_weights'))
+  diffs = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a])
+  assert np.median(diffs) < 1e-5 and np.quantile(diffs, 0.99) < 1e-3, (
+      np.quantile(diffs, [0.5, 0.99, 1]))
+
+
 @pytest.mark.parametrize('backend', ['jax', 'tf2'])
 def test_resume_after_sigterm_in_jax_and_tf2(setup, from_weights, backend,
                                              sigterm_after_step):

@@ -229,6 +229,38 @@ def test_batch_split_gives_the_same_update(tmp_path, monkeypatch):
                                err_msg=key)
 
 
+@pytest.mark.slow  # two processes: left out of make test-fast
+def test_two_processes_under_torchrun_pretrain_as_one(tmp_path):
+  """DistributedDataParallel over two processes, each feeding half of every
+  batch (crops, flips and the evaluation split among them): one process's
+  losses, evaluations and weights."""
+  from test_multiprocess import environment, launch  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  values = dict(steps=4, decay_at=[3], eval_every=2)
+  run(tmp_path / 'a', **values)
+  two = tmp_path / 'b'
+  command = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+             '--nproc_per_node', '2', '-m', 'bit_pytorch.pretrain',
+             '--recipe', write_recipe(str(two), **values), '--name', 'up',
+             '--logdir', str(two / 'runs'), '--workers', '0']
+  codes, output = launch([(command, environment())], tmp_path)
+  assert codes == [0], output
+  outs = [folder / 'runs' / 'up' for folder in (tmp_path / 'a', two)]
+  assert json.loads((outs[1] / 'config.json').read_text())['devices'] == 2
+  records = [[json.loads(l) for l in open(out / 'metrics.jsonl')]
+             for out in outs]
+  assert [(r['step'], r['split']) for r in records[0]] == [
+      (r['step'], r['split']) for r in records[1]]
+  for one, both in zip(*records):
+    assert both['loss'] == pytest.approx(one['loss'], rel=1e-5), both
+    if one['split'] == 'val':
+      assert (both['top1'], both['n']) == (one['top1'], one['n'])
+  a, b = (zoo.load_npz(str(out / 'model.npz')) for out in outs)
+  for key in a:
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6,
+                               err_msg=key)
+
+
 # ---------------------------------------------------------------- Fashion-MNIST
 
 def write_idx(path, array):

@@ -15,7 +15,6 @@ metrics.jsonl (for runs made before this writer existed):
 
   python -m big_transfer.events RUN_DIR...
 """
-import argparse
 import itertools
 import json
 import os
@@ -27,7 +26,7 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-from big_transfer import runfiles
+from big_transfer import flags, runfiles
 
 EVENTS_PREFIX = 'events.out.tfevents.'
 
@@ -122,9 +121,9 @@ def write_from_metrics(run_dir):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(
-      description='Write TensorBoard event files of runs from their '
-      'metrics.jsonl (runs write them themselves as they go).')
+  parser = flags.parser(
+      'Write TensorBoard event files of runs from their metrics.jsonl (runs '
+      'write them themselves as they go).')
   parser.add_argument('run_dirs', nargs='+', metavar='RUN_DIR')
   args = parser.parse_args(argv)
   for run_dir in args.run_dirs:

@@ -10,6 +10,7 @@ default with `parser.set_defaults(...)` without touching the others.
 """
 import argparse
 import os
+import sys
 
 from big_transfer import datasets, hardware, vtab
 from big_transfer.errors import BadInput
@@ -27,10 +28,20 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def parser(description, *groups, prog=None):
   """A command's parser made of `groups` (parent parsers), showing defaults
-  in --help."""
+  in --help; its usage line names the command as it was started (`python
+  -m bit_jax.train`, where argparse would say train.py)."""
   return argparse.ArgumentParser(
-      prog=prog, description=description, parents=groups,
+      prog=prog or _started_as(), description=description, parents=groups,
       formatter_class=_Help)
+
+
+def _started_as():
+  """`python -m MODULE` for a program started with -m, else None (argparse's
+  own: the script's file name)."""
+  spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+  if spec is None:
+    return None
+  return f'python -m {spec.name.removesuffix(".__main__")}'
 
 
 def group(title):

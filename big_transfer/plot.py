@@ -6,12 +6,11 @@ Three panels: loss (training solid, validation dashed with markers), learning
 rate, and validation accuracy (top-1 solid, top-5 dotted); one colour per
 run, named by its folder.
 """
-import argparse
 import json
 import os
 import sys
 
-from big_transfer import runfiles
+from big_transfer import flags, runfiles
 from big_transfer.errors import BadInput, run_cli
 
 PANELS = (('loss', 'loss'), ('lr', 'learning rate'),
@@ -93,8 +92,8 @@ def plot(run_dirs, out, title=None):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(
-      description='Plot loss, learning rate and accuracy of runs from their '
+  parser = flags.parser(
+      'Plot loss, learning rate and accuracy of runs from their '
       'metrics.jsonl.')
   parser.add_argument('run_dirs', nargs='+', metavar='RUN_DIR',
                       help='Run folders (LOGDIR/NAME), each with a '

@@ -639,7 +639,9 @@ def main(argv=None):
   tasks."""
   import argparse  # pylint: disable=import-outside-toplevel
   import json  # pylint: disable=import-outside-toplevel
+  # Not flags.parser: flags imports datasets, which imports this module.
   parser = argparse.ArgumentParser(
+      prog='python -m big_transfer.tfds_reader',
       description='Prepare tfds:NAME / vtab:TASK datasets for every backend.')
   parser.add_argument('datasets', nargs='+',
                       help='tfds:NAME, vtab:TASK, or vtab for all 19 tasks.')

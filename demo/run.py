@@ -15,7 +15,6 @@ evaluation (bit_pytorch.fewshot: a least-squares classifier on frozen
 pre-logit features) of the upstream model and of the same network at random
 initialisation, at --linear_shots examples per class.
 """
-import argparse
 import concurrent.futures
 import json
 import multiprocessing
@@ -26,7 +25,7 @@ import time
 import numpy as np
 
 import bit_common
-from big_transfer import errors, fewshot, runfiles, zoo
+from big_transfer import errors, fewshot, flags, runfiles, zoo
 
 MODEL = 'BiT-R14x0.5-FashionMNIST'
 DATASET = 'digits'
@@ -34,9 +33,7 @@ INITS = ('upstream', 'scratch')
 
 
 def argparser():
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n')[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser = flags.parser(__doc__.split('\n\n')[0])
   parser.add_argument('--logdir', default=os.path.join('runs', 'demo'),
                       help='Where the runs, table and plot go.')
   parser.add_argument('--model', default=MODEL,

@@ -27,6 +27,7 @@ from tensorboard.compat.proto import summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from big_transfer import flags, runfiles
+from big_transfer.errors import BadInput, run_cli
 
 EVENTS_PREFIX = 'events.out.tfevents.'
 
@@ -128,11 +129,10 @@ def main(argv=None):
   args = parser.parse_args(argv)
   for run_dir in args.run_dirs:
     if not os.path.isfile(os.path.join(run_dir, runfiles.METRICS)):
-      print(f'error: {run_dir} has no metrics.jsonl.', file=sys.stderr)
-      sys.exit(2)
+      raise BadInput(f'{run_dir} has no metrics.jsonl.')
   for run_dir in args.run_dirs:
     print(write_from_metrics(run_dir))
 
 
 if __name__ == '__main__':
-  main()
+  run_cli(main, sys.argv[1:])

@@ -479,6 +479,8 @@ def test_tensorboard_events_equal_metrics(tmp_path):
   write_run(old, ROWS)
   events.main([old])
   assert read_events(old) == scalars_of(ROWS)
+  with pytest.raises(errors.BadInput, match='has no metrics.jsonl'):
+    events.main([old, str(tmp_path)])
 
 
 def test_plot_two_runs(tmp_path):

@@ -185,16 +185,6 @@ def _image_error(path, decode):
     return e  # PIL raises many kinds of error on damaged files.
 
 
-def first_unreadable(paths):
-  """(path, error) of the first of `paths` that cannot be decoded whole,
-  or None."""
-  for path in paths:
-    error = _image_error(path, decode=True)
-    if error is not None:
-      return path, error
-  return None
-
-
 def readable_images(paths, skip=False, logger=None):
   """Indices of the `paths` that can be read, checked in threads: the one
   rule of every backend for --skip_bad_images.

@@ -7,21 +7,23 @@ method, the recipe and the flags):
 The teacher runs in evaluation mode, without gradients, on the student's
 device(s), on exactly the images the student gets in the step (after crop,
 flip and mixup); only the student is trained, checkpointed and exported
-(LOGDIR/NAME/model.npz, or --export, in the published layout). Under
-torchrun, one process per device (DistributedDataParallel), as
-fine-tuning; the same global batch gives the same update.
+(LOGDIR/NAME/model.npz, or --export, in the published layout). As in
+fine-tuning: under torchrun, one process per device
+(DistributedDataParallel), and on a machine with several GPUs the command
+starts torchrun itself; the same global batch gives the same update.
 """
 import functools
 import itertools
 import os
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
 
-from big_transfer import (distill, flags, harness, memory, recipes, runfiles,
-                          zoo)
+from big_transfer import (distill, errors, flags, harness, memory, recipes,
+                          runfiles, zoo)
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
 from bit_pytorch import engine
@@ -257,5 +259,15 @@ def _distill(args, recipe, rank, world, device):
                       exported_to=export)
 
 
+def cli(argv=None):
+  """python -m bit_pytorch.distill: on every local GPU (torchrun, started
+  for the user where there are several), as fine-tuning."""
+  argv = sys.argv[1:] if argv is None else argv
+  args = distill.argparser('pytorch').parse_args(argv)
+  engine.on_every_gpu('bit_pytorch.distill', argv, lambda gpus: (
+      recipes.check_args(args, distill.load_recipe(args).batch, gpus)))
+  errors.run_cli(main, args)
+
+
 if __name__ == '__main__':
-  distill.main_cli(main, 'pytorch')
+  cli()

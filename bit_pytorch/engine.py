@@ -25,6 +25,20 @@ def world_size():
   return int(os.environ.get('WORLD_SIZE', '1'))
 
 
+def on_every_gpu(module, argv, check):
+  """On a machine with several GPUs, in a process that torchrun did not
+  start: `check(gpus)` (bad input: one line and exit status 2, before
+  anything starts), then this process becomes torchrun, running `python -m
+  module argv` once per GPU. Returns elsewhere (one GPU or none, or under
+  torchrun), where the command runs in this process."""
+  gpus = torch.cuda.device_count()
+  if gpus > 1 and 'WORLD_SIZE' not in os.environ:
+    errors.run_cli(check, gpus)
+    os.execv(sys.executable, [
+        sys.executable, '-m', 'torch.distributed.run', '--standalone',
+        f'--nproc_per_node={gpus}', '-m', module, *argv])
+
+
 @contextlib.contextmanager
 def process_group():
   """(rank, device): joins torchrun's group when there is one."""

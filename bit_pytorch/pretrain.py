@@ -7,12 +7,16 @@ trains a ResNet-v2 (GroupNorm, weight standardisation) from random
 initialisation as the recipe file says, writes the same run outputs as
 fine-tuning (train.log, config.json, metrics.jsonl, a checkpoint it resumes
 from, results.json) and exports the result as a published-layout .npz that
-every backend loads (LOGDIR/NAME/model.npz, or --export PATH).
+every backend loads (LOGDIR/NAME/model.npz, or --export PATH). As in
+fine-tuning: under torchrun, one process per device
+(DistributedDataParallel), and on a machine with several GPUs the command
+starts torchrun itself.
 """
 import argparse
 import dataclasses
 import itertools
 import os
+import sys
 
 import numpy as np
 import torch
@@ -310,5 +314,16 @@ def _pretrain(args, recipe, rank, world, device):
                       model=recipe.model, exported_to=export)
 
 
+def cli(argv=None):
+  """python -m bit_pytorch.pretrain: on every local GPU (torchrun, started
+  for the user where there are several), as fine-tuning."""
+  argv = sys.argv[1:] if argv is None else argv
+  args = argparser().parse_args(argv)
+  engine.on_every_gpu('bit_pytorch.pretrain', argv, lambda gpus: (
+      recipes.check_args(args, load_recipe(args.recipe, args.overrides,
+                                           args.datadir).batch, gpus)))
+  errors.run_cli(main, args)
+
+
 if __name__ == '__main__':
-  errors.run_cli(lambda: main(argparser().parse_args()))
+  cli()

@@ -35,9 +35,9 @@ from bit_pytorch import models
 from bit_pytorch.engine import (Checkpoint, any_process, autocast_for,
                                 data_errors_named, device_memory, evaluate,
                                 loader, local_first, mean_over_processes,
-                                mixed, native_bf16, process_group,
-                                same_everywhere, to_device, train_step,
-                                world_size)
+                                mixed, native_bf16, on_every_gpu,
+                                process_group, same_everywhere, to_device,
+                                train_step, world_size)
 
 CHECKPOINT = runfiles.TORCH_CHECKPOINT
 
@@ -172,13 +172,8 @@ def optimizer(net, lr, precision):
 def cli(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   args = argparser().parse_args(argv)
-  gpus = torch.cuda.device_count()
-  if gpus > 1 and 'WORLD_SIZE' not in os.environ:
-    # All local GPUs, one process each: start torchrun for the user.
-    errors.run_cli(bit_common.check_args, args, gpus)
-    os.execv(sys.executable, [
-        sys.executable, '-m', 'torch.distributed.run', '--standalone',
-        f'--nproc_per_node={gpus}', '-m', 'bit_pytorch.train', *argv])
+  on_every_gpu('bit_pytorch.train', argv,
+               lambda gpus: bit_common.check_args(args, gpus))
   errors.run_cli(main, args)
 
 

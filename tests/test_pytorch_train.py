@@ -296,3 +296,42 @@ def test_data_workers_beside_jax_do_not_fork_its_threads():
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert done.stdout.split() == ['forkserver']
+
+
+@pytest.mark.parametrize('command', ['distill', 'pretrain'])
+def test_recipes_start_torchrun_on_several_gpus(command, tmp_path,
+                                                monkeypatch, capsys):
+  """As fine-tuning (tests/test_commands.py): with two GPUs and no
+  WORLD_SIZE the command becomes torchrun, one process per GPU, with the
+  user's flags; a batch that two GPUs cannot share is refused first."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  import yaml  # pylint: disable=import-outside-toplevel
+  module = importlib.import_module(f'bit_pytorch.{command}')
+  recipe = tmp_path / 'recipe.yaml'
+  values = dict(dataset='digits', batch=8, steps=2)
+  values.update(dict(teacher=str(tmp_path / 'teacher.npz'), student='R14x0.5')
+                if command == 'distill' else dict(model='R14x0.5'))
+  (tmp_path / 'teacher.npz').touch()
+  recipe.write_text(yaml.safe_dump(values))
+  monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+  monkeypatch.delenv('WORLD_SIZE', raising=False)
+  started = []
+
+  def execv(path, argv):
+    started.append([path, *argv])
+    raise SystemExit(0)
+  monkeypatch.setattr(os, 'execv', execv)
+  flags = ['--recipe', str(recipe), '--name', 'x', '--logdir',
+           str(tmp_path / 'runs')]
+  with pytest.raises(SystemExit):
+    module.cli(flags)
+  assert started == [[sys.executable, sys.executable, '-m',
+                      'torch.distributed.run', '--standalone',
+                      '--nproc_per_node=2', '-m', f'bit_pytorch.{command}',
+                      *flags]]
+  with pytest.raises(SystemExit) as e:
+    module.cli(flags + ['--set', 'batch=9'])
+  assert e.value.code == 2 and len(started) == 1
+  assert 'batch 9 is not divisible by --batch_split 1 times 2 device' in (
+      capsys.readouterr().err)
+  assert not (tmp_path / 'runs').exists()

@@ -7,11 +7,12 @@ import argparse
 import collections
 import dataclasses
 import io
+import logging
 import os
 
 import numpy as np
 
-from big_transfer import hardware, tfds_reader, vtab
+from big_transfer import hardware, progress, tfds_reader, vtab
 from big_transfer.errors import BadInput
 
 # Datasets known by name: torchvision's in PyTorch, TFDS's in TF2/JAX.
@@ -193,13 +194,18 @@ def readable_images(paths, skip=False, logger=None):
   run with its name (BadImage); a file whose pixels are damaged is named
   when it is decoded. With `skip`, every file is decoded whole and those
   that fail are left out with a warning, so the same files are left out
-  in every backend, before the schedule is computed.
+  in every backend, before the schedule is computed. Progress is shown
+  where `logger` shows INFO lines (the first process's).
   """
   import concurrent.futures
   import functools
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
-    errors = list(pool.map(functools.partial(_image_error, decode=skip),
-                           paths, chunksize=64))
+    checked = pool.map(functools.partial(_image_error, decode=skip), paths,
+                       chunksize=64)
+    errors = list(progress.images(
+        checked, len(paths), lambda _: 1,
+        'decoding images (--skip_bad_images)' if skip else 'checking images',
+        show=logger is not None and logger.isEnabledFor(logging.INFO)))
   bad = [i for i, e in enumerate(errors) if e is not None]
   if bad and not skip:
     raise BadImage.of(paths[bad[0]], errors[bad[0]])

@@ -113,3 +113,25 @@ def test_pytorchs_evaluation_shows_its_images_on_rank_0(stderr, val,
   monkeypatch.setitem(os.environ, 'RANK', '1')
   assert sum(len(y) for _, y in engine.eval_batches(data)) == 15
   assert stderr() == ''
+
+
+def test_checking_an_image_folder_shows_its_images(stderr, tmp_path):
+  """Reading every header (or, with --skip_bad_images, decoding every
+  image) of a large folder is long: shown where the logger shows INFO
+  lines, as on the first process; not where it does not."""
+  import glob  # pylint: disable=import-outside-toplevel
+  import logging  # pylint: disable=import-outside-toplevel
+  folder = write_imagefolder(tmp_path / 'images', train=4, val=2)
+  paths = sorted(glob.glob(os.path.join(folder, 'train', '*', '*')))
+  shown = logging.getLogger('bit.test.shown')
+  shown.setLevel(logging.INFO)
+  quiet = logging.getLogger('bit.test.quiet')
+  quiet.setLevel(logging.WARNING)
+  datasets.readable_images(paths, logger=shown)
+  n = len(paths)
+  assert f'checking images: {n}/{n} images' in stderr()
+  datasets.readable_images(paths, skip=True, logger=shown)
+  assert f'decoding images (--skip_bad_images): {n}/{n} images' in stderr()
+  datasets.readable_images(paths, skip=True, logger=quiet)
+  datasets.readable_images(paths)
+  assert stderr() == ''

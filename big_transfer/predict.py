@@ -5,7 +5,8 @@ import os
 import numpy as np
 
 import bit_hyperrule
-from big_transfer import datasets, flags, preprocess, runfiles, zoo
+from big_transfer import (datasets, flags, preprocess, progress, runfiles,
+                          zoo)
 from big_transfer.errors import BadInput
 
 
@@ -115,7 +116,9 @@ def predict(args, load_model, logger=None):
           or bit_hyperrule.get_resolution_from_image_sizes(
               datasets.image_sizes(paths))[1])
   logits = []
-  for i in range(0, len(paths), args.batch):
+  for i in progress.images(range(0, len(paths), args.batch), len(paths),
+                           lambda i: len(paths[i:i + args.batch]),
+                           'predicting'):
     batch = np.stack([load_image(p, size) for p in paths[i:i + args.batch]])
     logits.append(np.asarray(logits_fn(to_model_input(batch)), np.float32))
   logits = np.concatenate(logits)

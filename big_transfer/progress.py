@@ -8,8 +8,9 @@
       Yields `batches` (an iterator over `total` images, `count(batch)` of
       them in each): a bar of images on a terminal, cleared when done,
       else a line every LINE_SECONDS with images/s and ETA, none for work
-      done sooner. Evaluations, validation, feature extraction, holding
-      and the check of an image folder's files show it.
+      done sooner. Evaluations, validation, prediction, feature
+      extraction, holding and the check of an image folder's files show
+      it.
 
 A bar shows only where standard error is a terminal: in a log file its
 redrawn lines would pile up.

@@ -135,3 +135,19 @@ def test_checking_an_image_folder_shows_its_images(stderr, tmp_path):
   datasets.readable_images(paths, skip=True, logger=quiet)
   datasets.readable_images(paths)
   assert stderr() == ''
+
+
+def test_prediction_shows_its_images(stderr, tmp_path, make_npz):
+  from big_transfer import predict  # pylint: disable=import-outside-toplevel
+  folder = write_imagefolder(tmp_path / 'images', train=3, val=1)
+  args = predict.predict_argparser('test').parse_args(
+      [folder, '--model', make_npz(), '--batch', '4', '--resolution', '8'])
+  calls = []
+
+  def logits(x):
+    calls.append(len(x))
+    return np.zeros((len(x), 10), np.float32)
+  predict.predict(args, lambda weights: (10, logits))
+  n = sum(calls)
+  assert n == 12 and calls == [4, 4, 4]
+  assert f'predicting: {n}/{n} images' in stderr()

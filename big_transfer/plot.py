@@ -84,9 +84,8 @@ def plot(run_dirs, out, title=None):
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  folder = os.path.dirname(os.path.abspath(out))
-  os.makedirs(folder, exist_ok=True)
-  fig.savefig(out, dpi=100)
+  with runfiles.replaced(out, 'wb') as f:
+    fig.savefig(f, format='png', dpi=100)
   plt.close(fig)
   return out
 

@@ -123,7 +123,8 @@ def predict(args, load_model, logger=None):
     logits.append(np.asarray(logits_fn(to_model_input(batch)), np.float32))
   logits = np.concatenate(logits)
   if args.save_logits:
-    np.save(args.save_logits, logits)
+    with runfiles.replaced(args.save_logits, 'wb') as f:
+      np.save(f, logits)
   probs = np.exp(logits - logits.max(1, keepdims=True))
   probs /= probs.sum(1, keepdims=True)
   k = min(args.top_k, head_size)

@@ -191,7 +191,8 @@ def plot(results, shots_list, path, title):
   sizes.legend()
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
+  with runfiles.replaced(path, 'wb') as f:
+    fig.savefig(f, format='png', dpi=80)
   plt.close(fig)
 
 

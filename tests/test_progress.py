@@ -151,3 +151,26 @@ def test_prediction_shows_its_images(stderr, tmp_path, make_npz):
   n = sum(calls)
   assert n == 12 and calls == [4, 4, 4]
   assert f'predicting: {n}/{n} images' in stderr()
+
+
+def test_a_failed_save_of_the_logits_leaves_the_old_file(tmp_path, make_npz,
+                                                         monkeypatch):
+  """--save_logits is written whole or not at all (runfiles.replaced): a
+  write that fails half-way leaves the file that was there."""
+  from big_transfer import predict  # pylint: disable=import-outside-toplevel
+  folder = write_imagefolder(tmp_path / 'images', train=1, val=1)
+  out = tmp_path / 'logits.npy'
+  out.write_bytes(b'the old logits')
+
+  def half_then_fail(f, array):
+    f.write(b'half of the new')
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(predict.np, 'save', half_then_fail)
+  args = predict.predict_argparser('test').parse_args(
+      [folder, '--model', make_npz(), '--resolution', '8', '--save_logits',
+       str(out)])
+  with pytest.raises(OSError):
+    predict.predict(args, lambda weights: (10, lambda x: np.zeros(
+        (len(x), 10), np.float32)))
+  assert out.read_bytes() == b'the old logits'
+  assert not [f for f in os.listdir(tmp_path) if f.endswith('.part')]

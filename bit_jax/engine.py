@@ -98,6 +98,7 @@ def eval_sums(logits, labels, mask):
                     *(((rank < k) * m).sum() for k in metrics.TOP_K),
                     m.sum()])
 
+
 def distributed_flags():
   """The JAX flags of fine-tuning and distillation: joining the processes
   of a job (initialize_distributed)."""

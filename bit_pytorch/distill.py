@@ -15,15 +15,14 @@ starts torchrun itself; the same global batch gives the same update.
 import functools
 import itertools
 import os
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
 
-from big_transfer import (distill, errors, flags, harness, memory, recipes,
-                          runfiles, zoo)
+from big_transfer import (distill, flags, harness, memory, recipes, runfiles,
+                          zoo)
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
 from bit_pytorch import engine
@@ -260,13 +259,12 @@ def _distill(args, recipe, rank, world, device):
 
 
 def cli(argv=None):
-  """python -m bit_pytorch.distill: on every local GPU (torchrun, started
-  for the user where there are several), as fine-tuning."""
-  argv = sys.argv[1:] if argv is None else argv
-  args = distill.argparser('pytorch').parse_args(argv)
-  engine.on_every_gpu('bit_pytorch.distill', argv, lambda gpus: (
-      recipes.check_args(args, distill.load_recipe(args).batch, gpus)))
-  errors.run_cli(main, args)
+  """python -m bit_pytorch.distill (torchrun started for the user on
+  several GPUs, as fine-tuning: engine.run_command)."""
+  engine.run_command(
+      'bit_pytorch.distill', distill.argparser('pytorch'), main,
+      lambda args, gpus: recipes.check_args(
+          args, distill.load_recipe(args).batch, gpus), argv)
 
 
 if __name__ == '__main__':

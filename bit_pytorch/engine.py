@@ -25,18 +25,21 @@ def world_size():
   return int(os.environ.get('WORLD_SIZE', '1'))
 
 
-def on_every_gpu(module, argv, check):
-  """On a machine with several GPUs, in a process that torchrun did not
-  start: `check(gpus)` (bad input: one line and exit status 2, before
-  anything starts), then this process becomes torchrun, running `python -m
-  module argv` once per GPU. Returns elsewhere (one GPU or none, or under
-  torchrun), where the command runs in this process."""
+def run_command(module, parser, main, check, argv=None):
+  """`python -m module argv` (sys.argv where None) of a command on the run
+  harness: `main(parser.parse_args(argv))` in this process, bad input as
+  one line and exit status 2. On a machine with several GPUs, in a process
+  that torchrun did not start, `check(args, gpus)` first, then this process
+  becomes torchrun, running the same command once per GPU."""
+  argv = sys.argv[1:] if argv is None else argv
+  args = parser.parse_args(argv)
   gpus = torch.cuda.device_count()
   if gpus > 1 and 'WORLD_SIZE' not in os.environ:
-    errors.run_cli(check, gpus)
+    errors.run_cli(check, args, gpus)
     os.execv(sys.executable, [
         sys.executable, '-m', 'torch.distributed.run', '--standalone',
         f'--nproc_per_node={gpus}', '-m', module, *argv])
+  errors.run_cli(main, args)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import itertools
 import os
-import sys
 
 import numpy as np
 import torch
@@ -315,14 +314,12 @@ def _pretrain(args, recipe, rank, world, device):
 
 
 def cli(argv=None):
-  """python -m bit_pytorch.pretrain: on every local GPU (torchrun, started
-  for the user where there are several), as fine-tuning."""
-  argv = sys.argv[1:] if argv is None else argv
-  args = argparser().parse_args(argv)
-  engine.on_every_gpu('bit_pytorch.pretrain', argv, lambda gpus: (
-      recipes.check_args(args, load_recipe(args.recipe, args.overrides,
-                                           args.datadir).batch, gpus)))
-  errors.run_cli(main, args)
+  """python -m bit_pytorch.pretrain (torchrun started for the user on
+  several GPUs, as fine-tuning: engine.run_command)."""
+  engine.run_command(
+      'bit_pytorch.pretrain', argparser(), main,
+      lambda args, gpus: recipes.check_args(args, load_recipe(
+          args.recipe, args.overrides, args.datadir).batch, gpus), argv)
 
 
 if __name__ == '__main__':

@@ -20,23 +20,21 @@ runs one fine-tuning and returns the final evaluation.
 """
 import itertools
 import os
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
 
-from big_transfer import (errors, flags, harness, held, memory, runfiles,
-                          zoo)
+from big_transfer import flags, harness, held, memory, runfiles, zoo
 import bit_common
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
 from bit_pytorch.engine import (Checkpoint, any_process, autocast_for,
                                 data_errors_named, device_memory, evaluate,
                                 loader, local_first, mean_over_processes,
-                                mixed, native_bf16, on_every_gpu,
-                                process_group, same_everywhere, to_device,
+                                mixed, native_bf16, process_group,
+                                run_command, same_everywhere, to_device,
                                 train_step, world_size)
 
 CHECKPOINT = runfiles.TORCH_CHECKPOINT
@@ -170,11 +168,10 @@ def optimizer(net, lr, precision):
 
 
 def cli(argv=None):
-  argv = sys.argv[1:] if argv is None else argv
-  args = argparser().parse_args(argv)
-  on_every_gpu('bit_pytorch.train', argv,
-               lambda gpus: bit_common.check_args(args, gpus))
-  errors.run_cli(main, args)
+  """python -m bit_pytorch.train (torchrun started for the user on several
+  GPUs: engine.run_command)."""
+  run_command('bit_pytorch.train', argparser(), main, bit_common.check_args,
+              argv)
 
 
 if __name__ == '__main__':

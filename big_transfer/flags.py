@@ -18,10 +18,13 @@ from big_transfer.errors import BadInput
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
   """--help with each flag's default, but for switches (a default of True
-  beside --no-save reads as if saving were off)."""
+  beside --no-save reads as if saving were off), for flags without one (a
+  required flag, or None that the help already explains) and where the help
+  names its default itself."""
 
   def _get_help_string(self, action):
-    if action.nargs == 0:
+    if (action.nargs == 0 or action.default in (None, [])
+        or 'default' in (action.help or '').lower()):
       return action.help
     return super()._get_help_string(action)
 

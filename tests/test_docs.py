@@ -99,6 +99,10 @@ def test_the_cli_reference_names_every_flag_and_no_other():
   for module in COMMANDS:
     text = help_text(module)
     assert text.startswith(f'usage: python -m {module} '), text[:80]
+    for entry in re.split(r'\n  (?=\S)', text):  # a flag's help, each
+      # argparse's "(default: None)", or a default the help already names
+      assert entry.lower().count('default') <= 1 and 'default: None' not in entry, (
+          module, entry)
     flags |= set(FLAG.findall(text))
   flags -= {'--help'}
   with open(CLI_PAGE) as f:

@@ -105,9 +105,25 @@ def is_image_file(name):
   return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _visible(name):
+  return not name.startswith('.')
+
+
+def folder_files(folder):
+  """(image files, other files) below `folder`, its subfolders included
+  (links followed), each list sorted by path. Hidden files and folders
+  (`.DS_Store`, `.ipynb_checkpoints/`) are in neither."""
+  images, others = [], []
+  for d, subdirs, names in os.walk(folder, followlinks=True):
+    subdirs[:] = filter(_visible, subdirs)
+    for name in filter(_visible, names):
+      (images if is_image_file(name) else others).append(os.path.join(d, name))
+  return sorted(images), sorted(others)
+
+
 def _scan_split(folder, classes=None):
-  found = sorted(d for d in os.listdir(folder)
-                 if os.path.isdir(os.path.join(folder, d)))
+  found = sorted(d for d in os.listdir(folder) if _visible(d)
+                 and os.path.isdir(os.path.join(folder, d)))
   if classes is None:
     classes = found
   elif set(found) - set(classes):
@@ -115,17 +131,13 @@ def _scan_split(folder, classes=None):
                    f'{sorted(set(found) - set(classes))}.')
   paths, labels, left_out = [], [], []
   for label, c in enumerate(classes):
-    d = os.path.join(folder, c)
-    names = sorted(os.listdir(d)) if os.path.isdir(d) else []
-    files = [f for f in names if is_image_file(f)]
+    files, others = folder_files(os.path.join(folder, c))
     if not files:
-      raise BadInput(f'class folder {d} has no images; add some, or remove '
-                     'the class from every split.')
-    paths += [os.path.join(d, f) for f in files]
+      raise BadInput(f'class folder {os.path.join(folder, c)} has no images; '
+                     'add some, or remove the class from every split.')
+    paths += files
     labels += [label] * len(files)
-    left_out += [os.path.join(d, f) for f in names if not is_image_file(f)
-                 and not f.startswith('.') and
-                 os.path.isfile(os.path.join(d, f))]
+    left_out += others
   return classes, FileSplit(paths, np.array(labels, dtype=np.int64), left_out)
 
 
@@ -146,8 +158,9 @@ def left_out_warning(split):
 def scan_imagefolder(datadir):
   """(classes, train split, evaluation split) of an image folder.
 
-  Classes are the sorted subfolders of train/; files are sorted by name.
-  The evaluation split is val/, or test/ where there is no val/.
+  Classes are the sorted subfolders of train/ (hidden ones aside); a class
+  holds the images anywhere below its folder, sorted by path. The evaluation
+  split is val/, or test/ where there is no val/.
   """
   train = os.path.join(datadir, 'train')
   if not os.path.isdir(train):

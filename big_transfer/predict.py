@@ -35,8 +35,7 @@ def list_images(inputs):
   paths = []
   for item in inputs:
     if os.path.isdir(item):
-      paths += sorted(os.path.join(d, f) for d, _, files in os.walk(item)
-                      for f in files if datasets.is_image_file(f))
+      paths += datasets.folder_files(item)[0]
     elif os.path.isfile(item):
       paths.append(item)
     else:

@@ -418,6 +418,29 @@ def test_files_that_are_not_images_are_named_when_left_out(tmp_path, caplog):
   assert '2 file(s)' in caplog.text and '.gif 1, .txt 1' in caplog.text
 
 
+def test_class_folders_are_read_whole_but_hidden_folders_are_not(tmp_path):
+  # Images in a class's subfolders belong to the class (as torchvision's and
+  # Keras' image folders read them); Jupyter's .ipynb_checkpoints/ copies are
+  # neither a class nor images of one.
+  root = write_imagefolder(tmp_path / 'f', train=2, val=1)
+  train_dir = tmp_path / 'f' / 'train'
+  cat = train_dir / 'cat'
+  image = (cat / '000.png').read_bytes()
+  for name in ('batch2/a.png', 'batch2/deeper/b.png', '.ipynb_checkpoints/c.png',
+               'batch2/.hidden/d.png', 'batch2/readme.txt'):
+    (cat / name).parent.mkdir(parents=True, exist_ok=True)
+    (cat / name).write_bytes(image)
+  (train_dir / '.ipynb_checkpoints').mkdir()
+  (tmp_path / 'f' / 'val' / '.cache').mkdir()
+  classes, train, _ = datasets.scan_imagefolder(root)
+  assert classes == ['cat', 'dog', 'owl']
+  assert [os.path.relpath(p, cat) for p in train.paths[:4]] == [
+      '000.png', '001.png', 'batch2/a.png', 'batch2/deeper/b.png']
+  assert train.labels.tolist() == [0, 0, 0, 0, 1, 1, 2, 2]
+  assert train.left_out == [str(cat / 'batch2' / 'readme.txt')]
+  assert predict.list_images([str(cat)]) == train.paths[:4]
+
+
 def test_scan_imagefolder_uses_test_when_no_val(tmp_path):
   root = write_imagefolder(tmp_path / 'f', split_names=('train', 'test'))
   _, _, held_out = datasets.scan_imagefolder(root)

@@ -3,7 +3,6 @@ share: their command line, the default name of an export, the check of an
 export's logits against the source's, and the command's logging."""
 import logging
 import os
-import sys
 
 import numpy as np
 
@@ -78,7 +77,5 @@ def compare(name, got, want, tolerance):
 def cli(main, argparser_fn, argv=None):
   """Runs an export command: its check's lines on stderr, bad input as one
   line and exit status 2."""
-  logger.addHandler(logging.StreamHandler(sys.stderr))
-  logger.setLevel(logging.INFO)
-  logger.propagate = False  # TF/absl give the root logger a handler too
+  runfiles.console_logger('export')
   return errors.run_cli(lambda: main(argparser_fn().parse_args(argv)))

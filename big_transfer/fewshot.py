@@ -28,9 +28,7 @@ The weights are zoo.load_weights's (every --model form, in every backend).
 import dataclasses
 import hashlib
 import json
-import logging
 import os
-import sys
 import time
 
 import numpy as np
@@ -111,18 +109,6 @@ def _check_common(args):
   flags.check_at_least(args, ('resolution', 'batch'))
   datasets.check_source(args)
   zoo.check_model(args.model)
-
-
-def make_logger():
-  logger = logging.getLogger('bit.fewshot')
-  if not logger.handlers:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        '%(asctime)s %(levelname)s %(message)s', '%Y-%m-%d %H:%M:%S'))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-  return logger
 
 
 # --------------------------------------------------------------------------
@@ -232,7 +218,7 @@ def features_main(args, backend):
   _check_common(args)
   runfiles.check_out(args.out)
   zoo.fetch(args.bit_pretrained_dir, args.model)  # downloads before the data
-  logger = make_logger()
+  logger = runfiles.console_logger('fewshot', stamped=True)
   splits = backend.load_data(args, logger)
   model = backend.load_model(zoo.load_weights(args.model,
                                               args.bit_pretrained_dir))
@@ -426,7 +412,7 @@ def fewshot_main(args, backend):
   if args.out:
     runfiles.check_out(args.out)
   zoo.fetch(args.bit_pretrained_dir, args.model)  # downloads before the data
-  logger = make_logger()
+  logger = runfiles.console_logger('fewshot', stamped=True)
   splits = backend.load_data(args, logger)
   if splits.labels['train'] is not None:
     check_shots(splits.labels['train'], shots)

@@ -17,7 +17,8 @@ def predict_argparser(framework):
   g.add_argument('--labels', default=None,
                  help='Class names, one a line (default: the model\'s own, '
                  'a run folder\'s classes, or the ImageNet label file in '
-                 '--bit_pretrained_dir for 1000/21843-class heads).')
+                 '--bit_pretrained_dir for 1000/21843-class heads, '
+                 'downloaded there where missing).')
   g.add_argument('--top_k', type=int, default=5,
                  help='How many classes to print per image.')
   g.add_argument('--save_logits', default=None, metavar='FILE.npy',
@@ -60,9 +61,20 @@ def to_model_input(images):
   return (np.asarray(images, np.float32) - 127.5) / 127.5
 
 
-def read_labels(path):
-  with open(path) as f:
-    return [line.strip() for line in f if line.strip()]
+def read_labels(path, head_size=None):
+  """The names of a label file, one a line; BadInput unless it is readable
+  text with `head_size` of them (where given)."""
+  if not os.path.isfile(path):
+    raise BadInput(f'label file {path} does not exist.')
+  try:
+    with open(path, encoding='utf-8') as f:
+      names = [line.strip() for line in f if line.strip()]
+  except (OSError, UnicodeDecodeError) as e:
+    raise BadInput(f'cannot read label file {path} ({e}).') from e
+  if head_size is not None and len(names) != head_size:
+    raise BadInput(f'{path} has {len(names)} names but the model has '
+                   f'{head_size} classes.')
+  return names
 
 
 def run_classes(model):
@@ -72,8 +84,10 @@ def run_classes(model):
   return [str(c) for c in classes] if isinstance(classes, list) else None
 
 
-def label_names(args, head_size, logger=None):
-  """Class names for a head of `head_size`, or None where none are known."""
+def label_names(args, head_size, logger):
+  """Class names for a head of `head_size`, or None where none are known.
+  The ImageNet label files are downloaded into --bit_pretrained_dir where
+  missing, as the weights are."""
   path = args.labels
   info = zoo.MODELS.get(args.model)
   if path is None and info is not None and info.labels:
@@ -83,24 +97,19 @@ def label_names(args, head_size, logger=None):
     if names is not None and len(names) == head_size:
       return names
   if path is None and head_size in zoo.LABEL_FILES:
-    path = os.path.join(args.bit_pretrained_dir, zoo.LABEL_FILES[head_size])
+    name = zoo.LABEL_FILES[head_size]
+    path = os.path.join(args.bit_pretrained_dir, name)
     if not os.path.exists(path):
-      if logger:
-        logger.info(f'no label names: fetch {zoo.LABEL_URLS[zoo.LABEL_FILES[head_size]]}'
-                    f' into {args.bit_pretrained_dir} to see them.')
-      return None
-  if path is None:
-    return None
-  if not os.path.exists(path):
-    raise BadInput(f'label file {path} does not exist.')
-  names = read_labels(path)
-  if len(names) != head_size:
-    raise BadInput(f'{path} has {len(names)} names but the model has '
-                   f'{head_size} classes.')
-  return names
+      try:  # beside the weights, as they are
+        zoo.download(zoo.BASE_URL + name, path,
+                     verify=lambda part: read_labels(part, head_size))
+      except BadInput as e:
+        logger.warning(f'classes are shown by number: {e}')
+        return None
+  return None if path is None else read_labels(path, head_size)
 
 
-def predict(args, load_model, logger=None):
+def predict(args, load_model):
   """The predict CLI's work, given the backend's `load_model(weights)` that
   returns (head_size, logits_fn: float32 NHWC batch -> numpy logits); the
   weights are zoo.load_weights's (every --model form)."""
@@ -110,7 +119,7 @@ def predict(args, load_model, logger=None):
   paths = list_images(args.inputs)
   weights = zoo.load_weights(args.model, args.bit_pretrained_dir)
   head_size, logits_fn = load_model(weights)
-  names = label_names(args, head_size, logger)
+  names = label_names(args, head_size, runfiles.console_logger('predict'))
   size = (args.resolution or runfiles.trained_crop(args.model)
           or bit_hyperrule.get_resolution_from_image_sizes(
               datasets.image_sizes(paths))[1])

@@ -155,6 +155,11 @@ def check_run_dir(args, keep=False):
                  '--logdir.', keep)
 
 
+def _stamped():
+  return logging.Formatter('%(asctime)s %(levelname)s %(message)s',
+                           '%Y-%m-%d %H:%M:%S')
+
+
 def setup_logger(args):
   """Logger to stderr and LOGDIR/NAME/train.log."""
   check_run_dir(args, keep=True)
@@ -164,12 +169,26 @@ def setup_logger(args):
   for h in list(logger.handlers):
     logger.removeHandler(h)
     h.close()
-  fmt = logging.Formatter('%(asctime)s %(levelname)s %(message)s',
-                          '%Y-%m-%d %H:%M:%S')
   for h in (logging.StreamHandler(sys.stderr),
             LogFile(os.path.join(run_dir(args), LOG))):
-    h.setFormatter(fmt)
+    h.setFormatter(_stamped())
     logger.addHandler(h)
+  return logger
+
+
+def console_logger(command, stamped=False):
+  """The logger of a command that writes no run folder: INFO lines on
+  stderr, with their time and level where `stamped`. Its lines do not reach
+  the root logger, to which TF, absl or grain may have given a handler of
+  their own (each line would show twice)."""
+  logger = logging.getLogger(f'bit.{command}')
+  if not logger.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    if stamped:
+      handler.setFormatter(_stamped())
+    logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
   return logger
 
 

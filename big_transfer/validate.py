@@ -9,9 +9,7 @@ cross-entropy and the top-1 / top-5 accuracy over every example of the
 evaluation split.
 """
 import json
-import logging
 import os
-import sys
 
 import numpy as np
 
@@ -65,15 +63,7 @@ def start(args):
   read)."""
   check(args)
   zoo.fetch(args.bit_pretrained_dir, args.ckpt_path)
-  return logger()
-
-
-def logger():
-  log = logging.getLogger('bit.validate')
-  if not log.handlers:
-    log.addHandler(logging.StreamHandler(sys.stderr))
-  log.setLevel(logging.INFO)
-  return log
+  return runfiles.console_logger('validate')
 
 
 def check_head(head_size, classes, args):

@@ -39,9 +39,7 @@ LABEL_FILES = {
     1000: 'ilsvrc2012_wordnet_lemmas.txt',
     21843: 'imagenet21k_wordnet_lemmas.txt',
 }
-LABEL_URLS = {f: BASE_URL + f for f in (
-    'ilsvrc2012_wordnet_lemmas.txt', 'imagenet21k_wordnet_ids.txt',
-    'imagenet21k_wordnet_lemmas.txt')}
+DOWNLOAD_TIMEOUT_S = 60  # a server silent this long is given up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,13 +144,14 @@ def model_info(name):
 # --------------------------------------------------------------------------
 # Weight files: download, read, check.
 
-def download(url, dest, opener=urllib.request.urlopen, verify=None):
+def download(url, dest, opener=None, verify=None):
   """Fetches `url` into `dest` atomically, with a progress bar.
 
   The data goes to a temporary file beside `dest`, is checked by `verify`
   (which raises on a bad file), and only then renamed to `dest`. Whatever
-  goes wrong, no partial file is left behind, so a new call starts afresh,
-  nor a folder that it made for `dest`.
+  goes wrong, a server silent for DOWNLOAD_TIMEOUT_S included, no partial
+  file is left behind, so a new call starts afresh, nor a folder that it
+  made for `dest`. `opener` stands in for urllib's urlopen.
   """
   from tqdm import tqdm
   folder = os.path.dirname(os.path.abspath(dest))
@@ -161,7 +160,8 @@ def download(url, dest, opener=urllib.request.urlopen, verify=None):
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(dest)}.',
                              suffix='.part')
   try:
-    with os.fdopen(fd, 'wb') as f, opener(url) as response:
+    with os.fdopen(fd, 'wb') as f, (opener or urllib.request.urlopen)(
+        url, timeout=DOWNLOAD_TIMEOUT_S) as response:
       total = int(response.headers.get('Content-Length') or 0)
       done = 0
       with tqdm(total=total or None, unit='B', unit_scale=True,
@@ -213,7 +213,7 @@ def weights_path(model, pretrained_dir='.', fmt=None, opener=None):
   dest = os.path.join(pretrained_dir, os.path.basename(url))
   if not os.path.exists(dest):
     verify = load_npz if fmt == 'npz' else None
-    download(url, dest, opener or urllib.request.urlopen, verify)
+    download(url, dest, opener, verify)
   return dest
 
 

@@ -7,8 +7,10 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -104,7 +106,7 @@ def test_download_writes_the_file_atomically(tmp_path):
   dest = tmp_path / 'w' / 'BiT-M-R50x1.npz'
   seen = []
   zoo.download('http://x/BiT-M-R50x1.npz', str(dest),
-                      opener=lambda url: (seen.append(url), FakeResponse(data))[1],
+                      opener=lambda url, timeout: (seen.append(url), FakeResponse(data))[1],
                       verify=zoo.load_npz)
   assert seen == ['http://x/BiT-M-R50x1.npz']
   assert dest.read_bytes() == data
@@ -121,18 +123,18 @@ def test_interrupted_download_leaves_nothing(tmp_path, response):
   dest = tmp_path / 'model.npz'
   with pytest.raises(errors.BadInput, match='fetch it yourself'):
     zoo.download('http://x/model.npz', str(dest),
-                        opener=lambda url: response(data),
+                        opener=lambda url, timeout: response(data),
                         verify=zoo.load_npz)
   assert os.listdir(tmp_path) == []
   # Restartable: the next attempt starts afresh and succeeds.
   zoo.download('http://x/model.npz', str(dest),
-                      opener=lambda url: FakeResponse(data),
+                      opener=lambda url, timeout: FakeResponse(data),
                       verify=zoo.load_npz)
   assert dest.read_bytes() == data
 
 
 def test_offline_error_names_the_file_and_where_to_put_it(tmp_path):
-  def offline(url):
+  def offline(url, timeout):
     raise urllib.error.URLError('Name or service not known')
   with pytest.raises(errors.BadInput) as e:
     zoo.weights_path('BiT-S-R50x1', str(tmp_path), opener=offline)
@@ -164,6 +166,69 @@ def test_weights_path_downloads_from_a_local_server(tmp_path, monkeypatch):
     assert zoo.weights_path('BiT-M-R50x1', str(tmp_path / 'cache')) == path
   finally:
     server.server_close()
+
+
+def test_a_command_line_shows_once_where_a_library_set_up_logging(capsys):
+  # TF, absl or grain may give the root logger a handler; a command's lines
+  # must not show twice (bit_jax.validate's did).
+  root = logging.getLogger()
+  caught = logging.StreamHandler(io.StringIO())
+  root.addHandler(caught)
+  try:
+    runfiles.console_logger('test_once').info('evaluating')
+  finally:
+    root.removeHandler(caught)
+  assert caught.stream.getvalue() == ''
+  assert capsys.readouterr().err == 'evaluating\n'
+
+
+def test_a_silent_server_is_given_up_and_leaves_nothing(tmp_path, monkeypatch):
+  # It takes the connection and the request, and never answers.
+  server = socket.create_server(('127.0.0.1', 0))
+  monkeypatch.setattr(zoo, 'DOWNLOAD_TIMEOUT_S', 0.5)
+  try:
+    with pytest.raises(errors.BadInput, match='timed out.*fetch it yourself'):
+      zoo.download(f'http://127.0.0.1:{server.getsockname()[1]}/m.npz',
+                   str(tmp_path / 'new' / 'm.npz'))
+  finally:
+    server.close()
+  assert os.listdir(tmp_path) == []
+
+
+def test_predict_fetches_the_imagenet_names_beside_the_weights(
+    tmp_path, monkeypatch, caplog):
+  names = [f'class {i}' for i in range(1000)]
+  pages = {'ilsvrc2012_wordnet_lemmas.txt': '\n'.join(names) + '\n',
+           'imagenet21k_wordnet_lemmas.txt': 'too\nfew\n'}
+  asked = []
+
+  def serve(url, timeout):
+    asked.append(url)
+    name = url.rpartition('/')[2]
+    if name not in pages:
+      raise urllib.error.URLError('Name or service not known')
+    return FakeResponse(pages[name].encode())
+  monkeypatch.setattr(urllib.request, 'urlopen', serve)
+  cache = tmp_path / 'weights'
+  args = argparse.Namespace(labels=None, model='mine.npz',
+                            bit_pretrained_dir=str(cache))
+  logger = logging.getLogger('bit.test_labels')
+  assert predict.label_names(args, 1000, logger) == names
+  assert asked == [zoo.BASE_URL + 'ilsvrc2012_wordnet_lemmas.txt']
+  assert predict.label_names(args, 1000, logger) == names  # kept: no 2nd ask
+  assert len(asked) == 1
+  # A file of the wrong length, or no network: the classes go by number,
+  # said in one line, and nothing is kept.
+  caplog.set_level(logging.WARNING)
+  assert predict.label_names(args, 21843, logger) is None
+  monkeypatch.delitem(pages, 'ilsvrc2012_wordnet_lemmas.txt')
+  (cache / 'ilsvrc2012_wordnet_lemmas.txt').unlink()
+  assert predict.label_names(args, 1000, logger) is None
+  assert [r.message.split(':')[0] for r in caplog.records] == [
+      'classes are shown by number'] * 2
+  assert 'has 2 names but the model has 21843' in caplog.records[0].message
+  assert 'Name or service not known' in caplog.records[1].message
+  assert os.listdir(cache) == []
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -503,10 +568,10 @@ def test_a_run_folder_names_its_classes_for_predict(tmp_path):
   (run / runfiles.CONFIG).write_text(json.dumps({'classes': ['blue', 'red']}))
   args = argparse.Namespace(labels=None, model=str(run),
                             bit_pretrained_dir=str(tmp_path))
-  assert predict.label_names(args, 2) == ['blue', 'red']
-  assert predict.label_names(args, 3) is None  # not this model's classes
+  assert predict.label_names(args, 2, None) == ['blue', 'red']
+  assert predict.label_names(args, 3, None) is None  # not this model's classes
   (run / runfiles.CONFIG).write_text(json.dumps({'classes': 10}))
-  assert predict.label_names(args, 10) is None
+  assert predict.label_names(args, 10, None) is None
 
 
 def test_a_run_folder_and_its_model_give_the_crop_it_trained_at(tmp_path):

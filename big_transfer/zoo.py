@@ -392,8 +392,6 @@ def infer_arch(weights):
                                           int(head.shape[0]))
 
 
-
-
 # --------------------------------------------------------------------------
 # One entry point for weights: a registered name, a file, a run folder or a
 # Hugging Face Hub repository, always as {published key: float32 array}.

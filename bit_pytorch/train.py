@@ -166,7 +166,6 @@ def optimizer(net, lr, precision):
           torch.amp.GradScaler(device.type, enabled=precision == 'fp16'))
 
 
-
 def cli(argv=None):
   """python -m bit_pytorch.train (torchrun started for the user on several
   GPUs: engine.run_command)."""

@@ -19,6 +19,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 
@@ -108,6 +109,20 @@ def missing_folders(path):
     missing.append(path)
     path = os.path.dirname(path)
   return missing
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder):
+  """Runs a block that fills `folder` (a dataset's download, say): where
+  it fails, the folders it made for `folder` go again with what they hold
+  (nothing that existed before the block is touched)."""
+  made = missing_folders(folder) if folder else []
+  try:
+    yield
+  except BaseException:
+    if made:
+      shutil.rmtree(made[-1], ignore_errors=True)
+    raise
 
 
 def remove_empty(folders):

@@ -338,26 +338,30 @@ class Dataset:
 
 
 def _builder(tfds_name, data_dir, manual_dir, prepare, shown):
+  """The dataset's TFDS builder, prepared where `prepare`. A failed
+  preparation leaves no folder that it made for `data_dir` behind."""
   tfds = _tfds()
-  try:
-    builder = tfds.builder(tfds_name, data_dir=data_dir)
-  except (tfds.core.registered.DatasetNotFoundError, ValueError,
-          AssertionError) as e:
-    raise BadInput(f'no TFDS dataset {tfds_name!r} for --dataset {shown} '
-                   f'({str(e).splitlines()[0]}); --dataset takes '
-                   f'{accepted_forms()}.') from e
-  if prepare and not _prepared(builder):
+  with runfiles.removed_on_failure(data_dir):
     try:
-      builder.download_and_prepare(
-          file_format='array_record',
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    except Exception as e:  # pylint: disable=broad-except
-      # TFDS raises many kinds (download, missing manual files, checksums).
-      raise BadInput(
-          f'TFDS could not prepare {tfds_name} in {builder.data_dir} '
-          f'({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); '
-          'check --datadir (the TFDS data_dir), or give --tfds_manual_dir '
-          'for datasets that must be downloaded by hand.') from e
+      builder = tfds.builder(tfds_name, data_dir=data_dir)
+    except (tfds.core.registered.DatasetNotFoundError, ValueError,
+            AssertionError) as e:
+      raise BadInput(f'no TFDS dataset {tfds_name!r} for --dataset {shown} '
+                     f'({str(e).splitlines()[0]}); --dataset takes '
+                     f'{accepted_forms()}.') from e
+    if prepare and not _prepared(builder):
+      try:
+        builder.download_and_prepare(
+            file_format='array_record',
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=manual_dir))
+      except Exception as e:  # pylint: disable=broad-except
+        # TFDS raises many kinds (download, missing manual files, checksums).
+        raise BadInput(
+            f'TFDS could not prepare {tfds_name} in {builder.data_dir} '
+            f'({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); '
+            'check --datadir (the TFDS data_dir), or give --tfds_manual_dir '
+            'for datasets that must be downloaded by hand.') from e
   return builder
 
 

@@ -9,7 +9,6 @@ batch), so a resumed run, a run over any number of processes, and a run in
 another backend see exactly the same batches.
 """
 import os
-import shutil
 
 import numpy as np
 import torch
@@ -29,34 +28,32 @@ def _torchvision(args):
   downloaded into --datadir when missing."""
   from torchvision import datasets as tv_datasets
   root = args.datadir or os.path.join('data', args.dataset)
-  made = runfiles.missing_folders(root)
   try:
-    if args.dataset in ('cifar10', 'cifar100'):
-      cls = (tv_datasets.CIFAR10 if args.dataset == 'cifar10' else
-             tv_datasets.CIFAR100)
-      train, val = (cls(root, train=t, download=True) for t in (True, False))
-      return datasets.Data(args.dataset, list(train.classes),
-                           datasets.Source(np.asarray(train.targets),
-                                           images=train.data),
-                           datasets.Source(np.asarray(val.targets),
-                                           images=val.data),
-                           train.data.shape[1:3], 'test')
-    # As the TFDS backends: train on the dataset's train split, evaluate on
-    # its validation split where it has one, else on its test split.
-    if args.dataset == 'oxford_iiit_pet':
-      train, val = (tv_datasets.OxfordIIITPet(root, split=s, download=True)
-                    for s in ('trainval', 'test'))
-      files = [_pets_files(root, s) for s in ('trainval', 'test')]
-    else:  # oxford_flowers102: loader=str gives each image's path
-      train, val = (tv_datasets.Flowers102(root, split=s, download=True,
-                                        loader=str) for s in ('train', 'val'))
-      files = [tuple(zip(*(d[i] for i in range(len(d))))) for d in (train,
-                                                                    val)]
+    with runfiles.removed_on_failure(root):
+      if args.dataset in ('cifar10', 'cifar100'):
+        cls = (tv_datasets.CIFAR10 if args.dataset == 'cifar10' else
+               tv_datasets.CIFAR100)
+        train, val = (cls(root, train=t, download=True) for t in (True, False))
+        return datasets.Data(args.dataset, list(train.classes),
+                             datasets.Source(np.asarray(train.targets),
+                                             images=train.data),
+                             datasets.Source(np.asarray(val.targets),
+                                             images=val.data),
+                             train.data.shape[1:3], 'test')
+      # As the TFDS backends: train on the dataset's train split, evaluate on
+      # its validation split where it has one, else on its test split.
+      if args.dataset == 'oxford_iiit_pet':
+        train, val = (tv_datasets.OxfordIIITPet(root, split=s, download=True)
+                      for s in ('trainval', 'test'))
+        files = [_pets_files(root, s) for s in ('trainval', 'test')]
+      else:  # oxford_flowers102: loader=str gives each image's path
+        train, val = (tv_datasets.Flowers102(root, split=s, download=True,
+                                          loader=str) for s in ('train', 'val'))
+        files = [tuple(zip(*(d[i] for i in range(len(d))))) for d in (train,
+                                                                      val)]
   except (OSError, RuntimeError) as e:
-    if made:  # with what the failed download left there
-      shutil.rmtree(made[-1], ignore_errors=True)
     raise errors.BadInput(f'could not get {args.dataset} into {root} ({e}); '
-                              'check the network or --datadir.') from e
+                          'check the network or --datadir.') from e
   (tp, tl), (vp, vl) = files
   tp = [str(p) for p in tp]
   return datasets.Data(

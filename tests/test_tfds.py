@@ -422,6 +422,33 @@ def test_refused(toy_dir, kwargs, words):
     assert 'vtab:TASK' in str(e.value) and 'tfds:NAME' in str(e.value)
 
 
+def test_a_failed_download_leaves_no_folder_it_made(tmp_path):
+  class BitTfdsOffline(tfds.core.GeneratorBasedBuilder):
+    """Its download fails, as without a network."""
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, features=tfds.features.FeaturesDict({
+              'image': tfds.features.Image(shape=(8, 8, 3)),
+              'label': tfds.features.ClassLabel(num_classes=2)}))
+
+    def _split_generators(self, dl_manager):
+      os.makedirs(os.path.join(dl_manager.download_dir, 'part.tmp'))
+      raise ConnectionError('Failed to resolve the host')
+
+    def _generate_examples(self):  # never reached
+      yield from ()
+
+  new = tmp_path / 'new' / 'tfds'
+  for data_dir in (new, tmp_path):  # one made for it, one that was there
+    with pytest.raises(errors.BadInput, match='could not prepare '
+                       'bit_tfds_offline.*Failed to resolve the host'):
+      tfds_reader.resolve('tfds:bit_tfds_offline', data_dir=str(data_dir))
+  assert not (tmp_path / 'new').exists()
+  assert 'downloads' in os.listdir(tmp_path)  # TFDS's, in the user's folder
+
+
 def test_fewshot_subset_is_the_shared_one(toy_dir):
   split = tfds_reader.resolve('tfds:bit_tfds_toy', toy_dir).read('train')
   labels = split.labels

@@ -20,14 +20,18 @@ def argparser(known_models=None, backend_flags=None):
   """The CLI every `bit_*.train` shares: the original flags, then ours, then
   `backend_flags` (a backend's own group, from flags.group). `known_models`
   (the original's argument: a backend's KNOWN_MODELS) are the registered
-  names the help shows first."""
+  names the help shows first.
+
+  A flag added again replaces this one, as the original trainers' scripts
+  add --datadir, --workers, --no-save, --batch_eval and --tfds_manual_dir
+  to this parser themselves."""
   examples = tuple(list(known_models or [])[:4]) or flags.EXAMPLE_MODELS
   return flags.parser(
       'Fine-tune a BiT model with the BiT-HyperRule.', flags.run(),
       flags.model(examples=examples), flags.dataset(), flags.loading(),
       flags.holding(), flags.fewshot(), flags.batches(), flags.batch_split(),
       flags.schedule(), flags.precision(training=True),
-      *([backend_flags] if backend_flags else []))
+      *([backend_flags] if backend_flags else []), conflict_handler='resolve')
 
 
 def check_args(args, devices=1):

@@ -29,13 +29,13 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
     return super()._get_help_string(action)
 
 
-def parser(description, *groups, prog=None):
+def parser(description, *groups, prog=None, conflict_handler='error'):
   """A command's parser made of `groups` (parent parsers), showing defaults
   in --help; its usage line names the command as it was started (`python
   -m bit_jax.train`, where argparse would say train.py)."""
   return argparse.ArgumentParser(
       prog=prog or _started_as(), description=description, parents=groups,
-      formatter_class=_Help)
+      formatter_class=_Help, conflict_handler=conflict_handler)
 
 
 def _started_as():

@@ -299,6 +299,29 @@ def test_a_registered_model_is_read_from_a_local_npz_or_else_h5(tmp_path,
 
 # ---------------------------------------------------------------- CLI
 
+def test_the_original_trainers_scripts_add_their_flags_again():
+  # Each original bit_*/train.py added flags to bit_common.argparser itself
+  # (PyTorch: --datadir, --workers, --no-save; TF2 and JAX: --tfds_manual_dir,
+  # --batch_eval). A script built on one still parses, its flags winning.
+  from bit_pytorch import models
+  parser = bit_common.argparser(models.KNOWN_MODELS.keys())
+  parser.add_argument('--datadir', required=True)
+  parser.add_argument('--workers', type=int, default=8)
+  parser.add_argument('--no-save', dest='save', action='store_false')
+  args = parser.parse_args(['--name', 'n', '--logdir', 'l', '--datadir', 'd'])
+  assert (args.datadir, args.workers, args.save) == ('d', 8, True)
+  assert parser.parse_args(['--name', 'n', '--logdir', 'l', '--datadir', 'd',
+                            '--no-save']).save is False
+  with pytest.raises(SystemExit):  # required, as that script said
+    parser.parse_args(['--name', 'n', '--logdir', 'l'])
+  parser = bit_common.argparser()
+  parser.add_argument('--tfds_manual_dir', default=None)
+  parser.add_argument('--batch_eval', default=32, type=int)
+  args = parser.parse_args(['--name', 'n', '--logdir', 'l'])
+  assert (args.batch_eval, args.tfds_manual_dir, args.batch) == (32, None, 512)
+  bit_common.check_args(args)
+
+
 def test_original_flags_keep_their_names_and_defaults():
   args = bit_common.argparser().parse_args(['--name', 'n', '--logdir', 'l'])
   assert (args.model, args.bit_pretrained_dir, args.dataset) == ('BiT-M-R50x1', '.', 'cifar10')

@@ -14,7 +14,10 @@ batches from the same code and flags the trainer uses, and times them:
   jax      big_transfer.loader.train_batches, which bit_jax.train and
            bit_tf2.train read through: the same views in --workers grain
            processes, with each row's mixup partner and the mixed one-hot
-           labels.
+           labels;
+  predict  the bit_*.predict commands' images (big_transfer.predict's
+           decoded_batches): each training image resized to the crop, as
+           evaluation's view, decoded in --workers threads, no mixup.
 
 With --held, each trainer's images are held first (big_transfer.held, in
 --workers threads, timed apart: holding's own rate, per core of CPU time,
@@ -40,6 +43,7 @@ linearly. On a shared machine, read the
 figures as a floor.
 """
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -54,7 +58,7 @@ from big_transfer import datasets, hardware, harness, held
 
 # Fork-based PyTorch workers start first. TF2 reads through JAX's loader
 # (big_transfer.loader), so the `jax` row is TF2's too.
-BACKENDS = ('pytorch', 'jax')
+BACKENDS = ('pytorch', 'jax', 'predict')
 TARGET_IMG_S = 5000
 # Untimed batches by default: this many per worker, and this many more.
 WARMUP_PER_WORKER = 4
@@ -132,7 +136,22 @@ def _images_then_close(batches):
     batches.close()
 
 
-PIPELINES = {'pytorch': pytorch_batches, 'jax': jax_batches}
+def predict_batches(args):
+  """(HyperRule with the predict view, an iterator of bit_*.predict's
+  images of the training files, repeated for --total_steps batches,
+  None)."""
+  from big_transfer import predict  # pylint: disable=import-outside-toplevel
+  data = datasets.load(args)
+  hyper = harness.HyperRule.of(args, len(data.train), data.original_hw)
+  hyper = dataclasses.replace(hyper, resize=hyper.crop, mixup=0)
+  n = args.total_steps * args.batch
+  paths = (data.train.paths * math.ceil(n / len(data.train.paths)))[:n]
+  return hyper, predict.decoded_batches(paths, hyper.crop, args.batch,
+                                        args.workers), None
+
+
+PIPELINES = {'pytorch': pytorch_batches, 'jax': jax_batches,
+             'predict': predict_batches}
 
 
 def measure(backend, args, batches, warmup):

@@ -1,12 +1,15 @@
 """Prediction: everything but the forward pass, shared by the three
 `bit_*.predict` command lines."""
+import collections
+import concurrent.futures
+import functools
 import os
 
 import numpy as np
 
 import bit_hyperrule
-from big_transfer import (datasets, flags, preprocess, progress, runfiles,
-                          zoo)
+from big_transfer import (datasets, flags, hardware, preprocess, progress,
+                          runfiles, zoo)
 from big_transfer.errors import BadInput
 
 
@@ -54,6 +57,25 @@ def load_image(path, size):
     return preprocess.eval_view(datasets.decode(path), size)
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise BadInput(f'cannot read image {path} ({e}).') from e
+
+
+def decoded_batches(paths, size, batch, workers=None, ahead=2):
+  """uint8 batches of the images of `paths` (load_image at `size`), in
+  order, decoded by `workers` threads (default: as --workers) up to `ahead`
+  batches before the one in use: the model runs while they decode."""
+  load = functools.partial(load_image, size=size)
+  pool = concurrent.futures.ThreadPoolExecutor(
+      workers or hardware.default_workers())
+  started = collections.deque()
+  try:
+    for i in range(0, len(paths), batch):
+      started.append([pool.submit(load, p) for p in paths[i:i + batch]])
+      if len(started) > ahead:
+        yield np.stack([f.result() for f in started.popleft()])
+    while started:
+      yield np.stack([f.result() for f in started.popleft()])
+  finally:  # a bad image, Ctrl-C: what has not begun never will
+    pool.shutdown(cancel_futures=True)
 
 
 def to_model_input(images):
@@ -124,10 +146,8 @@ def predict(args, load_model):
           or bit_hyperrule.get_resolution_from_image_sizes(
               datasets.image_sizes(paths))[1])
   logits = []
-  for i in progress.images(range(0, len(paths), args.batch), len(paths),
-                           lambda i: len(paths[i:i + args.batch]),
-                           'predicting'):
-    batch = np.stack([load_image(p, size) for p in paths[i:i + args.batch]])
+  for batch in progress.images(decoded_batches(paths, size, args.batch),
+                               len(paths), len, 'predicting'):
     logits.append(np.asarray(logits_fn(to_model_input(batch)), np.float32))
   logits = np.concatenate(logits)
   if args.save_logits:

@@ -585,6 +585,19 @@ def test_skipping_every_image_of_a_class_is_refused(tmp_path):
     datasets.load(args)
 
 
+def test_predict_decodes_ahead_in_threads_in_order(tmp_path):
+  root = write_imagefolder(tmp_path / 'f', train=7, val=1)
+  paths = predict.list_images([os.path.join(root, 'train')])
+  one_by_one = [predict.load_image(p, 24) for p in paths]
+  got = list(predict.decoded_batches(paths, 24, 4, workers=3, ahead=2))
+  assert [len(b) for b in got] == [4, 4, 4, 4, 4, 1]
+  np.testing.assert_array_equal(np.concatenate(got), np.stack(one_by_one))
+  truncate_image(paths[13])
+  batches = predict.decoded_batches(paths, 24, 4, workers=3)
+  with pytest.raises(errors.BadInput, match=f'cannot read image {paths[13]}'):
+    list(batches)
+
+
 def test_a_run_folder_names_its_classes_for_predict(tmp_path):
   run = tmp_path / 'run'
   run.mkdir()

@@ -125,7 +125,9 @@ def main(argv=None):
   parser = flags.parser(
       'Write TensorBoard event files of runs from their metrics.jsonl (runs '
       'write them themselves as they go).')
-  parser.add_argument('run_dirs', nargs='+', metavar='RUN_DIR')
+  parser.add_argument('run_dirs', nargs='+', metavar='RUN_DIR',
+                      help='Run folders (LOGDIR/NAME), each with a '
+                      'metrics.jsonl; the events go beside it.')
   args = parser.parse_args(argv)
   for run_dir in args.run_dirs:
     if not os.path.isfile(os.path.join(run_dir, runfiles.METRICS)):

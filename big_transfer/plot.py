@@ -99,7 +99,8 @@ def main(argv=None):
                       'metrics.jsonl.')
   parser.add_argument('--out', default='runs.png',
                       help='The PNG to write.')
-  parser.add_argument('--title', default=None)
+  parser.add_argument('--title', default=None,
+                      help='A title above the plots.')
   args = parser.parse_args(argv)
   if not args.out.lower().endswith('.png'):
     raise BadInput(f'--out {args.out}: give a .png file name.')

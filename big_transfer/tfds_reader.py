@@ -653,8 +653,12 @@ def main(argv=None):
   parser.add_argument('--tfds_manual_dir', default=None,
                       help='TFDS manual_dir, for datasets TFDS cannot '
                       'download itself (e.g. diabetic_retinopathy).')
-  parser.add_argument('--train_split', default=None)
-  parser.add_argument('--eval_split', default=None)
+  parser.add_argument('--train_split', default=None,
+                      help='The training split described, as the trainers\' '
+                      '--train_split.')
+  parser.add_argument('--eval_split', default=None,
+                      help='The evaluation split described, as the '
+                      'trainers\' --eval_split.')
   args = parser.parse_args(argv)
   names = []
   for name in args.datasets:

@@ -111,10 +111,16 @@ def _visible(name):
 
 def folder_files(folder):
   """(image files, other files) below `folder`, its subfolders included
-  (links followed), each list sorted by path. Hidden files and folders
-  (`.DS_Store`, `.ipynb_checkpoints/`) are in neither."""
-  images, others = [], []
+  (links followed, each folder once: a link back up is not a loop), each
+  list sorted by path. Hidden files and folders (`.DS_Store`,
+  `.ipynb_checkpoints/`) are in neither."""
+  images, others, seen = [], [], set()
   for d, subdirs, names in os.walk(folder, followlinks=True):
+    stat = os.stat(d)
+    if (stat.st_dev, stat.st_ino) in seen:
+      subdirs[:] = []
+      continue
+    seen.add((stat.st_dev, stat.st_ino))
     subdirs[:] = filter(_visible, subdirs)
     for name in filter(_visible, names):
       (images if is_image_file(name) else others).append(os.path.join(d, name))

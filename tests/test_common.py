@@ -519,6 +519,7 @@ def test_class_folders_are_read_whole_but_hidden_folders_are_not(tmp_path):
     (cat / name).parent.mkdir(parents=True, exist_ok=True)
     (cat / name).write_bytes(image)
   (train_dir / '.ipynb_checkpoints').mkdir()
+  (cat / 'batch2' / 'up').symlink_to(cat, target_is_directory=True)  # a loop
   (tmp_path / 'f' / 'val' / '.cache').mkdir()
   classes, train, _ = datasets.scan_imagefolder(root)
   assert classes == ['cat', 'dog', 'owl']

@@ -2,6 +2,7 @@
 `bit_*.predict` command lines."""
 import collections
 import concurrent.futures
+import csv
 import functools
 import os
 
@@ -26,6 +27,11 @@ def predict_argparser(framework):
                  help='How many classes to print per image.')
   g.add_argument('--save_logits', default=None, metavar='FILE.npy',
                  help='Also save the logits, (images, classes), here.')
+  g.add_argument('--out', default=None, metavar='FILE.csv|FILE.json',
+                 help='Also write what is printed, each image\'s path and '
+                 'its top classes with their probabilities, as CSV (a row '
+                 'an image) or JSON (a list of {"path", "classes", '
+                 '"probabilities"}).')
   return flags.parser(
       f'Classify images with a BiT model ({framework}).', parent,
       flags.model(default='BiT-M-R50x1-ILSVRC2012'),
@@ -138,6 +144,10 @@ def predict(args, load_model):
   flags.check_at_least(args, ('top_k', 'batch', 'resolution'))
   if args.save_logits:
     runfiles.check_out(args.save_logits, '--save_logits')
+  if args.out:
+    if not args.out.lower().endswith(OUT_FORMATS):
+      raise BadInput(f'--out {args.out}: give a .csv or .json file name.')
+    runfiles.check_out(args.out)
   paths = list_images(args.inputs)
   weights = zoo.load_weights(args.model, args.bit_pretrained_dir)
   head_size, logits_fn = load_model(weights)
@@ -153,13 +163,47 @@ def predict(args, load_model):
   if args.save_logits:
     with runfiles.replaced(args.save_logits, 'wb') as f:
       np.save(f, logits)
+  rows = top_classes(paths, logits, args.top_k, names)
+  for row in rows:
+    shown = ', '.join(f'{c} ({p:.1%})' for c, p in zip(row['classes'],
+                                                      row['probabilities']))
+    print(f'{row["path"]}: {shown}')
+  if args.out:
+    write_rows(args.out, rows)
+  return logits
+
+
+OUT_FORMATS = ('.csv', '.json')
+
+
+def top_classes(paths, logits, k, names=None):
+  """[{"path", "classes", "probabilities"}]: each image's k most probable
+  classes (their names, or their numbers without `names`), most probable
+  first (softmax of the logits)."""
   probs = np.exp(logits - logits.max(1, keepdims=True))
   probs /= probs.sum(1, keepdims=True)
-  k = min(args.top_k, head_size)
+  rows = []
   for path, p in zip(paths, probs):
     top = np.argsort(-p, kind='stable')[:k]
-    shown = ', '.join(f'{names[c] if names else c} ({p[c]:.1%})' for c in top)
-    print(f'{path}: {shown}')
-  return logits
+    rows.append({'path': path,
+                 'classes': [names[c] if names else int(c) for c in top],
+                 'probabilities': [float(p[c]) for c in top]})
+  return rows
+
+
+def write_rows(out, rows):
+  """top_classes's rows into `out`, whole or not at all: JSON, or CSV with
+  the columns path, class_1, probability_1, ..., class_k, probability_k."""
+  if out.lower().endswith('.json'):
+    runfiles.write_json(out, rows)
+    return
+  k = len(rows[0]['classes'])
+  with runfiles.replaced(out) as f:
+    writer = csv.writer(f, lineterminator='\n')
+    writer.writerow(['path'] + [f'{name}_{i}' for i in range(1, k + 1)
+                                for name in ('class', 'probability')])
+    for row in rows:
+      writer.writerow([row['path']] + [v for pair in zip(
+          row['classes'], row['probabilities']) for v in pair])
 
 

@@ -1,5 +1,7 @@
 """PyTorch ResNet-v2: published-layout load/export, strictness, timm parity,
 and the predict CLI."""
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -148,6 +150,27 @@ def test_predict_prints_topk_and_saves_logits(tmp_path, make_npz):
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
   top = ['zero', 'one', 'two'][int(np.argmax(expected[0]))]
   assert lines[0].split(': ')[1].startswith(top + ' (')
+  # --out: what is printed, as CSV or JSON, from the same logits.
+  for out_file in ('top.csv', 'top.json'):
+    again = run_predict(folder, '--model', path, '--labels', 'labels.txt',
+                        '--top_k', '2', '--resolution', '32', '--out',
+                        out_file, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout == out.stdout
+  with open(tmp_path / 'top.json') as f:
+    rows = json.load(f)
+  with open(tmp_path / 'top.csv', newline='') as f:
+    table = list(csv.reader(f))
+  assert table[0] == ['path', 'class_1', 'probability_1', 'class_2',
+                      'probability_2']
+  probs = np.exp(expected) / np.exp(expected).sum(1, keepdims=True)
+  for i, (row, line, cells) in enumerate(zip(rows, lines, table[1:])):
+    order = np.argsort(-expected[i])[:2]
+    assert row['path'] == files[i] == cells[0] == line.split(': ')[0]
+    assert row['classes'] == [['zero', 'one', 'two'][c] for c in order]
+    np.testing.assert_allclose(row['probabilities'], probs[i, order],
+                               rtol=1e-5)
+    assert cells[1::2] == row['classes']
+    assert [float(p) for p in cells[2::2]] == row['probabilities']
 
 
 @pytest.mark.parametrize('setup, message', [
@@ -156,6 +179,7 @@ def test_predict_prints_topk_and_saves_logits(tmp_path, make_npz):
     ('no_images', 'no images found'),
     ('unwritable_logits', 'give another --save_logits'),
     ('zero_resolution', '--resolution must be a positive number'),
+    ('out_format', 'give a .csv or .json file name'),
 ])
 def test_predict_refusals_exit_2(tmp_path, make_npz, setup, message):
   path = make_npz('R14x0.5', head_size=3)
@@ -171,7 +195,8 @@ def test_predict_refusals_exit_2(tmp_path, make_npz, setup, message):
     folder = str(tmp_path / 'empty')
     os.makedirs(folder)
   extra = {'unwritable_logits': ['--save_logits', '/proc/no/logits.npy'],
-           'zero_resolution': ['--resolution', '0']}.get(setup, [])
+           'zero_resolution': ['--resolution', '0'],
+           'out_format': ['--out', 'top.txt']}.get(setup, [])
   out = run_predict(folder, '--model', path, *extra, cwd=tmp_path)
   assert out.returncode == 2
   assert message in out.stderr and out.stderr.count('\n') == 1

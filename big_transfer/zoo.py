@@ -415,6 +415,7 @@ def load_weights(model, pretrained_dir='.'):
   published layout. Hub files are checked against the architecture read
   from their own shapes, so nothing in them is silently skipped.
   """
+  check_model(model)
   if model.startswith(HF_HUB_PREFIX):
     path = hub_file(model[len(HF_HUB_PREFIX):])
     state = read_torch_file(path)

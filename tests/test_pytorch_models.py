@@ -180,6 +180,7 @@ def test_predict_prints_topk_and_saves_logits(tmp_path, make_npz):
     ('unwritable_logits', 'give another --save_logits'),
     ('zero_resolution', '--resolution must be a positive number'),
     ('out_format', 'give a .csv or .json file name'),
+    ('unfinished_run', 'is a folder without model.npz'),
 ])
 def test_predict_refusals_exit_2(tmp_path, make_npz, setup, message):
   path = make_npz('R14x0.5', head_size=3)
@@ -194,6 +195,9 @@ def test_predict_refusals_exit_2(tmp_path, make_npz, setup, message):
   elif setup == 'no_images':
     folder = str(tmp_path / 'empty')
     os.makedirs(folder)
+  elif setup == 'unfinished_run':  # a run folder before its model.npz
+    path = str(tmp_path / 'run')
+    os.makedirs(path)
   extra = {'unwritable_logits': ['--save_logits', '/proc/no/logits.npy'],
            'zero_resolution': ['--resolution', '0'],
            'out_format': ['--out', 'top.txt']}.get(setup, [])

@@ -195,8 +195,7 @@ def weights_path(model, pretrained_dir='.', fmt=None, opener=None):
   `pretrained_dir` is downloaded there (the `.npz` when `fmt` is None).
   """
   if model.endswith(('.npz', '.h5')):
-    if not os.path.isfile(model):
-      raise BadInput(f'weights file {model} does not exist.')
+    _check_file(model)
     return model
   info = model_info(model)
   if info.path:
@@ -431,8 +430,6 @@ def load_weights(model, pretrained_dir='.'):
       model = os.path.join(model, runfiles.MODEL)
     if model.endswith(('.safetensors', '.bin')):
       path = model
-      if not os.path.isfile(path):
-        raise BadInput(f'weights file {path} does not exist.')
       weights = from_torch_layout(read_torch_file(path), source=path)
     else:
       path = weights_path(model, pretrained_dir)
@@ -472,11 +469,22 @@ def check_model(model):
       raise BadInput(f'{model} is a folder without model.npz; give a run '
                      'folder, a weights file or a registered name.')
   elif model.endswith(('.npz', '.h5', '.safetensors', '.bin')):
-    if not os.path.isfile(model):
-      raise BadInput(f'weights file {model} does not exist.')
+    _check_file(model)
   else:
     model_info(model)
   return model
+
+
+def _check_file(path):
+  """Refuses a weights file that does not exist; where its name is a
+  registered model's file, says how to name that model instead."""
+  if os.path.isfile(path):
+    return
+  name = os.path.splitext(os.path.basename(path))[0]
+  hint = (f' For the registered {name}, give --model {name}: its file is '
+          'looked for in --bit_pretrained_dir and downloaded there.'
+          if name in MODELS and os.path.dirname(path) == '' else '')
+  raise BadInput(f'weights file {path} does not exist.{hint}')
 
 
 def check_finite(weights, source='checkpoint'):

@@ -299,6 +299,20 @@ def test_a_registered_model_is_read_from_a_local_npz_or_else_h5(tmp_path,
 
 # ---------------------------------------------------------------- CLI
 
+def test_a_missing_weights_file_named_like_a_registered_model_says_how(
+    tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  for model in ('BiT-M-R50x1.npz', 'BiT-S-R101x3.h5'):
+    name = model.rpartition('.')[0]
+    with pytest.raises(errors.BadInput, match=f'For the registered {name}, '
+                       f'give --model {name}'):
+      zoo.check_model(model)
+  for model in ('mine.npz', str(tmp_path / 'BiT-M-R50x1.npz')):
+    with pytest.raises(errors.BadInput) as e:  # a file of the user's own
+      zoo.load_weights(model)
+    assert str(e.value) == f'weights file {model} does not exist.'
+
+
 def test_the_original_trainers_scripts_add_their_flags_again():
   # Each original bit_*/train.py added flags to bit_common.argparser itself
   # (PyTorch: --datadir, --workers, --no-save; TF2 and JAX: --tfds_manual_dir,

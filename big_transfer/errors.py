@@ -13,6 +13,8 @@ module can use it.
   in_turn(first, vote, fn, *args)
                               fn in the first processes, then the others
 """
+import os
+import signal
 import sys
 
 
@@ -32,7 +34,10 @@ class Diverged(RunFailed):
 
 def run_cli(main, *args, **kwargs):
   """Runs `main`; a BadInput becomes one line on stderr and exit status 2, a
-  failed run (RunFailed) one line and exit status 3."""
+  failed run (RunFailed) one line and exit status 3, and Ctrl-C that
+  reaches it (KeyboardInterrupt) the line "interrupted" instead of a
+  traceback, the process then ending by SIGINT as Python's own ending
+  would (a shell loop around it stops too)."""
   try:
     return main(*args, **kwargs)
   except BadInput as e:
@@ -41,6 +46,11 @@ def run_cli(main, *args, **kwargs):
   except RunFailed as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(3)
+  except KeyboardInterrupt:
+    print('interrupted', file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(128 + signal.SIGINT)  # where the signal could not end it
 
 
 # How each framework reports an allocation that failed: torch's

@@ -8,6 +8,8 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -18,8 +20,8 @@ import pytest
 from big_transfer import (datasets, errors, flags, harness, predict, runfiles,
                           zoo)
 import bit_common
-from conftest import (published_shapes, synthetic_weights, truncate_image,
-                      write_imagefolder)
+from conftest import (REPO, published_shapes, synthetic_weights,
+                      truncate_image, write_imagefolder)
 
 
 # ---------------------------------------------------------------- registry
@@ -571,6 +573,20 @@ def test_stop_signals_first_asks_second_interrupts():
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)     # a second Ctrl-C stops at once
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_ends_by_the_signal():
+  import signal
+  code = ('import os, signal, time\n'
+          'from big_transfer import errors\n'
+          'def main():\n'
+          '  os.kill(os.getpid(), signal.SIGINT)\n'
+          '  time.sleep(60)\n'
+          'errors.run_cli(main)\n')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.stderr == 'interrupted\n'
+  assert proc.returncode == -signal.SIGINT  # as Python's own ending
 
 
 def test_readable_images_names_or_leaves_out_bad_files(tmp_path):

@@ -498,7 +498,10 @@ class Run:
       self._log_to_file(str(failed))
       self.close()
       raise failed from e
-    self.logger.info(f'done: top-1 {result["top1"]:.2%} after {step} steps.')
+    saved = (f'; the model is {os.path.join(self.dir, runfiles.MODEL)}'
+             if export and self.args.save else '')
+    self.logger.info(f'done: top-1 {result["top1"]:.2%} after {step} '
+                     f'steps{saved}.')
     self.close()
     return dict(result, step=step)
 

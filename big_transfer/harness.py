@@ -484,13 +484,15 @@ class Run:
 
   def finish(self, result, step, export=None, **results):
     """The lead writes the exported model (`export(path)`, unless
-    --no-save) and results.json, the last file of a run."""
+    --no-save; it returns the path it wrote) and results.json, the last file
+    of a run."""
     if not self.lead:
       return dict(result, step=step)
     self.metrics.close()
+    saved = None
     try:
       if export and self.args.save:
-        export(os.path.join(self.dir, runfiles.MODEL))
+        saved = export(os.path.join(self.dir, runfiles.MODEL))
       runfiles.write_json(os.path.join(self.dir, runfiles.RESULTS), dict(
           result, step=step, split='val', name=self.args.name, **results))
     except OSError as e:
@@ -498,10 +500,8 @@ class Run:
       self._log_to_file(str(failed))
       self.close()
       raise failed from e
-    saved = (f'; the model is {os.path.join(self.dir, runfiles.MODEL)}'
-             if export and self.args.save else '')
-    self.logger.info(f'done: top-1 {result["top1"]:.2%} after {step} '
-                     f'steps{saved}.')
+    self.logger.info(f'done: top-1 {result["top1"]:.2%} after {step} steps'
+                     + (f'; the model is {saved}.' if saved else '.'))
     self.close()
     return dict(result, step=step)
 

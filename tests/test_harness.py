@@ -68,6 +68,25 @@ def run(args, losses=lambda step: 1.0 / (step + 1), stop_at=None,
   return r, r.finish(result, step)
 
 
+@pytest.mark.parametrize('save', [True, False])
+def test_the_last_line_names_the_model_where_it_was_written(tmp_path, save):
+  args = args_for(tmp_path)
+  args.save = save
+  exported = tmp_path / 'elsewhere.npz'  # distillation's --export, say
+
+  def export(path):
+    del path  # the run folder's model.npz, which this export does not use
+    exported.write_text('weights')
+    return str(exported)
+  r = harness.Run(args)
+  r.start(0, {}, 'a run')
+  r.finish({'top1': 0.5}, 12, export)
+  last = (tmp_path / 'run' / runfiles.LOG).read_text().splitlines()[-1]
+  assert last.endswith('done: top-1 50.00% after 12 steps' + (
+      f'; the model is {exported}.' if save else '.'))
+  assert exported.exists() == save
+
+
 def test_a_folder_that_another_command_wrote_is_refused(tmp_path):
   args = args_for(tmp_path)
   with harness.Run(args, command='bit_jax.train') as r:

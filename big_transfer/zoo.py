@@ -147,8 +147,10 @@ def model_info(name):
 def download(url, dest, opener=None, verify=None):
   """Fetches `url` into `dest` atomically, with a progress bar.
 
-  The data goes to a temporary file beside `dest`, is checked by `verify`
-  (which raises on a bad file), and only then renamed to `dest`. Whatever
+  The data goes to a temporary file beside `dest`, is synced to disk,
+  checked by `verify` (which raises on a bad file), and only then renamed
+  to `dest` (and the folder synced), so that a power cut leaves `dest`
+  whole or absent. Whatever
   goes wrong, a server silent for DOWNLOAD_TIMEOUT_S included, no partial
   file is left behind, so a new call starts afresh, nor a folder that it
   made for `dest`. `opener` stands in for urllib's urlopen.
@@ -172,9 +174,12 @@ def download(url, dest, opener=None, verify=None):
           bar.update(len(chunk))
       if total and done != total:
         raise OSError(f'connection closed after {done} of {total} bytes')
+      f.flush()
+      os.fsync(f.fileno())  # on disk before its name is: as runfiles.replaced
     if verify:
       verify(tmp)
     os.replace(tmp, dest)
+    runfiles.sync_folder(folder)
   except (urllib.error.URLError, OSError, BadInput) as e:
     reason = getattr(e, 'reason', None) or e
     raise BadInput(f'could not download {url} ({reason}); fetch it yourself '

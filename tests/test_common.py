@@ -115,6 +115,24 @@ def test_download_writes_the_file_atomically(tmp_path):
   assert os.listdir(dest.parent) == ['BiT-M-R50x1.npz']
 
 
+def test_a_download_is_on_disk_before_its_name_is(tmp_path, monkeypatch):
+  # As every file the package writes (runfiles.replaced): a power cut must
+  # not leave the name of a file whose data never reached the disk.
+  events = []
+  fsync, replace = os.fsync, os.replace
+  monkeypatch.setattr(os, 'fsync', lambda fd: (
+      events.append(('fsync', os.readlink(f'/proc/self/fd/{fd}'))), fsync(fd)))
+  monkeypatch.setattr(os, 'replace', lambda a, b: (
+      events.append(('replace', str(b))), replace(a, b)))
+  dest = tmp_path / 'model.npz'
+  zoo.download('http://x/model.npz', str(dest),
+               opener=lambda url, timeout: FakeResponse(npz_bytes()),
+               verify=zoo.load_npz)
+  assert [e[0] for e in events] == ['fsync', 'replace', 'fsync']
+  assert events[0][1].endswith('.part') and events[1][1] == str(dest)
+  assert events[2][1] == str(tmp_path)
+
+
 @pytest.mark.parametrize('response', [
     lambda d: FakeResponse(d, fail_after=len(d) // 2),   # connection reset
     lambda d: FakeResponse(d[:len(d) // 2], length=len(d)),  # short body

@@ -6,6 +6,7 @@ two Sources (labels, and image i as a PIL image). Also the few-shot sampler.
 import argparse
 import collections
 import dataclasses
+import hashlib
 import io
 import logging
 import os
@@ -393,6 +394,22 @@ class Source:
   def load(self, i):
     """Image i as a PIL RGB image."""
     return self.example(i)[0]
+
+  def fingerprint(self):
+    """A hash of what decides these examples: their files (path, size and
+    modification time) and labels, their arrays, or their TFDS records
+    (tfds_reader.Split.fingerprint)."""
+    if self.split is not None:
+      return self.split.fingerprint()
+    digest = hashlib.sha256(np.asarray(self.labels, '<i8').tobytes())
+    if self.images is not None:
+      digest.update(np.ascontiguousarray(self.images))
+    else:
+      for path in self.paths:
+        stat = os.stat(path)
+        digest.update(f'{os.path.abspath(path)}\0{stat.st_size}\0'
+                      f'{stat.st_mtime_ns}\0'.encode())
+    return digest.hexdigest()
 
   def subset(self, indices):
     return Source(None if self._labels is None else self._labels[indices],

@@ -176,14 +176,11 @@ def load_features(path):
     return Features(f['features'], f['labels'])
 
 
-def _cache_path(args, framework, split, crop, weights_file):
+def _cache_path(args, framework, splits, split, crop, weights_file):
   stat = os.stat(weights_file)
   key = json.dumps([framework, os.path.realpath(weights_file), stat.st_size,
-                    stat.st_mtime_ns, args.dataset,
-                    args.datadir and os.path.realpath(args.datadir), split,
-                    crop, getattr(args, 'train_split', None),
-                    getattr(args, 'eval_split', None),
-                    getattr(args, 'skip_bad_images', False)])
+                    stat.st_mtime_ns, args.dataset, split,
+                    source_of(splits, split).fingerprint(), crop])
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
   name = f'{framework}-{args.dataset}-{split}-{crop}px-{digest}.npz'
   return os.path.join(args.cache_dir, name)
@@ -362,13 +359,11 @@ def split_features(backend, model, splits, split, crop, args, logger):
   """Features of `split`, from --cache_dir when there, else extracted (and
   put there)."""
   weights_file = args.cache_dir and _weights_file(args)
-  path = weights_file and _cache_path(args, backend.NAME, split, crop,
+  path = weights_file and _cache_path(args, backend.NAME, splits, split, crop,
                                       weights_file)
   if path and os.path.exists(path):
-    feats = load_features(path)
-    if len(feats.labels) == splits.sizes[split]:
-      logger.info(f'{split} features from the cache: {path}')
-      return feats
+    logger.info(f'{split} features from the cache: {path}')
+    return load_features(path)
   feats = extract(backend, model, splits, split, crop, args.batch, args,
                   logger)
   if path:

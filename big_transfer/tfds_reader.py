@@ -150,6 +150,7 @@ class Split:
   def __init__(self, spec, n, reader, convert, indices=None, names=None):
     self.spec, self.n, self._names = spec, n, names
     self._reader, self._convert = reader, convert
+    self._whole = indices is None
     self._indices = np.arange(n) if indices is None else np.asarray(indices)
     self._labels = self._encoded = None
 
@@ -213,16 +214,28 @@ class Split:
     named by a hash of the prepared files' dataset_info.json (which TFDS
     writes anew whenever it prepares them), the split, the dataset and
     label as named here, and the label rules (big_transfer/vtab.py)."""
-    if self._names is None:
+    if self._names is None or not self._whole:
       return None
+    return runfiles.cache_dir('tfds_labels', self._digest(self._names)[:32] +
+                              '.npy')
+
+  def _digest(self, *extra):
+    """A hash of the prepared files' dataset_info.json, the split, the label
+    rules and `extra`."""
     digest = hashlib.sha256(json.dumps(
         [os.path.realpath(self._reader.prepared_dir), self.spec,
-         self._names]).encode())
+         *extra]).encode())
     for path in (os.path.join(self._reader.prepared_dir, 'dataset_info.json'),
                  vtab.__file__):
       with open(path, 'rb') as f:
         digest.update(f.read())
-    return runfiles.cache_dir('tfds_labels', digest.hexdigest()[:32] + '.npy')
+    return digest.hexdigest()
+
+  def fingerprint(self):
+    """A hash of what decides these examples: the prepared files, the split,
+    the label rules, and which of the split's records (a subset's)."""
+    return self._digest(self._names, hashlib.sha256(
+        self._indices.astype('<i8').tobytes()).hexdigest())
 
   @property
   def encoded(self):
@@ -235,7 +248,7 @@ class Split:
     order."""
     indices = np.asarray(indices, np.int64)
     out = Split(self.spec, len(indices), self._reader, self._convert,
-                self._indices[indices])
+                self._indices[indices], self._names)
     if self._labels is not None:
       out._labels = self._labels[indices]
     if self._encoded is not None:

@@ -462,6 +462,27 @@ def test_fewshot_subset_is_the_shared_one(toy_dir):
   assert _numbers(lazy.subset(idx)) == _numbers(few)
 
 
+def test_a_splits_fingerprint_names_its_records(toy_dir, tmp_path,
+                                               monkeypatch):
+  """What the few-shot feature cache is keyed on: the same records give the
+  same fingerprint, other records (another split, a subset) another one; a
+  subset's labels are not kept as the whole split's."""
+  monkeypatch.setenv('BIT_CACHE', str(tmp_path / 'cache'))
+
+  def read(split='train', **kwargs):
+    return tfds_reader.resolve('tfds:bit_tfds_toy', toy_dir,
+                               **kwargs).read(split)
+  whole = read().fingerprint()
+  assert read().fingerprint() == whole
+  assert len({whole, read('eval').fingerprint(),
+              read(train_split='train[:30]').fingerprint(),
+              read().subset([0, 1, 2]).fingerprint(),
+              read().subset([0, 1, 3]).fingerprint()}) == 5
+  assert read().subset(np.arange(len(read()))).fingerprint() == whole
+  assert len(read().subset([0, 1, 2]).labels) == 3
+  assert not (tmp_path / 'cache').exists()
+
+
 # --------------------------------------------------------------------------
 # vtab:TASK, against google-research/task_adaptation.
 

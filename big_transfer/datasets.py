@@ -334,12 +334,14 @@ def load_array_dataset(name):
 
 def decode(file):
   """The image in `file` (a path or a binary file object) as a PIL RGB
-  image, decoded (an RGB image is not copied). A 16-bit grey image keeps
-  the high byte of each value, as TensorFlow's decode_png and PIL's own
-  16-bit colour reading do (PIL's convert would clip it at 255)."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  image, decoded (an RGB image is not copied), upright as an image viewer
+  shows it: turned and mirrored as its EXIF Orientation tag says (a camera's
+  photo taken upright is stored sideways with that tag). A 16-bit grey
+  image keeps the high byte of each value, as TensorFlow's decode_png and
+  PIL's own 16-bit colour reading do (PIL's convert would clip it at 255)."""
+  from PIL import Image, ImageOps  # pylint: disable=import-outside-toplevel
   with Image.open(file) as im:
-    im.load()
+    ImageOps.exif_transpose(im, in_place=True)
     if im.mode.startswith('I;16'):
       im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
     return im if im.mode == 'RGB' else im.convert('RGB')

@@ -126,6 +126,24 @@ def test_decode_gives_rgb_of_every_mode(tmp_path):
     np.testing.assert_array_equal(got[..., channel], want)
 
 
+def test_a_photo_is_decoded_upright(tmp_path):
+  """An image stored turned or mirrored, with the EXIF Orientation tag that
+  tells a viewer how to show it (2 to 8), decodes as shown: the same pixels
+  as the upright image, built here with numpy from the tag's definition."""
+  upright = np.random.default_rng(0).integers(0, 256, (12, 8, 3), np.uint8)
+  stored = {1: upright, 2: np.fliplr(upright), 3: np.rot90(upright, 2),
+            4: np.flipud(upright), 5: upright.transpose(1, 0, 2),
+            6: np.rot90(upright, 1), 7: np.rot90(upright, 2).transpose(1, 0, 2),
+            8: np.rot90(upright, -1)}
+  for orientation, pixels in stored.items():
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f'{orientation}.png'
+    Image.fromarray(np.ascontiguousarray(pixels)).save(path, exif=exif)
+    np.testing.assert_array_equal(np.asarray(datasets.decode(path)), upright,
+                                  err_msg=f'orientation {orientation}')
+
+
 @pytest.mark.parametrize('processes', [1, 2])
 def test_evaluation_covers_the_split_once_in_order(source, processes):
   views = torch_data.EvalSet(source.val, 16)

@@ -160,7 +160,8 @@ def loading():
   parent, g = group('loading')
   g.add_argument('--workers', type=int, default=hardware.default_workers(),
                  help='Data-loading workers (processes for training; '
-                 'threads for evaluation in JAX and TF2). Default: the '
+                 'threads for evaluation in JAX and TF2, and for '
+                 'prediction). Default: the '
                  'cores this process may use, less one, shared among the '
                  'training processes of this machine: here %(default)s.')
   g.add_argument('--skip_bad_images', action='store_true',

@@ -9,8 +9,7 @@ import os
 import numpy as np
 
 import bit_hyperrule
-from big_transfer import (datasets, flags, hardware, preprocess, progress,
-                          runfiles, zoo)
+from big_transfer import datasets, flags, preprocess, progress, runfiles, zoo
 from big_transfer.errors import BadInput
 
 
@@ -34,7 +33,7 @@ def predict_argparser(framework):
                  '"probabilities"}).')
   return flags.parser(
       f'Classify images with a BiT model ({framework}).', parent,
-      flags.model(default='BiT-M-R50x1-ILSVRC2012'),
+      flags.model(default='BiT-M-R50x1-ILSVRC2012'), flags.loading(),
       flags.images(32, 'Resize images to this square size (default: the '
                    'crop size a run folder\'s model was trained at, else the '
                    'HyperRule crop size for the images given).'))
@@ -57,21 +56,17 @@ def list_images(inputs):
 
 def load_image(path, size):
   """uint8 (size, size, 3) RGB array: the image resized bilinearly, as
-  evaluation's (preprocess.eval_view)."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  try:
-    return preprocess.eval_view(datasets.decode(path), size)
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise BadInput(f'cannot read image {path} ({e}).') from e
+  evaluation's (preprocess.eval_view); datasets.BadImage where the file
+  cannot be read."""
+  return preprocess.eval_view(datasets.decode_file(path), size)
 
 
-def decoded_batches(paths, size, batch, workers=None, ahead=2):
+def decoded_batches(paths, size, batch, workers, ahead=2):
   """uint8 batches of the images of `paths` (load_image at `size`), in
-  order, decoded by `workers` threads (default: as --workers) up to `ahead`
-  batches before the one in use: the model runs while they decode."""
+  order, decoded by `workers` threads (at least one) up to `ahead` batches
+  before the one in use: the model runs while they decode."""
   load = functools.partial(load_image, size=size)
-  pool = concurrent.futures.ThreadPoolExecutor(
-      workers or hardware.default_workers())
+  pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
   started = collections.deque()
   try:
     for i in range(0, len(paths), batch):
@@ -148,15 +143,19 @@ def predict(args, load_model):
     if not args.out.lower().endswith(OUT_FORMATS):
       raise BadInput(f'--out {args.out}: give a .csv or .json file name.')
     runfiles.check_out(args.out)
+  logger = runfiles.console_logger('predict')
   paths = list_images(args.inputs)
+  paths = [paths[i] for i in datasets.readable_images(
+      paths, args.skip_bad_images, logger)]
   weights = zoo.load_weights(args.model, args.bit_pretrained_dir)
   head_size, logits_fn = load_model(weights)
-  names = label_names(args, head_size, runfiles.console_logger('predict'))
+  names = label_names(args, head_size, logger)
   size = (args.resolution or runfiles.trained_crop(args.model)
           or bit_hyperrule.get_resolution_from_image_sizes(
               datasets.image_sizes(paths))[1])
   logits = []
-  for batch in progress.images(decoded_batches(paths, size, args.batch),
+  for batch in progress.images(decoded_batches(paths, size, args.batch,
+                                               args.workers),
                                len(paths), len, 'predicting'):
     logits.append(np.asarray(logits_fn(to_model_input(batch)), np.float32))
   logits = np.concatenate(logits)

@@ -12,7 +12,8 @@ import torch
 
 from big_transfer import errors, predict, zoo
 from bit_pytorch import models
-from conftest import synthetic_weights, tied_max_pool_case, write_imagefolder
+from conftest import (synthetic_weights, tied_max_pool_case, truncate_image,
+                      write_imagefolder)
 
 
 def images(n=2, size=64, seed=0):
@@ -173,6 +174,29 @@ def test_predict_prints_topk_and_saves_logits(tmp_path, make_npz):
     assert [float(p) for p in cells[2::2]] == row['probabilities']
 
 
+def test_predict_leaves_out_bad_images_where_asked(tmp_path, make_npz):
+  """--skip_bad_images: a file whose pixels are damaged is left out with a
+  warning, the others are classified; without the flag it stops the run
+  with its name and the flag, and nothing is written."""
+  path = make_npz('R14x0.5', head_size=3)
+  folder = write_imagefolder(tmp_path / 'f', classes=('x', 'y'), train=2, val=0)
+  damaged = os.path.join(folder, 'train', 'x', '001.png')
+  truncate_image(damaged)
+  flags = [folder, '--model', path, '--resolution', '32', '--workers', '0',
+           '--out', 'top.csv']
+  out = run_predict(*flags, '--skip_bad_images', cwd=tmp_path)
+  assert out.returncode == 0, out.stderr
+  printed = [line.split(': ')[0] for line in out.stdout.splitlines()]
+  assert printed == [f for f in predict.list_images([folder]) if f != damaged]
+  assert f'leaving out unreadable image {damaged}' in out.stderr
+  os.remove(tmp_path / 'top.csv')
+  out = run_predict(*flags, cwd=tmp_path)
+  assert out.returncode == 2 and out.stdout == ''
+  assert out.stderr.startswith(f'error: cannot read image {damaged}')
+  assert '--skip_bad_images' in out.stderr
+  assert not os.path.exists(tmp_path / 'top.csv')
+
+
 @pytest.mark.parametrize('setup, message', [
     ('truncated', 'not a readable .npz'),
     ('missing_key', 'has no resnet/block1/unit01/a/group_norm/gamma'),
@@ -181,6 +205,7 @@ def test_predict_prints_topk_and_saves_logits(tmp_path, make_npz):
     ('zero_resolution', '--resolution must be a positive number'),
     ('out_format', 'give a .csv or .json file name'),
     ('unfinished_run', 'is a folder without model.npz'),
+    ('bad_image', 'or pass --skip_bad_images to leave such files out'),
 ])
 def test_predict_refusals_exit_2(tmp_path, make_npz, setup, message):
   path = make_npz('R14x0.5', head_size=3)
@@ -198,6 +223,9 @@ def test_predict_refusals_exit_2(tmp_path, make_npz, setup, message):
   elif setup == 'unfinished_run':  # a run folder before its model.npz
     path = str(tmp_path / 'run')
     os.makedirs(path)
+  elif setup == 'bad_image':  # named before the model is read
+    (tmp_path / 'f' / 'train' / 'x' / 'no.png').write_bytes(b'not an image')
+    os.remove(path)
   extra = {'unwritable_logits': ['--save_logits', '/proc/no/logits.npy'],
            'zero_resolution': ['--resolution', '0'],
            'out_format': ['--out', 'top.txt']}.get(setup, [])

@@ -140,6 +140,9 @@ def measure_end_to_end(framework, arch, resolution, batch, precision, steps,
   trainer's `flags` (e.g. ['--compile']). Its
   outputs go to workdir/runs/<a new name>, and stay there. `env` is added
   to this process's environment; `timeout` bounds the command in seconds.
+  Each run compiles afresh, as a first run on a machine does: JAX and
+  torch.compile get empty caches of their own in workdir (unless `env`
+  names them), so first_step_s holds the whole compilation.
 
   Returns {e2e_img_s, between_checkpoints_img_s (the rate of the timed
   windows that hold no checkpoint: data, step and read-backs; None if every
@@ -174,7 +177,11 @@ def measure_end_to_end(framework, arch, resolution, batch, precision, steps,
   command += ['--eval_every', str(eval_every)] if eval_every else []
   command += ['--workers', str(workers)] if workers is not None else []
   command += list(flags)
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', **(env or {}))
+  caches = os.path.join(workdir, 'compilation_caches', name)
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2',
+         'JAX_COMPILATION_CACHE_DIR': os.path.join(caches, 'jax'),
+         'TORCHINDUCTOR_CACHE_DIR': os.path.join(caches, 'torchinductor'),
+         **(env or {})}
   run_dir = os.path.join(logdir, name)
   t0 = time.perf_counter()
   try:

@@ -123,3 +123,27 @@ def test_rates_with_and_between_checkpoints_from_a_run_folder(tmp_path):
   end_to_end.add_ratios(out, step_img_s=125.0)
   assert out['ratio'] == pytest.approx(200 / 6 / 125)
   assert out['ratio_between_checkpoints'] == pytest.approx(0.8)
+
+
+def test_each_run_compiles_afresh(tmp_path):
+  """Each run's JAX and torch.compile caches are new folders of its own in
+  the work folder, not the user's (where a run before it left compiled
+  steps), so its first step's time holds the whole compilation; a cache
+  the caller names is kept."""
+  envs = []
+
+  def fake_run(command, env, **unused):
+    envs.append(env)
+    os.makedirs(os.path.join(tmp_path, 'runs', command[command.index(
+        '--name') + 1]))
+    return mock.Mock(returncode=1, stderr='error: stop here', stdout='')
+  with mock.patch.object(end_to_end.subprocess, 'run', fake_run):
+    for env in (None, None, {'JAX_COMPILATION_CACHE_DIR': 'mine'}):
+      assert 'error' in end_to_end.measure_end_to_end(
+          'jax', 'R14x0.5', 32, 8, 'fp32', 20, 'images', str(tmp_path),
+          weights='w.npz', env=env)
+  caches = [(e['JAX_COMPILATION_CACHE_DIR'], e['TORCHINDUCTOR_CACHE_DIR'])
+            for e in envs]
+  assert len(set(caches[:2])) == 2 and caches[2][0] == 'mine'
+  for folder in (*caches[0], *caches[1], caches[2][1]):
+    assert folder.startswith(str(tmp_path / 'compilation_caches'))

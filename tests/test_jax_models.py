@@ -1,13 +1,19 @@
 """bit_jax.models: same logits as PyTorch, exact published-layout round
-trip, strict loading."""
+trip, strict loading, the compilation cache."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from big_transfer import errors, predict, zoo
-from conftest import (group_norm_and_gradients, group_norm_inputs,
+from conftest import (REPO, group_norm_and_gradients, group_norm_inputs,
                       synthetic_weights, tied_max_pool_case)
 
 jnp = pytest.importorskip('jax.numpy')
+import bit_jax  # noqa: E402
 from bit_jax import models  # noqa: E402
 
 
@@ -293,3 +299,37 @@ def test_evaluation_waits_for_all_but_the_last_batches():
   sums = parallel.evaluate(step, batches(), w)
   np.testing.assert_array_equal(sums, [8 * sum(range(12)), 0, 96, 12])
   assert lagging == [0] * 12
+
+
+def test_importing_bit_jax_keeps_compiled_steps_for_the_next_process(
+    tmp_path):
+  """Where the environment names no compilation cache, bit_jax puts JAX's
+  in the package's cache folder: a second process reads the step that the
+  first compiled (JAX's own cache-hit event) instead of compiling it."""
+  script = (
+      'import json, bit_jax, jax, jax.numpy as jnp\n'
+      'events = []\n'
+      'jax.monitoring.register_event_listener(lambda e, **kw: '
+      'events.append(e))\n'
+      'jax.jit(lambda x: jnp.tanh(x) * 3)(jnp.ones(5)).block_until_ready()\n'
+      'print(json.dumps([jax.config.jax_compilation_cache_dir, '
+      'jax.config.jax_compilation_cache_max_size, '
+      '"/jax/compilation_cache/cache_hits" in events]))\n')
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith('JAX_COMPILATION_CACHE')}
+  env.update(BIT_CACHE=str(tmp_path), JAX_PLATFORMS='cpu',
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+
+  def run(**extra):
+    done = subprocess.run([sys.executable, '-c', script], cwd=REPO,
+                          env=dict(env, **extra), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+  folder = str(tmp_path / 'jax_compilation')
+  assert run() == [folder, bit_jax.COMPILATION_CACHE_BYTES, False]
+  assert any(name.endswith('-cache') for name in os.listdir(folder))
+  assert run() == [folder, bit_jax.COMPILATION_CACHE_BYTES, True]
+  # The environment's own choice stays.
+  assert run(JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'mine'))[0] == str(
+      tmp_path / 'mine')

@@ -163,27 +163,60 @@ def left_out_warning(split):
 
 
 def scan_imagefolder(datadir):
-  """(classes, train split, evaluation split) of an image folder.
+  """(classes, training split, evaluation split, the evaluation split's
+  name) of an image folder.
 
-  Classes are the sorted subfolders of train/ (hidden ones aside); a class
-  holds the images anywhere below its folder, sorted by path. The evaluation
-  split is val/, or test/ where there is no val/.
+  The training images are train/<class>/..., or <class>/... where the
+  folder has no train/; classes are the sorted subfolders (hidden ones
+  aside), and a class holds the images anywhere below its folder, sorted by
+  path. The evaluation split is val/, or test/ where there is no val/; with
+  train/ and neither of them, or without train/, it is HELD_OUT of each
+  class's training images (held_out), named 'held-out'.
   """
   train = os.path.join(datadir, 'train')
-  if not os.path.isdir(train):
-    raise BadInput(f'{datadir} has no train/ folder; expected '
-                   'train/<class>/* and val/<class>/*.')
-  evals = [os.path.join(datadir, s) for s in ('val', 'test')
+  evals = [s for s in ('val', 'test')
            if os.path.isdir(os.path.join(datadir, s))]
-  if not evals:
-    raise BadInput(f'{datadir} has no val/ or test/ folder to evaluate on.')
-  classes, train_split = _scan_split(train)
+  if not os.path.isdir(train) and evals:
+    raise BadInput(f'{datadir} has {evals[0]}/ but no train/ folder; '
+                   f'expected train/<class>/* beside {evals[0]}/<class>/*.')
+  root = train if os.path.isdir(train) else datadir
+  classes, train_split = _scan_split(root)
   if len(classes) < 2:
-    raise BadInput(f'{train} has {len(classes)} class folder(s); need 2+.')
-  _, eval_split = _scan_split(evals[0], classes)
+    raise BadInput(f'{root} has {len(classes)} class folder(s); need 2+ '
+                   '(train/<class>/* and val/<class>/*, or <class>/* alone).')
+  if not evals:
+    return (classes, *held_out(train_split, root), 'held-out')
+  _, eval_split = _scan_split(os.path.join(datadir, evals[0]), classes)
   if not eval_split.paths:
-    raise BadInput(f'{evals[0]} has no images.')
-  return classes, train_split, eval_split
+    raise BadInput(f'{os.path.join(datadir, evals[0])} has no images.')
+  return classes, train_split, eval_split, evals[0]
+
+
+HELD_OUT = 0.1  # of each class, evaluated on where a folder has no val/
+
+
+def held_out(split, root):
+  """(training, evaluation) FileSplits of an image folder without an
+  evaluation split: of each class's n images (n >= 2), the round(HELD_OUT
+  x n) (at least 1) whose paths below `root` hash lowest are evaluated on.
+  The same files in every run and backend, and a file keeps its side when
+  others are added, unless it is at the margin."""
+  def rank(path):
+    rel = os.path.relpath(path, root).replace(os.sep, '/')
+    return hashlib.sha256(rel.encode()).digest()
+  evaluated = np.zeros(len(split.paths), bool)
+  for label in np.unique(split.labels):
+    members = np.flatnonzero(split.labels == label)
+    if len(members) < 2:
+      folder = os.path.dirname(split.paths[members[0]])
+      raise BadInput(f'class folder {folder} has one image; holding some '
+                     'out for evaluation needs 2+ (or add a val/ folder).')
+    n = min(len(members) - 1, max(1, round(HELD_OUT * len(members))))
+    evaluated[sorted(members, key=lambda i: rank(split.paths[i]))[:n]] = True
+  return tuple(FileSplit([p for p, e in zip(split.paths, evaluated)
+                          if e == side], split.labels[evaluated == side],
+                         [] if side else split.left_out)
+               for side in (False, True))
 
 
 class BadImage(BadInput):
@@ -474,10 +507,15 @@ def _read(args, logger, check_train, named):
                 tuple(d.train_images.shape[1:3]))
   if args.dataset == 'imagefolder' or (args.dataset == 'imagenet2012' and
                                        named is not None):
-    classes, train, val = scan_imagefolder(args.datadir)
+    classes, train, val, eval_split = scan_imagefolder(args.datadir)
     for split in (train, val) if check_train else (val,):
       if logger and split.left_out:
         logger.warning(left_out_warning(split))
+    if logger and eval_split == 'held-out':
+      logger.info(f'{args.datadir} has no val/ or test/ folder: evaluating '
+                  f'on {len(val.paths)} of its images held out of training, '
+                  f'{HELD_OUT:.0%} of each class (the same ones in every run '
+                  'and backend).')
     if check_train:
       train = _readable(train, args, logger)
     val = _readable(val, args, logger)
@@ -485,8 +523,7 @@ def _read(args, logger, check_train, named):
     return Data(args.dataset, classes, Source(train.labels, train.paths),
                 Source(val.labels, val.paths),
                 bit_hyperrule.typical_size(image_sizes(train.paths)),
-                os.path.basename(os.path.dirname(os.path.dirname(
-                    val.paths[0]))))
+                eval_split)
   if args.dataset in NAMED_DATASETS and named is not None:
     return named(args)
   dataset = (args.dataset if tfds_reader.is_tfds(args.dataset) else

@@ -508,8 +508,8 @@ def test_fewshot_is_reproducible_balanced_and_seeded():
 
 def test_scan_imagefolder_sorted_and_checked(tmp_path):
   root = write_imagefolder(tmp_path / 'f', classes=('b', 'a', 'c'), train=3, val=2)
-  classes, train, val = datasets.scan_imagefolder(root)
-  assert classes == ['a', 'b', 'c']
+  classes, train, val, name = datasets.scan_imagefolder(root)
+  assert classes == ['a', 'b', 'c'] and name == 'val'
   assert train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
   assert train.paths[0].endswith(os.path.join('train', 'a', '000.png'))
   assert len(val.paths) == 6
@@ -526,7 +526,7 @@ def test_files_that_are_not_images_are_named_when_left_out(tmp_path, caplog):
   (cat / 'notes.txt').write_text('not an image')
   (cat / '.DS_Store').write_bytes(b'hidden, not named')
   (cat / 'UPPER.PNG').write_bytes((cat / '000.png').read_bytes())
-  _, train, val = datasets.scan_imagefolder(root)
+  _, train, val, _ = datasets.scan_imagefolder(root)
   assert str(cat / 'UPPER.PNG') in train.paths
   assert sorted(train.left_out) == [str(cat / 'moving.gif'),
                                     str(cat / 'notes.txt')]
@@ -555,7 +555,7 @@ def test_class_folders_are_read_whole_but_hidden_folders_are_not(tmp_path):
   (train_dir / '.ipynb_checkpoints').mkdir()
   (cat / 'batch2' / 'up').symlink_to(cat, target_is_directory=True)  # a loop
   (tmp_path / 'f' / 'val' / '.cache').mkdir()
-  classes, train, _ = datasets.scan_imagefolder(root)
+  classes, train, _, _ = datasets.scan_imagefolder(root)
   assert classes == ['cat', 'dog', 'owl']
   assert [os.path.relpath(p, cat) for p in train.paths[:4]] == [
       '000.png', '001.png', 'batch2/a.png', 'batch2/deeper/b.png']
@@ -566,10 +566,61 @@ def test_class_folders_are_read_whole_but_hidden_folders_are_not(tmp_path):
 
 def test_scan_imagefolder_uses_test_when_no_val(tmp_path):
   root = write_imagefolder(tmp_path / 'f', split_names=('train', 'test'))
-  _, _, held_out = datasets.scan_imagefolder(root)
-  assert all(os.sep + 'test' + os.sep in p for p in held_out.paths)
-  with pytest.raises(errors.BadInput, match='no train/'):
-    datasets.scan_imagefolder(str(tmp_path))
+  _, _, test, name = datasets.scan_imagefolder(root)
+  assert name == 'test'
+  assert all(os.sep + 'test' + os.sep in p for p in test.paths)
+  shutil.rmtree(os.path.join(root, 'train'))
+  with pytest.raises(errors.BadInput, match='has test/ but no train/'):
+    datasets.scan_imagefolder(root)
+
+
+def test_a_folder_without_val_holds_out_a_tenth_of_each_class(tmp_path,
+                                                               caplog):
+  """train/ alone, or the class folders alone: the evaluation split is
+  round(10%) of each class (at least one), the images whose paths hash
+  lowest, so the same files in every run; adding images moves at most the
+  margin. A class of one image cannot be split."""
+  import hashlib
+  root = write_imagefolder(tmp_path / 'f', train=12, val=0,
+                           split_names=('train', 'val'))
+  shutil.rmtree(os.path.join(root, 'val'))
+  classes, train, held, name = datasets.scan_imagefolder(root)
+  assert name == 'held-out' and classes == ['cat', 'dog', 'owl']
+  assert sorted(held.paths + train.paths) == sorted(
+      os.path.join(d, n) for d, _, names in os.walk(os.path.join(root, 'train'))
+      for n in names)
+  assert len(held.paths) == 3 and held.labels.tolist() == [0, 1, 2]
+  assert len(train.paths) == 33 and not set(train.paths) & set(held.paths)
+  for label, c in enumerate(classes):  # the lowest hash of each class
+    names = sorted(os.listdir(os.path.join(root, 'train', c)))
+    lowest = min(names, key=lambda n: hashlib.sha256(
+        f'{c}/{n}'.encode()).digest())
+    assert held.paths[label] == os.path.join(root, 'train', c, lowest)
+  # The class folders without train/: the same files, relative to the root.
+  flat = tmp_path / 'flat'
+  shutil.copytree(os.path.join(root, 'train'), flat)
+  _, flat_train, flat_held, _ = datasets.scan_imagefolder(str(flat))
+  assert [os.path.relpath(p, flat) for p in flat_held.paths] == [
+      os.path.relpath(p, os.path.join(root, 'train')) for p in held.paths]
+  # 20 images in a class: 2 held out, the earlier one still among them.
+  cat = flat / 'cat'
+  for i in range(12, 20):
+    shutil.copy(cat / '000.png', cat / f'{i:03d}.png')
+  more = datasets.scan_imagefolder(str(flat))[2]
+  assert more.labels.tolist() == [0, 0, 1, 2]
+  assert flat_held.paths[0] in more.paths
+  args = argparse.Namespace(dataset='imagefolder', datadir=str(flat),
+                            examples_per_class=None)
+  caplog.set_level(logging.INFO)
+  data = datasets.load(args, logging.getLogger('bit.test_held_out'))
+  assert (len(data.train), len(data.val), data.eval_split) == (40, 4,
+                                                               'held-out')
+  assert 'evaluating on 4 of its images held out of training' in caplog.text
+  for extra in cat.iterdir():
+    if extra.name != '000.png':
+      extra.unlink()
+  with pytest.raises(errors.BadInput, match=r'cat has one image'):
+    datasets.scan_imagefolder(str(flat))
 
 
 def test_digits_ships_offline():

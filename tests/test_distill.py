@@ -321,7 +321,7 @@ def test_teacher_and_student_see_identical_mixed_inputs(setup, monkeypatch):
   # Per step: teacher, then student; then the final evaluation.
   train_calls = calls[:2 * steps]
   _, folder, _ = setup
-  _, split, _ = datasets.scan_imagefolder(folder)
+  _, split, _, _ = datasets.scan_imagefolder(folder)
   images = np.stack([np.asarray(Image.open(p).convert('RGB'))
                      for p in split.paths]).astype(np.float32)
   stream = datastream.Stream(len(images), 8, 0, 1.0)
@@ -642,7 +642,7 @@ def pytorch_evaluations(setup, backend, name, size):
   import torch.nn.functional as F
   from bit_pytorch import models as torch_models
   root, folder, teacher_dir = setup
-  _, _, split = datasets.scan_imagefolder(folder)
+  _, _, split, _ = datasets.scan_imagefolder(folder)
   x = torch.tensor(np.stack([np.asarray(Image.open(p).convert('RGB'))
                              for p in split.paths]).astype(np.float32))
   x = (x.permute(0, 3, 1, 2) - 127.5) / 127.5

@@ -6,6 +6,7 @@ two Sources (labels, and image i as a PIL image). Also the few-shot sampler.
 import argparse
 import collections
 import dataclasses
+import functools
 import hashlib
 import io
 import logging
@@ -93,6 +94,33 @@ def fewshot_indices(labels, examples_per_class, seed):
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif',
                     '.tiff', '.webp')
+# HEIF/HEIC (an iPhone's photos): read where pillow-heif is installed (the
+# heif extra).
+HEIF_EXTENSIONS = ('.heic', '.heif')
+
+
+@functools.cache
+def heif_readable():
+  """Whether PIL reads HEIF/HEIC files in this process: pillow-heif is
+  installed, and this call registers its reader with PIL."""
+  try:
+    import pillow_heif  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  pillow_heif.register_heif_opener()
+  return True
+
+
+def image_extensions():
+  """The extensions of the files read as images (any case)."""
+  return IMAGE_EXTENSIONS + (HEIF_EXTENSIONS if heif_readable() else ())
+
+
+def open_image(file):
+  """PIL's Image.open(file), HEIF/HEIC files too where they are readable."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  heif_readable()
+  return Image.open(file)
 
 
 @dataclasses.dataclass
@@ -103,7 +131,7 @@ class FileSplit:
 
 
 def is_image_file(name):
-  return name.lower().endswith(IMAGE_EXTENSIONS)
+  return name.lower().endswith(image_extensions())
 
 
 def _visible(name):
@@ -157,9 +185,12 @@ def left_out_warning(split):
   kinds = collections.Counter(os.path.splitext(p)[1].lower() or 'none'
                               for p in split.left_out)
   counts = ', '.join(f'{kind} {n}' for kind, n in sorted(kinds.items()))
+  heif = (' HEIF/HEIC photos are read once pillow-heif is installed (pip '
+          "install 'big-transfer[heif]')." if set(kinds) & set(
+              HEIF_EXTENSIONS) else '')
   return (f'left out {len(split.left_out)} file(s) that are not images by '
           f'their extension ({counts}; e.g. {split.left_out[0]}); the image '
-          f'extensions are {" ".join(IMAGE_EXTENSIONS)}.')
+          f'extensions are {" ".join(image_extensions())}.{heif}')
 
 
 def scan_imagefolder(datadir):
@@ -229,9 +260,8 @@ class BadImage(BadInput):
 
 
 def _image_error(path, decode):
-  from PIL import Image
   try:
-    with Image.open(path) as im:
+    with open_image(path) as im:
       if decode:
         im.load()
     return None
@@ -251,7 +281,6 @@ def readable_images(paths, skip=False, logger=None):
   where `logger` shows INFO lines (the first process's).
   """
   import concurrent.futures
-  import functools
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
     checked = pool.map(functools.partial(_image_error, decode=skip), paths,
                        chunksize=64)
@@ -272,12 +301,11 @@ def readable_images(paths, skip=False, logger=None):
 
 def image_sizes(paths, limit=256):
   """(height, width) of up to `limit` images spread over `paths`."""
-  from PIL import Image
   step = max(1, len(paths) // limit)
   sizes = []
   for p in paths[::step][:limit]:
     try:
-      with Image.open(p) as im:
+      with open_image(p) as im:
         sizes.append((im.height, im.width))
     except OSError as e:
       raise BadInput(f'cannot read image {p} ({e}).') from e
@@ -373,7 +401,7 @@ def decode(file):
   image keeps the high byte of each value, as TensorFlow's decode_png and
   PIL's own 16-bit colour reading do (PIL's convert would clip it at 255)."""
   from PIL import Image, ImageOps  # pylint: disable=import-outside-toplevel
-  with Image.open(file) as im:
+  with open_image(file) as im:
     ImageOps.exif_transpose(im, in_place=True)
     if im.mode.startswith('I;16'):
       im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))

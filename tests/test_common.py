@@ -564,6 +564,32 @@ def test_class_folders_are_read_whole_but_hidden_folders_are_not(tmp_path):
   assert predict.list_images([str(cat)]) == train.paths[:4]
 
 
+def test_heif_photos_are_read_where_pillow_heif_is_installed(tmp_path,
+                                                            monkeypatch):
+  """An iPhone's .HEIC photo is an image of its class where pillow-heif is
+  installed (the heif extra, in the tests' install); without it, it is left
+  out, and the warning names the install that reads it."""
+  pytest.importorskip('pillow_heif')
+  from PIL import Image
+  root = write_imagefolder(tmp_path / 'f', train=2, val=1)
+  photo = tmp_path / 'f' / 'train' / 'cat' / 'phone.HEIC'
+  colour = np.array([200, 30, 90])
+  assert datasets.heif_readable()
+  Image.new('RGB', (40, 32), tuple(colour)).save(photo, format='HEIF')
+  _, train, _, _ = datasets.scan_imagefolder(root)
+  assert str(photo) in train.paths and train.left_out == []
+  got = np.asarray(datasets.decode(photo))
+  assert got.shape == (32, 40, 3)
+  assert np.abs(got.mean((0, 1)) - colour).max() < 4  # lossy
+  assert datasets.image_sizes([str(photo)]) == [(32, 40)]
+  monkeypatch.setattr(datasets, 'heif_readable', lambda: False)
+  _, train, _, _ = datasets.scan_imagefolder(root)
+  assert train.left_out == [str(photo)]
+  assert ".heic 1; e.g." in datasets.left_out_warning(train)
+  assert datasets.left_out_warning(train).endswith(
+      "pip install 'big-transfer[heif]').")
+
+
 def test_scan_imagefolder_uses_test_when_no_val(tmp_path):
   root = write_imagefolder(tmp_path / 'f', split_names=('train', 'test'))
   _, _, test, name = datasets.scan_imagefolder(root)

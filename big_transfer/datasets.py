@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from big_transfer import hardware, progress, tfds_reader, vtab
+from big_transfer import hardware, progress, runfiles, tfds_reader, vtab
 from big_transfer.errors import BadInput
 
 # Datasets known by name: torchvision's in PyTorch, TFDS's in TF2/JAX.
@@ -469,9 +469,7 @@ class Source:
       digest.update(np.ascontiguousarray(self.images))
     else:
       for path in self.paths:
-        stat = os.stat(path)
-        digest.update(f'{os.path.abspath(path)}\0{stat.st_size}\0'
-                      f'{stat.st_mtime_ns}\0'.encode())
+        digest.update(runfiles.file_stamp(path).encode() + b'\0')
     return digest.hexdigest()
 
   def subset(self, indices):

@@ -177,9 +177,8 @@ def load_features(path):
 
 
 def _cache_path(args, framework, splits, split, crop, weights_file):
-  stat = os.stat(weights_file)
-  key = json.dumps([framework, os.path.realpath(weights_file), stat.st_size,
-                    stat.st_mtime_ns, args.dataset, split,
+  key = json.dumps([framework, runfiles.file_stamp(weights_file),
+                    args.dataset, split,
                     source_of(splits, split).fingerprint(), crop])
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
   name = f'{framework}-{args.dataset}-{split}-{crop}px-{digest}.npz'

@@ -101,6 +101,13 @@ def cache_dir(*parts):
   return os.path.join(root, *parts)
 
 
+def file_stamp(path):
+  """What changes when the file at `path` is replaced or rewritten, for the
+  keys of what the cache keeps: its real path, size and modification time."""
+  stat = os.stat(path)
+  return f'{os.path.realpath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}'
+
+
 def missing_folders(path):
   """The folders that making `path` would add, `path` first (absolute; none
   where it exists)."""

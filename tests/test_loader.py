@@ -126,6 +126,30 @@ def test_decode_gives_rgb_of_every_mode(tmp_path):
     np.testing.assert_array_equal(got[..., channel], want)
 
 
+def test_heif_photos_are_decoded_in_the_loaders_own_processes(tmp_path):
+  """grain's workers are spawned: each registers pillow-heif's reader where
+  it decodes, and gives the pixels that PyTorch's path gives here."""
+  pytest.importorskip('pillow_heif')
+  assert datasets.heif_readable()  # here, to write them
+  rng = np.random.default_rng(3)
+  for split in ('train', 'val'):
+    for c in range(CLASSES):
+      os.makedirs(tmp_path / split / f'c{c}')
+      for i in range(2):
+        Image.new('RGB', tuple(int(v) for v in rng.integers(20, 40, 2)),
+                  tuple(int(v) for v in rng.integers(0, 256, 3))).save(
+                      tmp_path / split / f'c{c}' / f'{i}.heic', format='HEIF')
+  data = datasets.load(argparse.Namespace(dataset='imagefolder',
+                                          datadir=str(tmp_path)))
+  assert all(p.endswith('.heic') for p in data.train.paths)
+  stream = datastream.Stream(len(data.train), 6, seed=0, mixup_alpha=0.5)
+  got = next(loader.train_batches(data.train, CLASSES, stream, 24, 16,
+                                  workers=1))
+  want_x, _ = pytorchs_batch(data, stream, 0, 0, 6, 24, 16)
+  np.testing.assert_allclose(jax_engine.train_images(got), want_x, rtol=0,
+                             atol=1e-6)
+
+
 def test_a_photo_is_decoded_upright(tmp_path):
   """An image stored turned or mirrored, with the EXIF Orientation tag that
   tells a viewer how to show it (2 to 8), decodes as shown: the same pixels

@@ -13,8 +13,9 @@ API (framework-neutral; the pipelines of the three backends build on it):
   resolve(dataset, data_dir=None, manual_dir=None, train_split=None,
           eval_split=None, prepare=True) -> Dataset
       Finds the builder, prepares it when it is not (as array_record, which
-      every backend reads), finds the image and label features and checks
-      both splits. Bad input raises errors.BadInput.
+      every backend reads; refused at once where none of the servers to
+      download it from answers), finds the image and label features and
+      checks both splits. Bad input raises errors.BadInput.
   Dataset: name, classes, num_classes, train_split, eval_split, train_size,
       eval_size, original_hw (typical (height, width)), random_access,
       describe() (a dict for config.json), read('train' | 'eval') -> Split
@@ -43,6 +44,7 @@ dataset that has only files of the older tfrecord format is read whole into
 memory through `as_dataset`, which needs TensorFlow; `resolve` refuses one
 that would not fit (`copies` times its two splits above half the memory).
 """
+import concurrent.futures
 import dataclasses
 import hashlib
 import io
@@ -50,6 +52,7 @@ import json
 import os
 import shutil
 import tempfile
+import urllib.parse
 
 import numpy as np
 
@@ -363,6 +366,7 @@ def _builder(tfds_name, data_dir, manual_dir, prepare, shown):
                      f'({str(e).splitlines()[0]}); --dataset takes '
                      f'{accepted_forms()}.') from e
     if prepare and not _prepared(builder):
+      _check_reachable(builder, shown)
       try:
         builder.download_and_prepare(
             file_format='array_record',
@@ -376,6 +380,46 @@ def _builder(tfds_name, data_dir, manual_dir, prepare, shown):
             'check --datadir (the TFDS data_dir), or give --tfds_manual_dir '
             'for datasets that must be downloaded by hand.') from e
   return builder
+
+
+# Where TFDS downloads a dataset that it has prepared itself, before it
+# tries the dataset's own addresses.
+TFDS_MIRROR = 'https://storage.googleapis.com'
+PROBE_TIMEOUT_S = 10
+
+
+def _check_reachable(builder, shown):
+  """Refuses at once where none of the servers that TFDS would download
+  `builder`'s files from answers (its mirror, the hosts of the dataset's
+  registered addresses): offline, TFDS would try each address 10 times,
+  for about 3 minutes, before it gave up. Datasets downloaded by hand, and
+  those that register no address, are not checked."""
+  urls = builder.url_infos or {}
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS or not urls:
+    return
+  hosts = sorted({TFDS_MIRROR} | {
+      f'{u.scheme}://{u.netloc}' for u in map(urllib.parse.urlsplit, urls)
+      if u.scheme in ('http', 'https')})
+  import requests  # TFDS downloads with it (proxies, certificates)
+
+  def failure(host):
+    try:
+      requests.head(host, timeout=PROBE_TIMEOUT_S)
+      return None
+    except requests.RequestException as e:
+      return e
+
+  with concurrent.futures.ThreadPoolExecutor(len(hosts)) as pool:
+    failures = list(pool.map(failure, hosts))
+  if all(failures):
+    error = failures[0]  # requests wraps urllib3's, which names the cause
+    cause = getattr(error.args[0], 'reason', error) if error.args else error
+    raise BadInput(
+        f'--dataset {shown}: TFDS cannot download it, as no server of it '
+        f'answers ({", ".join(hosts)}; {type(cause).__name__}: '
+        f'{str(cause).splitlines()[0][:300]}); connect, or prepare it where '
+        f'there is a network (python -m big_transfer.tfds_reader {shown} '
+        '--datadir D) and give that folder as --datadir.')
 
 
 def _prepared(builder):

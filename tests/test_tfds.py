@@ -6,12 +6,17 @@ stand-ins of the real TFDS builders (same features, made-up examples) and
 compare with the published definitions of google-research/task_adaptation.
 """
 import argparse
+import functools
+import http.server
 import io
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -447,6 +452,68 @@ def test_a_failed_download_leaves_no_folder_it_made(tmp_path):
       tfds_reader.resolve('tfds:bit_tfds_offline', data_dir=str(data_dir))
   assert not (tmp_path / 'new').exists()
   assert 'downloads' in os.listdir(tmp_path)  # TFDS's, in the user's folder
+
+
+def test_a_download_no_server_answers_is_refused_at_once(tmp_path,
+                                                          monkeypatch):
+  # A bound socket that does not listen refuses connections: the network
+  # of a machine offline. TFDS itself would retry for about 3 minutes.
+  closed = socket.socket()
+  closed.bind(('127.0.0.1', 0))
+  nowhere = f'http://127.0.0.1:{closed.getsockname()[1]}'
+  started = []
+
+  class BitTfdsRemote(tfds.core.GeneratorBasedBuilder):
+    """Its files lie on a server; preparing it starts with the download."""
+    VERSION = tfds.core.Version('1.0.0')
+    url_infos = {f'{nowhere}/files/part-{i}.zip': None for i in range(2)}
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, features=tfds.features.FeaturesDict({
+              'image': tfds.features.Image(shape=(8, 8, 3)),
+              'label': tfds.features.ClassLabel(num_classes=2)}))
+
+    def _split_generators(self, dl_manager):
+      started.append(self.name)
+      raise ConnectionError('the download started')
+
+    def _generate_examples(self):  # never reached
+      yield from ()
+
+  class BitTfdsByHand(BitTfdsRemote):
+    MANUAL_DOWNLOAD_INSTRUCTIONS = 'Place part-0.zip in the manual_dir.'
+
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                              directory=str(tmp_path))
+  handler.log_message = lambda *a: None
+  mirror = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+  threading.Thread(target=mirror.serve_forever, daemon=True).start()
+  data_dir = tmp_path / 'new'
+  try:
+    monkeypatch.setattr(tfds_reader, 'TFDS_MIRROR', nowhere)
+    start = time.monotonic()
+    with pytest.raises(errors.BadInput, match=(
+        r'tfds:bit_tfds_remote: TFDS cannot download it, as no server of it '
+        rf'answers \({nowhere}; NewConnectionError: .*Connection refused\); '
+        r'.*tfds_reader tfds:bit_tfds_remote --datadir D\)')):
+      tfds_reader.resolve('tfds:bit_tfds_remote', data_dir=str(data_dir))
+    assert time.monotonic() - start < tfds_reader.PROBE_TIMEOUT_S
+    assert started == [] and not data_dir.exists()
+    # A dataset fetched by hand is not checked.
+    with pytest.raises(errors.BadInput, match='the download started'):
+      tfds_reader.resolve('tfds:bit_tfds_by_hand', data_dir=str(data_dir))
+    assert started == ['bit_tfds_by_hand']
+    # One server that answers, the mirror here, is enough to try.
+    monkeypatch.setattr(tfds_reader, 'TFDS_MIRROR',
+                        f'http://127.0.0.1:{mirror.server_port}')
+    with pytest.raises(errors.BadInput, match='the download started'):
+      tfds_reader.resolve('tfds:bit_tfds_remote', data_dir=str(data_dir))
+    assert started == ['bit_tfds_by_hand', 'bit_tfds_remote']
+  finally:
+    mirror.shutdown()
+    mirror.server_close()
+    closed.close()
 
 
 def test_fewshot_subset_is_the_shared_one(toy_dir):

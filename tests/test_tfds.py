@@ -427,23 +427,28 @@ def test_refused(toy_dir, kwargs, words):
     assert 'vtab:TASK' in str(e.value) and 'tfds:NAME' in str(e.value)
 
 
-def test_a_failed_download_leaves_no_folder_it_made(tmp_path):
-  class BitTfdsOffline(tfds.core.GeneratorBasedBuilder):
-    """Its download fails, as without a network."""
-    VERSION = tfds.core.Version('1.0.0')
+class Downloaded(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A dataset whose preparation starts with a download that fails (each
+  test's subclass says how, in _split_generators)."""
+  VERSION = tfds.core.Version('1.0.0')
 
-    def _info(self):
-      return tfds.core.DatasetInfo(
-          builder=self, features=tfds.features.FeaturesDict({
-              'image': tfds.features.Image(shape=(8, 8, 3)),
-              'label': tfds.features.ClassLabel(num_classes=2)}))
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(8, 8, 3)),
+            'label': tfds.features.ClassLabel(num_classes=2)}))
+
+  def _generate_examples(self):  # never reached
+    yield from ()
+
+
+def test_a_failed_download_leaves_no_folder_it_made(tmp_path):
+  class BitTfdsOffline(Downloaded):
+    """Its download fails, as without a network."""
 
     def _split_generators(self, dl_manager):
       os.makedirs(os.path.join(dl_manager.download_dir, 'part.tmp'))
       raise ConnectionError('Failed to resolve the host')
-
-    def _generate_examples(self):  # never reached
-      yield from ()
 
   new = tmp_path / 'new' / 'tfds'
   for data_dir in (new, tmp_path):  # one made for it, one that was there
@@ -463,23 +468,13 @@ def test_a_download_no_server_answers_is_refused_at_once(tmp_path,
   nowhere = f'http://127.0.0.1:{closed.getsockname()[1]}'
   started = []
 
-  class BitTfdsRemote(tfds.core.GeneratorBasedBuilder):
-    """Its files lie on a server; preparing it starts with the download."""
-    VERSION = tfds.core.Version('1.0.0')
+  class BitTfdsRemote(Downloaded):
+    """Its files lie on a server, at registered addresses."""
     url_infos = {f'{nowhere}/files/part-{i}.zip': None for i in range(2)}
-
-    def _info(self):
-      return tfds.core.DatasetInfo(
-          builder=self, features=tfds.features.FeaturesDict({
-              'image': tfds.features.Image(shape=(8, 8, 3)),
-              'label': tfds.features.ClassLabel(num_classes=2)}))
 
     def _split_generators(self, dl_manager):
       started.append(self.name)
       raise ConnectionError('the download started')
-
-    def _generate_examples(self):  # never reached
-      yield from ()
 
   class BitTfdsByHand(BitTfdsRemote):
     MANUAL_DOWNLOAD_INSTRUCTIONS = 'Place part-0.zip in the manual_dir.'

@@ -13,9 +13,9 @@ API (framework-neutral; the pipelines of the three backends build on it):
   resolve(dataset, data_dir=None, manual_dir=None, train_split=None,
           eval_split=None, prepare=True) -> Dataset
       Finds the builder, prepares it when it is not (as array_record, which
-      every backend reads; refused at once where none of the servers to
-      download it from answers), finds the image and label features and
-      checks both splits. Bad input raises errors.BadInput.
+      every backend reads; without retrying downloads where none of the
+      servers to download it from answers), finds the image and label
+      features and checks both splits. Bad input raises errors.BadInput.
   Dataset: name, classes, num_classes, train_split, eval_split, train_size,
       eval_size, original_hw (typical (height, width)), random_access,
       describe() (a dict for config.json), read('train' | 'eval') -> Split
@@ -45,6 +45,7 @@ memory through `as_dataset`, which needs TensorFlow; `resolve` refuses one
 that would not fit (`copies` times its two splits above half the memory).
 """
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -56,7 +57,7 @@ import urllib.parse
 
 import numpy as np
 
-from big_transfer import hardware, progress, runfiles, vtab
+from big_transfer import hardware, progress, runfiles, vtab, zoo
 from big_transfer.errors import BadInput
 
 TFDS_PREFIX = 'tfds:'
@@ -366,14 +367,22 @@ def _builder(tfds_name, data_dir, manual_dir, prepare, shown):
                      f'({str(e).splitlines()[0]}); --dataset takes '
                      f'{accepted_forms()}.') from e
     if prepare and not _prepared(builder):
-      _check_reachable(builder, shown)
+      silent = _silent_servers(builder)
       try:
-        builder.download_and_prepare(
-            file_format='array_record',
-            download_config=tfds.download.DownloadConfig(
-                manual_dir=manual_dir))
+        with _download_retries(0 if silent else None):
+          builder.download_and_prepare(
+              file_format='array_record',
+              download_config=tfds.download.DownloadConfig(
+                  manual_dir=manual_dir))
       except Exception as e:  # pylint: disable=broad-except
         # TFDS raises many kinds (download, missing manual files, checksums).
+        if silent:
+          raise BadInput(
+              f'--dataset {shown}: TFDS could not prepare it from the files '
+              f'it has, and no server to download them from answers '
+              f'({silent}); connect, or prepare it where there is a network '
+              f'(python -m big_transfer.tfds_reader {shown} --datadir D) '
+              'and give that folder as --datadir.') from e
         raise BadInput(
             f'TFDS could not prepare {tfds_name} in {builder.data_dir} '
             f'({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); '
@@ -385,18 +394,17 @@ def _builder(tfds_name, data_dir, manual_dir, prepare, shown):
 # Where TFDS downloads a dataset that it has prepared itself, before it
 # tries the dataset's own addresses.
 TFDS_MIRROR = 'https://storage.googleapis.com'
-PROBE_TIMEOUT_S = 10
 
 
-def _check_reachable(builder, shown):
-  """Refuses at once where none of the servers that TFDS would download
-  `builder`'s files from answers (its mirror, the hosts of the dataset's
-  registered addresses): offline, TFDS would try each address 10 times,
-  for about 3 minutes, before it gave up. Datasets downloaded by hand, and
-  those that register no address, are not checked."""
+def _silent_servers(builder):
+  """Where none of the servers that TFDS would download `builder`'s files
+  from answers one request (its mirror, the hosts of the dataset's
+  registered addresses), those servers and why, in words; else None.
+  Datasets downloaded by hand, and those that register no address, are
+  taken to be reachable."""
   urls = builder.url_infos or {}
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS or not urls:
-    return
+    return None
   hosts = sorted({TFDS_MIRROR} | {
       f'{u.scheme}://{u.netloc}' for u in map(urllib.parse.urlsplit, urls)
       if u.scheme in ('http', 'https')})
@@ -404,22 +412,35 @@ def _check_reachable(builder, shown):
 
   def failure(host):
     try:
-      requests.head(host, timeout=PROBE_TIMEOUT_S)
+      requests.head(host, timeout=zoo.PROBE_TIMEOUT_S)
       return None
     except requests.RequestException as e:
       return e
 
   with concurrent.futures.ThreadPoolExecutor(len(hosts)) as pool:
     failures = list(pool.map(failure, hosts))
-  if all(failures):
-    error = failures[0]  # requests wraps urllib3's, which names the cause
-    cause = getattr(error.args[0], 'reason', error) if error.args else error
-    raise BadInput(
-        f'--dataset {shown}: TFDS cannot download it, as no server of it '
-        f'answers ({", ".join(hosts)}; {type(cause).__name__}: '
-        f'{str(cause).splitlines()[0][:300]}); connect, or prepare it where '
-        f'there is a network (python -m big_transfer.tfds_reader {shown} '
-        '--datadir D) and give that folder as --datadir.')
+  if not all(failures):
+    return None
+  error = failures[0]  # requests wraps urllib3's, which names the cause
+  cause = getattr(error.args[0], 'reason', error) if error.args else error
+  return (f'{", ".join(hosts)}; {type(cause).__name__}: '
+          f'{str(cause).splitlines()[0][:300]}')
+
+
+@contextlib.contextmanager
+def _download_retries(count):
+  """TFDS's downloader tries each address MAX_RETRIES (10) times, for about
+  3 minutes where no server answers; `count` times inside, unless None.
+  Files that TFDS downloaded before (or that were copied into its
+  downloads/ folder) are then still used, offline too."""
+  from tensorflow_datasets.core.download import downloader  # pylint: disable=import-outside-toplevel
+  kept = downloader.MAX_RETRIES
+  if count is not None:
+    downloader.MAX_RETRIES = count
+  try:
+    yield
+  finally:
+    downloader.MAX_RETRIES = kept
 
 
 def _prepared(builder):

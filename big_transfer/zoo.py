@@ -40,6 +40,7 @@ LABEL_FILES = {
     21843: 'imagenet21k_wordnet_lemmas.txt',
 }
 DOWNLOAD_TIMEOUT_S = 60  # a server silent this long is given up
+PROBE_TIMEOUT_S = 10  # whether a server answers at all, before a download
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,11 +7,13 @@ compare with the published definitions of google-research/task_adaptation.
 """
 import argparse
 import functools
+import hashlib
 import http.server
 import io
 import itertools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from big_transfer import datasets, errors, tfds_reader, vtab
+from big_transfer import datasets, errors, tfds_reader, vtab, zoo
 from conftest import REPO, synthetic_weights, write_imagefolder
 
 tfds = pytest.importorskip('tensorflow_datasets')
@@ -459,56 +461,73 @@ def test_a_failed_download_leaves_no_folder_it_made(tmp_path):
   assert 'downloads' in os.listdir(tmp_path)  # TFDS's, in the user's folder
 
 
-def test_a_download_no_server_answers_is_refused_at_once(tmp_path,
-                                                          monkeypatch):
-  # A bound socket that does not listen refuses connections: the network
-  # of a machine offline. TFDS itself would retry for about 3 minutes.
+def test_offline_tfds_uses_the_files_it_has_and_fails_at_once_without(
+    tmp_path, monkeypatch):
+  # A bound socket that does not listen refuses connections, as a machine
+  # offline. TFDS itself would retry each address for about 3 minutes.
   closed = socket.socket()
   closed.bind(('127.0.0.1', 0))
   nowhere = f'http://127.0.0.1:{closed.getsockname()[1]}'
-  started = []
+  monkeypatch.setattr(tfds_reader, 'TFDS_MIRROR', nowhere)
+  served = tmp_path / 'served'
+  served.mkdir()
+  images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), np.uint8)
+  np.save(served / 'part.npy', images)
+  blob = (served / 'part.npy').read_bytes()
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                              directory=str(served))
+  handler.log_message = lambda *a: None
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  url = f'http://127.0.0.1:{server.server_port}/part.npy'
 
-  class BitTfdsRemote(Downloaded):
-    """Its files lie on a server, at registered addresses."""
-    url_infos = {f'{nowhere}/files/part-{i}.zip': None for i in range(2)}
+  class BitTfdsServed(Downloaded):
+    """Its file lies on a server, at a registered address."""
+    url_infos = {url: tfds.core.download.checksums.UrlInfo(
+        size=len(blob), checksum=hashlib.sha256(blob).hexdigest(),
+        filename='part.npy')}
 
     def _split_generators(self, dl_manager):
-      started.append(self.name)
-      raise ConnectionError('the download started')
+      path = dl_manager.download(url)
+      return {'train': self._generate_examples(path),
+              'test': self._generate_examples(path)}
 
-  class BitTfdsByHand(BitTfdsRemote):
-    MANUAL_DOWNLOAD_INSTRUCTIONS = 'Place part-0.zip in the manual_dir.'
+    def _generate_examples(self, path=None):
+      for i, image in enumerate(np.load(path)):
+        yield i, {'image': image, 'label': i % 2}
 
-  handler = functools.partial(http.server.SimpleHTTPRequestHandler,
-                              directory=str(tmp_path))
-  handler.log_message = lambda *a: None
-  mirror = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
-  threading.Thread(target=mirror.serve_forever, daemon=True).start()
-  data_dir = tmp_path / 'new'
+  class BitTfdsByHand(Downloaded):
+    MANUAL_DOWNLOAD_INSTRUCTIONS = 'Place part.npy in the manual_dir.'
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(dl_manager.manual_dir)}
+
+  online, offline = tmp_path / 'online', tmp_path / 'offline'
   try:
-    monkeypatch.setattr(tfds_reader, 'TFDS_MIRROR', nowhere)
-    start = time.monotonic()
-    with pytest.raises(errors.BadInput, match=(
-        r'tfds:bit_tfds_remote: TFDS cannot download it, as no server of it '
-        rf'answers \({nowhere}; NewConnectionError: .*Connection refused\); '
-        r'.*tfds_reader tfds:bit_tfds_remote --datadir D\)')):
-      tfds_reader.resolve('tfds:bit_tfds_remote', data_dir=str(data_dir))
-    assert time.monotonic() - start < tfds_reader.PROBE_TIMEOUT_S
-    assert started == [] and not data_dir.exists()
-    # A dataset fetched by hand is not checked.
-    with pytest.raises(errors.BadInput, match='the download started'):
-      tfds_reader.resolve('tfds:bit_tfds_by_hand', data_dir=str(data_dir))
-    assert started == ['bit_tfds_by_hand']
-    # One server that answers, the mirror here, is enough to try.
-    monkeypatch.setattr(tfds_reader, 'TFDS_MIRROR',
-                        f'http://127.0.0.1:{mirror.server_port}')
-    with pytest.raises(errors.BadInput, match='the download started'):
-      tfds_reader.resolve('tfds:bit_tfds_remote', data_dir=str(data_dir))
-    assert started == ['bit_tfds_by_hand', 'bit_tfds_remote']
+    assert tfds_reader.resolve('tfds:bit_tfds_served',
+                               data_dir=str(online)).train_size == 6
   finally:
-    mirror.shutdown()
-    mirror.server_close()
-    closed.close()
+    server.shutdown()
+    server.server_close()
+  # Offline, what TFDS downloaded (here copied from another machine) is
+  # enough, as it would be without the check.
+  shutil.copytree(online / 'downloads', offline / 'downloads')
+  assert tfds_reader.resolve('tfds:bit_tfds_served',
+                             data_dir=str(offline)).train_size == 6
+  # Offline, without the files: one line at once, and no folder left.
+  start = time.monotonic()
+  with pytest.raises(errors.BadInput, match=(
+      r'tfds:bit_tfds_served: TFDS could not prepare it from the files it '
+      r'has, and no server to download them from answers \(http://127.0.0.1'
+      r'.*; NewConnectionError: .*Connection refused\); .*tfds_reader '
+      r'tfds:bit_tfds_served --datadir D\)')):
+    tfds_reader.resolve('tfds:bit_tfds_served', data_dir=str(tmp_path / 'n'))
+  assert time.monotonic() - start < zoo.PROBE_TIMEOUT_S
+  assert not (tmp_path / 'n').exists()
+  # A dataset fetched by hand is not blamed on the network.
+  with pytest.raises(errors.BadInput, match='could not prepare bit_tfds_by_hand .*Manual directory'):
+    tfds_reader.resolve('tfds:bit_tfds_by_hand', data_dir=str(offline))
+  closed.close()
 
 
 def test_fewshot_subset_is_the_shared_one(toy_dir):

@@ -516,15 +516,18 @@ def hub_file(repo):
   check_model(HF_HUB_PREFIX + repo)
   repo_id, _, revision = repo.partition('@')
   offline = constants.HF_HUB_OFFLINE
-  missing, unreachable = [], None
+  # Where the Hub does not answer, huggingface_hub would retry for about
+  # 25 s before it said that the file is not in the cache.
+  unreachable = None if offline else _hub_silence()
+  missing = []
   for filename in HF_HUB_FILES:
     try:
       return huggingface_hub.hf_hub_download(
           repo_id, filename, revision=revision or None,
-          local_files_only=unreachable is not None)
+          local_files_only=offline or unreachable is not None)
     except errors.LocalEntryNotFoundError as e:  # not in the cache
       missing.append(filename)
-      if not offline and unreachable is None:  # and the Hub not reachable
+      if not offline and unreachable is None:  # the Hub stopped answering
         unreachable = e.__cause__ or e
     except errors.EntryNotFoundError:  # not in the repository
       missing.append(filename)
@@ -550,6 +553,17 @@ def hub_file(repo):
                    'and set HF_HUB_OFFLINE=1.')
   raise BadInput(f'hf-hub:{repo}: the repository has neither {files}; is '
                  'it a timm or transformers BiT model?')
+
+
+def _hub_silence():
+  """None where the Hugging Face Hub answers one request (sent as
+  huggingface_hub sends its own: proxies, certificates); else the error."""
+  from huggingface_hub import constants, utils
+  try:
+    utils.get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S)
+    return None
+  except Exception as e:  # pylint: disable=broad-except
+    return e  # the transport errors of its HTTP client, which has changed
 
 
 def check_transformers_config(path, model):

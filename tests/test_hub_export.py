@@ -10,6 +10,8 @@ import functools
 import hashlib
 import json
 import os
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -203,6 +205,34 @@ def test_our_model_equals_timm_at_the_same_eps(timm_model):
   assert (a - b).abs().max() < 1e-12 * scale
   eps_effect = (a - stock).abs().max()
   assert 1e-10 * scale < eps_effect < 1e-7 * scale
+
+
+def test_a_hub_that_does_not_answer_is_not_waited_for(hub_repos, monkeypatch,
+                                                      caplog):
+  """Online, but the Hub's address refuses connections (a bound socket
+  that does not listen): the cache serves what it holds, and a file it
+  lacks is reported at once, where huggingface_hub retried for 25 s."""
+  import huggingface_hub
+  closed = socket.socket()
+  closed.bind(('127.0.0.1', 0))
+  endpoint = f'http://127.0.0.1:{closed.getsockname()[1]}'
+  monkeypatch.delenv('HF_HUB_OFFLINE')
+  monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+  monkeypatch.setattr(huggingface_hub.constants, 'ENDPOINT', endpoint)
+  monkeypatch.setattr(huggingface_hub.constants,
+                      'HUGGINGFACE_CO_URL_TEMPLATE',
+                      endpoint + '/{repo_id}/resolve/{revision}/{filename}')
+  start = time.monotonic()
+  for repo in hub_repos:
+    assert zoo.load_weights(repo).keys() == synthetic_weights(
+        'R26x0.5', head_size=7).keys()
+  with pytest.raises(errors.BadInput, match=(
+      'timm/absent: the Hugging Face Hub is unreachable .*Connection refused'
+      '.* neither model.safetensors nor pytorch_model.bin')):
+    zoo.fetch('.', 'hf-hub:timm/absent')
+  assert time.monotonic() - start < zoo.PROBE_TIMEOUT_S
+  assert 'requesting HEAD' not in caplog.text  # no request beyond the probe
+  closed.close()
 
 
 def test_hub_refusals(tmp_path, offline_hub, timm_model):

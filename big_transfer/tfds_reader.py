@@ -430,13 +430,15 @@ def _silent_servers(builder):
 @contextlib.contextmanager
 def _download_retries(count):
   """TFDS's downloader tries each address MAX_RETRIES (10) times, for about
-  3 minutes where no server answers; `count` times inside, unless None.
-  Files that TFDS downloaded before (or that were copied into its
-  downloads/ folder) are then still used, offline too."""
+  3 minutes where no server answers; `count` times inside, unless None (or
+  a TFDS without that setting). Files that TFDS downloaded before (or that
+  were copied into its downloads/ folder) are still used, offline too."""
   from tensorflow_datasets.core.download import downloader  # pylint: disable=import-outside-toplevel
-  kept = downloader.MAX_RETRIES
-  if count is not None:
-    downloader.MAX_RETRIES = count
+  kept = getattr(downloader, 'MAX_RETRIES', None)
+  if count is None or kept is None:
+    yield
+    return
+  downloader.MAX_RETRIES = count
   try:
     yield
   finally:

@@ -16,8 +16,12 @@ environment, each only where the environment does not set it already:
   back by the next run of the same program (a resumed run, the same
   command again, validation of the same model) instead of compiled again.
   It is kept under COMPILATION_CACHE_BYTES, the entries read least recently
-  removed first. JAX_ENABLE_COMPILATION_CACHE=false turns it off.
+  removed first, which JAX does with the filelock package (in the jax
+  extra); without it, the cache is left off, where it would grow without
+  bound or warn at every compilation. JAX_ENABLE_COMPILATION_CACHE=false
+  turns it off.
 """
+import importlib.util
 import os
 
 from big_transfer import runfiles
@@ -37,6 +41,8 @@ COMPILATION_CACHE_BYTES = 2 << 30
 
 
 def _add_compilation_cache():
+  if importlib.util.find_spec('filelock') is None:
+    return
   os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                         runfiles.cache_dir('jax_compilation'))
   os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE',

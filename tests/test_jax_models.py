@@ -333,3 +333,12 @@ def test_importing_bit_jax_keeps_compiled_steps_for_the_next_process(
   # The environment's own choice stays.
   assert run(JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'mine'))[0] == str(
       tmp_path / 'mine')
+  # Without filelock, JAX cannot keep the cache's size (it would warn at
+  # every compilation): no cache, and nothing said.
+  done = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'tests', 'without.py'), 'filelock',
+       '-c', script], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert json.loads(done.stdout.splitlines()[-1])[0] is None
+  assert 'filelock' not in done.stderr

@@ -430,8 +430,8 @@ def test_refused(toy_dir, kwargs, words):
 
 
 class Downloaded(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """A dataset whose preparation starts with a download that fails (each
-  test's subclass says how, in _split_generators)."""
+  """A two-class dataset of 8x8 images whose preparation starts with a
+  download (each test's subclass says which, in _split_generators)."""
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
@@ -492,7 +492,7 @@ def test_offline_tfds_uses_the_files_it_has_and_fails_at_once_without(
       return {'train': self._generate_examples(path),
               'test': self._generate_examples(path)}
 
-    def _generate_examples(self, path=None):
+    def _generate_examples(self, path):
       for i, image in enumerate(np.load(path)):
         yield i, {'image': image, 'label': i % 2}
 
@@ -500,7 +500,7 @@ def test_offline_tfds_uses_the_files_it_has_and_fails_at_once_without(
     MANUAL_DOWNLOAD_INSTRUCTIONS = 'Place part.npy in the manual_dir.'
 
     def _split_generators(self, dl_manager):
-      return {'train': self._generate_examples(dl_manager.manual_dir)}
+      os.listdir(dl_manager.manual_dir)  # TFDS refuses first: there is none
 
   online, offline = tmp_path / 'online', tmp_path / 'offline'
   try:
@@ -525,7 +525,8 @@ def test_offline_tfds_uses_the_files_it_has_and_fails_at_once_without(
   assert time.monotonic() - start < zoo.PROBE_TIMEOUT_S
   assert not (tmp_path / 'n').exists()
   # A dataset fetched by hand is not blamed on the network.
-  with pytest.raises(errors.BadInput, match='could not prepare bit_tfds_by_hand .*Manual directory'):
+  with pytest.raises(errors.BadInput, match=(
+      'could not prepare bit_tfds_by_hand .*Manual directory')):
     tfds_reader.resolve('tfds:bit_tfds_by_hand', data_dir=str(offline))
   closed.close()
 

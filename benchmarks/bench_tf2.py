@@ -4,6 +4,7 @@ Keras mixed precision, TF's deterministic settings) and the evaluation
 step, on random data (the data pipeline is not timed)."""
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -12,14 +13,13 @@ from benchmarks.timing import RssPeak, images_per_sec, median_seconds
 from bit_tf2 import engine, models, train
 
 
-def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
-            evaluate=True):
-  """{train_img_s, train_mem_bytes, eval_img_s, ...}; train_mem_bytes: on a
-  GPU the allocator's peak during the training steps, on the CPU the growth
-  of peak resident memory over them. TF runs as bit_tf2.train runs it
-  (engine.deterministic: one inter-op thread, which costs the CPU's step
-  about 10% against TF's default)."""
+def training(arch, resolution, batch, precision, batch_split=1):
+  """(strategy, train_step, eval_step, train_batch, eval_batch, rate, xla)
+  of bit_tf2.train's steps for a new `arch` model (its weights drawn from
+  seed 0) on one random batch of uint8 images, as big_transfer.loader gives
+  them (the step scales them)."""
   engine.deterministic()
+  keras.utils.set_random_seed(0)
   strategy = engine.make_strategy()
   with strategy.scope():
     model = models.create(arch, head_size=1000,
@@ -31,14 +31,25 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
                                            batch, batch_split, xla)
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 1000, batch)
-  # uint8 images, as big_transfer.loader gives them (the step scales them)
   images = rng.integers(0, 256, (batch, resolution, resolution, 3), np.uint8)
   data = {'image': images, 'label': np.eye(1000, dtype=np.float32)[labels]}
   eval_data = {'image': images, 'label': labels, 'mask': np.ones(batch, bool)}
   train_batch, eval_batch = (
       engine.to_replicas(strategy, tf.nest.map_structure(tf.constant, b))
       for b in (data, eval_data))
-  rate = tf.constant(0.003, tf.float32)
+  return (strategy, train_step, eval_step, train_batch, eval_batch,
+          tf.constant(0.003, tf.float32), xla)
+
+
+def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
+            evaluate=True):
+  """{train_img_s, train_mem_bytes, eval_img_s, ...}; train_mem_bytes: on a
+  GPU the allocator's peak during the training steps, on the CPU the growth
+  of peak resident memory over them. TF runs as bit_tf2.train runs it
+  (engine.deterministic: one inter-op thread, which costs the CPU's step
+  about 10% against TF's default)."""
+  strategy, train_step, eval_step, train_batch, eval_batch, rate, xla = (
+      training(arch, resolution, batch, precision, batch_split))
   device = engine.device_kind(strategy)
   if device == 'GPU':
     tf.config.experimental.reset_memory_stats('GPU:0')

@@ -232,12 +232,15 @@ def held_out(split, root):
   x n) (at least 1) whose paths below `root` hash lowest are evaluated on.
   The same files in every run and backend, and a file keeps its side when
   others are added, unless it is at the margin."""
-  def rank(path):
-    rel = os.path.relpath(path, root).replace(os.sep, '/')
+  prefix = os.path.join(root, '')  # the paths are os.path.join(root, ...)
+
+  def rank(path):  # of the path below root, '/' between its folders
+    rel = path[len(prefix):].replace(os.sep, '/')
     return hashlib.sha256(rel.encode()).digest()
   evaluated = np.zeros(len(split.paths), bool)
-  for label in np.unique(split.labels):
-    members = np.flatnonzero(split.labels == label)
+  order = np.argsort(split.labels, kind='stable')  # by class, then by path
+  for members in np.split(order, np.flatnonzero(np.diff(
+      split.labels[order])) + 1):
     if len(members) < 2:
       folder = os.path.dirname(split.paths[members[0]])
       raise BadInput(f'class folder {folder} has one image; holding some '

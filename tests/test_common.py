@@ -628,6 +628,9 @@ def test_a_folder_without_val_holds_out_a_tenth_of_each_class(tmp_path,
   _, flat_train, flat_held, _ = datasets.scan_imagefolder(str(flat))
   assert [os.path.relpath(p, flat) for p in flat_held.paths] == [
       os.path.relpath(p, os.path.join(root, 'train')) for p in held.paths]
+  slash = datasets.scan_imagefolder(str(flat) + os.sep)[2]  # --datadir flat/
+  assert [os.path.relpath(p, flat) for p in slash.paths] == [
+      os.path.relpath(p, flat) for p in flat_held.paths]
   # 20 images in a class: 2 held out, the earlier one still among them.
   cat = flat / 'cat'
   for i in range(12, 20):

@@ -14,7 +14,8 @@ import os
 
 import numpy as np
 
-from big_transfer import hardware, progress, runfiles, tfds_reader, vtab
+from big_transfer import (hardware, preprocess, progress, runfiles,
+                          tfds_reader, vtab)
 from big_transfer.errors import BadInput
 
 # Datasets known by name: torchvision's in PyTorch, TFDS's in TF2/JAX.
@@ -303,13 +304,14 @@ def readable_images(paths, skip=False, logger=None):
 
 
 def image_sizes(paths, limit=256):
-  """(height, width) of up to `limit` images spread over `paths`."""
+  """(height, width), upright, of up to `limit` images spread over
+  `paths`."""
   step = max(1, len(paths) // limit)
   sizes = []
   for p in paths[::step][:limit]:
     try:
       with open_image(p) as im:
-        sizes.append((im.height, im.width))
+        sizes.append(preprocess.upright_size(im))
     except OSError as e:
       raise BadInput(f'cannot read image {p} ({e}).') from e
   return sizes

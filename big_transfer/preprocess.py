@@ -12,6 +12,7 @@ train_example and eval_example give the view of a dataset's example.
   inception_view  distillation's: the Inception crop of the seed, resized
                   to (size, size), flipped when the seed's 40th uniform is
                   under 0.5
+  upright_size    the (height, width) of an image as the views see it
 
 Resizing is PIL's bilinear filter, which averages over the source pixels
 when it shrinks (antialiasing). train_view resizes the whole image, then
@@ -19,13 +20,22 @@ crops, so that its views are exactly those of a held image's
 (big_transfer.held).
 """
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image
 
 from big_transfer import datastream
 
 # The uniform of an example's seed that decides the Inception view's flip
 # (the crop's box draws from the first 40).
 INCEPTION_FLIP_UNIFORM = 40
+
+
+def upright_size(image):
+  """(height, width) of an opened PIL `image` as it is seen decoded
+  (big_transfer.datasets.decode), upright: swapped where its EXIF
+  Orientation tag turns it a quarter (5 to 8). Reads the header only."""
+  turned = image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+  return (image.width, image.height) if turned else (image.height,
+                                                      image.width)
 
 
 def train_view(image, seed, resize, crop):

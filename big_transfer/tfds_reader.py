@@ -57,7 +57,7 @@ import urllib.parse
 
 import numpy as np
 
-from big_transfer import hardware, progress, runfiles, vtab, zoo
+from big_transfer import hardware, preprocess, progress, runfiles, vtab, zoo
 from big_transfer.errors import BadInput
 
 TFDS_PREFIX = 'tfds:'
@@ -260,7 +260,8 @@ class Split:
     return out
 
   def sizes(self, limit=SIZE_SAMPLE):
-    """(height, width) of up to `limit` images spread over the split."""
+    """(height, width), upright, of up to `limit` images spread over the
+    split."""
     from PIL import Image  # pylint: disable=import-outside-toplevel
     if self.random_access or self._encoded is not None:
       step = max(1, self.n // limit)
@@ -274,7 +275,7 @@ class Split:
     sizes = []
     for e in encoded:
       with Image.open(io.BytesIO(e)) as im:
-        sizes.append((im.height, im.width))
+        sizes.append(preprocess.upright_size(im))
     return sizes
 
 

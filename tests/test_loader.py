@@ -153,7 +153,8 @@ def test_heif_photos_are_decoded_in_the_loaders_own_processes(tmp_path):
 def test_a_photo_is_decoded_upright(tmp_path):
   """An image stored turned or mirrored, with the EXIF Orientation tag that
   tells a viewer how to show it (2 to 8), decodes as shown: the same pixels
-  as the upright image, built here with numpy from the tag's definition."""
+  as the upright image, built here with numpy from the tag's definition;
+  its size, read for the HyperRule, is the upright one too."""
   upright = np.random.default_rng(0).integers(0, 256, (12, 8, 3), np.uint8)
   stored = {1: upright, 2: np.fliplr(upright), 3: np.rot90(upright, 2),
             4: np.flipud(upright), 5: upright.transpose(1, 0, 2),
@@ -166,6 +167,7 @@ def test_a_photo_is_decoded_upright(tmp_path):
     Image.fromarray(np.ascontiguousarray(pixels)).save(path, exif=exif)
     np.testing.assert_array_equal(np.asarray(datasets.decode(path)), upright,
                                   err_msg=f'orientation {orientation}')
+    assert datasets.image_sizes([str(path)]) == [(12, 8)], orientation
 
 
 @pytest.mark.parametrize('processes', [1, 2])

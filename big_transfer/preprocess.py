@@ -32,8 +32,11 @@ INCEPTION_FLIP_UNIFORM = 40
 def upright_size(image):
   """(height, width) of an opened PIL `image` as it is seen decoded
   (big_transfer.datasets.decode), upright: swapped where its EXIF
-  Orientation tag turns it a quarter (5 to 8). Reads the header only."""
-  turned = image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+  Orientation tag turns it a quarter (5 to 8). Reads the header only: a
+  PNG's EXIF is seen where it comes before the pixels, as PIL writes it
+  (to look further, PIL would decode the whole file)."""
+  turned = (image.format != 'PNG' or 'exif' in image.info) and (
+      image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8))
   return (image.width, image.height) if turned else (image.height,
                                                       image.width)
 

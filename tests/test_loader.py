@@ -154,7 +154,8 @@ def test_a_photo_is_decoded_upright(tmp_path):
   """An image stored turned or mirrored, with the EXIF Orientation tag that
   tells a viewer how to show it (2 to 8), decodes as shown: the same pixels
   as the upright image, built here with numpy from the tag's definition;
-  its size, read for the HyperRule, is the upright one too."""
+  its size, read for the HyperRule, is the upright one too, read from the
+  header alone (a PNG without EXIF whose pixels are cut off gives it)."""
   upright = np.random.default_rng(0).integers(0, 256, (12, 8, 3), np.uint8)
   stored = {1: upright, 2: np.fliplr(upright), 3: np.rot90(upright, 2),
             4: np.flipud(upright), 5: upright.transpose(1, 0, 2),
@@ -168,6 +169,10 @@ def test_a_photo_is_decoded_upright(tmp_path):
     np.testing.assert_array_equal(np.asarray(datasets.decode(path)), upright,
                                   err_msg=f'orientation {orientation}')
     assert datasets.image_sizes([str(path)]) == [(12, 8)], orientation
+  plain = tmp_path / 'plain.png'  # no EXIF, its pixels cut off
+  Image.fromarray(upright).save(plain)
+  plain.write_bytes(plain.read_bytes()[:plain.read_bytes().index(b'IDAT') + 24])
+  assert datasets.image_sizes([str(plain)]) == [(12, 8)]
 
 
 @pytest.mark.parametrize('processes', [1, 2])

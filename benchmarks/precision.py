@@ -33,17 +33,20 @@ def main(argv=None):
   args = parser.parse_args(argv)
   precisions = args.precisions.split(',')
   shots_list = demo.parse_shots(args.shots)
-  root = tempfile.mkdtemp(prefix='bit_precision_')
-  runs = {p: demo.argparser().parse_args(['--logdir', os.path.join(root, p)])
-          for p in precisions}
   settings = [(p, shots, seed) for shots in shots_list
               for seed in range(args.seeds) for p in precisions]
   cpu = hardware.cpu_description()
   print(f'CPU: {cpu["model"]}, bf16 emulated: {cpu["bf16_emulated"]}; '
         f'{len(settings)} runs, {args.processes} at a time', flush=True)
   t0, top1 = time.time(), {}
-  with concurrent.futures.ProcessPoolExecutor(
-      args.processes, mp_context=multiprocessing.get_context('spawn')) as pool:
+  # The runs' folders are needed only while they run.
+  with tempfile.TemporaryDirectory(prefix='bit_precision_') as root, \
+      concurrent.futures.ProcessPoolExecutor(
+          args.processes,
+          mp_context=multiprocessing.get_context('spawn')) as pool:
+    runs = {p: demo.argparser().parse_args(['--logdir',
+                                            os.path.join(root, p)])
+            for p in precisions}
     futures = {pool.submit(demo.fine_tune, runs[p], 'upstream', shots, seed,
                            ['--precision', p]): (p, shots, seed)
                for p, shots, seed in settings}

@@ -1,7 +1,8 @@
 """benchmarks.precision: the accuracy comparison behind the default
 precision on GPUs (docs/gpu.md). One tiny run of the command line (one
 seed, one example per class), as a user runs it: each precision's top-1 is
-that run's own final evaluation, and the difference is theirs."""
+that run's own final evaluation, and the difference is theirs; the runs'
+folders are gone afterwards."""
 import json
 import os
 import subprocess
@@ -16,13 +17,16 @@ pytestmark = pytest.mark.slow  # two demo fine-tunings
 
 def test_fp32_and_bf16_fine_tune_and_are_compared(tmp_path):
   out = tmp_path / 'precision.json'
+  scratch = tmp_path / 'tmp'  # the command's temporary folder
+  scratch.mkdir()
   proc = subprocess.run(
       [sys.executable, '-m', 'benchmarks.precision', '--precisions',
        'fp32,bf16', '--shots', '1', '--seeds', '1', '--processes', '2',
        '--out', str(out)],
       cwd=REPO, timeout=600, capture_output=True, text=True,
-      env=dict(os.environ, OMP_NUM_THREADS='1'))
+      env=dict(os.environ, OMP_NUM_THREADS='1', TMPDIR=str(scratch)))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not list(scratch.iterdir())
   with open(out) as f:
     rows = json.load(f)['rows']
   assert [r['shots'] for r in rows] == ['1']

@@ -25,12 +25,14 @@ number, before any checkpoint could hold its weights.
 """
 import dataclasses
 import fcntl
+import importlib.metadata
 import json
 import logging
 import os
 import platform
 import shutil
 import signal
+import sys
 import threading
 import time
 import typing
@@ -102,10 +104,19 @@ the same scalars to a TensorBoard event file beside it.
         pass
 
 
-def versions(*modules):
+def versions(*names):
+  """{name: version} of Python, numpy and the packages `names`: an
+  imported module's own version string (torch's names its CUDA build), else
+  the installed distribution's, without importing it (torchvision's import
+  alone takes over a second)."""
   out = {'python': platform.python_version(), 'numpy': np.__version__}
-  for m in modules:
-    out[m.__name__] = getattr(m, '__version__', '?')
+  for name in names:
+    module = sys.modules.get(name)
+    try:
+      out[name] = getattr(module, '__version__', None) or (
+          importlib.metadata.version(name))
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = '?'
   return out
 
 

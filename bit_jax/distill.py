@@ -16,7 +16,6 @@ exported.
 import contextlib
 import os
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -162,7 +161,7 @@ def main(args):
     run.start(step, distill.config(
         recipe, sched, train_size, len(data.val), classes, export,
         devices=len(devices), device_kind=devices[0].device_kind,
-        processes=nproc, versions=harness.versions(jax, flax, optax)),
+        processes=nproc, versions=harness.versions('jax', 'flax', 'optax')),
               distill.describe(recipe, sched, train_size, data.num_classes) +
               f'; {len(devices)} {devices[0].platform} device(s) in {nproc} '
               f'process(es), {args.precision}', devices[0].platform, 'jax')

@@ -25,7 +25,6 @@ evaluation.
 import contextlib
 import os
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -132,7 +131,7 @@ def main(args):
     run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),
                          devices=len(devices),
                          device_kind=devices[0].device_kind, processes=nproc,
-                         versions=harness.versions(jax, flax, optax)),
+                         versions=harness.versions('jax', 'flax', 'optax')),
               f'{args.dataset}: {train_size} training, {len(data.val)} '
               f'{data.eval_split} examples, {data.num_classes} classes; '
               f'{hyper.describe()}, {len(devices)} {devices[0].platform} '

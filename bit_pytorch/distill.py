@@ -19,7 +19,6 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from big_transfer import (distill, flags, harness, memory, recipes, runfiles,
                           zoo)
@@ -204,7 +203,7 @@ def _distill(args, recipe, rank, world, device):
     run.start(step, distill.config(
         recipe, sched, len(train_src), len(val_src), names, export,
         device=str(device), devices=world,
-        versions=harness.versions(torch, torchvision)),
+        versions=harness.versions('torch', 'torchvision')),
               distill.describe(recipe, sched, len(train_src), classes) +
               f'; {world} process(es) on {device.type}, {args.precision}',
               device.type, 'pytorch')

@@ -20,7 +20,6 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torchvision.transforms import v2
 
 from big_transfer import (datasets, datastream, errors, flags, harness,
@@ -267,7 +266,7 @@ def _pretrain(args, recipe, rank, world, device):
         'schedule': dataclasses.asdict(sched), 'dataset_size': len(train_src),
         'eval_size': len(val_src), 'classes': classes, 'export': export,
         'device': str(device), 'devices': world,
-        'versions': harness.versions(torch, torchvision)},
+        'versions': harness.versions('torch', 'torchvision')},
               f'{len(train_src)} training images, {classes} classes, '
               f'{sched.total_steps} steps of {recipe.batch} '
               f'({sched.total_steps / sched.steps_per_epoch:.3g} epochs), '

@@ -24,7 +24,6 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from big_transfer import flags, harness, held, memory, runfiles, zoo
 import bit_common
@@ -114,7 +113,7 @@ def _train(args, rank, device):
     run.start(step, dict(hyper.config(), classes=data.classes,
                          data=data.describe(), devices=world,
                          device=str(device), compiled=compiled,
-                         versions=harness.versions(torch, torchvision)),
+                         versions=harness.versions('torch', 'torchvision')),
               f'{args.dataset}: {len(train_src)} training, {len(data.val)} '
               f'{data.eval_split} examples, {len(data.classes)} classes; '
               f'{hyper.describe()}, {world} process(es) on {device.type}, '

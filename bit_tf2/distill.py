@@ -185,7 +185,7 @@ def main(args):
     run.start(step, distill.config(
         recipe, sched, train_size, len(data.val), classes, export,
         devices=replicas, strategy=type(strategy).__name__,
-        versions=harness.versions(tf, keras)),
+        versions=harness.versions('tensorflow', 'keras')),
               distill.describe(recipe, sched, train_size,
                                    data.num_classes) +
               f'; {replicas} replica(s) ({type(strategy).__name__}), '

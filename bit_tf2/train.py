@@ -197,7 +197,7 @@ def main(args):
                          devices=replicas, strategy=type(strategy).__name__,
                          device_kind=device_kind(strategy),
                          xla=dict(zip(('train', 'eval'), xla)),
-                         versions=harness.versions(tf, keras)),
+                         versions=harness.versions('tensorflow', 'keras')),
               f'{args.dataset}: {train_size} training, {len(data.val)} '
               f'{data.eval_split} examples, {data.num_classes} classes; '
               f'{hyper.describe()}, {replicas} {device_kind(strategy)} '

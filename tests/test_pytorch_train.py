@@ -6,12 +6,13 @@ import os
 import subprocess
 import sys
 import types
+from importlib import metadata
 
 import numpy as np
 import pytest
 import torch
 
-from big_transfer import datasets, errors, zoo
+from big_transfer import datasets, errors, harness, zoo
 import bit_common
 from bit_pytorch import data as torch_data
 from bit_pytorch import train
@@ -265,6 +266,31 @@ def test_compiled_by_default_on_a_gpu_for_runs_that_repay_it():
   assert [parse(base + extra).compile
           for extra in ([], ['--compile'], ['--no-compile'])] == [None, True,
                                                                    False]
+
+
+def test_bad_input_is_refused_before_torchvision_is_imported(tmp_path,
+                                                            monkeypatch):
+  """A command with bad input fails at once: nothing imports torchvision
+  (over a second, with torch._dynamo) before the data is read, and the
+  run records torchvision's version from its installed distribution."""
+  done = subprocess.run(
+      [sys.executable, '-X', 'importtime', '-m', 'bit_pytorch.train',
+       '--name', 'x', '--logdir', str(tmp_path), '--dataset', 'imagefolder',
+       '--datadir', str(tmp_path / 'missing')], cwd=REPO, capture_output=True,
+      text=True, timeout=300)
+  assert done.returncode == 2, done.stderr[-2000:]
+  lines = done.stderr.splitlines()
+  said = [line for line in lines if not line.startswith('import time:')]
+  assert said[-1] == f'error: --datadir {tmp_path / "missing"} is not a folder.'
+  imported = {line.rsplit('|', 1)[1].strip() for line in lines
+              if line.startswith('import time:')}
+  assert {'torch', 'bit_pytorch.models'} <= imported
+  assert not imported & {'torchvision', 'torch._dynamo'}, imported
+  monkeypatch.delitem(sys.modules, 'torchvision')  # as in the command
+  recorded = harness.versions('torch', 'torchvision', 'no_such_package')
+  assert recorded['torch'] == torch.__version__  # imported: its own string
+  assert recorded['torchvision'] == metadata.version('torchvision')
+  assert recorded['no_such_package'] == '?'
 
 
 WORKERS_BESIDE_JAX = '''

@@ -34,6 +34,15 @@ _scratch_folder('BIT_CACHE', 'bit_cache_')
 if 'PYTEST_XDIST_WORKER' not in os.environ:
   _scratch_folder('JAX_COMPILATION_CACHE_DIR', 'bit_jax_cache_')
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  # The temporary folder of the pytest-xdist workers and of every command
+  # the tests start, removed with the session: the commands that the tests
+  # kill leave what their exit would have removed (multiprocessing's
+  # pymp-*, torchrun's torchelastic_*, TensorFlow's autograph files), and
+  # TFDS leaves an empty folder each time it looks up an unprepared
+  # dataset's metadata; a suite left about 600 of them. This process keeps
+  # the folder it already uses (tempfile read it above), where pytest keeps
+  # the tests' tmp_path.
+  _scratch_folder('TMPDIR', 'bit_tests_tmp_')
 
 # torchvision (through triton, in torch's CUDA wheels) crashes when it is
 # imported after TensorFlow in one process; imported first, both work. Tests

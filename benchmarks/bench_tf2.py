@@ -13,11 +13,12 @@ from benchmarks.timing import RssPeak, images_per_sec, median_seconds
 from bit_tf2 import engine, models, train
 
 
-def training(arch, resolution, batch, precision, batch_split=1):
+def training(arch, resolution, batch, precision, batch_split=1, xla=None):
   """(strategy, train_step, eval_step, train_batch, eval_batch, rate, xla)
   of bit_tf2.train's steps for a new `arch` model (its weights drawn from
   seed 0) on one random batch of uint8 images, as big_transfer.loader gives
-  them (the step scales them)."""
+  them (the step scales them); `xla` as --compile (True) or --no-compile
+  (False) set it, by default as the trainer decides."""
   engine.deterministic()
   keras.utils.set_random_seed(0)
   strategy = engine.make_strategy()
@@ -26,7 +27,7 @@ def training(arch, resolution, batch, precision, batch_split=1):
                           dtype=engine.POLICIES[precision])
     optimizer, lr = train.make_optimizer(precision)
     optimizer.build(model.trainable_variables)
-  xla = engine.uses_xla(strategy, precision=precision)
+  xla = engine.uses_xla(strategy, xla)
   train_step, eval_step = train.make_steps(strategy, model, optimizer, lr,
                                            batch, batch_split, xla)
   rng = np.random.default_rng(0)
@@ -42,14 +43,14 @@ def training(arch, resolution, batch, precision, batch_split=1):
 
 
 def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
-            evaluate=True):
+            evaluate=True, xla=None):
   """{train_img_s, train_mem_bytes, eval_img_s, ...}; train_mem_bytes: on a
   GPU the allocator's peak during the training steps, on the CPU the growth
   of peak resident memory over them. TF runs as bit_tf2.train runs it
   (engine.deterministic: one inter-op thread, which costs the CPU's step
-  about 10% against TF's default)."""
+  about 10% against TF's default); `xla` as in training."""
   strategy, train_step, eval_step, train_batch, eval_batch, rate, xla = (
-      training(arch, resolution, batch, precision, batch_split))
+      training(arch, resolution, batch, precision, batch_split, xla))
   device = engine.device_kind(strategy)
   if device == 'GPU':
     tf.config.experimental.reset_memory_stats('GPU:0')
@@ -68,9 +69,7 @@ def measure(arch, resolution, batch, precision, steps, warmup, batch_split=1,
   onednn = os.environ.get('TF_ENABLE_ONEDNN_OPTS') not in ('0', 'false')
   return dict(out, device=device, devices=strategy.num_replicas_in_sync,
               xla=xla, tensorflow=tf.__version__, kernels=', '.join(
-                  [f'oneDNN {"on" if onednn else "off"}'] +
-                  [f'XLA {part}' for part, on in zip(('train', 'eval'), xla)
-                   if on]))
+                  [f'oneDNN {"on" if onednn else "off"}'] + ['XLA'] * xla))
 
 
 def convolution(shape, precision, steps, warmup):

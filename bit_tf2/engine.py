@@ -120,27 +120,22 @@ def chief_first(strategy, fn, *args):
   return errors.in_turn(is_chief(strategy), any_process(strategy), fn, *args)
 
 
-def uses_xla(strategy, flag=None, precision='fp32'):
-  """(train, evaluate): whether XLA compiles the training step and the
-  evaluation step. `flag` (--compile, --no-compile) decides both; by
-  default both on GPUs and TPUs, and on the CPU only the evaluation step,
-  and not in bf16: there TF's own kernels train faster, XLA evaluates
-  faster in fp32, and in bf16 (which XLA's CPU backend computes in f32)
-  TF's oneDNN kernels evaluate faster (docs/performance.md). XLA cannot
-  run on several logical CPU devices of one process (BadInput if asked
-  to)."""
+def uses_xla(strategy, flag=None):
+  """Whether XLA compiles the training and evaluation steps: `flag`
+  (--compile, --no-compile) decides; by default on GPUs and TPUs, not on
+  CPUs, where TF's own (oneDNN) kernels train and evaluate faster
+  (docs/performance.md), as bit_tf2.features and bit_tf2.predict run.
+  XLA cannot run on several logical CPU devices of one process (BadInput
+  if asked to)."""
   accelerated = (isinstance(strategy, tf.distribute.TPUStrategy) or
                  bool(tf.config.list_logical_devices('GPU')))
-  several_cpus = (not accelerated and
-                  len(strategy.extended.worker_devices) > 1)
   if flag is None:
-    return accelerated, accelerated or not (several_cpus or
-                                            precision == 'bf16')
-  if flag and several_cpus:
+    return accelerated
+  if flag and not accelerated and len(strategy.extended.worker_devices) > 1:
     raise errors.BadInput(
         '--compile: XLA cannot run on several CPU devices of one process; '
         'leave it out, or use one device per process.')
-  return flag, flag
+  return flag
 
 
 def accumulate(gradients, images, labels, batch_split, micro, variables):

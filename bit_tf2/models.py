@@ -10,6 +10,8 @@ import numpy as np
 import keras
 import tensorflow as tf
 from keras import layers, ops
+# Not in TF's public API: whether a graph is traced for XLA to compile.
+from tensorflow.python.ops import control_flow_util
 
 from big_transfer import zoo
 
@@ -133,6 +135,13 @@ def group_norm_relu_cpu(x, gamma, beta):
   return tf.reshape(y, shape), grad
 
 
+def in_xla_function():
+  """Whether the function being traced is compiled by XLA as a whole
+  (tf.function(jit_compile=True), or inside one)."""
+  return control_flow_util.GraphOrParentsInXlaContext(
+      tf.compat.v1.get_default_graph())
+
+
 def xla_function(fn):
   """`fn` as a tf.function compiled by XLA, traced once per input shape.
   TF counts traces per Python function and would warn of "retracing" after
@@ -169,7 +178,10 @@ class GroupNormReLU(layers.GroupNormalization):
   prediction step is a tf.function, in which the layer is compiled at that
   step's shapes; compiling at the first call too was a compilation no step
   reused, most of the time it took to create a model (docs/performance.md,
-  benchmarks/tf2_create.py)."""
+  benchmarks/tf2_create.py). In a function that XLA compiles whole (the
+  steps on GPUs and TPUs, --compile) the layer's ops are part of it: a
+  compiled function called there with its gradient (the CPU's) made XLA
+  compile the training step again at every step."""
 
   def build(self, input_shape):
     super().build(input_shape)
@@ -188,7 +200,7 @@ class GroupNormReLU(layers.GroupNormalization):
     return tf.cast(y, self.compute_dtype)
 
   def call(self, x):
-    if tf.executing_eagerly():
+    if tf.executing_eagerly() or in_xla_function():
       return self._uncompiled(x)
     return self._compiled(x)
 

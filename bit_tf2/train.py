@@ -103,7 +103,7 @@ def make_optimizer(precision):
 
 
 def make_steps(strategy, model, optimizer, lr, batch, batch_split,
-               xla=(False, False)):
+               xla=False):
   """(train_step, eval_step), tf.functions over `strategy`.
 
   train_step(dist_batch, learning_rate) -> mean training loss; the batch of
@@ -111,14 +111,13 @@ def make_steps(strategy, model, optimizer, lr, batch, batch_split,
   images, with their mixup partners and weights where mixup is on) is
   split into `batch_split` micro-batches whose gradients are accumulated:
   one update, as for one big batch. eval_step(dist_batch) -> sums (loss,
-  top-1, top-5, count) over the rows whose mask is True. `xla`: (train,
-  evaluate), whether XLA compiles the training step's gradients and the
-  evaluation step.
+  top-1, top-5, count) over the rows whose mask is True. `xla`: whether
+  XLA compiles the training step's gradients and the evaluation step.
   """
   variables = model.trainable_variables
   micro = batch // strategy.num_replicas_in_sync // batch_split
 
-  @tf.function(jit_compile=xla[0])
+  @tf.function(jit_compile=xla)
   def gradients(images, labels):
     with tf.GradientTape() as tape:
       logits = model(images, training=True)
@@ -139,7 +138,7 @@ def make_steps(strategy, model, optimizer, lr, batch, batch_split,
     losses = strategy.run(replica_step, args=(dist_batch,))
     return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
-  @tf.function(jit_compile=xla[1])
+  @tf.function(jit_compile=xla)
   def replica_eval(images, labels, mask):
     return eval_sums(model(images, training=False), labels, mask)
 
@@ -159,7 +158,7 @@ def main(args):
   replicas = strategy.num_replicas_in_sync
   flags.resolve_precision(args, engine.native_bf16(strategy))
   chief_first(strategy, bit_common.check_args, args, replicas)
-  xla = uses_xla(strategy, args.compile, args.precision)
+  xla = uses_xla(strategy, args.compile)
   with harness.Run(args, is_chief(strategy), any_process(strategy),
                    command='bit_tf2.train') as run:
     if not deterministic:
@@ -196,13 +195,13 @@ def main(args):
     run.start(step, dict(hyper.config(), classes=classes, data=data.describe(),
                          devices=replicas, strategy=type(strategy).__name__,
                          device_kind=device_kind(strategy),
-                         xla=dict(zip(('train', 'eval'), xla)),
+                         xla=xla,
                          versions=harness.versions('tensorflow', 'keras')),
               f'{args.dataset}: {train_size} training, {len(data.val)} '
               f'{data.eval_split} examples, {data.num_classes} classes; '
               f'{hyper.describe()}, {replicas} {device_kind(strategy)} '
               f'replica(s) ({type(strategy).__name__}), {args.precision}'
-              f'{", XLA" if xla[0] else ""}', device_kind(strategy), 'tf2')
+              f'{", XLA" if xla else ""}', device_kind(strategy), 'tf2')
 
     train_step, eval_step = make_steps(strategy, model, optimizer, lr,
                                        args.batch, args.batch_split, xla)

@@ -30,7 +30,6 @@ that the script works (figures from it mean nothing).
 """
 import argparse
 import datetime
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -44,7 +43,7 @@ import time
 from benchmarks import end_to_end
 from benchmarks.measure import (REPO, measure_in_subprocess,
                                 run_in_subprocess)
-from big_transfer import hardware
+from big_transfer import hardware, harness
 
 BACKENDS = ('pytorch', 'jax', 'tf2')
 # What each contender needs importable: for its throughput, and for its
@@ -73,7 +72,7 @@ FINETUNES = {
     'tf2': ('tf2', ()),
 }
 DISTRIBUTIONS = ('torch', 'torchvision', 'timm', 'jax', 'jaxlib', 'flax',
-                 'optax', 'orbax-checkpoint', 'tensorflow', 'keras', 'numpy')
+                 'optax', 'orbax-checkpoint', 'tensorflow', 'keras')
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, by the longest part of
 # the GPU's name that matches (vendors' data sheets).
 BF16_PEAK_TFLOPS = {
@@ -135,7 +134,7 @@ def main(argv=None):
       'machine': {'python': platform.python_version(),
                   'cpu': hardware.cpu_description(),
                   'gpu': _nvidia_smi()},
-      'versions': _versions(),
+      'versions': harness.versions(*DISTRIBUTIONS),
   }
   report['settings']['peer'] = (
       'timm resnetv2_50x1_bit-style model, bf16 autocast, channels-last')
@@ -291,16 +290,6 @@ def _missing(modules):
       found = False
     if not found:
       out.append(m)
-  return out
-
-
-def _versions():
-  out = {}
-  for d in DISTRIBUTIONS:
-    try:
-      out[d] = importlib.metadata.version(d)
-    except importlib.metadata.PackageNotFoundError:
-      out[d] = None
   return out
 
 

@@ -105,10 +105,11 @@ the same scalars to a TensorBoard event file beside it.
 
 
 def versions(*names):
-  """{name: version} of Python, numpy and the packages `names`: an
-  imported module's own version string (torch's names its CUDA build), else
-  the installed distribution's, without importing it (torchvision's import
-  alone takes over a second)."""
+  """{name: version} of Python, numpy and the packages `names` (module or
+  distribution names): an imported module's own version string (torch's
+  names its CUDA build), else the installed distribution's, without
+  importing it (torchvision's import alone takes over a second); '?' for
+  one that is not installed."""
   out = {'python': platform.python_version(), 'numpy': np.__version__}
   for name in names:
     module = sys.modules.get(name)

@@ -368,6 +368,7 @@ def data_args(args, recipe):
       workers=args.workers)
 
 
-def main_cli(main, backend, backend_flags=None):
-  """python -m bit_BACKEND.distill: one line and exit 2 on bad input."""
-  errors.run_cli(lambda: main(argparser(backend, backend_flags).parse_args()))
+def main_cli(main, parser):
+  """python -m bit_BACKEND.distill: `main(parser.parse_args())`, bad input
+  as one line and exit status 2."""
+  errors.run_cli(lambda: main(parser.parse_args()))

@@ -122,6 +122,10 @@ def build_nets(args, recipe, classes, dtype):
   return teacher, student
 
 
+def argparser():
+  return distill.argparser('jax', engine.distributed_flags())
+
+
 def main(args):
   """Distils as the recipe says; returns the final evaluation. With
   --distributed, on the processes of a job, as fine-tuning."""
@@ -203,4 +207,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-  distill.main_cli(main, 'jax', engine.distributed_flags())
+  distill.main_cli(main, argparser())

@@ -10,7 +10,9 @@ flip and mixup); only the student is trained, checkpointed and exported
 (LOGDIR/NAME/model.npz, or --export, in the published layout). As in
 fine-tuning: under torchrun, one process per device
 (DistributedDataParallel), and on a machine with several GPUs the command
-starts torchrun itself; the same global batch gives the same update.
+starts torchrun itself; the same global batch gives the same update. Both
+networks go through torch.compile where fine-tuning's would (--compile,
+engine.compiles).
 """
 import functools
 import itertools
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 
 from big_transfer import (distill, flags, harness, memory, recipes, runfiles,
                           zoo)
+import bit_common
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
 from bit_pytorch import engine
@@ -106,18 +109,20 @@ def load_data(args, recipe, logger):
 
 
 def build_nets(args, recipe, classes, device):
-  """(teacher, student) on `device`: the teacher as its weights say (in
-  evaluation mode, no gradients; its head must fit the classes), the
-  student from scratch or from weights under a zero head."""
+  """(teacher, student, whether inputs go channels-last) on `device`
+  (engine.to_device): the teacher as its weights say (in evaluation mode,
+  no gradients; its head must fit the classes), the student from scratch or
+  from weights under a zero head."""
   load = functools.partial(engine.local_first, zoo.load_weights)
   teacher, _ = engine.to_device(models.create(
       recipe.teacher, weights=distill.teacher_weights(recipe, args, classes,
                                                       load)).eval(), device)
   teacher.requires_grad_(False)
   torch.manual_seed(args.seed)  # the student's initialisation
-  student = models.create(recipe.student, head_size=classes, zero_head=True,
-                          weights=distill.student_weights(recipe, args, load))
-  return teacher, student.to(device)
+  student, channels_last = engine.to_device(models.create(
+      recipe.student, head_size=classes, zero_head=True,
+      weights=distill.student_weights(recipe, args, load)), device)
+  return teacher, student, channels_last
 
 
 def distill_batches(micro_batches, teacher, size, autocast):
@@ -169,8 +174,13 @@ def evaluate(student, teacher, loader, device, autocast, temperature,
 # --------------------------------------------------------------------------
 # The run.
 
+def argparser():
+  return distill.argparser('pytorch', engine.torch_flags())
+
+
 def main(args):
   """Distils as the recipe says; returns the final evaluation."""
+  args = bit_common.with_backend_defaults(args, engine.torch_flags())
   recipe = distill.load_recipe(args)
   world = engine.world_size()
   recipes.check_args(args, recipe.batch, world)
@@ -188,7 +198,8 @@ def _distill(args, recipe, rank, world, device):
     train_src, val_src, classes, names = engine.local_first(
         load_data, args, recipe, run.logger)
     sched = distill.schedule(recipe, len(train_src))
-    teacher, student = build_nets(args, recipe, classes, device)
+    teacher, student, channels_last = build_nets(args, recipe, classes,
+                                                 device)
     memory.for_run(run, args, student.architecture, recipe.crop_size, world,
                    engine.device_memory(device), recipe.batch,
                    teacher.architecture)
@@ -200,17 +211,20 @@ def _distill(args, recipe, rank, world, device):
                             run.lead, model=student, optimizer=opt)
     step = engine.same_everywhere(run.resume(ckpt, settings))
     export = distill.export_path(args, run)
+    compiled = engine.compiles(args.compile, device, sched.total_steps - step)
     run.start(step, distill.config(
         recipe, sched, len(train_src), len(val_src), names, export,
-        device=str(device), devices=world,
+        device=str(device), devices=world, compiled=compiled,
         versions=harness.versions('torch', 'torchvision')),
               distill.describe(recipe, sched, len(train_src), classes) +
               f'; {world} process(es) on {device.type}, {args.precision}',
               device.type, 'pytorch')
 
+    fast, teacher = ((torch.compile(student), torch.compile(teacher))
+                     if compiled else (student, teacher))
     model = (torch.nn.parallel.DistributedDataParallel(
-        student, device_ids=[device] if device.type == 'cuda' else None)
-             if world > 1 else student)
+        fast, device_ids=[device] if device.type == 'cuda' else None)
+             if world > 1 else fast)
     stream = distill.stream(recipe, args, len(train_src))
     sampler = torch_data.TrainBatches(stream, step, sched.total_steps, rank,
                                       world, args.batch_split)
@@ -234,7 +248,8 @@ def _distill(args, recipe, rank, world, device):
       del lr  # the optimiser takes the schedule's factor
       opt.set_factor(sched.factor(step))
       micro = engine.mixed(itertools.islice(batches, args.batch_split),
-                          sampler.layout, stream.lam(step), device)
+                          sampler.layout, stream.lam(step), device,
+                          channels_last)
       if recipe.targets == 'labels':  # the baseline: no teacher
         micro = ((student_view(x, recipe.crop_size), *rest)
                  for x, *rest in micro)
@@ -247,7 +262,7 @@ def _distill(args, recipe, rank, world, device):
 
     result, step = run.fit(
         step, sched.total_steps, sched.lr, step_fn,
-        lambda: evaluate(student, teacher, val_loader, device, autocast,
+        lambda: evaluate(fast, teacher, val_loader, device, autocast,
                          recipe.temperature, recipe.crop_size),
         ckpt, eval_every=distill.eval_every(recipe, sched),
         batch=recipe.batch,
@@ -261,7 +276,7 @@ def cli(argv=None):
   """python -m bit_pytorch.distill (torchrun started for the user on
   several GPUs, as fine-tuning: engine.run_command)."""
   engine.run_command(
-      'bit_pytorch.distill', distill.argparser('pytorch'), main,
+      'bit_pytorch.distill', argparser(), main,
       lambda args, gpus: recipes.check_args(
           args, distill.load_recipe(args).batch, gpus), argv)
 

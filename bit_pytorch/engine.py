@@ -1,8 +1,9 @@
 """What every PyTorch program on the run harness (big_transfer.harness) shares:
 fine-tuning (train.py), pre-training (pretrain.py) and distillation
-(distill.py). Processes and devices (torchrun, DDP), data loaders, the
-training step with gradient accumulation and mixup, evaluation, the
-collectives the harness asks for, and the checkpoint format.
+(distill.py). Processes and devices (torchrun, DDP), the --compile
+choice, data loaders, the training step with gradient accumulation and
+mixup, evaluation, the collectives the harness asks for, and the
+checkpoint format.
 """
 import contextlib
 import os
@@ -12,7 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from big_transfer import errors, harness, metrics, progress, runfiles
+from big_transfer import errors, flags, harness, metrics, progress, runfiles
 from bit_pytorch import data as torch_data
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -106,6 +107,31 @@ def to_device(net, device):
   channels_last = device.type == 'cuda'
   fmt = torch.channels_last if channels_last else torch.preserve_format
   return net.to(device, memory_format=fmt), channels_last
+
+
+# torch.compile more than doubles the training rate on a GPU (H200, R50x1,
+# bf16: 4771 against 2165 img/s; docs/gpu.md) and takes about a minute
+# first; a run shorter than the HyperRule's shortest schedule does not
+# repay it. On the CPU it was slower (docs/performance.md).
+COMPILE_MIN_STEPS = 500
+
+
+def torch_flags():
+  """Flags of the PyTorch backend only, for every command that trains."""
+  parent, g = flags.group('PyTorch')
+  flags.add_compile(g, 'PyTorch', 'run the networks through torch.compile '
+                    '(a slow first step, then faster steps)',
+                    f'on a GPU for runs of at least {COMPILE_MIN_STEPS} '
+                    'steps, off on the CPU (slower there)')
+  return parent
+
+
+def compiles(flag, device, steps):
+  """Whether to run the networks through torch.compile: as --compile or
+  --no-compile say, else on CUDA for `steps` >= COMPILE_MIN_STEPS."""
+  if flag is not None:
+    return flag
+  return device.type == 'cuda' and steps >= COMPILE_MIN_STEPS
 
 
 def for_inference(x):

@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 
 from big_transfer import (datasets, datastream, errors, flags, harness,
                           memory, recipes, runfiles, zoo)
+import bit_common
 from bit_pytorch import data as torch_data
 from bit_pytorch import engine
 from bit_pytorch import models
@@ -209,7 +210,7 @@ def optimizer(model, recipe):
   return torch.optim.SGD([{'params': kernels,
                            'weight_decay': recipe.weight_decay},
                           {'params': others, 'weight_decay': 0.0}],
-                         lr=0.0, momentum=recipe.momentum)
+                         lr=0.0, momentum=recipe.momentum, fused=True)
 
 
 # --------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def argparser():
       flags.recipe('architecture, data, length, batch, lr, warm-up, decays, '
                    'weight decay, loss, augmentation'),
       flags.run(), flags.batch_split(), flags.loading(),
-      flags.precision(('fp32', 'bf16'), training=True))
+      flags.precision(('fp32', 'bf16'), training=True), engine.torch_flags())
 
 
 CHECKPOINT = runfiles.PRETRAIN_CHECKPOINT
@@ -229,8 +230,9 @@ CHECKPOINT = runfiles.PRETRAIN_CHECKPOINT
 
 def main(args):
   """Pre-trains as the recipe says; returns the final evaluation. Under
-  torchrun, one process per device (DistributedDataParallel), as
-  fine-tuning."""
+  torchrun, one process per device (DistributedDataParallel), and through
+  torch.compile where fine-tuning would (engine.compiles)."""
+  args = bit_common.with_backend_defaults(args, engine.torch_flags())
   recipe = load_recipe(args.recipe, args.overrides, args.datadir)
   world = engine.world_size()
   recipes.check_args(args, recipe.batch, world)
@@ -261,11 +263,12 @@ def _pretrain(args, recipe, rank, world, device):
                             run.lead, model=net, optimizer=optim)
     step = engine.same_everywhere(run.resume(ckpt, settings))
     export = args.export or os.path.join(run.dir, runfiles.MODEL)
+    compiled = engine.compiles(args.compile, device, sched.total_steps - step)
     run.start(step, {
         'recipe': dataclasses.asdict(recipe),
         'schedule': dataclasses.asdict(sched), 'dataset_size': len(train_src),
         'eval_size': len(val_src), 'classes': classes, 'export': export,
-        'device': str(device), 'devices': world,
+        'device': str(device), 'devices': world, 'compiled': compiled,
         'versions': harness.versions('torch', 'torchvision')},
               f'{len(train_src)} training images, {classes} classes, '
               f'{sched.total_steps} steps of {recipe.batch} '
@@ -274,9 +277,10 @@ def _pretrain(args, recipe, rank, world, device):
               f'{world} process(es) on {device.type}', device.type,
               'pytorch')
 
+    fast = torch.compile(net) if compiled else net
     model = (torch.nn.parallel.DistributedDataParallel(
-        net, device_ids=[device] if device.type == 'cuda' else None)
-             if world > 1 else net)
+        fast, device_ids=[device] if device.type == 'cuda' else None)
+             if world > 1 else fast)
     stream = datastream.Stream(len(train_src), recipe.batch, args.seed)
     sampler = torch_data.TrainBatches(stream, step, sched.total_steps, rank,
                                       world, args.batch_split)
@@ -290,12 +294,13 @@ def _pretrain(args, recipe, rank, world, device):
                                             world) // world)
     autocast = engine.autocast_for(device, args.precision)
     loss = loss_fn(recipe, classes)
+    layout = torch.channels_last if channels_last else torch.preserve_format
 
     def step_fn(step, lr):
       del step  # The sampler yields the batches of each step in turn.
       for group in optim.param_groups:
         group['lr'] = lr
-      micro = ((x.to(device, non_blocking=True),
+      micro = ((x.to(device, non_blocking=True, memory_format=layout),
                 y.to(device, non_blocking=True))
                for x, y in itertools.islice(batches, args.batch_split))
       return engine.train_step(model, optim, scaler,
@@ -304,7 +309,7 @@ def _pretrain(args, recipe, rank, world, device):
 
     result, step = run.fit(
         step, sched.total_steps, sched.lr, step_fn,
-        lambda: engine.evaluate(net, val_loader, device, autocast, loss),
+        lambda: engine.evaluate(fast, val_loader, device, autocast, loss),
         ckpt, eval_every=recipe.eval_every or max(
             1, round(sched.steps_per_epoch)), batch=recipe.batch,
         fetch=lambda losses: engine.mean_over_processes(losses, device))

@@ -30,38 +30,14 @@ import bit_common
 from bit_pytorch import data as torch_data
 from bit_pytorch import models
 from bit_pytorch.engine import (Checkpoint, any_process, autocast_for,
-                                data_errors_named, device_memory, evaluate,
-                                loader, local_first, mean_over_processes,
-                                mixed, native_bf16, process_group,
-                                run_command, same_everywhere, to_device,
-                                train_step, world_size)
+                                compiles, data_errors_named, device_memory,
+                                evaluate, loader, local_first,
+                                mean_over_processes, mixed, native_bf16,
+                                process_group, run_command, same_everywhere,
+                                to_device, torch_flags, train_step,
+                                world_size)
 
 CHECKPOINT = runfiles.TORCH_CHECKPOINT
-
-
-def torch_flags():
-  """Flags of the PyTorch backend only."""
-  parent, g = flags.group('PyTorch')
-  flags.add_compile(g, 'PyTorch', 'run the model through torch.compile (a '
-                    'slow first step, then faster steps)',
-                    f'on a GPU for runs of at least {COMPILE_MIN_STEPS} '
-                    'steps, off on the CPU (slower there)')
-  return parent
-
-
-# torch.compile more than doubles the training rate on a GPU (H200, R50x1,
-# bf16: 4771 against 2165 img/s; docs/gpu.md) and takes about a minute
-# first; a run shorter than the HyperRule's shortest schedule does not
-# repay it. On the CPU it was slower (docs/performance.md).
-COMPILE_MIN_STEPS = 500
-
-
-def compiles(flag, device, steps):
-  """Whether to run the model through torch.compile: as --compile or
-  --no-compile say, else on CUDA for `steps` >= COMPILE_MIN_STEPS."""
-  if flag is not None:
-    return flag
-  return device.type == 'cuda' and steps >= COMPILE_MIN_STEPS
 
 
 def argparser():

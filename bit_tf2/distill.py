@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from big_transfer import (datasets, distill, flags, harness, loader,
                           memory, recipes)
+import bit_common
 from bit_tf2 import engine
 from bit_tf2 import models
 
@@ -80,26 +81,34 @@ def student_view(images, size):
   return tf.image.resize(images, (size, size), 'bilinear', antialias=True)
 
 
-def make_steps(strategy, student, teacher, adam, recipe, batch_split):
+def make_steps(strategy, student, teacher, adam, recipe, batch_split,
+               xla=False):
   """(train_step, eval_step), tf.functions over `strategy`; both take
-  big_transfer.loader's batches at the teacher's resolution."""
+  big_transfer.loader's batches at the teacher's resolution. `xla`: whether
+  XLA compiles a micro-batch's teacher and student passes with the
+  student's gradients, and those of the evaluation step (as in
+  fine-tuning); the student's view is resized outside them (XLA has no
+  kernel for the antialiased resize)."""
   variables = student.trainable_variables
   batch = recipe.batch
   micro = batch // strategy.num_replicas_in_sync // batch_split
   t = recipe.temperature
 
-  def gradients(images, labels):
+  @tf.function(jit_compile=xla)
+  def passes(images, view, labels):
     if recipe.targets == 'teacher':
       target = tf.stop_gradient(teacher(images, training=False))
     with tf.GradientTape() as tape:
-      logits = student(student_view(images, recipe.crop_size),
-                       training=True)
+      logits = student(view, training=True)
       if recipe.targets == 'labels':
         per_row = tf.nn.softmax_cross_entropy_with_logits(labels, logits)
       else:
         per_row = kl_per_example(logits, target, t)
       loss = tf.reduce_sum(per_row) / batch
     return loss, tape.gradient(loss, variables)
+
+  def gradients(images, labels):
+    return passes(images, student_view(images, recipe.crop_size), labels)
 
   def replica_step(batch):
     return engine.accumulate(gradients, engine.train_images(batch),
@@ -114,10 +123,9 @@ def make_steps(strategy, student, teacher, adam, recipe, batch_split):
     adam.apply(grads, variables, factor)
     return total(loss)
 
-  def replica_eval(images, labels, mask):
-    images = models.unit_range(images)
-    s = tf.cast(student(student_view(images, recipe.crop_size),
-                        training=False), tf.float32)
+  @tf.function(jit_compile=xla)
+  def eval_passes(images, view, labels, mask):
+    s = tf.cast(student(view, training=False), tf.float32)
     te = tf.cast(teacher(images, training=False), tf.float32)
     labels = tf.cast(labels, tf.int64)
     m = tf.cast(mask, tf.float32)
@@ -125,6 +133,11 @@ def make_steps(strategy, student, teacher, adam, recipe, batch_split):
     return tf.concat([engine.eval_sums(s, labels, mask), tf.stack([
         f(tf.argmax(s, 1) == tf.argmax(te, 1)), f(tf.argmax(te, 1) == labels),
         f(kl_per_example(s, te, t))])], 0)
+
+  def replica_eval(images, labels, mask):
+    images = models.unit_range(images)
+    return eval_passes(images, student_view(images, recipe.crop_size),
+                       labels, mask)
 
   return train_step, engine.eval_step(strategy, replica_eval)
 
@@ -142,12 +155,25 @@ def build_nets(args, recipe, classes, dtype):
   return teacher, student
 
 
+def tf2_flags():
+  """Flags of the TF2 backend only."""
+  parent, g = flags.group('TF2')
+  engine.add_compile(g)
+  return parent
+
+
+def argparser():
+  return distill.argparser('tf2', tf2_flags())
+
+
 def main(args):
   """Distils as the recipe says; returns the final evaluation."""
+  args = bit_common.with_backend_defaults(args, tf2_flags())
   recipe = distill.load_recipe(args)
   deterministic = engine.deterministic()  # the same command, the same result
   strategy = engine.make_strategy()
   replicas = strategy.num_replicas_in_sync
+  xla = engine.uses_xla(strategy, args.compile)
   flags.resolve_precision(args, engine.native_bf16(strategy))
   recipes.check_args(args, recipe.batch, replicas)
   with distill.Run(args, engine.is_chief(strategy),
@@ -184,15 +210,16 @@ def main(args):
     classes = list(data.classes)
     run.start(step, distill.config(
         recipe, sched, train_size, len(data.val), classes, export,
-        devices=replicas, strategy=type(strategy).__name__,
+        devices=replicas, strategy=type(strategy).__name__, xla=xla,
         versions=harness.versions('tensorflow', 'keras')),
               distill.describe(recipe, sched, train_size,
                                    data.num_classes) +
               f'; {replicas} replica(s) ({type(strategy).__name__}), '
-              f'{args.precision}', engine.device_kind(strategy), 'tf2')
+              f'{args.precision}{", XLA" if xla else ""}',
+              engine.device_kind(strategy), 'tf2')
 
     train_step, eval_step = make_steps(strategy, student, teacher, adam,
-                                       recipe, args.batch_split)
+                                       recipe, args.batch_split, xla)
     eval_batch = flags.eval_batch(recipe.batch_eval, recipe.batch, replicas)
     pid, nproc = engine.worker(strategy)
 
@@ -221,4 +248,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-  distill.main_cli(main, 'tf2')
+  distill.main_cli(main, argparser())

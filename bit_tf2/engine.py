@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import tensorflow as tf
 
-from big_transfer import errors, hardware, harness, metrics, runfiles
+from big_transfer import errors, flags, hardware, harness, metrics, runfiles
 from bit_tf2 import models
 
 POLICIES = {'fp32': 'float32', 'bf16': 'mixed_bfloat16',
@@ -118,6 +118,13 @@ def is_chief(strategy):
 def chief_first(strategy, fn, *args):
   """fn(*args) on the chief, then on the other workers (errors.in_turn)."""
   return errors.in_turn(is_chief(strategy), any_process(strategy), fn, *args)
+
+
+def add_compile(g):
+  """TF2's --compile/--no-compile into the flag group `g`."""
+  flags.add_compile(g, 'TF2', 'compile the training and evaluation steps '
+                    'with XLA', 'on GPUs and TPUs, not on the CPU (TF\'s own '
+                    'kernels train and evaluate faster there)')
 
 
 def uses_xla(strategy, flag=None):

@@ -50,10 +50,7 @@ def tf2_flags():
   g.add_argument('--export_saved_model', action='store_true',
                  help='TF2 only: also export the fine-tuned model as a '
                  f'SavedModel for serving, to LOGDIR/NAME/{SAVED_MODEL}.')
-  flags.add_compile(g, 'TF2', 'compile the training and evaluation steps '
-                    'with XLA', 'both on GPUs and TPUs, on the CPU the '
-                    'evaluation step only (TF\'s own kernels train faster '
-                    'there)')
+  engine.add_compile(g)
   return parent
 
 

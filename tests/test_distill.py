@@ -8,6 +8,7 @@ resolution), the same Inception crops in every backend, recipes, and exit
 
 Runs are tiny: R14x0.5, 16 px images already at the crop size, 3 classes.
 """
+import functools
 import importlib
 import json
 import math
@@ -76,7 +77,7 @@ def run_distill(setup, backend, name, extra=(), **values):
   root, folder, teacher = setup
   values = {**TINY, 'teacher': teacher, 'datadir': folder, **values}
   module = importlib.import_module(f'bit_{backend}.distill')
-  args = distill.argparser(backend).parse_args(
+  args = module.argparser().parse_args(
       ['--recipe', recipe_file(str(root), f'{name}.yaml', **values),
        '--name', name, '--logdir', str(root / backend), '--workers', '0',
        *extra])
@@ -633,6 +634,41 @@ def test_two_resolutions_distil_as_in_pytorch(setup, two_sizes, backend):
     assert two_sizes[backend][key] == pytest.approx(views[True][key],
                                                     rel=2e-3), key
   assert abs(views[False]['loss'] / two_sizes[backend]['loss'] - 1) > 0.1
+
+
+@pytest.mark.parametrize('backend', ['pytorch', 'tf2'])
+def test_compiled_networks_distil_as_the_uncompiled_ones(setup, two_sizes,
+                                                         student_npz,
+                                                         backend,
+                                                         monkeypatch):
+  """--compile (PyTorch: torch.compile of the student and the teacher; TF2:
+  XLA-compiled passes; both off on the CPU by default) changes the rate,
+  not the run: `two_sizes`'s losses and evaluation (the student's view
+  resized from the teacher's), to float rounding; config.json records the
+  choice. PyTorch's networks go through TorchDynamo and AOT Autograd, not
+  Inductor's code generation (2.5 min for these two networks on this CPU;
+  fine-tuning's --compile test runs it, on the same model family)."""
+  compile_ = functools.partial(torch.compile, backend='aot_eager')
+  nets = []
+  monkeypatch.setattr(torch, 'compile',
+                      lambda net: nets.append(net) or compile_(net))
+  result = run_distill(setup, backend, 'compiled', ['--compile'],
+                       student=student_npz, **TWO_SIZES)
+  key = {'pytorch': 'compiled', 'tf2': 'xla'}[backend]
+  for name, compiled in (('compiled', True), ('two_sizes', False)):
+    with open(setup[0] / backend / name / 'config.json') as f:
+      assert json.load(f)[key] is compiled
+  losses = [np.array([r['loss'] for r in metrics(setup, backend, name)
+                      if r['split'] == 'train'])
+            for name in ('compiled', 'two_sizes')]
+  assert len(losses[0]) == 3
+  np.testing.assert_allclose(*losses, rtol=1e-4)
+  for k in ('loss', 'top1', 'agreement', 'teacher_top1', 'kl'):
+    assert result[k] == pytest.approx(two_sizes[backend][k],
+                                      rel=3e-4 if k == 'kl' else 1e-4), k
+  assert result['n'] == two_sizes[backend]['n']
+  if backend == 'pytorch':
+    assert [n.architecture.name for n in nets] == ['R14x0.5'] * 2
 
 
 def pytorch_evaluations(setup, backend, name, size):

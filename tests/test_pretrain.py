@@ -1,6 +1,7 @@
 """bit_pytorch.pretrain: recipes, schedule, data order, a tiny upstream run,
 its .npz export, resume; the Fashion-MNIST reader."""
 import dataclasses
+import functools
 import gzip
 import json
 import os
@@ -146,6 +147,7 @@ def test_tiny_run_writes_outputs_and_exports_exact_npz(tmp_path):
   config = json.load(open(out / 'config.json'))
   assert config['recipe']['model'] == 'R14x0.5'
   assert config['schedule']['total_steps'] == 3 and config['classes'] == 10
+  assert config['compiled'] is False  # not on the CPU, unless asked
 
   # The export is the checkpoint's weights, in published layout, exactly.
   weights = zoo.load_npz(str(out / 'model.npz'))
@@ -160,6 +162,25 @@ def test_tiny_run_writes_outputs_and_exports_exact_npz(tmp_path):
   with torch.no_grad():
     assert torch.equal(trained.eval()(x), reloaded.eval()(x))
   assert weights['resnet/head/conv2d/kernel'].any()  # the head was trained
+
+
+def test_compile_changes_the_rate_not_the_run(tmp_path, monkeypatch):
+  """--compile: the network through torch.compile (TorchDynamo and AOT
+  Autograd here; Inductor's code generation is tested for fine-tuning),
+  for training and evaluation; the same losses and evaluation."""
+  compile_ = functools.partial(torch.compile, backend='aot_eager')
+  nets = []
+  monkeypatch.setattr(torch, 'compile',
+                      lambda net: nets.append(net) or compile_(net))
+  runs = {flag: run(tmp_path / flag, extra=[flag])
+          for flag in ('--compile', '--no-compile')}
+  assert len(nets) == 1
+  losses = {flag: [json.loads(l)['loss'] for l in open(out / 'metrics.jsonl')]
+            for flag, (_, out) in runs.items()}
+  np.testing.assert_allclose(losses['--compile'], losses['--no-compile'],
+                             rtol=1e-5)
+  assert [json.load(open(out / 'config.json'))['compiled']
+          for _, out in runs.values()] == [True, False]
 
 
 def test_image_folder_with_rotation_labels(tmp_path, imagefolder):

@@ -15,6 +15,7 @@ import torch
 from big_transfer import datasets, errors, harness, zoo
 import bit_common
 from bit_pytorch import data as torch_data
+from bit_pytorch import engine
 from bit_pytorch import train
 from conftest import REPO, truncate_image, write_imagefolder
 
@@ -253,13 +254,14 @@ def test_world_size_without_local_rank_is_one_line(tmp_path, monkeypatch,
 
 def test_compiled_by_default_on_a_gpu_for_runs_that_repay_it():
   cuda, cpu = torch.device('cuda'), torch.device('cpu')
-  long_run, short_run = train.COMPILE_MIN_STEPS, train.COMPILE_MIN_STEPS - 1
-  assert train.compiles(None, cuda, long_run)
-  assert not train.compiles(None, cuda, short_run)
-  assert not train.compiles(None, cpu, long_run)
+  long_run, short_run = (engine.COMPILE_MIN_STEPS,
+                         engine.COMPILE_MIN_STEPS - 1)
+  assert engine.compiles(None, cuda, long_run)
+  assert not engine.compiles(None, cuda, short_run)
+  assert not engine.compiles(None, cpu, long_run)
   # --compile and --no-compile win over the default.
-  assert train.compiles(True, cpu, 1) and not train.compiles(False, cuda,
-                                                             long_run)
+  assert engine.compiles(True, cpu, 1) and not engine.compiles(False, cuda,
+                                                               long_run)
   parse = train.argparser().parse_args
   base = ['--name', 'x', '--logdir', '.', '--model', 'BiT-M-R50x1',
           '--dataset', 'cifar10']

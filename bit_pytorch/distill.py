@@ -41,50 +41,50 @@ def kl_loss(student_logits, teacher_logits, temperature=1.0):
   return t * t * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-class Adam(torch.optim.Optimizer):
-  """The optimiser of big_transfer.distill (big_vision's chain): the
-  gradient clipped to global norm `clip`, Adam's bias-corrected moments, and
-  w <- w - f * (lr * m_hat / (sqrt(v_hat) + eps) + wd * w), the
-  learning rate lr * f and the factor f set per step (`set_step`); `wd`
-  per parameter group (kernels only)."""
+class Adam(torch.optim.AdamW):
+  """The optimiser of big_transfer.distill (big_vision's chain) as torch's
+  fused AdamW: the gradient clipped to global norm `clip`, then
+  w <- w - f * (lr * m_hat / (sqrt(v_hat) + eps) + wd * w), which is AdamW
+  at the learning rate lr * f with the weight decay wd / lr; the factor f
+  set per step (`set_factor`), `weight_decay` (wd) per parameter group
+  (kernels only). One fused update instead of a dozen operations per
+  parameter: R50x1's 0.12-0.18 s -> 0.02 s on 2 CPU cores
+  (docs/performance.md)."""
 
   def __init__(self, groups, lr, clip):
-    super().__init__(groups, dict(lr=lr, weight_decay=0.0))
-    self.base_lr, self.clip, self.factor = lr, clip, 0.0
+    super().__init__(
+        [dict(g, weight_decay=g['weight_decay'] / lr) for g in groups],
+        lr=0.0, betas=(distill.ADAM_B1, distill.ADAM_B2),
+        eps=distill.ADAM_EPS, fused=True)
+    self.base_lr, self.clip = lr, clip
 
   def set_factor(self, factor):
-    self.factor = factor
+    for g in self.param_groups:
+      g['lr'] = self.base_lr * factor
 
   @torch.no_grad()
   def step(self, closure=None):
-    del closure
-    params = [p for g in self.param_groups for p in g['params']
-              if p.grad is not None]
-    scale = 1.0
     if self.clip:
-      norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params))
-      scale = torch.where(norm < self.clip, 1.0, self.clip / norm).float()
-    b1, b2, eps = distill.ADAM_B1, distill.ADAM_B2, distill.ADAM_EPS
-    for g in self.param_groups:
-      for p in g['params']:
-        if p.grad is None:
-          continue
-        state = self.state[p]
-        if not state:
-          state['step'] = torch.zeros((), dtype=torch.float32)
-          state['m'] = torch.zeros_like(p)
-          state['v'] = torch.zeros_like(p)
-        state['step'] += 1
-        grad = p.grad * scale
-        state['m'].mul_(b1).add_(grad, alpha=1 - b1)
-        state['v'].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        t = float(state['step'])
-        m_hat = state['m'] / (1 - b1 ** t)
-        v_hat = state['v'] / (1 - b2 ** t)
-        update = self.base_lr * m_hat / (v_hat.sqrt() + eps)
-        if g['weight_decay']:
-          update = update + g['weight_decay'] * p
-        p.sub_(self.factor * update)
+      grads = [p.grad for g in self.param_groups for p in g['params']
+               if p.grad is not None]
+      norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+      torch._foreach_mul_(grads, torch.where(norm < self.clip, 1.0,
+                                              self.clip / norm))
+    return super().step(closure)
+
+  def load_state_dict(self, state_dict):
+    """Also the checkpoint of this optimiser before it was torch's AdamW:
+    moments 'm' and 'v', learning rate and weight decay of its own (the
+    recipe's, as now)."""
+    if any('m' in s for s in state_dict['state'].values()):
+      state_dict = {
+          'state': {i: {'step': s['step'], 'exp_avg': s['m'],
+                        'exp_avg_sq': s['v']}
+                    for i, s in state_dict['state'].items()},
+          'param_groups': [dict(now, params=old['params']) for now, old in zip(
+              self.state_dict()['param_groups'],
+              state_dict['param_groups'])]}
+    super().load_state_dict(state_dict)
 
 
 def optimizer(net, recipe):

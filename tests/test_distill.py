@@ -157,6 +157,78 @@ def test_eval_sums_count_agreement():
   assert sums[6] / 3 == pytest.approx(kl_by_hand(STUDENT, TEACHER, 1.0))
 
 
+def adam_by_hand(weights, grads, factors, lr, clip, wd, decays):
+  """The weights after big_transfer.distill's rule, step by step in float64
+  numpy: g clipped to global norm `clip`; m, v Adam's moments;
+  w <- w - f * (lr * m_hat / (sqrt(v_hat) + eps) + wd * w) where `decays`."""
+  b1, b2, eps = distill.ADAM_B1, distill.ADAM_B2, distill.ADAM_EPS
+  w = [x.astype(np.float64) for x in weights]
+  m = [np.zeros_like(x) for x in w]
+  v = [np.zeros_like(x) for x in w]
+  for t, (step_grads, f) in enumerate(zip(grads, factors), 1):
+    norm = math.sqrt(sum((g.astype(np.float64) ** 2).sum()
+                         for g in step_grads))
+    scale = 1.0 if norm < clip else clip / norm
+    for i, g in enumerate(step_grads):
+      g = g * scale
+      m[i] = b1 * m[i] + (1 - b1) * g
+      v[i] = b2 * v[i] + (1 - b2) * g * g
+      update = lr * (m[i] / (1 - b1 ** t)) / (
+          np.sqrt(v[i] / (1 - b2 ** t)) + eps)
+      w[i] = w[i] - f * (update + (wd * w[i] if decays[i] else 0.0))
+  return w
+
+
+def test_pytorch_optimiser_follows_the_rule_and_resumes_its_old_checkpoints():
+  """bit_pytorch.distill.Adam (torch's fused AdamW, rescaled) against the
+  rule by hand, with the clip active at some steps only; and its moments
+  saved as the optimiser before it saved them ('m', 'v') resume it."""
+  from bit_pytorch import distill as torch_distill  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  weights = [rng.normal(size=(3, 4)).astype(np.float32),
+             rng.normal(size=(4,)).astype(np.float32)]
+  grads = [[rng.normal(scale=s, size=w.shape).astype(np.float32)
+            for w in weights] for s in (0.1, 2.0, 0.05, 1.5)]
+  factors = [0.0, 0.5, 1.0, 0.8]  # a warm-up from 0
+  lr, clip, wd = 0.03, 1.0, 0.1
+
+  def optimiser(params):
+    return torch_distill.Adam([{'params': params[:1], 'weight_decay': wd},
+                               {'params': params[1:], 'weight_decay': 0.0}],
+                              lr, clip)
+
+  def run(params, opt, steps):
+    for step_grads, f in steps:
+      for p, g in zip(params, step_grads):
+        p.grad = torch.from_numpy(g.copy())
+      opt.set_factor(f)
+      opt.step()
+
+  params = [torch.nn.Parameter(torch.from_numpy(w.copy())) for w in weights]
+  opt = optimiser(params)
+  run(params, opt, list(zip(grads, factors)))
+  want = adam_by_hand(weights, grads, factors, lr, clip, wd, [True, False])
+  for p, w in zip(params, want):
+    np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-5, atol=1e-6)
+
+  # Two steps, saved in the old layout, then the last two in a new one.
+  first = [torch.nn.Parameter(torch.from_numpy(w.copy())) for w in weights]
+  opt = optimiser(first)
+  run(first, opt, list(zip(grads, factors))[:2])
+  saved = opt.state_dict()
+  old = {'state': {i: {'step': s['step'].cpu(), 'm': s['exp_avg'],
+                       'v': s['exp_avg_sq']}
+                   for i, s in saved['state'].items()},
+         'param_groups': [{'lr': lr, 'weight_decay': g, 'params': s['params']}
+                          for g, s in zip((wd, 0.0), saved['param_groups'])]}
+  resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
+  opt = optimiser(resumed)
+  opt.load_state_dict(old)
+  run(resumed, opt, list(zip(grads, factors))[2:])
+  for p, q in zip(resumed, params):
+    torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 def test_schedule_warms_up_then_decays_as_a_cosine():
   r = distill.Recipe(teacher='BiT-M-R152x2-teacher-224', student='R50x1',
                          dataset='digits', batch=10, steps=110,

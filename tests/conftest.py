@@ -43,6 +43,11 @@ if 'PYTEST_XDIST_WORKER' not in os.environ:
   # the folder it already uses (tempfile read it above), where pytest keeps
   # the tests' tmp_path.
   _scratch_folder('TMPDIR', 'bit_tests_tmp_')
+  # torch's Inductor cache too: importing torchvision (below) makes the
+  # cache's folder, under this process's /tmp, and puts it in
+  # TORCHINDUCTOR_CACHE_DIR, which every process started after inherits.
+  os.environ['TORCHINDUCTOR_CACHE_DIR'] = os.path.join(os.environ['TMPDIR'],
+                                                       'torchinductor')
 
 # torchvision (through triton, in torch's CUDA wheels) crashes when it is
 # imported after TensorFlow in one process; imported first, both work. Tests

@@ -3,6 +3,7 @@
 Nothing here touches the network.
 """
 import atexit
+import functools
 import os
 import shutil
 import tempfile
@@ -209,6 +210,19 @@ def truncate_image(path):
 @pytest.fixture
 def imagefolder(tmp_path):
   return write_imagefolder(tmp_path / 'images')
+
+
+@pytest.fixture
+def compiled_nets(monkeypatch):
+  """The networks given to torch.compile (a list, filled as they come),
+  which compiles them through TorchDynamo and AOT Autograd but without
+  Inductor's code generation: that takes minutes per network on 2 CPU
+  cores, and test_commands.py::test_pytorch_compile runs it."""
+  nets = []
+  aot_eager = functools.partial(torch.compile, backend='aot_eager')
+  monkeypatch.setattr(torch, 'compile',
+                      lambda net: nets.append(net) or aot_eager(net))
+  return nets
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ resolution), the same Inception crops in every backend, recipes, and exit
 
 Runs are tiny: R14x0.5, 16 px images already at the crop size, 3 classes.
 """
-import functools
 import importlib
 import json
 import math
@@ -712,18 +711,12 @@ def test_two_resolutions_distil_as_in_pytorch(setup, two_sizes, backend):
 def test_compiled_networks_distil_as_the_uncompiled_ones(setup, two_sizes,
                                                          student_npz,
                                                          backend,
-                                                         monkeypatch):
-  """--compile (PyTorch: torch.compile of the student and the teacher; TF2:
-  XLA-compiled passes; both off on the CPU by default) changes the rate,
-  not the run: `two_sizes`'s losses and evaluation (the student's view
-  resized from the teacher's), to float rounding; config.json records the
-  choice. PyTorch's networks go through TorchDynamo and AOT Autograd, not
-  Inductor's code generation (2.5 min for these two networks on this CPU;
-  fine-tuning's --compile test runs it, on the same model family)."""
-  compile_ = functools.partial(torch.compile, backend='aot_eager')
-  nets = []
-  monkeypatch.setattr(torch, 'compile',
-                      lambda net: nets.append(net) or compile_(net))
+                                                         compiled_nets):
+  """--compile (PyTorch: torch.compile of the student and the teacher,
+  without Inductor here (conftest.compiled_nets); TF2: XLA-compiled passes;
+  both off on the CPU by default) changes the rate, not the run:
+  `two_sizes`'s losses and evaluation (the student's view resized from the
+  teacher's), to float rounding; config.json records the choice."""
   result = run_distill(setup, backend, 'compiled', ['--compile'],
                        student=student_npz, **TWO_SIZES)
   key = {'pytorch': 'compiled', 'tf2': 'xla'}[backend]
@@ -740,7 +733,7 @@ def test_compiled_networks_distil_as_the_uncompiled_ones(setup, two_sizes,
                                       rel=3e-4 if k == 'kl' else 1e-4), k
   assert result['n'] == two_sizes[backend]['n']
   if backend == 'pytorch':
-    assert [n.architecture.name for n in nets] == ['R14x0.5'] * 2
+    assert [n.architecture.name for n in compiled_nets] == ['R14x0.5'] * 2
 
 
 def pytorch_evaluations(setup, backend, name, size):

@@ -1,7 +1,6 @@
 """bit_pytorch.pretrain: recipes, schedule, data order, a tiny upstream run,
 its .npz export, resume; the Fashion-MNIST reader."""
 import dataclasses
-import functools
 import gzip
 import json
 import os
@@ -164,17 +163,13 @@ def test_tiny_run_writes_outputs_and_exports_exact_npz(tmp_path):
   assert weights['resnet/head/conv2d/kernel'].any()  # the head was trained
 
 
-def test_compile_changes_the_rate_not_the_run(tmp_path, monkeypatch):
-  """--compile: the network through torch.compile (TorchDynamo and AOT
-  Autograd here; Inductor's code generation is tested for fine-tuning),
-  for training and evaluation; the same losses and evaluation."""
-  compile_ = functools.partial(torch.compile, backend='aot_eager')
-  nets = []
-  monkeypatch.setattr(torch, 'compile',
-                      lambda net: nets.append(net) or compile_(net))
+def test_compile_changes_the_rate_not_the_run(tmp_path, compiled_nets):
+  """--compile: the network through torch.compile (without Inductor here:
+  conftest.compiled_nets), for training and evaluation; the same losses
+  and evaluation."""
   runs = {flag: run(tmp_path / flag, extra=[flag])
           for flag in ('--compile', '--no-compile')}
-  assert len(nets) == 1
+  assert len(compiled_nets) == 1
   losses = {flag: [json.loads(l)['loss'] for l in open(out / 'metrics.jsonl')]
             for flag, (_, out) in runs.items()}
   np.testing.assert_allclose(losses['--compile'], losses['--no-compile'],

@@ -40,11 +40,13 @@ class Adam(tf.Module):
   """big_transfer.distill's optimiser: the summed gradient clipped to global
   norm, Adam's bias-corrected moments, w <- w - f * (lr * m_hat / (sqrt(v_hat)
   + eps) + wd * w) with wd on kernels only. Create and apply under the
-  strategy's scope (applied in cross-replica context)."""
+  strategy's scope (applied in cross-replica context, to each replica's
+  copy of the variables)."""
 
   def __init__(self, variables, recipe):
     super().__init__(name='adam')
     self.recipe = recipe
+    self.strategy = tf.distribute.get_strategy()  # the scope's
     self.count = tf.Variable(0, dtype=tf.int64, trainable=False)
     self.m = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False)
               for v in variables]
@@ -52,24 +54,34 @@ class Adam(tf.Module):
               for v in variables]
 
   def apply(self, grads, variables, factor):
+    """One update: the decay, then TF's fused Adam op (one pass over each
+    variable, as fine-tuning's SGD), whose epsilon is added to sqrt(v), not
+    to sqrt(v_hat): eps * sqrt(1 - b2^t) there is the rule's eps."""
     r = self.recipe
-    b1, b2, eps = (distill.ADAM_B1, distill.ADAM_B2,
-                   distill.ADAM_EPS)
+    b1, b2 = distill.ADAM_B1, distill.ADAM_B2
     if r.grad_clip_norm:
       norm = tf.linalg.global_norm(grads)
       scale = tf.where(norm < r.grad_clip_norm, 1.0, r.grad_clip_norm / norm)
       grads = [g * scale for g in grads]
     self.count.assign_add(1)
     c = tf.cast(self.count, tf.float32)
+    b1_power, b2_power = b1 ** c, b2 ** c
+    eps = distill.ADAM_EPS * tf.sqrt(1 - b2_power)
+    lr, decay = factor * r.base_lr, factor * r.weight_decay
+
+    def update(var, grad, m, v, decays):
+      if decays:
+        var.assign_sub(decay * var)
+      tf.raw_ops.ResourceApplyAdam(
+          var=var.handle, m=m.handle, v=v.handle, beta1_power=b1_power,
+          beta2_power=b2_power, lr=lr, beta1=b1, beta2=b2, epsilon=eps,
+          grad=grad)
+
     for var, g, m, v in zip(variables, grads, self.m, self.v):
-      m.assign(b1 * m + (1 - b1) * g)
-      v.assign(b2 * v + (1 - b2) * g * g)
-      m_hat = m / (1 - b1 ** c)
-      v_hat = v / (1 - b2 ** c)
-      update = r.base_lr * m_hat / (tf.sqrt(v_hat) + eps)
-      if len(var.shape) > 1 and r.weight_decay:
-        update += r.weight_decay * var
-      var.assign_sub(factor * update)
+      if isinstance(var, keras.Variable):
+        var = var.value  # its tf.Variable (a distributed one under a strategy)
+      self.strategy.extended.update(var, update, args=(
+          g, m, v, len(var.shape) > 1 and bool(r.weight_decay)), group=False)
 
 
 def student_view(images, size):

@@ -178,18 +178,27 @@ def adam_by_hand(weights, grads, factors, lr, clip, wd, decays):
   return w
 
 
+def rule_case():
+  """(weights, grads of 4 steps, factors, lr, clip, wd) for the optimiser
+  tests: a kernel (decayed) and two biases (not), a warm-up from factor 0,
+  the clip active at the second and fourth steps only; the last bias's
+  gradients near Adam's epsilon, where it is added matters."""
+  rng = np.random.default_rng(0)
+  weights = [rng.normal(size=(3, 4)).astype(np.float32),
+             rng.normal(size=(4,)).astype(np.float32),
+             rng.normal(size=(5,)).astype(np.float32)]
+  grads = [[rng.normal(scale=s * scale, size=w.shape).astype(np.float32)
+            for w, scale in zip(weights, (1, 1, 1e-7))]
+           for s in (0.1, 2.0, 0.05, 1.5)]
+  return weights, grads, [0.0, 0.5, 1.0, 0.8], 0.03, 1.0, 0.1
+
+
 def test_pytorch_optimiser_follows_the_rule_and_resumes_its_old_checkpoints():
   """bit_pytorch.distill.Adam (torch's fused AdamW, rescaled) against the
   rule by hand, with the clip active at some steps only; and its moments
   saved as the optimiser before it saved them ('m', 'v') resume it."""
   from bit_pytorch import distill as torch_distill  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(0)
-  weights = [rng.normal(size=(3, 4)).astype(np.float32),
-             rng.normal(size=(4,)).astype(np.float32)]
-  grads = [[rng.normal(scale=s, size=w.shape).astype(np.float32)
-            for w in weights] for s in (0.1, 2.0, 0.05, 1.5)]
-  factors = [0.0, 0.5, 1.0, 0.8]  # a warm-up from 0
-  lr, clip, wd = 0.03, 1.0, 0.1
+  weights, grads, factors, lr, clip, wd = rule_case()
 
   def optimiser(params):
     return torch_distill.Adam([{'params': params[:1], 'weight_decay': wd},
@@ -206,7 +215,8 @@ def test_pytorch_optimiser_follows_the_rule_and_resumes_its_old_checkpoints():
   params = [torch.nn.Parameter(torch.from_numpy(w.copy())) for w in weights]
   opt = optimiser(params)
   run(params, opt, list(zip(grads, factors)))
-  want = adam_by_hand(weights, grads, factors, lr, clip, wd, [True, False])
+  want = adam_by_hand(weights, grads, factors, lr, clip, wd,
+                      [True, False, False])
   for p, w in zip(params, want):
     np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-5, atol=1e-6)
 
@@ -226,6 +236,61 @@ def test_pytorch_optimiser_follows_the_rule_and_resumes_its_old_checkpoints():
   run(resumed, opt, list(zip(grads, factors))[2:])
   for p, q in zip(resumed, params):
     torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def tf2_rule_case(strategy):
+  """Every replica's copy of rule_case's weights after bit_tf2.distill.Adam's
+  four updates under `strategy` (a list per replica), and Adam's count."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from bit_tf2 import distill as tf_distill  # pylint: disable=import-outside-toplevel
+  weights, grads, factors, lr, clip, wd = rule_case()
+  recipe = distill.Recipe(teacher='BiT-M-R152x2-teacher-224', student='R50x1',
+                          dataset='digits', batch=4, steps=4, base_lr=lr,
+                          grad_clip_norm=clip, weight_decay=wd)
+  with strategy.scope():
+    variables = [tf.Variable(w) for w in weights]
+    adam = tf_distill.Adam(variables, recipe)
+  step = tf.function(lambda g, f: adam.apply(g, variables, f))
+  for step_grads, f in zip(grads, factors):
+    step([tf.constant(g) for g in step_grads], tf.constant(f))
+  copies = [strategy.experimental_local_results(v) for v in variables]
+  return [[c.numpy() for c in replica] for replica in zip(*copies)], int(
+      adam.count.numpy())
+
+
+TF2_MIRRORED_RULE = (
+    'import sys, numpy as np, torch, torchvision, tensorflow as tf\n'
+    'cpu = tf.config.list_physical_devices("CPU")[0]\n'
+    'tf.config.set_logical_device_configuration(\n'
+    '    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n'
+    'sys.path.insert(1, "tests")\n'
+    'import test_distill\n'
+    'replicas, count = test_distill.tf2_rule_case(\n'
+    '    tf.distribute.MirroredStrategy())\n'
+    'assert len(replicas) == 2 and count == 4\n'
+    'np.savez(sys.argv[1], *[w for r in replicas for w in r])\n')
+
+
+def test_tf2_optimiser_follows_the_rule(tmp_path):
+  """bit_tf2.distill.Adam (a decay, then TF's fused Adam op) against the rule
+  by hand, in TF's default strategy, and in a MirroredStrategy over two
+  logical CPU devices (another process) whose copies of the variables and
+  moments it updates one by one: both copies as the rule says."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  weights, grads, factors, lr, clip, wd = rule_case()
+  want = adam_by_hand(weights, grads, factors, lr, clip, wd,
+                      [True, False, False])
+  (got,), count = tf2_rule_case(tf.distribute.get_strategy())
+  assert count == 4
+  out = tmp_path / 'mirrored.npz'
+  subprocess.run([sys.executable, '-c', TF2_MIRRORED_RULE, str(out)],
+                 cwd=REPO, check=True, timeout=300)
+  with np.load(out) as f:
+    mirrored = [f[f'arr_{i}'] for i in range(len(f.files))]
+  assert len(mirrored) == 2 * len(want)
+  for i, w in enumerate(2 * want):
+    np.testing.assert_allclose((got + got)[i], w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mirrored[i], w, rtol=1e-5, atol=1e-6)
 
 
 def test_schedule_warms_up_then_decays_as_a_cosine():

@@ -148,18 +148,20 @@ def student_view(x, size):
 
 @torch.no_grad()
 def evaluate(student, teacher, loader, device, autocast, temperature,
-             size):
+             size, pad=False):
   """Sums [loss, top-1, top-5, n, agreement, teacher top-1, kl] over
   `loader` (images at the teacher's resolution; the student's `size`) and
-  the processes (distill.eval_sums)."""
+  the processes (distill.eval_sums). `pad`: as engine.eval_batches's, for
+  compiled networks."""
   student.eval()
   sums = torch.zeros(7, dtype=torch.float64, device=device)
-  for x, y in engine.eval_batches(loader):
+  for x, y in engine.eval_batches(loader, pad):
     x = torch_data.normalize(x, device)
     y = y.to(device, non_blocking=True)
+    n = len(y)
     with autocast:
-      t = teacher(engine.for_inference(x)).float()
-      s = student(engine.for_inference(student_view(x, size))).float()
+      t = teacher(engine.for_inference(x))[:n].float()
+      s = student(engine.for_inference(student_view(x, size)))[:n].float()
     sums += torch.cat([
         engine.eval_sums(s, y, F.cross_entropy), torch.stack([
             (s.argmax(1) == t.argmax(1)).sum().double(),
@@ -263,7 +265,7 @@ def _distill(args, recipe, rank, world, device):
     result, step = run.fit(
         step, sched.total_steps, sched.lr, step_fn,
         lambda: evaluate(fast, teacher, val_loader, device, autocast,
-                         recipe.temperature, recipe.crop_size),
+                         recipe.temperature, recipe.crop_size, compiled),
         ckpt, eval_every=distill.eval_every(recipe, sched),
         batch=recipe.batch,
         fetch=lambda losses: engine.mean_over_processes(losses, device))

@@ -309,7 +309,8 @@ def _pretrain(args, recipe, rank, world, device):
 
     result, step = run.fit(
         step, sched.total_steps, sched.lr, step_fn,
-        lambda: engine.evaluate(fast, val_loader, device, autocast, loss),
+        lambda: engine.evaluate(fast, val_loader, device, autocast, loss,
+                                pad=compiled),
         ckpt, eval_every=recipe.eval_every or max(
             1, round(sched.steps_per_epoch)), batch=recipe.batch,
         fetch=lambda losses: engine.mean_over_processes(losses, device))

@@ -126,7 +126,7 @@ def _train(args, rank, device):
     result, step = run.fit(
         step, hyper.total, hyper.lr, train,
         lambda: evaluate(fast, val_loader, device, autocast,
-                         F.cross_entropy),
+                         F.cross_entropy, pad=compiled),
         ckpt, fetch=lambda losses: mean_over_processes(losses, device))
     return run.finish(result, step, net.save_npz, model=args.model,
                       dataset=args.dataset, dataset_size=len(train_src),

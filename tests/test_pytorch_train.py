@@ -1,6 +1,7 @@
 """What only the PyTorch backend has: torchvision's datasets, its data
 workers' errors, bit_pytorch.validate on a training checkpoint; the
 few-shot sampler. The contract of every trainer is in test_trainers.py."""
+import contextlib
 import json
 import os
 import subprocess
@@ -268,6 +269,35 @@ def test_compiled_by_default_on_a_gpu_for_runs_that_repay_it():
   assert [parse(base + extra).compile
           for extra in ([], ['--compile'], ['--no-compile'])] == [None, True,
                                                                    False]
+
+
+def test_a_compiled_evaluation_meets_one_shape():
+  """engine.evaluate(pad=True), as a compiled run evaluates: the last,
+  smaller batch padded to the loader's size, so torch.compile traces the
+  network once, not again for that batch; the sums are the unpadded
+  evaluation's."""
+  from bit_pytorch import models  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  net = models.create('R14x0.5', head_size=3)
+  images = torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8)
+  loader = torch.utils.data.DataLoader(
+      torch.utils.data.TensorDataset(images, torch.tensor([0, 1, 2] * 2 + [1])),
+      batch_size=3)  # batches of 3, 3 and 1
+  cpu, loss = torch.device('cpu'), torch.nn.functional.cross_entropy
+  want = engine.evaluate(net, loader, cpu, contextlib.nullcontext(), loss)
+  for pad, traced in ((True, [3]), (False, [3, 1])):
+    torch._dynamo.reset()  # pylint: disable=protected-access
+    batches = []  # the batch size of each trace
+
+    def backend(graph, inputs, batches=batches):
+      batches.extend(int(x.shape[0]) for x in inputs
+                     if tuple(x.shape[1:]) == (3, 16, 16))
+      return graph.forward
+    got = engine.evaluate(torch.compile(net, backend=backend), loader, cpu,
+                          contextlib.nullcontext(), loss, pad=pad)
+    assert batches == traced, pad
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert want[3] == 7 and net.training
 
 
 def test_bad_input_is_refused_before_torchvision_is_imported(tmp_path,

@@ -46,17 +46,17 @@ EVAL_N = 12  # the toy's validation split
 TRAIN = ['--train_split', 'train[:16]', '--eval_split', 'validation',
          '--batch', '8', '--total_steps', str(STEPS), '--resize_size', '32',
          '--crop_size', '32', '--base_lr', '0.01', '--workers', '0',
-         '--batch_eval', '12']  # one evaluation batch (one compiled shape)
+         '--batch_eval', '12']  # one evaluation batch
 ENV = dict(os.environ, OMP_NUM_THREADS='1', JAX_PLATFORMS='cpu',
            TF_CPP_MIN_LOG_LEVEL='2')
 ENV.pop('WORLD_SIZE', None)
 
 
-def command(module, *args, cwd=REPO, timeout=300):
-  """`python -m module args...` as a user runs it."""
+def command(module, *args, cwd=REPO, timeout=300, env=None):
+  """`python -m module args...` as a user runs it (`env`: more variables)."""
   return subprocess.run([sys.executable, '-m', module, *map(str, args)],
-                        cwd=cwd, env=ENV, capture_output=True, text=True,
-                        timeout=timeout)
+                        cwd=cwd, env=dict(ENV, **(env or {})),
+                        capture_output=True, text=True, timeout=timeout)
 
 
 def ok(proc):
@@ -195,12 +195,17 @@ def test_tfds_reader_command(tmp_path, toy_dir, dsprites_dir):  # noqa: F811
 
 def test_pytorch_compile(runs, root, toy_dir):  # noqa: F811
   """--compile: the same 2 steps as the shared PyTorch run, the same result
-  up to the compiled kernels' rounding."""
+  up to the compiled kernels' rounding. Evaluated in batches of 8 and 4, the
+  smaller padded (engine.eval_batches): no compilation for a second shape."""
   done = ok(command('bit_pytorch.train', '--name', 'compiled', '--logdir',
                     root / 'pytorch', '--model', root / 'tiny.npz',
                     '--dataset', TOY, '--datadir', toy_dir, *TRAIN,
-                    '--compile', timeout=600))
+                    '--batch_eval', '8', '--compile', timeout=600,
+                    env={'TORCH_LOGS': 'recompiles'}))
   assert re.search(r'the first step took [\d.]+ s', done.stderr)
+  # The log names each compilation after the first (evaluation's mode).
+  assert 'Recompiling' in done.stderr
+  assert 'size mismatch' not in done.stderr, done.stderr[-3000:]
   got = read_json(root / 'pytorch' / 'compiled' / 'results.json')
   want = read_json(runs['pytorch'] / 'results.json')
   assert got['step'] == STEPS and got['n'] == EVAL_N

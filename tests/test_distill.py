@@ -287,10 +287,11 @@ def test_tf2_optimiser_follows_the_rule(tmp_path):
                  cwd=REPO, check=True, timeout=300)
   with np.load(out) as f:
     mirrored = [f[f'arr_{i}'] for i in range(len(f.files))]
-  assert len(mirrored) == 2 * len(want)
-  for i, w in enumerate(2 * want):
-    np.testing.assert_allclose((got + got)[i], w, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(mirrored[i], w, rtol=1e-5, atol=1e-6)
+  n = len(want)
+  assert len(mirrored) == 2 * n
+  for copy in (got, mirrored[:n], mirrored[n:]):
+    for value, w in zip(copy, want):
+      np.testing.assert_allclose(value, w, rtol=1e-5, atol=1e-6)
 
 
 def test_schedule_warms_up_then_decays_as_a_cosine():

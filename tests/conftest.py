@@ -50,6 +50,15 @@ if 'PYTEST_XDIST_WORKER' not in os.environ:
   os.environ['TORCHINDUCTOR_CACHE_DIR'] = os.path.join(os.environ['TMPDIR'],
                                                        'torchinductor')
 
+# One thread per process, for PyTorch (OMP_NUM_THREADS, read when torch
+# starts) in the test processes and in every process they start: the suite
+# runs two at a time on two cores. With two threads beside a busy core,
+# PyTorch's threads wait for each other at every operation: the PyTorch
+# colab's 4-step fine-tuning took 56 s instead of 2.7 s. And results that
+# tests compare exactly between an in-process run and a command need the
+# same thread count in both.
+os.environ['OMP_NUM_THREADS'] = '1'
+
 # torchvision (through triton, in torch's CUDA wheels) crashes when it is
 # imported after TensorFlow in one process; imported first, both work. Tests
 # of every backend share one pytest process, so settle the order here.

@@ -47,8 +47,7 @@ TRAIN = ['--train_split', 'train[:16]', '--eval_split', 'validation',
          '--batch', '8', '--total_steps', str(STEPS), '--resize_size', '32',
          '--crop_size', '32', '--base_lr', '0.01', '--workers', '0',
          '--batch_eval', '12']  # one evaluation batch
-ENV = dict(os.environ, OMP_NUM_THREADS='1', JAX_PLATFORMS='cpu',
-           TF_CPP_MIN_LOG_LEVEL='2')
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
 ENV.pop('WORLD_SIZE', None)
 
 

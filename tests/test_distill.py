@@ -44,16 +44,11 @@ def setup(tmp_path_factory):
   folder = write_imagefolder(root / 'images', train=8, val=4, size=(16, 16))
   np.savez(root / 'start.npz', **synthetic_weights('R14x0.5', 10, seed=1))
   from bit_pytorch import train
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  try:
-    result = train.main(train.argparser().parse_args([
-        '--name', 'teacher', '--logdir', str(root), '--model',
-        str(root / 'start.npz'), '--dataset', 'imagefolder', '--datadir',
-        folder, '--batch', '8', '--total_steps', '12', '--resize_size', '16',
-        '--crop_size', '16', '--base_lr', '0.01', '--workers', '0']))
-  finally:
-    torch.set_num_threads(threads)
+  result = train.main(train.argparser().parse_args([
+      '--name', 'teacher', '--logdir', str(root), '--model',
+      str(root / 'start.npz'), '--dataset', 'imagefolder', '--datadir',
+      folder, '--batch', '8', '--total_steps', '12', '--resize_size', '16',
+      '--crop_size', '16', '--base_lr', '0.01', '--workers', '0']))
   assert result['top1'] >= 0.8  # a teacher worth distilling
   return root, folder, str(root / 'teacher')
 
@@ -80,12 +75,7 @@ def run_distill(setup, backend, name, extra=(), **values):
       ['--recipe', recipe_file(str(root), f'{name}.yaml', **values),
        '--name', name, '--logdir', str(root / backend), '--workers', '0',
        *extra])
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  try:
-    return module.main(args)
-  finally:
-    torch.set_num_threads(threads)
+  return module.main(args)
 
 
 def metrics(setup, backend, name):
@@ -954,7 +944,7 @@ def test_bad_teacher_refused_in_jax_and_tf2(setup, bad_teachers, backend):
 
 
 def test_cli_exits_2_on_a_teacher_with_other_classes(setup, bad_teachers):
-  env = dict(os.environ, OMP_NUM_THREADS='1')
+  env = dict(os.environ)
   env.pop('WORLD_SIZE', None)
   root, folder, _ = setup
   path = recipe_file(str(root), 'cli.yaml', **{**TINY, 'teacher': 'x.npz',

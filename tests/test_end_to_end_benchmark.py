@@ -28,7 +28,7 @@ def bench(tmp_path_factory):
   """(JSON the command wrote, its work folder)."""
   work = tmp_path_factory.mktemp('e2e')
   out = work / 'out.json'
-  with mock.patch.dict(os.environ, OMP_NUM_THREADS='1', JAX_PLATFORMS='cpu'):
+  with mock.patch.dict(os.environ, JAX_PLATFORMS='cpu'):
     end_to_end.main([
         '--arch', 'R14x0.5', '--resolution', str(CROP), '--batch', '8',
         '--frameworks', ','.join(BACKENDS), '--precisions', 'fp32',

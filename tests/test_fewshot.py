@@ -205,7 +205,7 @@ def test_features_on_several_devices_equal_one(backend, tmp_path, make_npz):
            '--resolution', '16', '--batch', '100', '--workers', '0']
   done = subprocess.run(
       [sys.executable, '-c', script, *flags, '--out', str(tmp_path / 'n.npz')],
-      cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS='1', **env),
+      cwd=REPO, env=dict(os.environ, **env),
       capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   features_module(backend).main(features_args(

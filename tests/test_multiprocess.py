@@ -50,8 +50,7 @@ def free_ports(n):
 
 
 def environment(**extra):
-  env = dict(os.environ, OMP_NUM_THREADS='1',
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
   for k in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'TF_CONFIG',
             'BIT_TEST_SIGNAL_STEP'):
     env.pop(k, None)

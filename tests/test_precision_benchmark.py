@@ -24,7 +24,7 @@ def test_fp32_and_bf16_fine_tune_and_are_compared(tmp_path):
        'fp32,bf16', '--shots', '1', '--seeds', '1', '--processes', '2',
        '--out', str(out)],
       cwd=REPO, timeout=600, capture_output=True, text=True,
-      env=dict(os.environ, OMP_NUM_THREADS='1', TMPDIR=str(scratch)))
+      env=dict(os.environ, TMPDIR=str(scratch)))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert not list(scratch.iterdir())
   with open(out) as f:

@@ -43,8 +43,8 @@ def assert_same_weights(a, b, atol=0.0):
     np.testing.assert_allclose(a[k], b[k], rtol=0, atol=atol, err_msg=k)
 
 
-def cli_env(threads=1):
-  env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+def cli_env():
+  env = dict(os.environ)
   env.pop('WORLD_SIZE', None)
   return env
 
@@ -53,16 +53,6 @@ def run_cli(argv, launcher=(sys.executable, '-m', 'bit_pytorch.train'),
             **kw):
   return subprocess.run([*launcher, *argv], cwd=REPO, env=cli_env(),
                         capture_output=True, text=True, timeout=300, **kw)
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-  """In-process runs use one thread, as the subprocesses do (OMP_NUM_THREADS
-  1), so their results can be compared exactly."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')

@@ -270,7 +270,6 @@ def test_a_whole_split_trains_without_reading_its_labels_ahead(
   and evaluating read no pass over every label first (ImageNet's would
   read all 147 GB at every start), in the loaders of every backend and
   in PyTorch's trainer; the labels are the records' own."""
-  import torch  # pylint: disable=import-outside-toplevel
   from bit_pytorch import data as torch_data  # pylint: disable=import-outside-toplevel
   from bit_pytorch import train  # pylint: disable=import-outside-toplevel
   from big_transfer import datastream, loader  # pylint: disable=import-outside-toplevel
@@ -296,7 +295,6 @@ def test_a_whole_split_trains_without_reading_its_labels_ahead(
   assert [eval_set[i][1] for i in range(8)] == list(want['val'])
   npz = tmp_path / 'tiny.npz'
   np.savez(npz, **synthetic_weights('R14x0.5', 4))
-  torch.set_num_threads(1)
   result = train.main(train.argparser().parse_args([
       '--name', 'whole', '--logdir', str(tmp_path), '--model', str(npz),
       '--dataset', 'tfds:bit_tfds_toy', '--datadir', toy_dir, '--eval_split',

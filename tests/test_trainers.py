@@ -68,8 +68,7 @@ def run(setup, backend, name, *extra, **kw):
 
 
 def cli_env(setup):
-  env = dict(os.environ, OMP_NUM_THREADS='1',
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('WORLD_SIZE', None)
   return env
 
@@ -111,13 +110,7 @@ class References(dict):
     self.setup = setup
 
   def __missing__(self, backend):
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1)
-    try:
-      self[backend] = run(self.setup, backend, 'reference')
-    finally:
-      torch.set_num_threads(threads)
+    self[backend] = run(self.setup, backend, 'reference')
     return self[backend]
 
 

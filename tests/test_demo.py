@@ -65,6 +65,7 @@ def test_provenance_names_the_file_it_describes():
 
 
 def test_bundled_model_same_logits_in_three_backends(weights, digits_batch):
+  import jax
   import jax.numpy as jnp
   import torch
   from bit_jax import models as jax_models
@@ -76,7 +77,8 @@ def test_bundled_model_same_logits_in_three_backends(weights, digits_batch):
     torch_logits = net(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
   tf2_logits = np.asarray(tf2_models.create(NAME, weights=weights)(x))
   model, params = jax_models.create(NAME, weights=weights)
-  jax_logits = np.asarray(model.apply({'params': params}, jnp.asarray(x)))
+  jax_logits = np.asarray(jax.jit(model.apply)({'params': params},
+                                               jnp.asarray(x)))
   assert torch_logits.shape == (8, 40)
   np.testing.assert_allclose(tf2_logits, torch_logits, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(jax_logits, torch_logits, rtol=1e-4, atol=1e-4)

@@ -12,7 +12,8 @@ from big_transfer import errors, predict, zoo
 from conftest import (REPO, group_norm_and_gradients, group_norm_inputs,
                       synthetic_weights, tied_max_pool_case)
 
-jnp = pytest.importorskip('jax.numpy')
+jax = pytest.importorskip('jax')
+import jax.numpy as jnp  # noqa: E402
 import bit_jax  # noqa: E402
 from bit_jax import models  # noqa: E402
 
@@ -28,7 +29,7 @@ def test_logits_equal_pytorch(arch):
   with torch.no_grad():
     expected = net(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
   model, params = models.create(arch, weights=weights)
-  logits = np.asarray(model.apply({'params': params}, images))
+  logits = np.asarray(jax.jit(model.apply)({'params': params}, images))
   assert logits.shape == (2, 7)
   np.testing.assert_allclose(logits, expected, rtol=1e-4,
                              atol=1e-4 * np.abs(expected).max())
@@ -40,7 +41,6 @@ def test_gradients_equal_pytorch():
   summed as matrix products on CPUs) and the 1x1 ones (matrix products on
   CPUs, the projections' strided), equals PyTorch autograd's."""
   torch = pytest.importorskip('torch')
-  import jax
   from bit_pytorch import models as torch_models
   weights = synthetic_weights('R14x0.5', head_size=5, seed=3)
   rng = np.random.default_rng(1)
@@ -66,7 +66,6 @@ def test_gradients_equal_pytorch():
 def test_pointwise_conv_is_the_convolution_with_its_gradients():
   """models.pointwise_conv's value, alone and differentiated (products
   then), and both its gradients equal XLA's convolution and its autodiff."""
-  import jax
   rng = np.random.default_rng(4)
   x, dy = (jnp.asarray(rng.standard_normal(s), jnp.float32)
            for s in ((2, 5, 6, 8), (2, 5, 6, 3)))
@@ -90,7 +89,6 @@ def test_3x3_kernel_gradient_copies_the_stored_activation():
   reads GroupNorm and ReLU's output as stored (models.stored) instead of
   recomputing them; stored changes no number, forwards or backwards."""
   import re
-  import jax
   x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 8, 8, 64)),
                   jnp.float32)
   value, back = jax.vjp(models.stored, x)
@@ -116,7 +114,6 @@ def test_stem_max_pool_gradient_goes_to_the_first_maximum(size):
   a gradient equal to one computed by hand, ties included, alone and
   compiled with the step's jit."""
   import flax.linen as nn
-  import jax
   x, dy, want = tied_max_pool_case(size)
   y, back = jax.vjp(models.max_pool_3x3_s2, jnp.asarray(x))
   np.testing.assert_array_equal(
@@ -133,7 +130,6 @@ def test_cpu_group_norm_and_its_gradients_equal_the_formula(shape):
   gradient written out), alone and under jit, and the GroupNorm module on
   this CPU, against GroupNorm and its closed-form gradients in float64
   (conftest.group_norm_and_gradients)."""
-  import jax
   x, dy, gamma, beta = group_norm_inputs(shape)
   want = group_norm_and_gradients(x, dy, gamma, beta)
   module = models.GroupNorm()
@@ -171,7 +167,7 @@ def test_fine_tuning_head_is_zero_and_sized():
   np.testing.assert_array_equal(
       head['resnet/block4/unit01/c/standardized_conv2d/kernel'],
       weights['resnet/block4/unit01/c/standardized_conv2d/kernel'])
-  logits = model.apply({'params': params}, jnp.zeros((1, 32, 32, 3)))
+  logits = jax.jit(model.apply)({'params': params}, jnp.zeros((1, 32, 32, 3)))
   assert logits.shape == (1, 3) and not np.asarray(logits).any()
 
 
@@ -198,8 +194,8 @@ def test_bf16_close_to_fp32():
       np.float32)
   m32, p = models.create('x', weights=weights)
   m16, _ = models.create('x', weights=weights, dtype=jnp.bfloat16)
-  a = np.asarray(m32.apply({'params': p}, images))
-  b = np.asarray(m16.apply({'params': p}, images))
+  a = np.asarray(jax.jit(m32.apply)({'params': p}, images))
+  b = np.asarray(jax.jit(m16.apply)({'params': p}, images))
   assert b.dtype == np.float32
   np.testing.assert_allclose(b, a, atol=0.1 * np.abs(a).max())
 
@@ -269,7 +265,6 @@ def test_evaluation_waits_for_all_but_the_last_batches():
   """The sums are exact, and when the loop asks for a batch, the device has
   computed every batch but the last EVAL_IN_FLIGHT: the host holds no
   more of them than that, however fast it reads (a slow step here)."""
-  import jax
   import jax.numpy as jnp
   from bit_jax import engine
   parallel = engine.DataParallel()

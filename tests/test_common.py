@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -662,8 +663,20 @@ def test_digits_ships_offline():
 
 # ---------------------------------------------------------------- signals
 
-def test_stop_signals_first_asks_second_interrupts():
-  import signal
+@pytest.fixture
+def ctrl_c_as_python_sets_it():
+  """SIGINT handled as Python does by default, in this process and (reset
+  at exec) in those it starts, whatever the worker had before. In full
+  suites, a pytest-xdist worker's handler was not Python's until the
+  notebook tests ran, which restore it; run before them, both tests below
+  failed (a second Ctrl-C ignored, the command not stopped). A shell's
+  `cmd &` also starts a command with SIGINT ignored."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
+
+def test_stop_signals_first_asks_second_interrupts(ctrl_c_as_python_sets_it):
   with harness.StopSignals() as signals:
     assert signals.signum is None
     os.kill(os.getpid(), signal.SIGINT)
@@ -673,8 +686,8 @@ def test_stop_signals_first_asks_second_interrupts():
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_ctrl_c_in_a_command_is_one_line_and_ends_by_the_signal():
-  import signal
+def test_ctrl_c_in_a_command_is_one_line_and_ends_by_the_signal(
+    ctrl_c_as_python_sets_it):
   code = ('import os, signal, time\n'
           'from big_transfer import errors\n'
           'def main():\n'

@@ -504,9 +504,16 @@ def check_finite(weights, source='checkpoint'):
   return weights
 
 
+# {(repository, cache folder): its weight file} resolved in this process: a
+# command fetches the weights before it reads the data and loads them after,
+# and asks the Hub only the first time.
+_HUB_FILES_RESOLVED = {}
+
+
 def hub_file(repo):
   """Local path of a Hub repository's weight file, via huggingface_hub's
-  cache (downloaded there when missing, unless HF_HUB_OFFLINE is set)."""
+  cache (downloaded there when missing, unless HF_HUB_OFFLINE is set);
+  the Hub is asked once per process."""
   try:
     import huggingface_hub
     from huggingface_hub import constants, errors
@@ -514,6 +521,9 @@ def hub_file(repo):
     raise BadInput('hf-hub: models need the huggingface_hub package: '
                    'pip install huggingface_hub') from e
   check_model(HF_HUB_PREFIX + repo)
+  resolved = (repo, constants.HF_HUB_CACHE)
+  if os.path.isfile(_HUB_FILES_RESOLVED.get(resolved, '')):
+    return _HUB_FILES_RESOLVED[resolved]
   repo_id, _, revision = repo.partition('@')
   offline = constants.HF_HUB_OFFLINE
   # Where the Hub does not answer, huggingface_hub would retry for about
@@ -522,9 +532,10 @@ def hub_file(repo):
   missing = []
   for filename in HF_HUB_FILES:
     try:
-      return huggingface_hub.hf_hub_download(
+      _HUB_FILES_RESOLVED[resolved] = huggingface_hub.hf_hub_download(
           repo_id, filename, revision=revision or None,
           local_files_only=offline or unreachable is not None)
+      return _HUB_FILES_RESOLVED[resolved]
     except errors.LocalEntryNotFoundError as e:  # not in the cache
       missing.append(filename)
       if not offline and unreachable is None:  # the Hub stopped answering

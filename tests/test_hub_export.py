@@ -235,6 +235,32 @@ def test_a_hub_that_does_not_answer_is_not_waited_for(hub_repos, monkeypatch,
   closed.close()
 
 
+def test_a_command_asks_the_hub_once_per_repository(hub_repos, monkeypatch):
+  """Online, a command fetches the weights before it reads the data and
+  loads them after: one probe of the Hub and one request for the weight
+  file, not two. (No network here: the Hub 'answers' the probe, and the
+  files come from the cache the fixture filled.)"""
+  import huggingface_hub
+  monkeypatch.delenv('HF_HUB_OFFLINE')
+  monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+  probes, asked = [], []
+  monkeypatch.setattr(zoo, '_hub_silence', lambda: probes.append(1))
+  download = huggingface_hub.hf_hub_download
+
+  def from_the_cache(repo_id, filename, **kw):
+    asked.append((repo_id, filename))
+    return download(repo_id, filename, **{**kw, 'local_files_only': True})
+  monkeypatch.setattr(huggingface_hub, 'hf_hub_download', from_the_cache)
+  for repo in hub_repos:
+    zoo.fetch('.', repo)
+    zoo.load_weights(repo)
+  weight_files = [a for a in asked if a[1] in zoo.HF_HUB_FILES]
+  assert weight_files == [('timm/resnetv2_26x05_bit.test', 'model.safetensors'),
+                          ('google/bit-26-test', 'model.safetensors'),
+                          ('google/bit-26-test', 'pytorch_model.bin')]
+  assert len(probes) == 2
+
+
 def test_hub_refusals(tmp_path, offline_hub, timm_model):
   from safetensors.numpy import save_file
   state = {k: v.numpy().copy() for k, v in timm_model.state_dict().items()}

@@ -666,11 +666,12 @@ def test_digits_ships_offline():
 @pytest.fixture
 def ctrl_c_as_python_sets_it():
   """SIGINT handled as Python does by default, in this process and (reset
-  at exec) in those it starts, whatever the worker had before. In full
-  suites, a pytest-xdist worker's handler was not Python's until the
-  notebook tests ran, which restore it; run before them, both tests below
-  failed (a second Ctrl-C ignored, the command not stopped). A shell's
-  `cmd &` also starts a command with SIGINT ignored."""
+  at exec) in those it starts. A shell that starts a command in the
+  background (`cmd &`) starts it with SIGINT ignored, and Python leaves it
+  so; running a notebook (the notebook tests) puts Python's handler back.
+  So started, a suite failed both tests below on a worker that had not run
+  a notebook before them (a second Ctrl-C ignored, the command not
+  stopped)."""
   previous = signal.signal(signal.SIGINT, signal.default_int_handler)
   yield
   signal.signal(signal.SIGINT, previous)

@@ -499,7 +499,10 @@ def test_group_norms_compile_in_steps_once_per_shape_not_at_creation(
       for training in (False, True):
         got = tf.function(lambda x, t=training: model(x, training=t))(x_size)
         if size == 32:
-          np.testing.assert_allclose(got, eager, rtol=1e-5, atol=1e-5)
+          # Unseeded weights: the two differed by up to 1.2e-5 on logits
+          # of about 1.4 (a fresh-clone CI), as float32 sums in two orders.
+          np.testing.assert_allclose(got, eager, rtol=1e-4,
+                                     atol=1e-4 * np.abs(eager).max())
   finally:
     tf.get_logger().removeHandler(handler)
   assert len(called) == 4 * len(norms)

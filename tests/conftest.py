@@ -53,11 +53,9 @@ if 'PYTEST_XDIST_WORKER' not in os.environ:
 # One thread per process, for PyTorch (OMP_NUM_THREADS, read when torch
 # starts) in the test processes and in every process they start: the suite
 # runs two at a time on two cores. With two threads beside a busy core,
-# PyTorch's threads wait for each other at every operation: the PyTorch
-# colab's 4-step fine-tuning cell took 56 s (2.7 s on idle cores; with one
-# thread the whole notebook took 11 s beside the busy core). And results that
-# tests compare exactly between an in-process run and a command need the
-# same thread count in both.
+# PyTorch's threads wait for each other at every operation (figures in
+# docs/development.md). And results that tests compare exactly between an
+# in-process run and a command need the same thread count in both.
 os.environ['OMP_NUM_THREADS'] = '1'
 
 # torchvision (through triton, in torch's CUDA wheels) crashes when it is

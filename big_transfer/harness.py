@@ -18,7 +18,8 @@ ends; a run refused (BadInput) before `start` removes the folder it made.
 (`train(step, lr)`, which returns that step's loss *on the device*), reads
 the losses back in bulk every LOG_EVERY steps (so an accelerator's queue
 never drains at a step; the first step alone is read back at once and its
-time logged: the compilation's), writes one metrics row per step, evaluates,
+time logged: the compilation's; one process alone reads back sooner where
+progress.LINE_SECONDS have passed since the last read-back), writes one metrics row per step, evaluates,
 checkpoints at evaluations, every --save_every steps, every SAVE_MINUTES of
 training and on SIGINT/SIGTERM, and stops at the first loss that is not a
 number, before any checkpoint could hold its weights.
@@ -386,7 +387,11 @@ class Run:
             bar.update(step)
           at_eval = step == total or bool(eval_every and
                                           step % eval_every == 0)
-          if at_eval or step % LOG_EVERY == 0 or first:
+          # One process alone also reads back once a line of progress is
+          # due (steps of minutes on a CPU); several must agree on when.
+          slow = (self.any_process is None and
+                  time.time() - window >= progress.LINE_SECONDS)
+          if at_eval or step % LOG_EVERY == 0 or first or slow:
             flush()
           if first:
             first = False

@@ -2,8 +2,9 @@
 
   Progress(total_steps, start_step, logger)
       Training: a bar of steps on a terminal, else a logged line every 10%
-      of the steps; loss, learning rate, images/s and ETA as they are read
-      back.
+      of the steps, and sooner where LINE_SECONDS have passed since the
+      last (a CPU's steps can take minutes); loss, learning rate, images/s
+      and ETA as they are read back.
   images(batches, total, count, desc, show=True)
       Yields `batches` (an iterator over `total` images, `count(batch)` of
       them in each): a bar of images on a terminal, cleared when done,
@@ -18,7 +19,7 @@ redrawn lines would pile up.
 import sys
 import time
 
-LINE_SECONDS = 30  # between lines of images() where there is no bar
+LINE_SECONDS = 30  # between lines where there is no bar
 
 
 def _bar(**kwargs):
@@ -31,11 +32,15 @@ def _bar(**kwargs):
 
 class Progress:
   """Training progress: a tqdm bar on a terminal, else a line every 10% of
-  the steps. Loss, lr, images/s and ETA are shown as they are read back."""
+  the steps or LINE_SECONDS, whichever comes first. Loss, lr, images/s and
+  ETA are shown as they are read back; the ETA follows the steps since the
+  first read-back, leaving out the first step's compilation."""
 
   def __init__(self, total_steps, start_step, logger):
     self.logger, self.total = logger, total_steps
-    self._t0, self._step0, self._shown = time.time(), start_step, start_step
+    self._shown, self._shown_at = start_step, time.time()
+    self._since = (start_step, self._shown_at)  # (step, time) the ETA is from
+    self._first = True
     self._bar = _bar(total=total_steps, initial=start_step, unit='step')
     self._every = max(1, total_steps // 10)
 
@@ -46,17 +51,22 @@ class Progress:
 
   def show(self, step, images_per_sec, **values):
     """Values read back at `step`."""
+    now = time.time()
     if self._bar is not None:
       self._bar.set_postfix(img_s=f'{images_per_sec:.1f}',
                             **{k: f'{v:.4g}' for k, v in values.items()})
     elif (step // self._every > self._shown // self._every or
-          step == self.total):
-      self._shown = step
-      rate = (step - self._step0) / max(time.time() - self._t0, 1e-9)
+          step == self.total or
+          not self._first and now - self._shown_at >= LINE_SECONDS):
+      self._shown, self._shown_at = step, now
+      done, start = self._since
+      rate = (step - done) / max(now - start, 1e-9)
       eta = (self.total - step) / rate if rate else float('inf')
       shown = ' '.join(f'{k}={v:.4g}' for k, v in values.items())
       self.logger.info(f'step {step}/{self.total} {shown} '
                        f'images/s={images_per_sec:.1f} ETA {eta:.0f}s')
+    if self._first:  # the first step, compilation included: logged apart
+      self._first, self._since = False, (step, now)
 
   def close(self):
     if self._bar is not None:

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import time
 
 import pytest
 
@@ -217,3 +218,37 @@ def test_in_turn_the_first_process_then_the_others():
   assert isinstance(ends['p1'], errors.RunFailed)
   # One process: no vote.
   assert errors.in_turn(True, None, check, 'alone') == 'alone'
+
+
+@pytest.mark.parametrize('processes', [1, 2])
+def test_slow_steps_are_read_back_at_once_by_one_process(tmp_path,
+                                                         monkeypatch,
+                                                         processes):
+  """Losses are read back every LOG_EVERY steps (the first step at once).
+  One process alone also reads back once progress.LINE_SECONDS have passed
+  since the last read-back, so that a CPU's steps of minutes show their
+  progress; several processes keep the agreed cadence (their read-back may
+  be a collective). Every step keeps its metrics row either way."""
+  clock = [1000.0]
+  monkeypatch.setattr(time, 'time', lambda: clock[0])
+  vote = None if processes == 1 else (lambda flags: flags)
+  read = {}
+  for name, seconds in (('fast', 1), ('slow', 40)):
+    args = args_for(tmp_path, name=name, total_steps=25)
+    r = harness.Run(args, True, vote)
+    ckpt = JsonCheckpoints(r.dir, {})
+    r.start(r.resume(ckpt, {}), {}, 'stand-in run')
+
+    def train(step, lr, seconds=seconds):
+      del lr
+      clock[0] += seconds
+      return 1.0 / (step + 1)
+    read[name] = []
+    r.fit(0, 25, lambda s: 0.1, train, lambda: [4.0, 2, 3, 4], ckpt,
+          fetch=lambda losses: read[name].append(len(losses)) or losses)
+    r.close()
+    rows = [json.loads(l) for l in open(tmp_path / name / runfiles.METRICS)]
+    assert [row['step'] for row in rows if row['split'] == 'train'] == list(
+        range(1, 26))
+  assert read['fast'] == [1, 9, 10, 5]
+  assert read['slow'] == ([1] * 25 if processes == 1 else [1, 9, 10, 5])

@@ -4,6 +4,7 @@ on a terminal and timed lines elsewhere, on the first process only; and
 what the backends' evaluations show."""
 import argparse
 import io
+import logging
 import os
 import re
 import sys
@@ -120,7 +121,6 @@ def test_checking_an_image_folder_shows_its_images(stderr, tmp_path):
   image) of a large folder is long: shown where the logger shows INFO
   lines, as on the first process; not where it does not."""
   import glob  # pylint: disable=import-outside-toplevel
-  import logging  # pylint: disable=import-outside-toplevel
   folder = write_imagefolder(tmp_path / 'images', train=4, val=2)
   paths = sorted(glob.glob(os.path.join(folder, 'train', '*', '*')))
   shown = logging.getLogger('bit.test.shown')
@@ -174,3 +174,36 @@ def test_a_failed_save_of_the_logits_leaves_the_old_file(tmp_path, make_npz,
         (len(x), 10), np.float32)))
   assert out.read_bytes() == b'the old logits'
   assert not [f for f in os.listdir(tmp_path) if f.endswith('.part')]
+
+
+def test_training_shows_a_line_every_tenth_or_after_line_seconds(
+    monkeypatch, caplog):
+  """Without a terminal: a line at every 10% of the steps, and at a read-back
+  where LINE_SECONDS have passed since the last line, as for a CPU's slow
+  steps. The ETA follows the steps since the first read-back, whose time
+  (the compilation's) it leaves out."""
+  clock = [0.0]
+  monkeypatch.setattr(progress, 'time', argparse.Namespace(
+      time=lambda: clock[0]))
+  logger = logging.getLogger('bit.test.training')
+  logger.setLevel(logging.INFO)
+  bar = progress.Progress(200, 0, logger)  # 10%: 20 steps
+  clock[0] = 100.0  # the first step, compiled: no line of its own
+  bar.show(1, 1.0, loss=2.0)
+  for step in range(10, 201, 10):  # read back every 10 steps
+    clock[0] += 10 if step <= 100 else 50  # 1 s a step, then 5 s
+    bar.show(step, 8.0, loss=1.0)
+  shown = [(int(m[0]), int(m[1])) for m in re.findall(
+      r'step (\d+)/200 loss=1 images/s=8\.0 ETA (\d+)s', caplog.text)]
+  # The first read-back after a first step longer than LINE_SECONDS (step
+  # 10); then every 10% while the steps are fast (20 s between lines), and
+  # at every read-back once 50 s pass between them.
+  assert [s for s, _ in shown] == [10, 20, 40, 60, 80, 100,
+                                   *range(110, 201, 10)]
+  assert 'step 1/' not in caplog.text
+  # From step 1 on: 9 steps in 10 s at step 10, 19 in 20 s at step 20,
+  # 109 in 150 s at step 110.
+  assert [eta for _, eta in shown[:2]] == [round(190 * 10 / 9),
+                                           round(180 * 20 / 19)]
+  assert shown[6][1] == round(90 * 150 / 109)
+  assert shown[-1][1] == 0

@@ -19,10 +19,11 @@ ends; a run refused (BadInput) before `start` removes the folder it made.
 the losses back in bulk every LOG_EVERY steps (so an accelerator's queue
 never drains at a step; the first step alone is read back at once and its
 time logged: the compilation's; one process alone reads back sooner where
-progress.LINE_SECONDS have passed since the last read-back), writes one metrics row per step, evaluates,
-checkpoints at evaluations, every --save_every steps, every SAVE_MINUTES of
-training and on SIGINT/SIGTERM, and stops at the first loss that is not a
-number, before any checkpoint could hold its weights.
+progress.LINE_SECONDS have passed since the last read-back), writes one
+metrics row per step, evaluates, checkpoints at evaluations, every
+--save_every steps, every SAVE_MINUTES of training and on SIGINT/SIGTERM,
+and stops at the first loss that is not a number, before any checkpoint
+could hold its weights.
 """
 import dataclasses
 import fcntl
